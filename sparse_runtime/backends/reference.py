@@ -1,0 +1,21 @@
+"""The reference backend: decompress to dense on every call, then ``F.linear``.
+
+Runs everywhere and takes every pattern and dtype. It keeps only the compressed
+weight resident, and its output is bit-for-bit that of the masked dense layer."""
+import torch.nn.functional as F
+
+from ..rotation import apply_rotation
+from . import Backend, register
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    priority = 0
+
+    def forward(self, layer, state, x):
+        if layer.rotation is not None:
+            x = apply_rotation(x, layer.rotation)
+        return F.linear(x, layer.dense_weight(), layer.bias)
+
+
+register(ReferenceBackend())

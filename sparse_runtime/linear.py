@@ -1,0 +1,157 @@
+"""``SparseLinear``: a drop-in for ``nn.Linear`` holding its weight in the canonical compressed format."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import backends
+from .errors import ShapeError
+from .format import FLOAT_DTYPES, SparseWeight, check_weight, expected_shapes, parse_pattern
+from .masks import pattern_mask
+from .rotation import check_rotation
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W^T + b`` (optionally ``(x @ R) @ W^T + b``) with ``W`` sparse.
+
+    Persistent state (``state_dict``): ``weight_values`` and ``weight_meta`` in
+    the canonical format (see :mod:`sparse_runtime.format`), ``bias``, and an
+    optional ``rotation``. Backend layouts are derived from them on first use
+    and again after every device or dtype move; they are never saved.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        pattern: str = "2:4",
+        nnz: int | None = None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dtype = dtype or torch.get_default_dtype()
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"SparseLinear: unsupported dtype {dtype}; supported: fp16, bf16, fp32, fp64")
+        self.in_features, self.out_features, self.pattern = in_features, out_features, pattern
+        if parse_pattern(pattern) is None and nnz is None:
+            nnz = in_features * out_features // 2
+        shapes = expected_shapes(pattern, (out_features, in_features), nnz=nnz)
+        self.register_buffer("weight_values", torch.zeros(shapes["values"], device=device, dtype=dtype))
+        self.register_buffer("weight_meta", torch.zeros(shapes["meta"], device=device, dtype=torch.uint8))
+        if parse_pattern(pattern) == (2, 4):  # a valid all-zero weight: indices (0, 1) in every group
+            self.weight_meta.fill_(0x44)
+            if in_features % 8:
+                self.weight_meta[:, -1] = 0x04
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.register_buffer("rotation", None)
+        self.backend = backend
+        self._runner = None  # (backend, state), rebuilt lazily
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        mask: torch.Tensor | None = None,
+        backend: str = "auto",
+        pattern: str = "2:4",
+        sparsity: float = 0.5,
+        name: str = "linear",
+    ) -> "SparseLinear":
+        """Compress ``linear`` under ``mask`` (default: magnitude mask for ``pattern``)."""
+        weight = linear.weight.detach()
+        check_weight(weight, name)
+        if mask is None:
+            mask = pattern_mask(weight.abs(), pattern, sparsity)
+        sw = SparseWeight.compress(weight, mask, pattern, name=name)
+        layer = cls.from_sparse_weight(sw, linear.bias, backend=backend)
+        layer._resolve()  # fail now, not at the first forward, if the backend cannot run it
+        return layer
+
+    @classmethod
+    def from_sparse_weight(cls, sw: SparseWeight, bias: torch.Tensor | None = None, backend: str = "auto"):
+        rows, k = sw.shape
+        layer = cls(k, rows, bias=bias is not None, pattern=sw.pattern, nnz=sw.values.numel(),
+                    backend=backend, device=sw.values.device, dtype=sw.values.dtype)
+        layer.weight_values.copy_(sw.values)
+        layer.weight_meta.copy_(sw.meta)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    # -- views of the weight ------------------------------------------------------------------------
+    @property
+    def sparse_weight(self) -> SparseWeight:
+        return SparseWeight(self.pattern, (self.out_features, self.in_features), self.weight_values, self.weight_meta)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The decompressed ``[out_features, in_features]`` weight (zeros where pruned)."""
+        return self.sparse_weight.to_dense()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Code written for nn.Linear reads .weight (dtype, device, shape); give it the dense view.
+        return self.dense_weight()
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.weight_values.numel() / (self.in_features * self.out_features)
+
+    def nbytes(self) -> int:
+        extra = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.sparse_weight.nbytes() + extra
+
+    def set_rotation(self, rotation: torch.Tensor | None) -> None:
+        """Put an orthogonal ``R`` ([K, K] or blocks [K/b, b, b]) in front: ``y = (x @ R) @ W^T + b``."""
+        if rotation is not None:
+            check_rotation(rotation, self.in_features)
+            rotation = rotation.to(device=self.weight_values.device, dtype=self.weight_values.dtype)
+        self.rotation = rotation
+        self._runner = None
+
+    def set_backend(self, backend: str) -> None:
+        self.backend = backend
+        self._runner = None
+        self._resolve()
+
+    def describe(self) -> str:
+        return (f"SparseLinear({self.in_features}->{self.out_features}, {self.pattern}, "
+                f"{self.weight_values.dtype}, {self.weight_values.device})")
+
+    # -- execution ----------------------------------------------------------------------------------
+    def _resolve(self):
+        if self._runner is None:
+            backend = backends.resolve(self.backend, self)
+            self._runner = (backend, backend.prepare(self))
+        return self._runner
+
+    @property
+    def active_backend(self) -> str:
+        return self._resolve()[0].name
+
+    def _apply(self, fn, *args, **kwargs):
+        # A device or dtype move invalidates every derived layout.
+        self._runner = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._runner = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ShapeError(f"{self.describe()}: input has last dimension {x.shape[-1]}, expected {self.in_features}")
+        if x.dtype != self.weight_values.dtype:
+            raise TypeError(f"{self.describe()}: input dtype {x.dtype} does not match weight dtype {self.weight_values.dtype}")
+        if x.device != self.weight_values.device:
+            raise RuntimeError(f"{self.describe()}: input is on {x.device}, weights on {self.weight_values.device}")
+        backend, state = self._resolve()
+        return backend.forward(self, state, x)
+
+    def extra_repr(self) -> str:
+        rot = "" if self.rotation is None else f", rotation={list(self.rotation.shape)}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"pattern={self.pattern}, backend={self.backend}{rot}")

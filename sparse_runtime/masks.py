@@ -1,0 +1,78 @@
+"""Masks: choose what to keep from scores, check a mask against a pattern, convert."""
+from __future__ import annotations
+
+import torch
+
+from .errors import MaskError, ShapeError
+from .format import _groups_keep, kept_indices, parse_pattern
+
+
+def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Keep the ``n`` highest scores of each group of ``m`` consecutive entries along the last dim.
+
+    Ties go to the lower column, so the result is deterministic."""
+    if scores.shape[-1] % m:
+        raise ShapeError(f"last dimension {scores.shape[-1]} is not divisible by the group size {m}")
+    if not 0 < n < m:
+        raise ValueError(f"need 0 < n < m, got {n}:{m}")
+    groups = scores.reshape(-1, m).float()
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[:, :n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+    return mask.view(scores.shape)
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, per: str = "row") -> torch.Tensor:
+    """Drop the ``sparsity`` fraction of lowest scores, per output row or over the whole matrix."""
+    if not 0.0 < sparsity < 1.0:
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+    if per not in ("row", "matrix"):
+        raise ValueError(f"per must be 'row' or 'matrix', got {per!r}")
+    flat = scores.float().reshape(scores.shape[0], -1) if per == "row" else scores.float().reshape(1, -1)
+    drop = int(flat.shape[1] * sparsity)
+    order = torch.sort(flat, dim=-1, stable=True).indices[:, :drop]
+    mask = torch.ones_like(flat, dtype=torch.bool).scatter_(-1, order, False)
+    return mask.view(scores.shape)
+
+
+def pattern_mask(scores: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5, per: str = "row") -> torch.Tensor:
+    """One entry point for every pattern: N:M groups, or unstructured at ``sparsity``."""
+    nm = parse_pattern(pattern)
+    if nm is None:
+        return unstructured_mask(scores, sparsity, per)
+    return nm_mask(scores, *nm)
+
+
+def validate_nm(mask: torch.Tensor, n: int = 2, m: int = 4, name: str = "mask") -> None:
+    """Raise :class:`MaskError` naming the first row/group that does not keep exactly ``n`` of ``m``."""
+    if mask.dim() != 2:
+        raise ShapeError(f"{name}: expected a 2-D mask, got shape {tuple(mask.shape)}")
+    if mask.shape[1] % m:
+        raise ShapeError(f"{name}: in_features={mask.shape[1]} is not divisible by the group size {m}")
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        raise MaskError(f"{name}: mask values must be 0/1 or bool")
+    _groups_keep(mask.bool(), n, m, name)
+
+
+def is_nm(mask: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    try:
+        validate_nm(mask, n, m)
+    except (MaskError, ShapeError):
+        return False
+    return True
+
+
+def mask_to_indices(mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """An exact N:M mask [N, K] -> in-group indices [N, K/m, n], ascending."""
+    validate_nm(mask, n, m)
+    return kept_indices(mask.bool(), n, m)
+
+
+def indices_to_mask(idx: torch.Tensor, m: int) -> torch.Tensor:
+    """In-group indices [N, K/m, n] -> bool mask [N, K]."""
+    rows, groups, _ = idx.shape
+    mask = torch.zeros(rows, groups, m, dtype=torch.bool, device=idx.device)
+    return mask.scatter_(-1, idx.long(), True).view(rows, groups * m)
+
+
+def sparsity(mask: torch.Tensor) -> float:
+    return 1.0 - mask.float().mean().item()

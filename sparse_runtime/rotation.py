@@ -1,0 +1,39 @@
+"""Orthogonal input rotations applied in front of a sparse matmul: ``Y = (X @ R) @ W^T``.
+
+``R`` is either a full ``[K, K]`` matrix or block-diagonal, stored as its blocks
+``[K/b, b, b]``. Rotated (DenoiseRotator-style) models keep ``R`` beside the
+sparse weight; backends that can fuse it into the matmul do so."""
+from __future__ import annotations
+
+import torch
+
+from .errors import ShapeError
+
+
+def check_rotation(rotation: torch.Tensor, in_features: int, name: str = "rotation") -> None:
+    if rotation.dim() == 2:
+        ok = tuple(rotation.shape) == (in_features, in_features)
+    elif rotation.dim() == 3:
+        nb, b, b2 = rotation.shape
+        ok = b == b2 and nb * b == in_features
+    else:
+        ok = False
+    if not ok:
+        raise ShapeError(
+            f"{name}: shape {tuple(rotation.shape)} is neither [K, K] nor block-diagonal [K/b, b, b] for K={in_features}"
+        )
+    if not torch.is_floating_point(rotation):
+        raise TypeError(f"{name}: rotation must be floating point, got {rotation.dtype}")
+
+
+def apply_rotation(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``x @ R`` for a full or block-diagonal ``R``."""
+    if rotation.dim() == 2:
+        return x @ rotation
+    nb, b, _ = rotation.shape
+    blocks = x.reshape(*x.shape[:-1], nb, b).unsqueeze(-2)  # [..., nb, 1, b]
+    return (blocks @ rotation).reshape(x.shape)
+
+
+def block_diag_to_dense(rotation: torch.Tensor) -> torch.Tensor:
+    return torch.block_diag(*rotation.unbind(0)) if rotation.dim() == 3 else rotation
