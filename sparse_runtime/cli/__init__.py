@@ -1,0 +1,48 @@
+"""The ``sparse-runtime`` command line (also ``python -m sparse_runtime``).
+
+Each subcommand lives in its own module of this package and defines ``HELP``,
+``add_arguments(parser)`` and ``run(args) -> int``. Modules import their heavy
+dependencies inside ``run`` so ``--help`` and ``info`` stay fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module name in this package
+COMMANDS = {
+    "info": "info",
+    "generate": "generate",
+    "prune": "prune",
+    "eval": "evaluate",
+    "bench": "bench",
+    "serve": "serve",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-runtime", description="2:4 sparse inference runtime")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd, mod in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{mod}":
+                raise
+            p = sub.add_parser(cmd, help="(not available in this version)")
+            p.set_defaults(func=lambda args, cmd=cmd: _missing(cmd))
+            continue
+        p = sub.add_parser(cmd, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def _missing(cmd: str) -> int:
+    print(f"sparse-runtime {cmd}: not available in this version", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
