@@ -21,6 +21,9 @@ class Backend:
 
     name: str = ""
     priority: int = 0  # "auto" prefers higher
+    # Device types on which "auto" may pick this backend. A backend can still be
+    # usable elsewhere by name (e.g. Triton kernels on the CPU interpreter, for tests).
+    auto_devices: tuple[str, ...] = ("cuda",)
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why this backend cannot run on ``device``, or None if it can."""
@@ -97,6 +100,8 @@ def resolve(name: str, layer) -> Backend:
         return backend
     for n in names():
         backend = _REGISTRY[n]
+        if device.type not in backend.auto_devices:
+            continue
         if backend.unavailable(device) is None and backend.unsupported(layer) is None:
             return backend
     raise BackendUnavailable(f"no backend can run {layer.describe()}")

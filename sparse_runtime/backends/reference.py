@@ -11,6 +11,7 @@ from . import Backend, register
 class ReferenceBackend(Backend):
     name = "reference"
     priority = 0
+    auto_devices = ("cpu", "cuda", "mps", "xpu")
 
     def forward(self, layer, state, x):
         if layer.rotation is not None:
