@@ -1,0 +1,263 @@
+"""Sparse checkpoints: ``save_pretrained`` / ``load_pretrained``.
+
+A checkpoint is a folder holding
+  * ``config.json`` (+ ``generation_config.json``): the transformers config;
+  * tokenizer files;
+  * ``model.safetensors``: canonical compressed tensors (``*.weight_values``,
+    ``*.weight_meta``) for sparse layers, plain tensors for everything else;
+  * ``sparse_config.json``: the format version and, per sparse layer, its
+    pattern, shape, dtype, sparsity, bias and rotation, which loading checks
+    the tensors against.
+Saving writes a temporary sibling folder and renames it into place, so an
+interrupted save never leaves a half-written checkpoint where a good one was.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import CheckpointError, SparseRuntimeError
+from .format import FLOAT_DTYPES, expected_shapes
+from .linear import SparseLinear
+
+FORMAT_NAME = "sparse_runtime"
+FORMAT_VERSION = 1
+SPARSE_CONFIG = "sparse_config.json"
+WEIGHTS = "model.safetensors"
+
+
+def _layer_entry(layer: SparseLinear) -> dict:
+    return {
+        "pattern": layer.pattern,
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bias": layer.bias is not None,
+        "dtype": str(layer.weight_values.dtype).removeprefix("torch."),
+        "nnz": layer.weight_values.numel(),
+        "sparsity": round(layer.sparsity, 6),
+        "rotation": None if layer.rotation is None else list(layer.rotation.shape),
+    }
+
+
+def _tied_duplicates(model: nn.Module) -> set[str]:
+    """State-dict keys that share storage with an earlier key (tied weights): saved once."""
+    seen, dups = {}, set()
+    for name, t in model.state_dict(keep_vars=False).items():
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape)) if t.numel() else None
+        if key is not None and key in seen:
+            dups.add(name)
+        elif key is not None:
+            seen[key] = name
+    return dups
+
+
+def _write_atomic_dir(out_dir: Path, write) -> None:
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_pretrained(model: nn.Module, out_dir, tokenizer=None, extra_config: dict | None = None) -> Path:
+    """Write ``model`` (with its SparseLinear layers compressed) to ``out_dir`` atomically."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError("save_pretrained needs a transformers model (with a .config)")
+    layers = {n: _layer_entry(m) for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    dups = _tied_duplicates(model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in dups}
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"save_pretrained: tensor {k} has NaN/Inf values")
+    sparse_config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "layers": layers,
+        "tied": sorted(dups),
+        **(extra_config or {}),
+    }
+    if tokenizer is None:
+        tokenizer = _tokenizer_from_source(config)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", FORMAT_NAME: str(FORMAT_VERSION)})
+        config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            with contextlib.suppress(Exception):  # some configs fail their own validation on save
+                gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / SPARSE_CONFIG).write_text(json.dumps(sparse_config, indent=2))
+
+    _write_atomic_dir(Path(out_dir), write)
+    return Path(out_dir)
+
+
+def _tokenizer_from_source(config):
+    src = getattr(config, "_name_or_path", "") or ""
+    if src and Path(src).is_dir():
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(src)
+        except Exception:
+            return None
+    return None
+
+
+def read_sparse_config(path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder")
+    f = path / SPARSE_CONFIG
+    if not f.exists():
+        raise CheckpointError(f"{path}: no {SPARSE_CONFIG}; not a sparse_runtime checkpoint")
+    try:
+        sc = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+    if sc.get("format") != FORMAT_NAME or not isinstance(sc.get("layers"), dict):
+        raise CheckpointError(f"{f}: not a {FORMAT_NAME} sparse config")
+    if sc.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{f}: format version {sc['format_version']} is newer than this sparse_runtime "
+                              f"reads ({FORMAT_VERSION}); upgrade sparse_runtime")
+    return sc
+
+
+def _model_class(config):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def _build_skeleton(config, dtype):
+    """The model from its config, without spending time on random initialisation."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    cls = _model_class(config)
+    with no_init_weights():
+        if cls.__name__.startswith("Auto"):
+            return cls.from_config(config, dtype=dtype)
+        model = cls(config)
+    return model.to(dtype)
+
+
+def _check_layer(name: str, entry: dict, module) -> None:
+    need = ("pattern", "in_features", "out_features", "bias", "dtype", "nnz")
+    missing = [k for k in need if k not in entry]
+    if missing:
+        raise CheckpointError(f"{SPARSE_CONFIG}: layer {name} lacks {missing}")
+    if module is None:
+        raise CheckpointError(f"{SPARSE_CONFIG}: layer {name} is not a module of the model its config builds")
+    if not isinstance(module, nn.Linear):
+        raise CheckpointError(f"{SPARSE_CONFIG}: layer {name} is a {type(module).__name__} in the model, not nn.Linear")
+    if (module.out_features, module.in_features) != (entry["out_features"], entry["in_features"]):
+        raise CheckpointError(
+            f"{name}: checkpoint says {entry['out_features']}x{entry['in_features']}, but the config builds "
+            f"{module.out_features}x{module.in_features}")
+    if (module.bias is not None) != bool(entry["bias"]):
+        raise CheckpointError(f"{name}: checkpoint bias={entry['bias']} disagrees with the config's layer")
+
+
+def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
+    """Rebuild the transformers model saved by :func:`save_pretrained`, with SparseLinear layers."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    sc = read_sparse_config(path)
+    weights = path / WEIGHTS
+    if not weights.exists():
+        raise CheckpointError(f"{path}: {WEIGHTS} is missing")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read config.json ({e})") from None
+
+    with safe_open(str(weights), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    stored = {t.dtype for k, t in tensors.items() if t.is_floating_point()}
+    load_dtype = stored.pop() if len(stored) == 1 else torch.float32
+    model = _build_skeleton(config, load_dtype)
+
+    modules = dict(model.named_modules())
+    for name, entry in sc["layers"].items():
+        _check_layer(name, entry, modules.get(name))
+        if entry["dtype"] not in {str(d).removeprefix("torch.") for d in FLOAT_DTYPES}:
+            raise CheckpointError(f"{name}: unsupported dtype {entry['dtype']!r}")
+        try:
+            layer = SparseLinear(entry["in_features"], entry["out_features"], bias=entry["bias"],
+                                 pattern=entry["pattern"], nnz=entry["nnz"], backend="reference",
+                                 dtype=getattr(torch, entry["dtype"]))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{name}: {e}") from None
+        if entry.get("rotation"):
+            layer.rotation = torch.zeros(entry["rotation"], dtype=layer.weight_values.dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, layer)
+
+    expected = model.state_dict()
+    tied = set(sc.get("tied", []))
+    missing = [k for k in expected if k not in tensors and k not in tied]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors do not match the model: missing {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    for k, t in tensors.items():
+        want = expected[k]
+        if tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, the model needs {tuple(want.shape)}")
+        if t.dtype != want.dtype and not (t.is_floating_point() and want.is_floating_point()):
+            raise CheckpointError(f"{path}: tensor {k} has dtype {t.dtype}, the model needs {want.dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: tensor {k} has NaN/Inf values")
+    model.load_state_dict(tensors, strict=False)
+    if tied:
+        model.tie_weights()
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, SparseLinear):
+            try:
+                mod.sparse_weight.validate(name)
+            except SparseRuntimeError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    for mod in model.modules():
+        if isinstance(mod, SparseLinear):
+            mod.set_backend(backend)
+    return model.eval()
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:
+        return None

@@ -1,0 +1,140 @@
+"""Replace the ``nn.Linear`` modules of a loaded model with :class:`SparseLinear`, in place."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import ShapeError
+from .format import parse_pattern
+from .linear import SparseLinear
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    pattern: str
+    backend: str
+    dense_bytes: int
+    sparse_bytes: int
+
+
+@dataclass
+class SparsifyReport:
+    replaced: list[LayerReport] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(r.dense_bytes for r in self.replaced)
+
+    @property
+    def sparse_bytes(self) -> int:
+        return sum(r.sparse_bytes for r in self.replaced)
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.dense_bytes - self.sparse_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "replaced": [vars(r) for r in self.replaced],
+            "skipped": [{"name": n, "reason": why} for n, why in self.skipped],
+            "dense_bytes": self.dense_bytes,
+            "sparse_bytes": self.sparse_bytes,
+            "saved_bytes": self.saved_bytes,
+        }
+
+    def __str__(self) -> str:
+        mb = 1 / 2**20
+        lines = [f"replaced {len(self.replaced)} linear layers: {self.dense_bytes * mb:.2f} MiB dense -> "
+                 f"{self.sparse_bytes * mb:.2f} MiB compressed (saved {self.saved_bytes * mb:.2f} MiB)"]
+        lines += [f"skipped {name}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _matches(name: str, patterns) -> bool:
+    """A pattern matches a module name by glob, or as its last dotted component(s)."""
+    return any(fnmatch.fnmatchcase(name, p) or name == p or name.endswith("." + p) for p in patterns)
+
+
+def _untie(model: nn.Module, name: str, linear: nn.Linear) -> None:
+    """Sparsifying a tied lm_head unties it; the saved config must say so."""
+    ptr = linear.weight.data_ptr()
+    shared = any(p.data_ptr() == ptr for n, p in model.named_parameters(remove_duplicate=False)
+                 if not n.startswith(name + "."))
+    config = getattr(model, "config", None)
+    if shared and config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+
+
+@torch.no_grad()
+def sparsify(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor] | None = None,
+    targets=None,
+    ignore=("lm_head",),
+    backend: str = "auto",
+    pattern: str = "2:4",
+    sparsity: float = 0.5,
+    progress: bool | None = None,
+) -> SparsifyReport:
+    """Swap selected ``nn.Linear`` modules for :class:`SparseLinear`; return what changed.
+
+    ``masks`` maps module names to boolean masks ``[out, in]``; layers without a
+    mask get a magnitude mask for ``pattern``. ``targets`` (globs or trailing
+    name components; default: the layers in ``masks`` if given, else every
+    ``nn.Linear``) minus ``ignore`` are replaced. A default-selected layer whose
+    in_features the pattern cannot group is skipped with the reason; a layer
+    the caller named explicitly (in ``masks`` or ``targets``) raises instead.
+    """
+    group = parse_pattern(pattern)
+    masks = dict(masks or {})
+    explicit = targets is not None or bool(masks)
+    modules = dict(model.named_modules())
+    for name in masks:
+        if name not in modules:
+            raise KeyError(f"masks names {name!r}, which is not a module of the model")
+        if not isinstance(modules[name], nn.Linear):
+            raise TypeError(f"masks names {name!r}, a {type(modules[name]).__name__}, not an nn.Linear")
+    if targets is None and masks:
+        targets = list(masks)
+
+    report = SparsifyReport()
+    chosen = []
+    for name, mod in modules.items():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if targets is not None and not _matches(name, targets):
+            continue
+        if _matches(name, ignore) and name not in masks:
+            report.skipped.append((name, "ignored"))
+            continue
+        m = group[1] if group else 1
+        if mod.in_features % m:
+            why = f"in_features={mod.in_features} is not divisible by {m} ({pattern})"
+            if explicit:
+                raise ShapeError(f"{name}: {why}")
+            report.skipped.append((name, why))
+            continue
+        chosen.append(name)
+
+    for name in tqdm(chosen, desc="sparsify", unit="layer", disable=progress is False or not chosen,
+                     leave=False):
+        linear = modules[name]
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        _untie(model, name, linear)
+        layer = SparseLinear.from_linear(linear, masks.get(name), backend=backend, pattern=pattern,
+                                         sparsity=sparsity, name=name)
+        setattr(parent, child, layer)
+        w = linear.weight
+        dense = w.numel() * w.element_size() + (0 if linear.bias is None else linear.bias.numel() * w.element_size())
+        report.replaced.append(LayerReport(name, linear.in_features, linear.out_features, pattern,
+                                           layer.active_backend, dense, layer.nbytes()))
+    return report
