@@ -64,6 +64,10 @@ class SparseLinear(nn.Module):
         """Compress ``linear`` under ``mask`` (default: magnitude mask for ``pattern``)."""
         weight = linear.weight.detach()
         check_weight(weight, name)
+        nm = parse_pattern(pattern)
+        if nm and weight.shape[1] % nm[1]:
+            raise ShapeError(f"{name}: in_features={weight.shape[1]} is not divisible by the group size "
+                             f"{nm[1]} of pattern {pattern}")
         if mask is None:
             mask = pattern_mask(weight.abs(), pattern, sparsity)
         sw = SparseWeight.compress(weight, mask, pattern, name=name)

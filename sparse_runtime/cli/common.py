@@ -1,0 +1,25 @@
+"""Arguments and helpers several subcommands share."""
+from __future__ import annotations
+
+import argparse
+
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="model folder, sparse checkpoint, .gguf file, or a known name (default: smollm2-135m)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weight dtype (default: as stored)")
+    p.add_argument("--backend", default="auto", help="SparseLinear backend (default: auto)")
+
+
+def load_from_args(args):
+    import torch
+
+    from ..models import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    return load_model(args.model, device=device, dtype=dtype, backend=args.backend)

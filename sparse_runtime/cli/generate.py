@@ -1,0 +1,42 @@
+"""``sparse-runtime generate``: load a model or checkpoint and stream generated text."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .common import add_model_arguments, load_from_args
+
+HELP = "generate text from a model or sparse checkpoint, streaming tokens"
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt", default="Write one sentence about the ocean.")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the tokenizer's chat template when it has one (default: on)")
+    p.add_argument("--sparsify", default=None, metavar="PATTERN",
+                   help="magnitude-prune the decoder linears to PATTERN (e.g. 2:4) before generating")
+
+
+def run(args) -> int:
+    from ..generate import stream_generate
+    from ..sparsify import sparsify
+
+    model, tok = load_from_args(args)
+    if args.sparsify:
+        print(sparsify(model, pattern=args.sparsify, backend=args.backend), file=sys.stderr)
+    t0, n = time.perf_counter(), 0
+    for token in stream_generate(model, tok, args.prompt, args.max_new_tokens, args.temperature,
+                                 args.top_k, args.top_p, args.seed, chat=args.chat):
+        sys.stdout.write(token.text)
+        sys.stdout.flush()
+        n += 1
+    dt = time.perf_counter() - t0
+    print(f"\n[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s]", file=sys.stderr)
+    return 0

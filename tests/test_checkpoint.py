@@ -1,0 +1,158 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sparse_runtime import SparseLinear, load_pretrained, save_pretrained, sparsify
+from sparse_runtime.checkpoint import SPARSE_CONFIG, WEIGHTS
+from sparse_runtime.errors import CheckpointError
+
+from helpers import masked_dense_copy, tiny_model
+
+
+@pytest.fixture(scope="module")
+def stories(stories_dir):
+    model = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    return model, tok
+
+
+@pytest.fixture()
+def saved(stories, tmp_path):
+    model, tok = stories
+    sparse = AutoModelForCausalLM.from_pretrained(model.config._name_or_path).eval()
+    sparsify(sparse)
+    out = save_pretrained(sparse, tmp_path / "ckpt", tokenizer=tok)
+    return sparse, out
+
+
+def test_stories_logits_bitwise_equal_after_reload(stories, saved):
+    model, tok = stories
+    sparse, path = saved
+    dense = masked_dense_copy(model, sparse)
+    ids = tok("Once upon a time there was a", return_tensors="pt").input_ids
+    loaded = load_pretrained(path, backend="reference")
+    with torch.no_grad():
+        ref, a, b = dense(ids).logits, sparse(ids).logits, loaded(ids).logits
+    assert torch.equal(a, ref)
+    assert torch.equal(b, ref)
+    assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == 35
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied weights re-tied
+    assert AutoTokenizer.from_pretrained(path)("hi").input_ids == tok("hi").input_ids
+
+
+def test_checkpoint_contents(stories, saved):
+    sparse, path = saved
+    names = set(os.listdir(path))
+    assert {"config.json", WEIGHTS, SPARSE_CONFIG, "tokenizer.json"} <= names
+    sc = json.loads((path / SPARSE_CONFIG).read_text())
+    q = sc["layers"]["model.layers.0.self_attn.q_proj"]
+    assert q["pattern"] == "2:4" and q["in_features"] == 64 and q["sparsity"] == 0.5
+    tensors = load_file(path / WEIGHTS)
+    assert tensors["model.layers.0.self_attn.q_proj.weight_values"].shape == (64, 32)
+    assert tensors["model.layers.0.self_attn.q_proj.weight_meta"].dtype == torch.uint8
+    assert "model.layers.0.self_attn.q_proj.weight" not in tensors
+    # the compressed file is smaller than the dense model's
+    dense_bytes = sum(p.numel() * p.element_size() for p in stories[0].parameters())
+    assert os.path.getsize(path / WEIGHTS) < 0.7 * dense_bytes
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma"])
+def test_other_families_round_trip(family, tmp_path):
+    model = tiny_model(family)
+    sparsify(model, pattern="2:4")
+    save_pretrained(model, tmp_path / family)
+    loaded = load_pretrained(tmp_path / family)
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_mixed_patterns_and_rotation_round_trip(tmp_path):
+    model = tiny_model("llama")
+    sparsify(model, targets=["q_proj"], pattern="4:8")
+    sparsify(model, targets=["up_proj"], pattern="unstructured", sparsity=0.7)
+    sparsify(model, targets=["down_proj"])
+    q, _ = torch.linalg.qr(torch.randn(4, 32, 32))
+    model.model.layers[0].mlp.down_proj.set_rotation(q)
+    save_pretrained(model, tmp_path / "mixed")
+    sc = json.loads((tmp_path / "mixed" / SPARSE_CONFIG).read_text())
+    assert sc["layers"]["model.layers.0.self_attn.q_proj"]["pattern"] == "4:8"
+    assert sc["layers"]["model.layers.1.mlp.up_proj"]["sparsity"] == pytest.approx(0.7, abs=0.02)
+    assert sc["layers"]["model.layers.0.mlp.down_proj"]["rotation"] == [4, 32, 32]
+    loaded = load_pretrained(tmp_path / "mixed")
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_load_to_dtype(saved):
+    _, path = saved
+    loaded = load_pretrained(path, dtype=torch.bfloat16)
+    layer = loaded.model.layers[0].self_attn.q_proj
+    assert layer.weight_values.dtype == torch.bfloat16 and layer.weight_meta.dtype == torch.uint8
+
+
+def test_save_is_atomic_when_interrupted(saved, monkeypatch):
+    sparse, path = saved
+    before = {f: (path / f).read_bytes() for f in os.listdir(path)}
+    import sparse_runtime.checkpoint as ck
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("simulated crash mid-save")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(sparse, path)
+    assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
+    assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
+    load_pretrained(path)
+
+
+def _edit_tensors(path, fn):
+    tensors = load_file(path / WEIGHTS)
+    fn(tensors)
+    save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
+
+
+def _edit_config(path, fn):
+    sc = json.loads((path / SPARSE_CONFIG).read_text())
+    fn(sc)
+    (path / SPARSE_CONFIG).write_text(json.dumps(sc))
+
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda p: _edit_tensors(p, lambda t: t.pop(f"{Q}.weight_meta")), "missing"),
+    (lambda p: _edit_tensors(p, lambda t: t.update(extra=torch.zeros(1))), "unexpected"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{Q}.weight_values": torch.zeros(64, 30)})), "shape"),
+    (lambda p: _edit_tensors(p, lambda t: t[f"{Q}.weight_values"].__setitem__((0, 0), float("nan"))), "NaN"),
+    (lambda p: _edit_tensors(p, lambda t: t[f"{Q}.weight_meta"].__setitem__((1, 0), 0)), "strictly increasing"),
+    (lambda p: _edit_config(p, lambda c: c["layers"][Q].update(in_features=32)), "checkpoint says 64x32"),
+    (lambda p: _edit_config(p, lambda c: c["layers"].update({"model.norm": c["layers"][Q]})), "not nn.Linear"),
+    (lambda p: _edit_config(p, lambda c: c["layers"].update({"model.zzz": c["layers"][Q]})), "not a module"),
+    (lambda p: _edit_config(p, lambda c: c["layers"][Q].pop("nnz")), "lacks"),
+    (lambda p: _edit_config(p, lambda c: c.update(format_version=99)), "newer"),
+    (lambda p: (p / SPARSE_CONFIG).write_text("{not json"), "invalid JSON"),
+    (lambda p: (p / SPARSE_CONFIG).unlink(), "not a sparse_runtime checkpoint"),
+    (lambda p: (p / WEIGHTS).unlink(), "missing"),
+])
+def test_corrupt_checkpoints_give_clear_errors(saved, corrupt, match):
+    _, path = saved
+    corrupt(path)
+    with pytest.raises(CheckpointError, match=match):
+        load_pretrained(path)
+
+
+def test_save_rejects_nan(tmp_path):
+    model = tiny_model("llama")
+    sparsify(model)
+    model.model.norm.weight.data[0] = float("inf")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        save_pretrained(model, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

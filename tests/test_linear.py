@@ -1,0 +1,125 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_runtime import SparseLinear
+from sparse_runtime.errors import BackendUnavailable, MaskError, ShapeError
+from sparse_runtime.masks import nm_mask
+from sparse_runtime.rotation import block_diag_to_dense
+
+
+def _linear(k=24, n=10, bias=True, dtype=torch.float32):
+    torch.manual_seed(torch.randint(0, 10**6, ()).item())
+    return nn.Linear(k, n, bias=bias, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_masked_dense_bitwise(dtype, bias):
+    lin = _linear(bias=bias, dtype=dtype)
+    layer = SparseLinear.from_linear(lin)
+    mask = nm_mask(lin.weight.abs())
+    x = torch.randn(2, 3, 24, dtype=dtype)
+    ref = nn.functional.linear(x, lin.weight * mask, lin.bias)
+    assert torch.equal(layer(x), ref)
+    assert layer.weight.shape == lin.weight.shape and layer.weight.dtype == dtype
+
+
+def test_matches_float64_reference():
+    lin = _linear(k=172, n=33)
+    layer = SparseLinear.from_linear(lin)
+    x = torch.randn(5, 172)
+    w64 = (lin.weight * nm_mask(lin.weight.abs())).double()
+    ref = x.double() @ w64.T + lin.bias.double()
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_mask_and_bad_mask():
+    lin = _linear()
+    mask = nm_mask(torch.randn_like(lin.weight))
+    layer = SparseLinear.from_linear(lin, mask=mask)
+    assert torch.equal(layer.dense_weight(), lin.weight * mask)
+    mask[0, :4] = True
+    with pytest.raises(MaskError, match="row 0, group 0"):
+        SparseLinear.from_linear(lin, mask=mask)
+
+
+def test_state_dict_round_trip_and_keys():
+    layer = SparseLinear.from_linear(_linear())
+    sd = layer.state_dict()
+    assert set(sd) == {"weight_values", "weight_meta", "bias"}
+    fresh = SparseLinear(24, 10)
+    fresh.load_state_dict(sd)
+    x = torch.randn(4, 24)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_dtype_and_device_moves_keep_meta_and_rebuild_backend_state():
+    layer = SparseLinear.from_linear(_linear())
+    x = torch.randn(3, 24)
+    y = layer(x)
+    layer.half()
+    assert layer.weight_values.dtype == torch.float16 and layer.weight_meta.dtype == torch.uint8
+    assert layer._runner is None
+    torch.testing.assert_close(layer(x.half()).float(), y, rtol=1e-2, atol=1e-2)
+    layer.to(torch.bfloat16).to("cpu")
+    assert layer.bias.dtype == torch.bfloat16
+
+
+def test_forward_rejects_bad_input():
+    layer = SparseLinear.from_linear(_linear())
+    with pytest.raises(ShapeError, match="last dimension 23"):
+        layer(torch.randn(2, 23))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.randn(2, 24, dtype=torch.float64))
+
+
+def test_from_linear_rejects_bad_weights():
+    lin = _linear(k=22)
+    with pytest.raises(ShapeError, match="in_features=22"):
+        SparseLinear.from_linear(lin)
+    lin = _linear()
+    lin.weight.data[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        SparseLinear.from_linear(lin)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        SparseLinear(8, 4, dtype=torch.int8)
+
+
+def test_unknown_or_unavailable_backend_is_a_clear_error():
+    lin = _linear()
+    with pytest.raises(BackendUnavailable, match="unknown backend 'nope'"):
+        SparseLinear.from_linear(lin, backend="nope")
+
+
+def test_auto_backend_works_on_cpu():
+    layer = SparseLinear.from_linear(_linear(), backend="auto")
+    assert layer.active_backend == "reference"
+
+
+@pytest.mark.parametrize("pattern", ["4:8", "1:4", "unstructured"])
+def test_other_patterns_run_on_reference(pattern):
+    lin = _linear(k=32)
+    layer = SparseLinear.from_linear(lin, pattern=pattern, sparsity=0.7)
+    w = layer.dense_weight()
+    x = torch.randn(3, 32)
+    assert torch.equal(layer(x), nn.functional.linear(x, w, lin.bias))
+    fresh = SparseLinear(32, 10, pattern=pattern, nnz=layer.weight_values.numel())
+    fresh.load_state_dict(copy.deepcopy(layer.state_dict()))
+    assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("block", [None, 8])
+def test_rotation_in_front(block):
+    lin = _linear(k=32)
+    layer = SparseLinear.from_linear(lin)
+    q, _ = torch.linalg.qr(torch.randn(32, 32) if block is None else torch.randn(32 // block, block, block))
+    layer.set_rotation(q)
+    x = torch.randn(4, 32, dtype=torch.float64)
+    ref = (x @ block_diag_to_dense(q).double()) @ layer.dense_weight().double().T + lin.bias.double()
+    torch.testing.assert_close(layer(x.float()).double(), ref, rtol=1e-5, atol=1e-5)
+    assert "rotation" in layer.state_dict()
+    with pytest.raises(ShapeError, match="block-diagonal"):
+        layer.set_rotation(torch.eye(16))
