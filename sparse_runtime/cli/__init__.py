@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from ..errors import SparseRuntimeError
 
 # subcommand -> module name in this package
 COMMANDS = {
@@ -45,4 +48,11 @@ def _missing(cmd: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (SparseRuntimeError, FileNotFoundError, ValueError, TypeError) as e:
+        # User errors get one clear line; SPARSE_RUNTIME_DEBUG=1 shows the traceback.
+        if os.environ.get("SPARSE_RUNTIME_DEBUG"):
+            raise
+        print(f"sparse-runtime {args.command}: error: {e}", file=sys.stderr)
+        return 2
