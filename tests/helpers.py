@@ -9,6 +9,7 @@ def tiny_model(family: str, seed: int = 0):
                   vocab_size=128, max_position_embeddings=64)
     if family == "bert":
         cfg = transformers.BertConfig(**common)
+        cfg.architectures = ["BertModel"]
         return transformers.BertModel(cfg).eval()
     cls = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "gemma": "Gemma"}[family]
     cfg = getattr(transformers, f"{cls}Config")(num_key_value_heads=2, head_dim=16, **common)
