@@ -1,8 +1,56 @@
 """Build and install sparse_runtime.
 
 The Triton kernels in ``kernels/`` install as the subpackage ``sparse_runtime.kernels``.
+
+The cuSPARSELt extension ``sparse_runtime._C`` (``csrc/``) is built with nvcc + ninja when the CUDA
+toolkit and cuSPARSELt (the ``nvidia-cusparselt-cu13``/``-cu12`` wheel, or ``CUSPARSELT_HOME``) are found;
+otherwise the pure-Python package installs and the reason is printed. ``SPARSE_RUNTIME_NO_EXT=1`` skips it,
+``SPARSE_RUNTIME_REQUIRE_EXT=1`` turns a skip or a failed build into an error (for CI).
 """
-from setuptools import find_packages, setup
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "csrc"))
+from build_config import build_ninja, config
+
+
+class NinjaBuildExt(build_ext):
+    """Builds ``sparse_runtime._C`` from a generated build.ninja (not torch's CUDAExtension, which the CPU
+    build of torch cannot build)."""
+
+    def run(self):
+        cfg, why = config()
+        if cfg is None:
+            self._skip(why)
+            return
+        self._cfg = cfg
+        super().run()
+
+    def build_extension(self, ext):
+        output = Path(self.get_ext_fullpath(ext.name)).resolve()
+        # A fixed folder in the tree (ignored by git), so reinstalls rebuild only what changed.
+        build_dir = ROOT / "build" / "sparse_runtime_C"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        (build_dir / "build.ninja").write_text(build_ninja(self._cfg, build_dir, output))
+        jobs = os.environ.get("MAX_JOBS", "2")
+        try:
+            subprocess.run([self._cfg["ninja"], "-C", str(build_dir), "-j", jobs], check=True)
+        except subprocess.CalledProcessError as e:
+            self._skip(f"the build failed ({e}); see the compiler output above")
+
+    def _skip(self, why):
+        msg = f"sparse_runtime: not building the CUDA extension sparse_runtime._C: {why}"
+        if os.environ.get("SPARSE_RUNTIME_REQUIRE_EXT", "") not in ("", "0"):
+            raise RuntimeError(msg)
+        print(msg, file=sys.stderr)
+
 
 setup(
     name="sparse-runtime",
@@ -18,5 +66,7 @@ setup(
         "tqdm",
         "numpy",
     ],
+    ext_modules=[Extension("sparse_runtime._C", sources=["csrc/cusparselt_ext.cpp", "csrc/decompress24.cu"])],
+    cmdclass={"build_ext": NinjaBuildExt},
     entry_points={"console_scripts": ["sparse-runtime=sparse_runtime.cli:main"]},
 )

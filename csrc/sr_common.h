@@ -9,7 +9,7 @@
 
 inline void sr_check_cuda(cudaError_t err, const char* call) {
   if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the sticky-free error so the next call starts clean
+    (void)cudaGetLastError();  // reset a non-sticky error so the next call starts clean
     throw_error(std::string(call) + " failed: " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
   }
 }

@@ -25,18 +25,28 @@ the X tile by column phase: with ``x_c = X[:, c::4]`` and
 Schedules (configs below, chosen by M):
 
 * decode (M <= 16): one 16-row M tile, narrow N blocks, long K tiles and
-  split-K over ``SPLIT`` programs per N block so the grid fills the GPU; each
-  split writes fp32 partials ``[S, M, N]`` and ``_splitk_reduce_kernel`` sums
-  them and applies the epilogue (deterministic, no atomics, safe to autotune).
+  split-K over several programs per N block so the grid fills the GPU; each
+  split writes fp32 partials ``[S, M, N]`` and bumps a per-tile counter; the
+  last to arrive sums the partials in split order (deterministic), applies the
+  epilogue and resets the counter: one launch, no memset, safe to autotune.
 * tiles (M > 16): classic 2-D tiling with grouped program order for L2 reuse.
 
-Rotation prologue (``ROT``): 1 = block-diagonal ``R`` stored ``[K/b, b, b]``
-with ``b`` dividing ``BLOCK_K``; the X tile is rotated in registers by one
-extra ``[BM, BK] x [BK, BK]`` dot against the diagonal of ``R`` it covers
-(off-diagonal entries are masked, never loaded). 2 = full ``[K, K]`` ``R``:
-each X tile is rebuilt from all of X, so every program re-reads a ``K x BK``
-slice of ``R`` per K tile (O(N/BN * K^2) L2 reads): exact, but slower than
-rotating first at large K.
+Rotation prologue (``ROT``): ``R`` is block-diagonal, stored as blocks
+``[K/b, b, b]`` (a full ``[K, K]`` ``R`` is the case ``b = K``); each X tile is
+rotated in registers before the sparse product. ``ROT=1`` when the K tile holds
+whole blocks (``b`` divides ``BLOCK_K``, configs pruned to those): one
+``[BM, BK] x [BK, BK]`` dot against the masked diagonal of R, a pipelined load
+like the others. ``ROT=2`` otherwise (wider blocks, full R): a loop over the
+rows of R in the blocks the tile meets, ``BLOCK_J`` at a time; a full R is then
+re-read ``K x BK`` per tile by every N block (O(N/BN * K^2) reads from L2):
+exact, but slower than rotating first at large ``K``. Every N block re-reads
+its slice of R, so R costs ``b / (0.56 * BLOCK_N)`` of the weight's bytes in
+L2 traffic: wide N blocks keep it small.
+
+Bytes per call (fp16/bf16, no rotation): ``N*K`` of values + ``N*K/8`` of meta
++ ``2*(M*K + M*N)`` of X and Y, plus ``8*S*M*N`` of fp32 partials in L2 when
+split ``S`` ways (kept under 10% of the weight by ``triton_ops.auto_split_k``).
+4096x4096 at M=1: 18.9 MB against 33.6 MB dense.
 
 Everything accumulates in fp32; the rotated X is rounded to the input dtype,
 as the unfused ``(x @ R)`` would be.
@@ -47,44 +57,53 @@ import triton
 import triton.language as tl
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
-ROTATIONS = {"none": 0, "block": 1, "full": 2}
 
 # Without a GPU driver the interpreter cannot benchmark configs: keep one, small, each.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(blocks, warps, stages):
-    return [triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), b)), num_warps=w, num_stages=s)
+def _configs(blocks, warps, stages, swap_ab):
+    return [triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), b), SWAP_AB=swap_ab), num_warps=w, num_stages=s)
             for b in blocks for w in warps for s in stages]
 
 
 if INTERPRET:
-    DECODE_CONFIGS = _configs([(16, 32, 64)], [4], [1])
-    TILE_CONFIGS = _configs([(32, 32, 64)], [4], [1])
+    DECODE_CONFIGS = _configs([(16, 32, 64)], [4], [1], True)
+    TILE_CONFIGS = _configs([(32, 32, 64)], [4], [1], False)
 else:
-    DECODE_CONFIGS = _configs([(16, 32, 256), (16, 64, 128), (16, 64, 256), (16, 32, 512), (16, 128, 128)],
-                              [4, 8], [2, 3, 4])
-    TILE_CONFIGS = _configs([(64, 64, 64), (64, 128, 64), (128, 64, 64), (128, 128, 64), (128, 256, 64),
-                             (64, 256, 64), (128, 128, 128)], [4, 8], [3, 4])
+    # Decode streams the weight: small tiles (few registers, many CTAs per SM) and deep
+    # pipelines keep enough bytes in flight; W is the MMA's A operand (swap AB: Y^T = W X^T).
+    DECODE_CONFIGS = (_configs([(16, 64, 64), (16, 128, 64)], [4], [4, 6], True)
+                      + _configs([(16, 64, 128)], [4], [2, 4], True)
+                      + _configs([(16, 128, 128)], [8], [2, 4], True)
+                      # 2 stages leave room for R's [BK, BK] tile (ROT=1); wide N blocks share it
+                      + _configs([(16, 256, 128)], [8], [2], True)
+                      + _configs([(16, 256, 64), (16, 64, 256)], [8], [4], True))
+    TILE_CONFIGS = (_configs([(64, 64, 64), (64, 128, 64)], [4], [3, 4], False)
+                    + _configs([(128, 64, 64)], [4], [3], False)
+                    + _configs([(128, 128, 64)], [8], [3, 4], False)
+                    + _configs([(64, 256, 64), (128, 128, 128)], [8], [3], False))
 
 
-def without_block_k(configs):
-    """The same configs with BLOCK_K left to the caller (the fused block rotation fixes it)."""
-    seen, out = set(), []
-    for c in configs:
-        kw = {k: v for k, v in c.kwargs.items() if k != "BLOCK_K"}
-        key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
-        if key not in seen:
-            seen.add(key)
-            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-    return out
-
-
-ROT_DECODE_CONFIGS = without_block_k(DECODE_CONFIGS)
-ROT_TILE_CONFIGS = without_block_k(TILE_CONFIGS)
 # Split-K slices are multiples of this, so every BLOCK_K of the lists tiles a slice exactly.
 SPLIT_UNIT = max(c.kwargs["BLOCK_K"] for c in DECODE_CONFIGS + TILE_CONFIGS)
-AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "k_per_split"]
+AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "k_per_split", "ROT", "ROT_B"]
+ROT_TILE_MAX_K = 128  # ROT=1 stages a [BLOCK_K, BLOCK_K] tile of R in shared memory
+
+
+def rotation_mode(block: int | None, configs) -> int:
+    """0: no rotation; 1: the diagonal blocks fit whole in a K tile of some config; 2: loop over R's rows."""
+    if block is None:
+        return 0
+    fits = [c for c in configs if c.kwargs["BLOCK_K"] % block == 0 and c.kwargs["BLOCK_K"] <= ROT_TILE_MAX_K]
+    return 1 if fits else 2
+
+
+def _prune(configs, named_args, **kwargs):
+    if kwargs.get("ROT") != 1:
+        return configs
+    b = kwargs["ROT_B"]
+    return [c for c in configs if c.kwargs["BLOCK_K"] % b == 0 and c.kwargs["BLOCK_K"] <= ROT_TILE_MAX_K]
 
 
 @triton.jit
@@ -95,6 +114,17 @@ def _split4(t, BM: tl.constexpr, BK: tl.constexpr):
     t0, t2 = tl.split(even)
     t1, t3 = tl.split(odd)
     return t0, t1, t2, t3
+
+
+@triton.jit
+def _rotate_part(acc, x_rows, rot_ptr, mask_m, kj, kx, K, ROT_B: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + X[:, kj] @ R[kj, kx] for R stored as diagonal blocks [K/ROT_B, ROT_B, ROT_B] (others are zero)."""
+    xj = tl.load(x_rows + kj[None, :], mask=mask_m[:, None] & (kj[None, :] < K), other=0.0)
+    blk_j = kj // ROT_B
+    blk_k = kx // ROT_B
+    r_ptrs = rot_ptr + blk_j[:, None] * (ROT_B * ROT_B) + (kj % ROT_B)[:, None] * ROT_B + (kx % ROT_B)[None, :]
+    r_mask = (blk_j[:, None] == blk_k[None, :]) & (kj[:, None] < K) & (kx[None, :] < K)
+    return tl.dot(xj, tl.load(r_ptrs, mask=r_mask, other=0.0), acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -112,13 +142,20 @@ def _epilogue(acc, bias_ptr, offs_n, mask_n, HAS_BIAS: tl.constexpr, ACT: tl.con
 
 @triton.jit
 def sparse24_matmul_kernel(
-    x_ptr, values_ptr, meta_ptr, rot_ptr, bias_ptr, out_ptr, ws_ptr,
-    M, N, K, k_per_split, M_BUCKET, ROT_B,
+    x_ptr, values_ptr, meta_ptr, rot_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K, k_per_split, M_BUCKET,
     stride_xm, stride_vn, stride_mn, stride_om,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ROT: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ROT: tl.constexpr, ROT_B: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr, SWAP_AB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr = 32,
+    GROUP_M: tl.constexpr = 8,
 ):
-    """One (M tile, N tile) x one K slice. ``SPLIT``: write fp32 partials to ``ws [S, M, N]``."""
+    """One (M tile, N tile) x one K slice. ``SPLIT``: write fp32 partials to ``ws [S, M, N]``;
+    ``lock`` holds a zeroed int32 counter per (M, N) tile.
+
+    ``DOT_PREC``: "ieee" for fp32 inputs (no TF32 rounding), the backend default otherwise.
+    ``SWAP_AB``: accumulate ``Y^T = W X^T`` so the wide W tile is the MMA's M side (wgmma
+    needs M >= 64; X's 16 rows become its N side)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Grouped order: GROUP_M consecutive M tiles share each N tile while it is in L2.
@@ -136,44 +173,40 @@ def sparse24_matmul_kernel(
     mask_n = offs_n < N
     offs_kx = tl.arange(0, BLOCK_K)  # dense columns of the tile
     offs_kv = tl.arange(0, BLOCK_K // 2)  # kept values of the tile
-    offs_g = tl.arange(0, BLOCK_K // 4)  # groups of the tile
+    offs_w = tl.arange(0, BLOCK_K // 32)  # meta words of the tile
+    offs_j = tl.arange(0, BLOCK_J)  # rows of R per rotation step
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     v_rows = values_ptr + offs_n[:, None] * stride_vn
     m_rows = meta_ptr + offs_n[:, None] * stride_mn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = min(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
+        k0 = tl.multiple_of(k0, BLOCK_K)  # slices are whole tiles: lets loads vectorize (and go async)
         kx = k0 + offs_kx
         if ROT == 0:
             xt = tl.load(x_rows + kx[None, :], mask=mask_m[:, None] & (kx[None, :] < K), other=0.0)
-        elif ROT == 1:
-            xt = tl.load(x_rows + kx[None, :], mask=mask_m[:, None] & (kx[None, :] < K), other=0.0)
-            # R_tile[i, j] = R[k0+i, k0+j] inside the diagonal blocks the tile covers (k0 % ROT_B == 0).
-            blk_i = kx // ROT_B
-            r_ptrs = (rot_ptr + blk_i[:, None] * ROT_B * ROT_B + (kx % ROT_B)[:, None] * ROT_B
-                      + (kx % ROT_B)[None, :])
-            r_mask = (blk_i[:, None] == blk_i[None, :]) & (kx[:, None] < K) & (kx[None, :] < K)
-            rt = tl.load(r_ptrs, mask=r_mask, other=0.0)
-            xt = tl.dot(xt, rt, input_precision="ieee").to(x_ptr.dtype.element_ty)
-        else:
+        elif ROT == 1:  # the tile holds whole diagonal blocks: one product
             xr = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for j0 in range(0, K, BLOCK_K):
-                kj = j0 + offs_kx
-                xj = tl.load(x_rows + kj[None, :], mask=mask_m[:, None] & (kj[None, :] < K), other=0.0)
-                rj = tl.load(rot_ptr + kj[:, None] * K + kx[None, :],
-                             mask=(kj[:, None] < K) & (kx[None, :] < K), other=0.0)
-                xr = tl.dot(xj, rj, xr, input_precision="ieee")
+            xt = _rotate_part(xr, x_rows, rot_ptr, mask_m, kx, kx, K, ROT_B, DOT_PREC).to(x_ptr.dtype.element_ty)
+        else:  # blocks wider than the tile, or a full R: the rows of R in the blocks the tile meets
+            xr = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for j0 in range((k0 // ROT_B) * ROT_B, min(((k0 + BLOCK_K - 1) // ROT_B + 1) * ROT_B, K), BLOCK_J):
+                xr = _rotate_part(xr, x_rows, rot_ptr, mask_m, j0 + offs_j, kx, K, ROT_B, DOT_PREC)
             xt = xr.to(x_ptr.dtype.element_ty)
         x0, x1, x2, x3 = _split4(xt, BLOCK_M, BLOCK_K)
 
         kv = k0 // 2 + offs_kv
         v = tl.load(v_rows + kv[None, :], mask=mask_n[:, None] & (kv[None, :] < K // 2), other=0.0)
         v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_K // 4, 2)))  # first / second kept value per group
-        g = k0 // 4 + offs_g
-        word = tl.load(m_rows + (g // 8)[None, :], mask=mask_n[:, None] & (g[None, :] < K // 4), other=0)
-        nib = word >> (4 * (g % 8))[None, :]
+        kw = k0 // 32 + offs_w
+        word = tl.load(m_rows + kw[None, :], mask=mask_n[:, None] & (kw[None, :] < tl.cdiv(K, 32)), other=0)
+        # Each word holds 8 groups; expand in registers rather than loading it 8 times.
+        nib = tl.reshape(word[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :], (BLOCK_N, BLOCK_K // 4))
         i0 = nib & 3
         i1 = (nib >> 2) & 3
         zero = tl.zeros_like(v0)
@@ -182,35 +215,40 @@ def sparse24_matmul_kernel(
         w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
         w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
         w3 = tl.where(i1 == 3, v1, zero)
-        acc = tl.dot(x0, tl.trans(w0), acc, input_precision="ieee")
-        acc = tl.dot(x1, tl.trans(w1), acc, input_precision="ieee")
-        acc = tl.dot(x2, tl.trans(w2), acc, input_precision="ieee")
-        acc = tl.dot(x3, tl.trans(w3), acc, input_precision="ieee")
+        if SWAP_AB:
+            acc = tl.dot(w0, tl.trans(x0), acc, input_precision=DOT_PREC)
+            acc = tl.dot(w1, tl.trans(x1), acc, input_precision=DOT_PREC)
+            acc = tl.dot(w2, tl.trans(x2), acc, input_precision=DOT_PREC)
+            acc = tl.dot(w3, tl.trans(x3), acc, input_precision=DOT_PREC)
+        else:
+            acc = tl.dot(x0, tl.trans(w0), acc, input_precision=DOT_PREC)
+            acc = tl.dot(x1, tl.trans(w1), acc, input_precision=DOT_PREC)
+            acc = tl.dot(x2, tl.trans(w2), acc, input_precision=DOT_PREC)
+            acc = tl.dot(x3, tl.trans(w3), acc, input_precision=DOT_PREC)
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT:
-        tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+        ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_tile + pid_k * M * N, acc, mask=mask)
+        # The last split to finish a tile reduces it (fixed order: deterministic) and resets
+        # the tile's counter for the next call, so split-K stays one launch (CUDA-graph friendly).
+        tl.debug_barrier()  # every thread's partials are stored before the release below
+        count = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+        if count == tl.num_programs(1) - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(0, tl.num_programs(1)):
+                acc += tl.load(ws_tile + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            acc = _epilogue(acc, bias_ptr, offs_n, mask_n, HAS_BIAS, ACT)
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+            tl.atomic_xchg(lock_ptr + pid, 0)
     else:
         acc = _epilogue(acc, bias_ptr, offs_n, mask_n, HAS_BIAS, ACT)
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, S, stride_om,
-                         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[m, :] = epilogue(sum_s ws[s, m, :]); one program per (row, N block)."""
-    m = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
-    for s in range(0, S):
-        acc += tl.load(ws_ptr + (s * M + m) * N + offs_n, mask=mask_n, other=0.0)[None, :]
-    acc = _epilogue(acc, bias_ptr, offs_n, mask_n, HAS_BIAS, ACT)
-    tl.store(out_ptr + m * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_n[None, :])
-
-
-sparse24_decode = triton.autotune(DECODE_CONFIGS, key=AUTOTUNE_KEY)(sparse24_matmul_kernel)
-sparse24_tiles = triton.autotune(TILE_CONFIGS, key=AUTOTUNE_KEY)(sparse24_matmul_kernel)
-# The fused block rotation needs BLOCK_K to be a multiple of the block size: the caller passes it.
-sparse24_rot_decode = triton.autotune(ROT_DECODE_CONFIGS, key=AUTOTUNE_KEY + ["ROT_B"])(sparse24_matmul_kernel)
-sparse24_rot_tiles = triton.autotune(ROT_TILE_CONFIGS, key=AUTOTUNE_KEY + ["ROT_B"])(sparse24_matmul_kernel)
+_PRUNE = {"early_config_prune": _prune}
+sparse24_decode = triton.autotune(DECODE_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)(sparse24_matmul_kernel)
+sparse24_tiles = triton.autotune(TILE_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)(sparse24_matmul_kernel)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import warnings
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 
 from ..errors import SparseRuntimeError
 
-_SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "text"
+_SHARED = Path(os.environ.get("SPARSE_RUNTIME_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data" / "text"
 DEFAULT_CALIB = _SHARED / "c4_validation_2k.jsonl"
 DEFAULT_EVAL = _SHARED / "wikitext2_raw_test.txt"
 

@@ -1,0 +1,357 @@
+"""Time 2:4 sparse matmuls against dense cuBLAS over Llama-3-8B linear shapes.
+
+    python benchmarks/kernels.py [--shapes 4096x4096,...] [--ms 1,16] [--dtypes fp16] [--providers dense,triton]
+    sparse-runtime bench kernels ...   (the same)
+
+Providers: ``dense`` (``F.linear``, cuBLAS), every ``SparseLinear`` backend
+available on the device (found through ``sparse_runtime.backends``, so new
+backends appear as columns with no edit here), and the Triton rotation variants:
+``triton:fused-rot-b128`` / ``triton:rot-b128-first`` (block-diagonal R, b=128,
+fused into the prologue vs ``x @ R`` then the kernel) and the same for a full R.
+
+Each timing is the median of ``triton.testing.do_bench`` (CUDA events, L2
+flushed between repetitions), cycling over enough copies of weights and inputs
+to exceed three L2 sizes. Bytes count weight values + meta (or the dense
+weight) + R + X + Y; GB/s is compared with a measured device-to-device copy.
+Results go to ``benchmarks/results/`` as JSON (device, versions, settings,
+rows) and a PNG of speedup over dense vs M per shape.
+
+Heavy imports (torch, triton) happen inside functions: the CLI loads this
+module to build its parser.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+from pathlib import Path
+
+HELP = "time sparse matmul backends against dense cuBLAS over Llama-3-8B shapes (needs CUDA)"
+DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192)
+LLAMA3_8B = {(4096, 4096): "q/o_proj", (1024, 4096): "k/v_proj", (14336, 4096): "gate/up_proj",
+             (4096, 14336): "down_proj"}
+DTYPES = ("fp16", "bf16")
+ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+# name -> (rotation block size or None for a full R, fused into the kernel?)
+ROTATION_PROVIDERS = {
+    "triton:fused-rot-b128": (128, True),
+    "triton:rot-b128-first": (128, False),
+    "triton:fused-rot-full": (None, True),
+    "triton:rot-full-first": (None, False),
+}
+# The fused full-R prologue re-reads R per program: beyond decode it runs for minutes.
+FUSED_FULL_MAX_M = 16
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# -- pure logic (unit-tested on the CPU) --------------------------------------------------------------------
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"4096x4096,1024x4096"`` -> ``[(N, K), ...]``; K must be a multiple of 4."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            n, k = (int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"shape {item!r} is not NxK (out_features x in_features), e.g. 4096x4096") from None
+        if n <= 0 or k <= 0 or k % 4:
+            raise ValueError(f"shape {item!r}: N and K must be positive and K a multiple of 4")
+        shapes.append((n, k))
+    return shapes
+
+
+def parse_ints(text: str, name: str = "--ms") -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated integers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise ValueError(f"{name}: values must be positive, got {text!r}")
+    return values
+
+
+def parse_choices(text: str, allowed, name: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return values
+
+
+def select_providers(availability: dict[str, str | None], wanted: list[str] | None = None) -> list[str]:
+    """Providers to time: dense, available backends (not ``reference``), Triton rotation variants."""
+    backends = [name for name, why in availability.items() if why is None and name != "reference"]
+    known = ["dense", *backends, *(ROTATION_PROVIDERS if "triton" in backends else ())]
+    if wanted is None:
+        return known
+    everything = ["dense", *availability, *ROTATION_PROVIDERS]
+    unknown = [p for p in wanted if p not in everything]
+    if unknown:
+        raise ValueError(f"--providers: unknown {', '.join(unknown)}; known: {', '.join(everything)}")
+    missing = [p for p in wanted if p not in known]
+    if missing:
+        why = "; ".join(f"{p}: {availability.get(p) or 'needs the triton backend'}" for p in missing)
+        raise ValueError(f"--providers: not available on this device ({why})")
+    return wanted
+
+
+def weight_bytes(provider: str, n: int, k: int, elem: int) -> int:
+    if provider == "dense":
+        return n * k * elem
+    return n * k // 2 * elem + n * math.ceil(k / 8)  # 2:4 values + 2-bit meta
+
+
+def rotation_bytes(provider: str, k: int, elem: int) -> int:
+    if provider not in ROTATION_PROVIDERS:
+        return 0
+    block = ROTATION_PROVIDERS[provider][0] or k
+    return k * block * elem
+
+
+def call_bytes(provider: str, m: int, n: int, k: int, elem: int) -> int:
+    """Bytes one call must move at least: weight (+ meta, + R) + X + Y."""
+    return weight_bytes(provider, n, k, elem) + rotation_bytes(provider, k, elem) + (m * k + m * n) * elem
+
+
+def call_flops(m: int, n: int, k: int) -> int:
+    """Dense-equivalent FLOPs (2MNK), so TFLOP/s compares across providers."""
+    return 2 * m * n * k
+
+
+def copies_needed(bytes_per_copy: int, l2_bytes: int, cap: int = 64) -> int:
+    """Copies to cycle through so that a pass over them exceeds three L2 sizes."""
+    return max(1, min(cap, math.ceil(3 * l2_bytes / max(bytes_per_copy, 1))))
+
+
+def make_row(provider, shape, dtype, m, ms, dense_ms, copy_gbps) -> dict:
+    n, k = shape
+    nbytes = call_bytes(provider, m, n, k, ELEM_BYTES[dtype])
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    return {
+        "provider": provider, "N": n, "K": k, "layer": LLAMA3_8B.get(shape, ""), "dtype": dtype, "M": m,
+        "ms": ms, "speedup_vs_dense": dense_ms / ms if dense_ms else None,
+        "bytes": nbytes, "GBps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps if copy_gbps else None,
+        "TFLOPs": call_flops(m, n, k) / (ms * 1e-3) / 1e12,
+    }
+
+
+def write_json(path: Path, meta: dict, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    return path
+
+
+def plot(path: Path, rows: list[dict], title: str = "") -> Path:
+    """Speedup over dense vs M, one panel per (shape, dtype), one line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["N"], r["K"], r["dtype"]) for r in rows})
+    cols = min(4, len(panels)) or 1
+    nrows = math.ceil(len(panels) / cols) or 1
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.6 * nrows), squeeze=False)
+    for ax, (n, k, dtype) in zip(axes.flat, panels):
+        sel = [r for r in rows if (r["N"], r["K"], r["dtype"]) == (n, k, dtype) and r["provider"] != "dense"]
+        for provider in sorted({r["provider"] for r in sel}):
+            pts = sorted((r["M"], r["speedup_vs_dense"]) for r in sel if r["provider"] == provider and r["speedup_vs_dense"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=provider)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.axhline(16 / 9, color="gray", lw=0.8, ls="--")  # bytes ceiling of the 2:4 format
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{n}x{k} {LLAMA3_8B.get((n, k), '')} {dtype}", fontsize=9)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("speedup over dense")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if panels:
+        axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'provider':24s} {'shape':>11s} {'dtype':5s} {'M':>5s} {'us':>9s} {'x dense':>8s} {'GB/s':>8s} "
+             f"{'%copy':>6s} {'TFLOP/s':>8s}"]
+    for r in rows:
+        sp = f"{r['speedup_vs_dense']:.2f}" if r["speedup_vs_dense"] else "-"
+        pct = f"{r['pct_copy_bw']:.0f}" if r["pct_copy_bw"] else "-"
+        lines.append(f"{r['provider']:24s} {r['N']:>5d}x{r['K']:<5d} {r['dtype']:5s} {r['M']:>5d} {r['ms'] * 1e3:>9.1f} "
+                     f"{sp:>8s} {r['GBps']:>8.0f} {pct:>6s} {r['TFLOPs']:>8.1f}")
+    return "\n".join(lines)
+
+
+# -- GPU side --------------------------------------------------------------------------------------------
+def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (read + write bytes), median of do_bench."""
+    import torch
+    from triton.testing import do_bench
+
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def _cycle(fns):
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]]()
+
+    return call
+
+
+def _layer_fns(provider, weights, xs, rotations):
+    """One zero-argument callable per (weight copy, input copy)."""
+    import torch.nn.functional as F
+
+    from sparse_runtime import SparseLinear
+    from sparse_runtime import triton_ops
+    from sparse_runtime.rotation import apply_rotation
+
+    if provider == "dense":
+        dense = [sw.to_dense() for sw in weights]
+        return [lambda w=w, x=x: F.linear(x, w) for w, x in zip(dense, xs)]
+    backend = "triton" if provider in ROTATION_PROVIDERS else provider
+    layers = [SparseLinear.from_sparse_weight(sw, backend=backend) for sw in weights]
+    if provider not in ROTATION_PROVIDERS:
+        return [lambda l=l, x=x: l(x) for l, x in zip(layers, xs)]
+    block, fused = ROTATION_PROVIDERS[provider]
+    if fused:
+        prepared = [triton_ops.prepare_sparse24(sw.values, sw.meta) for sw in weights]
+        return [lambda p=p, r=r, x=x: triton_ops.rotate_sparse24_matmul(x, r, *p)
+                for p, r, x in zip(prepared, rotations, xs)]
+    return [lambda l=l, r=r, x=x: l(apply_rotation(x, r)) for l, r, x in zip(layers, rotations, xs)]
+
+
+def bench_shape(shape, dtype_name, ms_list, providers, copy_gbps, l2_bytes, log=print) -> list[dict]:
+    import torch
+    from triton.testing import do_bench
+
+    from sparse_runtime.format import SparseWeight
+    from sparse_runtime.masks import nm_mask
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    n, k = shape
+    elem = ELEM_BYTES[dtype_name]
+    n_copies = copies_needed(weight_bytes("triton", n, k, elem), l2_bytes)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weights = []
+    for _ in range(n_copies):
+        w = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
+        weights.append(SparseWeight.compress(w, nm_mask(w.abs())))
+    rot_sets = {}
+    for provider in set(providers) & set(ROTATION_PROVIDERS):
+        block = ROTATION_PROVIDERS[provider][0]
+        if block in rot_sets or (block and k % block):
+            continue
+        b = block or k
+        q = torch.linalg.qr(torch.randn(k // b, b, b, device="cuda", generator=gen))[0].to(dtype)
+        rot_sets[block] = [q if block else q[0]] * n_copies  # do_bench flushes L2, so one R serves every copy
+    rows = []
+    log(format_table([]))
+    for m in ms_list:
+        per_copy = weight_bytes("dense", n, k, elem) + (m * k + m * n) * elem
+        copies = min(n_copies, copies_needed(per_copy, l2_bytes))
+        xs = [torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) for _ in range(copies)]
+        times = {}
+        for provider in providers:
+            if provider == "triton:fused-rot-full" and m > FUSED_FULL_MAX_M:
+                continue
+            rots = [None] * copies
+            if provider in ROTATION_PROVIDERS:
+                block = ROTATION_PROVIDERS[provider][0]
+                if block not in rot_sets:
+                    log(f"  {provider}: skipped, K={k} is not a multiple of the block {block}")
+                    continue
+                rots = rot_sets[block][:copies]
+            try:
+                fns = _layer_fns(provider, weights[:copies], xs, rots)
+                fn = _cycle(fns)
+                fn()  # autotune outside the timing
+                times[provider] = do_bench(fn, return_mode="median")
+            except Exception as e:  # one failing provider must not end the sweep
+                log(f"  {provider} {n}x{k} {dtype_name} M={m}: failed: {type(e).__name__}: {e}")
+            finally:
+                fns = fn = None
+                torch.cuda.empty_cache()
+        dense_ms = times.get("dense")
+        for provider, t in times.items():
+            rows.append(make_row(provider, shape, dtype_name, m, t, dense_ms, copy_gbps))
+        if times:
+            log(format_table(rows[-len(times):]).split("\n", 1)[-1])
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in LLAMA3_8B),
+                   help="comma-separated NxK (out x in features); default: Llama-3-8B linears")
+    p.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)), help="comma-separated M (tokens) to sweep")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="fp16, bf16 or both")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated subset of: dense, any available backend, " + ", ".join(ROTATION_PROVIDERS))
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG (default benchmarks/results)")
+
+
+def run(args) -> int:
+    try:
+        shapes = parse_shapes(args.shapes)
+        ms_list = parse_ints(args.ms)
+        dtypes = parse_choices(args.dtypes, DTYPES, "--dtypes")
+    except ValueError as e:
+        print(f"bench kernels: {e}", file=sys.stderr)
+        return 2
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench kernels: needs a CUDA GPU (none found); nothing was measured", file=sys.stderr)
+        return 2
+    import triton
+
+    from sparse_runtime import backends
+
+    try:
+        wanted = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+        providers = select_providers(backends.availability("cuda"), wanted)
+    except ValueError as e:
+        print(f"bench kernels: {e}", file=sys.stderr)
+        return 2
+    props = torch.cuda.get_device_properties(0)
+    copy_gbps = copy_bandwidth_gbps()
+    l2_bytes = getattr(props, "L2_cache_size", 50 << 20)
+    print(f"{props.name}: copy bandwidth {copy_gbps:.0f} GB/s, L2 {l2_bytes >> 20} MiB; providers: {', '.join(providers)}")
+    rows = []
+    for dtype in dtypes:
+        for shape in shapes:
+            rows += bench_shape(shape, dtype, ms_list, providers, copy_gbps, l2_bytes)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    meta = {
+        "device": props.name, "date": now.isoformat(timespec="seconds"), "torch": torch.__version__,
+        "triton": triton.__version__, "cuda": torch.version.cuda, "copy_bandwidth_GBps": copy_gbps,
+        "l2_bytes": l2_bytes, "timer": "triton.testing.do_bench median, L2 flushed, cycled copies",
+        "settings": {"shapes": shapes, "ms": ms_list, "dtypes": dtypes, "providers": providers},
+    }
+    stem = f"kernels-{props.name.replace(' ', '_')}-{now:%Y%m%dT%H%M%S}"
+    print(f"wrote {write_json(args.out / f'{stem}.json', meta, rows)}")
+    print(f"wrote {plot(args.out / f'{stem}.png', rows, f'{props.name}, torch {torch.__version__}, triton {triton.__version__}')}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=HELP)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Prefill GEMMs at Llama-3-8B shapes: dense cuBLAS vs PyTorch's cuSPARSELt path vs ours vs dispatch.
+
+    python benchmarks/prefill.py [--dtype float16] [--m 512 2048 8192] [--out benchmarks/results]
+
+GPU time is the median of CUDA-event timings after warm-up (plans built, algorithms searched). Host
+overhead is the CPU time of one call after warm-up, measured over a burst of calls that stays well under
+the launch-queue depth, so the GPU never stalls the host. Writes ``prefill-<gpu>-<date>.json`` and a PNG
+of the speedups over dense under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SHAPES = {"q/o 4096x4096": (4096, 4096), "gate/up 14336x4096": (14336, 4096), "down 4096x14336": (4096, 14336)}
+COLUMNS = ("dense", "torch", "cusparselt", "dispatch")
+
+
+def host_us(fn, calls: int = 50, repeats: int = 7) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def runners(n: int, k: int, dtype: torch.dtype) -> dict:
+    from sparse_runtime import BackendUnavailable, SparseLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(k, n, bias=False, device="cuda", dtype=dtype)
+    out = {}
+    for name in COLUMNS[1:]:
+        try:
+            out[name] = SparseLinear.from_linear(base, backend=name)
+        except BackendUnavailable as e:
+            print(f"  {name}: skipped ({e})", file=sys.stderr)
+    w = next(iter(out.values())).dense_weight() if out else base.weight.detach()
+    out = {"dense": lambda x: F.linear(x, w), **out}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--m", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/prefill.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.")
+
+    from sparse_runtime.cusparselt import time_us
+
+    dtype = getattr(torch, args.dtype)
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    for label, (n, k) in SHAPES.items():
+        run = runners(n, k, dtype)
+        for m in args.m:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            row = {"shape": label, "n": n, "k": k, "m": m}
+            for name, fn in run.items():
+                fn(x)  # warm-up: plans, searches, dispatch measurements
+                row[f"{name}_us"] = round(time_us(lambda f=fn, x=x: f(x), warmup=5, iters=50), 2)
+                row[f"{name}_host_us"] = round(host_us(lambda f=fn, x=x: f(x)), 2)
+            for name in COLUMNS[1:]:
+                if f"{name}_us" in row:
+                    row[f"{name}_speedup"] = round(row["dense_us"] / row[f"{name}_us"], 3)
+            rows.append(row)
+            print(" ".join(f"{key}={val}" for key, val in row.items()), flush=True)
+
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%M%SZ")
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = args.out / f"prefill-{gpu.replace(' ', '_')}-{stamp}"
+    meta = {"device": gpu, "date": stamp, "dtype": args.dtype, "torch": torch.__version__}
+    base.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    plot(rows, f"{gpu}, {args.dtype}, {stamp}", base.with_suffix(".png"))
+    print(f"wrote {base}.json and {base}.png")
+    return 0
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c for c in COLUMNS[1:] if any(f"{c}_speedup" in r for r in rows)]
+    labels = [f"{r['shape']}\nM={r['m']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 4.5))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        ax.bar([j + i * width for j in range(len(rows))], [r.get(f"{name}_speedup", 0) for r in rows], width,
+               label=name)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(rows))], labels, fontsize=7)
+    ax.set_ylabel("speedup over dense cuBLAS")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

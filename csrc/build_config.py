@@ -1,0 +1,145 @@
+"""Where the CUDA toolkit, cuSPARSELt, pybind11 and ninja are, and the build.ninja for sparse_runtime._C.
+
+Used by setup.py and by tests/test_build_ext.py (which checks the extension exists wherever it can be built).
+"""
+import glob
+import os
+import re
+import shutil
+import site
+import sys
+import sysconfig
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ("80", "86", "89", "90")  # Ampere, Ada, Hopper: every arch with 2:4 sparse tensor cores we target
+
+
+def _cuda_home():
+    """The toolkit folder: $CUDA_HOME/$CUDA_PATH, /usr/local/cuda, else the newest /usr/local/cuda-X.Y.
+
+    ``nvcc`` on PATH may be a wrapper script, so its location says nothing about the toolkit's."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    cands += sorted(glob.glob("/usr/local/cuda-*"), key=lambda p: [int(x) for x in re.findall(r"\d+", p)],
+                    reverse=True)
+    for c in cands:
+        if c and (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda_runtime.h").exists():
+            return Path(c)
+    return None
+
+
+def _site_dirs():
+    dirs = [Path(p) for p in sys.path if p and Path(p).is_dir()]
+    try:
+        dirs += [Path(p) for p in site.getsitepackages()]
+    except AttributeError:
+        pass
+    return list(dict.fromkeys(d.resolve() for d in dirs))
+
+
+def _cusparselt(cuda):
+    """(include dir, lib dir) holding cusparseLt.h and libcusparseLt.so.0.
+
+    Wheel layouts: 0.10.x ``nvidia/cu13/{include,lib}``, 0.8.x ``nvidia/cusparselt/{include,lib}``."""
+    roots = [Path(os.environ["CUSPARSELT_HOME"])] if os.environ.get("CUSPARSELT_HOME") else []
+    for d in _site_dirs():
+        roots += [d / "nvidia" / "cu13", d / "nvidia" / "cu12", d / "nvidia" / "cusparselt"]
+    roots.append(cuda)
+    for r in roots:
+        inc = r / "include"
+        for lib in (r / "lib", r / "lib64"):
+            if (inc / "cusparseLt.h").exists() and (lib / "libcusparseLt.so.0").exists():
+                return inc, lib
+    return None
+
+
+def _cusparse_include(cslt_inc, cuda):
+    """Where cusparse.h is, when cusparseLt.h needs it (0.8.x includes it unconditionally; 0.10.x has a stub)."""
+    if "cusparseLt_cusparse_stub.h" in (cslt_inc / "cusparseLt.h").read_text(errors="ignore"):
+        return []
+    cands = [cuda / "include"] + [d / "nvidia" / sub / "include" for d in _site_dirs()
+                                  for sub in ("cusparse", "cu13", "cu12")]
+    for c in cands:
+        if (c / "cusparse.h").exists():
+            return [c]
+    return None
+
+
+def _cudart_static(cuda):
+    for lib in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+        p = cuda / lib / "libcudart_static.a"
+        if p.exists():
+            return p
+    return None
+
+
+def _ninja():
+    found = shutil.which("ninja")
+    if found:
+        return found
+    try:
+        import ninja  # the PyPI wheel puts the binary in its package
+        return str(Path(ninja.BIN_DIR) / "ninja")
+    except (ImportError, AttributeError):
+        return None
+
+
+def config():
+    """Everything the build needs, or the reason it cannot happen."""
+    if os.environ.get("SPARSE_RUNTIME_NO_EXT", "") not in ("", "0"):
+        return None, "SPARSE_RUNTIME_NO_EXT is set"
+    cuda = _cuda_home()
+    if cuda is None:
+        return None, "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+    cslt = _cusparselt(cuda)
+    if cslt is None:
+        return None, "cuSPARSELt not found; pip install nvidia-cusparselt-cu13 (or set CUSPARSELT_HOME)"
+    extra_inc = _cusparse_include(cslt[0], cuda)
+    if extra_inc is None:
+        return None, "this cuSPARSELt needs cusparse.h; pip install nvidia-cusparse-cu12/cu13"
+    cudart = _cudart_static(cuda)
+    if cudart is None:
+        return None, f"libcudart_static.a not found under {cuda}"
+    ninja = _ninja()
+    if ninja is None:
+        return None, "ninja not found; pip install ninja"
+    try:
+        import pybind11
+    except ImportError:
+        return None, "pybind11 not found; pip install pybind11"
+    return {"cuda": cuda, "cslt_inc": cslt[0], "cslt_lib": cslt[1], "extra_inc": extra_inc, "cudart": cudart,
+            "ninja": ninja, "pybind_inc": pybind11.get_include()}, None
+
+
+def build_ninja(cfg, build_dir: Path, output: Path) -> str:
+    py_inc = sysconfig.get_paths()["include"]
+    incs = " ".join(f"-I{p}" for p in [ROOT / "csrc", py_inc, cfg["pybind_inc"], cfg["cuda"] / "include",
+                                         cfg["cslt_inc"], *cfg["extra_inc"]])
+    gencode = " ".join(f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS)
+    gencode += f" -gencode=arch=compute_{ARCHS[-1]},code=compute_{ARCHS[-1]}"  # PTX for newer GPUs
+    lib = cfg["cslt_lib"]
+    # The wheel's lib dir, absolute (editable installs, venvs) and relative to an installed package.
+    rpaths = [str(lib), "$$ORIGIN/../nvidia/cu13/lib", "$$ORIGIN/../nvidia/cusparselt/lib"]
+    rpath = ",".join(f"-rpath,{r}" for r in rpaths)  # quoted: the shell must not expand $ORIGIN
+    return f"""ninja_required_version = 1.3
+cxx = {os.environ.get("CXX", "c++")}
+nvcc = {cfg["cuda"] / "bin" / "nvcc"}
+cflags = -O2 -std=c++17 -fPIC -fvisibility=hidden -Wall {incs}
+nvflags = -O2 -std=c++17 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden {gencode} {incs}
+ldflags = -shared -L{lib} -l:libcusparseLt.so.0 {cfg["cudart"]} -ldl -lrt -lpthread '-Wl,{rpath}'
+
+rule cxx
+  command = $cxx -MMD -MF $out.d $cflags -c $in -o $out
+  depfile = $out.d
+  deps = gcc
+rule nvcc
+  command = $nvcc -MD -MF $out.d $nvflags -c $in -o $out
+  depfile = $out.d
+  deps = gcc
+rule link
+  command = $cxx $in -o $out $ldflags
+
+build {build_dir}/cusparselt_ext.o: cxx {ROOT}/csrc/cusparselt_ext.cpp
+build {build_dir}/decompress24.o: nvcc {ROOT}/csrc/decompress24.cu
+build {output}: link {build_dir}/cusparselt_ext.o {build_dir}/decompress24.o
+"""

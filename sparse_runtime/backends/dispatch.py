@@ -1,0 +1,175 @@
+"""The ``dispatch`` backend: what ``backend="auto"`` runs on CUDA.
+
+For each layer shape and M bucket (powers of two) it times the candidates once, with CUDA events:
+``cusparselt``, ``triton`` (when registered and able to run the layer) and ``dense`` (cuBLAS ``F.linear``
+on the decompressed weight), and from then on runs the fastest. A sparse candidate must beat dense by
+``MARGIN`` to be chosen, so timing noise cannot make a call slower than the dense layer would have been.
+
+Timings are shared by every layer of the same shape and cached on disk (``dispatch.json`` in
+:func:`sparse_runtime.cusparselt.cache_dir`), keyed by GPU name and library versions. The dense weight
+is materialised only for measuring and kept only while some bucket runs dense.
+
+Nothing is timed inside a CUDA graph capture or ``torch.compile`` trace: an unmeasured bucket runs dense
+there. Run one eager forward per M bucket first (a warm-up) to get the measured choice into the graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import cusparselt
+from ..cusparselt import DiskCache, cuda_unavailable, device_key, m_bucket, time_us
+from ..errors import BackendUnavailable
+from ..rotation import apply_rotation
+from . import Backend, get, register
+
+CANDIDATES = ("cusparselt", "triton")
+DENSE = "dense"
+MARGIN = 0.03
+
+
+# -- pure logic ---------------------------------------------------------------------------------------
+def shape_key(n: int, k: int, dtype: torch.dtype, has_bias: bool, rotation: tuple | None = None) -> str:
+    rot = "none" if rotation is None else "x".join(map(str, rotation))
+    return f"n={n},k={k},{str(dtype).removeprefix('torch.')},bias={int(has_bias)},rot={rot}"
+
+
+def entry_key(shape: str, bucket: int) -> str:
+    return f"{shape},m<={bucket}"
+
+
+def select(timings: dict[str, float], margin: float = MARGIN) -> str:
+    """The candidate to run, from microseconds per candidate (``dense`` required).
+
+    A sparse candidate wins only if it is faster than dense by more than ``margin`` (a fraction)."""
+    if DENSE not in timings:
+        raise ValueError(f"timings need a '{DENSE}' entry, got {sorted(timings)}")
+    sparse = [(t, name) for name, t in timings.items()
+              if name != DENSE and t is not None and math.isfinite(t) and t > 0]
+    if not sparse:
+        return DENSE
+    t, name = min(sparse)
+    return name if t < timings[DENSE] * (1.0 - margin) else DENSE
+
+
+def build_table(timings_by_bucket: dict[int, dict[str, float]], margin: float = MARGIN) -> dict[int, str]:
+    """``{bucket: candidate}`` from ``{bucket: {candidate: us}}``."""
+    return {b: select(t, margin) for b, t in timings_by_bucket.items()}
+
+
+def complete(timings: dict | None, names) -> bool:
+    """Whether cached ``timings`` cover every candidate that can run now (plus dense)."""
+    return timings is not None and all(n in timings for n in (*names, DENSE))
+
+
+# -- runtime ------------------------------------------------------------------------------------------
+_TIMINGS = DiskCache("dispatch.json")
+
+
+class _State:
+    def __init__(self, candidates: dict):
+        self.candidates = candidates  # name -> [backend, prepared state or None until first use]
+        self.table: dict[int, str] = {}
+        self.dense_weight: torch.Tensor | None = None
+
+
+def _section(device: torch.device) -> str:
+    versions = {"torch": torch.__version__}
+    if cusparselt._C is not None:
+        versions["cusparselt"] = ".".join(map(str, cusparselt._C.library_version()))
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return device_key(torch.cuda.get_device_name(device), versions)
+
+
+class DispatchBackend(Backend):
+    name = "dispatch"
+    priority = 100
+    auto_devices = ("cuda",)
+
+    def unavailable(self, device):
+        return cuda_unavailable(device, "dispatch (among CUDA kernels)", capability=None)
+
+    def _candidates(self, layer) -> dict:
+        out = {}
+        for name in CANDIDATES:
+            try:
+                backend = get(name)
+            except BackendUnavailable:
+                continue
+            if backend.unavailable(layer.weight_values.device) is None and backend.unsupported(layer) is None:
+                out[name] = [backend, None]
+        return out
+
+    def unsupported(self, layer):
+        if layer.pattern != "2:4":
+            return f"dispatch takes 2:4 layers, not {layer.pattern}"
+        if not self._candidates(layer):
+            return "no sparse backend (cusparselt, triton) can run this layer"
+        return None
+
+    def prepare(self, layer):
+        return _State(self._candidates(layer))
+
+    # -- candidates ------------------------------------------------------------------------------------
+    def _dense(self, layer, st: _State, x):
+        if st.dense_weight is None:
+            st.dense_weight = layer.dense_weight()
+        if layer.rotation is not None:
+            x = apply_rotation(x, layer.rotation)
+        return F.linear(x, st.dense_weight, layer.bias)
+
+    def _run(self, name: str, layer, st: _State, x):
+        if name == DENSE:
+            return self._dense(layer, st, x)
+        entry = st.candidates[name]
+        if entry[1] is None:
+            entry[1] = entry[0].prepare(layer)
+        return entry[0].forward(layer, entry[1], x)
+
+    def _measure(self, layer, st: _State, bucket: int) -> dict[str, float]:
+        x = torch.randn(bucket, layer.in_features, device=layer.weight_values.device).to(layer.weight_values.dtype)
+        timings = {}
+        for name in (*st.candidates, DENSE):
+            try:
+                timings[name] = time_us(lambda n=name: self._run(n, layer, st, x), warmup=3, iters=15)
+            except Exception:  # noqa: BLE001 -- a candidate that fails on this shape is simply not chosen
+                timings[name] = None
+        return timings
+
+    def _decide(self, layer, st: _State, bucket: int) -> str:
+        device = layer.weight_values.device
+        _TIMINGS.bind(_section(device))
+        rot = None if layer.rotation is None else tuple(layer.rotation.shape)
+        key = entry_key(shape_key(layer.out_features, layer.in_features, layer.weight_values.dtype,
+                                  layer.bias is not None, rot), bucket)
+        timings = _TIMINGS.get(key)
+        if not complete(timings, st.candidates):
+            if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+                return DENSE  # not recorded in the table: measured at the next eager call
+            timings = self._measure(layer, st, bucket)
+            _TIMINGS.put(key, timings)
+        choice = select({n: t for n, t in timings.items() if n in st.candidates or n == DENSE})
+        st.table[bucket] = choice
+        if DENSE not in st.table.values():
+            st.dense_weight = None  # measured, not needed: keep only the compressed weight resident
+        return choice
+
+    def forward(self, layer, st: _State, x):
+        bucket = m_bucket(x.numel() // x.shape[-1])
+        name = st.table.get(bucket) or self._decide(layer, st, bucket)
+        return self._run(name, layer, st, x)
+
+    @staticmethod
+    def table(layer) -> dict[int, str]:
+        """The layer's current ``{M bucket: backend}`` choices (for inspection and tests)."""
+        _, st = layer._resolve()
+        return dict(st.table) if isinstance(st, _State) else {}
+
+
+register(DispatchBackend())

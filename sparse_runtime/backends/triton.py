@@ -1,0 +1,63 @@
+"""The ``triton`` backend: the 2:4 Triton kernels of :mod:`sparse_runtime.triton_ops`.
+
+Runs on CUDA (Ampere or newer), and on the CPU under ``TRITON_INTERPRET=1`` so
+tests can name it there. A block-diagonal rotation is fused into the kernel's
+prologue; a full ``[K, K]`` rotation is applied first (``x @ R``) because the
+fused prologue re-reads ``R`` once per N block (see ``kernels/sparse24.py``)."""
+import importlib.util
+
+import torch
+
+from .. import triton_ops
+from ..format import parse_pattern
+from ..rotation import apply_rotation
+from . import Backend, register
+
+# Set True if measurements show the fused full-R prologue winning at the shapes you run.
+FUSE_FULL_ROTATION = False
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    priority = 30
+    auto_devices = ("cuda",)
+
+    def unavailable(self, device):
+        device = torch.device(device)
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if device.type == "cpu" and triton_ops.interpreting():
+            return None
+        if device.type != "cuda":
+            return f"needs a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter), not {device.type}"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"needs compute capability >= 8.0 (Ampere), device has {major}.{minor}"
+        return None
+
+    def unsupported(self, layer):
+        if parse_pattern(layer.pattern) != (2, 4):
+            return f"pattern {layer.pattern} is not 2:4"
+        dtype = layer.weight_values.dtype
+        if dtype not in triton_ops.DTYPES:
+            return f"dtype {dtype} not supported (fp16, bf16, fp32)"
+        if layer.in_features % 4 or layer.in_features == 0 or layer.out_features == 0:
+            return f"shape {layer.out_features}x{layer.in_features} not supported (in_features a positive multiple of 4)"
+        return None
+
+    def prepare(self, layer):
+        return triton_ops.prepare_sparse24(layer.weight_values, layer.weight_meta)
+
+    def forward(self, layer, state, x):
+        values, meta = state
+        rot = layer.rotation
+        if rot is not None and (rot.dim() == 3 or FUSE_FULL_ROTATION):
+            return triton_ops.rotate_sparse24_matmul(x, rot, values, meta, layer.bias)
+        if rot is not None:
+            x = apply_rotation(x, rot)
+        return triton_ops.sparse24_matmul(x, values, meta, layer.bias)
+
+
+register(TritonBackend())

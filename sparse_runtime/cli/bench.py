@@ -1,0 +1,48 @@
+"""``sparse-runtime bench SUITE``: run a benchmark script of the source tree's ``benchmarks/`` folder.
+
+``bench kernels`` is ``python benchmarks/kernels.py``. The scripts are not part
+of the installed package, so this works from a source checkout (or an editable
+install) and says so elsewhere."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+HELP = "benchmarks from the source tree: 'bench kernels' times sparse matmuls against dense cuBLAS"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SUITES = ("kernels",)
+
+
+def load_suite(name: str):
+    """The module ``benchmarks/<name>.py``, or None if this is not a source checkout."""
+    path = BENCHMARKS / f"{name}.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(f"sparse_runtime_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="suite", metavar="SUITE")
+    for name in SUITES:
+        module = load_suite(name)
+        help_ = module.HELP if module else f"(needs the source tree: {BENCHMARKS / name}.py not found)"
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if module:
+            module.add_arguments(sp)
+
+
+def run(args) -> int:
+    if args.suite is None:
+        print(f"sparse-runtime bench: name a suite: {', '.join(SUITES)} (e.g. 'sparse-runtime bench kernels --help')",
+              file=sys.stderr)
+        return 2
+    module = load_suite(args.suite)
+    if module is None:
+        print(f"sparse-runtime bench {args.suite}: {BENCHMARKS / args.suite}.py not found; "
+              "run it from a source checkout of sparse_runtime", file=sys.stderr)
+        return 2
+    return module.run(args)

@@ -1,0 +1,445 @@
+"""cuSPARSELt from Python: compression, cached plans, algorithm search, fused epilogues.
+
+Over the extension :mod:`sparse_runtime._C`, which takes device pointers, shapes and streams as ints.
+``torch._cslt_sparse_mm`` rebuilds descriptors, plan and workspace on every call; here a plan is built
+once per (device, M, N, K, dtype, epilogue, bias pointer) and kept in an LRU cache, so a call costs one
+dictionary look-up, one output allocation and ``cusparseLtMatmul``.
+
+Why plans are per exact M (after padding M to a multiple of 8) rather than per M bucket: a plan's
+descriptors fix M, and running a bucket's plan on a smaller M would need the input padded up to the
+bucket, up to 2x the work. What is bucketed (powers of two, :func:`m_bucket`) is the expensive part, the
+algorithm/split-K search: the first M of a bucket is searched, later ones reuse its result. The LRU cap
+(``SPARSE_RUNTIME_PLAN_CACHE``, default 1024 plans of a few KB each) bounds memory when a server sees
+many distinct prompt lengths; an evicted plan is rebuilt in ~50-200 us from the cached search result.
+
+Search results are cached in memory and in a JSON file (``$SPARSE_RUNTIME_CACHE_DIR`` or
+``~/.cache/sparse_runtime``), keyed by GPU name and library versions. ``SPARSE_RUNTIME_CSLT_SEARCH`` picks
+``manual`` (default: time every algorithm id x split-K with CUDA events), ``library``
+(``cusparseLtMatmulSearch``) or ``off`` (the library's default algorithm).
+
+The pure helpers (padding, buckets, keys, the LRU, the cache file) need neither a GPU nor the extension.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from .errors import BackendUnavailable, ShapeError
+
+try:
+    from . import _C
+    _IMPORT_ERROR = None
+except ImportError as e:  # the pure-Python install: no nvcc or cuSPARSELt at build time
+    _C = None
+    _IMPORT_ERROR = f"the extension sparse_runtime._C is not built or does not load ({e})"
+
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8"}
+ACTIVATIONS = ("none", "relu", "gelu")
+MIN_CAPABILITY = (8, 0)
+
+
+# -- pure logic ---------------------------------------------------------------------------------------
+def round_up(x: int, multiple: int) -> int:
+    return (x + multiple - 1) // multiple * multiple
+
+
+def weight_align(dtype: torch.dtype) -> int:
+    """cuSPARSELt needs the structured matrix's rows and columns to be multiples of this (16 B / 8 B types)."""
+    return 32 if dtype == torch.int8 else 16
+
+
+def m_align(dtype: torch.dtype) -> int:
+    """The dense operand's M must be a multiple of this (PyTorch pads to the same)."""
+    return 16 if dtype == torch.int8 else 8
+
+
+def padded_shape(m: int, n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(M, N, K) as cuSPARSELt will see them after zero padding."""
+    a = weight_align(dtype)
+    return round_up(max(m, 1), m_align(dtype)), round_up(n, a), round_up(k, a)
+
+
+def m_bucket(m: int) -> int:
+    """The power of two >= m (at least 1): the granularity of algorithm searches and dispatch decisions."""
+    return 1 << max(0, int(m) - 1).bit_length()
+
+
+def plan_key(device: int, m: int, n: int, k: int, dtype: str, activation: str, bias_ptr: int,
+             out_dtype: str = "") -> tuple:
+    """Identity of a plan. The bias pointer is part of it because a plan captures the pointer at init."""
+    return (device, m, n, k, dtype, out_dtype, activation, bias_ptr)
+
+
+def tune_key(n: int, k: int, dtype: str, activation: str, has_bias: bool, bucket: int) -> str:
+    """Identity of a search result: shape, dtype, epilogue and M bucket (JSON-friendly string)."""
+    return f"n={n},k={k},{dtype},{activation},bias={int(has_bias)},m<={bucket}"
+
+
+def device_key(device_name: str, versions: dict) -> str:
+    """Which cache section applies: results from another GPU or library version are not reused."""
+    return device_name + "|" + ",".join(f"{k}={v}" for k, v in sorted(versions.items()))
+
+
+class LRU:
+    """A capped mapping; the least recently used entry goes first."""
+
+    def __init__(self, cap: int):
+        self.cap = max(1, cap)
+        self._d: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        v = self._d.get(key)
+        if v is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._d.move_to_end(key)
+        return v
+
+    def put(self, key, value) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.cap:
+            self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key) -> bool:
+        return key in self._d
+
+
+CACHE_FORMAT = 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPARSE_RUNTIME_CACHE_DIR") or Path.home() / ".cache" / "sparse_runtime")
+
+
+def load_cache_file(path: Path) -> dict:
+    """``{device_key: {entry_key: value}}`` from ``path``; empty when missing, unreadable or another format."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("devices"), dict):
+        return {}
+    return data["devices"]
+
+
+def save_cache_file(path: Path, section: str, entries: dict) -> None:
+    """Merge ``entries`` into ``section`` of the file and write it atomically (concurrent writers lose
+    nothing worse than each other's newest entries)."""
+    path = Path(path)
+    devices = load_cache_file(path)
+    devices.setdefault(section, {}).update(entries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"format": CACHE_FORMAT, "devices": devices}, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class DiskCache:
+    """An in-memory dict of one device section, backed by a JSON file (written on every new entry)."""
+
+    def __init__(self, filename: str):
+        self.filename = filename
+        self._section: str | None = None
+        self._mem: dict = {}
+
+    @property
+    def path(self) -> Path:
+        return cache_dir() / self.filename
+
+    def bind(self, section: str) -> None:
+        if section != self._section:
+            self._section = section
+            disk = {} if _no_disk() else load_cache_file(self.path).get(section, {})
+            self._mem = dict(disk)
+
+    def get(self, key: str):
+        return self._mem.get(key)
+
+    def put(self, key: str, value) -> None:
+        self._mem[key] = value
+        if not _no_disk():
+            try:
+                save_cache_file(self.path, self._section, {key: value})
+            except OSError:
+                pass  # a read-only home must not break inference; the memory cache still holds it
+
+    def clear(self) -> None:
+        self._mem.clear()
+
+
+def _no_disk() -> bool:
+    return os.environ.get("SPARSE_RUNTIME_NO_DISK_CACHE", "") not in ("", "0")
+
+
+# -- availability -------------------------------------------------------------------------------------
+def cuda_unavailable(device: torch.device, what: str, capability: tuple[int, int] | None = MIN_CAPABILITY):
+    """Why ``what`` cannot run on ``device`` for want of a CUDA GPU (of ``capability``), or None."""
+    if device.type != "cuda":
+        return f"{what} runs on CUDA devices, not {device.type}"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if capability and torch.cuda.get_device_capability(index) < capability:
+        return f"2:4 sparse tensor cores need compute capability >= 8.0, {torch.cuda.get_device_name(index)} has less"
+    return None
+
+
+def unavailable(device: torch.device | str | None = None) -> str | None:
+    """Why cuSPARSELt cannot run on ``device`` (default: the current CUDA device), or None."""
+    if _C is None:
+        return _IMPORT_ERROR
+    return cuda_unavailable(torch.device("cuda") if device is None else torch.device(device), "cuSPARSELt")
+
+
+def _require(device: torch.device) -> int:
+    why = unavailable(device)
+    if why:
+        raise BackendUnavailable(why)
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def _raw_stream(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+if hasattr(torch._C, "_cuda_getCurrentRawStream"):  # ~10x cheaper than building a torch.cuda.Stream
+    _raw_stream = torch._C._cuda_getCurrentRawStream
+
+
+# -- compression --------------------------------------------------------------------------------------
+def expand_canonical(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
+    """Canonical 2:4 ``values``/``meta`` -> the dense ``[N, k]`` weight, by one CUDA kernel."""
+    index = _require(values.device)
+    values, meta = values.contiguous(), meta.contiguous()
+    out = torch.empty(values.shape[0], k, dtype=values.dtype, device=values.device)
+    _C.expand24(index, values.data_ptr(), meta.data_ptr(), out.data_ptr(), values.shape[0], k,
+                values.element_size(), _raw_stream(index))
+    return out
+
+
+def _check_dense(w: torch.Tensor) -> None:
+    if w.dim() != 2 or w.dtype not in DTYPE_NAMES:
+        raise ShapeError(f"cuSPARSELt takes a 2-D fp16/bf16/int8 weight, got {tuple(w.shape)} {w.dtype}")
+    a = weight_align(w.dtype)
+    if w.shape[0] % a or w.shape[1] % a:
+        raise ShapeError(f"cuSPARSELt needs weight dims that are multiples of {a}, got {tuple(w.shape)}; "
+                         f"pad with zeros (CusparseLtWeight does this)")
+
+
+def prune_check(w: torch.Tensor) -> bool:
+    """True when the dense ``[N, K]`` weight follows 2:4 along K, as cuSPARSELt checks it."""
+    _check_dense(w)
+    index = _require(w.device)
+    w = w.contiguous()
+    valid = torch.ones(1, dtype=torch.int32, device=w.device)
+    _C.prune_check(index, w.shape[0], w.shape[1], DTYPE_NAMES[w.dtype], w.data_ptr(), valid.data_ptr(),
+                   _raw_stream(index))
+    return int(valid.item()) == 0
+
+
+def compressed_size(n: int, k: int, dtype: torch.dtype, device=None) -> int:
+    index = _require(torch.device("cuda") if device is None else torch.device(device))
+    return _C.compressed_size(index, n, k, DTYPE_NAMES[dtype])[0]
+
+
+def compress_dense(w: torch.Tensor) -> torch.Tensor:
+    """The opaque cuSPARSELt buffer (uint8) of a dense 2:4 weight ``[N, K]``."""
+    _check_dense(w)
+    index = _require(w.device)
+    w = w.contiguous()
+    name = DTYPE_NAMES[w.dtype]
+    size, buf_size = _C.compressed_size(index, w.shape[0], w.shape[1], name)
+    out = torch.empty(size, dtype=torch.uint8, device=w.device)
+    buf = torch.empty(max(buf_size, 1), dtype=torch.uint8, device=w.device)
+    _C.compress(index, w.shape[0], w.shape[1], name, w.data_ptr(), out.data_ptr(), buf.data_ptr(),
+                _raw_stream(index))
+    return out
+
+
+class CusparseLtWeight:
+    """A layer's weight prepared for cuSPARSELt: the compressed buffer, padded dims and padded bias."""
+
+    def __init__(self, packed: torch.Tensor, n: int, k: int, dtype: torch.dtype, bias: torch.Tensor | None):
+        self.packed, self.n, self.k, self.dtype = packed, n, k, dtype
+        self.dtype_name = DTYPE_NAMES[dtype]
+        self.device = packed.device
+        self.index = packed.device.index if packed.device.index is not None else torch.cuda.current_device()
+        _, self.npad, self.kpad = padded_shape(1, n, k, dtype)
+        if bias is not None and bias.numel() < self.npad:
+            bias = torch.nn.functional.pad(bias.detach(), (0, self.npad - n))
+        self.bias = None if bias is None else bias.detach().contiguous()
+        self.packed_ptr = packed.data_ptr()
+        self.bias_ptr = 0 if self.bias is None else self.bias.data_ptr()
+        self.last = (None, None)  # ((M, activation), plan) of the previous call: skips the LRU in steady state
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> CusparseLtWeight:
+        n, k = w.shape
+        _, npad, kpad = padded_shape(1, n, k, w.dtype)
+        if (npad, kpad) != (n, k):  # zero rows/columns keep 2:4 and change nothing in the product
+            w = torch.nn.functional.pad(w, (0, kpad - k, 0, npad - n))
+        return cls(compress_dense(w), n, k, w.dtype, bias)
+
+    @classmethod
+    def from_canonical(cls, values: torch.Tensor, meta: torch.Tensor, k: int,
+                       bias: torch.Tensor | None = None) -> CusparseLtWeight:
+        """From the canonical format (see :mod:`sparse_runtime.format`); the dense copy is temporary."""
+        return cls.from_dense(expand_canonical(values, meta, k), bias)
+
+
+# -- plans and matmul ---------------------------------------------------------------------------------
+_PLANS = LRU(int(os.environ.get("SPARSE_RUNTIME_PLAN_CACHE", "1024")))
+_TUNED = DiskCache("cusparselt_search.json")
+_WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown workspaces stay alive: a captured CUDA graph may still use them
+_SECTIONS: dict[int, str] = {}
+
+
+def plan_cache() -> LRU:
+    return _PLANS
+
+
+def _section(index: int) -> str:
+    if index not in _SECTIONS:
+        versions = {"cusparselt": ".".join(map(str, _C.library_version())), "cudart": _C.runtime_version()}
+        _SECTIONS[index] = device_key(torch.cuda.get_device_name(index), versions)
+    return _SECTIONS[index]
+
+
+def _workspace(index: int, stream: int, nbytes: int) -> int:
+    ws = _WORKSPACES.get((index, stream))
+    if ws is None or ws.numel() < nbytes:
+        if ws is not None:
+            _RETIRED.append(ws)
+        ws = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{index}")
+        _WORKSPACES[(index, stream)] = ws
+    return ws.data_ptr()
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()
+
+
+def time_us(fn, warmup: int = 2, iters: int = 10) -> float:
+    """Median time of ``fn`` in microseconds, by CUDA events on the current stream."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0)
+    return statistics.median(times)
+
+
+def _search(w: CusparseLtWeight, mpad: int, activation: str) -> dict:
+    """Fastest (alg_id, split_k) for this weight at M = ``mpad``; ``{"alg_id": -1, ...}`` means the default."""
+    mode = os.environ.get("SPARSE_RUNTIME_CSLT_SEARCH", "manual")
+    x = torch.randn(mpad, w.kpad, device=w.device).to(w.dtype)
+    out = torch.empty(mpad, w.npad, dtype=w.dtype, device=w.device)
+    stream = _raw_stream(w.index)
+
+    def build(alg_id, split_k):
+        return _C.Plan(w.index, mpad, w.npad, w.kpad, w.dtype_name, "", activation, w.bias_ptr, alg_id, split_k)
+
+    def run(plan):
+        ws = _workspace(w.index, stream, plan.workspace_size) if plan.workspace_size else 0
+        return lambda: plan.matmul(w.packed_ptr, x.data_ptr(), out.data_ptr(), ws, stream)
+
+    default = build(-1, -1)
+    if mode == "library":
+        ws = _workspace(w.index, stream, default.workspace_size) if default.workspace_size else 0
+        alg_id, split_k = default.search(w.packed_ptr, x.data_ptr(), out.data_ptr(), ws, stream)
+        return {"alg_id": alg_id, "split_k": split_k, "us": time_us(run(build(alg_id, split_k)))}
+    best = {"alg_id": -1, "split_k": -1, "us": time_us(run(default))}
+    for alg_id in range(default.max_alg_id + 1):
+        for split_k in (1, 2, 4):
+            try:
+                us = time_us(run(build(alg_id, split_k)), warmup=1, iters=5)
+            except RuntimeError:  # NOT_SUPPORTED for this shape/config
+                continue
+            if us < best["us"]:
+                best = {"alg_id": alg_id, "split_k": split_k, "us": us}
+    return best
+
+
+def _config(w: CusparseLtWeight, mpad: int, activation: str) -> tuple[int, int]:
+    _TUNED.bind(_section(w.index))
+    key = tune_key(w.npad, w.kpad, w.dtype_name, activation, w.bias is not None, m_bucket(mpad))
+    found = _TUNED.get(key)
+    if found is None:
+        if _capturing() or os.environ.get("SPARSE_RUNTIME_CSLT_SEARCH") == "off":
+            return -1, -1  # the library default; no timing inside a graph capture (searched later)
+        found = _search(w, mpad, activation)
+        _TUNED.put(key, found)
+    return found["alg_id"], found["split_k"]
+
+
+def get_plan(w: CusparseLtWeight, mpad: int, activation: str = "none"):
+    key = plan_key(w.index, mpad, w.npad, w.kpad, w.dtype_name, activation, w.bias_ptr)
+    plan = _PLANS.get(key)
+    if plan is None:
+        alg_id, split_k = _config(w, mpad, activation)
+        plan = _C.Plan(w.index, mpad, w.npad, w.kpad, w.dtype_name, "", activation, w.bias_ptr, alg_id, split_k)
+        _PLANS.put(key, plan)
+    return plan
+
+
+def linear(x: torch.Tensor, w: CusparseLtWeight, activation: str = "none", alpha: float = 1.0) -> torch.Tensor:
+    """``act(alpha * x @ W^T + bias)`` for ``x [M, K]``; padding as cuSPARSELt needs it."""
+    m = x.shape[0]
+    mpad = round_up(max(m, 1), m_align(w.dtype))
+    if mpad != m or w.kpad != w.k or not x.is_contiguous() or x.data_ptr() % 16:
+        x = torch.nn.functional.pad(x, (0, w.kpad - w.k, 0, mpad - m)).contiguous()
+    key, plan = w.last
+    if key != (mpad, activation):
+        plan = get_plan(w, mpad, activation)
+        w.last = ((mpad, activation), plan)
+    out = torch.empty(mpad, w.npad, dtype=w.dtype, device=w.device)
+    stream = _raw_stream(w.index)
+    ws = _workspace(w.index, stream, plan.workspace_size) if plan.workspace_size else 0
+    plan.matmul(w.packed_ptr, x.data_ptr(), out.data_ptr(), ws, stream, alpha)
+    if mpad != m or w.npad != w.n:
+        out = out[:m, :w.n]
+    return out
+
+
+# -- torch.library op (torch.compile / CUDA graphs) ----------------------------------------------------
+@torch.library.custom_op("sparse_runtime::cslt_linear", mutates_args=(), device_types="cuda")
+def cslt_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int, k: int,
+                activation: str = "none", alpha: float = 1.0) -> torch.Tensor:
+    """The op form of :func:`linear` (``bias`` as held by :class:`CusparseLtWeight`, padded to its N)."""
+    out = linear(x, CusparseLtWeight(packed, n, k, x.dtype, bias), activation, alpha)
+    return out if out._base is None else out.clone()  # an op's output must own its storage
+
+
+@cslt_linear.register_fake
+def _(x, packed, bias, n, k, activation="none", alpha=1.0):
+    return x.new_empty(x.shape[0], n)
+
+
+def linear_op(x: torch.Tensor, w: CusparseLtWeight, activation: str = "none", alpha: float = 1.0):
+    """:func:`linear` in eager mode (least host overhead), the custom op under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return cslt_linear(x, w.packed, w.bias, w.n, w.k, activation, alpha)
+    return linear(x, w, activation, alpha)

@@ -1,0 +1,280 @@
+"""The one layer-by-layer calibration driver every calibrated method runs on.
+
+Capture the inputs of the first decoder layer once; then, per decoder layer:
+move only it to the compute device, hook its linears, run the calibration
+windows, prune, re-run the pruned layer to make the next layer's inputs (so
+pruning errors propagate as at inference), move it back. Device memory holds
+one decoder layer, the activations and one layer's statistics, whatever the
+model size."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ShapeError, SparseRuntimeError
+from ..format import parse_pattern
+from ..sparsify import _matches
+
+# where transformers families keep their decoder layers
+LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers", "transformer.h",
+               "gpt_neox.layers", "layers")
+
+
+class UnsupportedModel(SparseRuntimeError, TypeError):
+    """The model has no decoder-layer stack the layerwise driver can walk."""
+
+
+@dataclass
+class PruneResult:
+    method: str
+    pattern: str
+    sparsity: float
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    errors: dict[str, float] = field(default_factory=dict)  # name -> ||WX - W_hat X||_F / ||WX||_F
+    nsamples: int = 0
+    seqlen: int = 0
+    seconds: float = 0.0
+    peak_device_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        total = sum(m.numel() for m in self.masks.values())
+        return {
+            "method": self.method, "pattern": self.pattern,
+            "sparsity": None if parse_pattern(self.pattern) else self.sparsity,
+            "pruned_layers": len(self.masks), "achieved_sparsity": 1 - kept / total if total else 0.0,
+            "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+            "reconstruction_error": self.errors, "nsamples": self.nsamples, "seqlen": self.seqlen,
+            "seconds": round(self.seconds, 2), "peak_device_bytes": self.peak_device_bytes,
+        }
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The decoder-layer stack and its dotted path, found by the names transformers families use."""
+    for path in LAYER_PATHS:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return layers, path
+    raise UnsupportedModel(f"{type(model).__name__}: no decoder layers found (looked for an nn.ModuleList at "
+                           f"{', '.join(LAYER_PATHS)}); layer-by-layer pruning supports decoder-only "
+                           "transformers such as Llama, Qwen2, Mistral and Gemma")
+
+
+def select_linears(model: nn.Module, pattern: str, targets=None, ignore=("lm_head",)):
+    """``({name: nn.Linear}, [(name, reason)])``: the linears to prune and those skipped.
+
+    Default targets are every ``nn.Linear`` inside the decoder layers; one the
+    pattern cannot group is skipped with the reason. A layer named by
+    ``targets`` (globs or trailing name components, as :func:`sparsify`) that
+    cannot be grouped raises :class:`ShapeError`."""
+    nm = parse_pattern(pattern)
+    _, path = find_decoder_layers(model)
+    chosen, skipped = {}, []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if targets is None and not name.startswith(path + "."):
+            continue
+        if targets is not None and not _matches(name, targets):
+            continue
+        if _matches(name, ignore):
+            skipped.append((name, "ignored"))
+            continue
+        if nm and mod.in_features % nm[1]:
+            why = f"in_features={mod.in_features} is not divisible by {nm[1]} ({pattern})"
+            if targets is not None:
+                raise ShapeError(f"{name}: {why}")
+            skipped.append((name, why))
+            continue
+        chosen[name] = mod
+    if not chosen:
+        raise ValueError(f"no linear layer to prune for pattern {pattern} (skipped: {skipped or 'none found'})")
+    return chosen, skipped
+
+
+def check_sparsity(pattern: str, sparsity: float) -> None:
+    parse_pattern(pattern)
+    if not 0.0 < sparsity < 1.0:
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+
+
+class _Captured(Exception):
+    """Raised by the hook on layer 0 to stop the forward once its inputs are saved."""
+
+
+def _move_outside(model: nn.Module, path: str, device) -> None:
+    """Move every parameter and buffer that is not inside the decoder layers (embeddings, rotary, norms)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.startswith(path + "."):
+            t.data = t.data.to(device)
+
+
+def capture_inputs(model, layers, path, calib: torch.Tensor, device, store) -> tuple[list, list[dict]]:
+    """Hidden states entering layer 0 for each window (kept on ``store``), and for each layer the keyword
+    arguments the installed transformers passes it (position_embeddings, attention_mask, ...; they can
+    differ per layer, e.g. sliding-window masks). Every layer is swapped for a pass-through stub, so no
+    decoder layer computes or leaves its device; the first window walks all stubs, the rest stop at layer 0."""
+    inps, kwargs = [], [None] * len(layers)
+    drop = ("hidden_states", "past_key_value", "past_key_values", "use_cache")
+
+    def stub(i):
+        def forward(*args, **kw):
+            hidden = args[0] if args else kw["hidden_states"]
+            if i == 0:
+                inps.append(hidden.to(store))
+            if kwargs[i] is None:
+                kwargs[i] = {k: v for k, v in kw.items() if k not in drop}
+            if i == len(layers) - 1 or kwargs[-1] is not None:
+                raise _Captured
+            return hidden
+        return forward
+
+    home = next(model.parameters()).device
+    _move_outside(model, path, device)
+    for i, layer in enumerate(layers):
+        layer.forward = stub(i)
+    try:
+        for j in range(calib.shape[0]):
+            try:
+                model(input_ids=calib[j:j + 1].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        for layer in layers:
+            del layer.forward
+        _move_outside(model, path, home)
+    if len(inps) != calib.shape[0] or kwargs[-1] is None:
+        raise UnsupportedModel(f"{type(model).__name__}: the forward pass did not call every decoder layer")
+    return inps, kwargs
+
+
+def _run(layer, inps, kwargs, device, store=None) -> list:
+    outs = []
+    for x in inps:
+        y = layer(x.to(device), **kwargs)
+        y = y[0] if isinstance(y, (tuple, list)) else y  # older transformers return a tuple
+        if store is not None:
+            outs.append(y.to(store))
+    return outs
+
+
+def input_groups(layer, names: dict[str, nn.Linear], x, kwargs, device) -> list[list[str]]:
+    """Linears grouped by the input tensor they share, in execution order: for Llama-like layers
+    [q,k,v], [o], [gate,up], [down]. Sharing one input means sharing one set of statistics."""
+    seen: list[tuple[torch.Tensor, list[str]]] = []  # holding the inputs stops their memory being reused
+
+    def hook(mod, a, out, n):
+        for t, group in seen:
+            if t is a[0]:
+                return group.append(n)
+        seen.append((a[0], [n]))
+
+    handles = [m.register_forward_hook(lambda mod, a, out, n=n: hook(mod, a, out, n)) for n, m in names.items()]
+    try:
+        _run(layer, [x], kwargs, device)
+    finally:
+        for h in handles:
+            h.remove()
+    groups = [g for _, g in seen]
+    missing = set(names) - {n for g in groups for n in g}
+    if missing:
+        raise UnsupportedModel(f"linears {sorted(missing)} were not called in a forward of their decoder layer")
+    return groups
+
+
+# A method is two callables: new_stats(in_features, device) -> object with .add(x [tokens, in]),
+# and prune_one(name, linear, stats) -> bool mask [out, in] (it writes the pruned weight into linear).
+NewStats = Callable[[int, torch.device], object]
+PruneOne = Callable[[str, nn.Linear, object], torch.Tensor]
+
+
+@torch.no_grad()
+def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, prune_one: PruneOne, *,
+                    method: str, pattern: str = "2:4", sparsity: float = 0.5, targets=None,
+                    ignore=("lm_head",), device=None, true_sequential: bool = True, offload: bool = False,
+                    record_errors: bool = False, progress: bool = True) -> PruneResult:
+    """Prune ``model`` in place, one decoder layer at a time, on calibration windows ``calib`` [N, L]."""
+    check_sparsity(pattern, sparsity)
+    layers, path = find_decoder_layers(model)
+    chosen, skipped = select_linears(model, pattern, targets, ignore)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    store = torch.device("cpu") if offload else device
+    result = PruneResult(method, pattern, sparsity, skipped=skipped, nsamples=calib.shape[0],
+                         seqlen=calib.shape[1])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if config is not None:
+        config.use_cache = False
+    try:
+        inps, kwargs = capture_inputs(model, layers, path, calib, device, store)
+        bar = tqdm(layers, desc=f"{method} {pattern}", unit="layer", disable=not progress)
+        for i, layer in enumerate(bar):
+            prefix = f"{path}.{i}."
+            names = {n: m for n, m in chosen.items() if n.startswith(prefix)}
+            home = next(layer.parameters()).device
+            layer.to(device)
+            if names:
+                groups = input_groups(layer, names, inps[0], kwargs[i], device)
+                dense = {n: m.weight.detach().clone() for n, m in names.items()} if record_errors else {}
+                # true-sequential: each group sees the outputs of the groups pruned before it
+                for sets in ([[g] for g in groups] if true_sequential else [groups]):
+                    stats = {g[0]: new_stats(names[g[0]].in_features, device) for g in sets}
+                    handles = [names[k].register_forward_hook(
+                        lambda mod, a, out, s=s: s.add(a[0].reshape(-1, a[0].shape[-1])))
+                        for k, s in stats.items()]
+                    try:
+                        _run(layer, inps, kwargs[i], device)
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    for g in sets:
+                        for n in g:
+                            result.masks[n] = prune_one(n, names[n], stats[g[0]]).cpu()
+                    del stats
+                outs = _run_recording_errors(layer, inps, kwargs[i], device, store, names, dense, result.errors)
+                del dense
+            else:
+                outs = _run(layer, inps, kwargs[i], device, store)
+            layer.to(home)
+            inps = outs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        if config is not None:
+            config.use_cache = use_cache
+    result.seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        result.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+def _run_recording_errors(layer, inps, kwargs, device, store, names, dense, errors) -> list:
+    """The pruned layer's outputs; with ``dense`` weights given, also ||WX - W_hat X||_F / ||WX||_F per linear."""
+    sums = {n: [0.0, 0.0] for n in dense}
+
+    def hook(mod, a, out, n):
+        x = a[0].reshape(-1, a[0].shape[-1])
+        ref = x @ dense[n].T
+        sums[n][0] += (ref - x @ mod.weight.T).float().pow(2).sum().item()
+        sums[n][1] += ref.float().pow(2).sum().item()
+
+    handles = [names[n].register_forward_hook(lambda mod, a, out, n=n: hook(mod, a, out, n)) for n in dense]
+    try:
+        outs = _run(layer, inps, kwargs, device, store)
+    finally:
+        for h in handles:
+            h.remove()
+    errors.update({n: (d / r) ** 0.5 if r else 0.0 for n, (d, r) in sums.items()})
+    return outs

@@ -1,0 +1,35 @@
+"""Magnitude pruning: keep the largest |W|. Needs no calibration data."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..masks import pattern_mask
+from .layerwise import PruneResult, check_sparsity, select_linears
+
+
+def magnitude_mask(weight: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5,
+                   per: str = "matrix") -> torch.Tensor:
+    """N:M: the n largest |w| of each m consecutive inputs of a row; unstructured: a per-row or per-matrix threshold."""
+    return pattern_mask(weight.detach().abs(), pattern, sparsity, per)
+
+
+@torch.no_grad()
+def magnitude(model, calib=None, *, pattern: str = "2:4", sparsity: float = 0.5, targets=None,
+              ignore=("lm_head",), per: str = "matrix", progress: bool = True, device=None, true_sequential=None,
+              offload=False, record_errors=False) -> PruneResult:
+    """Zero the smallest weights of every target linear in place. ``calib`` and the layerwise
+    driver's options are accepted, so every method takes the same call, and unused."""
+    check_sparsity(pattern, sparsity)
+    chosen, skipped = select_linears(model, pattern, targets, ignore)
+    t0 = time.perf_counter()
+    result = PruneResult("magnitude", pattern, sparsity, skipped=skipped)
+    for name, linear in chosen.items():
+        mask = magnitude_mask(linear.weight, pattern, sparsity, per)
+        linear.weight.mul_(mask)
+        result.masks[name] = mask.cpu()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+

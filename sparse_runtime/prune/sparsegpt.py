@@ -1,0 +1,88 @@
+"""SparseGPT (Frantar & Alistarh 2023): prune column by column with OBS updates from the inverse Hessian."""
+from __future__ import annotations
+
+import torch
+
+from ..format import parse_pattern
+from .layerwise import PruneResult, prune_layerwise
+
+
+class Hessian:
+    """H = (2/n) sum_t x_t x_t^T over the n calibration tokens seen so far, in fp32."""
+
+    def __init__(self, in_features: int, device):
+        self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        t = x.shape[0]
+        self.H *= self.n / (self.n + t)
+        self.n += t
+        x = x.float() * (2 / self.n) ** 0.5
+        self.H.addmm_(x.T, x)
+
+
+@torch.no_grad()
+def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5,
+                    blocksize: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pruned weight in weight's dtype, keep mask)`` for one matrix ``[out, in]`` and its Hessian ``[in, in]``."""
+    nm = parse_pattern(pattern)
+    if nm and blocksize % nm[1]:
+        raise ValueError(f"blocksize {blocksize} must be a multiple of the group size {nm[1]}")
+    W = weight.detach().float().clone()
+    H = H.to(W.device, torch.float32).clone()
+    cols = W.shape[1]
+    dead = torch.diag(H) == 0  # inputs never active: no information, prune freely
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    try:  # one step at a time, dropping each input: at most two [in, in] copies live (~1.6 GB at 14336)
+        L = torch.linalg.cholesky(H)
+        del H
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        Hinv = torch.linalg.cholesky(Hinv, upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(f"SparseGPT: the damped Hessian is not positive definite ({e}); raise damp "
+                         f"(now {damp})") from None
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        if nm is None:  # adaptive mask: the block's lowest w^2 / [H^-1]_cc^2 across all its rows
+            score = W1.pow(2) / d.pow(2)
+            k = int(score.numel() * sparsity)
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            if k:
+                mask1.view(-1)[torch.topk(score.view(-1), k, largest=False).indices] = True
+        else:
+            n, m = nm
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm and i % m == 0:  # choose this group's pruned entries from the already-updated weights
+                score = W1[:, i:i + m].pow(2) / d[i:i + m].pow(2)
+                mask1.scatter_(1, i + torch.topk(score, m - n, dim=1, largest=False).indices, True)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0)
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        pruned[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after the block
+    return W.to(weight.dtype), ~pruned
+
+
+def sparsegpt(model, calib: torch.Tensor, *, pattern: str = "2:4", sparsity: float = 0.5, blocksize: int = 128,
+              damp: float = 0.01, true_sequential: bool = True, **options) -> PruneResult:
+    """SparseGPT, layer by layer; by default true-sequential within each decoder layer."""
+    def prune_one(name, linear, stats: Hessian):
+        w, mask = sparsegpt_prune(linear.weight, stats.H, pattern, sparsity, blocksize, damp)
+        linear.weight.copy_(w)
+        return mask
+
+    return prune_layerwise(model, calib, Hessian, prune_one, method="sparsegpt", pattern=pattern,
+                           sparsity=sparsity, true_sequential=true_sequential, **options)

@@ -1,0 +1,229 @@
+"""Torch-facing wrappers of the Triton 2:4 kernels (``sparse_runtime.kernels.sparse24``).
+
+Each wrapper checks shapes, dtypes and devices, allocates the output and
+launches. The functional forms are ``torch.library`` custom ops
+(``torch.ops.sparse_runtime.sparse24_matmul`` and ``rotate_sparse24_matmul``)
+with fake implementations, so ``torch.compile`` traces through them and CUDA
+graphs capture them (after one warm-up call has autotuned).
+
+The kernels take the Triton layout :func:`prepare_sparse24` derives from the
+canonical format: ``values [N, K/2]`` as is and ``meta`` repacked to int32
+words ``[N, ceil(K/32)]``. On the CPU they run under ``TRITON_INTERPRET=1``
+(tests); there bf16 is computed in fp32, since the interpreter's bf16
+arithmetic is wrong.
+"""
+import contextlib
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from .errors import ShapeError
+from .rotation import check_rotation
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ACTIVATIONS = ("none", "relu", "gelu", "silu")
+DECODE_MAX_M = 16  # up to here: the split-K GEMV-like schedule
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels():
+    from .kernels import sparse24  # imports triton; deferred so the package imports without it
+
+    return sparse24
+
+
+# -- layout ----------------------------------------------------------------------------------------------
+def pack_meta_int32(meta: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Canonical 2:4 meta ``[N, ceil(K/8)]`` uint8 -> ``[N, ceil(K/32)]`` int32 (rows zero-padded)."""
+    if meta.dtype != torch.uint8 or meta.dim() != 2 or meta.shape[1] != (in_features + 7) // 8:
+        raise ShapeError(f"meta: expected uint8 [N, {(in_features + 7) // 8}] for K={in_features}, "
+                         f"got {meta.dtype} {list(meta.shape)}")
+    words = (in_features + 31) // 32
+    padded = meta.new_zeros(meta.shape[0], words * 4)
+    padded[:, : meta.shape[1]] = meta
+    return padded.view(torch.int32)  # little-endian: byte 4w + i is bits 8i.. of word w
+
+
+def prepare_sparse24(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' layout from the canonical ``(values [N, K/2], meta [N, ceil(K/8)] uint8)``."""
+    return values.contiguous(), pack_meta_int32(meta, values.shape[1] * 2)
+
+
+# -- checks ----------------------------------------------------------------------------------------------
+def _check(x, values, meta, bias, rotation, activation, op) -> None:
+    for name, t in (("x", x), ("values", values), ("meta", meta), ("bias", bias), ("rotation", rotation)):
+        if t is not None and not (t.device.type == "cuda" or (interpreting() and t.device.type == "cpu")):
+            raise RuntimeError(f"{op}: {name} is on {t.device}; the Triton kernels need a CUDA device "
+                               "(or TRITON_INTERPRET=1 to run them on the CPU interpreter)")
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"{op}: unsupported dtype {x.dtype}; supported: fp16, bf16, fp32")
+    if values.dim() != 2:
+        raise ShapeError(f"{op}: values must be [N, K/2], got shape {list(values.shape)}")
+    n, k = values.shape[0], values.shape[1] * 2
+    if k % 4:
+        raise ShapeError(f"{op}: in_features={k} (2 x values.shape[1]) is not a multiple of 4")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ShapeError(f"{op}: x has shape {list(x.shape)}, expected [..., {k}] to match values {list(values.shape)}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"{op}: values dtype {values.dtype} != x dtype {x.dtype}")
+    if meta.dtype != torch.int32 or tuple(meta.shape) != (n, (k + 31) // 32):
+        raise ShapeError(f"{op}: meta must be int32 [{n}, {(k + 31) // 32}] (see prepare_sparse24), "
+                         f"got {meta.dtype} {list(meta.shape)}")
+    if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != x.dtype):
+        raise ShapeError(f"{op}: bias must be {x.dtype} [{n}], got {bias.dtype} {list(bias.shape)}")
+    if rotation is not None:
+        check_rotation(rotation, k)
+        if rotation.dtype != x.dtype:
+            raise TypeError(f"{op}: rotation dtype {rotation.dtype} != x dtype {x.dtype}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def auto_split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    """Split-K factor for the decode schedule: about two waves of programs, with the fp32
+    partials' round trip (8 bytes per output per split) under 10% of the fp16 weight's bytes."""
+    unit = _kernels().SPLIT_UNIT
+    programs = _cdiv(n, 64) * _cdiv(m, DECODE_MAX_M)
+    by_traffic = int(0.1 * k * 1.125 / (8 * m))
+    return max(1, min(round(2 * _sm_count(device) / programs), k // unit, by_traffic))
+
+
+_LOCKS: dict = {}
+
+
+def _tile_locks(device: torch.device, n: int) -> torch.Tensor:
+    """Split-K's per-tile counters: zeroed once, reset by the kernel after each use.
+
+    Shared by all launches on a device, so concurrent split-K launches on different
+    streams must not overlap."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < n:
+        locks = _LOCKS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return locks
+
+
+# -- launch ----------------------------------------------------------------------------------------------
+def _launch(x, values, meta, bias, rotation, activation, out, split_k=None) -> None:
+    """``out [M, N] = act((x [M, K] @ R) @ W^T + bias)``; all checked, x and out 2-D."""
+    if interpreting() and x.dtype == torch.bfloat16:
+        up = [None if t is None else t.float() for t in (x, values, bias, rotation)]
+        tmp = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        _launch(up[0], up[1], meta, up[2], up[3], activation, tmp, split_k)
+        out.copy_(tmp)
+        return
+    ker = _kernels()
+    m, k = x.shape
+    n = values.shape[0]
+    if m == 0 or n == 0:
+        return
+    # No-ops for prepared layouts; the kernels assume unit strides along the last dim.
+    x, values, meta = x.contiguous(), values.contiguous(), meta.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    decode = m <= DECODE_MAX_M
+    if split_k is None:
+        split_k = auto_split_k(m, n, k, x.device) if decode else 1
+    k_per_split = _cdiv(_cdiv(k, split_k), ker.SPLIT_UNIT) * ker.SPLIT_UNIT  # whole K tiles per slice
+    splits = _cdiv(k, k_per_split)
+    ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+    kernel = ker.sparse24_decode if decode else ker.sparse24_tiles
+    rot_b = None  # rotation block size; a full R is one block of K
+    if rotation is not None:
+        rot_b = rotation.shape[-1] if rotation.dim() == 3 else k
+        rotation = rotation.contiguous()
+    rot = ker.rotation_mode(rot_b, kernel.configs)
+
+    def grid(meta):
+        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]), splits)
+
+    act = ker.ACTIVATIONS[activation]
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        kernel[grid](
+            x, values, meta, rotation if rotation is not None else x, bias if bias is not None else out, out, ws,
+            _tile_locks(x.device, _cdiv(m, 16) * _cdiv(n, 16)) if splits > 1 else ws,
+            m, n, k, k_per_split, min(_next_pow2(m), 1024),
+            x.stride(0), values.stride(0), meta.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, ACT=act, ROT=rot, ROT_B=rot_b or 1, SPLIT=splits > 1,
+            DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        )
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _run(x, values, meta, bias, rotation, activation, out, split_k, op) -> torch.Tensor:
+    _check(x, values, meta, bias, rotation, activation, op)
+    n = values.shape[0]
+    shape = (*x.shape[:-1], n)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ShapeError(f"{op}: out must be a contiguous {x.dtype} tensor of shape {list(shape)} on {x.device}, "
+                         f"got {out.dtype} {list(out.shape)} on {out.device}")
+    _launch(x.reshape(-1, x.shape[-1]), values, meta, bias, rotation, activation, out.view(-1, n), split_k)
+    return out
+
+
+# -- custom ops ------------------------------------------------------------------------------------------
+@torch.library.custom_op("sparse_runtime::sparse24_matmul", mutates_args=())
+def _sparse24_matmul_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                        bias: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+    return _run(x, values, meta, bias, None, activation, None, None, "sparse24_matmul")
+
+
+@torch.library.custom_op("sparse_runtime::rotate_sparse24_matmul", mutates_args=())
+def _rotate_sparse24_matmul_op(x: torch.Tensor, rotation: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                               bias: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+    return _run(x, values, meta, bias, rotation, activation, None, None, "rotate_sparse24_matmul")
+
+
+@_sparse24_matmul_op.register_fake
+def _(x, values, meta, bias, activation):
+    _check(x, values, meta, bias, None, activation, "sparse24_matmul")
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+@_rotate_sparse24_matmul_op.register_fake
+def _(x, rotation, values, meta, bias, activation):
+    _check(x, values, meta, bias, rotation, activation, "rotate_sparse24_matmul")
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+# -- public ----------------------------------------------------------------------------------------------
+def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    activation: str = "none", out: Optional[torch.Tensor] = None,
+                    split_k: Optional[int] = None) -> torch.Tensor:
+    """``act(x @ W^T + bias)`` for ``W`` in the layout of :func:`prepare_sparse24`; ``x [..., K]``.
+
+    ``out`` (written in place) and ``split_k`` (force a split-K factor) bypass the
+    custom op: eager use and tests only."""
+    if out is None and split_k is None:
+        return torch.ops.sparse_runtime.sparse24_matmul(x, values, meta, bias, activation)
+    return _run(x, values, meta, bias, None, activation, out, split_k, "sparse24_matmul")
+
+
+def rotate_sparse24_matmul(x: torch.Tensor, rotation: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                           bias: Optional[torch.Tensor] = None, activation: str = "none",
+                           out: Optional[torch.Tensor] = None, split_k: Optional[int] = None) -> torch.Tensor:
+    """``act((x @ R) @ W^T + bias)`` with ``R`` full ``[K, K]`` or block-diagonal ``[K/b, b, b]``, fused."""
+    if out is None and split_k is None:
+        return torch.ops.sparse_runtime.rotate_sparse24_matmul(x, rotation, values, meta, bias, activation)
+    return _run(x, values, meta, bias, rotation, activation, out, split_k, "rotate_sparse24_matmul")

@@ -1,0 +1,113 @@
+"""The pure logic of benchmarks/kernels.py (parsing, byte and FLOP counts, output files) and its CLI."""
+import json
+
+import pytest
+import torch
+
+from sparse_runtime.cli import bench, main
+
+kb = bench.load_suite("kernels")
+
+
+def test_parse_shapes():
+    assert kb.parse_shapes("4096x4096, 1024X4096") == [(4096, 4096), (1024, 4096)]
+    for bad, match in [("4096", "NxK"), ("ax3", "NxK"), ("40x42", "multiple of 4"), ("0x8", "positive")]:
+        with pytest.raises(ValueError, match=match):
+            kb.parse_shapes(bad)
+
+
+def test_parse_ints_and_choices():
+    assert kb.parse_ints("1,16,8192") == [1, 16, 8192]
+    with pytest.raises(ValueError, match="integers"):
+        kb.parse_ints("1,x")
+    with pytest.raises(ValueError, match="positive"):
+        kb.parse_ints("0")
+    assert kb.parse_choices("fp16", kb.DTYPES, "--dtypes") == ["fp16"]
+    with pytest.raises(ValueError, match="unknown fp8"):
+        kb.parse_choices("fp16,fp8", kb.DTYPES, "--dtypes")
+
+
+def test_byte_and_flop_counts():
+    n, k, m = 4096, 4096, 16
+    dense = kb.call_bytes("dense", m, n, k, 2)
+    sparse = kb.call_bytes("triton", m, n, k, 2)
+    assert dense == n * k * 2 + (m * k + m * n) * 2
+    assert sparse == n * k + n * k // 8 + (m * k + m * n) * 2  # values: half of W; meta: 2 bits per value
+    assert kb.weight_bytes("triton", n, k, 2) / kb.weight_bytes("dense", n, k, 2) == 9 / 16
+    assert kb.weight_bytes("triton", 1, 44, 2) == 44 + 6  # meta rows round up to whole bytes
+    assert kb.rotation_bytes("triton:fused-rot-b128", k, 2) == k * 128 * 2
+    assert kb.rotation_bytes("triton:rot-full-first", k, 2) == k * k * 2
+    assert kb.rotation_bytes("cusparselt", k, 2) == 0
+    assert kb.call_flops(m, n, k) == 2 * m * n * k
+
+
+def test_make_row_and_copies():
+    row = kb.make_row("triton", (4096, 4096), "fp16", 1, 0.01, 0.016, 3000.0)
+    assert row["layer"] == "q/o_proj" and row["speedup_vs_dense"] == pytest.approx(1.6)
+    assert row["GBps"] == pytest.approx(row["bytes"] / 1e-5 / 1e9)
+    assert row["pct_copy_bw"] == pytest.approx(100 * row["GBps"] / 3000)
+    assert row["TFLOPs"] == pytest.approx(2 * 4096 * 4096 / 1e-5 / 1e12)
+    assert kb.make_row("dense", (8, 8), "bf16", 1, 1.0, None, None)["speedup_vs_dense"] is None
+    assert kb.copies_needed(10 << 20, 50 << 20) == 15
+    assert kb.copies_needed(1 << 30, 50 << 20) == 1
+    assert kb.copies_needed(1, 50 << 20) == 64
+
+
+def test_select_providers():
+    avail = {"cusparselt": None, "triton": None, "torch": "no", "reference": None}
+    assert kb.select_providers(avail) == ["dense", "cusparselt", "triton", *kb.ROTATION_PROVIDERS]
+    assert kb.select_providers({"reference": None, "triton": "no GPU"}) == ["dense"]
+    assert kb.select_providers(avail, ["dense", "triton"]) == ["dense", "triton"]
+    with pytest.raises(ValueError, match="unknown cublas"):
+        kb.select_providers(avail, ["cublas"])
+    with pytest.raises(ValueError, match="torch: no"):
+        kb.select_providers(avail, ["torch"])
+
+
+def test_json_plot_and_table(tmp_path):
+    rows = [kb.make_row(p, (1024, 4096), "fp16", m, t, 0.02, 3000.0)
+            for m in (1, 16) for p, t in (("dense", 0.02), ("triton", 0.012), ("triton:fused-rot-b128", 0.0125))]
+    path = kb.write_json(tmp_path / "r" / "k.json", {"device": "test", "settings": {"ms": [1, 16]}}, rows)
+    data = json.loads(path.read_text())
+    assert data["device"] == "test" and data["rows"] == rows
+    png = kb.plot(tmp_path / "k.png", rows, "title")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    table = kb.format_table(rows)
+    assert "triton:fused-rot-b128" in table and "1.67" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cli_without_cuda_exits_cleanly(capsys):
+    assert main(["bench", "kernels", "--shapes", "4096x4096", "--ms", "1"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--shapes", "4096"]) == 2
+    assert "NxK" in capsys.readouterr().err
+    assert main(["bench"]) == 2
+    assert "name a suite: kernels" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_bench_runs_on_a_gpu(tmp_path):
+    assert main(["bench", "kernels", "--shapes", "1024x4096", "--ms", "1,64", "--dtypes", "fp16",
+                 "--providers", "dense,triton,triton:fused-rot-b128", "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("*.json")
+    rows = json.loads(js.read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"dense", "triton", "triton:fused-rot-b128"}
+    assert list(tmp_path.glob("*.png"))
+
+
+def test_provider_callables_agree_on_the_interpreter():
+    # The GPU glue (one callable per weight/input copy) runs on the CPU too, through the interpreter.
+    from sparse24_cases import random_layer, random_rotation
+
+    sws = [random_layer(40, 128, torch.float32, seed=s)[0] for s in (1, 2)]
+    xs = [torch.randn(3, 128) for _ in sws]
+    results = {}
+    for provider in ["dense", "triton", "reference", *kb.ROTATION_PROVIDERS]:
+        block = kb.ROTATION_PROVIDERS.get(provider, (None,))[0]
+        rots = [random_rotation(128, block, torch.float32, seed=9)] * len(sws)
+        results[provider] = [f() for f in kb._layer_fns(provider, sws, xs, rots)]
+    for provider, ys in results.items():
+        base = "triton:fused-rot-full" if "full" in provider else "triton:fused-rot-b128" if "rot" in provider else "dense"
+        for y, ref in zip(ys, results[base]):
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,84 @@
+"""``sparse-runtime prune`` and ``eval`` end to end on stories260K, and their bad-input errors."""
+import json
+
+import pytest
+import torch
+
+from sparse_runtime import SparseLinear, load_pretrained
+from sparse_runtime.checkpoint import read_sparse_config
+from sparse_runtime.cli import main
+from sparse_runtime.masks import validate_nm
+from sparse_runtime.models import load_model
+from sparse_runtime.prune import calibration_windows, prune
+
+from conftest import TEXT
+
+STORIES_TEXT = str(TEXT / "tinystories_valid_head.txt")
+
+
+def _prune(stories_dir, out, *extra):
+    return main(["prune", "--model", str(stories_dir), "--device", "cpu", "--calib", STORIES_TEXT,
+                 "--nsamples", "4", "--seqlen", "64", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "2:4"), ("sparsegpt", "4:8"),
+                                            ("magnitude", "unstructured")])
+def test_prune_writes_a_checkpoint_load_pretrained_and_eval_take(stories_dir, tmp_path, capsys, method, pattern):
+    out = tmp_path / "ckpt"
+    assert _prune(stories_dir, out, "--method", method, "--pattern", pattern, "--json", "--errors") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == method and info["pattern"] == pattern and info["out"] == str(out)
+    assert info["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert len(info["skipped"]) == (5 if pattern == "4:8" else 0)  # the 172-wide down_proj cannot take 4:8
+    assert method == "magnitude" or all(0 < e < 1 for e in info["reconstruction_error"].values())
+    model = load_pretrained(out)
+    sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert len(sparse) == info["pruned_layers"] and all(m.pattern == pattern for m in sparse)
+    if pattern != "unstructured":
+        for m in sparse:
+            validate_nm(m.dense_weight() != 0, *map(int, pattern.split(":")))
+    assert read_sparse_config(out)["pruning"]["method"] == method
+    assert main(["eval", "--model", str(out), "--data", STORIES_TEXT, "--seqlen", "128", "--max-tokens", "1024",
+                 "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["seqlen"] == 128 and ev["tokens"] == 8 * 127 and 1 < ev["ppl"] < 500
+
+
+def test_eval_prints_seqlen_beside_the_number(stories_dir, capsys):
+    assert main(["eval", "--model", str(stories_dir), "--data", STORIES_TEXT, "--seqlen", "4096",
+                 "--max-tokens", "1024"]) == 0
+    assert "perplexity" in (line := capsys.readouterr().out) and "seqlen 512" in line  # clipped to the context
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "wanda", "--seqlen", "100000", "--nsamples", "1", "--calib", "SHORT"],
+     "fewer than one calibration window"),
+    (["--method", "sparsegpt", "--pattern", "unstructured", "--sparsity", "1.5"], "sparsity must be in (0, 1)"),
+    (["--method", "wanda", "--sparsity", "0"], "sparsity must be in (0, 1)"),
+    (["--method", "sparsegpt", "--pattern", "4:8", "--targets", "down_proj"],
+     "down_proj: in_features=172 is not divisible by 8"),
+    (["--method", "magnitude", "--pattern", "3:2"], "needs 0 < N < M"),
+    (["--method", "wanda", "--calib", "MISSING"], "not found"),
+])
+def test_bad_input_is_a_clear_error_and_leaves_no_checkpoint(stories_dir, tmp_path, capsys, extra, message):
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time.")
+    extra = [str(short) if a == "SHORT" else str(tmp_path / "missing.txt") if a == "MISSING" else a for a in extra]
+    out = tmp_path / "ckpt"
+    argv = ["prune", "--model", str(stories_dir), "--device", "cpu", "--calib", STORIES_TEXT, "--nsamples", "2",
+            "--seqlen", "32", "--out", str(out), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "sparse-runtime prune: error:" in err and message in err, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt")]
+
+
+def test_sparsegpt_checkpoint_matches_pruning_in_python(stories_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert _prune(stories_dir, out, "--method", "sparsegpt", "--pattern", "2:4") == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    model, tok = load_model(stories_dir)
+    prune(model, "sparsegpt", "2:4", calib=calibration_windows(tok, STORIES_TEXT, 4, 64, seed=0), progress=False)
+    ids = torch.arange(40).view(1, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(out)(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

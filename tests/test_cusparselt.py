@@ -1,0 +1,252 @@
+"""cuSPARSELt wrapper: pure logic on CPU; numerics, epilogues, plan cache, overhead and graphs on a GPU."""
+import json
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_runtime import BackendUnavailable, SparseLinear, backends
+from sparse_runtime import cusparselt as cs
+from sparse_runtime.format import SparseWeight
+from sparse_runtime.masks import nm_mask
+
+
+# -- pure logic ---------------------------------------------------------------------------------------
+def test_padding_rules():
+    assert cs.padded_shape(1, 4096, 4096, torch.float16) == (8, 4096, 4096)
+    assert cs.padded_shape(17, 20, 36, torch.bfloat16) == (24, 32, 48)
+    assert cs.padded_shape(3, 20, 36, torch.int8) == (16, 32, 64)
+    assert cs.padded_shape(0, 16, 16, torch.float16)[0] == 8
+
+
+@pytest.mark.parametrize("m, bucket", [(0, 1), (1, 1), (2, 2), (3, 4), (17, 32), (2048, 2048), (2049, 4096)])
+def test_m_bucket(m, bucket):
+    assert cs.m_bucket(m) == bucket
+
+
+def test_keys():
+    a = cs.plan_key(0, 8, 64, 64, "float16", "none", 0)
+    assert a != cs.plan_key(0, 8, 64, 64, "float16", "none", 1234)  # a plan captures its bias pointer
+    assert a != cs.plan_key(0, 8, 64, 64, "float16", "relu", 0)
+    assert cs.tune_key(64, 128, "float16", "gelu", True, 32) == "n=64,k=128,float16,gelu,bias=1,m<=32"
+    assert cs.device_key("NVIDIA H100", {"b": 2, "a": 1}) == "NVIDIA H100|a=1,b=2"
+
+
+def test_lru():
+    lru = cs.LRU(2)
+    lru.put("a", 1)
+    lru.put("b", 2)
+    assert lru.get("a") == 1  # "b" is now the oldest
+    lru.put("c", 3)
+    assert "b" not in lru and len(lru) == 2
+    assert lru.get("b") is None and (lru.hits, lru.misses) == (1, 1)
+
+
+def test_cache_file(tmp_path):
+    path = tmp_path / "sub" / "cache.json"
+    assert cs.load_cache_file(path) == {}
+    cs.save_cache_file(path, "GPU|v=1", {"k1": {"alg_id": 3}})
+    cs.save_cache_file(path, "GPU|v=1", {"k2": {"alg_id": 1}})
+    cs.save_cache_file(path, "GPU|v=2", {"k1": {"alg_id": 0}})
+    data = json.loads(path.read_text())
+    assert data["format"] == cs.CACHE_FORMAT
+    assert cs.load_cache_file(path) == {"GPU|v=1": {"k1": {"alg_id": 3}, "k2": {"alg_id": 1}},
+                                        "GPU|v=2": {"k1": {"alg_id": 0}}}
+    assert [p.name for p in path.parent.iterdir()] == ["cache.json"]  # no temporary left behind
+    path.write_text("{not json")
+    assert cs.load_cache_file(path) == {}
+    path.write_text(json.dumps({"format": 999, "devices": {}}))
+    assert cs.load_cache_file(path) == {}
+
+
+def test_disk_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_RUNTIME_CACHE_DIR", str(tmp_path))
+    c = cs.DiskCache("t.json")
+    c.bind("dev")
+    c.put("k", {"us": 1.5})
+    fresh = cs.DiskCache("t.json")
+    fresh.bind("dev")
+    assert fresh.get("k") == {"us": 1.5}
+    fresh.bind("other")
+    assert fresh.get("k") is None
+    monkeypatch.setenv("SPARSE_RUNTIME_NO_DISK_CACHE", "1")
+    off = cs.DiskCache("t.json")
+    off.bind("dev")
+    assert off.get("k") is None
+
+
+# -- without a GPU ------------------------------------------------------------------------------------
+def test_backend_registered():
+    b = backends.get("cusparselt")
+    assert (b.name, b.priority, b.auto_devices) == ("cusparselt", 20, ("cuda",))
+    assert b.unavailable(torch.device("cpu"))
+    layer = SparseLinear(64, 32, dtype=torch.float32)
+    assert "fp16/bf16" in b.unsupported(layer)
+    assert "not 2:4" in b.unsupported(SparseLinear(64, 32, pattern="4:8", dtype=torch.float16))
+    assert b.unsupported(SparseLinear(64, 32, dtype=torch.float16)) is None
+
+
+def test_cpu_calls_raise_clearly():
+    w = torch.zeros(16, 16, dtype=torch.float16)
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        cs.compress_dense(w)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        cs.compress_dense(torch.zeros(16, 20, dtype=torch.float16))
+    with pytest.raises(BackendUnavailable):
+        SparseLinear(64, 32, backend="cusparselt", dtype=torch.float16)._resolve()
+
+
+def test_fake_impl_shapes():
+    x = torch.empty(5, 32, device="meta", dtype=torch.float16)
+    packed = torch.empty(100, dtype=torch.uint8, device="meta")
+    assert torch.ops.sparse_runtime.cslt_linear(x, packed, None, 48, 32).shape == (5, 48)
+
+
+# -- GPU ------------------------------------------------------------------------------------------------
+def _sparse_weight(n, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    w = (w * nm_mask(w.abs(), 2, 4)).to(dtype).cuda()
+    return w
+
+
+def _ref(x, w, bias=None, act="none", alpha=1.0):
+    y = alpha * (x.double() @ w.double().t())
+    if bias is not None:
+        y = y + bias.double()
+    return {"none": y, "relu": torch.relu(y), "gelu": torch.nn.functional.gelu(y)}[act]
+
+
+def _close(y, ref, dtype):
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    scale = ref.abs().max().clamp_min(1.0)
+    assert (y.double() - ref).abs().max() <= tol * scale, (y.double() - ref).abs().max()
+
+
+@pytest.fixture
+def gpu_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_RUNTIME_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPARSE_RUNTIME_CSLT_SEARCH", "off")  # searches are tested once, below
+    cs._TUNED._section = None
+    cs.plan_cache().clear()
+    if cs.unavailable("cuda"):
+        pytest.skip(cs.unavailable("cuda"))
+    return tmp_path
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, k", [(64, 128), (48, 80), (256, 512), (20, 36)])
+@pytest.mark.parametrize("m", [1, 3, 17, 64, 257])
+def test_linear_matches_float64(gpu_cache, m, n, k, dtype):
+    w = _sparse_weight(n, k, dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    cw = cs.CusparseLtWeight.from_dense(w)
+    y = cs.linear(x, cw)
+    assert y.shape == (m, n) and y.dtype == dtype
+    _close(y, _ref(x, w), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_epilogues_bias_alpha(gpu_cache, act):
+    dtype = torch.float16
+    w = _sparse_weight(96, 128, dtype)
+    bias = torch.randn(96, device="cuda", dtype=dtype)
+    x = torch.randn(33, 128, device="cuda", dtype=dtype)
+    cw = cs.CusparseLtWeight.from_dense(w, bias)
+    _close(cs.linear(x, cw, act, alpha=0.5), _ref(x, w, bias, act, 0.5), dtype)
+
+
+@pytest.mark.gpu
+def test_canonical_expand_and_prune_check(gpu_cache):
+    w = _sparse_weight(64, 72, torch.float16)  # K/4 odd: the last meta nibble is padding
+    sw = SparseWeight.compress(w)
+    assert torch.equal(cs.expand_canonical(sw.values, sw.meta, 72), w)
+    assert cs.prune_check(torch.nn.functional.pad(w, (0, 8)))
+    assert not cs.prune_check(torch.ones(64, 64, device="cuda", dtype=torch.float16))
+    assert cs.compressed_size(64, 64, torch.float16) > 0
+
+
+@pytest.mark.gpu
+def test_plan_cache_hit(gpu_cache):
+    w = _sparse_weight(128, 128, torch.float16)
+    a, b = cs.CusparseLtWeight.from_dense(w), cs.CusparseLtWeight.from_dense(w)
+    x = torch.randn(40, 128, device="cuda", dtype=torch.float16)
+    cs.linear(x, a)
+    size, hits, plan = len(cs.plan_cache()), cs.plan_cache().hits, a.last[1]
+    for _ in range(5):
+        cs.linear(x, a)
+    assert a.last[1] is plan  # steady state: no look-up at all
+    cs.linear(x, b)  # another layer of the same shape shares the plan
+    assert b.last[1] is plan and len(cs.plan_cache()) == size and cs.plan_cache().hits == hits + 1
+    cs.linear(x[:17], a)  # a new M gets its own plan
+    assert len(cs.plan_cache()) == size + 1
+
+
+@pytest.mark.gpu
+def test_search_is_cached_on_disk(gpu_cache, monkeypatch):
+    monkeypatch.setenv("SPARSE_RUNTIME_CSLT_SEARCH", "manual")
+    w = _sparse_weight(256, 256, torch.float16)
+    cw = cs.CusparseLtWeight.from_dense(w)
+    x = torch.randn(512, 256, device="cuda", dtype=torch.float16)
+    _close(cs.linear(x, cw), _ref(x, w), torch.float16)
+    entries = next(iter(cs.load_cache_file(gpu_cache / "cusparselt_search.json").values()))
+    (found,) = [v for key, v in entries.items() if key.startswith("n=256,k=256") and key.endswith("m<=512")]
+    assert found["us"] > 0 and isinstance(found["alg_id"], int)
+
+
+@pytest.mark.gpu
+def test_host_overhead(gpu_cache):
+    """Host time per call after warm-up (target < 10 us on H100; asserted loosely against CI noise)."""
+    cw = cs.CusparseLtWeight.from_dense(_sparse_weight(256, 256, torch.float16))
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    for _ in range(20):
+        cs.linear(x, cw)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(100):
+            cs.linear(x, cw)
+        times.append((time.perf_counter() - t0) / 100 * 1e6)
+        torch.cuda.synchronize()
+    us = sorted(times)[3]
+    print(f"cusparselt host overhead: {us:.1f} us/call")
+    assert us < 30
+
+
+@pytest.mark.gpu
+def test_sparse_linear_cuda_graph_and_compile(gpu_cache):
+    torch.manual_seed(0)
+    layer = SparseLinear.from_linear(nn.Linear(128, 96).half().cuda(), backend="cusparselt")
+    ref = SparseLinear.from_linear(nn.Linear(128, 96).half().cuda(), backend="reference")
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 9, 128, device="cuda", dtype=torch.float16)
+    _close(layer(x), ref(x).double(), torch.float16)
+
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer(static_x)  # warm-up: plan and search outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    _close(static_y, ref(static_x).double(), torch.float16)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    _close(compiled(x), ref(x).double(), torch.float16)
+
+
+@pytest.mark.gpu
+def test_custom_op_opcheck(gpu_cache):
+    w = _sparse_weight(48, 64, torch.float16)
+    cw = cs.CusparseLtWeight.from_dense(w, torch.randn(48, device="cuda", dtype=torch.float16))
+    x = torch.randn(5, 64, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.sparse_runtime.cslt_linear.default, (x, cw.packed, cw.bias, 48, 64, "relu", 1.0),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -1,0 +1,108 @@
+"""The dispatch backend: selection logic and cache format on CPU; measured choices on a GPU."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_runtime import SparseLinear, backends
+from sparse_runtime import cusparselt as cs
+from sparse_runtime.backends import dispatch as dp
+
+
+def test_select_prefers_dense_unless_clearly_faster():
+    assert dp.select({"dense": 100.0, "cusparselt": 60.0, "triton": 80.0}) == "cusparselt"
+    assert dp.select({"dense": 100.0, "cusparselt": 98.0}) == "dense"  # within the noise margin
+    assert dp.select({"dense": 100.0, "cusparselt": 98.0}, margin=0.0) == "cusparselt"
+    assert dp.select({"dense": 100.0, "triton": None, "cusparselt": math.inf}) == "dense"  # failed candidates
+    assert dp.select({"dense": 10.0}) == "dense"
+    with pytest.raises(ValueError, match="dense"):
+        dp.select({"cusparselt": 1.0})
+
+
+def test_build_table_and_completeness():
+    table = dp.build_table({1: {"dense": 5.0, "triton": 3.0, "cusparselt": 9.0},
+                            2048: {"dense": 500.0, "triton": 450.0, "cusparselt": 300.0}})
+    assert table == {1: "triton", 2048: "cusparselt"}
+    assert dp.complete({"dense": 1.0, "cusparselt": None}, ["cusparselt"])
+    assert not dp.complete({"dense": 1.0}, ["cusparselt"])
+    assert not dp.complete(None, [])
+
+
+def test_keys():
+    key = dp.shape_key(14336, 4096, torch.float16, False)
+    assert key == "n=14336,k=4096,float16,bias=0,rot=none"
+    assert dp.entry_key(key, 2048).endswith(",m<=2048")
+    assert dp.shape_key(64, 64, torch.bfloat16, True, (2, 32, 32)).endswith("bias=1,rot=2x32x32")
+
+
+def test_cache_file_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_RUNTIME_CACHE_DIR", str(tmp_path))
+    cache = cs.DiskCache("dispatch.json")
+    cache.bind("GPU|torch=2.11")
+    cache.put(dp.entry_key("n=64,k=64,float16,bias=0,rot=none", 8), {"dense": 4.0, "cusparselt": 6.0})
+    loaded = cs.load_cache_file(tmp_path / "dispatch.json")
+    assert dp.select(loaded["GPU|torch=2.11"]["n=64,k=64,float16,bias=0,rot=none,m<=8"]) == "dense"
+
+
+def test_registration_and_cpu():
+    b = backends.get("dispatch")
+    assert (b.priority, b.auto_devices) == (100, ("cuda",))
+    assert b.unavailable(torch.device("cpu"))
+    assert "not 4:8" in b.unsupported(SparseLinear(64, 32, pattern="4:8"))
+    assert SparseLinear(64, 32).active_backend != "dispatch"  # auto on CPU
+
+
+# -- GPU ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_RUNTIME_CACHE_DIR", str(tmp_path))
+    dp._TIMINGS._section = None
+    return tmp_path
+
+
+@pytest.mark.gpu
+def test_auto_resolves_to_dispatch_and_is_correct(fresh):
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 128).half().cuda()
+    layer = SparseLinear.from_linear(dense, backend="auto")
+    assert layer.active_backend == "dispatch"
+    ref = SparseLinear.from_linear(dense, backend="reference")
+    for m in (1, 5, 64, 300):
+        x = torch.randn(m, 256, device="cuda", dtype=torch.float16)
+        torch.testing.assert_close(layer(x), ref(x), rtol=2e-2, atol=2e-2)
+    table = dp.DispatchBackend.table(layer)
+    assert set(table) == {1, 8, 64, 512}
+    assert set(table.values()) <= {"dense", "cusparselt", "triton"}
+    entries = next(iter(cs.load_cache_file(fresh / "dispatch.json").values()))
+    assert len(entries) == 4 and all("dense" in t for t in entries.values())
+
+
+@pytest.mark.gpu
+def test_never_slower_than_dense(fresh):
+    torch.manual_seed(0)
+    dense = nn.Linear(4096, 4096, bias=False).half().cuda()
+    layer = SparseLinear.from_linear(dense, backend="dispatch")
+    w = layer.dense_weight()
+    for m in (16, 2048):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+        layer(x)
+        t_dispatch = cs.time_us(lambda x=x: layer(x), iters=30)
+        t_dense = cs.time_us(lambda x=x: torch.nn.functional.linear(x, w), iters=30)
+        assert t_dispatch <= t_dense * 1.15, (m, t_dispatch, t_dense)
+
+
+@pytest.mark.gpu
+def test_unmeasured_bucket_in_graph_runs_dense(fresh):
+    torch.manual_seed(0)
+    layer = SparseLinear.from_linear(nn.Linear(128, 64).half().cuda(), backend="dispatch")
+    x = torch.randn(4, 128, device="cuda", dtype=torch.float16)
+    expected = layer(x).clone()  # measures bucket 4 eagerly
+    dp._TIMINGS.clear()
+    layer._runner = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    graph.replay()
+    torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
+    assert dp.DispatchBackend.table(layer) == {}

@@ -1,0 +1,168 @@
+"""The Triton 2:4 kernels (kernels/sparse24.py) against float64 references, every output element checked.
+
+On the CPU they run under the Triton interpreter (conftest sets TRITON_INTERPRET=1)
+in fp32 and fp16; the @gpu tests run fp16/bf16 at Llama-3-8B shapes."""
+import pytest
+import torch
+
+from sparse_runtime import triton_ops
+from sparse24_cases import assert_close, random_layer, random_rotation, reference
+
+SHAPES = [(40, 44), (72, 136)]  # N, K: not powers of two; K % 32 != 0
+SEED = iter(range(1000, 10**6))  # a fresh seed per case
+
+
+def run(x, sw, values, meta, bias=None, rotation=None, activation="none", split_k=None):
+    """Launch into a NaN-poisoned output, so unwritten elements fail the check."""
+    out = torch.full((*x.shape[:-1], sw.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    if rotation is None:
+        return triton_ops.sparse24_matmul(x, values, meta, bias, activation, out=out, split_k=split_k)
+    return triton_ops.rotate_sparse24_matmul(x, rotation, values, meta, bias, activation, out=out, split_k=split_k)
+
+
+def case(m, n, k, dtype, bias, device="cpu"):
+    seed = next(SEED)
+    sw, values, meta = random_layer(n, k, dtype, seed, device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, generator=gen).to(device=device, dtype=dtype) if bias else None
+    return x, sw, values, meta, b
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 17])  # decode schedule, ragged decode, tiled schedule
+def test_matmul(m, n, k, dtype, bias):
+    x, sw, values, meta, b = case(m, n, k, dtype, bias)
+    assert_close(run(x, sw, values, meta, b), *reference(x, sw, b), dtype)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("m", [3, 17])
+def test_activation_epilogue(m, activation):
+    x, sw, values, meta, b = case(m, 72, 136, torch.float32, True)
+    assert_close(run(x, sw, values, meta, b, activation=activation), *reference(x, sw, b, activation=activation),
+                 torch.float32)
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_split_k_reduction(split_k, activation):
+    # K = 200 spans 4 interpreter K tiles: split 2 -> 2 slices, split 3 -> 2 slices of 128 (last ragged)
+    x, sw, values, meta, b = case(5, 40, 200, torch.float16, True)
+    y = run(x, sw, values, meta, b, activation=activation, split_k=split_k)
+    assert_close(y, *reference(x, sw, b, activation=activation), torch.float16)
+
+
+def test_split_k_counters_reset_for_the_next_call():
+    # The last split of a tile resets its counter: repeated calls (and CUDA graph replays) stay correct.
+    x, sw, values, meta, b = case(4, 72, 256, torch.float32, True)
+    for _ in range(2):
+        assert_close(run(x, sw, values, meta, b, split_k=4), *reference(x, sw, b), torch.float32)
+    assert not triton_ops._tile_locks(x.device, 1).any()
+
+
+@pytest.mark.parametrize("m", [1, 17])
+# full R; blocks inside one K tile (ROT=1 with the interpreter's BLOCK_K=64); blocks straddling or wider (ROT=2)
+@pytest.mark.parametrize("k,block", [(44, None), (136, None), (128, 32), (192, 64), (192, 96), (256, 128)])
+def test_rotation(m, k, block):
+    dtype = torch.float32 if m == 1 else torch.float16
+    x, sw, values, meta, b = case(m, 40, k, dtype, True)
+    rot = random_rotation(k, block, dtype, next(SEED))
+    y = run(x, sw, values, meta, b, rotation=rot, activation="silu")
+    assert_close(y, *reference(x, sw, b, rotation=rot, activation="silu"), dtype)
+
+
+def test_rotation_with_split_k():
+    x, sw, values, meta, b = case(2, 40, 256, torch.float32, False)
+    rot = random_rotation(256, 32, torch.float32, next(SEED))
+    assert_close(run(x, sw, values, meta, rotation=rot, split_k=4), *reference(x, sw, rotation=rot), torch.float32)
+
+
+def test_bf16_on_the_interpreter_runs_in_fp32():
+    x, sw, values, meta, b = case(3, 40, 44, torch.bfloat16, True)
+    assert_close(run(x, sw, values, meta, b), *reference(x, sw, b), torch.bfloat16)
+
+
+def test_leading_dims_and_empty_input():
+    x, sw, values, meta, b = case(6, 40, 44, torch.float32, True)
+    y = run(x.view(2, 3, 44), sw, values, meta, b)
+    assert y.shape == (2, 3, 40)
+    assert_close(y.view(6, 40), *reference(x, sw, b), torch.float32)
+    assert triton_ops.sparse24_matmul(x[:0], values, meta, b).shape == (0, 40)
+
+
+LLAMA = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k", LLAMA)
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 512])
+def test_llama_shapes_gpu(m, n, k, dtype):
+    x, sw, values, meta, b = case(m, n, k, dtype, True, device="cuda")
+    y = triton_ops.sparse24_matmul(x, values, meta, b)
+    assert_close(y, *reference(x, sw, b), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block", [None, 32, 128, 256])
+@pytest.mark.parametrize("m", [1, 16, 100])
+def test_rotation_gpu(m, block, dtype):
+    x, sw, values, meta, b = case(m, 1024, 4096, dtype, True, device="cuda")
+    rot = random_rotation(4096, block, dtype, next(SEED), device="cuda")
+    y = triton_ops.rotate_sparse24_matmul(x, rot, values, meta, b, "gelu")
+    assert_close(y, *reference(x, sw, b, rotation=rot, activation="gelu"), dtype)
+
+
+def test_rotation_modes_and_config_pruning():
+    import triton
+
+    from sparse_runtime.kernels import sparse24 as k
+
+    cfgs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk}) for bk in (64, 128, 256)]
+    assert k.rotation_mode(None, cfgs) == 0
+    assert k.rotation_mode(32, cfgs) == k.rotation_mode(128, cfgs) == 1  # whole blocks in a K tile
+    assert k.rotation_mode(256, cfgs) == k.rotation_mode(96, cfgs) == 2  # R's tile too big / blocks straddle
+    assert [c.kwargs["BLOCK_K"] for c in k._prune(cfgs, {}, ROT=1, ROT_B=128)] == [128]
+    assert k._prune(cfgs, {}, ROT=2, ROT_B=256) == cfgs
+
+
+# Compiles (no GPU needed) every kernel variant for Ampere and Hopper: the interpreter
+# checks the numbers, this checks that the GPU lowering (layouts, MMA, pipelining) accepts the code.
+AOT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sparse_runtime.kernels import sparse24 as k
+
+def build(fn, dtype, arch, const, ptrs, ints, warps=4, stages=3):
+    sig = {a: "*" + {"meta_ptr": "i32", "ws_ptr": "fp32", "lock_ptr": "i32"}.get(a, dtype) for a in ptrs}
+    sig.update({a: "i32" for a in ints})
+    sig.update({c: "constexpr" for c in const})
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ptrs}
+    triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                   options={"num_warps": warps, "num_stages": stages})
+
+PTRS = ["x_ptr", "values_ptr", "meta_ptr", "rot_ptr", "bias_ptr", "out_ptr", "ws_ptr", "lock_ptr"]
+INTS = ["M", "N", "K", "k_per_split", "M_BUCKET", "stride_xm", "stride_vn", "stride_mn", "stride_om"]
+for dtype, arch, (bm, bn, bk), swap, rot, rot_b, split in [
+        ("fp16", 90, (16, 64, 128), True, 0, 1, True), ("bf16", 80, (16, 128, 128), True, 1, 128, True),
+        ("fp16", 90, (64, 128, 64), False, 2, 4096, False), ("bf16", 90, (128, 128, 64), False, 1, 32, False)]:
+    const = dict(HAS_BIAS=True, ACT=2, ROT=rot, ROT_B=rot_b, SPLIT=split, DOT_PREC="tf32", SWAP_AB=swap,
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=32, GROUP_M=8)
+    build(k.sparse24_matmul_kernel, dtype, arch, const, PTRS, INTS, warps=8 if bm == 128 else 4)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_ampere_and_hopper():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-c", AOT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]

@@ -1,0 +1,148 @@
+"""The layer-by-layer driver across model families, its bad-input errors, and quality orderings on stories260K."""
+import copy
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from sparse_runtime import sparsify
+from sparse_runtime.errors import ShapeError
+from sparse_runtime.eval import perplexity
+from sparse_runtime.masks import validate_nm
+from sparse_runtime.models import load_model
+from sparse_runtime.prune import METHODS, UnsupportedModel, find_decoder_layers, prune
+from sparse_runtime.prune.layerwise import _run, capture_inputs
+
+from conftest import TEXT
+from helpers import tiny_model
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is as fast, and far faster on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_inputs_replay_the_model(family):
+    """Layer 0's captured inputs and kwargs, run through the layers one by one, give the model's hidden states."""
+    model = tiny_model(family)
+    ids = torch.randint(0, 128, (3, 12))
+    layers, path = find_decoder_layers(model)
+    inps, kwargs = capture_inputs(model, layers, path, ids, "cpu", "cpu")
+    assert len(kwargs) == len(layers) and {"attention_mask", "position_embeddings"} <= set(kwargs[0])
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states
+        for i, layer in enumerate(layers[:-1]):
+            inps = _run(layer, inps, kwargs[i], "cpu", "cpu")
+            torch.testing.assert_close(torch.cat(inps), ref[i + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_per_layer_kwargs_for_sliding_window_layers():
+    """Layers of different attention types get different masks; each layer must get its own."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=1)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    layers, path = find_decoder_layers(model)
+    inps, kwargs = capture_inputs(model, layers, path, ids, "cpu", "cpu")
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states
+        for i, layer in enumerate(layers[:-1]):
+            inps = _run(layer, inps, kwargs[i], "cpu", "cpu")
+            torch.testing.assert_close(torch.cat(inps), ref[i + 1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_families_prune_every_decoder_linear(family, method):
+    model = tiny_model(family)
+    calib = torch.randint(0, 128, (4, 16))
+    extra = {"blocksize": 32} if method == "sparsegpt" else {}
+    res = prune(model, method, "2:4", calib=calib, progress=False, record_errors=True, **extra)
+    decoder = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    assert set(res.masks) == decoder and set(res.errors) == decoder
+    for name, mask in res.masks.items():
+        validate_nm(mask, 2, 4, name=name)
+        assert not model.get_submodule(name).weight[~mask].any()
+        assert 0 < res.errors[name] < 1
+    sparse = copy.deepcopy(model)
+    sparsify(sparse, masks=res.masks, pattern="2:4")
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(calib).logits, model(calib).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_model_names_what_is_missing():
+    with pytest.raises(UnsupportedModel, match=r"BertModel: no decoder layers found .*model\.layers"):
+        prune(tiny_model("bert"), "wanda", calib=torch.randint(0, 128, (1, 8)))
+    with pytest.raises(UnsupportedModel, match="Sequential"):
+        prune(nn.Sequential(nn.Linear(8, 8)), "magnitude")
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+@pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -0.1])
+def test_sparsity_outside_open_unit_interval(pattern, bad):
+    for method in METHODS:
+        with pytest.raises(ValueError, match="sparsity must be in \\(0, 1\\)"):
+            prune(tiny_model("llama"), method, pattern, bad, calib=torch.randint(0, 128, (1, 8)))
+
+
+def test_unknown_method_and_missing_calibration():
+    with pytest.raises(ValueError, match="unknown pruning method 'obs'"):
+        prune(tiny_model("llama"), "obs")
+    with pytest.raises(ValueError, match="sparsegpt needs calibration"):
+        prune(tiny_model("llama"), "sparsegpt")
+
+
+@pytest.fixture(scope="module")
+def stories(stories_dir):
+    model, tok = load_model(stories_dir)
+    ids = tok((TEXT / "tinystories_valid_head.txt").read_text(), return_tensors="pt").input_ids[0]
+    return model, ids[:2048].view(16, 128), ids[4096:]  # calibration and held-out evaluation tokens
+
+
+def test_stories_4_8_skips_172_wide_layers_by_default_and_errors_when_named(stories):
+    model, calib, _ = stories
+    for method in METHODS:
+        res = prune(copy.deepcopy(model), method, "4:8", calib=calib[:2], progress=False)
+        assert len(res.masks) == 30 and len(res.skipped) == 5
+        assert all("down_proj" in n and "in_features=172 is not divisible by 8" in why for n, why in res.skipped)
+        with pytest.raises(ShapeError, match=r"model.layers.0.mlp.down_proj: in_features=172"):
+            prune(copy.deepcopy(model), method, "4:8", calib=calib[:2], targets=["down_proj"], progress=False)
+
+
+def test_stories_quality_orderings(stories):
+    """SparseGPT <= Wanda < magnitude at 2:4; 4:8 beats 2:4; 50% unstructured beats 4:8 (same layers:
+    the 172-wide down_proj cannot take 4:8, so it stays dense everywhere)."""
+    model, calib, held_out = stories
+    dense = perplexity(model, held_out, seqlen=128, progress=False).ppl
+    ppl = {}
+    for pattern in ["2:4", "4:8", "unstructured"]:
+        for method in METHODS:
+            m = copy.deepcopy(model)
+            prune(m, method, pattern, calib=calib, ignore=("lm_head", "down_proj"), progress=False)
+            ppl[method, pattern] = perplexity(m, held_out, seqlen=128, progress=False).ppl
+    assert dense < ppl["sparsegpt", "2:4"] <= ppl["wanda", "2:4"] < ppl["magnitude", "2:4"], ppl
+    assert ppl["wanda", "2:4"] < 0.8 * ppl["magnitude", "2:4"], ppl
+    for method in METHODS:
+        assert ppl[method, "unstructured"] < ppl[method, "4:8"] < ppl[method, "2:4"], (method, ppl)
+
+
+def test_true_sequential_and_offload_options(stories):
+    model, calib, _ = stories
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra = prune(a, "sparsegpt", "2:4", calib=calib[:4], progress=False)
+    rb = prune(b, "sparsegpt", "2:4", calib=calib[:4], progress=False, true_sequential=False, offload=True)
+    # layer 0's q/k/v see the same inputs either way; later groups see pruned inputs only when true-sequential
+    name = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(ra.masks[name], rb.masks[name])
+    assert not torch.equal(a.model.layers[0].mlp.down_proj.weight, b.model.layers[0].mlp.down_proj.weight)
+    assert ra.to_dict()["achieved_sparsity"] == 0.5 and ra.nsamples == 4 and ra.seqlen == 128

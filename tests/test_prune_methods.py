@@ -1,0 +1,92 @@
+"""Per-matrix checks of the three methods on real activations (stories260K, layer inputs from TinyStories)."""
+import pytest
+import torch
+from torch import nn
+
+from sparse_runtime.eval import reconstruction_error
+from sparse_runtime.masks import is_nm, sparsity, validate_nm
+from sparse_runtime.models import load_model
+from sparse_runtime.prune import Hessian, InputNorms, magnitude_mask, sparsegpt_prune, wanda_mask
+
+from conftest import TEXT
+
+
+@pytest.fixture(scope="module")
+def linear_inputs(stories_dir):
+    """{linear name: (weight, inputs [tokens, in])} for every linear of the dense stories260K."""
+    model, tok = load_model(stories_dir)
+    ids = tok((TEXT / "tinystories_valid_head.txt").read_text(), return_tensors="pt").input_ids[0][:1024]
+    acts = {}
+    linears = {n: m for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: acts.update({n: a[0].reshape(-1, a[0].shape[-1])}))
+             for n, m in linears.items()]
+    with torch.no_grad():
+        model(input_ids=ids.view(8, 128))
+    for h in hooks:
+        h.remove()
+    return {n: (m.weight.detach().clone(), acts[n]) for n, m in linears.items()}
+
+
+def _stats(cls, x):
+    s = cls(x.shape[1], "cpu")
+    for chunk in x.split(256):
+        s.add(chunk)
+    return s
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "unstructured"])
+def test_reconstruction_error_sparsegpt_below_wanda_below_magnitude(linear_inputs, pattern):
+    checked = 0
+    for name, (w, x) in linear_inputs.items():
+        if pattern == "4:8" and w.shape[1] % 8:
+            continue
+        norms, hess = _stats(InputNorms, x), _stats(Hessian, x)
+        m_mag = magnitude_mask(w, pattern, per="row")
+        m_wanda = wanda_mask(w, norms.sq, pattern)
+        w_sgpt, m_sgpt = sparsegpt_prune(w, hess.H, pattern)
+        for m in (m_mag, m_wanda, m_sgpt):
+            if pattern == "unstructured":
+                assert abs(sparsity(m) - 0.5) < 0.01
+            else:
+                validate_nm(m, *map(int, pattern.split(":")), name=name)
+        assert torch.equal(w_sgpt != 0, m_sgpt & (w_sgpt != 0)) and not w_sgpt[~m_sgpt].any()
+        e = [reconstruction_error(w, w * m_mag, x), reconstruction_error(w, w * m_wanda, x),
+             reconstruction_error(w, w_sgpt, x)]
+        assert e[2] < e[1] < e[0], (name, pattern, e)
+        checked += 1
+    assert checked >= 10
+
+
+def test_hessian_is_two_over_n_sum_xxT():
+    x = torch.randn(50, 6)
+    h = _stats(Hessian, x)
+    assert h.n == 50 and torch.allclose(h.H, 2 / 50 * x.T @ x, atol=1e-5)
+    assert torch.allclose(_stats(InputNorms, x).sq, x.pow(2).sum(0))
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_sparsegpt_with_identity_hessian_is_magnitude(pattern):
+    # H = I: no correlations, so no compensating updates; the choice reduces to |w|
+    w = torch.randn(16, 64)
+    w_hat, mask = sparsegpt_prune(w, torch.eye(64), pattern, blocksize=32)
+    assert torch.equal(mask, magnitude_mask(w, pattern))
+    assert torch.allclose(w_hat, w * mask)
+
+
+def test_sparsegpt_dead_inputs_and_options():
+    w, x = torch.randn(8, 16), torch.randn(40, 16)
+    x[:, 3] = 0  # an input that is never active
+    w_hat, mask = sparsegpt_prune(w, _stats(Hessian, x).H, "2:4")
+    assert not w_hat[:, 3].any() and is_nm(mask, 2, 4)
+    w_bf16, _ = sparsegpt_prune(w.bfloat16(), _stats(Hessian, x).H, "2:4")
+    assert w_bf16.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="blocksize 6 must be a multiple of the group size 4"):
+        sparsegpt_prune(w, torch.eye(16), "2:4", blocksize=6)
+    _, m = sparsegpt_prune(w, _stats(Hessian, x).H, "unstructured", sparsity=0.75, blocksize=8)
+    assert sparsity(m) == 0.75
+
+
+def test_wanda_with_equal_norms_is_per_row_magnitude():
+    w = torch.randn(8, 32)
+    assert torch.equal(wanda_mask(w, torch.ones(32), "unstructured", 0.5), magnitude_mask(w, "unstructured", per="row"))
+    assert torch.equal(wanda_mask(w, torch.full((32,), 3.0), "2:4"), magnitude_mask(w, "2:4"))

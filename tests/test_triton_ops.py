@@ -1,0 +1,147 @@
+"""sparse_runtime.triton_ops: layout, checks and errors, the torch.library custom ops."""
+import pytest
+import torch
+
+from sparse_runtime import triton_ops
+from sparse_runtime.errors import ShapeError
+from sparse_runtime.format import unpack_meta_24
+from sparse24_cases import assert_close, random_layer, random_rotation, reference
+
+
+def test_meta_int32_layout_matches_the_format():
+    sw, values, meta = random_layer(8, 136, torch.float32, seed=11)
+    assert meta.dtype == torch.int32 and meta.shape == (8, 5)  # ceil(136 / 32)
+    idx = unpack_meta_24(sw.meta, 136)  # [N, K/4, 2]
+    g = torch.arange(136 // 4)
+    nib = (meta.long()[:, g // 8] >> (4 * (g % 8))) & 0xF
+    assert torch.equal(nib & 3, idx[..., 0]) and torch.equal(nib >> 2, idx[..., 1])
+    assert (meta[:, -1].long() >> 8 == 0).all()  # 136 = 4 * 32 + 8: one meta byte used in the last word
+
+
+def test_activation_names_match_the_kernel():
+    assert tuple(triton_ops._kernels().ACTIVATIONS) == triton_ops.ACTIVATIONS
+
+
+def test_pack_meta_rejects_wrong_meta():
+    with pytest.raises(ShapeError, match="uint8"):
+        triton_ops.pack_meta_int32(torch.zeros(4, 5, dtype=torch.uint8), 44)
+
+
+@pytest.fixture(scope="module")
+def layer():
+    sw, values, meta = random_layer(40, 44, torch.float32, seed=21)
+    return sw, values, meta, torch.randn(40)
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda a: {**a, "x": a["x"][:, :40]}, ShapeError, r"expected \[\.\.\., 44\]"),
+    (lambda a: {**a, "x": a["x"].double()}, TypeError, "unsupported dtype"),
+    (lambda a: {**a, "values": a["values"].half()}, TypeError, "values dtype"),
+    (lambda a: {**a, "values": a["values"][:, :21]}, ShapeError, "not a multiple of 4"),
+    (lambda a: {**a, "meta": a["meta"].view(torch.uint8)}, ShapeError, "prepare_sparse24"),
+    (lambda a: {**a, "bias": a["bias"][:5]}, ShapeError, "bias"),
+    (lambda a: {**a, "activation": "tanh"}, ValueError, "activation"),
+    (lambda a: {**a, "out": torch.empty(3, 41)}, ShapeError, "out must be"),
+])
+def test_clear_errors(layer, mutate, error, match):
+    sw, values, meta, bias = layer
+    args = mutate({"x": torch.randn(3, 44), "values": values, "meta": meta, "bias": bias, "activation": "none"})
+    with pytest.raises(error, match=match):
+        triton_ops.sparse24_matmul(**args)
+
+
+def test_rotation_errors(layer):
+    sw, values, meta, bias = layer
+    with pytest.raises(ShapeError, match="block-diagonal"):
+        triton_ops.rotate_sparse24_matmul(torch.randn(2, 44), torch.eye(40), values, meta)
+    with pytest.raises(TypeError, match="rotation dtype"):
+        triton_ops.rotate_sparse24_matmul(torch.randn(2, 44), torch.eye(44, dtype=torch.float16), values, meta)
+
+
+def test_cpu_without_interpreter_is_refused(layer, monkeypatch):
+    sw, values, meta, bias = layer
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        triton_ops.sparse24_matmul(torch.randn(2, 44), values, meta)
+
+
+def test_auto_split_k(monkeypatch):
+    assert triton_ops.auto_split_k(1, 4096, 4096, torch.device("cpu")) == 1
+    monkeypatch.setattr(triton_ops, "_sm_count", lambda device: 132)
+    unit = triton_ops._kernels().SPLIT_UNIT
+    assert triton_ops.auto_split_k(1, 4096, 4096, torch.device("cuda")) == min(4, 4096 // unit)
+    assert triton_ops.auto_split_k(1, 1024, 4096, torch.device("cuda")) == min(16, 4096 // unit)  # capped by K on a GPU
+    assert triton_ops.auto_split_k(1, 14336, 4096, torch.device("cuda")) == 1
+    assert triton_ops.auto_split_k(16, 1024, 4096, torch.device("cuda")) == 3  # partials' traffic bound
+
+
+def test_custom_ops_are_registered_and_pass_opcheck(layer):
+    sw, values, meta, bias = layer
+    x = torch.randn(2, 44)
+    rot = random_rotation(44, 4, torch.float32, seed=5)
+    torch.library.opcheck(torch.ops.sparse_runtime.sparse24_matmul.default, (x, values, meta, bias, "relu"))
+    torch.library.opcheck(torch.ops.sparse_runtime.rotate_sparse24_matmul.default, (x, rot, values, meta, None, "none"))
+
+
+def test_fake_tensors_give_shapes_without_running(layer):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    sw, values, meta, bias = layer
+    with FakeTensorMode() as mode:
+        fx, fv, fm = (mode.from_tensor(t) for t in (torch.randn(2, 5, 44), values, meta))
+        assert torch.ops.sparse_runtime.sparse24_matmul(fx, fv, fm, None, "none").shape == (2, 5, 40)
+        with pytest.raises(ShapeError):
+            torch.ops.sparse_runtime.sparse24_matmul(fx[..., :40], fv, fm, None, "none")
+
+
+def test_torch_compile_traces_the_op(layer):
+    sw, values, meta, bias = layer
+    x = torch.randn(3, 44)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(x):
+        return triton_ops.sparse24_matmul(x * 2, values, meta, bias, "silu") + 1
+
+    assert_close(f(x) - 1, *reference(x * 2, sw, bias, activation="silu"), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_cuda_graph_capture_gpu(m):
+    sw, values, meta = random_layer(4096, 4096, torch.float16, seed=31, device="cuda")
+    rot = random_rotation(4096, 128, torch.float16, seed=32, device="cuda")
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+    for _ in range(2):  # warm-up autotunes outside the capture
+        triton_ops.sparse24_matmul(x, values, meta)
+        triton_ops.rotate_sparse24_matmul(x, rot, values, meta)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = triton_ops.sparse24_matmul(x, values, meta)
+        yr = triton_ops.rotate_sparse24_matmul(x, rot, values, meta)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(y, *reference(x, sw), torch.float16)
+    assert_close(yr, *reference(x, sw, rotation=rot), torch.float16)
+
+
+@pytest.mark.gpu
+def test_torch_compile_inductor_gpu():
+    sw, values, meta = random_layer(1024, 4096, torch.bfloat16, seed=41, device="cuda")
+    bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+
+    @torch.compile(fullgraph=True, mode="reduce-overhead")
+    def f(x):
+        return triton_ops.sparse24_matmul(x, values, meta, bias, "gelu")
+
+    for m in (1, 8, 33):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        assert_close(f(x), *reference(x, sw, bias, activation="gelu"), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_opcheck_gpu():
+    sw, values, meta = random_layer(256, 512, torch.float16, seed=51, device="cuda")
+    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.sparse_runtime.sparse24_matmul.default, (x, values, meta, None, "none"))
