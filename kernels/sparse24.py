@@ -82,7 +82,8 @@ else:
     TILE_CONFIGS = (_configs([(64, 64, 64), (64, 128, 64)], [4], [3, 4], False)
                     + _configs([(128, 64, 64)], [4], [3], False)
                     + _configs([(128, 128, 64)], [8], [3, 4], False)
-                    + _configs([(64, 256, 64), (128, 128, 128)], [8], [3], False))
+                    # (64, 256, 64) is left out: it spills on sm_90 (benchmarks/kernel_report.py)
+                    + _configs([(128, 128, 128)], [8], [3], False))
 
 
 # Split-K slices are multiples of this, so every BLOCK_K of the lists tiles a slice exactly.

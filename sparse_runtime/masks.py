@@ -10,14 +10,16 @@ from .format import _groups_keep, kept_indices, parse_pattern
 def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     """Keep the ``n`` highest scores of each group of ``m`` consecutive entries along the last dim.
 
-    Ties go to the lower column, so the result is deterministic."""
+    Deterministic on ties: the ``m - n`` lowest are dropped, the lower column first, as the reference
+    Wanda/SparseGPT code does (``topk(largest=False)`` of each group). It matters on quantised weights,
+    where many groups hold equal magnitudes."""
     if scores.shape[-1] % m:
         raise ShapeError(f"last dimension {scores.shape[-1]} is not divisible by the group size {m}")
     if not 0 < n < m:
         raise ValueError(f"need 0 < n < m, got {n}:{m}")
     groups = scores.reshape(-1, m).float()
-    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[:, :n]
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+    drop = torch.sort(groups, dim=-1, stable=True).indices[:, : m - n]
+    mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
     return mask.view(scores.shape)
 
 

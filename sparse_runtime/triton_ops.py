@@ -108,11 +108,12 @@ _LOCKS: dict = {}
 def _tile_locks(device: torch.device, n: int) -> torch.Tensor:
     """Split-K's per-tile counters: zeroed once, reset by the kernel after each use.
 
-    Shared by all launches on a device, so concurrent split-K launches on different
-    streams must not overlap."""
-    locks = _LOCKS.get(device)
+    One set per (device, stream): launches on one stream run in order, so they can share counters; two
+    streams running split-K launches at once must not."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    locks = _LOCKS.get(key)
     if locks is None or locks.numel() < n:
-        locks = _LOCKS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        locks = _LOCKS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return locks
 
 

@@ -82,3 +82,16 @@ def test_sparsegpt_checkpoint_matches_pruning_in_python(stories_dir, tmp_path, c
     ids = torch.arange(40).view(1, 40)
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(out)(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("per", ["row", "matrix"])
+def test_magnitude_unstructured_threshold_scope(stories_dir, tmp_path, capsys, per):
+    out = tmp_path / "ckpt"
+    assert _prune(stories_dir, out, "--method", "magnitude", "--pattern", "unstructured", "--per", per) == 0
+    row_sparsity = torch.cat([(m.dense_weight() == 0).float().mean(1) for m in load_pretrained(out).modules()
+                              if isinstance(m, SparseLinear)])
+    assert row_sparsity.mean().item() == pytest.approx(0.5, abs=0.01)
+    if per == "row":  # every row drops exactly half (in_features 64 and 172 are even)
+        assert torch.all(row_sparsity == 0.5)
+    else:  # one threshold per matrix: rows differ
+        assert row_sparsity.std().item() > 0.01

@@ -102,8 +102,26 @@ LLAMA = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 @pytest.mark.parametrize("m", [1, 7, 16, 64, 512])
 def test_llama_shapes_gpu(m, n, k, dtype):
     x, sw, values, meta, b = case(m, n, k, dtype, True, device="cuda")
-    y = triton_ops.sparse24_matmul(x, values, meta, b)
-    assert_close(y, *reference(x, sw, b), dtype)
+    assert_close(run(x, sw, values, meta, b), *reference(x, sw, b), dtype)  # poisoned output
+    assert_close(triton_ops.sparse24_matmul(x, values, meta, b), *reference(x, sw, b), dtype)  # the custom op
+
+
+@pytest.mark.gpu
+def test_split_k_on_concurrent_streams_gpu():
+    # Each stream has its own split-K counters: interleaved launches on two streams must not mix partials.
+    cases = [case(4, 4096, 4096, torch.float16, True, device="cuda") for _ in range(2)]
+    streams = [torch.cuda.Stream() for _ in cases]
+    torch.cuda.synchronize()
+    outs = [[], []]
+    for _ in range(20):
+        for i, (s, (x, sw, values, meta, b)) in enumerate(zip(streams, cases)):
+            with torch.cuda.stream(s):
+                outs[i].append(triton_ops.sparse24_matmul(x, values, meta, b, split_k=8))
+    torch.cuda.synchronize()
+    for (x, sw, values, meta, b), ys in zip(cases, outs):
+        ref = reference(x, sw, b)
+        for y in ys:
+            assert_close(y, *ref, torch.float16)
 
 
 @pytest.mark.gpu

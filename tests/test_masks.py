@@ -17,8 +17,10 @@ def test_nm_mask_keeps_the_n_largest_of_each_group(n, m):
     assert (kept_min >= dropped_max).all()
 
 
-def test_nm_mask_ties_go_to_lower_columns():
-    assert nm_mask(torch.ones(1, 4)).tolist() == [[True, True, False, False]]
+def test_nm_mask_ties_drop_the_lower_columns():
+    assert nm_mask(torch.ones(1, 4)).tolist() == [[False, False, True, True]]
+    assert nm_mask(torch.tensor([[3.0, 1, 1, 2]])).tolist() == [[True, False, False, True]]
+    assert nm_mask(torch.tensor([[1.0, 1, 1, 1, 2, 2, 2, 2]]), 3, 8).tolist() == [[False] * 5 + [True] * 3]
 
 
 def test_validate_nm_error_names_row_and_group():

@@ -19,6 +19,8 @@ def add_arguments(p) -> None:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
     p.add_argument("--seqlen", type=int, default=2048,
                    help="calibration window length, clipped to the model's context (default: 2048)")
+    p.add_argument("--per", choices=["row", "matrix"], default="matrix",
+                   help="magnitude, unstructured: threshold per output row or per weight matrix (default: matrix)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--targets", nargs="+", default=None,
                    help="linears to prune (globs or trailing names); default: every linear in the decoder layers")
@@ -62,7 +64,8 @@ def _run(args) -> int:
     if args.method != "magnitude":
         calib = calibration_windows(tok, args.calib or DEFAULT_CALIB, args.nsamples, args.seqlen, args.seed,
                                     max_seqlen=context_length(model))
-    options = {"blocksize": args.blocksize, "damp": args.damp} if args.method == "sparsegpt" else {}
+    options = ({"blocksize": args.blocksize, "damp": args.damp} if args.method == "sparsegpt" else
+               {"per": args.per} if args.method == "magnitude" else {})
     if args.true_sequential is not None:
         options["true_sequential"] = args.true_sequential
     result = prune(model, args.method, args.pattern, args.sparsity, calib=calib, targets=args.targets,

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Everything that waits for a GPU, in stages that each fit one call of the device tool (10 minutes).
+#
+# On the dev machine, once per session (fetches the wheels the GPU image lacks, copies ../shared data,
+# both into the git-ignored .gpu/ that the device call carries):
+#     bash benchmarks/gpu_check.sh prep
+# On the GPU machine (device tool: run with carry [".gpu"]), one stage per call:
+#     bash benchmarks/gpu_check.sh test     # build the extension, GPU test suite vs float64 references
+#     bash benchmarks/gpu_check.sh decode   # benchmarks/kernels.py, fp16 + bf16, Llama-3-8B shapes
+#     bash benchmarks/gpu_check.sh prefill  # benchmarks/prefill.py: dense vs torch vs cusparselt vs dispatch
+#     bash benchmarks/gpu_check.sh prune    # prune_speed on a Llama-3-8B-shaped model (PRUNE_LAYERS layers)
+# Logs and result files land in $OUT (the device tool brings them back); commit them under benchmarks/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: gpu_check.sh prep|test|decode|prefill|prune}
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+if [[ $stage == prep ]]; then
+    shared=${SPARSE_RUNTIME_SHARED:-../shared}
+    rm -rf .gpu && mkdir -p .gpu/shared/data/text .gpu/shared/data/models .gpu/whl
+    cp -r "$shared/data/models/stories260K" .gpu/shared/data/models/
+    cp "$shared"/data/text/*.{txt,jsonl} .gpu/shared/data/text/
+    # The GPU image (Python 3.12) lacks gguf; nothing can be downloaded there.
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .gpu/whl gguf
+    du -sh .gpu
+    exit 0
+fi
+
+# --- on the GPU machine ---
+[[ -d .gpu ]] || { echo "run 'gpu_check.sh prep' here first and carry .gpu" >&2; exit 2; }
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export SPARSE_RUNTIME_SHARED=$PWD/.gpu/shared
+SPARSE_RUNTIME_REQUIRE_EXT=1 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -5
+python3 -m sparse_runtime info | tee "$OUT/info.txt"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$OUT/info.txt"
+
+case $stage in
+test)
+    set -o pipefail
+    python3 -m pytest -q -x -p no:cacheprovider tests -m gpu -rs 2>&1 | tee "$OUT/test_gpu.log"
+    # The rest of the suite, now with compiled (not interpreted) kernels.
+    python3 -m pytest -q -p no:cacheprovider tests -m "not gpu" -k "kernel or triton or cusparselt or dispatch or linear" \
+        2>&1 | tee "$OUT/test_compiled.log"
+    ;;
+decode)
+    python3 benchmarks/kernels.py --dtypes "${DTYPES:-fp16,bf16}" --ms "${MS:-1,2,4,8,16,32,64,128,512,2048,8192}" \
+        --out "$OUT" 2>&1 | tee "$OUT/decode.log"
+    ;;
+prefill)
+    for dt in float16 bfloat16; do
+        python3 benchmarks/prefill.py --dtype $dt --m 512 2048 8192 --out "$OUT" 2>&1 | tee -a "$OUT/prefill.log"
+    done
+    ;;
+prune)
+    # The full 32 layers take longer than one call; time PRUNE_LAYERS layers and scale (stated in the JSON).
+    python3 benchmarks/prune_speed.py --llama3-8b-shape --layers "${PRUNE_LAYERS:-4}" --nsamples 128 --seqlen 2048 \
+        --methods ${METHODS:-wanda sparsegpt} --out "$OUT/prune_speed_llama3_8b.json" 2>&1 | tee "$OUT/prune.log"
+    ;;
+*) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
