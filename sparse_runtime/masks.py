@@ -1,6 +1,8 @@
 """Masks: choose what to keep from scores, check a mask against a pattern, convert."""
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import torch
 
 from .errors import MaskError, ShapeError
@@ -78,3 +80,45 @@ def indices_to_mask(idx: torch.Tensor, m: int) -> torch.Tensor:
 
 def sparsity(mask: torch.Tensor) -> float:
     return 1.0 - mask.float().mean().item()
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask -> uint8 bitmap of ``ceil(numel / 8)`` bytes (bit ``i % 8`` of byte ``i // 8``): 1/8 the memory."""
+    flat = mask.reshape(-1).bool()
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    weights = 1 << torch.arange(8, device=flat.device, dtype=torch.int32)
+    return (flat.view(-1, 8).int() * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
+    numel = int(torch.Size(shape).numel())
+    bits = (packed.int()[:, None] >> torch.arange(8, device=packed.device, dtype=torch.int32)) & 1
+    return bits.reshape(-1)[:numel].bool().view(shape)
+
+
+class PackedMasks(MutableMapping):
+    """A ``{name: bool mask}`` mapping that stores each mask as a bitmap: a whole model's masks cost an
+    eighth of their bool size (0.9 GB instead of 7 GB at 8B parameters); each unpacks when read."""
+
+    def __init__(self, masks=None):
+        self._packed: dict[str, tuple[torch.Tensor, torch.Size]] = {}
+        self.update(masks or {})
+
+    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        self._packed[name] = (pack_mask(mask.detach()).cpu(), mask.shape)  # pack where it is: 1/8 the copy
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        packed, shape = self._packed[name]
+        return unpack_mask(packed, shape)
+
+    def __delitem__(self, name: str) -> None:
+        del self._packed[name]
+
+    def __iter__(self):
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def nbytes(self) -> int:
+        return sum(p.numel() for p, _ in self._packed.values())

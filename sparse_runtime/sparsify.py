@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -76,7 +77,7 @@ def _untie(model: nn.Module, name: str, linear: nn.Linear) -> None:
 @torch.no_grad()
 def sparsify(
     model: nn.Module,
-    masks: dict[str, torch.Tensor] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
     targets=None,
     ignore=("lm_head",),
     backend: str = "auto",
@@ -94,7 +95,7 @@ def sparsify(
     the caller named explicitly (in ``masks`` or ``targets``) raises instead.
     """
     group = parse_pattern(pattern)
-    masks = dict(masks or {})
+    masks = {} if masks is None else masks  # a Mapping; PackedMasks unpacks one layer at a time
     explicit = targets is not None or bool(masks)
     modules = dict(model.named_modules())
     for name in masks:

@@ -49,3 +49,17 @@ def test_indices_mask_round_trip():
     idx = mask_to_indices(mask, 4, 8)
     assert idx.shape == (5, 4, 4)
     assert torch.equal(indices_to_mask(idx, 8), mask)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (16, 64), (1, 1), (7, 172)])
+def test_packed_masks_round_trip_at_an_eighth_of_the_memory(shape):
+    from sparse_runtime.masks import PackedMasks, pack_mask, unpack_mask
+
+    mask = torch.rand(shape) < 0.5
+    assert torch.equal(unpack_mask(pack_mask(mask), shape), mask)
+    packed = PackedMasks({"a": mask, "b": ~mask})
+    assert list(packed) == ["a", "b"] and len(packed) == 2
+    assert torch.equal(packed["a"], mask) and torch.equal(packed["b"], ~mask) and packed["a"].dtype == torch.bool
+    assert packed.nbytes() == 2 * -(-mask.numel() // 8)
+    del packed["a"]
+    assert "a" not in packed and dict(packed).keys() == {"b"}

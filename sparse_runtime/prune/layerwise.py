@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ShapeError, SparseRuntimeError
 from ..format import parse_pattern
+from ..masks import PackedMasks
 from ..sparsify import _matches
 
 # where transformers families keep their decoder layers
@@ -34,7 +35,7 @@ class PruneResult:
     method: str
     pattern: str
     sparsity: float
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: PackedMasks = field(default_factory=PackedMasks)  # bitmaps: whole-model masks stay small
     skipped: list[tuple[str, str]] = field(default_factory=list)
     errors: dict[str, float] = field(default_factory=dict)  # name -> ||WX - W_hat X||_F / ||WX||_F
     nsamples: int = 0
@@ -241,7 +242,7 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
                             h.remove()
                     for g in sets:
                         for n in g:
-                            result.masks[n] = prune_one(n, names[n], stats[g[0]]).cpu()
+                            result.masks[n] = prune_one(n, names[n], stats[g[0]])
                     del stats
                 outs = _run_recording_errors(layer, inps, kwargs[i], device, store, names, dense, result.errors)
                 del dense

@@ -28,7 +28,7 @@ def magnitude(model, calib=None, *, pattern: str = "2:4", sparsity: float = 0.5,
     for name, linear in chosen.items():
         mask = magnitude_mask(linear.weight, pattern, sparsity, per)
         linear.weight.mul_(mask)
-        result.masks[name] = mask.cpu()
+        result.masks[name] = mask
     result.seconds = time.perf_counter() - t0
     return result
 
