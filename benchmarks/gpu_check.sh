@@ -6,7 +6,7 @@
 #     bash benchmarks/gpu_check.sh prep
 # On the GPU machine (device tool: run with carry [".gpu"]), one stage per call:
 #     bash benchmarks/gpu_check.sh test     # build the extension, GPU test suite vs float64 references
-#     bash benchmarks/gpu_check.sh decode   # benchmarks/kernels.py, fp16 + bf16, Llama-3-8B shapes
+#     bash benchmarks/gpu_check.sh decode   # benchmarks/kernels.py, Llama-3-8B shapes (DTYPES=fp16; bf16: a 2nd call)
 #     bash benchmarks/gpu_check.sh prefill  # benchmarks/prefill.py: dense vs torch vs cusparselt vs dispatch
 #     bash benchmarks/gpu_check.sh prune    # prune_speed on a Llama-3-8B-shaped model (PRUNE_LAYERS layers)
 # Logs and result files land in $OUT (the device tool brings them back); commit them under benchmarks/results/.
@@ -40,14 +40,12 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 
 case $stage in
 test)
-    set -o pipefail
-    python3 -m pytest -q -x -p no:cacheprovider tests -m gpu -rs 2>&1 | tee "$OUT/test_gpu.log"
-    # The rest of the suite, now with compiled (not interpreted) kernels.
-    python3 -m pytest -q -p no:cacheprovider tests -m "not gpu" -k "kernel or triton or cusparselt or dispatch or linear" \
-        2>&1 | tee "$OUT/test_compiled.log"
+    # No -x: one call should report every failure. timeout: the call's output must come back.
+    timeout 500 python3 -m pytest -q -p no:cacheprovider tests -m gpu -rs --junitxml="$OUT/test_gpu.xml" \
+        2>&1 | tee "$OUT/test_gpu.log" || true
     ;;
 decode)
-    python3 benchmarks/kernels.py --dtypes "${DTYPES:-fp16,bf16}" --ms "${MS:-1,2,4,8,16,32,64,128,512,2048,8192}" \
+    python3 benchmarks/kernels.py --dtypes "${DTYPES:-fp16}" --ms "${MS:-1,2,4,8,16,32,64,128,512,2048,8192}" \
         --out "$OUT" 2>&1 | tee "$OUT/decode.log"
     ;;
 prefill)

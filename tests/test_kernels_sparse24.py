@@ -107,6 +107,15 @@ def test_llama_shapes_gpu(m, n, k, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k", SHAPES + [(1000, 1064)])
+@pytest.mark.parametrize("m", [1, 3, 17, 33])
+def test_odd_shapes_gpu(m, n, k, dtype):
+    x, sw, values, meta, b = case(m, n, k, dtype, m % 2 == 1, device="cuda")
+    assert_close(run(x, sw, values, meta, b), *reference(x, sw, b), dtype)
+
+
+@pytest.mark.gpu
 def test_split_k_on_concurrent_streams_gpu():
     # Each stream has its own split-K counters: interleaved launches on two streams must not mix partials.
     cases = [case(4, 4096, 4096, torch.float16, True, device="cuda") for _ in range(2)]
