@@ -50,7 +50,8 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xticks(range(len(PATTERNS)), ["2:4", "4:8", "50% unstructured"])
     ax.set_ylabel(f"WikiText-2 perplexity (seqlen {report['eval']['seqlen']}, log)")
     ax.set_title(f"{report['model']}: {report['calibration']['nsamples']}x{report['calibration']['seqlen']} "
-                 f"C4 calibration, {report['eval']['tokens']} eval tokens", fontsize=9)
+                 f"C4 calibration, {report['eval']['tokens']} eval tokens\n{report['device']}, torch {report['torch']}, "
+                 f"{report['date'][:10]}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -70,9 +71,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the dev box is shared)")
     p.add_argument("--out", default=str(RESULTS / "prune_quality.json"))
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from an existing --out JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.replot:
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        return 0
 
     model, tok = load_model(args.model, device=args.device)
     original = {k: v.clone() for k, v in model.state_dict().items()}
