@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(PY) -m sparse_runtime prune --model smollm2-135m --method $(METHOD) --pattern 2:4 \
 		--nsamples $(NSAMPLES) --seqlen $(SEQLEN) --out $(CKPT)
 	$(PY) -m sparse_runtime eval --model $(CKPT) --seqlen 512 --max-tokens 20480
-	$(PY) -m sparse_runtime generate --model $(CKPT) --prompt "What is the capital of France?"
+	$(PY) -m sparse_runtime generate --model $(CKPT) --no-chat --prompt "The capital of France is" --max-new-tokens 32
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

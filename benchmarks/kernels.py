@@ -80,8 +80,10 @@ def parse_choices(text: str, allowed, name: str) -> list[str]:
 
 
 def select_providers(availability: dict[str, str | None], wanted: list[str] | None = None) -> list[str]:
-    """Providers to time: dense, available backends (not ``reference``), Triton rotation variants."""
-    backends = [name for name, why in availability.items() if why is None and name != "reference"]
+    """Providers to time: dense, available backends (not ``reference``/``decompressed``, which are dense
+    matmuls), Triton rotation variants."""
+    backends = [name for name, why in availability.items()
+                if why is None and name not in ("reference", "decompressed")]
     known = ["dense", *backends, *(ROTATION_PROVIDERS if "triton" in backends else ())]
     if wanted is None:
         return known

@@ -96,7 +96,21 @@ def test_unknown_or_unavailable_backend_is_a_clear_error():
 
 def test_auto_backend_works_on_cpu():
     layer = SparseLinear.from_linear(_linear(), backend="auto")
-    assert layer.active_backend == "reference"
+    assert layer.active_backend == "decompressed"
+
+
+def test_decompressed_backend_caches_lazily_and_matches_reference_bitwise():
+    lin = _linear()
+    layer = SparseLinear.from_linear(lin, backend="decompressed")
+    _, state = layer._resolve()
+    assert state == {}  # nothing materialised until the first forward
+    x = torch.randn(5, lin.in_features)
+    y = layer(x)
+    assert state["weight"].shape == lin.weight.shape
+    ref = SparseLinear.from_linear(lin, backend="reference")
+    assert torch.equal(y, ref(x))
+    layer.double()  # a dtype move drops the cached weight
+    assert layer._resolve()[1] == {} and layer(x.double()).dtype == torch.float64
 
 
 @pytest.mark.parametrize("pattern", ["4:8", "1:4", "unstructured"])

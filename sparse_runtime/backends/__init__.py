@@ -45,7 +45,7 @@ _REGISTRY: dict[str, Backend] = {}
 _IMPORT_ERRORS: dict[str, str] = {}
 _TRIED: set[str] = set()
 # Modules that register backends; a failing import makes that backend unavailable, not the package.
-_MODULES = ("reference", "triton", "cusparselt", "torch_semi", "dispatch")
+_MODULES = ("reference", "decompressed", "triton", "cusparselt", "torch_semi", "dispatch")
 
 
 def register(backend: Backend) -> Backend:

@@ -38,5 +38,9 @@ def run(args) -> int:
         sys.stdout.flush()
         n += 1
     dt = time.perf_counter() - t0
-    print(f"\n[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s]", file=sys.stderr)
+    if n == 0:  # say why nothing printed rather than leave an empty line
+        print("[0 tokens: the model's first token was end-of-sequence; try --no-chat or sampling "
+              "(--temperature 0.7)]", file=sys.stderr)
+    else:
+        print(f"\n[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s]", file=sys.stderr)
     return 0
