@@ -146,3 +146,27 @@ def test_true_sequential_and_offload_options(stories):
     assert torch.equal(ra.masks[name], rb.masks[name])
     assert not torch.equal(a.model.layers[0].mlp.down_proj.weight, b.model.layers[0].mlp.down_proj.weight)
     assert ra.to_dict()["achieved_sparsity"] == 0.5 and ra.nsamples == 4 and ra.seqlen == 128
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("offload", [False, True])
+def test_gpu_peak_memory_is_one_layer_not_the_model(method, offload):
+    # 12 layers of ~13M parameters stay on the CPU; only one visits the GPU at a time.
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                                   num_attention_heads=8, num_key_value_heads=8, vocab_size=256,
+                                   max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    model_bytes = layer_bytes * cfg.num_hidden_layers
+    calib = torch.randint(0, cfg.vocab_size, (8, 256))
+    act_bytes = 2 * calib.numel() * cfg.hidden_size * 4  # inputs + outputs of a layer, fp32
+    hessian_bytes = cfg.intermediate_size ** 2 * 4
+    torch.cuda.reset_peak_memory_stats()
+    res = prune(model, method, "2:4", calib=calib, device="cuda", offload=offload, progress=False)
+    assert all(p.device.type == "cpu" for p in model.parameters())  # every layer went back
+    budget = 2 * layer_bytes + (0 if offload else act_bytes) + 2 * hessian_bytes + (64 << 20)
+    assert res.peak_device_bytes < min(budget, model_bytes / 2), (res.peak_device_bytes, budget, model_bytes)
+    for name, mask in res.masks.items():
+        validate_nm(mask, 2, 4, name)
