@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/prefill.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.")
 
-    from sparse_runtime.cusparselt import time_us
+    from sparse_runtime.timing import time_us
 
     dtype = getattr(torch, args.dtype)
     gpu = torch.cuda.get_device_name()

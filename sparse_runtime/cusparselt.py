@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .errors import BackendUnavailable, ShapeError
+from .timing import time_us
 
 try:
     from . import _C
@@ -335,21 +335,6 @@ def _workspace(index: int, stream: int, nbytes: int) -> int:
 
 def _capturing() -> bool:
     return torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()
-
-
-def time_us(fn, warmup: int = 2, iters: int = 10) -> float:
-    """Median time of ``fn`` in microseconds, by CUDA events on the current stream."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0)
-    return statistics.median(times)
 
 
 def _search(w: CusparseLtWeight, mpad: int, activation: str) -> dict:

@@ -8,6 +8,7 @@ from torch import nn
 from sparse_runtime import SparseLinear, backends
 from sparse_runtime import cusparselt as cs
 from sparse_runtime.backends import dispatch as dp
+from sparse_runtime.timing import device_time_us
 
 
 def test_select_prefers_dense_unless_clearly_faster():
@@ -87,9 +88,10 @@ def test_never_slower_than_dense(fresh):
     for m in (16, 2048):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
         layer(x)
-        t_dispatch = cs.time_us(lambda x=x: layer(x), iters=30)
-        t_dense = cs.time_us(lambda x=x: torch.nn.functional.linear(x, w), iters=30)
-        assert t_dispatch <= t_dense * 1.15, (m, t_dispatch, t_dense)
+        # Device time, the dispatcher's own criterion (eager calls add host overhead to every path).
+        t_dispatch = device_time_us(lambda x=x: layer(x))
+        t_dense = device_time_us(lambda x=x: torch.nn.functional.linear(x, w))
+        assert t_dispatch <= t_dense * 1.05, (m, t_dispatch, t_dense)
 
 
 @pytest.mark.gpu

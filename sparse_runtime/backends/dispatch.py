@@ -1,8 +1,11 @@
 """The ``dispatch`` backend: what ``backend="auto"`` runs on CUDA.
 
-For each layer shape and M bucket (powers of two) it times the candidates once, with CUDA events:
-``cusparselt``, ``triton`` (when registered and able to run the layer) and ``dense`` (cuBLAS ``F.linear``
-on the decompressed weight), and from then on runs the fastest. A sparse candidate must beat dense by
+For each layer shape and M bucket (powers of two) it times the candidates once: ``cusparselt``, ``triton``
+(when registered and able to run the layer) and ``dense`` (cuBLAS ``F.linear`` on the decompressed weight),
+and from then on runs the fastest. The timer is device time in CUDA graphs with L2 flushed between calls
+(:func:`sparse_runtime.timing.device_time_us`): what a layer costs in a served model, where decode runs
+under graphs and weights come from HBM. Eager calls add host overhead on top (the sparse paths' Python is
+longer than ``F.linear``'s), which only CUDA graphs or ``torch.compile`` remove. A sparse candidate must beat dense by
 ``MARGIN`` to be chosen, so timing noise cannot make a call slower than the dense layer would have been.
 
 Timings are shared by every layer of the same shape and cached on disk (``dispatch.json`` in
@@ -20,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import cusparselt
-from ..cusparselt import DiskCache, cuda_unavailable, device_key, m_bucket, time_us
+from ..cusparselt import DiskCache, cuda_unavailable, device_key, m_bucket
 from ..errors import BackendUnavailable
 from ..rotation import apply_rotation
+from ..timing import device_time_us, time_us
 from . import Backend, get, register
 
 CANDIDATES = ("cusparselt", "triton")
@@ -64,6 +68,16 @@ def complete(timings: dict | None, names) -> bool:
     return timings is not None and all(n in timings for n in (*names, DENSE))
 
 
+def _time_all(runs: dict, timer) -> dict[str, float | None]:
+    timings = {}
+    for name, fn in runs.items():
+        try:
+            timings[name] = timer(fn)
+        except Exception:  # noqa: BLE001 -- a candidate that fails on this shape is simply not chosen
+            timings[name] = None
+    return timings
+
+
 # -- runtime ------------------------------------------------------------------------------------------
 _TIMINGS = DiskCache("dispatch.json")
 
@@ -76,7 +90,7 @@ class _State:
 
 
 def _section(device: torch.device) -> str:
-    versions = {"torch": torch.__version__}
+    versions = {"torch": torch.__version__, "timer": "graph-l2flush"}  # how entries were measured
     if cusparselt._C is not None:
         versions["cusparselt"] = ".".join(map(str, cusparselt._C.library_version()))
     try:
@@ -134,12 +148,10 @@ class DispatchBackend(Backend):
 
     def _measure(self, layer, st: _State, bucket: int) -> dict[str, float]:
         x = torch.randn(bucket, layer.in_features, device=layer.weight_values.device).to(layer.weight_values.dtype)
-        timings = {}
-        for name in (*st.candidates, DENSE):
-            try:
-                timings[name] = time_us(lambda n=name: self._run(n, layer, st, x), warmup=3, iters=15)
-            except Exception:  # noqa: BLE001 -- a candidate that fails on this shape is simply not chosen
-                timings[name] = None
+        runs = {name: (lambda n=name: self._run(n, layer, st, x)) for name in (*st.candidates, DENSE)}
+        timings = _time_all(runs, device_time_us)
+        if None in timings.values():  # something would not capture: compare everything eagerly instead
+            timings = _time_all(runs, lambda fn: time_us(fn, warmup=3, iters=15))
         return timings
 
     def _decide(self, layer, st: _State, bucket: int) -> str:
