@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 stage=${1:?usage: gpu_check.sh prep|test|decode|prefill|prune}
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-8}  # the GPU machines have 16 cores
 
 if [[ $stage == prep ]]; then
     shared=${SPARSE_RUNTIME_SHARED:-../shared}
@@ -45,8 +45,9 @@ test)
         2>&1 | tee "$OUT/test_gpu.log" || true
     ;;
 decode)
-    python3 benchmarks/kernels.py --dtypes "${DTYPES:-fp16}" --ms "${MS:-1,2,4,8,16,32,64,128,512,2048,8192}" \
-        --out "$OUT" 2>&1 | tee "$OUT/decode.log"
+    # The full sweep may not fit one call: split it with SHAPES (e.g. 4096x4096,1024x4096 then the other two).
+    timeout 560 python3 benchmarks/kernels.py --dtypes "${DTYPES:-fp16}" --ms "${MS:-1,2,4,8,16,32,64,128,512,2048,8192}" \
+        --shapes "${SHAPES:-4096x4096,1024x4096,14336x4096,4096x14336}" --out "$OUT" 2>&1 | tee "$OUT/decode.log" || true
     ;;
 prefill)
     for dt in float16 bfloat16; do
@@ -55,7 +56,7 @@ prefill)
     ;;
 prune)
     # The full 32 layers take longer than one call; time PRUNE_LAYERS layers and scale (stated in the JSON).
-    python3 benchmarks/prune_speed.py --llama3-8b-shape --layers "${PRUNE_LAYERS:-4}" --nsamples 128 --seqlen 2048 \
+    timeout 560 python3 benchmarks/prune_speed.py --llama3-8b-shape --layers "${PRUNE_LAYERS:-4}" --nsamples 128 --seqlen 2048 \
         --methods ${METHODS:-wanda sparsegpt} --out "$OUT/prune_speed_llama3_8b.json" 2>&1 | tee "$OUT/prune.log"
     ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;

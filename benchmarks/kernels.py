@@ -332,10 +332,6 @@ def run(args) -> int:
     copy_gbps = copy_bandwidth_gbps()
     l2_bytes = getattr(props, "L2_cache_size", 50 << 20)
     print(f"{props.name}: copy bandwidth {copy_gbps:.0f} GB/s, L2 {l2_bytes >> 20} MiB; providers: {', '.join(providers)}")
-    rows = []
-    for dtype in dtypes:
-        for shape in shapes:
-            rows += bench_shape(shape, dtype, ms_list, providers, copy_gbps, l2_bytes)
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = {
         "device": props.name, "date": now.isoformat(timespec="seconds"), "torch": torch.__version__,
@@ -344,7 +340,12 @@ def run(args) -> int:
         "settings": {"shapes": shapes, "ms": ms_list, "dtypes": dtypes, "providers": providers},
     }
     stem = f"kernels-{props.name.replace(' ', '_')}-{now:%Y%m%dT%H%M%S}"
-    print(f"wrote {write_json(args.out / f'{stem}.json', meta, rows)}")
+    rows = []
+    for dtype in dtypes:
+        for shape in shapes:
+            rows += bench_shape(shape, dtype, ms_list, providers, copy_gbps, l2_bytes)
+            write_json(args.out / f"{stem}.json", meta, rows)  # after every shape: a cut-off run keeps its rows
+    print(f"wrote {args.out / f'{stem}.json'}")
     print(f"wrote {plot(args.out / f'{stem}.png', rows, f'{props.name}, torch {torch.__version__}, triton {triton.__version__}')}")
     return 0
 
