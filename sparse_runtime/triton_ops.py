@@ -214,9 +214,10 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
                     split_k: Optional[int] = None) -> torch.Tensor:
     """``act(x @ W^T + bias)`` for ``W`` in the layout of :func:`prepare_sparse24`; ``x [..., K]``.
 
-    ``out`` (written in place) and ``split_k`` (force a split-K factor) bypass the
-    custom op: eager use and tests only."""
-    if out is None and split_k is None:
+    Under ``torch.compile`` this is the custom op; eager calls launch directly, skipping the op dispatcher's
+    host overhead (which decode, at ~10 us a GEMV, would feel). ``out`` (written in place) and ``split_k``
+    (force a split-K factor) are for eager use and tests."""
+    if out is None and split_k is None and torch.compiler.is_compiling():
         return torch.ops.sparse_runtime.sparse24_matmul(x, values, meta, bias, activation)
     return _run(x, values, meta, bias, None, activation, out, split_k, "sparse24_matmul")
 
@@ -225,6 +226,6 @@ def rotate_sparse24_matmul(x: torch.Tensor, rotation: torch.Tensor, values: torc
                            bias: Optional[torch.Tensor] = None, activation: str = "none",
                            out: Optional[torch.Tensor] = None, split_k: Optional[int] = None) -> torch.Tensor:
     """``act((x @ R) @ W^T + bias)`` with ``R`` full ``[K, K]`` or block-diagonal ``[K/b, b, b]``, fused."""
-    if out is None and split_k is None:
+    if out is None and split_k is None and torch.compiler.is_compiling():  # see sparse24_matmul
         return torch.ops.sparse_runtime.rotate_sparse24_matmul(x, rotation, values, meta, bias, activation)
     return _run(x, values, meta, bias, rotation, activation, out, split_k, "rotate_sparse24_matmul")

@@ -103,7 +103,7 @@ LLAMA = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 def test_llama_shapes_gpu(m, n, k, dtype):
     x, sw, values, meta, b = case(m, n, k, dtype, True, device="cuda")
     assert_close(run(x, sw, values, meta, b), *reference(x, sw, b), dtype)  # poisoned output
-    assert_close(triton_ops.sparse24_matmul(x, values, meta, b), *reference(x, sw, b), dtype)  # the custom op
+    assert_close(torch.ops.sparse_runtime.sparse24_matmul(x, values, meta, b, "none"), *reference(x, sw, b), dtype)
 
 
 @pytest.mark.gpu
