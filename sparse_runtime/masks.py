@@ -6,7 +6,7 @@ from collections.abc import MutableMapping
 import torch
 
 from .errors import MaskError, ShapeError
-from .format import _groups_keep, kept_indices, parse_pattern
+from .format import _groups_keep, kept_indices, pack_bits, parse_pattern, unpack_bits
 
 
 def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
@@ -82,34 +82,23 @@ def sparsity(mask: torch.Tensor) -> float:
     return 1.0 - mask.float().mean().item()
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool mask -> uint8 bitmap of ``ceil(numel / 8)`` bytes (bit ``i % 8`` of byte ``i // 8``): 1/8 the memory."""
-    flat = mask.reshape(-1).bool()
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
-    weights = 1 << torch.arange(8, device=flat.device, dtype=torch.int32)
-    return (flat.view(-1, 8).int() * weights).sum(-1).to(torch.uint8)
-
-
-def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
-    numel = int(torch.Size(shape).numel())
-    bits = (packed.int()[:, None] >> torch.arange(8, device=packed.device, dtype=torch.int32)) & 1
-    return bits.reshape(-1)[:numel].bool().view(shape)
-
-
 class PackedMasks(MutableMapping):
-    """A ``{name: bool mask}`` mapping that stores each mask as a bitmap: a whole model's masks cost an
-    eighth of their bool size (0.9 GB instead of 7 GB at 8B parameters); each unpacks when read."""
+    """A ``{name: 2-D bool mask}`` mapping that stores each mask as the format's row bitmap: a whole
+    model's masks cost an eighth of their bool size (0.9 GB instead of 7 GB at 8B parameters); each
+    unpacks when read."""
 
     def __init__(self, masks=None):
-        self._packed: dict[str, tuple[torch.Tensor, torch.Size]] = {}
+        self._packed: dict[str, tuple[torch.Tensor, int]] = {}
         self.update(masks or {})
 
     def __setitem__(self, name: str, mask: torch.Tensor) -> None:
-        self._packed[name] = (pack_mask(mask.detach()).cpu(), mask.shape)  # pack where it is: 1/8 the copy
+        if mask.dim() != 2:
+            raise ShapeError(f"{name}: expected a 2-D mask, got shape {tuple(mask.shape)}")
+        self._packed[name] = (pack_bits(mask.detach().bool()).cpu(), mask.shape[1])  # pack where it is: 1/8 the copy
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        packed, shape = self._packed[name]
-        return unpack_mask(packed, shape)
+        packed, in_features = self._packed[name]
+        return unpack_bits(packed, in_features)
 
     def __delitem__(self, name: str) -> None:
         del self._packed[name]
