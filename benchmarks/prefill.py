@@ -17,15 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
+HELP = "prefill GEMMs at Llama-3-8B shapes: dense cuBLAS vs PyTorch's cuSPARSELt vs ours vs dispatch"
 SHAPES = {"q/o 4096x4096": (4096, 4096), "gate/up 14336x4096": (14336, 4096), "down 4096x14336": (4096, 14336)}
 COLUMNS = ("dense", "torch", "cusparselt", "dispatch")
 
 
 def host_us(fn, calls: int = 50, repeats: int = 7) -> float:
+    import torch
+
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -37,7 +36,11 @@ def host_us(fn, calls: int = 50, repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-def runners(n: int, k: int, dtype: torch.dtype) -> dict:
+def runners(n: int, k: int, dtype) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
     from sparse_runtime import BackendUnavailable, SparseLinear
 
     torch.manual_seed(0)
@@ -53,14 +56,18 @@ def runners(n: int, k: int, dtype: torch.dtype) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--m", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = p.parse_args(argv)
+
+
+def run(args) -> int:
+    import torch
+
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/prefill.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.")
+        print("bench prefill: needs a CUDA GPU (none found); nothing was measured", file=sys.stderr)
+        return 2
 
     from sparse_runtime.timing import time_us
 
@@ -112,6 +119,12 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=HELP)
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

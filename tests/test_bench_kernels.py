@@ -83,7 +83,9 @@ def test_cli_without_cuda_exits_cleanly(capsys):
     assert main(["bench", "kernels", "--shapes", "4096"]) == 2
     assert "NxK" in capsys.readouterr().err
     assert main(["bench"]) == 2
-    assert "name a suite: kernels" in capsys.readouterr().err
+    assert "name a suite: kernels, prefill" in capsys.readouterr().err
+    assert main(["bench", "prefill", "--m", "512"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
@@ -94,6 +96,15 @@ def test_bench_runs_on_a_gpu(tmp_path):
     rows = json.loads(js.read_text())["rows"]
     assert {r["provider"] for r in rows} == {"dense", "triton", "triton:fused-rot-b128"}
     assert list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.gpu
+def test_bench_prefill_runs_on_a_gpu(tmp_path):
+    assert main(["bench", "prefill", "--m", "512", "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("prefill-*.json")
+    rows = json.loads(js.read_text())["rows"]
+    assert len(rows) == 3 and all(r["dense_us"] > 0 and r["cusparselt_speedup"] > 0 for r in rows)
+    assert list(tmp_path.glob("prefill-*.png"))
 
 
 def test_provider_callables_agree_on_the_interpreter():

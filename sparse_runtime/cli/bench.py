@@ -1,6 +1,6 @@
 """``sparse-runtime bench SUITE``: run a benchmark script of the source tree's ``benchmarks/`` folder.
 
-``bench kernels`` is ``python benchmarks/kernels.py``. The scripts are not part
+``bench kernels`` is ``python benchmarks/kernels.py``, ``bench prefill`` is ``python benchmarks/prefill.py``. The scripts are not part
 of the installed package, so this works from a source checkout (or an editable
 install) and says so elsewhere."""
 from __future__ import annotations
@@ -9,9 +9,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
-HELP = "benchmarks from the source tree: 'bench kernels' times sparse matmuls against dense cuBLAS"
+HELP = ("benchmarks from the source tree: 'bench kernels' times sparse matmuls against dense cuBLAS over M, "
+        "'bench prefill' compares the cuSPARSELt paths at large M")
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-SUITES = ("kernels",)
+SUITES = ("kernels", "prefill")
 
 
 def load_suite(name: str):
