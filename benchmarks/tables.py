@@ -104,10 +104,12 @@ def prefill() -> str:
     cols = ("torch", "cusparselt", "dispatch")
     lines = [f"{r['dtype']}, speedup over dense cuBLAS (median of CUDA-event timings), host overhead per call in "
              f"brackets; {r['device']}, torch {r['torch']}, {r['date'][:10]}. Bound: 2x.", "",
-             "| shape | M | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+             "| shape | M | " + " | ".join(cols) + " | extension call, host |", "|---|---|" + "---|" * (len(cols) + 1)]
     for row in r["rows"]:
         cells = [f"{row[c + '_speedup']:.2f}x ({row[c + '_host_us']:.0f} us)" if c + "_speedup" in row else "-"
                  for c in cols]
+        call = row.get("cusparselt_call_host_us")
+        cells.append(f"{call:.1f} us" if call else "-")
         lines.append(f"| {row['shape']} | {row['m']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

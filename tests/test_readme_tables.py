@@ -35,3 +35,25 @@ def test_the_orderings_the_readme_states_hold_in_the_results():
     for method in ("magnitude", "wanda", "sparsegpt"):
         assert ppl[f"{method}/unstructured"] < ppl[f"{method}/4:8"] < ppl[f"{method}/2:4"]
     assert ppl["dense"] < min(v for k, v in ppl.items() if k != "dense")
+
+
+def test_gpu_tables_render_what_the_benchmarks_write(tmp_path, monkeypatch):
+    # Rows made by benchmarks/kernels.py's own make_row, so a schema change there fails here, not on a GPU day.
+    import json
+
+    tables = _tables()
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    kb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kb)
+    rows = [kb.make_row(p, (4096, 4096), "fp16", 1, ms, 0.02, 3000.0)
+            for p, ms in (("dense", 0.02), ("triton", 0.0125), ("dispatch", 0.013))]
+    meta = {"device": "GPU", "date": "2026-01-01T00:00:00", "torch": "t", "triton": "x", "copy_bandwidth_GBps": 3000.0}
+    (tmp_path / "kernels-GPU-1.json").write_text(json.dumps({**meta, "rows": rows}))
+    (tmp_path / "prefill-GPU-1.json").write_text(json.dumps({
+        "device": "GPU", "date": "2026-01-01T000000Z", "dtype": "float16", "torch": "t",
+        "rows": [{"shape": "q/o 4096x4096", "n": 4096, "k": 4096, "m": 2048, "dense_us": 100.0, "dense_host_us": 4.0,
+                  "cusparselt_us": 62.5, "cusparselt_host_us": 9.0, "cusparselt_speedup": 1.6,
+                  "cusparselt_call_host_us": 6.0}]}))
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    assert "| 1 | 1.60x (" in tables.decode() and "auto 1.54x" in tables.decode()
+    assert "| q/o 4096x4096 | 2048 | - | 1.60x (9 us) | - | 6.0 us |" in tables.prefill()
