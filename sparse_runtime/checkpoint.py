@@ -252,12 +252,3 @@ def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backen
         if isinstance(mod, SparseLinear):
             mod.set_backend(backend)
     return model.eval()
-
-
-def load_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception:
-        return None
