@@ -27,16 +27,11 @@ def time_us(fn, warmup: int = 2, iters: int = 10) -> float:
     return statistics.median(times)
 
 
-_FLUSH: dict = {}
-
-
 def _flush_buffer(device: torch.device) -> torch.Tensor:
-    """Twice the L2 cache: zeroing it evicts whatever the previous call left there."""
-    buf = _FLUSH.get(device)
-    if buf is None:
-        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20) or (64 << 20)
-        buf = _FLUSH[device] = torch.empty(2 * l2, dtype=torch.uint8, device=device)
-    return buf
+    """Twice the L2 cache: zeroing it evicts whatever the previous call left there. Allocated per
+    measurement, so no memory stays pinned by the timer."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
+    return torch.empty(2 * l2, dtype=torch.uint8, device=device)
 
 
 def _graph_us(body, calls: int, replays: int) -> float:
