@@ -46,6 +46,35 @@ def test_cache_file_round_trip(tmp_path, monkeypatch):
     assert dp.select(loaded["GPU|torch=2.11"]["n=64,k=64,float16,bias=0,rot=none,m<=8"]) == "dense"
 
 
+def test_measure_uses_graph_device_time_and_falls_back_to_eager_for_all(monkeypatch):
+    # The timers are stubbed: this checks the policy, not the GPU.
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def prepare(self, layer):
+            return None
+
+        def forward(self, layer, state, x):
+            return self.name
+
+    layer = SparseLinear(64, 32, backend="reference")
+    st = dp._State({"triton": [Fake("triton"), None], "cusparselt": [Fake("cusparselt"), None]})
+    monkeypatch.setattr(dp.DispatchBackend, "_dense", lambda self, layer, st, x: "dense")
+    graph = {"dense": 10.0, "triton": 6.0, "cusparselt": 9.0}
+    monkeypatch.setattr(dp, "device_time_us", lambda fn: graph[fn()])
+    monkeypatch.setattr(dp, "time_us", lambda fn, **kw: {"dense": 5.0, "triton": 50.0, "cusparselt": 4.0}[fn()])
+    assert dp.DispatchBackend()._measure(layer, st, 8) == graph
+
+    def no_capture(fn):
+        if fn() == "cusparselt":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return graph[fn()]
+
+    monkeypatch.setattr(dp, "device_time_us", no_capture)  # one candidate will not capture: all go eager
+    assert dp.DispatchBackend()._measure(layer, st, 8) == {"dense": 5.0, "triton": 50.0, "cusparselt": 4.0}
+
+
 def test_registration_and_cpu():
     b = backends.get("dispatch")
     assert (b.priority, b.auto_devices) == (100, ("cuda",))
