@@ -36,7 +36,7 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export SPARSE_RUNTIME_SHARED=$PWD/.gpu/shared
 SPARSE_RUNTIME_REQUIRE_EXT=1 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -5
 python3 -m sparse_runtime info | tee "$OUT/info.txt"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$OUT/info.txt"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 | tee -a "$OUT/info.txt" || true
 
 case $stage in
 test)
@@ -51,7 +51,7 @@ decode)
     ;;
 prefill)
     for dt in float16 bfloat16; do
-        python3 benchmarks/prefill.py --dtype $dt --m 512 2048 8192 --out "$OUT" 2>&1 | tee -a "$OUT/prefill.log"
+        timeout 280 python3 benchmarks/prefill.py --dtype $dt --m 512 2048 8192 --out "$OUT" 2>&1 | tee -a "$OUT/prefill.log" || true
     done
     ;;
 prune)
