@@ -60,7 +60,7 @@ def test_measure_uses_graph_device_time_and_falls_back_to_eager_for_all(monkeypa
 
     layer = SparseLinear(64, 32, backend="reference")
     st = dp._State({"triton": [Fake("triton"), None], "cusparselt": [Fake("cusparselt"), None]})
-    monkeypatch.setattr(dp.DispatchBackend, "_dense", lambda self, layer, st, x: "dense")
+    monkeypatch.setattr(dp, "DECOMPRESSED", Fake("dense"))
     graph = {"dense": 10.0, "triton": 6.0, "cusparselt": 9.0}
     monkeypatch.setattr(dp, "device_time_us", lambda fn: graph[fn()])
     monkeypatch.setattr(dp, "time_us", lambda fn, **kw: {"dense": 5.0, "triton": 50.0, "cusparselt": 4.0}[fn()])

@@ -20,16 +20,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .. import cusparselt
 from ..cusparselt import DiskCache, cuda_unavailable, device_key, m_bucket
 from ..errors import BackendUnavailable
-from ..rotation import apply_rotation
 from ..timing import device_time_us, time_us
 from . import Backend, get, register
+from .decompressed import DecompressedBackend
 
 CANDIDATES = ("cusparselt", "triton")
+DECOMPRESSED = DecompressedBackend()  # the dense candidate: cuBLAS on the weight decompressed once
 DENSE = "dense"
 MARGIN = 0.03
 
@@ -86,7 +86,7 @@ class _State:
     def __init__(self, candidates: dict):
         self.candidates = candidates  # name -> [backend, prepared state or None until first use]
         self.table: dict[int, str] = {}
-        self.dense_weight: torch.Tensor | None = None
+        self.dense: dict = {}  # the decompressed backend's state: the dense weight once built
 
 
 def _section(device: torch.device) -> str:
@@ -131,16 +131,9 @@ class DispatchBackend(Backend):
         return _State(self._candidates(layer))
 
     # -- candidates ------------------------------------------------------------------------------------
-    def _dense(self, layer, st: _State, x):
-        if st.dense_weight is None:
-            st.dense_weight = layer.dense_weight()
-        if layer.rotation is not None:
-            x = apply_rotation(x, layer.rotation)
-        return F.linear(x, st.dense_weight, layer.bias)
-
     def _run(self, name: str, layer, st: _State, x):
         if name == DENSE:
-            return self._dense(layer, st, x)
+            return DECOMPRESSED.forward(layer, st.dense, x)
         entry = st.candidates[name]
         if entry[1] is None:
             entry[1] = entry[0].prepare(layer)
@@ -169,7 +162,7 @@ class DispatchBackend(Backend):
         choice = select({n: t for n, t in timings.items() if n in st.candidates or n == DENSE})
         st.table[bucket] = choice
         if DENSE not in st.table.values():
-            st.dense_weight = None  # measured, not needed: keep only the compressed weight resident
+            st.dense.clear()  # measured, not needed: keep only the compressed weight resident
         return choice
 
     def forward(self, layer, st: _State, x):
