@@ -197,7 +197,7 @@ def cuda_unavailable(device: torch.device, what: str, capability: tuple[int, int
         return "torch sees no CUDA GPU"
     index = torch.cuda.current_device() if device.index is None else device.index
     if capability and torch.cuda.get_device_capability(index) < capability:
-        return f"2:4 sparse tensor cores need compute capability >= 8.0, {torch.cuda.get_device_name(index)} has less"
+        return f"{what} needs compute capability >= 8.0 (Ampere), {torch.cuda.get_device_name(index)} has less"
     return None
 
 

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .errors import ShapeError
+from .cusparselt import m_bucket
 from .rotation import check_rotation
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -155,15 +156,11 @@ def _launch(x, values, meta, bias, rotation, activation, out, split_k=None) -> N
         kernel[grid](
             x, values, meta, rotation if rotation is not None else x, bias if bias is not None else out, out, ws,
             _tile_locks(x.device, _cdiv(m, 16) * _cdiv(n, 16)) if splits > 1 else ws,
-            m, n, k, k_per_split, min(_next_pow2(m), 1024),
+            m, n, k, k_per_split, min(m_bucket(m), 1024),
             x.stride(0), values.stride(0), meta.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, ACT=act, ROT=rot, ROT_B=rot_b or 1, SPLIT=splits > 1,
             DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         )
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
 
 
 def _cdiv(a: int, b: int) -> int:

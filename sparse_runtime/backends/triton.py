@@ -9,6 +9,7 @@ import importlib.util
 import torch
 
 from .. import triton_ops
+from ..cusparselt import cuda_unavailable
 from ..format import parse_pattern
 from ..rotation import apply_rotation
 from . import Backend, register
@@ -28,14 +29,7 @@ class TritonBackend(Backend):
             return "triton is not installed"
         if device.type == "cpu" and triton_ops.interpreting():
             return None
-        if device.type != "cuda":
-            return f"needs a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter), not {device.type}"
-        if not torch.cuda.is_available():
-            return "CUDA is not available"
-        major, minor = torch.cuda.get_device_capability(device)
-        if major < 8:
-            return f"needs compute capability >= 8.0 (Ampere), device has {major}.{minor}"
-        return None
+        return cuda_unavailable(device, "Triton (without TRITON_INTERPRET=1)")
 
     def unsupported(self, layer):
         if parse_pattern(layer.pattern) != (2, 4):
