@@ -38,7 +38,8 @@ def nvidia_bin(tool: str) -> str:
     return str(path) if path.exists() else tool
 
 
-def compile_variant(fn, dtype: str, arch: int, const: dict, warps: int, stages: int):
+def compile_variant(fn, dtype: str, arch: int, const: dict, warps: int, stages: int, div16=DIV16):
+    """AOT-compile ``fn`` for ``sm_{arch}``; pointers and the ints in ``div16`` are specialised as multiples of 16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -46,7 +47,7 @@ def compile_variant(fn, dtype: str, arch: int, const: dict, warps: int, stages: 
     sig = {a: "*" + {"meta_ptr": "i32", "ws_ptr": "fp32", "lock_ptr": "i32"}.get(a, dtype) for a in PTRS}
     sig.update({a: "i32" for a in INTS})
     sig.update({c: "constexpr" for c in const})
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in PTRS + sorted(DIV16)}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in PTRS + sorted(div16)}
     return triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": warps, "num_stages": stages})
 

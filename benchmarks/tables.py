@@ -68,7 +68,7 @@ def prune_speed() -> str:
 
 def _latest(prefix: str) -> dict | None:
     files = sorted(RESULTS.glob(f"{prefix}*.json"))
-    return json.loads(files[-1].read_text()) if files else None
+    return _load(files[-1].name) if files else None
 
 
 def gpu_pending(what: str) -> str:

@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from .errors import ShapeError
 from .cusparselt import m_bucket
+from .errors import ShapeError
 from .rotation import check_rotation
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -160,27 +160,18 @@ def test_rotation_modes_and_config_pruning():
 # Compiles (no GPU needed) every kernel variant for Ampere and Hopper: the interpreter
 # checks the numbers, this checks that the GPU lowering (layouts, MMA, pipelining) accepts the code.
 AOT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys
+sys.path.insert(0, "benchmarks")
+from kernel_report import compile_variant
 from sparse_runtime.kernels import sparse24 as k
 
-def build(fn, dtype, arch, const, ptrs, ints, warps=4, stages=3):
-    sig = {a: "*" + {"meta_ptr": "i32", "ws_ptr": "fp32", "lock_ptr": "i32"}.get(a, dtype) for a in ptrs}
-    sig.update({a: "i32" for a in ints})
-    sig.update({c: "constexpr" for c in const})
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ptrs}
-    triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
-                   options={"num_warps": warps, "num_stages": stages})
-
-PTRS = ["x_ptr", "values_ptr", "meta_ptr", "rot_ptr", "bias_ptr", "out_ptr", "ws_ptr", "lock_ptr"]
-INTS = ["M", "N", "K", "k_per_split", "M_BUCKET", "stride_xm", "stride_vn", "stride_mn", "stride_om"]
 for dtype, arch, (bm, bn, bk), swap, rot, rot_b, split in [
         ("fp16", 90, (16, 64, 128), True, 0, 1, True), ("bf16", 80, (16, 128, 128), True, 1, 128, True),
         ("fp16", 90, (64, 128, 64), False, 2, 4096, False), ("bf16", 90, (128, 128, 64), False, 1, 32, False)]:
     const = dict(HAS_BIAS=True, ACT=2, ROT=rot, ROT_B=rot_b, SPLIT=split, DOT_PREC="tf32", SWAP_AB=swap,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=32, GROUP_M=8)
-    build(k.sparse24_matmul_kernel, dtype, arch, const, PTRS, INTS, warps=8 if bm == 128 else 4)
+    # div16=(): the integer arguments unspecialised, the general case (odd K, ragged N)
+    compile_variant(k.sparse24_matmul_kernel, dtype, arch, const, 8 if bm == 128 else 4, 3, div16=())
 print("compiled")
 """
 
@@ -191,5 +182,6 @@ def test_kernels_compile_for_ampere_and_hopper():
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    r = subprocess.run([sys.executable, "-c", AOT], env=env, capture_output=True, text=True, timeout=300)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # AOT imports benchmarks/kernel_report.py
+    r = subprocess.run([sys.executable, "-c", AOT], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
