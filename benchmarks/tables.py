@@ -135,8 +135,56 @@ def kernel_resources() -> str:
     return "\n".join(lines) + "\n"
 
 
+# issue targets for SmolLM2-135M 2:4 with rotation (not measurements): the table says met or missed
+ROTATION_TARGETS = {"sparsegpt": 58.0, "wanda": 80.0}
+
+
+def rotation_quality() -> str:
+    r = _load("rotation_quality.json")
+    if r is None:
+        return "_not measured yet: run `python benchmarks/rotation_quality.py`_\n"
+    cal, ev, runs = r["calibration"], r["eval"], r["runs"]
+    lines = [f"WikiText-2 raw test perplexity of {r['model']} at {r['pattern']}: seqlen {ev['seqlen']}, "
+             f"{ev['tokens']:,} tokens ({ev['windows']}); calibration {cal['nsamples']} x {cal['seqlen']} tokens of "
+             f"{cal['file']} (seed {cal['seed']}); {r['device']}, torch {r['torch']}, {r['date'][:10]}. "
+             f"Dense: **{r['perplexity']['dense']:.2f}**.", "",
+             "| method | rotation | R1 blocks | steps / layer | perplexity | rotate + prune | rotation steps/s |",
+             "|---|---|---|---|---|---|---|"]
+    for run in sorted(runs.values(), key=lambda x: (x["method"] != "wanda", x["objective"] != "none", x["objective"],
+                                                    x["blocks"], x["steps"])):
+        rot = run["objective"] != "none"
+        lines.append(f"| {run['method']} | {run['objective'] if rot else '-'} | {run['blocks'] if rot else '-'} | "
+                     f"{run['steps']} | {run['perplexity']:.1f} | {run['seconds'] / 60:.1f} min | "
+                     f"{run['steps_per_s'] or '-'} |")
+    lines.append("")
+    for method, target in ROTATION_TARGETS.items():
+        rotated = [x for x in runs.values() if x["method"] == method and x["objective"] != "none"]
+        if rotated:
+            best = min(rotated, key=lambda x: x["perplexity"])
+            verdict = "met" if best["perplexity"] <= target else "missed"
+            lines.append(f"- {method} + rotation, best {best['perplexity']:.1f} "
+                         f"({best['objective']}, {best['steps']} steps): target <= {target:g} {verdict}.")
+        by = {x["objective"]: x["perplexity"] for x in runs.values()
+              if x["method"] == method and x["blocks"] == 1 and x["steps"] == 100}
+        if "nm" in by and "entropy" in by:
+            lines.append(f"- {method}, 100 steps, full R1: nm {by['nm']:.1f} vs entropy {by['entropy']:.1f}: "
+                         f"the 2:4-aware objective is {'lower' if by['nm'] < by['entropy'] else 'NOT lower'}.")
+    dec = r.get("decode", {})
+    if "rotation_overhead_pct" in dec:
+        a, b = dec["sparsegpt/none"], dec["sparsegpt/nm/b1/100"]
+        lines.append(f"- CPU decode, batch 1, {a['new_tokens']} tokens, `{a['backend']}` backend: unrotated "
+                     f"{a['tokens_per_s']:.1f} tok/s, rotated {b['tokens_per_s']:.1f} tok/s "
+                     f"(rotation overhead {dec['rotation_overhead_pct']:+.1f}%).")
+    ref = r.get("paper_reference")
+    if ref:
+        lines.append(f"- Paper ({ref['model']}, seqlen {ref['seqlen']}, dense {ref['dense']}): 2:4 Wanda "
+                     f"{ref['wanda']['none']} -> {ref['wanda']['entropy']}, SparseGPT {ref['sparsegpt']['none']} -> "
+                     f"{ref['sparsegpt']['entropy']} with rotation.")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {"prune_quality": prune_quality, "prune_speed": prune_speed, "decode": decode, "prefill": prefill,
-          "kernel_resources": kernel_resources}
+          "kernel_resources": kernel_resources, "rotation_quality": rotation_quality}
 
 
 def render(text: str) -> str:

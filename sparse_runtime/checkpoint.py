@@ -28,6 +28,7 @@ from torch import nn
 from .errors import CheckpointError, SparseRuntimeError
 from .format import FLOAT_DTYPES, expected_shapes
 from .linear import SparseLinear
+from .residual_rotation import boundaries, install_boundaries
 
 FORMAT_NAME = "sparse_runtime"
 FORMAT_VERSION = 1
@@ -94,6 +95,7 @@ def save_pretrained(model: nn.Module, out_dir, tokenizer=None, extra_config: dic
         "format_version": FORMAT_VERSION,
         "layers": layers,
         "tied": sorted(dups),
+        **_residual_rotations(model),
         **(extra_config or {}),
     }
     if tokenizer is None:
@@ -112,6 +114,31 @@ def save_pretrained(model: nn.Module, out_dir, tokenizer=None, extra_config: dic
 
     _write_atomic_dir(Path(out_dir), write)
     return Path(out_dir)
+
+
+def _residual_rotations(model) -> dict:
+    """``{"residual_rotation": {layer index: shape}}`` for a rotated model's boundary rotations, else ``{}``."""
+    from .prune.layerwise import UnsupportedModel, find_decoder_layers
+
+    try:
+        layers, _ = find_decoder_layers(model)
+    except UnsupportedModel:
+        return {}
+    shapes = boundaries(layers)
+    return {"residual_rotation": {str(i): s for i, s in shapes.items()}} if shapes else {}
+
+
+def _install_residual_rotations(model, sc: dict, path: Path, dtype) -> None:
+    shapes = sc.get("residual_rotation")
+    if not shapes:
+        return
+    from .prune.layerwise import find_decoder_layers
+
+    try:
+        layers, _ = find_decoder_layers(model)
+        install_boundaries(layers, {int(i): [int(n) for n in s] for i, s in shapes.items()}, dtype)
+    except (ValueError, TypeError, SparseRuntimeError) as e:
+        raise CheckpointError(f"{path / SPARSE_CONFIG}: bad residual_rotation entry ({e})") from None
 
 
 def _tokenizer_from_source(config):
@@ -222,6 +249,7 @@ def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backen
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, layer)
 
+    _install_residual_rotations(model, sc, path, load_dtype)
     expected = model.state_dict()
     tied = set(sc.get("tied", []))
     missing = [k for k in expected if k not in tensors and k not in tied]

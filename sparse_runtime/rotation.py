@@ -31,8 +31,9 @@ def apply_rotation(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     if rotation.dim() == 2:
         return x @ rotation
     nb, b, _ = rotation.shape
-    blocks = x.reshape(*x.shape[:-1], nb, b).unsqueeze(-2)  # [..., nb, 1, b]
-    return (blocks @ rotation).reshape(x.shape)
+    # one batched matmul over the blocks: [nb, tokens, b] @ [nb, b, b] (broadcasting R per token would copy it)
+    blocks = x.reshape(-1, nb, b).transpose(0, 1)
+    return (blocks @ rotation).transpose(0, 1).reshape(x.shape)
 
 
 def block_diag_to_dense(rotation: torch.Tensor) -> torch.Tensor:

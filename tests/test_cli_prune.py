@@ -59,6 +59,8 @@ def test_eval_prints_seqlen_beside_the_number(stories_dir, capsys):
      "down_proj: in_features=172 is not divisible by 8"),
     (["--method", "magnitude", "--pattern", "3:2"], "needs 0 < N < M"),
     (["--method", "wanda", "--calib", "MISSING"], "not found"),
+    (["--method", "wanda", "--rotate", "nm", "--rotate-blocks", "3"], "do not divide the hidden size 64"),
+    (["--method", "wanda", "--rotate", "nm", "--rotate-steps", "-1"], "steps >= 0"),
 ])
 def test_bad_input_is_a_clear_error_and_leaves_no_checkpoint(stories_dir, tmp_path, capsys, extra, message):
     short = tmp_path / "short.txt"
@@ -95,3 +97,32 @@ def test_magnitude_unstructured_threshold_scope(stories_dir, tmp_path, capsys, p
         assert torch.all(row_sparsity == 0.5)
     else:  # one threshold per matrix: rows differ
         assert row_sparsity.std().item() > 0.01
+
+
+def test_rotated_prune_checkpoint_reloads_with_the_same_logits(stories_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert _prune(stories_dir, out, "--method", "sparsegpt", "--rotate", "nm", "--rotate-steps", "5",
+                  "--rotate-blocks", "2", "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rotation"]["objective"] == "nm" and len(info["rotation"]["layers"]) == 5
+    assert all(r["best"] <= r["initial"] for r in info["rotation"]["layers"])
+    sc = read_sparse_config(out)
+    assert sc["pruning"]["rotation"] == {"objective": "nm", "steps": 5, "blocks": 2}
+    assert sc["residual_rotation"] == {str(i): [2, 32, 32] for i in range(1, 5)}
+    model, tok = load_model(stories_dir)
+    prune(model, "sparsegpt", "2:4", calib=calibration_windows(tok, STORIES_TEXT, 4, 64, seed=0), progress=False,
+          rotate="nm", rotate_steps=5, rotate_blocks=2)
+    ids = torch.arange(40).view(1, 40)
+    loaded = load_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+        # decoding with the KV cache (one token per step through the boundary rotations) = greedy without it
+        prompt = tok("Once upon a time", return_tensors="pt").input_ids
+        cached = loaded.generate(prompt, max_new_tokens=12, do_sample=False)
+        seq = prompt
+        for _ in range(12):
+            seq = torch.cat([seq, loaded(seq).logits[:, -1:].argmax(-1)], 1)
+        assert torch.equal(cached, seq)
+    assert main(["generate", "--model", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "8",
+                 "--no-chat"]) == 0
+    assert tok.decode(cached[0, prompt.shape[1]:prompt.shape[1] + 8]).strip()[:6] in capsys.readouterr().out

@@ -29,6 +29,12 @@ def add_arguments(p) -> None:
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate each group of a layer's linears on the outputs of the groups pruned before it "
                         "(default: on for SparseGPT, off for Wanda, as in their papers)")
+    p.add_argument("--rotate", choices=["none", "entropy", "nm"], default="none",
+                   help="learn DenoiseRotator rotations per decoder layer before pruning it: the paper's entropy, "
+                        "or nm, the fraction of importance the pattern's mask drops (default: none)")
+    p.add_argument("--rotate-steps", type=int, default=100, help="Adam steps per decoder layer (default: 100)")
+    p.add_argument("--rotate-blocks", type=int, default=1,
+                   help="diagonal blocks of the residual rotation R1 (default: 1, a full d x d rotation)")
     p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU")
     p.add_argument("--errors", action="store_true", help="report ||WX - W_hat X|| / ||WX|| per linear")
     p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
@@ -57,6 +63,11 @@ def _run(args) -> int:
     from .common import DTYPES
 
     check_sparsity(args.pattern, args.sparsity)  # fail before the slow model load
+    rotate = None
+    if args.rotate != "none":
+        from ..prune import RotateOptions
+
+        rotate = RotateOptions(args.rotate, args.rotate_steps, args.rotate_blocks, damp=args.damp)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     model, tok = load_model(args.model, device="cpu", dtype=dtype)  # layers visit `device` one at a time
@@ -69,13 +80,15 @@ def _run(args) -> int:
     if args.true_sequential is not None:
         options["true_sequential"] = args.true_sequential
     result = prune(model, args.method, args.pattern, args.sparsity, calib=calib, targets=args.targets,
-                   device=device, offload=args.offload, record_errors=args.errors, progress=True, **options)
+                   device=device, offload=args.offload, record_errors=args.errors, progress=True, rotate=rotate,
+                   **options)
     report = sparsify(model, masks=result.masks, pattern=args.pattern, backend=args.backend)
     info = {**result.to_dict(), "model": str(args.model), "calibration": None if calib is None else
             {"file": str(args.calib or DEFAULT_CALIB), "nsamples": calib.shape[0], "seqlen": calib.shape[1],
              "seed": args.seed}}
     save_pretrained(model, args.out, tokenizer=tok, extra_config={"pruning": {
-        k: info[k] for k in ("method", "pattern", "sparsity", "calibration", "model")}})
+        k: info[k] for k in ("method", "pattern", "sparsity", "calibration", "model")} | {"rotation": None if
+        rotate is None else {"objective": rotate.objective, "steps": rotate.steps, "blocks": rotate.blocks}}})
     info["out"] = str(args.out)
     info["compression"] = {k: v for k, v in report.to_dict().items() if k != "replaced"}
     if args.json:

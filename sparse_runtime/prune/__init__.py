@@ -9,6 +9,8 @@ from __future__ import annotations
 from .calibration import DEFAULT_CALIB, DEFAULT_EVAL, CalibrationError, calibration_windows
 from .layerwise import PruneResult, UnsupportedModel, find_decoder_layers, prune_layerwise
 from .magnitude import magnitude, magnitude_mask
+from .rotate import OBJECTIVES as ROTATE_OBJECTIVES
+from .rotate import RotateOptions
 from .sparsegpt import Hessian, sparsegpt, sparsegpt_prune
 from .wanda import InputNorms, wanda, wanda_mask
 
@@ -17,16 +19,28 @@ NEEDS_CALIBRATION = {"wanda", "sparsegpt"}
 
 
 def prune(model, method: str = "sparsegpt", pattern: str = "2:4", sparsity: float = 0.5, calib=None,
+          rotate: str | RotateOptions | None = None, rotate_steps: int = 100, rotate_blocks: int = 1,
           **options) -> PruneResult:
     """Prune ``model`` in place with ``method`` (a name in :data:`METHODS`).
 
     ``calib`` is a ``[N, L]`` tensor of token ids (see :func:`calibration_windows`);
     options go to the method (targets, ignore, device, true_sequential, offload,
-    record_errors, progress; blocksize, damp for SparseGPT; per for magnitude)."""
+    record_errors, progress; blocksize, damp for SparseGPT; per for magnitude).
+    ``rotate`` ("entropy", "nm" or a :class:`RotateOptions`) learns DenoiseRotator rotations per decoder
+    layer before pruning it (``rotate_steps`` Adam steps, ``rotate_blocks`` diagonal blocks of R1); the
+    rotated layers are then pruned true-sequentially unless ``true_sequential=False`` is given."""
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
     if method in NEEDS_CALIBRATION and calib is None:
         raise ValueError(f"{method} needs calibration token ids (calib=[N, L] tensor)")
+    if isinstance(rotate, str) and rotate != "none":
+        rotate = RotateOptions(rotate, rotate_steps, rotate_blocks, damp=options.get("damp", 0.01))
+    elif rotate == "none":
+        rotate = None
+    if rotate is not None:
+        options["rotate"] = rotate
+        if method in NEEDS_CALIBRATION:
+            options.setdefault("true_sequential", True)
     return METHODS[method](model, calib, pattern=pattern, sparsity=sparsity, **options)
 
 
@@ -38,6 +52,8 @@ __all__ = [
     "Hessian",
     "InputNorms",
     "PruneResult",
+    "ROTATE_OBJECTIVES",
+    "RotateOptions",
     "UnsupportedModel",
     "calibration_windows",
     "find_decoder_layers",

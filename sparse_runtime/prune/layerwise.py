@@ -19,6 +19,9 @@ from tqdm.auto import tqdm
 from ..errors import ShapeError, SparseRuntimeError
 from ..format import parse_pattern
 from ..masks import PackedMasks
+from ..residual_rotation import (UnsupportedArchitecture, check_layer, fold_ends, fold_norms, rotate_layer,
+                                 set_boundary, transpose)
+from ..rotation import apply_rotation
 from ..sparsify import _matches
 
 # where transformers families keep their decoder layers
@@ -42,6 +45,7 @@ class PruneResult:
     seqlen: int = 0
     seconds: float = 0.0
     peak_device_bytes: int | None = None
+    rotation: dict | None = None  # objective, steps, blocks and per-layer objective values when rotated
 
     def to_dict(self) -> dict:
         kept = sum(int(m.sum()) for m in self.masks.values())
@@ -53,6 +57,9 @@ class PruneResult:
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
             "reconstruction_error": self.errors, "nsamples": self.nsamples, "seqlen": self.seqlen,
             "seconds": round(self.seconds, 2), "peak_device_bytes": self.peak_device_bytes,
+            "rotation": None if self.rotation is None else
+            {k: v for k, v in self.rotation.items() if k != "layers"} | {"layers": [
+                {k: v for k, v in r.items() if k != "history"} for r in self.rotation["layers"]]},
         }
 
 
@@ -202,8 +209,12 @@ PruneOne = Callable[[str, nn.Linear, object], torch.Tensor]
 def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, prune_one: PruneOne, *,
                     method: str, pattern: str = "2:4", sparsity: float = 0.5, targets=None,
                     ignore=("lm_head",), device=None, true_sequential: bool = True, offload: bool = False,
-                    record_errors: bool = False, progress: bool = True) -> PruneResult:
-    """Prune ``model`` in place, one decoder layer at a time, on calibration windows ``calib`` [N, L]."""
+                    record_errors: bool = False, progress: bool = True, rotate=None) -> PruneResult:
+    """Prune ``model`` in place, one decoder layer at a time, on calibration windows ``calib`` [N, L].
+
+    ``rotate`` (a :class:`~.rotate.RotateOptions`) first learns each layer's DenoiseRotator rotations on the
+    dense layer's statistics, scored by ``method``'s importance, and folds them in (see
+    :mod:`sparse_runtime.residual_rotation`); the rotated layer is then pruned with fresh statistics."""
     check_sparsity(pattern, sparsity)
     layers, path = find_decoder_layers(model)
     chosen, skipped = select_linears(model, pattern, targets, ignore)
@@ -218,6 +229,12 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
     use_cache = getattr(config, "use_cache", None)
     if config is not None:
         config.use_cache = False
+    if rotate is not None:
+        for i, layer in enumerate(layers):  # refuse before any work is done
+            check_layer(layer, f"{path}.{i}")
+        result.rotation = {"objective": rotate.objective, "steps": rotate.steps, "blocks": rotate.blocks,
+                           "layers": []}
+    qs = []
     try:
         inps, kwargs = capture_inputs(model, layers, path, calib, device, store)
         bar = tqdm(layers, desc=f"{method} {pattern}", unit="layer", disable=not progress)
@@ -226,6 +243,11 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
             names = {n: m for n, m in chosen.items() if n.startswith(prefix)}
             home = next(layer.parameters()).device
             layer.to(device)
+            if rotate is not None:
+                q, record = _rotate(layer, f"{path}.{i}", qs[-1] if qs else None, inps, kwargs[i], device,
+                                    method, pattern, sparsity, rotate, progress)
+                qs.append(q)
+                result.rotation["layers"].append(record)
             if names:
                 groups = input_groups(layer, names, inps[0], kwargs[i], device)
                 dense = {n: m.weight.detach().clone() for n, m in names.items()} if record_errors else {}
@@ -252,6 +274,9 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
             inps = outs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if qs:  # the first rotation goes into the embedding, the last into the final norm and lm_head
+            fold_ends(model, path, qs[0], qs[-1])
+            set_boundary(layers[0], None)
     finally:
         if config is not None:
             config.use_cache = use_cache
@@ -259,6 +284,49 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
     if device.type == "cuda":
         result.peak_device_bytes = torch.cuda.max_memory_allocated(device)
     return result
+
+
+def layer_inputs(layer, inps, kwargs, device):
+    """The four input Hessians a rotation is learned on, from one pass of the dense layer."""
+    from .rotate import LayerInputs
+    from .sparsegpt import Hessian
+
+    taps = {"attn": layer.self_attn.q_proj, "o": layer.self_attn.o_proj, "mlp": layer.mlp.gate_proj,
+            "down": layer.mlp.down_proj}
+    stats = {k: Hessian(m.in_features, device) for k, m in taps.items()}
+    handles = [m.register_forward_hook(lambda mod, a, out, s=stats[k]: s.add(a[0].reshape(-1, a[0].shape[-1])))
+               for k, m in taps.items()]
+    try:
+        _run(layer, inps, kwargs, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return LayerInputs(**{k: s.H for k, s in stats.items()})
+
+
+def _rotate(layer, where, prev, inps, kwargs, device, method, pattern, sparsity, opts, progress):
+    """Learn and fold one layer's rotations. The layer's inputs arrive in the previous layer's coordinates
+    (``h @ prev``); it is left taking them to its own, ``prev^T Q``, and its outputs stay in its own."""
+    from .rotate import learn_rotation
+
+    fold_norms(layer)
+    set_boundary(layer, None if prev is None else transpose(prev))
+    ref = _run(layer, inps[:1], kwargs, device, torch.device("cpu"))[0]
+    stats = layer_inputs(layer, inps, kwargs, device) if method != "magnitude" else None
+    q1, r2, record = learn_rotation(layer, stats, method, pattern, sparsity, opts, desc=f"rotate {where}",
+                                    progress=progress)
+    del stats
+    rotate_layer(layer, q1, r2)
+    set_boundary(layer, q1 if prev is None else transpose(prev) @ q1)
+    out = apply_rotation(_run(layer, inps[:1], kwargs, device, torch.device("cpu"))[0].float(),
+                         transpose(q1).float())
+    err = float((out - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+    tol = 1e-3 if ref.dtype in (torch.float32, torch.float64) else 5e-2
+    if not err < tol:
+        raise UnsupportedArchitecture(f"{where}: rotating this layer changed its output (relative error {err:.2e} "
+                                      f"> {tol}); its architecture does not commute with a residual rotation")
+    record["function_error"] = err
+    return q1, record
 
 
 def _run_recording_errors(layer, inps, kwargs, device, store, names, dense, errors) -> list:

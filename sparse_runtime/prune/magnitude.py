@@ -7,6 +7,7 @@ import torch
 
 from ..masks import pattern_mask
 from .layerwise import PruneResult, check_sparsity, select_linears
+from .rotate import rotate_by_weights
 
 
 def magnitude_mask(weight: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5,
@@ -18,13 +19,16 @@ def magnitude_mask(weight: torch.Tensor, pattern: str = "2:4", sparsity: float =
 @torch.no_grad()
 def magnitude(model, calib=None, *, pattern: str = "2:4", sparsity: float = 0.5, targets=None,
               ignore=("lm_head",), per: str = "matrix", progress: bool = True, device=None, true_sequential=None,
-              offload=False, record_errors=False) -> PruneResult:
+              offload=False, record_errors=False, rotate=None) -> PruneResult:
     """Zero the smallest weights of every target linear in place. ``calib`` and the layerwise
-    driver's options are accepted, so every method takes the same call, and unused."""
+    driver's options are accepted, so every method takes the same call, and unused. ``rotate``
+    (:class:`~.rotate.RotateOptions`) first learns and folds rotations from the weights alone."""
     check_sparsity(pattern, sparsity)
     chosen, skipped = select_linears(model, pattern, targets, ignore)
     t0 = time.perf_counter()
     result = PruneResult("magnitude", pattern, sparsity, skipped=skipped)
+    if rotate is not None:
+        result.rotation = rotate_by_weights(model, pattern, sparsity, rotate, progress)
     for name, linear in chosen.items():
         mask = magnitude_mask(linear.weight, pattern, sparsity, per)
         linear.weight.mul_(mask)
