@@ -53,6 +53,21 @@ def run_key(r: dict) -> str:
         f"{r['method']}/{r['objective']}/b{r['blocks']}/{r['steps']}"
 
 
+def gflop_per_step(config, blocks: int) -> float:
+    """Matmul + QR work of one rotation step for one decoder layer (forward and backward), from the shapes.
+
+    Rows rotated by R1 in one product: q, k, v, gate, up and the transposes of o, down; each [rows, d] @ [d, d/k]
+    forward and the same again for the gradient of R1. Two rotated diagonals diag(Q^T A Q) (attention and MLP
+    inputs), ~3x their forward with backward. QR of k blocks of d/k, ~4 (d/k)^3 each with backward. Elementwise
+    work (scores, the objective) is memory-bound and not counted."""
+    d, inner = config.hidden_size, config.intermediate_size
+    hd = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q_rows, kv_rows = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    rows = 2 * q_rows + 2 * kv_rows + 3 * inner
+    b = d // blocks
+    return (4 * rows * d * b + 3 * 2 * 2 * blocks * b**3 + 4 * blocks * b**3) / 1e9
+
+
 @torch.no_grad()
 def decode_tokens_per_s(model, tok, new_tokens: int, repeats: int = 3) -> float:
     """Greedy decode speed (median of ``repeats``) of a sparsified model: what rotation costs at run time."""
@@ -111,8 +126,19 @@ def main(argv=None) -> int:
     p.add_argument("--replot", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if args.replot:
-        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+    if args.replot:  # also (re)computes what follows from the shapes, for runs recorded before it was
+        report = json.loads(out.read_text())
+        from transformers import AutoConfig
+
+        from sparse_runtime.models import resolve
+
+        config = AutoConfig.from_pretrained(resolve(report["model"]))
+        for run in report["runs"].values():
+            if run["objective"] != "none":
+                run["gflop_per_step"] = round(gflop_per_step(config, run["blocks"]), 2)
+                run["gflop_per_s"] = round(run["gflop_per_step"] * run["steps_per_s"], 1)
+        out.write_text(json.dumps(report, indent=2))
+        plot(report, out.with_suffix(".png"))
         return 0
     runs = [parse_run(s) for s in args.runs]
     torch.set_num_threads(args.threads)
@@ -161,6 +187,10 @@ def main(argv=None) -> int:
             "objective_initial": round(sum(layer["initial"] for layer in rot["layers"]), 3) if rot else None,
             "objective_best": round(sum(layer["best"] for layer in rot["layers"]), 3) if rot else None,
         }
+        if rot:
+            report["runs"][key]["gflop_per_step"] = round(gflop_per_step(model.config, run["blocks"]), 2)
+            report["runs"][key]["gflop_per_s"] = round(report["runs"][key]["gflop_per_step"] *
+                                                       report["runs"][key]["steps_per_s"], 1)
         report["perplexity"][key] = ppl
         print(f"{key:28s} ppl {ppl:.2f}  [{result.seconds:.0f} s, rotation {rot_seconds:.0f} s]", flush=True)
         if args.decode_tokens and key in ("sparsegpt/none", "sparsegpt/nm/b1/100"):

@@ -148,14 +148,15 @@ def rotation_quality() -> str:
              f"{ev['tokens']:,} tokens ({ev['windows']}); calibration {cal['nsamples']} x {cal['seqlen']} tokens of "
              f"{cal['file']} (seed {cal['seed']}); {r['device']}, torch {r['torch']}, {r['date'][:10]}. "
              f"Dense: **{r['perplexity']['dense']:.2f}**.", "",
-             "| method | rotation | R1 blocks | steps / layer | perplexity | rotate + prune | rotation steps/s |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | rotation | R1 blocks | steps / layer | perplexity | rotate + prune | rotation steps/s "
+             "(GFLOP/s) |", "|---|---|---|---|---|---|---|"]
     for run in sorted(runs.values(), key=lambda x: (x["method"] != "wanda", x["objective"] != "none", x["objective"],
                                                     x["blocks"], x["steps"])):
         rot = run["objective"] != "none"
         lines.append(f"| {run['method']} | {run['objective'] if rot else '-'} | {run['blocks'] if rot else '-'} | "
                      f"{run['steps']} | {run['perplexity']:.1f} | {run['seconds'] / 60:.1f} min | "
-                     f"{run['steps_per_s'] or '-'} |")
+                     + (f"{run['steps_per_s']} ({run['gflop_per_s']:.0f})" if run.get("gflop_per_s") else "-")
+                     + " |")
     lines.append("")
     for method, target in ROTATION_TARGETS.items():
         rotated = [x for x in runs.values() if x["method"] == method and x["objective"] != "none"]
