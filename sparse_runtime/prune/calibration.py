@@ -117,8 +117,9 @@ def _reference_windows(tokenizer, texts, mode, nsamples, span, rng, path) -> lis
             if len(cache[i]) > span:
                 break
             if len(cache) == len(texts) and longest <= span:  # the reference loops forever here
-                raise CalibrationError(f"{path}: no document is longer than {span} tokens (the longest has "
-                                       f"{longest}); give a smaller --seqlen or --calib-sampling concat")
+                raise CalibrationError(f"{path}: every document has fewer than one calibration window of {span} "
+                                       f"tokens (the longest has {longest}), and the reference sampling slices "
+                                       "one document; give a smaller --seqlen or --calib-sampling concat")
         j = rng.randint(0, len(cache[i]) - span - 1)
         windows.append(cache[i][j:j + span])
     return windows
