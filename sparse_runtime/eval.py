@@ -74,7 +74,10 @@ def perplexity(model, tokenizer_or_ids, text: str | Path | None = None, seqlen: 
     nll, count = 0.0, 0
     for s in tqdm(starts, desc=f"perplexity@{seqlen}", unit="win", disable=not progress, leave=False):
         window = torch.cat([lead, ids[s:s + span]]).to(device).unsqueeze(0)
-        logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+        out = model(input_ids=window, use_cache=False)
+        if getattr(out, "logits", None) is None:
+            raise ValueError(f"perplexity needs a language model with logits; {type(model).__name__} returns none")
+        logits = out.logits[0, :-1].float()
         targets = window[0, 1:]
         skip = 0 if s == 0 else max(0, len(targets) - stride)  # overlapping context is not scored twice
         nll += F.cross_entropy(logits[skip:], targets[skip:], reduction="sum").item()

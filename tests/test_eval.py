@@ -78,6 +78,13 @@ def test_a_tokenizer_without_bos_gets_none(stories_dir):
         perplexity(m, tok, text, seqlen=32, bos="first", progress=False)
 
 
+def test_an_encoder_without_logits_is_a_clear_error():
+    from helpers import tiny_model
+
+    with pytest.raises(ValueError, match="needs a language model with logits; BertModel returns none"):
+        perplexity(tiny_model("bert"), torch.arange(64) % 100, seqlen=32, progress=False)
+
+
 def test_reconstruction_error():
     w, x = torch.randn(8, 16), torch.randn(100, 16)
     assert reconstruction_error(w, w, x) == 0
