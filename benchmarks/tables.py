@@ -41,9 +41,13 @@ def prune_quality() -> str:
         "| method | 2:4 | 4:8 | 50% unstructured |",
         "|---|---|---|---|",
     ]
+    carried = r.get("carried_over", {})  # cells kept from an earlier run, each with why
     for method in ("magnitude", "wanda", "sparsegpt"):
-        cells = [f"{ppl[k]:.1f}" if (k := f"{method}/{p}") in ppl else "-" for p in ("2:4", "4:8", "unstructured")]
+        cells = [f"{ppl[k]:.1f}{' (*)' if k in carried else ''}" if (k := f"{method}/{p}") in ppl else "-"
+                 for p in ("2:4", "4:8", "unstructured")]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if carried:
+        lines += [""] + [f"- (*) {k}: {why}." for k, why in carried.items()]
     for cell, runs in r.get("seed_spread", {}).items():
         parts = [f"{sampling} sampling " + " / ".join(f"{v:.1f}" for v in by_seed.values())
                  + f" (seeds {', '.join(by_seed)})" for sampling, by_seed in runs.items() if by_seed]
