@@ -1,7 +1,11 @@
 """WikiText-2 perplexity of a model (default SmolLM2-135M) dense and pruned by magnitude, Wanda and SparseGPT
 at 2:4, 4:8 and 50% unstructured. Writes benchmarks/results/prune_quality.json (after every run) and a PNG.
 
-    python benchmarks/prune_quality.py --nsamples 32 --seqlen 512 --eval-tokens 20000 --threads 1
+    python benchmarks/prune_quality.py --nsamples 32 --seqlen 512 --eval-tokens 20000 --threads 1 \
+        --spread wanda/2:4 --spread-seeds 0 1 2
+
+``--spread METHOD/PATTERN`` reprunes that cell with each of ``--spread-seeds`` under both calibration samplings
+(reference and concat), so the table can show how much of a difference is the calibration draw.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 from sparse_runtime.eval import perplexity
 from sparse_runtime.models import load_model
 from sparse_runtime.prune import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, prune
+from sparse_runtime.prune.calibration import SAMPLINGS, bos_mode
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -63,6 +68,13 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
     p.add_argument("--calib", default=str(DEFAULT_CALIB))
+    p.add_argument("--calib-sampling", choices=SAMPLINGS, default="reference")
+    p.add_argument("--bos", choices=("auto", "window", "document"), default="auto",
+                   help="BOS in calibration and evaluation windows (see sparse_runtime.prune.calibration.bos_mode)")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed of the table")
+    p.add_argument("--spread", nargs="*", default=[], metavar="METHOD/PATTERN",
+                   help="cells to reprune with every --spread-seeds seed under both samplings")
+    p.add_argument("--spread-seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--eval-data", default=str(DEFAULT_EVAL))
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=20000)
@@ -81,34 +93,44 @@ def main(argv=None) -> int:
 
     model, tok = load_model(args.model, device=args.device)
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    calib = calibration_windows(tok, args.calib, args.nsamples, args.seqlen, seed=0,
-                                max_seqlen=model.config.max_position_embeddings)
+
+    def windows(sampling, seed):
+        return calibration_windows(tok, args.calib, args.nsamples, args.seqlen, seed=seed,
+                                   max_seqlen=model.config.max_position_embeddings, sampling=sampling, bos=args.bos)
+
+    calib = windows(args.calib_sampling, args.seed)
     text = Path(args.eval_data).read_text(encoding="utf-8")
     report = {
         "model": args.model, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device_name(args.device), "torch": torch.__version__,
         "calibration": {"file": Path(args.calib).name, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
-                        "seed": 0},
+                        "seed": args.seed, "sampling": args.calib_sampling, "bos": bos_mode(tok, args.bos)},
         "eval": {"file": Path(args.eval_data).name, "seqlen": args.eval_seqlen, "max_tokens": args.eval_tokens,
                  "windows": "non-overlapping, trailing partial window dropped"},
         "notes": "unstructured = 50% (magnitude: per-matrix threshold; Wanda: per row; SparseGPT: adaptive per "
                  "128-column block). Perplexity of the pruned weights run densely (same math as SparseLinear). "
-                 "4:8 / 2:4 prune every decoder linear of SmolLM2 (all in_features divide by 8).",
+                 "4:8 / 2:4 prune every decoder linear of SmolLM2 (all in_features divide by 8). N:M masks prune "
+                 "torch.topk(largest=False) of each group's scores, ties included, as the reference code does.",
         "perplexity": {}, "prune_seconds": {}, "skipped_layers": {}, "paper_reference": PAPER_REFERENCE,
+        "seed_spread": {},
     }
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
 
     def record(key, res, seconds=None, skipped=None):
         report["perplexity"][key] = round(res.ppl, 3)
-        report["eval"]["tokens"] = res.tokens
+        report["eval"]["tokens"], report["eval"]["bos"] = res.tokens, res.bos
         if seconds is not None:
             report["prune_seconds"][key] = round(seconds, 1)
             report["skipped_layers"][key] = len(skipped)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        save()
         print(f"{key:24s} {res}" + (f"  [pruned in {seconds:.0f} s]" if seconds is not None else ""), flush=True)
 
     def evaluate():
-        return perplexity(model, tok, text, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens, progress=False)
+        return perplexity(model, tok, text, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens, progress=False,
+                          bos=args.bos)
 
     record("dense", evaluate())
     for pattern in args.patterns:
@@ -116,6 +138,20 @@ def main(argv=None) -> int:
             model.load_state_dict(original)
             res = prune(model, method, pattern, 0.5, calib=calib, device=args.device, progress=False)
             record(f"{method}/{pattern}", evaluate(), res.seconds, res.skipped)
+    for key in args.spread:
+        method, pattern = key.split("/")
+        for sampling in SAMPLINGS:
+            for seed in args.spread_seeds:
+                cell = report["seed_spread"].setdefault(key, {}).setdefault(sampling, {})
+                if sampling == args.calib_sampling and seed == args.seed and key in report["perplexity"]:
+                    cell[str(seed)] = report["perplexity"][key]  # the table's own run
+                    continue
+                model.load_state_dict(original)
+                prune(model, method, pattern, 0.5, calib=windows(sampling, seed), device=args.device, progress=False)
+                res = evaluate()
+                cell[str(seed)] = round(res.ppl, 3)
+                save()
+                print(f"{key:24s} {sampling} seed {seed}: {res}", flush=True)
     model.load_state_dict(original)
     plot(report, out.with_suffix(".png"))
     return 0

@@ -27,6 +27,7 @@ from prune_quality import device_name  # noqa: E402
 from sparse_runtime.eval import perplexity  # noqa: E402
 from sparse_runtime.models import load_model  # noqa: E402
 from sparse_runtime.prune import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, prune  # noqa: E402
+from sparse_runtime.prune.calibration import SAMPLINGS, bos_mode  # noqa: E402
 from sparse_runtime.sparsify import sparsify  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=40960)
     p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--calib-sampling", choices=SAMPLINGS, default="reference")
     p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS)
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens per CPU decode-speed sample (0: skip)")
     p.add_argument("--threads", type=int, default=2)
@@ -144,13 +146,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     calib = calibration_windows(tok, DEFAULT_CALIB, args.nsamples, args.seqlen, seed=0,
-                                max_seqlen=model.config.max_position_embeddings)
+                                max_seqlen=model.config.max_position_embeddings, sampling=args.calib_sampling)
     text = Path(DEFAULT_EVAL).read_text(encoding="utf-8")
     report = {
         "model": args.model, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device_name("cpu"), "torch": torch.__version__, "pattern": "2:4",
         "calibration": {"file": Path(DEFAULT_CALIB).name, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
-                        "seed": 0},
+                        "seed": 0, "sampling": args.calib_sampling, "bos": bos_mode(tok, "auto")},
         "eval": {"file": Path(DEFAULT_EVAL).name, "seqlen": args.eval_seqlen, "max_tokens": args.eval_tokens,
                  "windows": "non-overlapping, trailing partial window dropped"},
         "notes": "Rotated runs prune true-sequentially with fresh statistics after rotating each layer; unrotated "
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
 
     res = evaluate(model)
     report["perplexity"]["dense"] = round(res.ppl, 3)
-    report["eval"]["tokens"] = res.tokens
+    report["eval"]["tokens"], report["eval"]["bos"] = res.tokens, res.bos
     save()
     print(f"dense {res}", flush=True)
     for run in runs:

@@ -30,18 +30,28 @@ def prune_quality() -> str:
     if r is None:
         return "_not measured yet: run `python benchmarks/prune_quality.py`_\n"
     ppl, cal, ev, ref = r["perplexity"], r["calibration"], r["eval"], r.get("paper_reference", {})
+    bos = {"window": "BOS per window", "document": "BOS per document", "none": "no BOS: the tokenizer adds none"}
     lines = [
         f"WikiText-2 raw test perplexity of {r['model']}: seqlen {ev['seqlen']}, {ev['tokens']:,} tokens "
-        f"({ev['windows']}); calibration {cal['nsamples']} x {cal['seqlen']} tokens of {cal['file']} "
-        f"(seed {cal['seed']}); {r['device']}, torch {r['torch']}, {r['date'][:10]}. "
+        f"({ev['windows']}; {bos[ev.get('bos', 'document')]}); calibration {cal['nsamples']} x {cal['seqlen']} "
+        f"tokens of {cal['file']} ({cal.get('sampling', 'concat')} sampling, seed {cal['seed']}; "
+        f"{bos[cal.get('bos', 'none')]}); {r['device']}, torch {r['torch']}, {r['date'][:10]}. "
         f"Dense: **{ppl['dense']:.2f}**.",
         "",
         "| method | 2:4 | 4:8 | 50% unstructured |",
         "|---|---|---|---|",
     ]
+    carried = r.get("carried_over", {})  # cells kept from an earlier run, each with why
     for method in ("magnitude", "wanda", "sparsegpt"):
-        cells = [f"{ppl[k]:.1f}" if (k := f"{method}/{p}") in ppl else "-" for p in ("2:4", "4:8", "unstructured")]
+        cells = [f"{ppl[k]:.1f}{' (*)' if k in carried else ''}" if (k := f"{method}/{p}") in ppl else "-"
+                 for p in ("2:4", "4:8", "unstructured")]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if carried:
+        lines += [""] + [f"- (*) {k}: {why}." for k, why in carried.items()]
+    for cell, runs in r.get("seed_spread", {}).items():
+        parts = [f"{sampling} sampling " + " / ".join(f"{v:.1f}" for v in by_seed.values())
+                 + f" (seeds {', '.join(by_seed)})" for sampling, by_seed in runs.items() if by_seed]
+        lines += ["", f"Seed-to-seed spread of {cell.replace('/', ' ')}: " + "; ".join(parts) + "."]
     if ref:
         lines += ["", f"Paper reference ({ref['model']}, seqlen {ref['seqlen']}): dense {ref['dense']}; 2:4 "
                   + ", ".join(f"{m} {v}" for m, v in ref["2:4"].items())
@@ -145,8 +155,9 @@ def rotation_quality() -> str:
         return "_not measured yet: run `python benchmarks/rotation_quality.py`_\n"
     cal, ev, runs = r["calibration"], r["eval"], r["runs"]
     lines = [f"WikiText-2 raw test perplexity of {r['model']} at {r['pattern']}: seqlen {ev['seqlen']}, "
-             f"{ev['tokens']:,} tokens ({ev['windows']}); calibration {cal['nsamples']} x {cal['seqlen']} tokens of "
-             f"{cal['file']} (seed {cal['seed']}); {r['device']}, torch {r['torch']}, {r['date'][:10]}. "
+             f"{ev['tokens']:,} tokens ({ev['windows']}, BOS: {ev.get('bos', 'none')}); calibration {cal['nsamples']} "
+             f"x {cal['seqlen']} tokens of {cal['file']} (seed {cal['seed']}, {cal.get('sampling', 'concat')} "
+             f"sampling); {r['device']}, torch {r['torch']}, {r['date'][:10]}. "
              f"Dense: **{r['perplexity']['dense']:.2f}**.", "",
              "| method | rotation | R1 blocks | steps / layer | perplexity | rotate + prune | rotation steps/s "
              "(GFLOP/s) |", "|---|---|---|---|---|---|---|"]
@@ -184,8 +195,22 @@ def rotation_quality() -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES = {"prune_quality": prune_quality, "prune_speed": prune_speed, "decode": decode, "prefill": prefill,
-          "kernel_resources": kernel_resources, "rotation_quality": rotation_quality}
+def gemma3_bos() -> str:
+    r = _load("gemma3_bos.json")
+    if r is None:
+        return "_not measured yet: run `python benchmarks/gemma3_bos.py`_\n"
+    ppl, t = r["perplexity"], r["target"]
+    return (f"Dense {r['model']} on the first {r['max_tokens']:,} tokens of {r['data']}, seqlen {r['seqlen']}; "
+            f"{r['device']}, torch {r['torch']}, {r['date'][:10]}:\n\n"
+            "| BOS | perplexity | tokens scored |\n|---|---|---|\n"
+            + "".join(f"| {'per window' if k == 'window' else 'per document (reference protocol)'} | "
+                      f"{v['ppl']:.2f} | {v['tokens']:,} |\n" for k, v in ppl.items())
+            + f"\nTarget: BOS per window within {t['within']:.0%} of {t['ppl']}: "
+              f"{'met' if t['met'] else 'missed'}.\n")
+
+
+TABLES = {"prune_quality": prune_quality, "gemma3_bos": gemma3_bos, "prune_speed": prune_speed, "decode": decode,
+          "prefill": prefill, "kernel_resources": kernel_resources, "rotation_quality": rotation_quality}
 
 
 def render(text: str) -> str:

@@ -12,15 +12,16 @@ from .format import _groups_keep, kept_indices, pack_bits, parse_pattern, unpack
 def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     """Keep the ``n`` highest scores of each group of ``m`` consecutive entries along the last dim.
 
-    Deterministic on ties: the ``m - n`` lowest are dropped, the lower column first, as the reference
-    Wanda/SparseGPT code does (``topk(largest=False)`` of each group). It matters on quantised weights,
-    where many groups hold equal magnitudes."""
+    The ``m - n`` entries pruned are ``torch.topk(group, m - n, largest=False)``, the reference Wanda/SparseGPT
+    rule, ties included: on quantised weights many groups hold equal magnitudes, and topk's choice among
+    them (not the lower column) is what the published numbers were made with. topk's tie order is its
+    kernel's, so a group of ties may be cut differently on CPU and CUDA, as in the reference code."""
     if scores.shape[-1] % m:
         raise ShapeError(f"last dimension {scores.shape[-1]} is not divisible by the group size {m}")
     if not 0 < n < m:
         raise ValueError(f"need 0 < n < m, got {n}:{m}")
     groups = scores.reshape(-1, m).float()
-    drop = torch.sort(groups, dim=-1, stable=True).indices[:, : m - n]
+    drop = torch.topk(groups, m - n, dim=-1, largest=False).indices
     mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
     return mask.view(scores.shape)
 

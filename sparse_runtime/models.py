@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from .checkpoint import SPARSE_CONFIG, _write_atomic_dir, load_pretrained
+from .checkpoint import SPARSE_CONFIG, _model_class, _write_atomic_dir, load_pretrained
+from .errors import CheckpointError
 
 NAMED = {
     # name -> (pip package that ships the file, file name inside it)
@@ -39,10 +43,35 @@ def named_gguf(name: str) -> Path:
     return path
 
 
+def _content_key(path: Path, sample: int = 1 << 20) -> str:
+    """A hash of the file's size, its first 4 MiB (the GGUF header: metadata and tensor table) and 1 MiB at
+    four more offsets: the same file reinstalled elsewhere or later keys the same, a changed one does not."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(4 * sample))
+        for k in range(1, 5):
+            f.seek(max(0, size * k // 4 - sample))
+            h.update(f.read(sample))
+    return h.hexdigest()[:16]
+
+
+SOURCE = "gguf_source.json"  # in each cache entry: which file it was converted from
+
+
 def _gguf_cache_dir(gguf: Path) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_root() / f"{gguf.stem}-{key}"
+    return cache_root() / f"{gguf.stem}-{_content_key(gguf)}"
+
+
+def _remove_superseded(gguf: Path, keep: Path) -> None:
+    """Delete other cache entries converted from the same path (its content has changed since)."""
+    for entry in cache_root().glob(f"{gguf.stem}-*"):
+        try:
+            source = json.loads((entry / SOURCE).read_text())["source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not an entry of this format: leave it alone
+        if entry != keep and source == str(gguf.resolve()):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -50,7 +79,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     GGUF-loaded models, so the weights are moved into a model built from the config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    src, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     output_loading_info=True)
+    _check_loaded(gguf, info)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
     model.load_state_dict(src.state_dict())
@@ -59,8 +90,18 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        (tmp / SOURCE).write_text(json.dumps({"source": str(gguf.resolve()), "size": gguf.stat().st_size}))
 
     _write_atomic_dir(out, write)
+
+
+def _check_loaded(path, info: dict) -> None:
+    """transformers fills weights absent from a checkpoint with random values and only logs it: refuse."""
+    bad = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(f"{path}: weights missing or of the wrong shape, which would be randomly "
+                              f"initialised: {', '.join(bad[:3])}{more}")
 
 
 def resolve(spec: str | os.PathLike) -> Path:
@@ -74,8 +115,9 @@ def resolve(spec: str | os.PathLike) -> Path:
             raise FileNotFoundError(f"GGUF file {path} not found")
         out = _gguf_cache_dir(path)
         if not (out / "config.json").exists():
-            print(f"converting {path.name} to safetensors (once) into {out}", flush=True)
+            print(f"converting {path.name} to safetensors (once) into {out}", file=sys.stderr, flush=True)
             _convert_gguf(path, out)
+        _remove_superseded(path, keep=out)
         return out
     if not path.is_dir():
         known = ", ".join(NAMED)
@@ -86,13 +128,19 @@ def resolve(spec: str | os.PathLike) -> Path:
 
 
 def load_model(spec=DEFAULT_MODEL, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
-    """Load ``(model, tokenizer)`` from a folder, a sparse checkpoint, a GGUF file, or a known name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load ``(model, tokenizer)`` from a folder, a sparse checkpoint, a GGUF file, or a known name.
+
+    The model class is the one the config names (``LlamaForCausalLM``, ``BertModel``, ...), as
+    :func:`load_pretrained` builds it; weights the folder lacks are an error, never random values."""
+    from transformers import AutoConfig, AutoTokenizer
 
     path = resolve(spec)
     if (path / SPARSE_CONFIG).exists():
         model = load_pretrained(path, device=device, dtype=dtype, backend=backend)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
+        cls = _model_class(AutoConfig.from_pretrained(path))
+        model, info = cls.from_pretrained(path, dtype=dtype or torch.float32, output_loading_info=True)
+        _check_loaded(path, info)
+        model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer

@@ -28,3 +28,59 @@ def masked_dense_copy(model, sparse_model):
         if isinstance(mod, SparseLinear):
             dense.get_submodule(name).weight.data = mod.dense_weight().clone()
     return dense
+
+
+def write_stories_gguf(stories_dir, path, drop=(), name="stories260K"):
+    """stories260K as a float32 GGUF file, laid out as llama.cpp writes a Llama (q/k rows permuted per
+    head; tied embeddings: no output.weight), with its sentencepiece vocabulary. ``drop``: tensors to leave out;
+    ``name``: the general.name metadata (a different one gives a different file)."""
+    import gguf
+    import numpy as np
+    import sentencepiece
+    from safetensors.torch import load_file
+
+    cfg = transformers.AutoConfig.from_pretrained(stories_dir)
+    sd = load_file(f"{stories_dir}/model.safetensors")
+
+    def permute(w, heads):  # HF -> GGUF rotary layout (transformers undoes it on load)
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(cfg.num_hidden_layers):
+        names.update({f"model.layers.{i}.{k}.weight": f"blk.{i}.{v}.weight" for k, v in per_layer.items()})
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    sp = sentencepiece.SentencePieceProcessor(model_file=f"{stories_dir}/tokenizer.model")
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i).encode() for i in range(sp.vocab_size())])
+    w.add_token_scores([sp.get_score(i) for i in range(sp.vocab_size())])
+    w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                       for i in range(sp.vocab_size())])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    for hf, name in names.items():
+        if name in drop:
+            continue
+        t = sd[hf].float()
+        if name.endswith("attn_q.weight"):
+            t = permute(t, cfg.num_attention_heads)
+        elif name.endswith("attn_k.weight"):
+            t = permute(t, cfg.num_key_value_heads)
+        w.add_tensor(name, np.ascontiguousarray(t.numpy()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -33,12 +33,52 @@ def test_seqlen_clipped_to_context(tok):
 
 def test_too_short_file_errors_or_reduces(tok, tmp_path):
     short = tmp_path / "short.txt"
-    short.write_text("Once upon a time there was a cat.")
-    with pytest.raises(CalibrationError, match="fewer than one calibration window of 512"):
-        calibration_windows(tok, short, nsamples=4, seqlen=512)
+    short.write_text("Once upon a time there was a cat.")  # 10 tokens
+    with pytest.raises(CalibrationError, match="fewer than one calibration window of 511"):
+        calibration_windows(tok, short, nsamples=4, seqlen=512, sampling="concat")
     with pytest.warns(UserWarning, match="using 1 instead of 4"):
-        ids = calibration_windows(tok, short, nsamples=4, seqlen=8)
+        ids = calibration_windows(tok, short, nsamples=4, seqlen=8, sampling="concat")
     assert ids.shape == (1, 8)
+    with pytest.raises(CalibrationError, match="every document has fewer than one calibration window of 511"):
+        calibration_windows(tok, short, nsamples=4, seqlen=512)
+    assert calibration_windows(tok, short, nsamples=4, seqlen=8).shape == (4, 8)  # random slices of the one text
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        calibration_windows(tok, short, sampling="shuffle")
+
+
+def _reference_c4_loader(tokenizer, texts, nsamples, seqlen, seed):
+    """The reference Wanda/SparseGPT get_c4 loop, global random state and all."""
+    import random
+
+    random.seed(seed)
+    out = []
+    for _ in range(nsamples):
+        while True:
+            i = random.randint(0, len(texts) - 1)
+            enc = tokenizer(texts[i], return_tensors="pt")
+            if enc.input_ids.shape[1] > seqlen:
+                break
+        i = random.randint(0, enc.input_ids.shape[1] - seqlen - 1)
+        out.append(enc.input_ids[:, i:i + seqlen])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_reference_sampling_is_the_reference_loader_window_for_window(tok, seed):
+    path = TEXT / "c4_validation_2k.jsonl"
+    ref = _reference_c4_loader(tok, read_texts(path), 8, 128, seed)
+    assert torch.equal(calibration_windows(tok, path, 8, 128, seed=seed, bos="document"), ref)
+
+
+def test_bos_leads_every_window_and_the_rest_is_one_document(tok):
+    path = TEXT / "c4_validation_2k.jsonl"
+    texts = [tok(t, add_special_tokens=False).input_ids for t in read_texts(path)]
+    for sampling in ("reference", "concat"):
+        w = calibration_windows(tok, path, 6, 64, seed=1, sampling=sampling)  # bos="auto": stories adds a BOS
+        assert (w[:, 0] == tok.bos_token_id).all() and not (w[:, 1:] == tok.bos_token_id).any()
+    body = calibration_windows(tok, path, 6, 64, seed=1)[:, 1:].tolist()
+    for row in body:  # reference sampling: a contiguous slice of one document
+        assert any(any(doc[j:j + 63] == row for j in range(len(doc) - 62)) for doc in texts if len(doc) > 63)
 
 
 def test_jsonl_needs_text_field_and_file_must_exist(tmp_path):

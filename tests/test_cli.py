@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -58,3 +59,54 @@ def test_generate_bad_model_is_clear_error():
 def test_generate_bad_arguments(stories_dir, args):
     p = _run("generate", "--model", str(stories_dir), *args, check=False)
     assert p.returncode != 0 and "must be" in p.stderr
+
+
+def test_every_json_stdout_parses_even_on_a_gguf_cache_miss(stories_dir, tmp_path):
+    # A subprocess, so that whatever anything prints (transformers, tqdm, warnings) is caught.
+    from helpers import write_stories_gguf
+
+    gguf = str(write_stories_gguf(stories_dir, tmp_path / "stories.gguf"))
+    text = str(stories_dir.parents[1] / "text" / "tinystories_valid_head.txt")
+    runs = {
+        "generate": ["generate", "--model", gguf, "--prompt", "Once upon a time", "--max-new-tokens", "8",
+                     "--no-chat"],
+        "eval": ["eval", "--model", gguf, "--data", text, "--seqlen", "64", "--max-tokens", "256"],
+        "prune": ["prune", "--model", gguf, "--method", "wanda", "--calib", text, "--nsamples", "2", "--seqlen",
+                  "32", "--device", "cpu", "--out", str(tmp_path / "ck")],
+    }
+    for cmd, args in runs.items():
+        env = {**os.environ, "SPARSE_RUNTIME_CACHE": str(tmp_path / f"cache-{cmd}")}  # each one a cache miss
+        p = subprocess.run([sys.executable, "-m", "sparse_runtime", *args, "--json"], capture_output=True, text=True,
+                           timeout=300, env=env)
+        assert p.returncode == 0, p.stderr
+        assert "converting stories.gguf" in p.stderr
+        out = json.loads(p.stdout)
+        if cmd == "generate":
+            assert out["text"] == ", there was a little girl" and out["tokens"] == 8
+        elif cmd == "eval":
+            assert out["bos"] == "window" and out["tokens"] == 4 * 63
+        else:
+            assert out["calibration"]["sampling"] == "reference" and out["calibration"]["bos"] == "window"
+
+
+def test_generated_text_ends_with_a_newline(stories_dir):
+    p = _run("generate", "--model", str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "5",
+             "--no-chat")
+    assert p.stdout.endswith("\n") and not p.stdout.endswith("\n\n")
+
+
+def test_eval_states_the_bos_mode_beside_the_number(stories_dir, capsys):
+    from sparse_runtime.cli.common import BOS_CHOICES
+    from sparse_runtime.prune.calibration import BOS_MODES
+
+    assert BOS_CHOICES == BOS_MODES
+    text = str(stories_dir.parents[1] / "text" / "tinystories_valid_head.txt")
+    results = {}
+    for bos in BOS_CHOICES:
+        assert main(["eval", "--model", str(stories_dir), "--data", text, "--seqlen", "64", "--max-tokens", "256",
+                     "--bos", bos, "--json"]) == 0
+        results[bos] = json.loads(capsys.readouterr().out)
+    assert results["auto"] == results["window"] and results["window"]["bos"] == "window"
+    assert results["document"]["bos"] == "document" and results["document"]["ppl"] != results["window"]["ppl"]
+    main(["eval", "--model", str(stories_dir), "--data", text, "--seqlen", "64", "--max-tokens", "256"])
+    assert "BOS per window" in capsys.readouterr().out

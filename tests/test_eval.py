@@ -36,15 +36,53 @@ def test_uniform_model_windows_and_token_counts():
         perplexity(m, ids, seqlen=200, progress=False)
 
 
-def test_stories_perplexity_matches_direct_loss(stories_dir):
+def test_stories_perplexity_matches_direct_loss_in_both_bos_modes(stories_dir):
     model, tok = load_model(stories_dir)
     text = (TEXT / "tinystories_valid_head.txt").read_text()
-    r = perplexity(model, tok, text, seqlen=64, max_tokens=256, progress=False)
-    ids = tok(text, return_tensors="pt").input_ids[0][:256].view(4, 64)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    # reference protocol: the text tokenized once (one BOS in front), cut into windows of 64
+    r = perplexity(model, tok, text, seqlen=64, max_tokens=256, bos="document", progress=False)
+    doc = torch.cat([torch.tensor([tok.bos_token_id]), ids])[:256].view(4, 64)
+    # BOS per window: BOS + 63 text tokens, all 63 scored
+    w = perplexity(model, tok, text, seqlen=64, max_tokens=256, progress=False)
+    win = torch.cat([torch.full((4, 1), tok.bos_token_id), ids[:4 * 63].view(4, 63)], dim=1)
     with torch.no_grad():
-        loss = model(input_ids=ids, labels=ids).loss  # mean over 4 * 63 predicted tokens
-    assert r.tokens == 4 * 63 and math.isclose(r.ppl, loss.exp().item(), rel_tol=1e-4)
-    assert 2 < r.ppl < 20  # a trained model on in-domain text
+        doc_loss = model(input_ids=doc, labels=doc).loss  # mean over 4 * 63 predicted tokens
+        win_loss = model(input_ids=win, labels=win).loss
+    assert (r.bos, w.bos) == ("document", "window") and "BOS per window" in str(w)
+    assert r.tokens == w.tokens == 4 * 63 and r.windows == w.windows == 4
+    assert math.isclose(r.ppl, doc_loss.exp().item(), rel_tol=1e-4)
+    assert math.isclose(w.ppl, win_loss.exp().item(), rel_tol=1e-4)
+    assert w.ppl != r.ppl and 2 < w.ppl < 20  # a trained model on in-domain text
+
+
+def test_bos_window_stride_scores_each_token_once(stories_dir):
+    _, tok = load_model(stories_dir)
+    m = _Uniform(tok.vocab_size)
+    text = (TEXT / "tinystories_valid_head.txt").read_text()
+    r = perplexity(m, tok, text, seqlen=33, stride=8, max_tokens=200, progress=False)
+    assert m.seen[0] == 33 and r.tokens == 32 + 8 * ((200 - 32) // 8)
+    with pytest.raises(ValueError, match="stride <= 32"):
+        perplexity(m, tok, text, seqlen=33, stride=33, max_tokens=200, progress=False)
+
+
+def test_a_tokenizer_without_bos_gets_none(stories_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(stories_dir, add_bos_token=False)  # as SmolLM2's: a bos_token, never added
+    m = _Uniform(tok.vocab_size)
+    text = (TEXT / "tinystories_valid_head.txt").read_text()
+    r = perplexity(m, tok, text, seqlen=32, max_tokens=96, bos="window", progress=False)
+    assert r.bos == "none" and r.tokens == 3 * 31 and "no BOS" in str(r)
+    with pytest.raises(ValueError, match="bos must be one of"):
+        perplexity(m, tok, text, seqlen=32, bos="first", progress=False)
+
+
+def test_an_encoder_without_logits_is_a_clear_error():
+    from helpers import tiny_model
+
+    with pytest.raises(ValueError, match="needs a language model with logits; BertModel returns none"):
+        perplexity(tiny_model("bert"), torch.arange(64) % 100, seqlen=32, progress=False)
 
 
 def test_reconstruction_error():

@@ -17,10 +17,25 @@ def test_nm_mask_keeps_the_n_largest_of_each_group(n, m):
     assert (kept_min >= dropped_max).all()
 
 
-def test_nm_mask_ties_drop_the_lower_columns():
-    assert nm_mask(torch.ones(1, 4)).tolist() == [[False, False, True, True]]
-    assert nm_mask(torch.tensor([[3.0, 1, 1, 2]])).tolist() == [[True, False, False, True]]
-    assert nm_mask(torch.tensor([[1.0, 1, 1, 1, 2, 2, 2, 2]]), 3, 8).tolist() == [[False] * 5 + [True] * 3]
+def _reference_nm_mask(scores, n, m):
+    """The reference Wanda/SparseGPT loop: per group of columns, topk(largest=False) picks the pruned ones."""
+    pruned = torch.zeros_like(scores, dtype=torch.bool)
+    for i in range(0, scores.shape[1], m):
+        pruned.scatter_(1, i + torch.topk(scores[:, i:i + m].float(), m - n, dim=1, largest=False)[1], True)
+    return ~pruned
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_mask_breaks_ties_exactly_as_the_reference_topk(n, m):
+    # Few distinct values, as on a 4-bit grid: most groups hold ties, where a different rule would differ.
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (256, 8 * m), generator=g).float()
+    ref = _reference_nm_mask(scores, n, m)
+    assert torch.equal(nm_mask(scores, n, m), ref)
+    lower_first = torch.ones_like(scores, dtype=torch.bool).view(-1, m).scatter_(
+        -1, torch.sort(scores.view(-1, m), stable=True).indices[:, : m - n], False).view(scores.shape)
+    assert not torch.equal(lower_first, ref)  # the tie rule matters on this input: the test can fail
+    assert torch.equal(nm_mask(scores.half(), n, m), ref)  # scored in float32, as the reference does
 
 
 def test_validate_nm_error_names_row_and_group():

@@ -15,6 +15,16 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="SparseLinear backend (default: auto)")
 
 
+BOS_CHOICES = ("auto", "window", "document")  # prune.calibration.BOS_MODES, without importing torch for --help
+
+
+def add_bos_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--bos", choices=BOS_CHOICES, default="auto",
+                   help=f"BOS in the {what}: 'window' puts the tokenizer's BOS in front of every window, 'document' "
+                        "only where the tokenizer puts it (the reference Wanda/SparseGPT protocol); 'auto' is "
+                        "'window'. A tokenizer that adds no BOS (SmolLM2) makes all three the same")
+
+
 def load_from_args(args):
     import torch
 

@@ -7,9 +7,10 @@ HELP = "perplexity of a model or sparse checkpoint over non-overlapping windows 
 
 
 def add_arguments(p) -> None:
-    from .common import add_model_arguments
+    from .common import add_bos_argument, add_model_arguments
 
     add_model_arguments(p)
+    add_bos_argument(p, "evaluation windows")
     p.add_argument("--data", default=None, help="text or jsonl file (default: shared WikiText-2 raw test)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length, clipped to the model's context")
     p.add_argument("--stride", type=int, default=None, help="window step (default: seqlen, non-overlapping)")
@@ -28,7 +29,8 @@ def run(args) -> int:
     text = "\n\n".join(read_texts(data))
     model, tok = load_from_args(args)
     seqlen = min(args.seqlen, context_length(model) or args.seqlen)
-    res = perplexity(model, tok, text, seqlen=seqlen, stride=args.stride, max_tokens=args.max_tokens)
+    res = perplexity(model, tok, text, seqlen=seqlen, stride=args.stride, max_tokens=args.max_tokens,
+                     bos=args.bos)
     if args.json:
         print(json.dumps({"model": str(args.model), "data": str(data), **res.to_dict()}))
     else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -22,6 +23,7 @@ def add_arguments(p) -> None:
                    help="wrap the prompt in the tokenizer's chat template when it has one (default: on)")
     p.add_argument("--sparsify", default=None, metavar="PATTERN",
                    help="magnitude-prune the decoder linears to PATTERN (e.g. 2:4) before generating")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the text instead of streaming")
 
 
 def run(args) -> int:
@@ -31,16 +33,23 @@ def run(args) -> int:
     model, tok = load_from_args(args)
     if args.sparsify:
         print(sparsify(model, pattern=args.sparsify, backend=args.backend), file=sys.stderr)
-    t0, n = time.perf_counter(), 0
+    t0, n, text = time.perf_counter(), 0, []
     for token in stream_generate(model, tok, args.prompt, args.max_new_tokens, args.temperature,
                                  args.top_k, args.top_p, args.seed, chat=args.chat):
-        sys.stdout.write(token.text)
-        sys.stdout.flush()
+        text.append(token.text)
         n += 1
+        if not args.json:
+            sys.stdout.write(token.text)
+            sys.stdout.flush()
     dt = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"model": str(args.model), "prompt": args.prompt, "text": "".join(text), "tokens": n,
+                          "seconds": round(dt, 3), "tokens_per_second": round(n / dt, 2) if n else 0.0}))
+        return 0
     if n == 0:  # say why nothing printed rather than leave an empty line
         print("[0 tokens: the model's first token was end-of-sequence; try --no-chat or sampling "
               "(--temperature 0.7)]", file=sys.stderr)
     else:
-        print(f"\n[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s]", file=sys.stderr)
+        print()  # the text ends with a newline, so a shell prompt or a pipe's next line starts on its own
+        print(f"[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s]", file=sys.stderr)
     return 0

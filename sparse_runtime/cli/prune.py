@@ -9,7 +9,7 @@ HELP = "prune a model (magnitude, Wanda, SparseGPT) to 2:4 / N:M / unstructured 
 
 
 def add_arguments(p) -> None:
-    from .common import add_model_arguments
+    from .common import add_bos_argument, add_model_arguments
 
     add_model_arguments(p)
     p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
@@ -22,6 +22,10 @@ def add_arguments(p) -> None:
     p.add_argument("--per", choices=["row", "matrix"], default="matrix",
                    help="magnitude, unstructured: threshold per output row or per weight matrix (default: matrix)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--calib-sampling", choices=["reference", "concat"], default="reference",
+                   help="'reference': per window a random document longer than it and a random slice, as the "
+                        "reference Wanda/SparseGPT C4 loader draws; 'concat': shuffled documents joined and cut")
+    add_bos_argument(p, "calibration windows")
     p.add_argument("--targets", nargs="+", default=None,
                    help="linears to prune (globs or trailing names); default: every linear in the decoder layers")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default: 128)")
@@ -57,7 +61,7 @@ def _run(args) -> int:
     from ..checkpoint import save_pretrained
     from ..models import load_model
     from ..prune import DEFAULT_CALIB, calibration_windows, prune
-    from ..prune.calibration import context_length
+    from ..prune.calibration import bos_mode, context_length
     from ..prune.layerwise import check_sparsity
     from ..sparsify import sparsify
     from .common import DTYPES
@@ -74,7 +78,7 @@ def _run(args) -> int:
     calib = None
     if args.method != "magnitude":
         calib = calibration_windows(tok, args.calib or DEFAULT_CALIB, args.nsamples, args.seqlen, args.seed,
-                                    max_seqlen=context_length(model))
+                                    max_seqlen=context_length(model), sampling=args.calib_sampling, bos=args.bos)
     options = ({"blocksize": args.blocksize, "damp": args.damp} if args.method == "sparsegpt" else
                {"per": args.per} if args.method == "magnitude" else {})
     if args.true_sequential is not None:
@@ -85,7 +89,7 @@ def _run(args) -> int:
     report = sparsify(model, masks=result.masks, pattern=args.pattern, backend=args.backend)
     info = {**result.to_dict(), "model": str(args.model), "calibration": None if calib is None else
             {"file": str(args.calib or DEFAULT_CALIB), "nsamples": calib.shape[0], "seqlen": calib.shape[1],
-             "seed": args.seed}}
+             "seed": args.seed, "sampling": args.calib_sampling, "bos": bos_mode(tok, args.bos)}}
     save_pretrained(model, args.out, tokenizer=tok, extra_config={"pruning": {
         k: info[k] for k in ("method", "pattern", "sparsity", "calibration", "model")} | {"rotation": None if
         rotate is None else {"objective": rotate.objective, "steps": rotate.steps, "blocks": rotate.blocks}}})

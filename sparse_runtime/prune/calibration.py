@@ -43,31 +43,101 @@ def context_length(model) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def calibration_windows(tokenizer, path=DEFAULT_CALIB, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-                        max_seqlen: int | None = None) -> torch.Tensor:
-    """``[nsamples, seqlen]`` token ids: documents shuffled with ``seed``, joined with EOS, cut into windows.
+BOS_MODES = ("auto", "window", "document")
+SAMPLINGS = ("reference", "concat")
+BOS_LABELS = {"window": "BOS per window", "document": "BOS per document (reference protocol)",
+              "none": "no BOS (the tokenizer adds none)"}
 
-    ``seqlen`` is clipped to ``max_seqlen`` (the model's context). Fewer tokens
-    than one window is an error; fewer than ``nsamples`` windows warns and
-    returns as many as there are."""
+
+def added_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts in front of a text by default (Llama, Gemma), or None where it adds
+    none (SmolLM2 and GPT-2 style tokenizers, even when they name a ``bos_token``)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a")["input_ids"]
+    return bos if bos is not None and ids[:1] == [bos] else None
+
+
+def bos_mode(tokenizer, bos: str = "auto") -> str:
+    """Resolve ``bos`` to what the windows get: ``"window"`` (every window starts with BOS), ``"document"``
+    (the tokenizer's own special tokens on each text, so BOS leads only a document's first window, as the
+    reference Wanda/SparseGPT code evaluates and calibrates) or ``"none"`` (the tokenizer adds no BOS: both
+    are the same). ``"auto"`` is ``"window"``: a model trained with BOS at the start of every sequence
+    (Gemma) is far worse without it."""
+    if bos not in BOS_MODES:
+        raise ValueError(f"bos must be one of {', '.join(BOS_MODES)}, got {bos!r}")
+    if added_bos(tokenizer) is None:
+        return "none"
+    return "document" if bos == "document" else "window"
+
+
+def encode(tokenizer, text: str, mode: str) -> list[int]:
+    """Token ids of one text: with the tokenizer's special tokens in ``"document"``/``"none"`` mode (as the
+    reference code tokenizes), without them in ``"window"`` mode (the caller puts BOS in front of each window)."""
+    return tokenizer(text, add_special_tokens=mode != "window")["input_ids"]
+
+
+def calibration_windows(tokenizer, path=DEFAULT_CALIB, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+                        max_seqlen: int | None = None, sampling: str = "reference",
+                        bos: str = "auto") -> torch.Tensor:
+    """``[nsamples, seqlen]`` token ids from the documents of ``path``, with a fixed ``seed``.
+
+    ``sampling="reference"`` draws as the reference Wanda/SparseGPT C4 loader does, window for window
+    (``random.seed(seed)``; per sample a random document longer than the window, then a random slice of it);
+    ``"concat"`` shuffles the documents, joins them with EOS and cuts consecutive windows across document
+    boundaries. ``bos`` is resolved by :func:`bos_mode`: in ``"window"`` mode each window is BOS followed by
+    ``seqlen - 1`` text tokens. ``seqlen`` is clipped to ``max_seqlen`` (the model's context). Too little text
+    for one window is an error; concat sampling with fewer than ``nsamples`` windows warns and returns as many
+    as there are."""
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
     if max_seqlen and seqlen > max_seqlen:
         warnings.warn(f"calibration seqlen {seqlen} clipped to the model's context {max_seqlen}", stacklevel=2)
         seqlen = max_seqlen
+    mode = bos_mode(tokenizer, bos)
+    lead = [tokenizer.bos_token_id] if mode == "window" else []
+    span = seqlen - len(lead)  # text tokens per window
     texts = read_texts(path)
-    random.Random(seed).shuffle(texts)
+    draw = _reference_windows if sampling == "reference" else _concat_windows
+    windows = draw(tokenizer, texts, mode, nsamples, span, random.Random(seed), path)
+    return torch.tensor([lead + w for w in windows], dtype=torch.long).view(-1, seqlen)
+
+
+def _reference_windows(tokenizer, texts, mode, nsamples, span, rng, path) -> list[list[int]]:
+    # random.Random(seed) draws the same stream as the reference's random.seed(seed) + random.randint.
+    cache: dict[int, list[int]] = {}
+    longest, windows = 0, []
+    for _ in range(nsamples):
+        while True:
+            i = rng.randint(0, len(texts) - 1)
+            if i not in cache:
+                cache[i] = encode(tokenizer, texts[i], mode)
+                longest = max(longest, len(cache[i]))
+            if len(cache[i]) > span:
+                break
+            if len(cache) == len(texts) and longest <= span:  # the reference loops forever here
+                raise CalibrationError(f"{path}: every document has fewer than one calibration window of {span} "
+                                       f"tokens (the longest has {longest}), and the reference sampling slices "
+                                       "one document; give a smaller --seqlen or --calib-sampling concat")
+        j = rng.randint(0, len(cache[i]) - span - 1)
+        windows.append(cache[i][j:j + span])
+    return windows
+
+
+def _concat_windows(tokenizer, texts, mode, nsamples, span, rng, path) -> list[list[int]]:
+    rng.shuffle(texts)
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    need, ids = nsamples * seqlen, []
+    need, ids = nsamples * span, []
     for text in texts:  # tokenize only as many documents as the windows need
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+        ids += encode(tokenizer, text, mode) + sep
         if len(ids) >= need:
             break
-    have = len(ids) // seqlen
+    have = len(ids) // span
     if have == 0:
-        raise CalibrationError(f"{path} has {len(ids)} tokens, fewer than one calibration window of {seqlen}; "
+        raise CalibrationError(f"{path} has {len(ids)} tokens, fewer than one calibration window of {span}; "
                                "give a longer file or a smaller --seqlen")
     if have < nsamples:
-        warnings.warn(f"{path} gives only {have} windows of {seqlen} tokens; using {have} instead of "
-                      f"{nsamples} calibration samples", stacklevel=2)
-    return torch.tensor(ids[: min(have, nsamples) * seqlen], dtype=torch.long).view(-1, seqlen)
+        warnings.warn(f"{path} gives only {have} windows of {span} tokens; using {have} instead of "
+                      f"{nsamples} calibration samples", stacklevel=3)
+    return [ids[k * span:(k + 1) * span] for k in range(min(have, nsamples))]
