@@ -17,24 +17,10 @@ import torch
 import uvicorn
 
 from sparse_runtime.engine import Engine, Request, SamplingParams
-from sparse_runtime.models import load_model
 from sparse_runtime.server import Server
+from test_engine import one_thread, stories  # noqa: F401  (fixtures: one torch thread, stories260K)
 
 PROMPTS = ["Once upon a time", "The little dog", "Tom had a red ball.", "Sun"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 intra-op threads on 2 shared cores spend most of their time in OpenMP barriers (25x slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def stories(stories_dir):
-    return load_model(stories_dir)
 
 
 @contextlib.contextmanager
