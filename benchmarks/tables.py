@@ -209,8 +209,30 @@ def gemma3_bos() -> str:
               f"{'met' if t['met'] else 'missed'}.\n")
 
 
-TABLES = {"prune_quality": prune_quality, "gemma3_bos": gemma3_bos, "prune_speed": prune_speed, "decode": decode,
-          "prefill": prefill, "kernel_resources": kernel_resources, "rotation_quality": rotation_quality}
+def serve() -> str:
+    r = _load("serve_bench.json")
+    if r is None:
+        return "_not measured yet: run `python benchmarks/serve_bench.py`_\n"
+    d, lt, st = r["decode_tokens_per_s"], r["load_test"], r["settings"]
+    ok = lambda v, target: f"{v:.2f}x ({'meets' if v >= target else 'misses'} the {target}x target)"
+    return "\n".join([
+        f"{r['model']} ({r['dtype']}), greedy, {st['tokens']} tokens per sequence, median of {st['repeats']} runs; "
+        f"{r['device']}, torch {r['torch']}, {r['date'][:10]}.", "",
+        "| decode | tokens/s |", "|---|---|",
+        f"| transformers `generate`, batch 1 | {d['hf_generate_b1']:.1f} |",
+        f"| engine, batch 1 | {d['engine_b1']:.1f} |",
+        f"| engine, batch 8 (aggregate) | {d['engine_b8']:.1f} |", "",
+        f"Engine batch 1 vs `generate`: {ok(r['engine_b1_vs_hf'], 1.5)}; batch 8 vs batch 1: "
+        f"{ok(r['engine_b8_vs_b1'], 4)}. Load test over HTTP: {lt['requests'] - lt['failed']}/{lt['requests']} "
+        f"requests ok ({lt['failed']} failed) from {lt['clients']} concurrent clients, max_tokens {lt['max_tokens']}, "
+        f"max batch {lt['max_batch']}: {lt['requests_per_s']:.1f} requests/s, latency p50 {lt['latency_p50_s']:.2f} s, "
+        f"p90 {lt['latency_p90_s']:.2f} s, p99 {lt['latency_p99_s']:.2f} s.",
+    ]) + "\n"
+
+
+TABLES = {"prune_quality": prune_quality, "gemma3_bos": gemma3_bos, "serve": serve, "prune_speed": prune_speed,
+          "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources,
+          "rotation_quality": rotation_quality}
 
 
 def render(text: str) -> str:

@@ -44,41 +44,29 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer(prompt).input_ids
 
 
-@torch.inference_mode()
 def stream_generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                    chat: bool = False) -> Iterator[Token]:
-    """Yield generated tokens one at a time, stopping at EOS or ``max_new_tokens``."""
+                    chat: bool = False, stop: tuple[str, ...] = ()) -> Iterator[Token]:
+    """Yield generated tokens one at a time, stopping at EOS, a stop string or ``max_new_tokens``."""
+    from .engine import Engine, Request, SamplingParams
+
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    device = next(model.parameters()).device
     ids = encode_prompt(tokenizer, prompt, chat)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     ctx = getattr(model.config, "max_position_embeddings", None)
     if ctx and len(ids) + max_new_tokens > ctx:
         raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {ctx}")
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    eos = set(_as_list(getattr(model.generation_config, "eos_token_id", None)) + _as_list(tokenizer.eos_token_id))
-    x = torch.tensor([ids], device=device)
-    past, out, shown = None, [], ""
-    for _ in range(max_new_tokens):
-        step = model(input_ids=x, past_key_values=past, use_cache=True)
-        past = step.past_key_values
-        nxt = sample(step.logits[0, -1], temperature, top_k, top_p, gen)
-        if nxt in eos:
-            return
-        out.append(nxt)
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        # Hold back a trailing partial UTF-8 character until the next token completes it.
-        printable = text[:-1] if text.endswith("\ufffd") else text
-        delta = printable[len(shown):] if printable.startswith(shown) else ""
-        shown = printable if printable.startswith(shown) else shown
-        yield Token(nxt, delta)
-        x = torch.tensor([[nxt]], device=device)
-
-
-def _as_list(v) -> list:
-    if v is None:
-        return []
-    return list(v) if isinstance(v, (list, tuple)) else [v]
+    engine = Engine(model, tokenizer, max_batch=1, max_seq_len=len(ids) + max_new_tokens)
+    req = Request(ids, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, seed=seed, stop=tuple(stop)))
+    engine.add(req)
+    while not req.done:
+        n = len(req.output_ids)
+        engine.step()
+        delta = req.take_delta()
+        if len(req.output_ids) > n:
+            yield Token(req.output_ids[-1], delta)
+        elif delta:  # the final flush (a held-back stop-string prefix that turned out not to be one)
+            yield Token(-1, delta)

@@ -19,6 +19,7 @@ def add_arguments(p) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before TEXT (repeatable)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap the prompt in the tokenizer's chat template when it has one (default: on)")
     p.add_argument("--sparsify", default=None, metavar="PATTERN",
@@ -35,7 +36,7 @@ def run(args) -> int:
         print(sparsify(model, pattern=args.sparsify, backend=args.backend), file=sys.stderr)
     t0, n, text = time.perf_counter(), 0, []
     for token in stream_generate(model, tok, args.prompt, args.max_new_tokens, args.temperature,
-                                 args.top_k, args.top_p, args.seed, chat=args.chat):
+                                 args.top_k, args.top_p, args.seed, chat=args.chat, stop=tuple(args.stop)):
         text.append(token.text)
         n += 1
         if not args.json:

@@ -1,0 +1,407 @@
+"""Generation engine: a static KV cache, batched prefill and decode, continuous batching.
+
+The engine runs the model's own decoder (``model.get_decoder()``, so any residual-stream rotation or
+family-specific scaling inside the HF modules applies unchanged) with a preallocated cache of
+``max_batch`` slots. Running requests always occupy slots ``0..n-1``: decode reads the cache as a
+view, and a finished request's slot is filled by moving the last one into it. New requests join at
+step boundaries (prefilled together, right-padded), finished or aborted ones leave.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .generate import sample
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None        # top-n logprobs per generated token (0 = only the chosen one)
+    prompt_logprobs: bool = False      # also score the prompt (completions' echo + logprobs)
+    ignore_eos: bool = False
+
+    def check(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    # Called from the engine's thread after every step that changed the request (new text or finished).
+    on_update: Callable[["Request"], None] | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    text: str = ""                      # finished text so far (stop strings cut off)
+    emitted: int = 0                    # characters of ``text`` already handed out by ``take_delta``
+    finish_reason: str | None = None    # "stop", "length", "abort", or "error: ..."
+    aborted: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def take_delta(self) -> str:
+        """The text that became final since the last call (held back: partial characters and stop prefixes)."""
+        safe = self._safe  # read before text: the engine writes text first (another thread may read)
+        delta = self.text[self.emitted:safe]
+        self.emitted = max(self.emitted, safe)
+        return delta
+
+    _safe: int = 0
+    _gen: torch.Generator | None = None
+
+
+class StaticCache:
+    """Preallocated K/V ``[slots, kv_heads, max_len, head_dim]`` per layer, written where the engine says.
+
+    It implements the one method the HF attention modules call (``update``); the engine sets the rows
+    and positions before each forward."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.max_len = max_len
+        self._rows: slice = slice(0, 0)
+        self._pos: torch.Tensor | None = None  # decode: one position per row; prefill: None (write 0..L-1)
+        self._kv_len = 0
+
+    def prefill_at(self, rows: slice) -> None:
+        self._rows, self._pos = rows, None
+
+    def decode_at(self, n: int, pos: torch.Tensor, kv_len: int) -> None:
+        self._rows, self._pos, self._kv_len = slice(0, n), pos, kv_len
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        if self._pos is None:
+            length = key.shape[2]
+            k[self._rows, :, :length] = key
+            v[self._rows, :, :length] = value
+            return k[self._rows, :, :length], v[self._rows, :, :length]
+        rows = torch.arange(key.shape[0], device=key.device)
+        k[rows, :, self._pos] = key[:, :, 0]
+        v[rows, :, self._pos] = value[:, :, 0]
+        return k[self._rows, :, :self._kv_len], v[self._rows, :, :self._kv_len]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # asked by some HF code paths; positions are explicit
+        return 0
+
+
+class Engine:
+    """Continuous-batching generation over one model.
+
+    ``add`` queues a request (thread-safe); ``step`` admits queued requests into free slots, prefills
+    them, decodes one token for every running request and retires finished ones. ``generate`` runs a
+    list of requests to completion; ``start`` runs ``step`` in a background thread (the server)."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_seq_len: int | None = None,
+                 compile: bool = False, static: bool = False):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        cfg = model.config
+        ctx = getattr(cfg, "max_position_embeddings", None) or 2048
+        self.max_seq_len = min(ctx, max_seq_len or 2048)
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.cache = StaticCache(cfg.num_hidden_layers, max_batch, kv_heads, self.max_seq_len, head_dim,
+                                 self.dtype, self.device)
+        params = inspect.signature(self.decoder.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.eos = set(_as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+                       + _as_list(tokenizer.eos_token_id))
+        self.running: list[Request] = []
+        self.lengths: list[int] = []           # tokens in the cache per running slot
+        self.waiting: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._waiting_n = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        # static: decode always runs max_batch rows over the whole cache (one shape: what CUDA graphs need).
+        self._static = static or compile
+        self._decode_forward = self._forward_eager
+        if compile:  # CUDA: capture the decode step as CUDA graphs via torch.compile
+            if self.device.type != "cuda":
+                raise ValueError("compile=True needs a CUDA model (it captures CUDA graphs)")
+            self._decode_forward = torch.compile(self._forward_eager, mode="reduce-overhead", dynamic=False)
+
+    # ---- public API -------------------------------------------------------------------------
+    def check(self, req: Request) -> None:
+        req.params.check()
+        if not req.prompt_ids:
+            raise ValueError("the prompt encodes to no tokens")
+        need = len(req.prompt_ids) + max(req.params.max_tokens, 1)
+        if need > self.max_seq_len:
+            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) "
+                             f"exceeds the context of {self.max_seq_len} tokens")
+
+    def add(self, req: Request) -> Request:
+        self.check(req)
+        if req.params.seed is not None:
+            req._gen = torch.Generator().manual_seed(req.params.seed)
+        with self._lock:
+            self._waiting_n += 1
+        self.waiting.put(req)
+        self._wake.set()
+        return req
+
+    @property
+    def num_waiting(self) -> int:
+        return self._waiting_n
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def abort(self, req: Request) -> None:
+        req.aborted = True  # retired at the next step boundary
+        self._wake.set()
+
+    def generate(self, requests: list[Request]) -> list[Request]:
+        """Run ``requests`` to completion in this thread (not with ``start``)."""
+        for r in requests:
+            self.add(r)
+        while any(not r.done for r in requests):
+            self.step()
+        return requests
+
+    def stream(self, req: Request) -> Iterator[str]:
+        """Run one request in this thread, yielding its text as it becomes final."""
+        self.add(req)
+        while not req.done:
+            self.step()
+            delta = req.take_delta()
+            if delta:
+                yield delta
+        delta = req.take_delta()
+        if delta:
+            yield delta
+
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="sparse-runtime-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- one scheduling step ----------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._retire(lambda r: r.aborted, "abort")
+        new = []
+        while len(self.running) + len(new) < self.max_batch:
+            try:
+                req = self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            with self._lock:
+                self._waiting_n -= 1
+            if not req.aborted:
+                new.append(req)
+            else:
+                self._finish(req, "abort")
+        decoding = len(self.running)
+        if decoding:
+            self._decode()
+        if new:
+            self._prefill(new)
+        self._retire(lambda r: r.done, None)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.running and self.waiting.empty():
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as e:  # fail the requests in flight, keep serving
+                for r in self.running:
+                    self._finish(r, f"error: {e}")
+                self._retire(lambda r: r.done, None)
+        for r in self.running:
+            self._finish(r, "abort")
+        self.running, self.lengths = [], []
+        while not self.waiting.empty():
+            self._finish(self.waiting.get_nowait(), "abort")
+
+    # ---- model calls ------------------------------------------------------------------------
+    def _forward_eager(self, ids, pos, mask):
+        h = self.decoder(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
+                         **{self._cache_kw: self.cache}).last_hidden_state
+        return h
+
+    def _prefill(self, new: list[Request]) -> None:
+        s0 = len(self.running)
+        lens = [len(r.prompt_ids) for r in new]
+        L = max(lens)
+        ids = torch.zeros(len(new), L, dtype=torch.long)
+        for i, r in enumerate(new):
+            ids[i, :lens[i]] = torch.tensor(r.prompt_ids)
+        ids = ids.to(self.device)
+        pos = torch.arange(L, device=self.device).expand(len(new), L)
+        lens_t = torch.tensor(lens, device=self.device)
+        keys = torch.arange(L, device=self.device)
+        allowed = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lens_t[:, None, None])
+        self.cache.prefill_at(slice(s0, s0 + len(new)))
+        h = self._forward_eager(ids, pos, self._additive(allowed[:, None]))
+        last = h[torch.arange(len(new), device=self.device), lens_t - 1]
+        logits = self.lm_head(last).float()
+        for i, r in enumerate(new):
+            if r.params.prompt_logprobs:
+                r.prompt_logprobs = self._prompt_logprobs(h[i, :lens[i]], r.prompt_ids, r.params.logprobs or 0)
+        self.running.extend(new)
+        self.lengths.extend(lens)
+        for i, r in enumerate(new):
+            if r.params.max_tokens == 0:
+                self._finish(r, "length")
+            else:
+                self._accept(r, logits[i])
+
+    def _decode(self) -> None:
+        n = len(self.running)
+        ids = torch.tensor([r.output_ids[-1] for r in self.running], device=self.device)[:, None]
+        pos = torch.tensor(self.lengths, device=self.device)
+        kv_len = self.cache.max_len if self._static else max(self.lengths) + 1
+        if self._static:  # pad to the full batch so every step has one shape (CUDA graphs)
+            pad = self.max_batch - n
+            ids = torch.cat([ids, ids.new_zeros(pad, 1)])
+            pos = torch.cat([pos, pos.new_zeros(pad)])
+        keys = torch.arange(kv_len, device=self.device)
+        mask = self._additive((keys[None, :] <= pos[:, None])[:, None, None, :])
+        self.cache.decode_at(ids.shape[0], pos, kv_len)
+        h = self._decode_forward(ids, pos[:, None], mask)
+        logits = self.lm_head(h[:n, -1]).float()
+        for i, r in enumerate(self.running):
+            self.lengths[i] += 1
+            self._accept(r, logits[i])
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+
+    def _prompt_logprobs(self, h, ids, top_n) -> list[TokenLogprob | None]:
+        lp = self.lm_head(h[:-1]).float().log_softmax(-1)
+        out: list[TokenLogprob | None] = [None]
+        for t in range(1, len(ids)):
+            out.append(_token_logprob(lp[t - 1], ids[t], top_n))
+        return out
+
+    # ---- per-request bookkeeping ------------------------------------------------------------
+    def _accept(self, r: Request, logits: torch.Tensor) -> None:
+        p = r.params
+        tok = sample(logits, p.temperature, p.top_k or None, p.top_p, r._gen)
+        if tok in self.eos and not p.ignore_eos:
+            self._finish(r, "stop")
+            return
+        r.output_ids.append(tok)
+        if p.logprobs is not None:
+            r.logprobs.append(_token_logprob(logits.log_softmax(-1), tok, p.logprobs))
+        self._detokenize(r)
+        if r.done:
+            return
+        if len(r.output_ids) >= p.max_tokens:
+            self._finish(r, "length")
+        elif r.on_update is not None:
+            r.on_update(r)
+
+    def _detokenize(self, r: Request) -> None:
+        text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+        for s in r.params.stop:
+            at = text.find(s)
+            if s and at >= 0:
+                r.text = text[:at]
+                self._finish(r, "stop")
+                return
+        # Hold back a trailing partial UTF-8 character and any tail that could start a stop string.
+        safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
+        for s in r.params.stop:
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        r.text, r._safe = text, max(r._safe, safe)
+
+    def _finish(self, r: Request, reason: str) -> None:
+        if r.done:
+            return
+        r.text = r.text.rstrip("\ufffd")
+        r._safe = len(r.text)
+        r.finish_reason = reason  # last: a reader that sees done also sees the final text
+        if r.on_update is not None:
+            r.on_update(r)
+
+    def _retire(self, gone: Callable[[Request], bool], reason: str | None) -> None:
+        i = 0
+        while i < len(self.running):
+            r = self.running[i]
+            if not gone(r):
+                i += 1
+                continue
+            if reason:
+                self._finish(r, reason)
+            last = len(self.running) - 1
+            if i != last:  # keep running slots contiguous: move the last one into the hole
+                self.cache.move(last, i, self.lengths[last])
+                self.running[i], self.lengths[i] = self.running[last], self.lengths[last]
+            self.running.pop()
+            self.lengths.pop()
+
+
+def _token_logprob(lp: torch.Tensor, tok: int, top_n: int) -> TokenLogprob:
+    top = []
+    if top_n:
+        v, i = lp.topk(top_n)
+        top = list(zip(i.tolist(), v.tolist()))
+    return TokenLogprob(tok, float(lp[tok]), top)
+
+
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple)) else [v]
