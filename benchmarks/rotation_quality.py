@@ -82,6 +82,23 @@ def decode_tokens_per_s(model, tok, new_tokens: int, repeats: int = 3) -> float:
     return new_tokens / statistics.median(times[1:])
 
 
+def merge_reports(reports: list[dict], out: Path) -> None:
+    """One report from several runs of this script under the same protocol (e.g. two processes, one per core)."""
+    def protocol(r):
+        cal = {"sampling": "concat", **r["calibration"]}  # reports written before the field existed used concat
+        return r["model"], r["pattern"], cal, {k: v for k, v in r["eval"].items() if k != "bos"}, r["perplexity"]["dense"]
+
+    first = reports[0]
+    for r in reports[1:]:
+        if protocol(r) != protocol(first):
+            raise SystemExit("--merge: the reports differ in model, calibration, evaluation or dense perplexity")
+    merged = {**first, "calibration": protocol(first)[2], "merged_from": [r["date"] for r in reports]}
+    for r in reports[1:]:
+        for k in ("perplexity", "runs", "decode"):
+            merged[k] = {**merged[k], **r[k]}
+    out.write_text(json.dumps(merged, indent=2))
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -126,8 +143,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "rotation_quality.json"))
     p.add_argument("--replot", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="fold the runs of these reports (same model and protocol) into --out, then replot")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.merge:
+        merge_reports([json.loads(Path(f).read_text()) for f in args.merge], out)
+        args.replot = True
     if args.replot:  # also (re)computes what follows from the shapes, for runs recorded before it was
         report = json.loads(out.read_text())
         from transformers import AutoConfig
