@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import compressed_tensors
 from .checkpoint import SPARSE_CONFIG, _write_atomic_dir, load_pretrained
 
 NAMED = {
@@ -92,6 +93,8 @@ def load_model(spec=DEFAULT_MODEL, device="cpu", dtype: torch.dtype | None = Non
     path = resolve(spec)
     if (path / SPARSE_CONFIG).exists():
         model = load_pretrained(path, device=device, dtype=dtype, backend=backend)
+    elif compressed_tensors.quantization_config(path) is not None:
+        model = compressed_tensors.load_compressed_tensors(path, device=device, dtype=dtype, backend=backend)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
