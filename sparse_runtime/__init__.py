@@ -9,6 +9,10 @@ from .sparsify import SparsifyReport, sparsify
 
 __version__ = "0.1.0"
 
+from .hf_quantizer import register as _register_hf_quantizer  # noqa: E402
+
+_register_hf_quantizer()  # AutoModelForCausalLM.from_pretrained(sparse checkpoint) builds SparseLinear layers
+
 __all__ = [
     "SparseLinear", "SparseWeight", "sparsify", "SparsifyReport", "save_pretrained", "load_pretrained",
     "load_model", "nm_mask", "unstructured_mask", "validate_nm", "BackendUnavailable", "CheckpointError",

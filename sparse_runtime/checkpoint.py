@@ -104,6 +104,7 @@ def save_pretrained(model: nn.Module, out_dir, tokenizer=None, extra_config: dic
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", FORMAT_NAME: str(FORMAT_VERSION)})
         config.save_pretrained(tmp)
+        _mark_quantization_config(tmp / "config.json")
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             with contextlib.suppress(Exception):  # some configs fail their own validation on save
@@ -139,6 +140,14 @@ def _install_residual_rotations(model, sc: dict, path: Path, dtype) -> None:
         install_boundaries(layers, {int(i): [int(n) for n in s] for i, s in shapes.items()}, dtype)
     except (ValueError, TypeError, SparseRuntimeError) as e:
         raise CheckpointError(f"{path / SPARSE_CONFIG}: bad residual_rotation entry ({e})") from None
+
+
+def _mark_quantization_config(config_file: Path) -> None:
+    """Name this format in config.json so that plain transformers ``from_pretrained`` routes the folder to
+    sparse_runtime's quantizer (registered on ``import sparse_runtime``) instead of loading random linears."""
+    data = json.loads(config_file.read_text())
+    data["quantization_config"] = {"quant_method": FORMAT_NAME, "format_version": FORMAT_VERSION}
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _tokenizer_from_source(config):
@@ -213,11 +222,21 @@ def _check_layer(name: str, entry: dict, module) -> None:
         raise CheckpointError(f"{name}: checkpoint bias={entry['bias']} disagrees with the config's layer")
 
 
+def _compressed_tensors_folder(path: Path) -> bool:
+    from .compressed_tensors import quantization_config
+
+    return quantization_config(path) is not None
+
+
 def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
     """Rebuild the transformers model saved by :func:`save_pretrained`, with SparseLinear layers."""
     from transformers import AutoConfig
 
     path = Path(path)
+    if not (path / SPARSE_CONFIG).exists() and _compressed_tensors_folder(path):
+        from .compressed_tensors import load_compressed_tensors
+
+        return load_compressed_tensors(path, device=device, dtype=dtype, backend=backend)
     sc = read_sparse_config(path)
     weights = path / WEIGHTS
     if not weights.exists():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import compressed_tensors
 from .checkpoint import SPARSE_CONFIG, _model_class, _write_atomic_dir, load_pretrained
 from .errors import CheckpointError
 
@@ -137,6 +138,8 @@ def load_model(spec=DEFAULT_MODEL, device="cpu", dtype: torch.dtype | None = Non
     path = resolve(spec)
     if (path / SPARSE_CONFIG).exists():
         model = load_pretrained(path, device=device, dtype=dtype, backend=backend)
+    elif compressed_tensors.quantization_config(path) is not None:
+        model = compressed_tensors.load_compressed_tensors(path, device=device, dtype=dtype, backend=backend)
     else:
         cls = _model_class(AutoConfig.from_pretrained(path))
         model, info = cls.from_pretrained(path, dtype=dtype or torch.float32, output_loading_info=True)

@@ -160,3 +160,14 @@ def test_rotated_checkpoint_on_gpu_matches_the_cpu_reference(stories_dir, tmp_pa
         gpu = load_pretrained(tmp_path / "ckpt", device="cuda", dtype=torch.float16, backend=backend)
         out = gpu(ids.cuda()).logits.double().cpu()
     assert float((out - ref).norm() / ref.norm()) < 4e-3
+
+
+def test_plain_transformers_loads_a_rotated_checkpoint(stories_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
+    rotate_model(model, *random_rotations(model, 2))
+    sparsify(model, pattern="2:4", backend="reference", progress=False)
+    save_pretrained(model, tmp_path / "ckpt")
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(4))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")  # through sparse_runtime's quantizer
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, load_pretrained(tmp_path / "ckpt", backend="reference")(ids).logits)

@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": "evaluate",
     "bench": "bench",
     "serve": "serve",
+    "export": "export",
 }
 
 
