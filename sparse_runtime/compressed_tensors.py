@@ -26,6 +26,7 @@ from .checkpoint import WEIGHTS, _build_skeleton, _tied_duplicates, _write_atomi
 from .errors import CheckpointError, SparseRuntimeError
 from .format import FLOAT_DTYPES, SparseWeight, kept_indices, pack_bits, pack_meta_24, unpack_bits
 from .linear import SparseLinear
+from .residual_rotation import BUFFER as RESIDUAL_ROTATION
 
 QUANT_METHOD = "compressed-tensors"
 SPARSE24 = "sparse-24-bitmask"
@@ -213,6 +214,10 @@ def export_compressed_tensors(model: nn.Module, out_dir, tokenizer=None) -> Path
     dups = _tied_duplicates(model)
     tensors, sparse, sparsities = {}, [], []
     state = model.state_dict()
+    carried = [k for k in state if k.endswith("." + RESIDUAL_ROTATION)]
+    if carried:  # plain transformers (and compressed-tensors) have no place for a boundary rotation
+        raise CheckpointError(f"{carried[0].rsplit('.', 1)[0]}: carries a residual rotation, which {SPARSE24} "
+                              "cannot express; keep rotated models in sparse_runtime's own checkpoint format")
     for name, mod in model.named_modules():
         if not isinstance(mod, SparseLinear):
             continue

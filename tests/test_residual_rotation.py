@@ -171,3 +171,15 @@ def test_plain_transformers_loads_a_rotated_checkpoint(stories_dir, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")  # through sparse_runtime's quantizer
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, load_pretrained(tmp_path / "ckpt", backend="reference")(ids).logits)
+
+
+def test_compressed_tensors_export_refuses_a_rotated_model(stories_dir, tmp_path):
+    from sparse_runtime.compressed_tensors import export_compressed_tensors
+    from sparse_runtime.errors import CheckpointError
+
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
+    rotate_model(model, *random_rotations(model, 1))
+    sparsify(model, pattern="2:4", backend="reference", progress=False)
+    with pytest.raises(CheckpointError, match="model.layers.1: carries a residual rotation"):
+        export_compressed_tensors(model, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
