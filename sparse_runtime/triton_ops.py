@@ -21,7 +21,7 @@ import torch
 
 from .cusparselt import m_bucket
 from .errors import ShapeError
-from .rotation import check_rotation
+from .rotation import apply_rotation, check_rotation
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
@@ -96,8 +96,12 @@ def _sm_count(device: torch.device) -> int:
 
 def auto_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """Split-K factor for the decode schedule: about two waves of programs, with the fp32
-    partials' round trip (8 bytes per output per split) under 10% of the fp16 weight's bytes."""
+    partials' round trip (8 bytes per output per split) under 10% of the fp16 weight's bytes.
+
+    A function of M's bucket, not M: the split fixes ``k_per_split``, part of the autotune key, so every
+    M of a bucket hits the entry tuned for it (a CUDA-graph capture at an unmeasured M must not autotune)."""
     unit = _kernels().SPLIT_UNIT
+    m = min(m_bucket(m), DECODE_MAX_M)
     programs = _cdiv(n, 64) * _cdiv(m, DECODE_MAX_M)
     by_traffic = int(0.1 * k * 1.125 / (8 * m))
     return max(1, min(round(2 * _sm_count(device) / programs), k // unit, by_traffic))
@@ -106,25 +110,40 @@ def auto_split_k(m: int, n: int, k: int, device: torch.device) -> int:
 _LOCKS: dict = {}
 
 
+def decode_locks(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed split-K counters for one layer of ``n`` outputs: one per decode tile (BLOCK_N >= 16).
+
+    Allocate them at prepare time, outside any CUDA-graph capture: counters made inside a capture come from
+    that graph's private pool, and counters shared by several graphs race when their replays overlap."""
+    return torch.zeros(_cdiv(n, 16), dtype=torch.int32, device=device)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _tile_locks(device: torch.device, n: int) -> torch.Tensor:
-    """Split-K's per-tile counters: zeroed once, reset by the kernel after each use.
+    """Shared counters for callers that pass none: zeroed once, reset by the kernel after each use.
 
     One set per (device, stream): launches on one stream run in order, so they can share counters; two
-    streams running split-K launches at once must not."""
+    streams running split-K launches at once must not. Never allocated inside a capture (see decode_locks)."""
     key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     locks = _LOCKS.get(key)
     if locks is None or locks.numel() < n:
+        if _capturing(device):
+            raise RuntimeError("sparse24: split-K counters cannot be allocated inside a CUDA-graph capture; "
+                               "pass locks=decode_locks(N, device) made beforehand (SparseLinear does)")
         locks = _LOCKS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return locks
 
 
 # -- launch ----------------------------------------------------------------------------------------------
-def _launch(x, values, meta, bias, rotation, activation, out, split_k=None) -> None:
+def _launch(x, values, meta, bias, rotation, activation, out, split_k=None, locks=None) -> None:
     """``out [M, N] = act((x [M, K] @ R) @ W^T + bias)``; all checked, x and out 2-D."""
     if interpreting() and x.dtype == torch.bfloat16:
         up = [None if t is None else t.float() for t in (x, values, bias, rotation)]
         tmp = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        _launch(up[0], up[1], meta, up[2], up[3], activation, tmp, split_k)
+        _launch(up[0], up[1], meta, up[2], up[3], activation, tmp, split_k, locks)
         out.copy_(tmp)
         return
     ker = _kernels()
@@ -147,6 +166,9 @@ def _launch(x, values, meta, bias, rotation, activation, out, split_k=None) -> N
         rot_b = rotation.shape[-1] if rotation.dim() == 3 else k
         rotation = rotation.contiguous()
     rot = ker.rotation_mode(rot_b, kernel.configs)
+    if rot and not ker.fitting(kernel.configs, rot, rot_b, x.element_size(), ker.smem_limit(x.device)):
+        # No config holds R's tile in this device's shared memory: rotate first, then the plain kernel.
+        x, rotation, rot_b, rot = apply_rotation(x, rotation).contiguous(), None, None, 0
 
     def grid(meta):
         return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]), splits)
@@ -155,7 +177,7 @@ def _launch(x, values, meta, bias, rotation, activation, out, split_k=None) -> N
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         kernel[grid](
             x, values, meta, rotation if rotation is not None else x, bias if bias is not None else out, out, ws,
-            _tile_locks(x.device, _cdiv(m, 16) * _cdiv(n, 16)) if splits > 1 else ws,
+            _split_locks(locks, x.device, m, n) if splits > 1 else ws,
             m, n, k, k_per_split, min(m_bucket(m), 1024),
             x.stride(0), values.stride(0), meta.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, ACT=act, ROT=rot, ROT_B=rot_b or 1, SPLIT=splits > 1,
@@ -163,11 +185,21 @@ def _launch(x, values, meta, bias, rotation, activation, out, split_k=None) -> N
         )
 
 
+def _split_locks(locks, device, m, n) -> torch.Tensor:
+    tiles = _cdiv(m, 16) * _cdiv(n, 16)
+    if locks is None:
+        return _tile_locks(device, tiles)
+    if locks.dtype != torch.int32 or locks.device != device or locks.numel() < tiles:
+        raise ShapeError(f"sparse24: locks must be int32 with >= {tiles} elements on {device} (see decode_locks), "
+                         f"got {locks.dtype} [{locks.numel()}] on {locks.device}")
+    return locks
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _run(x, values, meta, bias, rotation, activation, out, split_k, op) -> torch.Tensor:
+def _run(x, values, meta, bias, rotation, activation, out, split_k, op, locks=None) -> torch.Tensor:
     _check(x, values, meta, bias, rotation, activation, op)
     n = values.shape[0]
     shape = (*x.shape[:-1], n)
@@ -176,31 +208,34 @@ def _run(x, values, meta, bias, rotation, activation, out, split_k, op) -> torch
     elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
         raise ShapeError(f"{op}: out must be a contiguous {x.dtype} tensor of shape {list(shape)} on {x.device}, "
                          f"got {out.dtype} {list(out.shape)} on {out.device}")
-    _launch(x.reshape(-1, x.shape[-1]), values, meta, bias, rotation, activation, out.view(-1, n), split_k)
+    _launch(x.reshape(-1, x.shape[-1]), values, meta, bias, rotation, activation, out.view(-1, n), split_k, locks)
     return out
 
 
 # -- custom ops ------------------------------------------------------------------------------------------
 @torch.library.custom_op("sparse_runtime::sparse24_matmul", mutates_args=())
 def _sparse24_matmul_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                        bias: Optional[torch.Tensor], activation: str) -> torch.Tensor:
-    return _run(x, values, meta, bias, None, activation, None, None, "sparse24_matmul")
+                        bias: Optional[torch.Tensor], activation: str,
+                        locks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # locks: not a mutation (the kernel leaves every counter zero, as it found it)
+    return _run(x, values, meta, bias, None, activation, None, None, "sparse24_matmul", locks)
 
 
 @torch.library.custom_op("sparse_runtime::rotate_sparse24_matmul", mutates_args=())
 def _rotate_sparse24_matmul_op(x: torch.Tensor, rotation: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                               bias: Optional[torch.Tensor], activation: str) -> torch.Tensor:
-    return _run(x, values, meta, bias, rotation, activation, None, None, "rotate_sparse24_matmul")
+                               bias: Optional[torch.Tensor], activation: str,
+                               locks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _run(x, values, meta, bias, rotation, activation, None, None, "rotate_sparse24_matmul", locks)
 
 
 @_sparse24_matmul_op.register_fake
-def _(x, values, meta, bias, activation):
+def _(x, values, meta, bias, activation, locks=None):
     _check(x, values, meta, bias, None, activation, "sparse24_matmul")
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 @_rotate_sparse24_matmul_op.register_fake
-def _(x, rotation, values, meta, bias, activation):
+def _(x, rotation, values, meta, bias, activation, locks=None):
     _check(x, values, meta, bias, rotation, activation, "rotate_sparse24_matmul")
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
@@ -208,21 +243,24 @@ def _(x, rotation, values, meta, bias, activation):
 # -- public ----------------------------------------------------------------------------------------------
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None,
                     activation: str = "none", out: Optional[torch.Tensor] = None,
-                    split_k: Optional[int] = None) -> torch.Tensor:
+                    split_k: Optional[int] = None, locks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``act(x @ W^T + bias)`` for ``W`` in the layout of :func:`prepare_sparse24`; ``x [..., K]``.
 
     Under ``torch.compile`` this is the custom op; eager calls launch directly, skipping the op dispatcher's
     host overhead (which decode, at ~10 us a GEMV, would feel). ``out`` (written in place) and ``split_k``
-    (force a split-K factor) are for eager use and tests."""
+    (force a split-K factor) are for eager use and tests. ``locks``: split-K counters from :func:`decode_locks`,
+    made outside any CUDA-graph capture (default: a shared set per stream)."""
     if out is None and split_k is None and torch.compiler.is_compiling():
-        return torch.ops.sparse_runtime.sparse24_matmul(x, values, meta, bias, activation)
-    return _run(x, values, meta, bias, None, activation, out, split_k, "sparse24_matmul")
+        return torch.ops.sparse_runtime.sparse24_matmul(x, values, meta, bias, activation, locks)
+    return _run(x, values, meta, bias, None, activation, out, split_k, "sparse24_matmul", locks)
 
 
 def rotate_sparse24_matmul(x: torch.Tensor, rotation: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                            bias: Optional[torch.Tensor] = None, activation: str = "none",
-                           out: Optional[torch.Tensor] = None, split_k: Optional[int] = None) -> torch.Tensor:
-    """``act((x @ R) @ W^T + bias)`` with ``R`` full ``[K, K]`` or block-diagonal ``[K/b, b, b]``, fused."""
+                           out: Optional[torch.Tensor] = None, split_k: Optional[int] = None,
+                           locks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act((x @ R) @ W^T + bias)`` with ``R`` full ``[K, K]`` or block-diagonal ``[K/b, b, b]``, fused
+    (rotated first where no config fits R's tile in the device's shared memory)."""
     if out is None and split_k is None and torch.compiler.is_compiling():  # see sparse24_matmul
-        return torch.ops.sparse_runtime.rotate_sparse24_matmul(x, rotation, values, meta, bias, activation)
-    return _run(x, values, meta, bias, rotation, activation, out, split_k, "rotate_sparse24_matmul")
+        return torch.ops.sparse_runtime.rotate_sparse24_matmul(x, rotation, values, meta, bias, activation, locks)
+    return _run(x, values, meta, bias, rotation, activation, out, split_k, "rotate_sparse24_matmul", locks)

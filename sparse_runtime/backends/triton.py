@@ -42,16 +42,18 @@ class TritonBackend(Backend):
         return None
 
     def prepare(self, layer):
-        return triton_ops.prepare_sparse24(layer.weight_values, layer.weight_meta)
+        values, meta = triton_ops.prepare_sparse24(layer.weight_values, layer.weight_meta)
+        # the layer's own split-K counters, made here: never inside a graph capture, never shared by graphs
+        return values, meta, triton_ops.decode_locks(layer.out_features, values.device)
 
     def forward(self, layer, state, x):
-        values, meta = state
+        values, meta, locks = state
         rot = layer.rotation
         if rot is not None and (rot.dim() == 3 or FUSE_FULL_ROTATION):
-            return triton_ops.rotate_sparse24_matmul(x, rot, values, meta, layer.bias)
+            return triton_ops.rotate_sparse24_matmul(x, rot, values, meta, layer.bias, locks=locks)
         if rot is not None:
             x = apply_rotation(x, rot)
-        return triton_ops.sparse24_matmul(x, values, meta, layer.bias)
+        return triton_ops.sparse24_matmul(x, values, meta, layer.bias, locks=locks)
 
 
 register(TritonBackend())
