@@ -138,6 +138,53 @@ def _tile_locks(device: torch.device, n: int) -> torch.Tensor:
 
 
 # -- launch ----------------------------------------------------------------------------------------------
+class _Plan:
+    """What a launch needs beyond its tensors; a function of (layer, M bucket), so computed once per pair."""
+    __slots__ = ("kernel", "splits", "k_per_split", "m_bucket", "rotate_first", "kw")
+
+
+def _plan(m, n, k, dtype, device, rot_b, has_bias, activation, split_k) -> _Plan:
+    ker = _kernels()
+    p = _Plan()
+    decode = m <= DECODE_MAX_M
+    if split_k is None:
+        split_k = auto_split_k(m, n, k, device) if decode else 1
+    p.k_per_split = _cdiv(_cdiv(k, split_k), ker.SPLIT_UNIT) * ker.SPLIT_UNIT  # whole K tiles per slice
+    p.splits = _cdiv(k, p.k_per_split)
+    p.m_bucket = min(m_bucket(m), 1024)
+    p.kernel = ker.sparse24_decode if decode else ker.sparse24_tiles
+    rot = ker.rotation_mode(rot_b, p.kernel.configs)
+    # No config holds R's tile in this device's shared memory: rotate first, then the plain kernel.
+    p.rotate_first = bool(rot) and not ker.fitting(p.kernel.configs, rot, rot_b, dtype.itemsize, ker.smem_limit(device))
+    if p.rotate_first:
+        rot, rot_b = 0, None
+    p.kw = dict(HAS_BIAS=has_bias, ACT=ker.ACTIVATIONS[activation], ROT=rot, ROT_B=rot_b or 1, SPLIT=p.splits > 1,
+                DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+    return p
+
+
+def _fire(p: _Plan, x, values, meta, bias, rotation, out, locks) -> None:
+    """Launch plan ``p``: ``out [M, N] = act((x [M, K] @ R) @ W^T + bias)``, all contiguous and checked."""
+    m, k = x.shape
+    n = values.shape[0]
+    if p.rotate_first:
+        x, rotation = apply_rotation(x, rotation).contiguous(), None
+    ws = out
+    if p.splits > 1:
+        ws = x.new_empty((p.splits, m, n), dtype=torch.float32)
+        locks = _split_locks(locks, x.device, m, n)
+    splits = p.splits
+
+    def grid(meta):
+        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]), splits)
+
+    switch = x.is_cuda and x.device.index != torch.cuda.current_device()
+    with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
+        p.kernel[grid](x, values, meta, x if rotation is None else rotation, out if bias is None else bias, out, ws,
+                       locks if p.splits > 1 else ws, m, n, k, p.k_per_split, p.m_bucket,
+                       x.stride(0), values.stride(0), meta.stride(0), out.stride(0), **p.kw)
+
+
 def _launch(x, values, meta, bias, rotation, activation, out, split_k=None, locks=None) -> None:
     """``out [M, N] = act((x [M, K] @ R) @ W^T + bias)``; all checked, x and out 2-D."""
     if interpreting() and x.dtype == torch.bfloat16:
@@ -146,7 +193,6 @@ def _launch(x, values, meta, bias, rotation, activation, out, split_k=None, lock
         _launch(up[0], up[1], meta, up[2], up[3], activation, tmp, split_k, locks)
         out.copy_(tmp)
         return
-    ker = _kernels()
     m, k = x.shape
     n = values.shape[0]
     if m == 0 or n == 0:
@@ -154,35 +200,54 @@ def _launch(x, values, meta, bias, rotation, activation, out, split_k=None, lock
     # No-ops for prepared layouts; the kernels assume unit strides along the last dim.
     x, values, meta = x.contiguous(), values.contiguous(), meta.contiguous()
     bias = None if bias is None else bias.contiguous()
-    decode = m <= DECODE_MAX_M
-    if split_k is None:
-        split_k = auto_split_k(m, n, k, x.device) if decode else 1
-    k_per_split = _cdiv(_cdiv(k, split_k), ker.SPLIT_UNIT) * ker.SPLIT_UNIT  # whole K tiles per slice
-    splits = _cdiv(k, k_per_split)
-    ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
-    kernel = ker.sparse24_decode if decode else ker.sparse24_tiles
-    rot_b = None  # rotation block size; a full R is one block of K
-    if rotation is not None:
-        rot_b = rotation.shape[-1] if rotation.dim() == 3 else k
-        rotation = rotation.contiguous()
-    rot = ker.rotation_mode(rot_b, kernel.configs)
-    if rot and not ker.fitting(kernel.configs, rot, rot_b, x.element_size(), ker.smem_limit(x.device)):
-        # No config holds R's tile in this device's shared memory: rotate first, then the plain kernel.
-        x, rotation, rot_b, rot = apply_rotation(x, rotation).contiguous(), None, None, 0
+    rotation = None if rotation is None else rotation.contiguous()
+    p = _plan(m, n, k, x.dtype, x.device, _rotation_block(rotation, k), bias is not None, activation, split_k)
+    _fire(p, x, values, meta, bias, rotation, out, locks)
 
-    def grid(meta):
-        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]), splits)
 
-    act = ker.ACTIVATIONS[activation]
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        kernel[grid](
-            x, values, meta, rotation if rotation is not None else x, bias if bias is not None else out, out, ws,
-            _split_locks(locks, x.device, m, n) if splits > 1 else ws,
-            m, n, k, k_per_split, min(m_bucket(m), 1024),
-            x.stride(0), values.stride(0), meta.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, ACT=act, ROT=rot, ROT_B=rot_b or 1, SPLIT=splits > 1,
-            DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        )
+def _rotation_block(rotation, k: int) -> int | None:
+    """R's block size; a full R is one block of K."""
+    return None if rotation is None else (rotation.shape[-1] if rotation.dim() == 3 else k)
+
+
+class Sparse24Layer:
+    """One layer's prepared kernel state: the layout, its own split-K counters (made here, outside any CUDA-graph
+    capture) and, per M bucket, the launch plan, so an eager call does no more than allocate and launch.
+
+    Calls take ``x [..., K]`` already checked against the layer (``SparseLinear.forward`` does); under
+    ``torch.compile`` they go through the custom ops."""
+
+    def __init__(self, values: torch.Tensor, meta: torch.Tensor):
+        self.values, self.meta = prepare_sparse24(values, meta)
+        self.n, self.k = self.values.shape[0], self.values.shape[1] * 2
+        self.locks = decode_locks(self.n, self.values.device)
+        self._plans: dict = {}
+        self._upcast = interpreting() and values.dtype == torch.bfloat16  # the interpreter's bf16 is wrong
+
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 rotation: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.compiler.is_compiling() or self._upcast:
+            if rotation is None:
+                return sparse24_matmul(x, self.values, self.meta, bias, locks=self.locks)
+            return rotate_sparse24_matmul(x, rotation, self.values, self.meta, bias, locks=self.locks)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.k)
+        m = x2.shape[0]
+        out = x2.new_empty((m, self.n))  # new_empty: a fraction of torch.empty(dtype=, device=)'s host time
+        if x.dim() != 2:
+            out = out.view(*x.shape[:-1], self.n)
+        if m == 0 or self.n == 0:
+            return out
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        if rotation is not None and not rotation.is_contiguous():
+            rotation = rotation.contiguous()
+        rot_b = _rotation_block(rotation, self.k)
+        key = ((m - 1).bit_length(), bias is None, rot_b)  # the M bucket: plans depend on M only through it
+        p = self._plans.get(key)
+        if p is None:
+            p = self._plans[key] = _plan(m, self.n, self.k, x.dtype, x.device, rot_b, bias is not None, "none", None)
+        _fire(p, x2, self.values, self.meta, bias, rotation, out if x.dim() == 2 else out.view(m, self.n), self.locks)
+        return out
 
 
 def _split_locks(locks, device, m, n) -> torch.Tensor:

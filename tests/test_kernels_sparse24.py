@@ -153,8 +153,10 @@ def test_rotation_modes_and_config_pruning():
     assert k.rotation_mode(None, cfgs) == 0
     assert k.rotation_mode(32, cfgs) == k.rotation_mode(128, cfgs) == 1  # whole blocks in a K tile
     assert k.rotation_mode(256, cfgs) == k.rotation_mode(96, cfgs) == 2  # R's tile too big / blocks straddle
-    assert [c.kwargs["BLOCK_K"] for c in k._prune(cfgs, {}, ROT=1, ROT_B=128)] == [128]
-    assert k._prune(cfgs, {}, ROT=2, ROT_B=256) == cfgs
+    assert [c.kwargs["BLOCK_K"] for c in k.fitting(cfgs, 1, 128, 2, 10**9)] == [128]
+    assert k.fitting(cfgs, 2, 256, 2, 10**9) == cfgs
+    x = torch.empty(1, dtype=torch.float16)  # the autotuner's prune: the same, within the device's shared memory
+    assert k._prune(cfgs, {"x_ptr": x}, ROT=1, ROT_B=128) == k.fitting(cfgs, 1, 128, 2, k.smem_limit(x.device))
 
 
 # Compiles (no GPU needed) every kernel variant for Ampere and Hopper: the interpreter
