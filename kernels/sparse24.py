@@ -85,6 +85,11 @@ GPU_TILE_CONFIGS = (_configs([(64, 64, 64), (64, 128, 64)], [4], [3, 4], False)
 if INTERPRET:  # without a GPU driver the interpreter cannot benchmark configs: keep one, small, each
     DECODE_CONFIGS = _configs([(16, 32, 64)], [4], [1], True)
     TILE_CONFIGS = _configs([(32, 32, 64)], [4], [1], False)
+elif os.environ.get("SPARSE_RUNTIME_TRITON_CONFIGS") == "pinned":
+    # One config per schedule, each fitting sm_80 and sm_90 with a 128-block rotation: GPU correctness tests
+    # compile a handful of kernels instead of replaying the whole autotune space on a cold cache.
+    DECODE_CONFIGS = _configs([(16, 128, 128)], [8], [2], True)
+    TILE_CONFIGS = _configs([(64, 64, 128)], [4], [2], False)
 else:
     DECODE_CONFIGS, TILE_CONFIGS = GPU_DECODE_CONFIGS, GPU_TILE_CONFIGS
 

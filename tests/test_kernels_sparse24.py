@@ -237,3 +237,25 @@ def test_kernel_report_covers_every_config_and_each_fits():
                 assert r["shared"] <= est, f"sm_{arch} {label}: compiler {r['shared']} B > estimate {est} B"
                 if est <= k.SMEM_LIMIT[arch]:
                     assert r["shared"] <= k.SMEM_LIMIT[arch], (arch, label)
+
+
+PINNED = r"""
+from sparse_runtime.kernels import sparse24 as k
+assert len(k.DECODE_CONFIGS) == len(k.TILE_CONFIGS) == 1
+for pinned, full in ((k.DECODE_CONFIGS, k.GPU_DECODE_CONFIGS), (k.TILE_CONFIGS, k.GPU_TILE_CONFIGS)):
+    assert str(pinned[0]) in map(str, full)  # compiled and checked in the AOT report like the others
+    for limit in k.SMEM_LIMIT.values():  # the fused 128-block rotation stays on the fused path on both
+        assert k.fitting(pinned, 1, 128, 2, limit) == pinned
+print("pinned")
+"""
+
+
+def test_pinned_gpu_configs():
+    """gpu_check.sh's correctness stage pins one config per schedule (SPARSE_RUNTIME_TRITON_CONFIGS=pinned)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "SPARSE_RUNTIME_TRITON_CONFIGS": "pinned"}
+    r = subprocess.run([sys.executable, "-c", PINNED], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "pinned" in r.stdout, r.stderr[-2000:]
