@@ -21,13 +21,12 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile for real even on a machine without a GPU
-
 RESULTS = Path(__file__).resolve().parent / "results"
 PTRS = ["x_ptr", "values_ptr", "meta_ptr", "rot_ptr", "bias_ptr", "out_ptr", "ws_ptr", "lock_ptr"]
 INTS = ["M", "N", "K", "k_per_split", "M_BUCKET", "stride_xm", "stride_vn", "stride_mn", "stride_om"]
 DIV16 = {"N", "K", "k_per_split", "stride_xm", "stride_vn", "stride_mn", "stride_om"}
 # SASS opcode families worth counting: the memory path (widths, cp.async, TMA, spills) and the math.
+ESIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 FAMILIES = ("LDG", "LDGSTS", "UTMALDG", "STG", "LDL", "STL", "HMMA", "HGMMA", "ATOMG")
 
 
@@ -67,43 +66,51 @@ def inspect(compiled) -> dict:
 
 
 def variants(arch: int, dtype: str):
-    """(label, constexprs, warps, stages) for every autotune config of both schedules, plus the fused rotation."""
+    """(label, constexprs, warps, stages, config) for every autotune config of both schedules, plus the fused rotation."""
     from sparse_runtime.kernels import sparse24 as k
 
     base = dict(HAS_BIAS=False, ACT=0, ROT=0, ROT_B=1, DOT_PREC="tf32", BLOCK_J=32, GROUP_M=8)
-    for schedule, configs, split, swap in (("decode", k.DECODE_CONFIGS, True, True),
-                                           ("tiles", k.TILE_CONFIGS, False, False)):
+    for schedule, configs, split, swap in (("decode", k.GPU_DECODE_CONFIGS, True, True),
+                                           ("tiles", k.GPU_TILE_CONFIGS, False, False)):
         for c in configs:
             kw = c.kwargs
             const = {**base, **{x: kw[x] for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}, "SPLIT": split, "SWAP_AB": swap}
             label = f"{schedule} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
-            yield label, const, c.num_warps, c.num_stages
-            if schedule == "decode" and kw["BLOCK_K"] % 128 == 0 and kw["BLOCK_K"] <= k.ROT_TILE_MAX_K:
-                yield label + " +rot b128", {**const, "ROT": 1, "ROT_B": 128}, c.num_warps, c.num_stages
+            yield label, const, c.num_warps, c.num_stages, c
+            if kw["BLOCK_K"] <= k.ROT_TILE_MAX_K:  # R's tile is [BK, BK] for any block size dividing BK
+                b = kw["BLOCK_K"]
+                yield label + f" +rot b{b}", {**const, "ROT": 1, "ROT_B": b}, c.num_warps, c.num_stages, c
 
 
 def main(argv=None) -> int:
+    os.environ["TRITON_INTERPRET"] = "0"  # compile for real even on a machine without a GPU
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="+", default=[90, 80])
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
-    p.add_argument("--out", type=Path, default=RESULTS / "kernel_report.json")
+    p.add_argument("--dtype", default="fp16", choices=list(ESIZE))
+    p.add_argument("--out", type=Path, help="default: benchmarks/results/kernel_report[_DTYPE].json (fp16 unsuffixed)")
     args = p.parse_args(argv)
+    args.out = args.out or RESULTS / ("kernel_report.json" if args.dtype == "fp16" else f"kernel_report_{args.dtype}.json")
     import triton
 
     from sparse_runtime.kernels import sparse24 as k
 
     rows = []
     for arch in args.arch:
-        for label, const, warps, stages in variants(arch, args.dtype):
+        for label, const, warps, stages, cfg in variants(arch, args.dtype):
+            # reachable: the launch's prune (kernels.sparse24.fitting) keeps it on this arch
+            est = k.smem_estimate(cfg, const["ROT"], ESIZE[args.dtype])
+            row = {"arch": arch, "config": label, "smem_estimate": est, "smem_limit": k.SMEM_LIMIT[arch],
+                   "reachable": est <= k.SMEM_LIMIT[arch]}
             try:
-                row = {"arch": arch, "config": label, **inspect(compile_variant(k.sparse24_matmul_kernel, args.dtype,
-                                                                                  arch, const, warps, stages))}
+                row.update(inspect(compile_variant(k.sparse24_matmul_kernel, args.dtype, arch, const, warps, stages)))
+                row["fits"] = row["shared"] <= k.SMEM_LIMIT[arch]
             except Exception as e:  # a config the compiler rejects is a finding, not a crash
-                row = {"arch": arch, "config": label, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
             ops = row.get("ops", {})
             print(f"sm_{arch} {label:34s} " + (row["error"] if "error" in row else
-                  f"regs {row.get('reg', '?'):>3} smem {row['shared'] / 1024:5.1f}K stack {row.get('stack', 0):>3} "
+                  f"regs {row.get('reg', '?'):>3} smem {row['shared'] / 1024:5.1f}K (est {est / 1024:5.1f}K"
+                  f"{'' if row['reachable'] else ', pruned'}) stack {row.get('stack', 0):>3} "
                   + " ".join(f"{n}={v}" for n, v in ops.items())), flush=True)
     report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "triton": triton.__version__,
               "dtype": args.dtype, "specialisation": "pointers and N, K, strides, k_per_split divisible by 16",

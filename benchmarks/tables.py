@@ -130,17 +130,20 @@ def kernel_resources() -> str:
         return "_not generated: run `python benchmarks/kernel_report.py`_\n"
     lines = [f"Compiled ahead of time (no GPU), {r['dtype']}, triton {r['triton']}, {r['date'][:10]}; "
              f"{r['specialisation']}.", "",
+             "Shared memory against the arch's per-block limit; 'pruned': the launch's estimate "
+             "(`kernels.sparse24.smem_estimate`) exceeds it, so the autotuner never tries it.", "",
              "| arch | config (BMxBNxBK, warps, stages) | registers | shared memory | spilled | 16-byte loads | MMA |",
              "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         if "error" in row:
             lines.append(f"| sm_{row['arch']} | {row['config']} | compile error: {row['error'][:60]} | | | | |")
             continue
+        smem = f"{row['shared'] / 1024:.1f} / {row['smem_limit'] / 1024:.0f} KiB" + ("" if row["reachable"] else ", pruned")
         ops = row["ops"]
         wide = sum(v for k, v in ops.items() if k.startswith("LDG") and ".128" in k)
         mma = ", ".join(f"{k.split('.')[0]} {k.split('.')[1]}" for k in ops if k.startswith(("HGMMA", "HMMA")))
         spill = sum(v for k, v in ops.items() if k.startswith(("LDL", "STL")))
-        lines.append(f"| sm_{row['arch']} | {row['config']} | {row['reg']} | {row['shared'] / 1024:.1f} KiB | "
+        lines.append(f"| sm_{row['arch']} | {row['config']} | {row['reg']} | {smem} | "
                      f"{f'{spill} LDL/STL' if spill else 'no'} | {wide} | {mma} |")
     return "\n".join(lines) + "\n"
 

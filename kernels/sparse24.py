@@ -51,6 +51,7 @@ split ``S`` ways (kept under 10% of the weight by ``triton_ops.auto_split_k``).
 Everything accumulates in fp32; the rotated X is rounded to the input dtype,
 as the unfused ``(x @ R)`` would be.
 """
+import functools
 import os
 
 import triton
@@ -58,7 +59,6 @@ import triton.language as tl
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
 
-# Without a GPU driver the interpreter cannot benchmark configs: keep one, small, each.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -67,29 +67,73 @@ def _configs(blocks, warps, stages, swap_ab):
             for b in blocks for w in warps for s in stages]
 
 
-if INTERPRET:
-    DECODE_CONFIGS = _configs([(16, 32, 64)], [4], [1], True)
-    TILE_CONFIGS = _configs([(32, 32, 64)], [4], [1], False)
-else:
-    # Decode streams the weight: small tiles (few registers, many CTAs per SM) and deep
-    # pipelines keep enough bytes in flight; W is the MMA's A operand (swap AB: Y^T = W X^T).
-    DECODE_CONFIGS = (_configs([(16, 64, 64), (16, 128, 64)], [4], [4, 6], True)
+# Decode streams the weight: small tiles (few registers, many CTAs per SM) and deep
+# pipelines keep enough bytes in flight; W is the MMA's A operand (swap AB: Y^T = W X^T).
+GPU_DECODE_CONFIGS = (_configs([(16, 64, 64), (16, 128, 64)], [4], [4, 6], True)
                       + _configs([(16, 64, 128)], [4], [2, 4], True)
                       + _configs([(16, 128, 128)], [8], [2, 4], True)
                       # 2 stages leave room for R's [BK, BK] tile (ROT=1); wide N blocks share it
                       + _configs([(16, 256, 128)], [8], [2], True)
                       + _configs([(16, 256, 64), (16, 64, 256)], [8], [4], True))
-    TILE_CONFIGS = (_configs([(64, 64, 64), (64, 128, 64)], [4], [3, 4], False)
+GPU_TILE_CONFIGS = (_configs([(64, 64, 64), (64, 128, 64)], [4], [3, 4], False)
                     + _configs([(128, 64, 64)], [4], [3], False)
                     + _configs([(128, 128, 64)], [8], [3, 4], False)
                     # (64, 256, 64) is left out: it spills on sm_90 (benchmarks/kernel_report.py)
-                    + _configs([(128, 128, 128)], [8], [3], False))
-
+                    + _configs([(128, 128, 128)], [8], [2, 3], False)
+                    # with a 128-block rotation (R's [128, 128] tile per stage) only this one fits sm_80
+                    + _configs([(64, 64, 128)], [4], [2], False))
+if INTERPRET:  # without a GPU driver the interpreter cannot benchmark configs: keep one, small, each
+    DECODE_CONFIGS = _configs([(16, 32, 64)], [4], [1], True)
+    TILE_CONFIGS = _configs([(32, 32, 64)], [4], [1], False)
+elif os.environ.get("SPARSE_RUNTIME_TRITON_CONFIGS") == "pinned":
+    # One config per schedule, each fitting sm_80 and sm_90 with a 128-block rotation: GPU correctness tests
+    # compile a handful of kernels instead of replaying the whole autotune space on a cold cache.
+    DECODE_CONFIGS = _configs([(16, 128, 128)], [8], [2], True)
+    TILE_CONFIGS = _configs([(64, 64, 128)], [4], [2], False)
+else:
+    DECODE_CONFIGS, TILE_CONFIGS = GPU_DECODE_CONFIGS, GPU_TILE_CONFIGS
 
 # Split-K slices are multiples of this, so every BLOCK_K of the lists tiles a slice exactly.
 SPLIT_UNIT = max(c.kwargs["BLOCK_K"] for c in DECODE_CONFIGS + TILE_CONFIGS)
 AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "k_per_split", "ROT", "ROT_B"]
 ROT_TILE_MAX_K = 128  # ROT=1 stages a [BLOCK_K, BLOCK_K] tile of R in shared memory
+
+
+# Opt-in shared memory per block (bytes): A100 163 KB, H100/H200 227 KB.
+SMEM_LIMIT = {80: 166912, 90: 232448}
+
+
+def smem_estimate(config, rot: int, esize: int) -> int:
+    """Upper bound on a config's shared memory: ``num_stages`` buffers of the X, values, meta (and R) tiles,
+    plus one tile of layout-conversion scratch. ``benchmarks/kernel_report.py`` checks it against the compiler."""
+    bm, bn, bk = (config.kwargs[x] for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    stage = esize * (bm * bk + bn * bk // 2) + 4 * bn * (bk // 32)
+    if rot == 1:
+        stage += esize * bk * bk
+    elif rot == 2:
+        stage += esize * 32 * (bk + bm)  # BLOCK_J rows of R and columns of X
+    return config.num_stages * stage + esize * max(bm, bn, bk if rot else 0) * bk
+
+
+def fitting(configs, rot: int, rot_b: int, esize: int, limit: int) -> list:
+    """The configs a launch may use: whole rotation blocks in a K tile (ROT=1) and within ``limit`` bytes."""
+    if rot == 1:
+        configs = [c for c in configs if c.kwargs["BLOCK_K"] % rot_b == 0 and c.kwargs["BLOCK_K"] <= ROT_TILE_MAX_K]
+    return [c for c in configs if smem_estimate(c, rot, esize) <= limit]
+
+
+def smem_limit(device) -> int:
+    """The device's per-block shared-memory limit; off a GPU (interpreter, AOT) the smaller of sm_80 and sm_90."""
+    if device.type != "cuda":
+        return min(SMEM_LIMIT.values())
+    return _cuda_smem_limit(device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_smem_limit(index) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
 def rotation_mode(block: int | None, configs) -> int:
@@ -101,10 +145,8 @@ def rotation_mode(block: int | None, configs) -> int:
 
 
 def _prune(configs, named_args, **kwargs):
-    if kwargs.get("ROT") != 1:
-        return configs
-    b = kwargs["ROT_B"]
-    return [c for c in configs if c.kwargs["BLOCK_K"] % b == 0 and c.kwargs["BLOCK_K"] <= ROT_TILE_MAX_K]
+    x = named_args["x_ptr"]
+    return fitting(configs, kwargs.get("ROT", 0), kwargs.get("ROT_B", 1), x.element_size(), smem_limit(x.device))
 
 
 @triton.jit

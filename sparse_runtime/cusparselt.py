@@ -308,7 +308,8 @@ class CusparseLtWeight:
 _PLANS = LRU(int(os.environ.get("SPARSE_RUNTIME_PLAN_CACHE", "1024")))
 _TUNED = DiskCache("cusparselt_search.json")
 _WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown workspaces stay alive: a captured CUDA graph may still use them
+_RETIRED: list = []  # outgrown workspaces and replaced plans stay alive: a captured CUDA graph may still use them
+_PROVISIONAL: set = set()  # plan keys built with the default algorithm during a capture: searched at the next eager call
 _SECTIONS: dict[int, str] = {}
 
 
@@ -323,13 +324,23 @@ def _section(index: int) -> str:
     return _SECTIONS[index]
 
 
+def _new_workspace(index: int, nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{index}")
+
+
 def _workspace(index: int, stream: int, nbytes: int) -> int:
+    """A workspace of ``nbytes`` for launches on ``stream``, shared across calls.
+
+    Inside a graph capture an allocation comes from that graph's private pool, so one too small is not
+    grown in the shared table: the capture gets its own, kept alive with the graph's other leftovers."""
     ws = _WORKSPACES.get((index, stream))
     if ws is None or ws.numel() < nbytes:
+        if _capturing():
+            _RETIRED.append(ws := _new_workspace(index, nbytes))
+            return ws.data_ptr()
         if ws is not None:
             _RETIRED.append(ws)
-        ws = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{index}")
-        _WORKSPACES[(index, stream)] = ws
+        ws = _WORKSPACES[(index, stream)] = _new_workspace(index, nbytes)
     return ws.data_ptr()
 
 
@@ -383,10 +394,16 @@ def _config(w: CusparseLtWeight, mpad: int, activation: str) -> tuple[int, int]:
 def get_plan(w: CusparseLtWeight, mpad: int, activation: str = "none"):
     key = plan_key(w.index, mpad, w.npad, w.kpad, w.dtype_name, activation, w.bias_ptr)
     plan = _PLANS.get(key)
-    if plan is None:
+    capturing = _capturing()
+    if plan is None or (key in _PROVISIONAL and not capturing):
+        if plan is not None:
+            _RETIRED.append(plan)  # the graph captured with it still holds its descriptors
         alg_id, split_k = _config(w, mpad, activation)
         plan = _C.Plan(w.index, mpad, w.npad, w.kpad, w.dtype_name, "", activation, w.bias_ptr, alg_id, split_k)
         _PLANS.put(key, plan)
+        (_PROVISIONAL.add if capturing and alg_id == -1 else _PROVISIONAL.discard)(key)
+        if plan.workspace_size and not capturing:  # sized now, outside any capture
+            _workspace(w.index, _raw_stream(w.index), plan.workspace_size)
     return plan
 
 
@@ -399,7 +416,8 @@ def linear(x: torch.Tensor, w: CusparseLtWeight, activation: str = "none", alpha
     key, plan = w.last
     if key != (mpad, activation):
         plan = get_plan(w, mpad, activation)
-        w.last = ((mpad, activation), plan)
+        if not _capturing():  # a plan made in a capture may be provisional: looked up again when eager
+            w.last = ((mpad, activation), plan)
     out = torch.empty(mpad, w.npad, dtype=w.dtype, device=w.device)
     stream = _raw_stream(w.index)
     ws = _workspace(w.index, stream, plan.workspace_size) if plan.workspace_size else 0

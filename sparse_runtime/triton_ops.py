@@ -21,7 +21,7 @@ import torch
 
 from .cusparselt import m_bucket
 from .errors import ShapeError
-from .rotation import check_rotation
+from .rotation import apply_rotation, check_rotation
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
@@ -96,8 +96,12 @@ def _sm_count(device: torch.device) -> int:
 
 def auto_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """Split-K factor for the decode schedule: about two waves of programs, with the fp32
-    partials' round trip (8 bytes per output per split) under 10% of the fp16 weight's bytes."""
+    partials' round trip (8 bytes per output per split) under 10% of the fp16 weight's bytes.
+
+    A function of M's bucket, not M: the split fixes ``k_per_split``, part of the autotune key, so every
+    M of a bucket hits the entry tuned for it (a CUDA-graph capture at an unmeasured M must not autotune)."""
     unit = _kernels().SPLIT_UNIT
+    m = min(m_bucket(m), DECODE_MAX_M)
     programs = _cdiv(n, 64) * _cdiv(m, DECODE_MAX_M)
     by_traffic = int(0.1 * k * 1.125 / (8 * m))
     return max(1, min(round(2 * _sm_count(device) / programs), k // unit, by_traffic))
@@ -106,28 +110,89 @@ def auto_split_k(m: int, n: int, k: int, device: torch.device) -> int:
 _LOCKS: dict = {}
 
 
+def decode_locks(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed split-K counters for one layer of ``n`` outputs: one per decode tile (BLOCK_N >= 16).
+
+    Allocate them at prepare time, outside any CUDA-graph capture: counters made inside a capture come from
+    that graph's private pool, and counters shared by several graphs race when their replays overlap."""
+    return torch.zeros(_cdiv(n, 16), dtype=torch.int32, device=device)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _tile_locks(device: torch.device, n: int) -> torch.Tensor:
-    """Split-K's per-tile counters: zeroed once, reset by the kernel after each use.
+    """Shared counters for callers that pass none: zeroed once, reset by the kernel after each use.
 
     One set per (device, stream): launches on one stream run in order, so they can share counters; two
-    streams running split-K launches at once must not."""
+    streams running split-K launches at once must not. Never allocated inside a capture (see decode_locks)."""
     key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     locks = _LOCKS.get(key)
     if locks is None or locks.numel() < n:
+        if _capturing(device):
+            raise RuntimeError("sparse24: split-K counters cannot be allocated inside a CUDA-graph capture; "
+                               "pass locks=decode_locks(N, device) made beforehand (SparseLinear does)")
         locks = _LOCKS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return locks
 
 
 # -- launch ----------------------------------------------------------------------------------------------
-def _launch(x, values, meta, bias, rotation, activation, out, split_k=None) -> None:
+class _Plan:
+    """What a launch needs beyond its tensors; a function of (layer, M bucket), so computed once per pair."""
+    __slots__ = ("kernel", "splits", "k_per_split", "m_bucket", "rotate_first", "kw")
+
+
+def _plan(m, n, k, dtype, device, rot_b, has_bias, activation, split_k) -> _Plan:
+    ker = _kernels()
+    p = _Plan()
+    decode = m <= DECODE_MAX_M
+    if split_k is None:
+        split_k = auto_split_k(m, n, k, device) if decode else 1
+    p.k_per_split = _cdiv(_cdiv(k, split_k), ker.SPLIT_UNIT) * ker.SPLIT_UNIT  # whole K tiles per slice
+    p.splits = _cdiv(k, p.k_per_split)
+    p.m_bucket = min(m_bucket(m), 1024)
+    p.kernel = ker.sparse24_decode if decode else ker.sparse24_tiles
+    rot = ker.rotation_mode(rot_b, p.kernel.configs)
+    # No config holds R's tile in this device's shared memory: rotate first, then the plain kernel.
+    p.rotate_first = bool(rot) and not ker.fitting(p.kernel.configs, rot, rot_b, dtype.itemsize, ker.smem_limit(device))
+    if p.rotate_first:
+        rot, rot_b = 0, None
+    p.kw = dict(HAS_BIAS=has_bias, ACT=ker.ACTIVATIONS[activation], ROT=rot, ROT_B=rot_b or 1, SPLIT=p.splits > 1,
+                DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+    return p
+
+
+def _fire(p: _Plan, x, values, meta, bias, rotation, out, locks) -> None:
+    """Launch plan ``p``: ``out [M, N] = act((x [M, K] @ R) @ W^T + bias)``, all contiguous and checked."""
+    m, k = x.shape
+    n = values.shape[0]
+    if p.rotate_first:
+        x, rotation = apply_rotation(x, rotation).contiguous(), None
+    ws = out
+    if p.splits > 1:
+        ws = x.new_empty((p.splits, m, n), dtype=torch.float32)
+        locks = _split_locks(locks, x.device, m, n)
+    splits = p.splits
+
+    def grid(meta):
+        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]), splits)
+
+    switch = x.is_cuda and x.device.index != torch.cuda.current_device()
+    with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
+        p.kernel[grid](x, values, meta, x if rotation is None else rotation, out if bias is None else bias, out, ws,
+                       locks if p.splits > 1 else ws, m, n, k, p.k_per_split, p.m_bucket,
+                       x.stride(0), values.stride(0), meta.stride(0), out.stride(0), **p.kw)
+
+
+def _launch(x, values, meta, bias, rotation, activation, out, split_k=None, locks=None) -> None:
     """``out [M, N] = act((x [M, K] @ R) @ W^T + bias)``; all checked, x and out 2-D."""
     if interpreting() and x.dtype == torch.bfloat16:
         up = [None if t is None else t.float() for t in (x, values, bias, rotation)]
         tmp = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        _launch(up[0], up[1], meta, up[2], up[3], activation, tmp, split_k)
+        _launch(up[0], up[1], meta, up[2], up[3], activation, tmp, split_k, locks)
         out.copy_(tmp)
         return
-    ker = _kernels()
     m, k = x.shape
     n = values.shape[0]
     if m == 0 or n == 0:
@@ -135,39 +200,71 @@ def _launch(x, values, meta, bias, rotation, activation, out, split_k=None) -> N
     # No-ops for prepared layouts; the kernels assume unit strides along the last dim.
     x, values, meta = x.contiguous(), values.contiguous(), meta.contiguous()
     bias = None if bias is None else bias.contiguous()
-    decode = m <= DECODE_MAX_M
-    if split_k is None:
-        split_k = auto_split_k(m, n, k, x.device) if decode else 1
-    k_per_split = _cdiv(_cdiv(k, split_k), ker.SPLIT_UNIT) * ker.SPLIT_UNIT  # whole K tiles per slice
-    splits = _cdiv(k, k_per_split)
-    ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
-    kernel = ker.sparse24_decode if decode else ker.sparse24_tiles
-    rot_b = None  # rotation block size; a full R is one block of K
-    if rotation is not None:
-        rot_b = rotation.shape[-1] if rotation.dim() == 3 else k
-        rotation = rotation.contiguous()
-    rot = ker.rotation_mode(rot_b, kernel.configs)
+    rotation = None if rotation is None else rotation.contiguous()
+    p = _plan(m, n, k, x.dtype, x.device, _rotation_block(rotation, k), bias is not None, activation, split_k)
+    _fire(p, x, values, meta, bias, rotation, out, locks)
 
-    def grid(meta):
-        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]), splits)
 
-    act = ker.ACTIVATIONS[activation]
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        kernel[grid](
-            x, values, meta, rotation if rotation is not None else x, bias if bias is not None else out, out, ws,
-            _tile_locks(x.device, _cdiv(m, 16) * _cdiv(n, 16)) if splits > 1 else ws,
-            m, n, k, k_per_split, min(m_bucket(m), 1024),
-            x.stride(0), values.stride(0), meta.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, ACT=act, ROT=rot, ROT_B=rot_b or 1, SPLIT=splits > 1,
-            DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        )
+def _rotation_block(rotation, k: int) -> int | None:
+    """R's block size; a full R is one block of K."""
+    return None if rotation is None else (rotation.shape[-1] if rotation.dim() == 3 else k)
+
+
+class Sparse24Layer:
+    """One layer's prepared kernel state: the layout, its own split-K counters (made here, outside any CUDA-graph
+    capture) and, per M bucket, the launch plan, so an eager call does no more than allocate and launch.
+
+    Calls take ``x [..., K]`` already checked against the layer (``SparseLinear.forward`` does); under
+    ``torch.compile`` they go through the custom ops."""
+
+    def __init__(self, values: torch.Tensor, meta: torch.Tensor):
+        self.values, self.meta = prepare_sparse24(values, meta)
+        self.n, self.k = self.values.shape[0], self.values.shape[1] * 2
+        self.locks = decode_locks(self.n, self.values.device)
+        self._plans: dict = {}
+        self._upcast = interpreting() and values.dtype == torch.bfloat16  # the interpreter's bf16 is wrong
+
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 rotation: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.compiler.is_compiling() or self._upcast:
+            if rotation is None:
+                return sparse24_matmul(x, self.values, self.meta, bias, locks=self.locks)
+            return rotate_sparse24_matmul(x, rotation, self.values, self.meta, bias, locks=self.locks)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.k)
+        m = x2.shape[0]
+        out = x2.new_empty((m, self.n))  # new_empty: a fraction of torch.empty(dtype=, device=)'s host time
+        if x.dim() != 2:
+            out = out.view(*x.shape[:-1], self.n)
+        if m == 0 or self.n == 0:
+            return out
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        if rotation is not None and not rotation.is_contiguous():
+            rotation = rotation.contiguous()
+        rot_b = _rotation_block(rotation, self.k)
+        key = ((m - 1).bit_length(), bias is None, rot_b)  # the M bucket: plans depend on M only through it
+        p = self._plans.get(key)
+        if p is None:
+            p = self._plans[key] = _plan(m, self.n, self.k, x.dtype, x.device, rot_b, bias is not None, "none", None)
+        _fire(p, x2, self.values, self.meta, bias, rotation, out if x.dim() == 2 else out.view(m, self.n), self.locks)
+        return out
+
+
+def _split_locks(locks, device, m, n) -> torch.Tensor:
+    tiles = _cdiv(m, 16) * _cdiv(n, 16)
+    if locks is None:
+        return _tile_locks(device, tiles)
+    if locks.dtype != torch.int32 or locks.device != device or locks.numel() < tiles:
+        raise ShapeError(f"sparse24: locks must be int32 with >= {tiles} elements on {device} (see decode_locks), "
+                         f"got {locks.dtype} [{locks.numel()}] on {locks.device}")
+    return locks
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _run(x, values, meta, bias, rotation, activation, out, split_k, op) -> torch.Tensor:
+def _run(x, values, meta, bias, rotation, activation, out, split_k, op, locks=None) -> torch.Tensor:
     _check(x, values, meta, bias, rotation, activation, op)
     n = values.shape[0]
     shape = (*x.shape[:-1], n)
@@ -176,31 +273,34 @@ def _run(x, values, meta, bias, rotation, activation, out, split_k, op) -> torch
     elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
         raise ShapeError(f"{op}: out must be a contiguous {x.dtype} tensor of shape {list(shape)} on {x.device}, "
                          f"got {out.dtype} {list(out.shape)} on {out.device}")
-    _launch(x.reshape(-1, x.shape[-1]), values, meta, bias, rotation, activation, out.view(-1, n), split_k)
+    _launch(x.reshape(-1, x.shape[-1]), values, meta, bias, rotation, activation, out.view(-1, n), split_k, locks)
     return out
 
 
 # -- custom ops ------------------------------------------------------------------------------------------
 @torch.library.custom_op("sparse_runtime::sparse24_matmul", mutates_args=())
 def _sparse24_matmul_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                        bias: Optional[torch.Tensor], activation: str) -> torch.Tensor:
-    return _run(x, values, meta, bias, None, activation, None, None, "sparse24_matmul")
+                        bias: Optional[torch.Tensor], activation: str,
+                        locks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # locks: not a mutation (the kernel leaves every counter zero, as it found it)
+    return _run(x, values, meta, bias, None, activation, None, None, "sparse24_matmul", locks)
 
 
 @torch.library.custom_op("sparse_runtime::rotate_sparse24_matmul", mutates_args=())
 def _rotate_sparse24_matmul_op(x: torch.Tensor, rotation: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                               bias: Optional[torch.Tensor], activation: str) -> torch.Tensor:
-    return _run(x, values, meta, bias, rotation, activation, None, None, "rotate_sparse24_matmul")
+                               bias: Optional[torch.Tensor], activation: str,
+                               locks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _run(x, values, meta, bias, rotation, activation, None, None, "rotate_sparse24_matmul", locks)
 
 
 @_sparse24_matmul_op.register_fake
-def _(x, values, meta, bias, activation):
+def _(x, values, meta, bias, activation, locks=None):
     _check(x, values, meta, bias, None, activation, "sparse24_matmul")
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 @_rotate_sparse24_matmul_op.register_fake
-def _(x, rotation, values, meta, bias, activation):
+def _(x, rotation, values, meta, bias, activation, locks=None):
     _check(x, values, meta, bias, rotation, activation, "rotate_sparse24_matmul")
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
@@ -208,21 +308,24 @@ def _(x, rotation, values, meta, bias, activation):
 # -- public ----------------------------------------------------------------------------------------------
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None,
                     activation: str = "none", out: Optional[torch.Tensor] = None,
-                    split_k: Optional[int] = None) -> torch.Tensor:
+                    split_k: Optional[int] = None, locks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``act(x @ W^T + bias)`` for ``W`` in the layout of :func:`prepare_sparse24`; ``x [..., K]``.
 
     Under ``torch.compile`` this is the custom op; eager calls launch directly, skipping the op dispatcher's
     host overhead (which decode, at ~10 us a GEMV, would feel). ``out`` (written in place) and ``split_k``
-    (force a split-K factor) are for eager use and tests."""
+    (force a split-K factor) are for eager use and tests. ``locks``: split-K counters from :func:`decode_locks`,
+    made outside any CUDA-graph capture (default: a shared set per stream)."""
     if out is None and split_k is None and torch.compiler.is_compiling():
-        return torch.ops.sparse_runtime.sparse24_matmul(x, values, meta, bias, activation)
-    return _run(x, values, meta, bias, None, activation, out, split_k, "sparse24_matmul")
+        return torch.ops.sparse_runtime.sparse24_matmul(x, values, meta, bias, activation, locks)
+    return _run(x, values, meta, bias, None, activation, out, split_k, "sparse24_matmul", locks)
 
 
 def rotate_sparse24_matmul(x: torch.Tensor, rotation: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                            bias: Optional[torch.Tensor] = None, activation: str = "none",
-                           out: Optional[torch.Tensor] = None, split_k: Optional[int] = None) -> torch.Tensor:
-    """``act((x @ R) @ W^T + bias)`` with ``R`` full ``[K, K]`` or block-diagonal ``[K/b, b, b]``, fused."""
+                           out: Optional[torch.Tensor] = None, split_k: Optional[int] = None,
+                           locks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act((x @ R) @ W^T + bias)`` with ``R`` full ``[K, K]`` or block-diagonal ``[K/b, b, b]``, fused
+    (rotated first where no config fits R's tile in the device's shared memory)."""
     if out is None and split_k is None and torch.compiler.is_compiling():  # see sparse24_matmul
-        return torch.ops.sparse_runtime.rotate_sparse24_matmul(x, rotation, values, meta, bias, activation)
-    return _run(x, values, meta, bias, rotation, activation, out, split_k, "rotate_sparse24_matmul")
+        return torch.ops.sparse_runtime.rotate_sparse24_matmul(x, rotation, values, meta, bias, activation, locks)
+    return _run(x, values, meta, bias, rotation, activation, out, split_k, "rotate_sparse24_matmul", locks)

@@ -33,6 +33,58 @@ def test_keys():
     assert cs.device_key("NVIDIA H100", {"b": 2, "a": 1}) == "NVIDIA H100|a=1,b=2"
 
 
+@pytest.fixture
+def fake_capture(monkeypatch):
+    """cuSPARSELt's allocation and plan logic with a stand-in for a GPU: flip ``state["capturing"]``."""
+    state = {"capturing": False}
+    monkeypatch.setattr(cs, "_capturing", lambda: state["capturing"])
+    monkeypatch.setattr(cs, "_new_workspace", lambda index, nbytes: torch.empty(nbytes, dtype=torch.uint8))
+    monkeypatch.setattr(cs, "_WORKSPACES", {})
+    monkeypatch.setattr(cs, "_RETIRED", [])
+    monkeypatch.setattr(cs, "_PROVISIONAL", set())
+    monkeypatch.setattr(cs, "_PLANS", cs.LRU(8))
+    monkeypatch.setattr(cs, "_raw_stream", lambda index: 7)
+    return state
+
+
+def test_workspace_is_never_shared_from_a_capture(fake_capture):
+    fake_capture["capturing"] = True
+    cs._workspace(0, 7, 64)  # first use inside a capture: that graph's own, not the shared table's
+    assert cs._WORKSPACES == {} and len(cs._RETIRED) == 1
+    fake_capture["capturing"] = False
+    eager = cs._workspace(0, 7, 64)
+    assert cs._WORKSPACES[(0, 7)].data_ptr() == eager
+    fake_capture["capturing"] = True
+    assert cs._workspace(0, 7, 32) == eager  # big enough: captures reuse the one made outside
+
+
+def test_plan_made_in_a_capture_is_searched_at_the_next_eager_call(fake_capture, monkeypatch):
+    class Plan:
+        def __init__(self, *args):
+            self.alg_id, self.workspace_size = args[-2], 128
+
+    searched = []
+
+    def config(w, mpad, activation):  # the real one: library default in a capture, else a search
+        if fake_capture["capturing"]:
+            return -1, -1
+        searched.append(mpad)
+        return 3, 1
+
+    monkeypatch.setattr(cs, "_C", type("C", (), {"Plan": Plan}))
+    monkeypatch.setattr(cs, "_config", config)
+    w = type("W", (), dict(index=0, npad=64, kpad=64, dtype_name="float16", bias_ptr=0))()
+    fake_capture["capturing"] = True
+    captured = cs.get_plan(w, 8)
+    assert captured.alg_id == -1 and cs._WORKSPACES == {}  # nothing timed or grown inside the capture
+    assert cs.get_plan(w, 8) is captured  # later captures reuse it
+    fake_capture["capturing"] = False
+    eager = cs.get_plan(w, 8)
+    assert eager.alg_id == 3 and searched == [8] and captured in cs._RETIRED  # the captured graph keeps its plan
+    assert cs._WORKSPACES[(0, 7)].numel() == 128  # sized at plan time, outside any capture
+    assert cs.get_plan(w, 8) is eager and searched == [8]
+
+
 def test_lru():
     lru = cs.LRU(2)
     lru.put("a", 1)

@@ -153,8 +153,10 @@ def test_rotation_modes_and_config_pruning():
     assert k.rotation_mode(None, cfgs) == 0
     assert k.rotation_mode(32, cfgs) == k.rotation_mode(128, cfgs) == 1  # whole blocks in a K tile
     assert k.rotation_mode(256, cfgs) == k.rotation_mode(96, cfgs) == 2  # R's tile too big / blocks straddle
-    assert [c.kwargs["BLOCK_K"] for c in k._prune(cfgs, {}, ROT=1, ROT_B=128)] == [128]
-    assert k._prune(cfgs, {}, ROT=2, ROT_B=256) == cfgs
+    assert [c.kwargs["BLOCK_K"] for c in k.fitting(cfgs, 1, 128, 2, 10**9)] == [128]
+    assert k.fitting(cfgs, 2, 256, 2, 10**9) == cfgs
+    x = torch.empty(1, dtype=torch.float16)  # the autotuner's prune: the same, within the device's shared memory
+    assert k._prune(cfgs, {"x_ptr": x}, ROT=1, ROT_B=128) == k.fitting(cfgs, 1, 128, 2, k.smem_limit(x.device))
 
 
 # Compiles (no GPU needed) every kernel variant for Ampere and Hopper: the interpreter
@@ -185,3 +187,75 @@ def test_kernels_compile_for_ampere_and_hopper():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # AOT imports benchmarks/kernel_report.py
     r = subprocess.run([sys.executable, "-c", AOT], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+# -- shared memory: every config a launch can reach fits the device ------------------------------------
+ROT_CASES = [(0, 1), (1, 32), (1, 64), (1, 128), (2, 256), (2, 4096)]  # (ROT, ROT_B)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("esize", [2, 4])  # fp16/bf16, fp32
+def test_pruned_configs_fit_the_shared_memory(arch, esize):
+    from sparse_runtime.kernels import sparse24 as k
+
+    limit = k.SMEM_LIMIT[arch]
+    for configs in (k.GPU_DECODE_CONFIGS, k.GPU_TILE_CONFIGS):
+        for rot, rot_b in ROT_CASES:
+            kept = k.fitting(configs, rot, rot_b, esize, limit)
+            assert all(k.smem_estimate(c, rot, esize) <= limit for c in kept)
+            if rot == 1:
+                assert all(c.kwargs["BLOCK_K"] % rot_b == 0 for c in kept)
+            # an empty ROT=1 set means rotate-first (tested in test_triton_ops); the others must never be empty,
+            # and the fused 16-bit rotation must stay available on both architectures
+            assert kept or (rot == 1 and esize == 4), (arch, esize, rot, rot_b)
+
+
+def test_kernel_report_covers_every_config_and_each_fits():
+    """benchmarks/results/kernel_report*.json (the compiler's shared memory, AOT for sm_80 and sm_90) covers
+    the current config lists, and every config the prune keeps fits its architecture's limit; the estimate the
+    prune uses bounds what the compiler allocates. Regenerate with benchmarks/kernel_report.py."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import kernel_report
+    from sparse_runtime.kernels import sparse24 as k
+
+    for dtype in ("fp16", "bf16"):
+        path = kernel_report.RESULTS / ("kernel_report.json" if dtype == "fp16" else f"kernel_report_{dtype}.json")
+        rows = json.loads(path.read_text())["rows"]
+        for arch in (80, 90):
+            expected = {label: (const, cfg) for label, const, _, _, cfg in kernel_report.variants(arch, dtype)}
+            got = {r["config"]: r for r in rows if r["arch"] == arch}
+            assert set(got) == set(expected), f"{path.name} is stale for sm_{arch}: rerun benchmarks/kernel_report.py"
+            for label, (const, cfg) in expected.items():
+                r = got[label]
+                assert "error" not in r, (arch, label, r.get("error"))
+                est = k.smem_estimate(cfg, const["ROT"], kernel_report.ESIZE[dtype])
+                assert r["smem_estimate"] == est, f"{label}: stale estimate in {path.name}"
+                assert r["shared"] <= est, f"sm_{arch} {label}: compiler {r['shared']} B > estimate {est} B"
+                if est <= k.SMEM_LIMIT[arch]:
+                    assert r["shared"] <= k.SMEM_LIMIT[arch], (arch, label)
+
+
+PINNED = r"""
+from sparse_runtime.kernels import sparse24 as k
+assert len(k.DECODE_CONFIGS) == len(k.TILE_CONFIGS) == 1
+for pinned, full in ((k.DECODE_CONFIGS, k.GPU_DECODE_CONFIGS), (k.TILE_CONFIGS, k.GPU_TILE_CONFIGS)):
+    assert str(pinned[0]) in map(str, full)  # compiled and checked in the AOT report like the others
+    for limit in k.SMEM_LIMIT.values():  # the fused 128-block rotation stays on the fused path on both
+        assert k.fitting(pinned, 1, 128, 2, limit) == pinned
+print("pinned")
+"""
+
+
+def test_pinned_gpu_configs():
+    """gpu_check.sh's correctness stage pins one config per schedule (SPARSE_RUNTIME_TRITON_CONFIGS=pinned)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "SPARSE_RUNTIME_TRITON_CONFIGS": "pinned"}
+    r = subprocess.run([sys.executable, "-c", PINNED], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "pinned" in r.stdout, r.stderr[-2000:]

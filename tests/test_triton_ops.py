@@ -145,3 +145,53 @@ def test_opcheck_gpu():
     sw, values, meta = random_layer(256, 512, torch.float16, seed=51, device="cuda")
     x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
     torch.library.opcheck(torch.ops.sparse_runtime.sparse24_matmul.default, (x, values, meta, None, "none"))
+
+
+@pytest.mark.parametrize("n", [1024, 4096, 14336])
+def test_split_k_follows_the_m_bucket(monkeypatch, n):
+    # k_per_split is in the autotune key: every M of a bucket must get the bucket's split, so a graph
+    # capture at an M never run eagerly reuses the tuned entry instead of autotuning inside the capture.
+    from sparse_runtime.cusparselt import m_bucket
+
+    monkeypatch.setattr(triton_ops, "_sm_count", lambda device: 132)
+    dev = torch.device("cuda")
+    for m in range(1, triton_ops.DECODE_MAX_M + 1):
+        assert triton_ops.auto_split_k(m, n, 4096, dev) == triton_ops.auto_split_k(m_bucket(m), n, 4096, dev), m
+
+
+def test_shared_counters_are_never_allocated_in_a_capture(monkeypatch):
+    monkeypatch.setattr(triton_ops, "_LOCKS", {})
+    monkeypatch.setattr(triton_ops, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
+        triton_ops._tile_locks(torch.device("cpu"), 8)
+    monkeypatch.setattr(triton_ops, "_capturing", lambda device: False)
+    made = triton_ops._tile_locks(torch.device("cpu"), 8)  # eager: allocated once ...
+    monkeypatch.setattr(triton_ops, "_capturing", lambda device: True)
+    assert triton_ops._tile_locks(torch.device("cpu"), 8) is made  # ... and reused inside a capture
+
+
+def test_layer_counters():
+    sw, values, meta = random_layer(40, 256, torch.float32, seed=25)
+    x, bias = torch.randn(3, 256), torch.randn(40)
+    locks = triton_ops.decode_locks(40, x.device)
+    assert locks.dtype == torch.int32 and locks.numel() == 3  # ceil(40 / 16) decode tiles
+    for _ in range(2):  # the kernel leaves them zeroed for the next call
+        y = triton_ops.sparse24_matmul(x, values, meta, bias, split_k=4, locks=locks)
+        assert_close(y, *reference(x, sw, bias), torch.float32)
+        assert not locks.any()
+    with pytest.raises(ShapeError, match="locks must be int32"):
+        triton_ops.sparse24_matmul(x, values, meta, bias, split_k=4, locks=locks[:1])
+
+
+def test_rotation_falls_back_to_rotate_first_when_no_config_fits(monkeypatch):
+    # A device whose shared memory holds no config with R's tile: rotate x first, then the plain kernel.
+    ker = triton_ops._kernels()
+    fitting = ker.fitting
+    monkeypatch.setattr(ker, "fitting", lambda configs, rot, *a: [] if rot else fitting(configs, rot, *a))
+    calls = []
+    monkeypatch.setattr(triton_ops, "apply_rotation", lambda x, r: calls.append(r) or (x @ r))
+    sw, values, meta = random_layer(40, 44, torch.float32, seed=23)
+    x, rot = torch.randn(2, 44), random_rotation(44, None, torch.float32, seed=24)
+    assert_close(triton_ops.rotate_sparse24_matmul(x, rot, values, meta), *reference(x, sw, rotation=rot),
+                 torch.float32)
+    assert len(calls) == 1

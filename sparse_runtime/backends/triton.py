@@ -42,16 +42,13 @@ class TritonBackend(Backend):
         return None
 
     def prepare(self, layer):
-        return triton_ops.prepare_sparse24(layer.weight_values, layer.weight_meta)
+        return triton_ops.Sparse24Layer(layer.weight_values, layer.weight_meta)
 
     def forward(self, layer, state, x):
-        values, meta = state
         rot = layer.rotation
-        if rot is not None and (rot.dim() == 3 or FUSE_FULL_ROTATION):
-            return triton_ops.rotate_sparse24_matmul(x, rot, values, meta, layer.bias)
-        if rot is not None:
-            x = apply_rotation(x, rot)
-        return triton_ops.sparse24_matmul(x, values, meta, layer.bias)
+        if rot is not None and not (rot.dim() == 3 or FUSE_FULL_ROTATION):
+            x, rot = apply_rotation(x, rot), None
+        return state(x, layer.bias, rot)
 
 
 register(TritonBackend())
