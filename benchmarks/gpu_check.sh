@@ -11,10 +11,11 @@
 #     bash benchmarks/gpu_check.sh decode   # benchmarks/kernels.py, Llama-3-8B shapes (DTYPES=fp16; bf16: a 2nd call)
 #     bash benchmarks/gpu_check.sh prefill  # benchmarks/prefill.py: dense vs torch vs cusparselt vs dispatch
 #     bash benchmarks/gpu_check.sh prune    # prune_speed on a Llama-3-8B-shaped model (PRUNE_LAYERS layers)
+#     bash benchmarks/gpu_check.sh rotation # benchmarks/rotation_overhead.py: layer time with/without the residual rotation
 # Logs and result files land in $OUT (the device tool brings them back); commit them under benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_check.sh prep|test|decode|prefill|prune}
+stage=${1:?usage: gpu_check.sh prep|test|decode|prefill|prune|rotation}
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-8}  # the GPU machines have 16 cores
@@ -62,6 +63,11 @@ prune)
     # The full 32 layers take longer than one call; time PRUNE_LAYERS layers and scale (stated in the JSON).
     timeout 560 python3 benchmarks/prune_speed.py --llama3-8b-shape --layers "${PRUNE_LAYERS:-4}" --nsamples 128 --seqlen 2048 \
         --methods ${METHODS:-wanda sparsegpt} --out "$OUT/prune_speed_llama3_8b.json" 2>&1 | tee "$OUT/prune.log"
+    ;;
+rotation)
+    # One Llama-3-8B-shaped layer, 2:4 on backend auto, with and without its boundary rotation (M = 1..16, 2048).
+    SPARSE_RUNTIME_TRITON_CONFIGS=pinned timeout -s INT -k 20 280 python3 benchmarks/rotation_overhead.py \
+        --out "$OUT/rotation_overhead.json" 2>&1 | tee "$OUT/rotation.log" || true
     ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
