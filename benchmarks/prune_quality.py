@@ -51,13 +51,19 @@ def plot(report: dict, path: Path) -> None:
         bars = ax.bar(xs, [v or 0 for v in vals], width, label=method)
         ax.bar_label(bars, labels=[f"{v:.0f}" if v else "" for v in vals], fontsize=7)
     ax.axhline(report["perplexity"]["dense"], color="k", ls="--", lw=1, label=f"dense {report['perplexity']['dense']:.1f}")
-    ax.set_yscale("log")
     ax.set_xticks(range(len(PATTERNS)), ["2:4", "4:8", "50% unstructured"])
+    finish_plot(fig, ax, report, path)
+
+
+def finish_plot(fig, ax, report: dict, path: Path, what: str = "") -> None:
+    """Log perplexity axis, a title with the protocol, device and date, and the PNG."""
+    ax.set_yscale("log")
     ax.set_ylabel(f"WikiText-2 perplexity (seqlen {report['eval']['seqlen']}, log)")
-    ax.set_title(f"{report['model']}: {report['calibration']['nsamples']}x{report['calibration']['seqlen']} "
-                 f"C4 calibration, {report['eval']['tokens']} eval tokens\n{report['device']}, torch {report['torch']}, "
+    cal = report["calibration"]
+    ax.set_title(f"{report['model']}{what}: {cal['nsamples']}x{cal['seqlen']} C4 calibration, "
+                 f"{report['eval']['tokens']:,} eval tokens\n{report['device']}, torch {report['torch']}, "
                  f"{report['date'][:10]}", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prune_quality import device_name  # noqa: E402
+from prune_quality import device_name, finish_plot  # noqa: E402
 
 from sparse_runtime.eval import perplexity  # noqa: E402
 from sparse_runtime.models import load_model  # noqa: E402
@@ -116,18 +116,10 @@ def plot(report: dict, path: Path) -> None:
         for r in report["runs"].values():
             if r["method"] == method and r["blocks"] > 1:
                 ax.plot(r["steps"], r["perplexity"], marker="^", color=color, ls="none",
-                        label=f"{method} 2:4, entropy, {r['blocks']} blocks")
+                        label=f"{method} 2:4, {r['objective']}, {r['blocks']} blocks")
     ax.axhline(ppl["dense"], color="k", ls=":", lw=1, label=f"dense {ppl['dense']:.2f}")
-    ax.set_yscale("log")
     ax.set_xlabel("rotation steps per decoder layer (Adam)")
-    ax.set_ylabel(f"WikiText-2 perplexity (seqlen {report['eval']['seqlen']}, log)")
-    cal = report["calibration"]
-    ax.set_title(f"{report['model']} 2:4 + DenoiseRotator: {cal['nsamples']}x{cal['seqlen']} C4 calibration, "
-                 f"{report['eval']['tokens']:,} eval tokens\n{report['device']}, torch {report['torch']}, "
-                 f"{report['date'][:10]}", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_plot(fig, ax, report, path, f" {report['pattern']} + DenoiseRotator")
 
 
 def main(argv=None) -> int:
