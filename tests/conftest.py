@@ -34,3 +34,13 @@ def stories_dir():
     if not STORIES.exists():
         pytest.fail(f"stories260K not found at {STORIES}; set SPARSE_RUNTIME_SHARED to the shared/ folder")
     return STORIES
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one torch thread is as fast, and far faster on a busy shared CPU (two OpenMP threads on two
+    shared cores spend most of their time in barriers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

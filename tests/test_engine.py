@@ -9,13 +9,7 @@ from sparse_runtime.models import load_model
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park. They saw a big", "Sun"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 intra-op threads on 2 shared cores spend most of their time in OpenMP barriers (25x slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,9 @@ import uvicorn
 
 from sparse_runtime.engine import Engine, Request, SamplingParams
 from sparse_runtime.server import Server
-from test_engine import one_thread, stories  # noqa: F401  (fixtures: one torch thread, stories260K)
+from test_engine import stories  # noqa: F401  (fixture: stories260K)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["Once upon a time", "The little dog", "Tom had a red ball.", "Sun"]
 
