@@ -85,7 +85,8 @@ def decode_tokens_per_s(model, tok, new_tokens: int, repeats: int = 3) -> float:
 def merge_reports(reports: list[dict], out: Path) -> None:
     """One report from several runs of this script under the same protocol (e.g. two processes, one per core)."""
     def protocol(r):
-        cal = {"sampling": "concat", **r["calibration"]}  # reports written before the field existed used concat
+        # reports written before these fields existed: concat sampling, and calibration windows never got a BOS
+        cal = {"sampling": "concat", "bos": "none", **r["calibration"]}
         return r["model"], r["pattern"], cal, {k: v for k, v in r["eval"].items() if k != "bos"}, r["perplexity"]["dense"]
 
     first = reports[0]

@@ -185,11 +185,11 @@ def rotation_quality() -> str:
             lines.append(f"- {method}, 100 steps, full R1: nm {by['nm']:.1f} vs entropy {by['entropy']:.1f}: "
                          f"the 2:4-aware objective is {'lower' if by['nm'] < by['entropy'] else 'NOT lower'}.")
     dec = r.get("decode", {})
-    if "rotation_overhead_pct" in dec:
+    if "sparsegpt/none" in dec and "sparsegpt/nm/b1/100" in dec:
         a, b = dec["sparsegpt/none"], dec["sparsegpt/nm/b1/100"]
         lines.append(f"- CPU decode, batch 1, {a['new_tokens']} tokens, `{a['backend']}` backend: unrotated "
-                     f"{a['tokens_per_s']:.1f} tok/s, rotated {b['tokens_per_s']:.1f} tok/s "
-                     f"(rotation overhead {dec['rotation_overhead_pct']:+.1f}%).")
+                     f"{a['tokens_per_s']:.1f} tok/s, rotated {b['tokens_per_s']:.1f} tok/s (the rotation costs "
+                     f"{100 * (a['tokens_per_s'] / b['tokens_per_s'] - 1):+.1f}% time per token).")
     ref = r.get("paper_reference")
     if ref:
         lines.append(f"- Paper ({ref['model']}, seqlen {ref['seqlen']}, dense {ref['dense']}): 2:4 Wanda "
