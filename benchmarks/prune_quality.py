@@ -1,7 +1,7 @@
 """WikiText-2 perplexity of a model (default SmolLM2-135M) dense and pruned by magnitude, Wanda and SparseGPT
 at 2:4, 4:8 and 50% unstructured. Writes benchmarks/results/prune_quality.json (after every run) and a PNG.
 
-    python benchmarks/prune_quality.py --nsamples 32 --seqlen 512 --eval-tokens 20000 --threads 1 \
+    python benchmarks/prune_quality.py --nsamples 32 --seqlen 512 --eval-tokens 40960 --threads 1 \
         --spread wanda/2:4 --spread-seeds 0 1 2
 
 ``--spread METHOD/PATTERN`` reprunes that cell with each of ``--spread-seeds`` under both calibration samplings
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--spread-seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--eval-data", default=str(DEFAULT_EVAL))
     p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--eval-tokens", type=int, default=20000)
+    p.add_argument("--eval-tokens", type=int, default=40960, help="the protocol: first 40,960 WikiText-2 tokens")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--patterns", nargs="+", default=list(PATTERNS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
