@@ -212,28 +212,64 @@ def gemma3_bos() -> str:
               f"{'met' if t['met'] else 'missed'}.\n")
 
 
-def serve() -> str:
-    r = _load("serve_bench.json")
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def engine() -> str:
+    r = _load("engine.json")
     if r is None:
-        return "_not measured yet: run `python benchmarks/serve_bench.py`_\n"
-    d, lt, st = r["decode_tokens_per_s"], r["load_test"], r["settings"]
+        return "_not measured yet: run `python benchmarks/engine.py`_\n"
+    st, vs = r["settings"], r["variants"]
     ok = lambda v, target: f"{v:.2f}x ({'meets' if v >= target else 'misses'} the {target}x target)"
+    batches = st["batches"]
+    rows = [f"| {name} | {v['decode_tokens_per_s']['hf_generate_b1']:.1f} | "
+            + " | ".join(f"{v['decode_tokens_per_s'][f'engine_b{b}']:.1f}" for b in batches)
+            + f" | {v['prefill_tokens_per_s']:.0f} | {v['ttft_s'] * 1000:.0f} | {_gib(v['peak_memory_bytes'])} |"
+            for name, v in vs.items()]
+    lines = [f"{r['model']} ({r['dtype']}, {r['weights']} weights), greedy, {st['tokens']} tokens per sequence after a "
+             f"{st['decode_prompt_tokens']}-token prompt, median of {st['repeats']} runs; prefill and time to first "
+             f"token on {st['prompt_tokens']}-token prompts (prefill at batch {st['prefill_batch']}); 2:4 = every "
+             f"decoder linear magnitude-pruned, backend `{r['backend']}`; {r['device']}, torch {r['torch']}, "
+             f"{r['date'][:10]}.", "",
+             "| model | `generate` b1 tok/s | " + " | ".join(f"engine b{b} tok/s" for b in batches)
+             + " | prefill tok/s | TTFT ms | peak memory |",
+             "|---|" + "---|" * (len(batches) + 4), *rows, ""]
+    for name, v in vs.items():
+        text = (f"{name}: engine batch 1 vs `generate` {ok(v['engine_b1_vs_hf'], 1.5)}; the model's linears alone "
+                f"take {v['linear_floor_s_per_token'] * 1000:.1f} ms per token, so no engine can beat `generate` by "
+                f"more than {v['max_b1_vs_hf']:.2f}x at batch 1 with these weights")
+        if "engine_b8_vs_b1" in v:
+            text += f"; batch 8 vs batch 1 {ok(v['engine_b8_vs_b1'], 4)}"
+        lines.append(text + ".")
+    if "sparse_b1_vs_dense" in r:
+        lines.append(f"2:4 vs dense: batch-1 decode {r['sparse_b1_vs_dense']:.2f}x, peak memory "
+                     f"{r['sparse_peak_vs_dense']:.2f}x of dense.")
+    return "\n".join(lines) + "\n"
+
+
+def serve_load() -> str:
+    r = _load("serve_load.json")
+    if r is None:
+        return "_not measured yet: run `python benchmarks/serve_load.py`_\n"
+    lo, ov = r["load"], r["overload"]
+    ms = lambda d: " / ".join(f"{d[q] * 1000:.0f}" for q in ("p50", "p90", "p99"))
     return "\n".join([
-        f"{r['model']} ({r['dtype']}), greedy, {st['tokens']} tokens per sequence, median of {st['repeats']} runs; "
-        f"{r['device']}, torch {r['torch']}, {r['date'][:10]}.", "",
-        "| decode | tokens/s |", "|---|---|",
-        f"| transformers `generate`, batch 1 | {d['hf_generate_b1']:.1f} |",
-        f"| engine, batch 1 | {d['engine_b1']:.1f} |",
-        f"| engine, batch 8 (aggregate) | {d['engine_b8']:.1f} |", "",
-        f"Engine batch 1 vs `generate`: {ok(r['engine_b1_vs_hf'], 1.5)}; batch 8 vs batch 1: "
-        f"{ok(r['engine_b8_vs_b1'], 4)}. Load test over HTTP: {lt['requests'] - lt['failed']}/{lt['requests']} "
-        f"requests ok ({lt['failed']} failed) from {lt['clients']} concurrent clients, max_tokens {lt['max_tokens']}, "
-        f"max batch {lt['max_batch']}: {lt['requests_per_s']:.1f} requests/s, latency p50 {lt['latency_p50_s']:.2f} s, "
-        f"p90 {lt['latency_p90_s']:.2f} s, p99 {lt['latency_p99_s']:.2f} s.",
+        f"{r['model']} behind `sparse-runtime serve` (max batch {r['max_batch']}); {r['device']}, {r['date'][:10]}.", "",
+        "| run | requests | ok | failed | requests/s | tokens/s | latency p50 / p90 / p99 ms | TTFT p50 / p90 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| load: {lo['clients']} clients, {lo['max_tokens']} tokens each | {lo['requests']} | "
+        f"{lo['requests'] - lo['failed']} | {lo['failed']} | {lo['requests_per_s']:.2f} | "
+        f"{lo['generated_tokens_per_s']:.1f} | {ms(lo['latency_s'])} | {ms(lo['ttft_s'])} |", "",
+        f"Overload (max batch {ov['max_batch']}, max queue {ov['max_queue']}, filled with {ov['admitted']} requests, "
+        f"then {ov['extra_requests']} more at once): {ov['rejected_503']} answered 503 "
+        f"({ov['rejected_with_retry_after']} with Retry-After, {ov['other']} other answers), slowest rejection "
+        f"{ov['rejection_latency_max_s'] * 1000:.0f} ms ({'meets' if ov['rejection_latency_max_s'] <= 0.1 else 'misses'} "
+        f"the 100 ms target); {ov['admitted_ok']}/{ov['admitted']} admitted requests completed.",
     ]) + "\n"
 
 
-TABLES = {"prune_quality": prune_quality, "gemma3_bos": gemma3_bos, "serve": serve, "prune_speed": prune_speed,
+TABLES = {"prune_quality": prune_quality, "gemma3_bos": gemma3_bos, "engine": engine, "serve_load": serve_load, "prune_speed": prune_speed,
           "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources,
           "rotation_quality": rotation_quality}
 

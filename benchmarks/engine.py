@@ -1,0 +1,257 @@
+"""Generation engine vs transformers' ``generate``, dense vs 2:4: decode tokens/s at several batch sizes,
+prefill tokens/s, time to first token and peak memory.
+
+    python benchmarks/engine.py --threads 1                       # SmolLM2-135M on the CPU, ~5 minutes
+    python benchmarks/engine.py --config llama3-8b --device cuda  # Llama-3-8B shapes, random fp16 weights
+
+Decode tokens/s = batch * (N - 1) / (time for N tokens - time for 1 token): prefill and the first token
+cancel. Runs are greedy with EOS ignored, so each makes exactly N tokens; each time is the median of
+--repeats runs (CUDA events on a GPU). Time to first token = one request's prompt of --prompt-tokens
+tokens with max_tokens 1; prefill tokens/s = --prefill-batch such prompts / their time. Peak memory is
+the peak RSS of a fresh process per variant (CPU; baseline beside it) or torch's peak allocation (CUDA) while the
+variant loads and runs. ``linear_floor`` is the time of the model's linears alone on one token: what no
+engine at batch 1 can beat with the same weights. The 2:4 variant sparsifies every decoder linear by
+magnitude (speed does not depend on which weights are kept). Targets (issue 11): engine batch 1 >= 1.5x
+``generate``; batch 8 aggregate >= 4x batch 1; on a GPU, 2:4 batch 1 >= 1.5x dense and peak memory below
+dense. Writes benchmarks/results/engine.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sparse_runtime.engine import Engine, Request, SamplingParams
+from sparse_runtime.models import load_model
+from sparse_runtime.prune import DEFAULT_EVAL
+from sparse_runtime.sparsify import sparsify
+
+RESULTS = Path(__file__).parent / "results"
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+
+
+class NullTokenizer:
+    """What the engine needs from a tokenizer, for models with random weights (their tokens mean nothing)."""
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return ""
+
+
+def build(args):
+    """(model, tokenizer, prompt ids) of the dense model."""
+    if args.config == "llama3-8b":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B))
+        model = model.to_empty(device=args.device).to(getattr(torch, args.dtype))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        model.eval()
+        g = torch.Generator().manual_seed(0)
+        return model, NullTokenizer(), torch.randint(0, LLAMA3_8B["vocab_size"], (args.prompt_tokens,), generator=g).tolist()
+    model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    text = Path(args.prompt_file).read_text(encoding="utf-8")
+    ids = tok(text[: 20 * args.prompt_tokens])["input_ids"][: args.prompt_tokens]
+    return model, tok, ids
+
+
+def timer(device: str):
+    """Median seconds of ``fn()`` over ``repeats`` runs: CUDA events on a GPU, perf_counter on the CPU."""
+    def median(fn, repeats: int) -> float:
+        times = []
+        for _ in range(repeats):
+            if device.startswith("cuda"):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1000)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    return median
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak(device: str) -> int:
+    """Reset the peak-memory counter; return the memory in use now (the baseline the peak includes)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+    return _status_bytes("VmRSS")
+
+
+def peak_bytes(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else _status_bytes("VmHWM")
+
+
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def linear_floor(model, median, repeats: int) -> float:
+    """Seconds per token of every linear of ``model`` (dense or SparseLinear) on a one-token input."""
+    from sparse_runtime.linear import SparseLinear
+
+    p = next(model.parameters())
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, SparseLinear))]
+    xs = {m.in_features: torch.randn(1, 1, m.in_features, device=p.device, dtype=p.dtype) for m in layers}
+    return median(lambda: [m(xs[m.in_features]) for m in layers], repeats)
+
+
+def measure(model, tok, ids, args, median) -> dict:
+    n, rep = args.tokens, args.repeats
+    eng = Engine(model, tok, max_batch=max(args.batches + [args.prefill_batch]),
+                 max_seq_len=len(ids) + n + 1)
+
+    def engine_run(batch, tokens, prompt):
+        return lambda: eng.generate([Request(list(prompt), SamplingParams(max_tokens=tokens, ignore_eos=True))
+                                     for _ in range(batch)])
+
+    def rate(make, batch):
+        make(batch, 2)()  # warm-up
+        return batch * (n - 1) / (median(make(batch, n), rep) - median(make(batch, 1), rep))
+
+    short = ids[: args.decode_prompt_tokens]
+    x = torch.tensor([short], device=next(model.parameters()).device)
+    hf = lambda batch, tokens: lambda: model.generate(x.expand(batch, -1), max_new_tokens=tokens,
+                                                      min_new_tokens=tokens, do_sample=False)
+    out = {"decode_tokens_per_s": {}, "model_bytes": model_bytes(model)}
+    with torch.inference_mode():
+        out["decode_tokens_per_s"]["hf_generate_b1"] = rate(hf, 1)
+        for b in args.batches:
+            out["decode_tokens_per_s"][f"engine_b{b}"] = rate(lambda bb, t: engine_run(bb, t, short), b)
+            print(f"  engine batch {b}: {out['decode_tokens_per_s'][f'engine_b{b}']:.1f} tok/s", flush=True)
+        engine_run(1, 1, ids)()
+        out["ttft_s"] = median(engine_run(1, 1, ids), rep)
+        out["prefill_tokens_per_s"] = args.prefill_batch * len(ids) / median(engine_run(args.prefill_batch, 1, ids), rep)
+        out["linear_floor_s_per_token"] = linear_floor(model, median, rep)
+    d = out["decode_tokens_per_s"]
+    out["engine_b1_vs_hf"] = d["engine_b1"] / d["hf_generate_b1"]
+    out["max_b1_vs_hf"] = (1 / d["hf_generate_b1"]) / out["linear_floor_s_per_token"]
+    if "engine_b8" in d:
+        out["engine_b8_vs_b1"] = d["engine_b8"] / d["engine_b1"]
+    return out
+
+
+def device_name(device: str, threads: int) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.machine()}, {threads} threads)"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--config", choices=("llama3-8b",), help="build this shape with random weights instead of --model")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on the CPU")
+    ap.add_argument("--backend", default="auto", help="SparseLinear backend of the 2:4 variant")
+    ap.add_argument("--variants", nargs="+", default=["dense", "2:4"], choices=("dense", "2:4"))
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--tokens", type=int, default=17, help="tokens per sequence in the decode runs")
+    ap.add_argument("--decode-prompt-tokens", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=256, help="prompt of the prefill / TTFT runs")
+    ap.add_argument("--prefill-batch", type=int, default=8)
+    ap.add_argument("--prompt-file", default=str(DEFAULT_EVAL), help="prompts are the start of this text")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--note", default="", help="recorded beside the device, e.g. 'shared machine'")
+    ap.add_argument("--out", default=str(RESULTS / "engine.json"))
+    ap.add_argument("--part", help=argparse.SUPPRESS)  # internal: run the one variant, write its result here
+    args = ap.parse_args(argv)
+    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    if 1 not in args.batches:
+        ap.error("--batches must include 1 (the ratios are against batch 1)")
+    torch.set_num_threads(args.threads)
+    median = timer(args.device)
+    report = {
+        "model": args.config or args.model, "weights": "random (normal 0.02)" if args.config else "trained",
+        "dtype": args.dtype, "backend": args.backend,
+        "device": device_name(args.device, args.threads) + (f", {args.note}" if args.note else ""),
+        "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {k: getattr(args, k) for k in ("tokens", "decode_prompt_tokens", "prompt_tokens", "prefill_batch",
+                                                   "batches", "repeats")},
+        "variants": {},
+    }
+    if args.part:  # one variant in this fresh process, so its peak memory is its own
+        (variant,) = args.variants
+        baseline = reset_peak(args.device)
+        model, tok, ids = build(args)
+        if variant == "2:4":
+            sparsify(model, backend=args.backend, progress=False)
+        res = measure(model, tok, ids, args, median)
+        res["peak_memory_bytes"], res["baseline_memory_bytes"] = peak_bytes(args.device), baseline
+        Path(args.part).write_text(json.dumps(res))
+        return 0
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for variant in args.variants:
+        print(f"{variant}:", flush=True)
+        with tempfile.NamedTemporaryFile(suffix=".json") as part:
+            subprocess.run([sys.executable, __file__, *argv, "--variants", variant, "--part", part.name], check=True)
+            report["variants"][variant] = json.loads(Path(part.name).read_text())
+        print(json.dumps(report["variants"][variant], indent=2), flush=True)
+    v = report["variants"]
+    if "dense" in v and "2:4" in v:
+        report["sparse_b1_vs_dense"] = v["2:4"]["decode_tokens_per_s"]["engine_b1"] / v["dense"]["decode_tokens_per_s"]["engine_b1"]
+        report["sparse_peak_vs_dense"] = v["2:4"]["peak_memory_bytes"] / v["dense"]["peak_memory_bytes"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
+    plot(report, out.with_suffix(".png"))
+    return 0
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for variant, res in report["variants"].items():
+        d = res["decode_tokens_per_s"]
+        bs = sorted(int(k[len("engine_b"):]) for k in d if k.startswith("engine_b"))
+        ax.plot(bs, [d[f"engine_b{b}"] for b in bs], marker="o", label=f"engine, {variant}")
+        ax.scatter([1], [d["hf_generate_b1"]], marker="x", s=60, label=f"transformers generate, {variant}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch (sequences decoded together)")
+    ax.set_ylabel("decode tokens/s (aggregate)")
+    ax.set_title(f"{report['model']} ({report['dtype']}), {report['device']}\ntorch {report['torch']}, "
+                 f"{report['date'][:10]}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
