@@ -128,12 +128,20 @@ def linear_floor(model, median, repeats: int) -> float:
 
 def measure(model, tok, ids, args, median) -> dict:
     n, rep = args.tokens, args.repeats
-    eng = Engine(model, tok, max_batch=max(args.batches + [args.prefill_batch]),
-                 max_seq_len=len(ids) + n + 1)
+    slots, ctx = max(args.batches + [args.prefill_batch]), len(ids) + n + 1
+    engines = {}
 
-    def engine_run(batch, tokens, prompt):
-        return lambda: eng.generate([Request(list(prompt), SamplingParams(max_tokens=tokens, ignore_eos=True))
-                                     for _ in range(batch)])
+    def engine_for(batch):
+        """One engine for every batch size, except under CUDA graphs, which always run max_batch rows."""
+        key = batch if args.compile and args.device.startswith("cuda") else slots
+        if key not in engines:
+            engines[key] = Engine(model, tok, max_batch=key, max_seq_len=ctx, compile=args.compile)
+        return engines[key]
+
+    def engine_run(batch, tokens, prompt, engine=None):
+        engine = engine or engine_for(batch)
+        return lambda: engine.generate([Request(list(prompt), SamplingParams(max_tokens=tokens, ignore_eos=True))
+                                        for _ in range(batch)])
 
     def rate(make, batch):
         make(batch, 2)()  # warm-up
@@ -146,6 +154,12 @@ def measure(model, tok, ids, args, median) -> dict:
     out = {"decode_tokens_per_s": {}, "model_bytes": model_bytes(model)}
     with torch.inference_mode():
         out["decode_tokens_per_s"]["hf_generate_b1"] = rate(hf, 1)
+        if args.compile:  # the eager engine too, to show what compiling buys
+            eager = Engine(model, tok, max_batch=1, max_seq_len=ctx)
+            out["decode_tokens_per_s"]["engine_eager_b1"] = rate(lambda bb, t: engine_run(bb, t, short, eager), 1)
+        t0 = time.perf_counter()
+        engine_run(1, 2, short)()
+        out["first_decode_call_s"] = time.perf_counter() - t0  # includes compiling the decode step
         for b in args.batches:
             out["decode_tokens_per_s"][f"engine_b{b}"] = rate(lambda bb, t: engine_run(bb, t, short), b)
             print(f"  engine batch {b}: {out['decode_tokens_per_s'][f'engine_b{b}']:.1f} tok/s", flush=True)
@@ -182,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-batch", type=int, default=8)
     ap.add_argument("--prompt-file", default=str(DEFAULT_EVAL), help="prompts are the start of this text")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="compile the engine's decode step (torch.compile; CUDA graphs on CUDA)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", default="", help="recorded beside the device, e.g. 'shared machine'")
     ap.add_argument("--out", default=str(RESULTS / "engine.json"))
@@ -198,7 +214,7 @@ def main(argv=None) -> int:
         "device": device_name(args.device, args.threads) + (f", {args.note}" if args.note else ""),
         "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {k: getattr(args, k) for k in ("tokens", "decode_prompt_tokens", "prompt_tokens", "prefill_batch",
-                                                   "batches", "repeats")},
+                                                   "batches", "repeats", "compile")},
         "variants": {},
     }
     if args.part:  # one variant in this fresh process, so its peak memory is its own

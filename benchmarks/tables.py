@@ -52,6 +52,11 @@ def prune_quality() -> str:
         parts = [f"{sampling} sampling " + " / ".join(f"{v:.1f}" for v in by_seed.values())
                  + f" (seeds {', '.join(by_seed)})" for sampling, by_seed in runs.items() if by_seed]
         lines += ["", f"Seed-to-seed spread of {cell.replace('/', ' ')}: " + "; ".join(parts) + "."]
+    repro = [(k, v, ppl[k]) for k, v in r.get("reference_code", {}).items() if k in ppl]
+    if repro and cal.get("sampling") == "reference" and cal["seed"] == 0:
+        lines += ["", "The reference Wanda/SparseGPT code on this protocol (as quoted in issue 15): "
+                  + "; ".join(f"{k.replace('/', ' ')} {v} (here {mine:.2f}, {100 * (mine - v) / v:+.2f}%)"
+                              for k, v, mine in repro) + "."]
     if ref:
         lines += ["", f"Paper reference ({ref['model']}, seqlen {ref['seqlen']}): dense {ref['dense']}; 2:4 "
                   + ", ".join(f"{m} {v}" for m, v in ref["2:4"].items())
@@ -223,18 +228,20 @@ def engine() -> str:
     st, vs = r["settings"], r["variants"]
     ok = lambda v, target: f"{v:.2f}x ({'meets' if v >= target else 'misses'} the {target}x target)"
     batches = st["batches"]
-    rows = [f"| {name} | {v['decode_tokens_per_s']['hf_generate_b1']:.1f} | "
+    eager = lambda v: f"{v['decode_tokens_per_s']['engine_eager_b1']:.1f} | " if st.get("compile") else ""
+    rows = [f"| {name} | {v['decode_tokens_per_s']['hf_generate_b1']:.1f} | {eager(v)}"
             + " | ".join(f"{v['decode_tokens_per_s'][f'engine_b{b}']:.1f}" for b in batches)
             + f" | {v['prefill_tokens_per_s']:.0f} | {v['ttft_s'] * 1000:.0f} | {_gib(v['peak_memory_bytes'])} |"
             for name, v in vs.items()]
     lines = [f"{r['model']} ({r['dtype']}, {r['weights']} weights), greedy, {st['tokens']} tokens per sequence after a "
-             f"{st['decode_prompt_tokens']}-token prompt, median of {st['repeats']} runs; prefill and time to first "
+             f"{st['decode_prompt_tokens']}-token prompt, median of {st['repeats']} runs; engine decode step "
+             f"{'compiled (torch.compile)' if st.get('compile') else 'eager'}; prefill and time to first "
              f"token on {st['prompt_tokens']}-token prompts (prefill at batch {st['prefill_batch']}); 2:4 = every "
              f"decoder linear magnitude-pruned, backend `{r['backend']}`; {r['device']}, torch {r['torch']}, "
              f"{r['date'][:10]}.", "",
-             "| model | `generate` b1 tok/s | " + " | ".join(f"engine b{b} tok/s" for b in batches)
-             + " | prefill tok/s | TTFT ms | peak memory |",
-             "|---|" + "---|" * (len(batches) + 4), *rows, ""]
+             "| model | `generate` b1 tok/s | " + ("eager engine b1 tok/s | " if st.get("compile") else "")
+             + " | ".join(f"engine b{b} tok/s" for b in batches) + " | prefill tok/s | TTFT ms | peak memory |",
+             "|---|" + "---|" * (len(batches) + 4 + bool(st.get("compile"))), *rows, ""]
     for name, v in vs.items():
         text = (f"{name}: engine batch 1 vs `generate` {ok(v['engine_b1_vs_hf'], 1.5)}; the model's linears alone "
                 f"take {v['linear_floor_s_per_token'] * 1000:.1f} ms per token, so no engine can beat `generate` by "

@@ -158,13 +158,14 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
-        # static: decode always runs max_batch rows over the whole cache (one shape: what CUDA graphs need).
-        self._static = static or compile
+        # compile: on CUDA the decode step is captured as CUDA graphs, which need one shape, so decode always
+        # runs max_batch rows over the whole cache (static); on the CPU inductor fuses the per-layer small ops
+        # (norms, rotary, residual adds) that cost as much as the linears at batch 1, with dynamic shapes.
+        self._static = static or (compile and self.device.type == "cuda")
         self._decode_forward = self._forward_eager
-        if compile:  # CUDA: capture the decode step as CUDA graphs via torch.compile
-            if self.device.type != "cuda":
-                raise ValueError("compile=True needs a CUDA model (it captures CUDA graphs)")
-            self._decode_forward = torch.compile(self._forward_eager, mode="reduce-overhead", dynamic=False)
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self._decode_forward = torch.compile(self._forward_eager, mode=mode, dynamic=not self._static)
 
     # ---- public API -------------------------------------------------------------------------
     def check(self, req: Request) -> None:

@@ -57,3 +57,13 @@ def test_gpu_tables_render_what_the_benchmarks_write(tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     assert "| 1 | 1.60x (" in tables.decode() and "auto 1.54x" in tables.decode()
     assert "| q/o 4096x4096 | 2048 | - | 1.60x (9 us) | - | 6.0 us |" in tables.prefill()
+
+
+def test_the_table_reproduces_the_reference_code_within_half_a_percent():
+    import json
+
+    r = json.loads((ROOT / "benchmarks" / "results" / "prune_quality.json").read_text())
+    assert r["calibration"]["sampling"] == "reference" and r["eval"]["max_tokens"] == 40960
+    assert r["reference_code"], "no reference values recorded"
+    for key, ref in r["reference_code"].items():
+        assert abs(r["perplexity"][key] - ref) / ref < 0.005, key

@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model's name)")
     p.add_argument("--sparsify", default=None, metavar="PATTERN", help="magnitude-prune to PATTERN (e.g. 2:4) first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="CUDA: capture the decode step as CUDA graphs")
+    p.add_argument("--compile", action="store_true", help="compile the decode step: CUDA graphs on CUDA, inductor on the CPU (the first requests wait for it)")
 
 
 def run(args) -> int:
