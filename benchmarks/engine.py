@@ -116,13 +116,13 @@ def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def linear_floor(model, median, repeats: int) -> float:
-    """Seconds per token of every linear of ``model`` (dense or SparseLinear) on a one-token input."""
+def linear_floor(model, median, repeats: int, rows: int = 1) -> float:
+    """Seconds per decode step of every linear of ``model`` (dense or SparseLinear) on ``rows`` tokens."""
     from sparse_runtime.linear import SparseLinear
 
     p = next(model.parameters())
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, SparseLinear))]
-    xs = {m.in_features: torch.randn(1, 1, m.in_features, device=p.device, dtype=p.dtype) for m in layers}
+    xs = {m.in_features: torch.randn(rows, 1, m.in_features, device=p.device, dtype=p.dtype) for m in layers}
     return median(lambda: [m(xs[m.in_features]) for m in layers], repeats)
 
 
@@ -167,11 +167,15 @@ def measure(model, tok, ids, args, median) -> dict:
         out["ttft_s"] = median(engine_run(1, 1, ids), rep)
         out["prefill_tokens_per_s"] = args.prefill_batch * len(ids) / median(engine_run(args.prefill_batch, 1, ids), rep)
         out["linear_floor_s_per_token"] = linear_floor(model, median, rep)
+        if 8 in args.batches:
+            out["linear_floor_s_per_step_b8"] = linear_floor(model, median, rep, rows=8)
     d = out["decode_tokens_per_s"]
     out["engine_b1_vs_hf"] = d["engine_b1"] / d["hf_generate_b1"]
     out["max_b1_vs_hf"] = (1 / d["hf_generate_b1"]) / out["linear_floor_s_per_token"]
     if "engine_b8" in d:
         out["engine_b8_vs_b1"] = d["engine_b8"] / d["engine_b1"]
+        # the most batch 8 can give over this batch-1 rate: 8 tokens per step, a step no faster than its linears
+        out["max_b8_vs_b1"] = 8 / d["engine_b1"] / out["linear_floor_s_per_step_b8"]
     return out
 
 

@@ -248,6 +248,9 @@ def engine() -> str:
                 f"more than {v['max_b1_vs_hf']:.2f}x at batch 1 with these weights")
         if "engine_b8_vs_b1" in v:
             text += f"; batch 8 vs batch 1 {ok(v['engine_b8_vs_b1'], 4)}"
+            if "max_b8_vs_b1" in v:
+                text += (f" (the linears alone take {v['linear_floor_s_per_step_b8'] * 1000:.1f} ms per batch-8 step: "
+                         f"at most {v['max_b8_vs_b1']:.2f}x)")
         lines.append(text + ".")
     if "sparse_b1_vs_dense" in r:
         lines.append(f"2:4 vs dense: batch-1 decode {r['sparse_b1_vs_dense']:.2f}x, peak memory "
