@@ -119,7 +119,8 @@ def main(argv=None) -> int:
                 row = {}
                 if strategy == "atp":
                     search = search_beta(model, method, sparsity, calib, val, device=args.device,
-                                         step=args.beta_step, patience=args.beta_patience)
+                                         step=args.beta_step, patience=args.beta_patience,
+                                         log=lambda m: print(f"{method} {sparsity:g} {m}", flush=True))
                     alloc = search.allocation
                     row |= {"beta": alloc.params["beta"], "trials": len(search.trials),
                             "search_seconds": round(search.seconds, 1), "search": search.trials}
