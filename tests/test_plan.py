@@ -99,14 +99,16 @@ def test_plan_cli_then_prune_plan_gives_a_mixed_checkpoint_with_equal_logits(sto
     assert read_sparse_config(out)["pruning"]["plan"]["fraction"] == plan.fraction
     ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
     outs = {}
-    for backend in ("reference", "decompressed"):
+    for backend in ("reference", "decompressed", "triton"):  # triton: the interpreter on the CPU
         model = load_pretrained(out, backend=backend)
         sparse = {n for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+        assert {m.active_backend for m in model.modules() if isinstance(m, SparseLinear)} == {backend}
         dense = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
         assert sparse == set(plan.sparse) and dense == set(plan.dense)
         with torch.no_grad():
             outs[backend] = model(ids).logits
     torch.testing.assert_close(outs["reference"], outs["decompressed"], rtol=0, atol=0)
+    torch.testing.assert_close(outs["triton"], outs["reference"], rtol=1e-4, atol=1e-4)
     # the same as pruning in Python with the plan's targets
     from sparse_runtime.prune import calibration_windows, prune
 
