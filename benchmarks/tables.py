@@ -279,9 +279,63 @@ def serve_load() -> str:
     ]) + "\n"
 
 
+ALLOCATION_ORDER = ("uniform", "owl", "alphapruning", "atp")
+
+
+def allocation_quality() -> str:
+    r = _load("allocation_quality.json")
+    if r is None:
+        return "_not measured yet: run `python benchmarks/allocation_quality.py`_\n"
+    cal, ev, val = r["calibration"], r["eval"], r["validation"]
+    label = f" **{r['label']}**:" if r.get("label") else ""
+    lines = [f"{label} WikiText-2 raw test perplexity of {r['model']} ({r['blocks']} blocks), unstructured: seqlen "
+             f"{ev['seqlen']}, {ev.get('tokens', 0):,} tokens (BOS: {ev.get('bos', 'none')}); calibration "
+             f"{cal['nsamples']} x {cal['seqlen']} tokens of {cal['file']} ({cal['sampling']} sampling, seed "
+             f"{cal['seed']}); ATP's beta chosen on {val['windows']} x {val['seqlen']} held-out {val['file']} tokens "
+             f"({val['documents']}); {r['device']}, torch {r['torch']}, {r['date'][:10]}. Dense: **{r['dense']:.2f}**.",
+             "", "| method | sparsity | " + " | ".join(ALLOCATION_ORDER) + " | ATP beta (trials, search time) |",
+             "|---|---|" + "---|" * (len(ALLOCATION_ORDER) + 1)]
+    cells = sorted({tuple(k.split("/")[:2]) for k in r["rows"]}, key=lambda c: (c[0] != "wanda", c[0], float(c[1])))
+    for method, sparsity in cells:
+        row = {a: r["rows"].get(f"{method}/{sparsity}/{a}") for a in ALLOCATION_ORDER}
+        atp = row["atp"]
+        search = (f"{atp['beta']:.3f} ({atp['trials']}, {atp['search_seconds'] / 60:.1f} min)" if atp else "-")
+        lines.append(f"| {method} | {float(sparsity):.0%} | "
+                     + " | ".join(f"{v['ppl']:.1f}" if v else "-" for v in row.values()) + f" | {search} |")
+    lines.append("")
+    for method, sparsity in cells:
+        row = {a: r["rows"].get(f"{method}/{sparsity}/{a}") for a in ALLOCATION_ORDER}
+        if method == "wanda" and sparsity == "0.7" and row["atp"] and row["uniform"]:
+            cut = 1 - row["atp"]["ppl"] / row["uniform"]["ppl"]
+            owl = row["owl"]
+            order = ("-" if owl is None else "met" if row["atp"]["ppl"] <= owl["ppl"] < row["uniform"]["ppl"]
+                     else "missed")
+            lines.append(f"- Wanda 70%: ATP {cut:.0%} below uniform (target >= 30%: "
+                         f"{'met' if cut >= 0.3 else 'missed'}); ATP <= OWL < uniform: "
+                         f"{order if owl else 'OWL not run'}; beta search {row['atp']['search_seconds'] / 60:.1f} min "
+                         f"(target < 15 min on the 2-core CPU: {'met' if row['atp']['search_seconds'] < 900 else 'missed'}).")
+    plans = r.get("plans", {})
+    if plans:
+        lines += ["", "| plan (2:4 Wanda per linear, rest dense) | 2:4 share of weights | predicted speedup | perplexity |",
+                  "|---|---|---|---|"]
+        for key, v in sorted(plans.items(), key=lambda kv: (kv[0] == "all", kv[0])):
+            lines.append(f"| {key} | {v['fraction_24']:.1%} | {v['predicted_speedup']:.3f}x | {v['ppl']:.1f} |")
+        lines.append("")
+        for fraction in sorted({k.split("/")[0] for k in plans if "/" in k}):
+            ours = plans.get(f"{fraction}/error_depth")
+            rivals = {k: v for k, v in plans.items() if k.startswith(fraction + "/") and k != f"{fraction}/error_depth"}
+            if ours and rivals:
+                beaten = all(ours["ppl"] < v["ppl"] and ours["predicted_speedup"] >= v["predicted_speedup"] - 0.005
+                             for v in rivals.values())
+                lines.append(f"- {float(fraction):.0%} of weights 2:4: the plan ({ours['ppl']:.1f}) "
+                             f"{'beats' if beaten else 'does NOT beat'} every naive plan at equal predicted speedup "
+                             f"(best naive {min(v['ppl'] for v in rivals.values()):.1f}).")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {"prune_quality": prune_quality, "gemma3_bos": gemma3_bos, "engine": engine, "serve_load": serve_load, "prune_speed": prune_speed,
           "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources,
-          "rotation_quality": rotation_quality}
+          "rotation_quality": rotation_quality, "allocation_quality": allocation_quality}
 
 
 def render(text: str) -> str:

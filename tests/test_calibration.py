@@ -5,7 +5,7 @@ import torch
 from transformers import AutoTokenizer
 
 from sparse_runtime.prune import CalibrationError, calibration_windows
-from sparse_runtime.prune.calibration import read_texts
+from sparse_runtime.prune.calibration import read_texts, validation_windows
 
 from conftest import TEXT
 
@@ -88,3 +88,29 @@ def test_jsonl_needs_text_field_and_file_must_exist(tmp_path):
         read_texts(bad)
     with pytest.raises(FileNotFoundError, match="not found"):
         read_texts(tmp_path / "missing.txt")
+
+
+C4 = TEXT / "c4_validation_2k.jsonl"
+
+
+def test_validation_windows_avoid_the_calibration_documents(tok):
+    used = set()
+    calib = calibration_windows(tok, C4, nsamples=4, seqlen=64, seed=0, used=used)
+    val = validation_windows(tok, C4, 4, 64, exclude=used)
+    texts = [line for line in C4.read_text().splitlines() if line.strip()]
+    assert 1 <= len(used) <= 4
+    first_free = min(set(range(len(texts))) - used)
+    ids = tok(json.loads(texts[first_free])["text"], add_special_tokens=False)["input_ids"]
+    assert val.shape == (4, 64) and val[0, 0] == tok.bos_token_id
+    assert val[0, 1:20].tolist() == ids[:19]  # the validation text starts at the first unused document
+    for w in calib:  # no calibration window's text appears in the validation windows
+        assert w[1:17].tolist() not in [v[i:i + 16].tolist() for v in val for i in range(1, 48)]
+
+
+def test_concat_sampling_reports_its_documents_too(tok):
+    used = set()
+    a = calibration_windows(tok, C4, nsamples=2, seqlen=64, seed=0, sampling="concat", used=used)
+    assert torch.equal(a, calibration_windows(tok, C4, nsamples=2, seqlen=64, seed=0, sampling="concat"))
+    assert 1 <= len(used) <= 2
+    val = validation_windows(tok, C4, 2, 64, exclude=used)
+    assert not any(torch.equal(w, v) for w in a for v in val)

@@ -126,3 +126,70 @@ def test_rotated_prune_checkpoint_reloads_with_the_same_logits(stories_dir, tmp_
     assert main(["generate", "--model", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "8",
                  "--no-chat"]) == 0
     assert tok.decode(cached[0, prompt.shape[1]:prompt.shape[1] + 8]).strip()[:6] in capsys.readouterr().out
+
+
+def test_allocation_rates_go_to_sparse_config_table_and_plot(stories_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert _prune(stories_dir, out, "--method", "wanda", "--pattern", "unstructured", "--sparsity", "0.6",
+                  "--allocation", "atp", "--beta", "0.05") == 0
+    err = capsys.readouterr().err
+    assert "atp, beta 0.0500: parameter-weighted mean 0.6000 (target 0.6)" in err
+    alloc = read_sparse_config(out)["pruning"]["allocation"]
+    assert alloc["strategy"] == "atp" and alloc["rates"] == pytest.approx([0.5, 0.55, 0.6, 0.65, 0.7])
+    assert (tmp_path / "ckpt_allocation.png").read_bytes()[:4] == b"\x89PNG"
+    model = load_pretrained(out)
+    for name, m in model.named_modules():
+        if isinstance(m, SparseLinear):
+            assert m.sparsity == pytest.approx(alloc["rates"][int(name.split(".")[2])], abs=0.02)
+
+
+def test_mixed_nm_allocation_checkpoint_reloads_with_the_same_logits(stories_dir, tmp_path, capsys):
+    out, png = tmp_path / "ckpt", tmp_path / "rates.png"
+    assert _prune(stories_dir, out, "--method", "wanda", "--pattern", "2:4", "--allocation", "owl",
+                  "--owl-lambda", "0.2", "--plot", str(png), "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    patterns = info["allocation"]["block_patterns"]
+    assert len(set(patterns)) > 1 and info["allocation_plot"] == str(png) and png.exists()
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    model = load_pretrained(out)
+    for name, m in model.named_modules():
+        if isinstance(m, SparseLinear):
+            assert m.pattern == patterns[int(name.split(".")[2])]
+            validate_nm(m.dense_weight() != 0, *map(int, m.pattern.split(":")))
+    ref, tok = load_model(stories_dir)
+    from sparse_runtime.prune.allocation import allocate
+
+    calib = calibration_windows(tok, STORIES_TEXT, 4, 64, 0)
+    prune(ref, "wanda", "2:4", calib=calib, progress=False,
+          allocation=allocate(ref, "owl", 0.5, pattern="2:4", calib=calib, lam=0.2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+
+
+def test_beta_search_from_the_cli(stories_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert main(["prune", "--model", str(stories_dir), "--device", "cpu", "--nsamples", "4", "--seqlen", "64",
+                 "--method", "wanda", "--pattern", "unstructured", "--sparsity", "0.7", "--allocation", "atp",
+                 "--beta-search", "--beta-step", "0.05", "--val-windows", "2", "--out", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    search = info["allocation"]["search"]
+    assert [t["beta"] for t in search["trials"]] == pytest.approx([0.05, 0.1])
+    assert info["allocation"]["beta"] in (0.05, 0.1) and search["validation_windows"] == [2, 64]
+    assert read_sparse_config(out)["pruning"]["allocation"]["search"]["trials"] == search["trials"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--allocation", "atp"], "--allocation atp needs --beta B or --beta-search"),
+    (["--beta", "0.01"], "--beta and --beta-search belong to --allocation atp"),
+    (["--allocation", "atp", "--beta", "0.5", "--sparsity", "0.7", "--pattern", "unstructured"],
+     "illegal ATP beta 0.5: need 0 < beta <= min(2S/(L-1), 2(1-S)/(L-1)) = 0.150000 for S=0.7, L=5"),
+    (["--allocation", "atp", "--beta-search", "--rotate", "nm"], "--beta-search with --rotate is not supported"),
+    (["--allocation", "owl", "--owl-lambda", "0.6", "--pattern", "unstructured", "--sparsity", "0.7"],
+     "outside [0, 1)"),
+])
+def test_bad_allocation_flags_are_one_line_errors(stories_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "ckpt"
+    assert _prune(stories_dir, out, "--method", "wanda", *extra) == 2
+    err = capsys.readouterr().err
+    assert "sparse-runtime prune: error:" in err and message in err, err
+    assert not out.exists()

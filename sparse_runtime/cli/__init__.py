@@ -17,6 +17,7 @@ COMMANDS = {
     "info": "info",
     "generate": "generate",
     "prune": "prune",
+    "plan": "plan",
     "eval": "evaluate",
     "bench": "bench",
     "serve": "serve",

@@ -8,13 +8,12 @@ import sys
 HELP = "prune a model (magnitude, Wanda, SparseGPT) to 2:4 / N:M / unstructured and save a sparse checkpoint"
 
 
-def add_arguments(p) -> None:
-    from .common import add_bos_argument, add_model_arguments
+ALLOCATIONS = ("uniform", "atp", "owl", "alphapruning")  # prune.allocation.STRATEGIES, without importing torch
 
-    add_model_arguments(p)
-    p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
-    p.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8, ...) or 'unstructured' (default: 2:4)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned for unstructured (default: 0.5)")
+
+def add_calibration_arguments(p) -> None:
+    from .common import add_bos_argument
+
     p.add_argument("--calib", default=None, help="calibration text or jsonl file (default: shared C4 validation)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
     p.add_argument("--seqlen", type=int, default=2048,
@@ -26,6 +25,48 @@ def add_arguments(p) -> None:
                    help="'reference': per window a random document longer than it and a random slice, as the "
                         "reference Wanda/SparseGPT C4 loader draws; 'concat': shuffled documents joined and cut")
     add_bos_argument(p, "calibration windows")
+
+
+def calibration_from_args(args, tok, model, used=None):
+    from ..prune import DEFAULT_CALIB, calibration_windows
+    from ..prune.calibration import context_length
+
+    return calibration_windows(tok, args.calib or DEFAULT_CALIB, args.nsamples, args.seqlen, args.seed,
+                               max_seqlen=context_length(model), sampling=args.calib_sampling, bos=args.bos,
+                               used=used)
+
+
+def add_arguments(p) -> None:
+    from .common import add_model_arguments
+
+    add_model_arguments(p)
+    p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8, ...) or 'unstructured' (default: 2:4)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned for unstructured (default: 0.5)")
+    add_calibration_arguments(p)
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                   help="sparsity per decoder block: uniform, atp (rising with depth by beta), owl (outlier ratios), "
+                        "alphapruning (spectra); the parameter-weighted mean stays --sparsity (for N:M, 1 - N/M "
+                        "with a per-block N of the same M) (default: uniform)")
+    beta = p.add_mutually_exclusive_group()
+    beta.add_argument("--beta", type=float, default=None, help="atp: the step of sparsity between adjacent blocks")
+    beta.add_argument("--beta-search", action="store_true",
+                      help="atp: try the paper's beta grid, keep the lowest perplexity on --val (C4 documents "
+                           "disjoint from the calibration windows)")
+    p.add_argument("--beta-step", type=float, default=0.002, help="beta grid step (default: 0.002, the paper's)")
+    p.add_argument("--beta-patience", type=int, default=None,
+                   help="stop the search after this many betas in a row worse than the best (default: whole grid)")
+    p.add_argument("--val", default=None, help="beta-search validation text (default: the C4 calibration file, "
+                                               "documents not used for calibration)")
+    p.add_argument("--val-windows", type=int, default=16, help="validation windows of --seqlen (default: 16)")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="owl: rates span S +- lambda (default: 0.08)")
+    p.add_argument("--owl-m", type=float, default=5.0, help="owl: outlier threshold, M x mean score (default: 5)")
+    p.add_argument("--alpha-eps", type=float, default=0.2, help="alphapruning: spread eps (default: 0.2)")
+    p.add_argument("--plan", default=None,
+                   help="a deployment plan from `sparse-runtime plan`: its 2:4 linears are pruned 2:4, the rest "
+                        "stay dense")
+    p.add_argument("--plot", default=None,
+                   help="PNG of sparsity vs depth (default with an allocation: OUT_allocation.png beside OUT)")
     p.add_argument("--targets", nargs="+", default=None,
                    help="linears to prune (globs or trailing names); default: every linear in the decoder layers")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default: 128)")
@@ -55,46 +96,113 @@ def run(args) -> int:
         return 2
 
 
+def _check_args(args) -> None:
+    """Refuse contradictory flags before the slow model load."""
+    from ..prune.layerwise import check_sparsity
+
+    check_sparsity(args.pattern, args.sparsity)
+    if (args.beta is not None or args.beta_search) and args.allocation != "atp":
+        raise ValueError("--beta and --beta-search belong to --allocation atp")
+    if args.allocation == "atp" and args.beta is None and not args.beta_search:
+        raise ValueError("--allocation atp needs --beta B or --beta-search")
+    if args.beta_search and args.rotate != "none":
+        raise ValueError("--beta-search with --rotate is not supported (each trial would relearn the rotations)")
+    if args.plan is not None and (args.allocation != "uniform" or args.pattern != "2:4"):
+        raise ValueError("--plan decides 2:4 or dense per linear: it takes --pattern 2:4 and no --allocation")
+
+
+def _sparsify(model, result, backend):
+    """SparseLinear for every pruned linear, each with the pattern it was pruned to (mixed N:M differ)."""
+    from ..sparsify import SparsifyReport, sparsify
+
+    report = SparsifyReport()
+    for pattern in sorted(set(result.patterns.values())):
+        part = sparsify(model, masks={n: result.masks[n] for n, p in result.patterns.items() if p == pattern},
+                        pattern=pattern, backend=backend)
+        report.replaced += part.replaced
+        report.skipped += part.skipped
+    return report
+
+
 def _run(args) -> int:
     import torch
 
     from ..checkpoint import save_pretrained
+    from ..format import parse_pattern
     from ..models import load_model
-    from ..prune import DEFAULT_CALIB, calibration_windows, prune
-    from ..prune.calibration import bos_mode, context_length
-    from ..prune.layerwise import check_sparsity
-    from ..sparsify import sparsify
+    from ..prune import DEFAULT_CALIB, prune
+    from ..prune.calibration import bos_mode
     from .common import DTYPES
 
-    check_sparsity(args.pattern, args.sparsity)  # fail before the slow model load
+    _check_args(args)
     rotate = None
     if args.rotate != "none":
         from ..prune import RotateOptions
 
         rotate = RotateOptions(args.rotate, args.rotate_steps, args.rotate_blocks, damp=args.damp)
+    plan = None
+    if args.plan is not None:
+        from ..prune.plan import Plan
+
+        plan = Plan.load(args.plan)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     model, tok = load_model(args.model, device="cpu", dtype=dtype)  # layers visit `device` one at a time
-    calib = None
+    calib, used = None, set()
     if args.method != "magnitude":
-        calib = calibration_windows(tok, args.calib or DEFAULT_CALIB, args.nsamples, args.seqlen, args.seed,
-                                    max_seqlen=context_length(model), sampling=args.calib_sampling, bos=args.bos)
+        calib = calibration_from_args(args, tok, model, used)
     options = ({"blocksize": args.blocksize, "damp": args.damp} if args.method == "sparsegpt" else
                {"per": args.per} if args.method == "magnitude" else {})
     if args.true_sequential is not None:
         options["true_sequential"] = args.true_sequential
-    result = prune(model, args.method, args.pattern, args.sparsity, calib=calib, targets=args.targets,
-                   device=device, offload=args.offload, record_errors=args.errors, progress=True, rotate=rotate,
-                   **options)
-    report = sparsify(model, masks=result.masks, pattern=args.pattern, backend=args.backend)
+    targets = args.targets
+    if plan is not None:
+        plan.check_model(model)
+        targets = plan.sparse
+    nm = parse_pattern(args.pattern)
+    target = 1 - nm[0] / nm[1] if nm else args.sparsity
+    allocation = search = result = None
+    if args.beta_search:
+        from ..prune.atp_search import search_beta
+        from ..prune.calibration import validation_windows
+
+        val_file = args.val or DEFAULT_CALIB
+        same = str(val_file) == str(args.calib or DEFAULT_CALIB)
+        val = validation_windows(tok, val_file, args.val_windows, calib.shape[1] if calib is not None else args.seqlen,
+                                 exclude=used if same else set(), bos=args.bos)
+        search = search_beta(model, args.method, target, calib, val, pattern=args.pattern, step=args.beta_step,
+                             patience=args.beta_patience, device=device, targets=targets, offload=args.offload,
+                             record_errors=args.errors, progress=True, log=lambda m: print(m, file=sys.stderr),
+                             **options)
+        allocation, result = search.allocation, search.result
+    elif args.allocation != "uniform" or args.plot:
+        from ..prune.allocation import allocate
+
+        allocation = allocate(model, args.allocation, target, pattern=args.pattern, calib=calib, beta=args.beta,
+                              lam=args.owl_lambda, m=args.owl_m, eps=args.alpha_eps, targets=targets, device=device)
+    if result is None:
+        result = prune(model, args.method, args.pattern, args.sparsity, calib=calib, targets=targets,
+                       device=device, offload=args.offload, record_errors=args.errors, progress=True, rotate=rotate,
+                       allocation=allocation, **options)
+    report = _sparsify(model, result, args.backend)
     info = {**result.to_dict(), "model": str(args.model), "calibration": None if calib is None else
             {"file": str(args.calib or DEFAULT_CALIB), "nsamples": calib.shape[0], "seqlen": calib.shape[1],
              "seed": args.seed, "sampling": args.calib_sampling, "bos": bos_mode(tok, args.bos)}}
+    info["plan"] = None if plan is None else {"file": str(args.plan), "strategy": plan.strategy,
+                                              "fraction": plan.fraction, "predicted_speedup": plan.speedup}
     save_pretrained(model, args.out, tokenizer=tok, extra_config={"pruning": {
-        k: info[k] for k in ("method", "pattern", "sparsity", "calibration", "model")} | {"rotation": None if
-        rotate is None else {"objective": rotate.objective, "steps": rotate.steps, "blocks": rotate.blocks}}})
+        k: info[k] for k in ("method", "pattern", "sparsity", "calibration", "model", "allocation", "plan")} | {
+        "rotation": None if rotate is None else
+        {"objective": rotate.objective, "steps": rotate.steps, "blocks": rotate.blocks}}})
     info["out"] = str(args.out)
     info["compression"] = {k: v for k, v in report.to_dict().items() if k != "replaced"}
+    if allocation is not None:
+        from ..prune.allocation import plot_rates
+
+        info["allocation_plot"] = str(args.plot or f"{str(args.out).rstrip('/')}_allocation.png")
+        plot_rates([allocation], info["allocation_plot"], title=f"{args.model}: {args.method} {allocation.strategy}, "
+                   f"mean sparsity {allocation.sparsity:g} ({args.pattern})")
+        print(allocation.table(), file=sys.stderr)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -103,5 +211,7 @@ def _run(args) -> int:
         for name, why in result.skipped:
             print(f"  skipped {name}: {why}", file=sys.stderr)
         print(report, file=sys.stderr)
+        if info.get("allocation_plot"):
+            print(f"allocation plot: {info['allocation_plot']}", file=sys.stderr)
         print(f"wrote {args.out}")
     return 0

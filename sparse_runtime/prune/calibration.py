@@ -78,7 +78,7 @@ def encode(tokenizer, text: str, mode: str) -> list[int]:
 
 def calibration_windows(tokenizer, path=DEFAULT_CALIB, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
                         max_seqlen: int | None = None, sampling: str = "reference",
-                        bos: str = "auto") -> torch.Tensor:
+                        bos: str = "auto", used: set[int] | None = None) -> torch.Tensor:
     """``[nsamples, seqlen]`` token ids from the documents of ``path``, with a fixed ``seed``.
 
     ``sampling="reference"`` draws as the reference Wanda/SparseGPT C4 loader does, window for window
@@ -87,7 +87,8 @@ def calibration_windows(tokenizer, path=DEFAULT_CALIB, nsamples: int = 128, seql
     boundaries. ``bos`` is resolved by :func:`bos_mode`: in ``"window"`` mode each window is BOS followed by
     ``seqlen - 1`` text tokens. ``seqlen`` is clipped to ``max_seqlen`` (the model's context). Too little text
     for one window is an error; concat sampling with fewer than ``nsamples`` windows warns and returns as many
-    as there are."""
+    as there are. ``used``, a set, receives the indices of the documents the windows were cut from (so a
+    validation text can avoid them: :func:`validation_windows`)."""
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
     if sampling not in SAMPLINGS:
@@ -100,11 +101,26 @@ def calibration_windows(tokenizer, path=DEFAULT_CALIB, nsamples: int = 128, seql
     span = seqlen - len(lead)  # text tokens per window
     texts = read_texts(path)
     draw = _reference_windows if sampling == "reference" else _concat_windows
-    windows = draw(tokenizer, texts, mode, nsamples, span, random.Random(seed), path)
+    used = set() if used is None else used
+    windows = draw(tokenizer, texts, mode, nsamples, span, random.Random(seed), path, used)
     return torch.tensor([lead + w for w in windows], dtype=torch.long).view(-1, seqlen)
 
 
-def _reference_windows(tokenizer, texts, mode, nsamples, span, rng, path) -> list[list[int]]:
+def validation_windows(tokenizer, path=DEFAULT_CALIB, nwindows: int = 16, seqlen: int = 512,
+                       exclude: set[int] = frozenset(), bos: str = "auto") -> torch.Tensor:
+    """``[nwindows, seqlen]`` token ids from the documents of ``path`` NOT in ``exclude`` (in file order,
+    joined with EOS and cut into consecutive windows, BOS per window as :func:`calibration_windows`): a
+    held-out text to tune allocation hyper-parameters on, disjoint from the calibration documents."""
+    if nwindows < 1 or seqlen < 2:
+        raise ValueError(f"need nwindows >= 1 and seqlen >= 2, got {nwindows} and {seqlen}")
+    mode = bos_mode(tokenizer, bos)
+    lead = [tokenizer.bos_token_id] if mode == "window" else []
+    texts = [t for i, t in enumerate(read_texts(path)) if i not in exclude]
+    windows = _cut_windows(tokenizer, texts, mode, nwindows, seqlen - len(lead), path, set())
+    return torch.tensor([lead + w for w in windows], dtype=torch.long).view(-1, seqlen)
+
+
+def _reference_windows(tokenizer, texts, mode, nsamples, span, rng, path, used) -> list[list[int]]:
     # random.Random(seed) draws the same stream as the reference's random.seed(seed) + random.randint.
     cache: dict[int, list[int]] = {}
     longest, windows = 0, []
@@ -121,16 +137,23 @@ def _reference_windows(tokenizer, texts, mode, nsamples, span, rng, path) -> lis
                                        f"tokens (the longest has {longest}), and the reference sampling slices "
                                        "one document; give a smaller --seqlen or --calib-sampling concat")
         j = rng.randint(0, len(cache[i]) - span - 1)
+        used.add(i)
         windows.append(cache[i][j:j + span])
     return windows
 
 
-def _concat_windows(tokenizer, texts, mode, nsamples, span, rng, path) -> list[list[int]]:
-    rng.shuffle(texts)
+def _concat_windows(tokenizer, texts, mode, nsamples, span, rng, path, used) -> list[list[int]]:
+    order = list(range(len(texts)))
+    rng.shuffle(order)  # the same permutation as shuffling the texts themselves
+    return _cut_windows(tokenizer, [texts[i] for i in order], mode, nsamples, span, path, used, order)
+
+
+def _cut_windows(tokenizer, texts, mode, nsamples, span, path, used, index=None) -> list[list[int]]:
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     need, ids = nsamples * span, []
-    for text in texts:  # tokenize only as many documents as the windows need
+    for k, text in enumerate(texts):  # tokenize only as many documents as the windows need
         ids += encode(tokenizer, text, mode) + sep
+        used.add(k if index is None else index[k])
         if len(ids) >= need:
             break
     have = len(ids) // span

@@ -46,6 +46,8 @@ class PruneResult:
     seconds: float = 0.0
     peak_device_bytes: int | None = None
     rotation: dict | None = None  # objective, steps, blocks and per-layer objective values when rotated
+    patterns: dict[str, str] = field(default_factory=dict)  # name -> pattern it was pruned to (mixed N:M differ)
+    allocation: dict | None = None  # the per-block rates (:class:`~.allocation.Allocation`) when not uniform
 
     def to_dict(self) -> dict:
         kept = sum(int(m.sum()) for m in self.masks.values())
@@ -57,6 +59,7 @@ class PruneResult:
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
             "reconstruction_error": self.errors, "nsamples": self.nsamples, "seqlen": self.seqlen,
             "seconds": round(self.seconds, 2), "peak_device_bytes": self.peak_device_bytes,
+            "allocation": self.allocation,
             "rotation": None if self.rotation is None else
             {k: v for k, v in self.rotation.items() if k != "layers"} | {"layers": [
                 {k: v for k, v in r.items() if k != "history"} for r in self.rotation["layers"]]},
@@ -200,28 +203,34 @@ def input_groups(layer, names: dict[str, nn.Linear], x, kwargs, device) -> list[
 
 
 # A method is two callables: new_stats(in_features, device) -> object with .add(x [tokens, in]),
-# and prune_one(name, linear, stats) -> bool mask [out, in] (it writes the pruned weight into linear).
+# and prune_one(name, linear, stats, pattern, sparsity) -> bool mask [out, in] (it writes the pruned weight
+# into linear); pattern and sparsity are the decoder block's (they differ per block under an allocation).
 NewStats = Callable[[int, torch.device], object]
-PruneOne = Callable[[str, nn.Linear, object], torch.Tensor]
+PruneOne = Callable[[str, nn.Linear, object, str, float], torch.Tensor]
 
 
 @torch.no_grad()
 def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, prune_one: PruneOne, *,
                     method: str, pattern: str = "2:4", sparsity: float = 0.5, targets=None,
                     ignore=("lm_head",), device=None, true_sequential: bool = True, offload: bool = False,
-                    record_errors: bool = False, progress: bool = True, rotate=None) -> PruneResult:
+                    record_errors: bool = False, progress: bool = True, rotate=None, allocation=None,
+                    inputs=None) -> PruneResult:
     """Prune ``model`` in place, one decoder layer at a time, on calibration windows ``calib`` [N, L].
 
     ``rotate`` (a :class:`~.rotate.RotateOptions`) first learns each layer's DenoiseRotator rotations on the
     dense layer's statistics, scored by ``method``'s importance, and folds them in (see
-    :mod:`sparse_runtime.residual_rotation`); the rotated layer is then pruned with fresh statistics."""
+    :mod:`sparse_runtime.residual_rotation`); the rotated layer is then pruned with fresh statistics.
+    ``allocation`` (an :class:`~.allocation.Allocation`) gives each decoder block its own pattern and sparsity
+    (a block at 0 stays dense); ``inputs`` reuses first-block inputs from :func:`capture_inputs` (a search's trials)."""
     check_sparsity(pattern, sparsity)
     layers, path = find_decoder_layers(model)
     chosen, skipped = select_linears(model, pattern, targets, ignore)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     store = torch.device("cpu") if offload else device
     result = PruneResult(method, pattern, sparsity, skipped=skipped, nsamples=calib.shape[0],
-                         seqlen=calib.shape[1])
+                         seqlen=calib.shape[1], allocation=None if allocation is None else allocation.to_dict())
+    if allocation is not None and len(allocation.rates) != len(layers):
+        raise ValueError(f"the allocation has {len(allocation.rates)} block rates, the model {len(layers)} blocks")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -236,16 +245,19 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
                            "layers": []}
     qs = []
     try:
-        inps, kwargs = capture_inputs(model, layers, path, calib, device, store)
+        inps, kwargs = inputs or capture_inputs(model, layers, path, calib, device, store)
         bar = tqdm(layers, desc=f"{method} {pattern}", unit="layer", disable=not progress)
         for i, layer in enumerate(bar):
             prefix = f"{path}.{i}."
             names = {n: m for n, m in chosen.items() if n.startswith(prefix)}
+            block_pattern, block_sparsity = (pattern, sparsity) if allocation is None else allocation.block(i)
+            if block_sparsity == 0:
+                names = {}
             home = next(layer.parameters()).device
             layer.to(device)
             if rotate is not None:
                 q, record = _rotate(layer, f"{path}.{i}", qs[-1] if qs else None, inps, kwargs[i], device,
-                                    method, pattern, sparsity, rotate, progress)
+                                    method, block_pattern, block_sparsity, rotate, progress)
                 qs.append(q)
                 result.rotation["layers"].append(record)
             if names:
@@ -264,7 +276,8 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
                             h.remove()
                     for g in sets:
                         for n in g:
-                            result.masks[n] = prune_one(n, names[n], stats[g[0]])
+                            result.masks[n] = prune_one(n, names[n], stats[g[0]], block_pattern, block_sparsity)
+                            result.patterns[n] = block_pattern
                     del stats
                 outs = _run_recording_errors(layer, inps, kwargs[i], device, store, names, dense, result.errors)
                 del dense

@@ -79,7 +79,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4",
 def sparsegpt(model, calib: torch.Tensor, *, pattern: str = "2:4", sparsity: float = 0.5, blocksize: int = 128,
               damp: float = 0.01, true_sequential: bool = True, **options) -> PruneResult:
     """SparseGPT, layer by layer; by default true-sequential within each decoder layer."""
-    def prune_one(name, linear, stats: Hessian):
+    def prune_one(name, linear, stats: Hessian, pattern, sparsity):
         w, mask = sparsegpt_prune(linear.weight, stats.H, pattern, sparsity, blocksize, damp)
         linear.weight.copy_(w)
         return mask

@@ -28,7 +28,7 @@ def wanda(model, calib: torch.Tensor, *, pattern: str = "2:4", sparsity: float =
           **options) -> PruneResult:
     """Wanda, layer by layer. As in the paper all linears of a layer are scored on the
     unpruned layer's inputs (``true_sequential=False``)."""
-    def prune_one(name, linear, stats: InputNorms):
+    def prune_one(name, linear, stats: InputNorms, pattern, sparsity):
         mask = wanda_mask(linear.weight, stats.sq, pattern, sparsity)
         linear.weight.mul_(mask)
         return mask

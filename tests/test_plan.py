@@ -1,0 +1,132 @@
+"""Deployment plans: the byte model, the greedy choice against hand-made costs, naive plans, plan files, and
+mixed dense / 2:4 checkpoints written by ``prune --plan`` reloading with equal logits."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_runtime import SparseLinear, load_pretrained
+from sparse_runtime.checkpoint import read_sparse_config
+from sparse_runtime.cli import main
+from sparse_runtime.models import load_model
+from sparse_runtime.prune.plan import BYTES_24, LinearCost, Plan, PlanError, choose, naive, predicted_speedup
+
+from conftest import TEXT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STORIES_TEXT = str(TEXT / "tinystories_valid_head.txt")
+
+
+def _costs(errors_by_block):
+    """Two equal linears per block, with the given errors."""
+    return [LinearCost(f"model.layers.{b}.{k}", b, 100, e) for b, errs in enumerate(errors_by_block)
+            for k, e in zip("ab", errs)]
+
+
+def test_byte_model():
+    costs = _costs([[0.1, 0.1], [0.1, 0.1]])
+    assert predicted_speedup(costs, set()) == 1.0
+    assert predicted_speedup(costs, {c.name for c in costs}) == pytest.approx(16 / 9)
+    # an lm_head of 400 parameters stays dense: (400 + 400) / (400 + 400 * 9/16)
+    assert predicted_speedup(costs, {c.name for c in costs}, other=400) == pytest.approx(800 / (400 + 400 * BYTES_24))
+    half = predicted_speedup(costs, {costs[0].name, costs[1].name})
+    assert half == pytest.approx(400 / (200 + 200 * 9 / 16))
+
+
+def test_choice_takes_the_smallest_errors_and_keeps_early_blocks_dense():
+    costs = _costs([[0.3, 0.1], [0.2, 0.4]])
+    plan = choose(costs, fraction=0.5)
+    assert plan.sparse == ["model.layers.0.b", "model.layers.1.a"] and plan.fraction == 0.5
+    equal = _costs([[0.2, 0.2], [0.2, 0.2], [0.2, 0.2]])
+    plan = choose(equal, fraction=0.5, depth_weight=1.0)  # equal errors: depth decides, the deepest go 2:4
+    assert {n.split(".")[2] for n in plan.sparse} <= {"1", "2"} and "model.layers.2.a" in plan.sparse
+    assert len(choose(equal, speedup=1.2).sparse) == 3  # 3 of 6 linears: 600 / (300 + 300 * 9/16) = 1.28
+
+
+def test_targets_out_of_reach_name_the_limit():
+    costs = _costs([[0.1, 0.1]])
+    with pytest.raises(PlanError, match=r"target speedup 2.0 is out of reach: the byte model allows \(1, 1.7778\]"):
+        choose(costs, speedup=2.0)
+    with pytest.raises(PlanError, match=r"target fraction must be in \(0, 1\], got 1.5"):
+        choose(costs, fraction=1.5)
+    with pytest.raises(PlanError, match="give exactly one target"):
+        choose(costs)
+
+
+def test_naive_plans():
+    costs = _costs([[0.1, 0.1], [0.1, 0.1], [0.1, 0.1], [0.1, 0.1]])
+    assert naive(costs, "all").fraction == 1.0
+    first = naive(costs, "first_dense", fraction=0.5)
+    assert first.dense == [c.name for c in costs if c.block < 2]  # whole blocks, deepest first
+    r0, r1 = naive(costs, "random", fraction=0.5, seed=0), naive(costs, "random", fraction=0.5, seed=1)
+    assert r0.fraction == r1.fraction == 0.5 and naive(costs, "random", fraction=0.5, seed=0).sparse == r0.sparse
+    s = choose(costs, speedup=1.3).speedup
+    assert naive(costs, "first_dense", speedup=s).speedup >= s and naive(costs, "random", speedup=s).speedup >= s
+    with pytest.raises(PlanError, match="unknown naive plan 'best'"):
+        naive(costs, "best", fraction=0.5)
+
+
+def test_plan_file_round_trip_and_bad_files(tmp_path):
+    plan = choose(_costs([[0.3, 0.1]]), fraction=0.5)
+    plan.save(tmp_path / "p.json")
+    assert Plan.load(tmp_path / "p.json") == plan
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"]  # no temp file left
+    for content, message in [("{", "not JSON"), ('{"format": "x"}', "not a sparse_runtime.plan file"),
+                             ('{"format": "sparse_runtime.plan", "strategy": "a"}', "missing 'sparse'"),
+                             (json.dumps(plan.to_dict() | {"sparse": []}), "'sparse' must be a non-empty list")]:
+        (tmp_path / "bad.json").write_text(content)
+        with pytest.raises(PlanError, match=message):
+            Plan.load(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="plan file .* not found"):
+        Plan.load(tmp_path / "missing.json")
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(PlanError, match="names 'model.layers.0.b', which is not a linear layer of this model"):
+        plan.check_model(model)
+
+
+def test_plan_cli_then_prune_plan_gives_a_mixed_checkpoint_with_equal_logits(stories_dir, tmp_path, capsys):
+    plan_file = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(stories_dir), "--device", "cpu", "--calib", STORIES_TEXT, "--nsamples", "4",
+                 "--seqlen", "64", "--target-fraction", "0.6", "--out", str(plan_file)]) == 0
+    printed = capsys.readouterr().out
+    assert "predicted decode speedup" in printed and "(* = dense)" in printed
+    plan = Plan.load(plan_file)
+    assert 0.6 <= plan.fraction < 0.8 and plan.dense and len(plan.info["errors"]) == 35
+    out = tmp_path / "ckpt"
+    assert main(["prune", "--model", str(stories_dir), "--device", "cpu", "--method", "wanda", "--calib",
+                 STORIES_TEXT, "--nsamples", "4", "--seqlen", "64", "--plan", str(plan_file), "--out", str(out)]) == 0
+    assert read_sparse_config(out)["pruning"]["plan"]["fraction"] == plan.fraction
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for backend in ("reference", "decompressed", "triton"):  # triton: the interpreter on the CPU
+        model = load_pretrained(out, backend=backend)
+        sparse = {n for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+        assert {m.active_backend for m in model.modules() if isinstance(m, SparseLinear)} == {backend}
+        dense = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+        assert sparse == set(plan.sparse) and dense == set(plan.dense)
+        with torch.no_grad():
+            outs[backend] = model(ids).logits
+    torch.testing.assert_close(outs["reference"], outs["decompressed"], rtol=0, atol=0)
+    torch.testing.assert_close(outs["triton"], outs["reference"], rtol=1e-4, atol=1e-4)
+    # the same as pruning in Python with the plan's targets
+    from sparse_runtime.prune import calibration_windows, prune
+
+    ref, tok = load_model(stories_dir)
+    calib = calibration_windows(tok, STORIES_TEXT, 4, 64, 0)
+    prune(ref, "wanda", "2:4", calib=calib, targets=plan.sparse, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(outs["reference"], ref(ids).logits)
+
+
+def test_plan_cli_bad_input(stories_dir, tmp_path, capsys):
+    argv = ["--model", str(stories_dir), "--device", "cpu", "--calib", STORIES_TEXT, "--nsamples", "2", "--seqlen",
+            "32"]
+    assert main(["plan", *argv, "--target-speedup", "9"]) == 2
+    assert "target speedup 9.0 is out of reach" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    assert main(["prune", *argv, "--plan", str(bad), "--out", str(tmp_path / "c")]) == 2
+    assert "not a sparse_runtime.plan file" in capsys.readouterr().err
+    assert main(["prune", *argv, "--plan", str(bad), "--pattern", "4:8", "--out", str(tmp_path / "c")]) == 2
+    assert "--plan decides 2:4 or dense per linear" in capsys.readouterr().err
