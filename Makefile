@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   prune the embedded SmolLM2-135M to 2:4, evaluate it, save it, generate from it
+#   make demo   rotate and prune the embedded SmolLM2-135M to 2:4, evaluate it, save it, generate from it
 #   make test   run the test suite
 # Both create .venv on first use (CPU torch; see requirements.txt).
 PYTHON ?= python3
@@ -10,6 +10,9 @@ CKPT ?= checkpoints/smollm2-135m-2of4
 METHOD ?= sparsegpt
 NSAMPLES ?= 32
 SEQLEN ?= 512
+# DenoiseRotator with the 2:4-aware objective; ROTATE=none for the plain prune (a few minutes faster)
+ROTATE ?= nm
+ROTATE_STEPS ?= 25
 
 $(STAMP): setup.py requirements.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +30,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m sparse_runtime info
 	$(PY) -m sparse_runtime prune --model smollm2-135m --method $(METHOD) --pattern 2:4 \
-		--nsamples $(NSAMPLES) --seqlen $(SEQLEN) --out $(CKPT)
+		--nsamples $(NSAMPLES) --seqlen $(SEQLEN) --rotate $(ROTATE) --rotate-steps $(ROTATE_STEPS) --out $(CKPT)
 	$(PY) -m sparse_runtime eval --model $(CKPT) --seqlen 512 --max-tokens 20480
 	$(PY) -m sparse_runtime generate --model $(CKPT) --no-chat --prompt "The capital of France is" --max-new-tokens 32
 
