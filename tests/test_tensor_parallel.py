@@ -54,8 +54,12 @@ def check_matches_single_process(ckpt, ids, tmp_path):
         want = single(ids).logits
     want_tokens = [t.id for t in stream_generate(single, tok, PROMPT, 12)]
     ranks = run_tensor_parallel(ckpt, ids, tmp_path)
+    scale = want.abs().max().item()
     for r in ranks:
-        torch.testing.assert_close(r["logits"], want, rtol=1e-5, atol=1e-5)
+        # fp32: the row-parallel sum of partial products rounds differently from one GEMM over all of K
+        err = (r["logits"] - want).abs().max().item()
+        print(f"{ckpt.name}: max |logit difference| {err:.2e}, max |logit| {scale:.2f}")
+        assert err <= 1e-5 * scale
         assert r["tokens"] == want_tokens
     # each rank holds exactly its shard of every sparse layer, and together they hold the whole
     plans = shard_plan(single.config, 2)
