@@ -145,7 +145,7 @@ def test_a_boundary_inside_a_metadata_byte_is_refused(tmp_path):
         load_tensor_parallel(ckpt, rank=1, world=4)  # one head of 4 columns per rank
 
 
-def test_other_inputs_are_refused(tmp_path, stories_dir, stories_ckpt, monkeypatch):
+def test_other_inputs_are_refused(tmp_path, stories_dir, monkeypatch):
     with pytest.raises(TensorParallelError, match="no sparse_config.json"):
         load_tensor_parallel(stories_dir, rank=0, world=2)
     bert = tiny_model("bert")
