@@ -334,7 +334,25 @@ def allocation_quality() -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES = {"prune_quality": prune_quality, "gemma3_bos": gemma3_bos, "engine": engine, "serve_load": serve_load, "prune_speed": prune_speed,
+def tp_memory() -> str:
+    r = _load("tp_memory.json")
+    if r is None:
+        return "_not measured yet: run `python benchmarks/tp_memory.py`_\n"
+    w = r["world"]
+    lines = [f"Tensors each process holds after loading a checkpoint ({r['pattern']}; {r['dtype']}), one process "
+             f"against {w} ranks; {r['device']}, torch {r['torch']}, {r['date'][:10]}:", "",
+             "| model | sparse weights, 1 process | per rank | rank / whole | replicated rest, per rank |",
+             "|---|---|---|---|---|"]
+    mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+    for name, m in r["models"].items():
+        whole = m["single"]["sparse"]
+        ranks = [x["sparse"] for x in m["ranks"]]
+        lines.append(f"| {name} | {mib(whole)} | {' / '.join(mib(b) for b in ranks)} | "
+                     f"{' / '.join(f'{b / whole:.3f}' for b in ranks)} | {mib(m['ranks'][0]['other'])} |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {"tp_memory": tp_memory, "prune_quality": prune_quality, "gemma3_bos": gemma3_bos, "engine": engine, "serve_load": serve_load, "prune_speed": prune_speed,
           "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources,
           "rotation_quality": rotation_quality, "allocation_quality": allocation_quality}
 

@@ -230,13 +230,21 @@ def _compressed_tensors_folder(path: Path) -> bool:
 
 def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
     """Rebuild the transformers model saved by :func:`save_pretrained`, with SparseLinear layers."""
-    from transformers import AutoConfig
-
     path = Path(path)
     if not (path / SPARSE_CONFIG).exists() and _compressed_tensors_folder(path):
         from .compressed_tensors import load_compressed_tensors
 
         return load_compressed_tensors(path, device=device, dtype=dtype, backend=backend)
+    sc, config, weights = read_checkpoint(path)
+    with safe_open(str(weights), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return assemble(path, sc, config, tensors, device, dtype, backend)
+
+
+def read_checkpoint(path: Path):
+    """``(sparse_config, transformers config, weights file)`` of a checkpoint folder, each checked."""
+    from transformers import AutoConfig
+
     sc = read_sparse_config(path)
     weights = path / WEIGHTS
     if not weights.exists():
@@ -245,9 +253,12 @@ def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backen
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read config.json ({e})") from None
+    return sc, config, weights
 
-    with safe_open(str(weights), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+
+def assemble(path: Path, sc: dict, config, tensors: dict, device="cpu", dtype=None, backend="auto"):
+    """The model ``config`` builds, with the layers ``sc`` names made SparseLinear and ``tensors`` loaded into
+    it after checking each against the model (tensor parallelism passes one rank's shard of all three)."""
     stored = {t.dtype for k, t in tensors.items() if t.is_floating_point()}
     load_dtype = stored.pop() if len(stored) == 1 else torch.float32
     model = _build_skeleton(config, load_dtype)

@@ -15,6 +15,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="SparseLinear backend (default: auto)")
 
 
+def add_tp_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=None, metavar="W",
+                   help="tensor parallelism over W processes: launch with torchrun --nproc_per_node W; rank 0 "
+                        "prints, the other ranks' output is discarded (kept with SPARSE_RUNTIME_DEBUG=1)")
+
+
 BOS_CHOICES = ("auto", "window", "document")  # prune.calibration.BOS_MODES, without importing torch for --help
 
 
@@ -32,4 +38,25 @@ def load_from_args(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    if getattr(args, "tp", None) not in (None, 1):
+        return _load_tensor_parallel(args, dtype)
     return load_model(args.model, device=device, dtype=dtype, backend=args.backend)
+
+
+def _load_tensor_parallel(args, dtype):
+    import os
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from ..models import resolve
+    from ..tensor_parallel import load_tensor_parallel, start
+
+    if getattr(args, "sparsify", None):
+        raise ValueError("--sparsify does not combine with --tp: prune and save a checkpoint first, then shard it")
+    rank, device = start(args.tp, args.device)
+    if rank and not os.environ.get("SPARSE_RUNTIME_DEBUG"):
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # rank 0 speaks for all
+    path = resolve(args.model)
+    model = load_tensor_parallel(path, rank, args.tp, device=device, dtype=dtype, backend=args.backend)
+    return model, AutoTokenizer.from_pretrained(path)

@@ -7,9 +7,10 @@ HELP = "perplexity of a model or sparse checkpoint over non-overlapping windows 
 
 
 def add_arguments(p) -> None:
-    from .common import add_bos_argument, add_model_arguments
+    from .common import add_bos_argument, add_model_arguments, add_tp_argument
 
     add_model_arguments(p)
+    add_tp_argument(p)
     add_bos_argument(p, "evaluation windows")
     p.add_argument("--data", default=None, help="text or jsonl file (default: shared WikiText-2 raw test)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length, clipped to the model's context")

@@ -6,13 +6,14 @@ import json
 import sys
 import time
 
-from .common import add_model_arguments, load_from_args
+from .common import add_model_arguments, add_tp_argument, load_from_args
 
 HELP = "generate text from a model or sparse checkpoint, streaming tokens"
 
 
 def add_arguments(p) -> None:
     add_model_arguments(p)
+    add_tp_argument(p)
     p.add_argument("--prompt", default="Write one sentence about the ocean.")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -32,6 +33,10 @@ def run(args) -> int:
     from ..sparsify import sparsify
 
     model, tok = load_from_args(args)
+    if args.tp and args.tp > 1:  # every rank must sample the same tokens
+        from ..tensor_parallel import shared_seed
+
+        args.seed = shared_seed(args.seed)
     if args.sparsify:
         print(sparsify(model, pattern=args.sparsify, backend=args.backend), file=sys.stderr)
     t0, n, text = time.perf_counter(), 0, []

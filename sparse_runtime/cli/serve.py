@@ -7,13 +7,14 @@ import socket
 import sys
 from pathlib import Path
 
-from .common import add_model_arguments, load_from_args
+from .common import add_model_arguments, add_tp_argument, load_from_args
 
 HELP = "serve a model over an OpenAI-compatible HTTP API (continuous batching, streaming)"
 
 
 def add_arguments(p) -> None:
     add_model_arguments(p)
+    add_tp_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on startup)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
@@ -37,6 +38,9 @@ def run(args) -> int:
     from ..server import Server
     from ..sparsify import sparsify
 
+    if args.tp and args.tp > 1:
+        raise ValueError("serve --tp is not supported yet (the ranks would have to follow the server's batches); "
+                         "use generate or eval with --tp")
     for name in ("max_batch", "max_queue", "max_seq_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
