@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -29,11 +28,11 @@ from .errors import CheckpointError, SparseRuntimeError
 from .format import FLOAT_DTYPES, expected_shapes
 from .linear import SparseLinear
 from .residual_rotation import boundaries, install_boundaries
+from .tensor_files import WEIGHTS, TensorFiles
 
 FORMAT_NAME = "sparse_runtime"
 FORMAT_VERSION = 1
 SPARSE_CONFIG = "sparse_config.json"
-WEIGHTS = "model.safetensors"
 
 
 def _layer_entry(layer: SparseLinear) -> dict:
@@ -175,9 +174,12 @@ def read_sparse_config(path) -> dict:
         raise CheckpointError(f"{f}: invalid JSON ({e})") from None
     if sc.get("format") != FORMAT_NAME or not isinstance(sc.get("layers"), dict):
         raise CheckpointError(f"{f}: not a {FORMAT_NAME} sparse config")
-    if sc.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{f}: format version {sc['format_version']} is newer than this sparse_runtime "
+    version = sc.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise CheckpointError(f"{f}: format version {version} is newer than this sparse_runtime "
                               f"reads ({FORMAT_VERSION}); upgrade sparse_runtime")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise CheckpointError(f"{f}: unknown format version {version!r} (this sparse_runtime reads {FORMAT_VERSION})")
     return sc
 
 
@@ -222,6 +224,18 @@ def _check_layer(name: str, entry: dict, module) -> None:
         raise CheckpointError(f"{name}: checkpoint bias={entry['bias']} disagrees with the config's layer")
 
 
+def _check_tensor(where: str, t: torch.Tensor, want: torch.Tensor, exact: bool) -> None:
+    """A stored tensor against the model's: same shape; same dtype, or both floating for plain tensors (a
+    sparse layer's values must be the dtype its config entry names); finite."""
+    if tuple(t.shape) != tuple(want.shape):
+        raise CheckpointError(f"{where}: shape {list(t.shape)}, the model needs {list(want.shape)}")
+    if t.dtype != want.dtype and (exact or not (t.is_floating_point() and want.is_floating_point())):
+        raise CheckpointError(f"{where}: dtype {str(t.dtype).removeprefix('torch.')}, the model needs "
+                              f"{str(want.dtype).removeprefix('torch.')}")
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise CheckpointError(f"{where}: NaN/Inf values")
+
+
 def _compressed_tensors_folder(path: Path) -> bool:
     from .compressed_tensors import quantization_config
 
@@ -238,16 +252,13 @@ def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backen
 
         return load_compressed_tensors(path, device=device, dtype=dtype, backend=backend)
     sc = read_sparse_config(path)
-    weights = path / WEIGHTS
-    if not weights.exists():
-        raise CheckpointError(f"{path}: {WEIGHTS} is missing")
+    files = TensorFiles(path)
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read config.json ({e})") from None
 
-    with safe_open(str(weights), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = files.read_all()
     stored = {t.dtype for k, t in tensors.items() if t.is_floating_point()}
     load_dtype = stored.pop() if len(stored) == 1 else torch.float32
     model = _build_skeleton(config, load_dtype)
@@ -273,17 +284,15 @@ def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backen
     tied = set(sc.get("tied", []))
     missing = [k for k in expected if k not in tensors and k not in tied]
     unexpected = [k for k in tensors if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: tensors do not match the model: missing {missing[:5]}"
-                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    if missing:
+        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}")
+    if unexpected:
+        raise CheckpointError(f"{files.where(unexpected[0])}: unexpected, the model has no such tensor"
+                              f"{f' ({len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
+    sparse = {f"{n}.{p}" for n in sc["layers"] for p in ("weight_values", "weight_meta")}
     for k, t in tensors.items():
-        want = expected[k]
-        if tuple(t.shape) != tuple(want.shape):
-            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, the model needs {tuple(want.shape)}")
-        if t.dtype != want.dtype and not (t.is_floating_point() and want.is_floating_point()):
-            raise CheckpointError(f"{path}: tensor {k} has dtype {t.dtype}, the model needs {want.dtype}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{path}: tensor {k} has NaN/Inf values")
+        _check_tensor(files.where(k), t, expected[k], exact=k in sparse)
     model.load_state_dict(tensors, strict=False)
     if tied:
         model.tie_weights()
