@@ -233,7 +233,28 @@ def serve() -> str:
     ]) + "\n"
 
 
-TABLES = {"prune_quality": prune_quality, "gemma3_bos": gemma3_bos, "serve": serve, "prune_speed": prune_speed,
+def memory() -> str:
+    r = _load("memory.json")
+    if r is None:
+        return "_not measured yet: run `python benchmarks/memory.py`_\n"
+    mb = lambda b: f"{b / 2**20:.0f}"
+    lines = [f"{r['model']}, peak resident memory above the interpreter's baseline (torch, transformers and "
+             f"sparse_runtime imported), each row a fresh process; one forward over {r['settings']['tokens']} tokens, "
+             f"{r['settings']['threads']} thread(s); {r['device']}, torch {r['torch']}, {r['date'][:10]}.", "",
+             "| load | checkpoint tensors (MiB) | load peak (MiB) | after one forward (MiB) | peak / tensors |",
+             "|---|---|---|---|---|"]
+    for name, row in r["rows"].items():
+        lines.append(f"| {name} | {mb(row['tensor_bytes'])} | {mb(row['load_peak_bytes'])} | "
+                     f"{mb(row['forward_peak_bytes'])} | {row['load_peak_bytes'] / row['tensor_bytes']:.2f} |")
+    t = r["target"]
+    if t:
+        lines += ["", f"Target: the 2:4 `reference` load at most {t['max_ratio']}x its tensor bytes "
+                      f"({t['ratio']:.2f}x) and below the dense load ({'yes' if t['below_dense'] else 'no'}): "
+                      f"{'met' if t['met'] else 'missed'}."]
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {"prune_quality": prune_quality, "memory": memory, "gemma3_bos": gemma3_bos, "serve": serve, "prune_speed": prune_speed,
           "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources,
           "rotation_quality": rotation_quality}
 

@@ -25,9 +25,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CheckpointError, SparseRuntimeError
-from .format import FLOAT_DTYPES, expected_shapes
+from .format import FLOAT_DTYPES
 from .linear import SparseLinear
 from .residual_rotation import boundaries, install_boundaries
+from .skeleton import build_skeleton, check_finite, check_tensor, finish, place
 from .tensor_files import WEIGHTS, TensorFiles
 
 FORMAT_NAME = "sparse_runtime"
@@ -183,30 +184,6 @@ def read_sparse_config(path) -> dict:
     return sc
 
 
-def _model_class(config):
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModelForCausalLM
-
-
-def _build_skeleton(config, dtype):
-    """The model from its config, without spending time on random initialisation."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
-    cls = _model_class(config)
-    with no_init_weights():
-        if cls.__name__.startswith("Auto"):
-            return cls.from_config(config, dtype=dtype)
-        model = cls(config)
-    return model.to(dtype)
-
-
 def _check_layer(name: str, entry: dict, module) -> None:
     need = ("pattern", "in_features", "out_features", "bias", "dtype", "nnz")
     missing = [k for k in need if k not in entry]
@@ -222,18 +199,6 @@ def _check_layer(name: str, entry: dict, module) -> None:
             f"{module.out_features}x{module.in_features}")
     if (module.bias is not None) != bool(entry["bias"]):
         raise CheckpointError(f"{name}: checkpoint bias={entry['bias']} disagrees with the config's layer")
-
-
-def _check_tensor(where: str, t: torch.Tensor, want: torch.Tensor, exact: bool) -> None:
-    """A stored tensor against the model's: same shape; same dtype, or both floating for plain tensors (a
-    sparse layer's values must be the dtype its config entry names); finite."""
-    if tuple(t.shape) != tuple(want.shape):
-        raise CheckpointError(f"{where}: shape {list(t.shape)}, the model needs {list(want.shape)}")
-    if t.dtype != want.dtype and (exact or not (t.is_floating_point() and want.is_floating_point())):
-        raise CheckpointError(f"{where}: dtype {str(t.dtype).removeprefix('torch.')}, the model needs "
-                              f"{str(want.dtype).removeprefix('torch.')}")
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise CheckpointError(f"{where}: NaN/Inf values")
 
 
 def _compressed_tensors_folder(path: Path) -> bool:
@@ -258,10 +223,9 @@ def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backen
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read config.json ({e})") from None
 
-    tensors = files.read_all()
-    stored = {t.dtype for k, t in tensors.items() if t.is_floating_point()}
+    stored = {files.dtype(k) for k in files.keys() if files.dtype(k).is_floating_point}
     load_dtype = stored.pop() if len(stored) == 1 else torch.float32
-    model = _build_skeleton(config, load_dtype)
+    model = build_skeleton(config, load_dtype)
 
     modules = dict(model.named_modules())
     for name, entry in sc["layers"].items():
@@ -271,19 +235,19 @@ def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backen
         try:
             layer = SparseLinear(entry["in_features"], entry["out_features"], bias=entry["bias"],
                                  pattern=entry["pattern"], nnz=entry["nnz"], backend="reference",
-                                 dtype=getattr(torch, entry["dtype"]))
+                                 device="meta", dtype=getattr(torch, entry["dtype"]))
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{name}: {e}") from None
         if entry.get("rotation"):
-            layer.rotation = torch.zeros(entry["rotation"], dtype=layer.weight_values.dtype)
+            layer.rotation = torch.empty(entry["rotation"], dtype=layer.weight_values.dtype, device="meta")
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, layer)
 
     _install_residual_rotations(model, sc, path, load_dtype)
     expected = model.state_dict()
     tied = set(sc.get("tied", []))
-    missing = [k for k in expected if k not in tensors and k not in tied]
-    unexpected = [k for k in tensors if k not in expected]
+    missing = [k for k in expected if k not in files and k not in tied]
+    unexpected = [k for k in files.keys() if k not in expected]
     if missing:
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {missing[:5]}"
                               f"{'...' if len(missing) > 5 else ''}")
@@ -291,11 +255,12 @@ def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backen
         raise CheckpointError(f"{files.where(unexpected[0])}: unexpected, the model has no such tensor"
                               f"{f' ({len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
     sparse = {f"{n}.{p}" for n in sc["layers"] for p in ("weight_values", "weight_meta")}
-    for k, t in tensors.items():
-        _check_tensor(files.where(k), t, expected[k], exact=k in sparse)
-    model.load_state_dict(tensors, strict=False)
-    if tied:
-        model.tie_weights()
+    for k in files.keys():  # every header against the model before the first byte of data is read
+        check_tensor(files.where(k), files.shape(k), files.dtype(k), expected[k], exact=k in sparse)
+    del expected
+    for k in files.keys():
+        place(model, k, check_finite(files.where(k), files.read(k)), device, dtype)
+    finish(model, path, device, dtype, tie=bool(tied))
 
     for name, mod in model.named_modules():
         if isinstance(mod, SparseLinear):
@@ -303,7 +268,6 @@ def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backen
                 mod.sparse_weight.validate(name)
             except SparseRuntimeError as e:
                 raise CheckpointError(f"{path}: {e}") from None
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     for mod in model.modules():
         if isinstance(mod, SparseLinear):
             mod.set_backend(backend)

@@ -21,11 +21,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import _build_skeleton, _check_tensor, _tied_duplicates, _write_atomic_dir
+from .checkpoint import _tied_duplicates, _write_atomic_dir
 from .errors import CheckpointError, SparseRuntimeError
 from .format import FLOAT_DTYPES, SparseWeight, kept_indices, pack_bits, pack_meta_24, unpack_bits
 from .linear import SparseLinear
 from .residual_rotation import BUFFER as RESIDUAL_ROTATION
+from .skeleton import build_skeleton, check_finite, check_tensor, finish, place
 from .tensor_files import WEIGHTS, TensorFiles
 
 QUANT_METHOD = "compressed-tensors"
@@ -106,26 +107,27 @@ def load_compressed_tensors(path, device="cpu", dtype: torch.dtype | None = None
         raise CheckpointError(f"{path}: config.json has no compressed-tensors quantization_config")
     check_supported(qc, path)
     files = TensorFiles(path)
-    tensors = files.read_all()
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read config.json ({e})") from None
     del config.quantization_config  # the loaded model is a sparse_runtime model, not a compressed-tensors one
 
-    stored = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    model = _build_skeleton(config, stored.pop() if len(stored) == 1 else torch.float32)
+    stored = {files.dtype(k) for k in files.keys() if files.dtype(k).is_floating_point}
+    model = build_skeleton(config, stored.pop() if len(stored) == 1 else torch.float32)
     modules = dict(model.named_modules())
-    prefixes = sorted({k.rsplit(".", 1)[0] for k in tensors if k.rsplit(".", 1)[-1] in PARAMS})
+    rest = set(files.keys())
+    prefixes = sorted({k.rsplit(".", 1)[0] for k in rest if k.rsplit(".", 1)[-1] in PARAMS})
     not_24 = []
     for name in prefixes:
-        parts = {p: tensors.pop(f"{name}.{p}", None) for p in PARAMS}
-        absent = [p for p, t in parts.items() if t is None]
+        absent = [p for p in PARAMS if f"{name}.{p}" not in rest]
         if absent:
             raise CheckpointError(f"{path}: {name} lacks {', '.join(f'{name}.{p}' for p in absent)}")
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             raise CheckpointError(f"{path}: {name} holds {SPARSE24} tensors but is not an nn.Linear of the model")
+        parts = {p: files.read(f"{name}.{p}") for p in PARAMS}
+        rest -= {f"{name}.{p}" for p in PARAMS}
         shape = tuple(parts["shape"].flatten().tolist())
         if shape != (linear.out_features, linear.in_features):
             raise CheckpointError(f"{files.where(name + '.shape')}: says {list(shape)}, the config builds "
@@ -138,42 +140,37 @@ def load_compressed_tensors(path, device="cpu", dtype: torch.dtype | None = None
         if sw.pattern != "2:4":
             not_24.append(name)
         layer = SparseLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                             pattern=sw.pattern, nnz=sw.values.numel(), backend="reference", dtype=sw.values.dtype)
-        layer.weight_values.copy_(sw.values)
-        layer.weight_meta.copy_(sw.meta)
+                             pattern=sw.pattern, nnz=sw.values.numel(), backend="reference", device="meta",
+                             dtype=sw.values.dtype)
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, layer)
+        place(model, f"{name}.weight_values", sw.values, device, dtype)
+        place(model, f"{name}.weight_meta", sw.meta, device, dtype)
+        del parts, sw
 
-    _load_rest(model, tensors, files, path, done={f"{n}.{p}" for n in prefixes for p in ("weight_values", "weight_meta")})
+    _load_rest(model, sorted(rest), files, path, device, dtype)
     if not_24:
         warnings.warn(f"{path}: {len(not_24)} layer(s) whose bitmask is not 2:4 load as unstructured on the "
                       f"reference backend: {', '.join(not_24)}", stacklevel=2)
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     for name, mod in model.named_modules():
         if isinstance(mod, SparseLinear):
             mod.set_backend("reference" if name in not_24 else backend)
     return model.eval()
 
 
-def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], files: TensorFiles, path: Path,
-               done: set[str]) -> None:
-    """Load the plain tensors strictly: every model tensor not in ``done`` present (or tied to one that is),
-    nothing extra."""
+def _load_rest(model: nn.Module, keys: list[str], files: TensorFiles, path: Path, device, dtype) -> None:
+    """Place the plain tensors strictly: nothing extra, and every model tensor present or tied to one that is."""
     expected = model.state_dict()
-    unexpected = [k for k in tensors if k not in expected]
+    unexpected = [k for k in keys if k not in expected]
     if unexpected:
         raise CheckpointError(f"{files.where(unexpected[0])}: unexpected, the model has no such tensor"
                               f"{f' ({len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
-    for k, t in tensors.items():
-        _check_tensor(files.where(k), t, expected[k], exact=False)
-    model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in tensors}
-    missing = [k for k, t in model.state_dict().items() if k not in tensors and k not in done
-               and t.data_ptr() not in loaded]
-    if missing:
-        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {missing[:5]}"
-                              f"{'...' if len(missing) > 5 else ''}")
+    for k in keys:
+        check_tensor(files.where(k), files.shape(k), files.dtype(k), expected[k], exact=False)
+    del expected
+    for k in keys:
+        place(model, k, check_finite(files.where(k), files.read(k)), device, dtype)
+    finish(model, path, device, dtype)
 
 
 def export_compressed_tensors(model: nn.Module, out_dir, tokenizer=None) -> Path:

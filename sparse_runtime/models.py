@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from . import compressed_tensors
-from .checkpoint import SPARSE_CONFIG, _model_class, _write_atomic_dir, load_pretrained
+from .checkpoint import SPARSE_CONFIG, _write_atomic_dir, load_pretrained
 from .errors import CheckpointError
+from .skeleton import model_class
 
 NAMED = {
     # name -> (pip package that ships the file, file name inside it)
@@ -141,7 +142,7 @@ def load_model(spec=DEFAULT_MODEL, device="cpu", dtype: torch.dtype | None = Non
     elif compressed_tensors.quantization_config(path) is not None:
         model = compressed_tensors.load_compressed_tensors(path, device=device, dtype=dtype, backend=backend)
     else:
-        cls = _model_class(AutoConfig.from_pretrained(path))
+        cls = model_class(AutoConfig.from_pretrained(path))
         model, info = cls.from_pretrained(path, dtype=dtype or torch.float32, output_loading_info=True)
         _check_loaded(path, info)
         model = model.to(device).eval()

@@ -75,6 +75,38 @@ def test_measure_uses_graph_device_time_and_falls_back_to_eager_for_all(monkeypa
     assert dp.DispatchBackend()._measure(layer, st, 8) == {"dense": 5.0, "triton": 50.0, "cusparselt": 4.0}
 
 
+def test_only_the_chosen_layouts_stay_prepared(monkeypatch, tmp_path):
+    # Timers and the GPU name are stubbed: this checks what the layer keeps after deciding, not the GPU.
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def prepare(self, layer):
+            return f"{self.name} layout"
+
+        def forward(self, layer, state, x):
+            assert self.name == "dense" or state == f"{self.name} layout"
+            return self.name
+
+    monkeypatch.setenv("SPARSE_RUNTIME_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dp, "_TIMINGS", cs.DiskCache("dispatch.json"))
+    monkeypatch.setattr(dp, "_section", lambda device: "stub")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # the CPU build has no CUDA
+    monkeypatch.setattr(dp, "DECOMPRESSED", Fake("dense"))
+    speed = {8: {"dense": 10.0, "triton": 5.0, "cusparselt": 9.0}, 512: {"dense": 10.0, "triton": 12.0, "cusparselt": 4.0}}
+    layer = SparseLinear(64, 32, backend="reference")
+    st = dp._State({"triton": [Fake("triton"), None], "cusparselt": [Fake("cusparselt"), None]})
+    backend = dp.DispatchBackend()
+    bucket = {}
+    monkeypatch.setattr(dp, "device_time_us", lambda fn: speed[bucket["m"]][fn()])
+    bucket["m"] = 8
+    assert backend._decide(layer, st, 8) == "triton"
+    assert st.candidates["triton"][1] == "triton layout" and st.candidates["cusparselt"][1] is None
+    bucket["m"] = 512
+    assert backend._decide(layer, st, 512) == "cusparselt"
+    assert [st.candidates[n][1] for n in ("triton", "cusparselt")] == ["triton layout", "cusparselt layout"]
+
+
 def test_registration_and_cpu():
     b = backends.get("dispatch")
     assert (b.priority, b.auto_devices) == (100, ("cuda",))

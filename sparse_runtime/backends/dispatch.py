@@ -10,7 +10,8 @@ longer than ``F.linear``'s), which only CUDA graphs or ``torch.compile`` remove.
 
 Timings are shared by every layer of the same shape and cached on disk (``dispatch.json`` in
 :func:`sparse_runtime.cusparselt.cache_dir`), keyed by GPU name and library versions. The dense weight
-is materialised only for measuring and kept only while some bucket runs dense.
+is materialised only for measuring and kept only while some bucket runs dense; likewise each sparse
+candidate's prepared layout is kept only while some bucket runs it.
 
 Nothing is timed inside a CUDA graph capture or ``torch.compile`` trace: an unmeasured bucket runs dense
 there. Run one eager forward per M bucket first (a warm-up) to get the measured choice into the graph.
@@ -161,8 +162,12 @@ class DispatchBackend(Backend):
             _TIMINGS.put(key, timings)
         choice = select({n: t for n, t in timings.items() if n in st.candidates or n == DENSE})
         st.table[bucket] = choice
-        if DENSE not in st.table.values():
-            st.dense.clear()  # measured, not needed: keep only the compressed weight resident
+        chosen = set(st.table.values())
+        for name, entry in st.candidates.items():
+            if name not in chosen:
+                entry[1] = None  # measured, not chosen by any bucket: free its layout
+        if DENSE not in chosen:
+            st.dense.clear()  # keep only the compressed weight resident
         return choice
 
     def forward(self, layer, st: _State, x):
