@@ -96,13 +96,10 @@ def test_generated_text_ends_with_a_newline(stories_dir):
 
 
 def test_eval_states_the_bos_mode_beside_the_number(stories_dir, capsys):
-    from sparse_runtime.cli.common import BOS_CHOICES
     from sparse_runtime.prune.calibration import BOS_MODES
-
-    assert BOS_CHOICES == BOS_MODES
     text = str(stories_dir.parents[1] / "text" / "tinystories_valid_head.txt")
     results = {}
-    for bos in BOS_CHOICES:
+    for bos in BOS_MODES:
         assert main(["eval", "--model", str(stories_dir), "--data", text, "--seqlen", "64", "--max-tokens", "256",
                      "--bos", bos, "--json"]) == 0
         results[bos] = json.loads(capsys.readouterr().out)

@@ -9,10 +9,12 @@ HELP = "prune a model (magnitude, Wanda, SparseGPT) to 2:4 / N:M / unstructured 
 
 
 def add_arguments(p) -> None:
+    from ..prune import METHODS, ROTATE_OBJECTIVES
+    from ..prune.calibration import SAMPLINGS
     from .common import add_bos_argument, add_model_arguments
 
     add_model_arguments(p)
-    p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--method", default="sparsegpt", choices=list(METHODS))
     p.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8, ...) or 'unstructured' (default: 2:4)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned for unstructured (default: 0.5)")
     p.add_argument("--calib", default=None, help="calibration text or jsonl file (default: shared C4 validation)")
@@ -22,7 +24,7 @@ def add_arguments(p) -> None:
     p.add_argument("--per", choices=["row", "matrix"], default="matrix",
                    help="magnitude, unstructured: threshold per output row or per weight matrix (default: matrix)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    p.add_argument("--calib-sampling", choices=["reference", "concat"], default="reference",
+    p.add_argument("--calib-sampling", choices=SAMPLINGS, default="reference",
                    help="'reference': per window a random document longer than it and a random slice, as the "
                         "reference Wanda/SparseGPT C4 loader draws; 'concat': shuffled documents joined and cut")
     add_bos_argument(p, "calibration windows")
@@ -33,7 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate each group of a layer's linears on the outputs of the groups pruned before it "
                         "(default: on for SparseGPT, off for Wanda, as in their papers)")
-    p.add_argument("--rotate", choices=["none", "entropy", "nm"], default="none",
+    p.add_argument("--rotate", choices=["none", *ROTATE_OBJECTIVES], default="none",
                    help="learn DenoiseRotator rotations per decoder layer before pruning it: the paper's entropy, "
                         "or nm, the fraction of importance the pattern's mask drops (default: none)")
     p.add_argument("--rotate-steps", type=int, default=100, help="Adam steps per decoder layer (default: 100)")
@@ -46,25 +48,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..errors import SparseRuntimeError
-
-    try:
-        return _run(args)
-    except (SparseRuntimeError, ValueError, FileNotFoundError) as e:  # bad input: say what, no traceback
-        print(f"sparse-runtime prune: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args) -> int:
-    import torch
-
     from ..checkpoint import save_pretrained
     from ..models import load_model
     from ..prune import DEFAULT_CALIB, calibration_windows, prune
     from ..prune.calibration import bos_mode, context_length
     from ..prune.layerwise import check_sparsity
     from ..sparsify import sparsify
-    from .common import DTYPES
+    from .common import device_dtype
 
     check_sparsity(args.pattern, args.sparsity)  # fail before the slow model load
     rotate = None
@@ -72,8 +62,7 @@ def _run(args) -> int:
         from ..prune import RotateOptions
 
         rotate = RotateOptions(args.rotate, args.rotate_steps, args.rotate_blocks, damp=args.damp)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    device, dtype = device_dtype(args)
     model, tok = load_model(args.model, device="cpu", dtype=dtype)  # layers visit `device` one at a time
     calib = None
     if args.method != "magnitude":
