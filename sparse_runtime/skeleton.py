@@ -93,8 +93,9 @@ def check_tensor(where: str, shape, dtype: torch.dtype, want: torch.Tensor, exac
                               f"{str(want.dtype).removeprefix('torch.')}")
 
 
-def check_finite(where: str, t: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
-    """``t``, after checking it holds no NaN/Inf (in chunks: the check's mask never costs more than 4 MB)."""
+def check_finite(where: str, t: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """``t``, after checking it holds no NaN/Inf. In chunks: the check's mask stays a small heap block that the
+    next chunk reuses (a mask the tensor's size, freed among kept tensors, strands heap pages)."""
     if t.is_floating_point():
         flat = t.reshape(-1)
         for i in range(0, flat.numel(), chunk):
