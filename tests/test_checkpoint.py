@@ -92,10 +92,15 @@ def test_mixed_patterns_and_rotation_round_trip(tmp_path):
 
 
 def test_load_to_dtype(saved):
-    _, path = saved
+    sparse, path = saved
     loaded = load_pretrained(path, dtype=torch.bfloat16)
     layer = loaded.model.layers[0].self_attn.q_proj
     assert layer.weight_values.dtype == torch.bfloat16 and layer.weight_meta.dtype == torch.uint8
+    want, got = sparse.state_dict(), loaded.state_dict()
+    assert set(got) == set(want)
+    for k, t in want.items():  # the values, not only the dtypes: each the saved tensor rounded to bf16
+        assert got[k].dtype == (torch.bfloat16 if t.is_floating_point() else t.dtype), k
+        assert torch.equal(got[k], t.to(got[k].dtype)), k
 
 
 def test_save_is_atomic_when_interrupted(saved, monkeypatch):
