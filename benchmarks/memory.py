@@ -65,7 +65,8 @@ def child(args) -> dict:
         model(ids.to(args.device)).logits.sum().item()
     return {"baseline_bytes": baseline, "load_peak_bytes": load_peak - baseline,
             "forward_peak_bytes": (_status_kib("VmHWM") << 10) - baseline,
-            "cuda_load_peak_bytes": cuda_load, "cuda_forward_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "cuda_load_peak_bytes": cuda_load,
+            "cuda_forward_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             "backends": sorted({m.active_backend for m in model.modules() if isinstance(m, sr.SparseLinear)})}
 
 
@@ -129,16 +130,19 @@ def main(argv=None) -> int:
         for backend in args.backends:
             rows[f"2:4 {backend}"] = {**_run_child(args, str(ckpt), backend), "tensor_bytes": sparse_bytes}
     ref = rows.get("2:4 reference")
+    dense = rows["dense"]
     target = None if ref is None else {
         "ratio": ref["load_peak_bytes"] / sparse_bytes, "max_ratio": TARGET_RATIO,
-        "below_dense": ref["load_peak_bytes"] < rows["dense"]["load_peak_bytes"],
+        "below_dense": ref["load_peak_bytes"] < dense["load_peak_bytes"],
+        # transformers maps the dense file and reads weights as the forward first touches them
+        "below_dense_after_forward": ref["forward_peak_bytes"] < dense["forward_peak_bytes"],
         "met": ref["load_peak_bytes"] <= TARGET_RATIO * sparse_bytes
-               and ref["load_peak_bytes"] < rows["dense"]["load_peak_bytes"]}
+               and ref["load_peak_bytes"] < dense["load_peak_bytes"]}
     result = {
         "model": args.model, "device": args.device if args.device != "cpu" else f"cpu ({platform.machine()})",
         "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {"tokens": args.tokens, "threads": args.threads, "checkpoint": "magnitude 2:4 (sparsify)",
-                     "measure": "VmHWM - VmRSS after imports, fresh process per row"},
+                     "measure": "VmHWM - VmRSS after imports and the model's code, fresh process per row"},
         "rows": rows, "target": target,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

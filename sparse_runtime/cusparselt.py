@@ -12,7 +12,8 @@ algorithm/split-K search: the first M of a bucket is searched, later ones reuse 
 (``SPARSE_RUNTIME_PLAN_CACHE``, default 1024 plans of a few KB each) bounds memory when a server sees
 many distinct prompt lengths; an evicted plan is rebuilt in ~50-200 us from the cached search result.
 
-Search results are cached in memory and in a JSON file (:func:`sparse_runtime.caches.cache_dir`), keyed by GPU name and library versions. ``SPARSE_RUNTIME_CSLT_SEARCH`` picks
+Search results are cached in memory and in a JSON file (in :func:`sparse_runtime.caches.cache_dir`), keyed
+by GPU name and library versions. ``SPARSE_RUNTIME_CSLT_SEARCH`` picks
 ``manual`` (default: time every algorithm id x split-K with CUDA events), ``library``
 (``cusparseLtMatmulSearch``) or ``off`` (the library's default algorithm).
 
