@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from sparse_runtime.eval import perplexity
-from sparse_runtime.models import cache_root, load_model
+from sparse_runtime.caches import cache_dir
+from sparse_runtime.models import load_model
 from sparse_runtime.prune import DEFAULT_EVAL
 from sparse_runtime.prune.calibration import read_texts
 
@@ -46,7 +47,7 @@ def assemble() -> Path:
     """The GGUF file from the installed part packages, concatenated once and checked against the sha256."""
     main_dir = _package_dir(PACKAGE)
     expected = (main_dir / "data" / "SHA256SUMS").read_text().split()[0]
-    target = cache_root() / NAME
+    target = cache_dir() / NAME
     if target.exists() and _sha256(target) == expected:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ The README holds no number typed by hand: each table sits between ``<!-- table:N
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import re
 import sys
@@ -82,8 +83,11 @@ def prune_speed() -> str:
 
 
 def _latest(prefix: str) -> dict | None:
-    files = sorted(RESULTS.glob(f"{prefix}*.json"))
-    return _load(files[-1].name) if files else None
+    """The newest ``prefix*.json`` result by the date it records (file names say nothing reliable about it)."""
+    runs = [_load(f.name) for f in RESULTS.glob(f"{prefix}*.json")]
+    dated = [r for r in runs if isinstance(r, dict) and r.get("date")]
+    return max(dated, key=lambda r: datetime.datetime.fromisoformat(r["date"].replace("Z", "+00:00")).timestamp(),
+               default=None)
 
 
 def gpu_pending(what: str) -> str:
@@ -352,7 +356,31 @@ def tp_memory() -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES = {"tp_memory": tp_memory, "prune_quality": prune_quality, "gemma3_bos": gemma3_bos, "engine": engine, "serve_load": serve_load, "prune_speed": prune_speed,
+def memory() -> str:
+    r = _load("memory.json")
+    if r is None:
+        return "_not measured yet: run `python benchmarks/memory.py`_\n"
+    mb = lambda b: f"{b / 2**20:.0f}"
+    lines = [f"{r['model']}, peak resident memory above the interpreter's baseline (torch, transformers, "
+             f"sparse_runtime and the model's transformers code imported), each row a fresh process; one forward "
+             f"over {r['settings']['tokens']} tokens, {r['settings']['threads']} thread(s); {r['device']}, "
+             f"torch {r['torch']}, {r['date'][:10]}.", "",
+             "| load | checkpoint tensors (MiB) | load peak (MiB) | after one forward (MiB) | peak / tensors |",
+             "|---|---|---|---|---|"]
+    for name, row in r["rows"].items():
+        lines.append(f"| {name} | {mb(row['tensor_bytes'])} | {mb(row['load_peak_bytes'])} | "
+                     f"{mb(row['forward_peak_bytes'])} | {row['load_peak_bytes'] / row['tensor_bytes']:.2f} |")
+    t = r["target"]
+    yes = lambda v: "yes" if v else "no"
+    if t:
+        lines += ["", f"Target: the 2:4 `reference` load at most {t['max_ratio']}x its tensor bytes "
+                      f"({t['ratio']:.2f}x) and below the dense load ({yes(t['below_dense'])}; after one forward: "
+                      f"{yes(t['below_dense_after_forward'])}): {'met' if t['met'] else 'missed'}."]
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {"tp_memory": tp_memory, "prune_quality": prune_quality, "memory": memory, "gemma3_bos": gemma3_bos,
+          "engine": engine, "serve_load": serve_load, "prune_speed": prune_speed,
           "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources,
           "rotation_quality": rotation_quality, "allocation_quality": allocation_quality}
 

@@ -21,19 +21,19 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CheckpointError, SparseRuntimeError
-from .format import FLOAT_DTYPES, expected_shapes
+from .format import FLOAT_DTYPES
 from .linear import SparseLinear
 from .residual_rotation import boundaries, install_boundaries
+from .skeleton import build_skeleton, check_finite, check_tensor, finish, place
+from .tensor_files import WEIGHTS, TensorFiles
 
 FORMAT_NAME = "sparse_runtime"
 FORMAT_VERSION = 1
 SPARSE_CONFIG = "sparse_config.json"
-WEIGHTS = "model.safetensors"
 
 
 def _layer_entry(layer: SparseLinear) -> dict:
@@ -175,34 +175,13 @@ def read_sparse_config(path) -> dict:
         raise CheckpointError(f"{f}: invalid JSON ({e})") from None
     if sc.get("format") != FORMAT_NAME or not isinstance(sc.get("layers"), dict):
         raise CheckpointError(f"{f}: not a {FORMAT_NAME} sparse config")
-    if sc.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{f}: format version {sc['format_version']} is newer than this sparse_runtime "
+    version = sc.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise CheckpointError(f"{f}: format version {version} is newer than this sparse_runtime "
                               f"reads ({FORMAT_VERSION}); upgrade sparse_runtime")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise CheckpointError(f"{f}: unknown format version {version!r} (this sparse_runtime reads {FORMAT_VERSION})")
     return sc
-
-
-def _model_class(config):
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModelForCausalLM
-
-
-def _build_skeleton(config, dtype):
-    """The model from its config, without spending time on random initialisation."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
-    cls = _model_class(config)
-    with no_init_weights():
-        if cls.__name__.startswith("Auto"):
-            return cls.from_config(config, dtype=dtype)
-        model = cls(config)
-    return model.to(dtype)
 
 
 def _check_layer(name: str, entry: dict, module) -> None:
@@ -235,33 +214,30 @@ def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backen
         from .compressed_tensors import load_compressed_tensors
 
         return load_compressed_tensors(path, device=device, dtype=dtype, backend=backend)
-    sc, config, weights = read_checkpoint(path)
-    with safe_open(str(weights), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return assemble(path, sc, config, tensors, device, dtype, backend)
+    sc, config, files = read_checkpoint(path)
+    return assemble(path, sc, config, files, device, dtype, backend)
 
 
 def read_checkpoint(path: Path):
-    """``(sparse_config, transformers config, weights file)`` of a checkpoint folder, each checked."""
+    """``(sparse_config, transformers config, tensor files)`` of a checkpoint folder, each checked."""
     from transformers import AutoConfig
 
     sc = read_sparse_config(path)
-    weights = path / WEIGHTS
-    if not weights.exists():
-        raise CheckpointError(f"{path}: {WEIGHTS} is missing")
+    files = TensorFiles(path)
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read config.json ({e})") from None
-    return sc, config, weights
+    return sc, config, files
 
 
-def assemble(path: Path, sc: dict, config, tensors: dict, device="cpu", dtype=None, backend="auto"):
-    """The model ``config`` builds, with the layers ``sc`` names made SparseLinear and ``tensors`` loaded into
-    it after checking each against the model (tensor parallelism passes one rank's shard of all three)."""
-    stored = {t.dtype for k, t in tensors.items() if t.is_floating_point()}
+def assemble(path: Path, sc: dict, config, files, device="cpu", dtype=None, backend="auto"):
+    """The model ``config`` builds, with the layers ``sc`` names made SparseLinear and the tensors of ``files``
+    (a :class:`~.tensor_files.TensorFiles`, or tensor parallelism's one-rank shard) read into their places
+    after every header is checked against the model."""
+    stored = {files.dtype(k) for k in files.keys() if files.dtype(k).is_floating_point}
     load_dtype = stored.pop() if len(stored) == 1 else torch.float32
-    model = _build_skeleton(config, load_dtype)
+    model = build_skeleton(config, load_dtype)
 
     modules = dict(model.named_modules())
     for name, entry in sc["layers"].items():
@@ -271,33 +247,32 @@ def assemble(path: Path, sc: dict, config, tensors: dict, device="cpu", dtype=No
         try:
             layer = SparseLinear(entry["in_features"], entry["out_features"], bias=entry["bias"],
                                  pattern=entry["pattern"], nnz=entry["nnz"], backend="reference",
-                                 dtype=getattr(torch, entry["dtype"]))
+                                 device="meta", dtype=getattr(torch, entry["dtype"]))
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{name}: {e}") from None
         if entry.get("rotation"):
-            layer.rotation = torch.zeros(entry["rotation"], dtype=layer.weight_values.dtype)
+            layer.rotation = torch.empty(entry["rotation"], dtype=layer.weight_values.dtype, device="meta")
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, layer)
 
     _install_residual_rotations(model, sc, path, load_dtype)
     expected = model.state_dict()
     tied = set(sc.get("tied", []))
-    missing = [k for k in expected if k not in tensors and k not in tied]
-    unexpected = [k for k in tensors if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: tensors do not match the model: missing {missing[:5]}"
-                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-    for k, t in tensors.items():
-        want = expected[k]
-        if tuple(t.shape) != tuple(want.shape):
-            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, the model needs {tuple(want.shape)}")
-        if t.dtype != want.dtype and not (t.is_floating_point() and want.is_floating_point()):
-            raise CheckpointError(f"{path}: tensor {k} has dtype {t.dtype}, the model needs {want.dtype}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{path}: tensor {k} has NaN/Inf values")
-    model.load_state_dict(tensors, strict=False)
-    if tied:
-        model.tie_weights()
+    missing = [k for k in expected if k not in files and k not in tied]
+    unexpected = [k for k in files.keys() if k not in expected]
+    if missing:
+        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}")
+    if unexpected:
+        raise CheckpointError(f"{files.where(unexpected[0])}: unexpected, the model has no such tensor"
+                              f"{f' ({len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
+    sparse = {f"{n}.{p}" for n in sc["layers"] for p in ("weight_values", "weight_meta")}
+    for k in files.keys():  # every header against the model before the first byte of data is read
+        check_tensor(files.where(k), files.shape(k), files.dtype(k), expected[k], exact=k in sparse)
+    del expected
+    for k in files.keys():
+        place(model, k, check_finite(files.where(k), files.read(k)), device, dtype)
+    finish(model, path, device, dtype, tie=bool(tied))
 
     for name, mod in model.named_modules():
         if isinstance(mod, SparseLinear):
@@ -305,7 +280,6 @@ def assemble(path: Path, sc: dict, config, tensors: dict, device="cpu", dtype=No
                 mod.sparse_weight.validate(name)
             except SparseRuntimeError as e:
                 raise CheckpointError(f"{path}: {e}") from None
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     for mod in model.modules():
         if isinstance(mod, SparseLinear):
             mod.set_backend(backend)

@@ -18,21 +18,21 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import WEIGHTS, _build_skeleton, _tied_duplicates, _write_atomic_dir
+from .checkpoint import _tied_duplicates, _write_atomic_dir
 from .errors import CheckpointError, SparseRuntimeError
 from .format import FLOAT_DTYPES, SparseWeight, kept_indices, pack_bits, pack_meta_24, unpack_bits
 from .linear import SparseLinear
 from .residual_rotation import BUFFER as RESIDUAL_ROTATION
+from .skeleton import build_skeleton, check_finite, check_tensor, finish, place
+from .tensor_files import WEIGHTS, TensorFiles
 
 QUANT_METHOD = "compressed-tensors"
 SPARSE24 = "sparse-24-bitmask"
 MARLIN24 = "marlin-24"
 PARAMS = ("compressed", "bitmask", "shape")
-INDEX = "model.safetensors.index.json"
 # The compressed-tensors release whose decompressor the export is tested against.
 CT_VERSION = "0.14.0.1"
 
@@ -76,48 +76,21 @@ def check_supported(qc: dict, where) -> None:
                               f"{SPARSE24} (2:4 only)")
 
 
-def weight_files(path: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, for one file or shards listed in an index."""
-    index = path / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-        files = {k: path / v for k, v in weight_map.items()}
-        absent = sorted({str(f.name) for f in files.values() if not f.is_file()})
-        if absent:
-            raise CheckpointError(f"{path}: shards listed in {INDEX} are missing: {absent}")
-        return files
-    single = path / WEIGHTS
-    if not single.is_file():
-        raise CheckpointError(f"{path}: neither {WEIGHTS} nor {INDEX}")
-    with safe_open(str(single), framework="pt") as f:
-        return {k: single for k in f.keys()}
-
-
-def read_tensors(files: dict[str, Path]) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(set(files.values())):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys() if files.get(k) == file})
-    return out
-
-
-def _sparse_weight(name: str, shape, compressed: torch.Tensor, bitmask: torch.Tensor) -> SparseWeight:
+def _sparse_weight(files: TensorFiles, name: str, shape, compressed: torch.Tensor,
+                   bitmask: torch.Tensor) -> SparseWeight:
     """One layer's compressed-tensors triple -> the canonical format (2:4 when every group keeps 2, else
     unstructured over the same bitmap)."""
     if compressed.dtype not in FLOAT_DTYPES:
-        raise CheckpointError(f"{name}.compressed: {str(compressed.dtype).removeprefix('torch.')} values "
-                              f"(quantized {SPARSE24}) are not supported; fp16, bf16, fp32 and fp64 are")
+        raise CheckpointError(f"{files.where(name + '.compressed')}: {str(compressed.dtype).removeprefix('torch.')} "
+                              f"values (quantized {SPARSE24}) are not supported; fp16, bf16, fp32 and fp64 are")
     rows, k = shape
     if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, (k + 7) // 8):
-        raise CheckpointError(f"{name}.bitmask: {bitmask.dtype} {tuple(bitmask.shape)}, expected uint8 "
-                              f"{(rows, (k + 7) // 8)} for shape {[rows, k]}")
+        raise CheckpointError(f"{files.where(name + '.bitmask')}: {bitmask.dtype} {tuple(bitmask.shape)}, expected "
+                              f"uint8 {(rows, (k + 7) // 8)} for shape {[rows, k]}")
     mask = unpack_bits(bitmask, k)
     if int(mask.sum()) != compressed.numel():
-        raise CheckpointError(f"{name}: bitmask keeps {int(mask.sum())} entries but compressed holds "
-                              f"{compressed.numel()}")
+        raise CheckpointError(f"{files.where(name + '.bitmask')}: keeps {int(mask.sum())} entries but "
+                              f"{name}.compressed holds {compressed.numel()}")
     if k % 4 == 0 and (mask.view(rows, -1, 4).sum(-1) == 2).all():
         meta = pack_meta_24(kept_indices(mask, 2, 4))
         return SparseWeight("2:4", (rows, k), compressed.reshape(rows, k // 2), meta)
@@ -133,74 +106,71 @@ def load_compressed_tensors(path, device="cpu", dtype: torch.dtype | None = None
     if qc is None:
         raise CheckpointError(f"{path}: config.json has no compressed-tensors quantization_config")
     check_supported(qc, path)
-    tensors = read_tensors(weight_files(path))
+    files = TensorFiles(path)
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read config.json ({e})") from None
     del config.quantization_config  # the loaded model is a sparse_runtime model, not a compressed-tensors one
 
-    stored = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    model = _build_skeleton(config, stored.pop() if len(stored) == 1 else torch.float32)
+    stored = {files.dtype(k) for k in files.keys() if files.dtype(k).is_floating_point}
+    model = build_skeleton(config, stored.pop() if len(stored) == 1 else torch.float32)
     modules = dict(model.named_modules())
-    prefixes = sorted({k.rsplit(".", 1)[0] for k in tensors if k.rsplit(".", 1)[-1] in PARAMS})
+    rest = set(files.keys())
+    prefixes = sorted({k.rsplit(".", 1)[0] for k in rest if k.rsplit(".", 1)[-1] in PARAMS})
     not_24 = []
     for name in prefixes:
-        parts = {p: tensors.pop(f"{name}.{p}", None) for p in PARAMS}
-        absent = [p for p, t in parts.items() if t is None]
+        absent = [p for p in PARAMS if f"{name}.{p}" not in rest]
         if absent:
             raise CheckpointError(f"{path}: {name} lacks {', '.join(f'{name}.{p}' for p in absent)}")
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             raise CheckpointError(f"{path}: {name} holds {SPARSE24} tensors but is not an nn.Linear of the model")
+        parts = {p: files.read(f"{name}.{p}") for p in PARAMS}
+        rest -= {f"{name}.{p}" for p in PARAMS}
         shape = tuple(parts["shape"].flatten().tolist())
         if shape != (linear.out_features, linear.in_features):
-            raise CheckpointError(f"{path}: {name}.shape says {list(shape)}, the config builds "
+            raise CheckpointError(f"{files.where(name + '.shape')}: says {list(shape)}, the config builds "
                                   f"{[linear.out_features, linear.in_features]}")
-        sw = _sparse_weight(name, shape, parts["compressed"], parts["bitmask"])
+        sw = _sparse_weight(files, name, shape, parts["compressed"], parts["bitmask"])
         try:
             sw.validate(name)
         except SparseRuntimeError as e:
-            raise CheckpointError(f"{path}: {e}") from None
+            raise CheckpointError(f"{files.files[name + '.compressed'].path}: {e}") from None
         if sw.pattern != "2:4":
             not_24.append(name)
         layer = SparseLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                             pattern=sw.pattern, nnz=sw.values.numel(), backend="reference", dtype=sw.values.dtype)
-        layer.weight_values.copy_(sw.values)
-        layer.weight_meta.copy_(sw.meta)
+                             pattern=sw.pattern, nnz=sw.values.numel(), backend="reference", device="meta",
+                             dtype=sw.values.dtype)
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, layer)
+        place(model, f"{name}.weight_values", sw.values, device, dtype)
+        place(model, f"{name}.weight_meta", sw.meta, device, dtype)
+        del parts, sw
 
-    _load_rest(model, tensors, path, done={f"{n}.{p}" for n in prefixes for p in ("weight_values", "weight_meta")})
+    _load_rest(model, sorted(rest), files, path, device, dtype)
     if not_24:
         warnings.warn(f"{path}: {len(not_24)} layer(s) whose bitmask is not 2:4 load as unstructured on the "
                       f"reference backend: {', '.join(not_24)}", stacklevel=2)
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     for name, mod in model.named_modules():
         if isinstance(mod, SparseLinear):
             mod.set_backend("reference" if name in not_24 else backend)
     return model.eval()
 
 
-def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, done: set[str]) -> None:
-    """Load the plain tensors strictly: every model tensor not in ``done`` present (or tied to one that is),
-    nothing extra."""
+def _load_rest(model: nn.Module, keys: list[str], files: TensorFiles, path: Path, device, dtype) -> None:
+    """Place the plain tensors strictly: nothing extra, and every model tensor present or tied to one that is."""
     expected = model.state_dict()
-    unexpected = [k for k in tensors if k not in expected]
-    bad = [k for k, t in tensors.items() if k in expected and tuple(t.shape) != tuple(expected[k].shape)]
-    if unexpected or bad:
-        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}, wrong shapes {bad[:5]}")
-    nonfinite = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if nonfinite:
-        raise CheckpointError(f"{path}: tensor {nonfinite[0]} has NaN/Inf values")
-    model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in tensors}
-    missing = [k for k, t in model.state_dict().items() if k not in tensors and k not in done
-               and t.data_ptr() not in loaded]
-    if missing:
-        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {missing[:5]}"
-                              f"{'...' if len(missing) > 5 else ''}")
+    unexpected = [k for k in keys if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{files.where(unexpected[0])}: unexpected, the model has no such tensor"
+                              f"{f' ({len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
+    for k in keys:
+        check_tensor(files.where(k), files.shape(k), files.dtype(k), expected[k], exact=False)
+    del expected
+    for k in keys:
+        place(model, k, check_finite(files.where(k), files.read(k)), device, dtype)
+    finish(model, path, device, dtype)
 
 
 def export_compressed_tensors(model: nn.Module, out_dir, tokenizer=None) -> Path:

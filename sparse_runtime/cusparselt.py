@@ -12,8 +12,8 @@ algorithm/split-K search: the first M of a bucket is searched, later ones reuse 
 (``SPARSE_RUNTIME_PLAN_CACHE``, default 1024 plans of a few KB each) bounds memory when a server sees
 many distinct prompt lengths; an evicted plan is rebuilt in ~50-200 us from the cached search result.
 
-Search results are cached in memory and in a JSON file (``$SPARSE_RUNTIME_CACHE_DIR`` or
-``~/.cache/sparse_runtime``), keyed by GPU name and library versions. ``SPARSE_RUNTIME_CSLT_SEARCH`` picks
+Search results are cached in memory and in a JSON file (in :func:`sparse_runtime.caches.cache_dir`), keyed
+by GPU name and library versions. ``SPARSE_RUNTIME_CSLT_SEARCH`` picks
 ``manual`` (default: time every algorithm id x split-K with CUDA events), ``library``
 (``cusparseLtMatmulSearch``) or ``off`` (the library's default algorithm).
 
@@ -21,14 +21,12 @@ The pure helpers (padding, buckets, keys, the LRU, the cache file) need neither 
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections import OrderedDict
-from pathlib import Path
 
 import torch
 
+from .caches import LRU, DiskCache, device_key, m_bucket
+from .devices import cuda_unavailable
 from .errors import BackendUnavailable, ShapeError
 from .timing import time_us
 
@@ -41,7 +39,6 @@ except ImportError as e:  # the pure-Python install: no nvcc or cuSPARSELt at bu
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8"}
 ACTIVATIONS = ("none", "relu", "gelu")
-MIN_CAPABILITY = (8, 0)
 
 
 # -- pure logic ---------------------------------------------------------------------------------------
@@ -65,11 +62,6 @@ def padded_shape(m: int, n: int, k: int, dtype: torch.dtype) -> tuple[int, int, 
     return round_up(max(m, 1), m_align(dtype)), round_up(n, a), round_up(k, a)
 
 
-def m_bucket(m: int) -> int:
-    """The power of two >= m (at least 1): the granularity of algorithm searches and dispatch decisions."""
-    return 1 << max(0, int(m) - 1).bit_length()
-
-
 def plan_key(device: int, m: int, n: int, k: int, dtype: str, activation: str, bias_ptr: int,
              out_dtype: str = "") -> tuple:
     """Identity of a plan. The bias pointer is part of it because a plan captures the pointer at init."""
@@ -81,124 +73,13 @@ def tune_key(n: int, k: int, dtype: str, activation: str, has_bias: bool, bucket
     return f"n={n},k={k},{dtype},{activation},bias={int(has_bias)},m<={bucket}"
 
 
-def device_key(device_name: str, versions: dict) -> str:
-    """Which cache section applies: results from another GPU or library version are not reused."""
-    return device_name + "|" + ",".join(f"{k}={v}" for k, v in sorted(versions.items()))
-
-
-class LRU:
-    """A capped mapping; the least recently used entry goes first."""
-
-    def __init__(self, cap: int):
-        self.cap = max(1, cap)
-        self._d: OrderedDict = OrderedDict()
-        self.hits = self.misses = 0
-
-    def get(self, key):
-        v = self._d.get(key)
-        if v is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._d.move_to_end(key)
-        return v
-
-    def put(self, key, value) -> None:
-        self._d[key] = value
-        self._d.move_to_end(key)
-        while len(self._d) > self.cap:
-            self._d.popitem(last=False)
-
-    def clear(self) -> None:
-        self._d.clear()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def __contains__(self, key) -> bool:
-        return key in self._d
-
-
-CACHE_FORMAT = 1
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPARSE_RUNTIME_CACHE_DIR") or Path.home() / ".cache" / "sparse_runtime")
-
-
-def load_cache_file(path: Path) -> dict:
-    """``{device_key: {entry_key: value}}`` from ``path``; empty when missing, unreadable or another format."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("devices"), dict):
-        return {}
-    return data["devices"]
-
-
-def save_cache_file(path: Path, section: str, entries: dict) -> None:
-    """Merge ``entries`` into ``section`` of the file and write it atomically (concurrent writers lose
-    nothing worse than each other's newest entries)."""
-    path = Path(path)
-    devices = load_cache_file(path)
-    devices.setdefault(section, {}).update(entries)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"format": CACHE_FORMAT, "devices": devices}, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-class DiskCache:
-    """An in-memory dict of one device section, backed by a JSON file (written on every new entry)."""
-
-    def __init__(self, filename: str):
-        self.filename = filename
-        self._section: str | None = None
-        self._mem: dict = {}
-
-    @property
-    def path(self) -> Path:
-        return cache_dir() / self.filename
-
-    def bind(self, section: str) -> None:
-        if section != self._section:
-            self._section = section
-            disk = {} if _no_disk() else load_cache_file(self.path).get(section, {})
-            self._mem = dict(disk)
-
-    def get(self, key: str):
-        return self._mem.get(key)
-
-    def put(self, key: str, value) -> None:
-        self._mem[key] = value
-        if not _no_disk():
-            try:
-                save_cache_file(self.path, self._section, {key: value})
-            except OSError:
-                pass  # a read-only home must not break inference; the memory cache still holds it
-
-    def clear(self) -> None:
-        self._mem.clear()
-
-
-def _no_disk() -> bool:
-    return os.environ.get("SPARSE_RUNTIME_NO_DISK_CACHE", "") not in ("", "0")
-
-
 # -- availability -------------------------------------------------------------------------------------
-def cuda_unavailable(device: torch.device, what: str, capability: tuple[int, int] | None = MIN_CAPABILITY):
-    """Why ``what`` cannot run on ``device`` for want of a CUDA GPU (of ``capability``), or None."""
-    if device.type != "cuda":
-        return f"{what} runs on CUDA devices, not {device.type}"
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA GPU"
-    index = torch.cuda.current_device() if device.index is None else device.index
-    if capability and torch.cuda.get_device_capability(index) < capability:
-        return f"{what} needs compute capability >= 8.0 (Ampere), {torch.cuda.get_device_name(index)} has less"
-    return None
+def versions() -> dict:
+    """``{"extension": whether sparse_runtime._C loads (or why not), "cusparselt": the library version or None}``:
+    the one place outside this module learns about the extension."""
+    if _C is None:
+        return {"extension": f"not available: {_IMPORT_ERROR}", "cusparselt": None}
+    return {"extension": "sparse_runtime._C loaded", "cusparselt": ".".join(map(str, _C.library_version()))}
 
 
 def unavailable(device: torch.device | str | None = None) -> str | None:

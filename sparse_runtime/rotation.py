@@ -35,6 +35,3 @@ def apply_rotation(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     blocks = x.reshape(-1, nb, b).transpose(0, 1)
     return (blocks @ rotation).transpose(0, 1).reshape(x.shape)
 
-
-def block_diag_to_dense(rotation: torch.Tensor) -> torch.Tensor:
-    return torch.block_diag(*rotation.unbind(0)) if rotation.dim() == 3 else rotation

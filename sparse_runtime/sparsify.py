@@ -59,9 +59,41 @@ class SparsifyReport:
         return "\n".join(lines)
 
 
-def _matches(name: str, patterns) -> bool:
+def matches(name: str, patterns) -> bool:
     """A pattern matches a module name by glob, or as its last dotted component(s)."""
     return any(fnmatch.fnmatchcase(name, p) or name == p or name.endswith("." + p) for p in patterns)
+
+
+def select_linears(model: nn.Module, pattern: str, targets=None, ignore=("lm_head",), within: str | None = None,
+                   keep=(), explicit: bool | None = None) -> tuple[dict[str, nn.Linear], list[tuple[str, str]]]:
+    """``({name: nn.Linear}, [(name, reason)])``: the linears ``pattern`` applies to, and those passed over.
+
+    ``targets`` (globs or trailing name components; default every ``nn.Linear``, or those under ``within.``)
+    minus ``ignore`` (names in ``keep`` are never ignored). A linear whose in_features the pattern cannot
+    group is skipped with the reason, or raises :class:`ShapeError` when the caller chose layers explicitly
+    (default: when ``targets`` is given)."""
+    group = parse_pattern(pattern)
+    explicit = targets is not None if explicit is None else explicit
+    chosen, skipped = {}, []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if targets is None and within is not None and not name.startswith(within + "."):
+            continue
+        if targets is not None and not matches(name, targets):
+            continue
+        if matches(name, ignore) and name not in keep:
+            skipped.append((name, "ignored"))
+            continue
+        m = group[1] if group else 1
+        if mod.in_features % m:
+            why = f"in_features={mod.in_features} is not divisible by {m} ({pattern})"
+            if explicit:
+                raise ShapeError(f"{name}: {why}")
+            skipped.append((name, why))
+            continue
+        chosen[name] = mod
+    return chosen, skipped
 
 
 def _untie(model: nn.Module, name: str, linear: nn.Linear) -> None:
@@ -94,9 +126,8 @@ def sparsify(
     in_features the pattern cannot group is skipped with the reason; a layer
     the caller named explicitly (in ``masks`` or ``targets``) raises instead.
     """
-    group = parse_pattern(pattern)
+    parse_pattern(pattern)
     masks = {} if masks is None else masks  # a Mapping; PackedMasks unpacks one layer at a time
-    explicit = targets is not None or bool(masks)
     modules = dict(model.named_modules())
     for name in masks:
         if name not in modules:
@@ -107,24 +138,8 @@ def sparsify(
         targets = list(masks)
 
     report = SparsifyReport()
-    chosen = []
-    for name, mod in modules.items():
-        if not isinstance(mod, nn.Linear):
-            continue
-        if targets is not None and not _matches(name, targets):
-            continue
-        if _matches(name, ignore) and name not in masks:
-            report.skipped.append((name, "ignored"))
-            continue
-        m = group[1] if group else 1
-        if mod.in_features % m:
-            why = f"in_features={mod.in_features} is not divisible by {m} ({pattern})"
-            if explicit:
-                raise ShapeError(f"{name}: {why}")
-            report.skipped.append((name, why))
-            continue
-        chosen.append(name)
-
+    chosen, report.skipped = select_linears(model, pattern, targets, ignore, keep=masks,
+                                            explicit=targets is not None or bool(masks))
     for name in tqdm(chosen, desc="sparsify", unit="layer", disable=progress is False or not chosen,
                      leave=False):
         linear = modules[name]

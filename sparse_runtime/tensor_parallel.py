@@ -27,6 +27,7 @@ from torch import nn
 from .checkpoint import SPARSE_CONFIG, assemble, read_checkpoint
 from .errors import SparseRuntimeError
 from .linear import SparseLinear
+from .tensor_files import TensorDict
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
@@ -119,20 +120,24 @@ def load_tensor_parallel(path, rank: int, world: int, device="cpu", dtype: torch
     if not (path / SPARSE_CONFIG).exists():
         raise TensorParallelError(f"{path}: tensor parallelism loads sparse_runtime checkpoints (written by "
                                   "sparse-runtime prune or save_pretrained); this folder has no sparse_config.json")
-    sc, config, weights = read_checkpoint(path)
+    sc, config, files = read_checkpoint(path)
     in_features = {n: e["in_features"] for n, e in sc["layers"].items()}
-    with safe_open(str(weights), framework="pt") as f:
-        keys = list(f.keys())
-        modules = {k.rpartition(".")[0] for k in keys}
-        if not any(m.endswith(".q_proj") for m in modules):
-            raise TensorParallelError(f"{path}: tensor parallelism takes Llama-style decoders (self_attn.q/k/v/o_proj,"
-                                      f" mlp.gate/up/down_proj); {type(config).__name__} has no q_proj")
-        plan = shard_plan(config, world)[rank]
-        spans = {m: plan.get(m.rpartition(".")[2]) for m in modules}
-        layers = {n: _local_entry(n, e, spans[n]) if spans.get(n) else e for n, e in sc["layers"].items()}
-        tensors = {k: _read_shard(f, k, spans[m], m.rpartition(".")[2] in ROW, in_features.get(m, 0))
-                   for k in keys for m in [k.rpartition(".")[0]]}
-    model = assemble(path, {**sc, "layers": layers}, local_config(config, plan), tensors, device, dtype, backend)
+    keys = files.keys()
+    modules = {k.rpartition(".")[0] for k in keys}
+    if not any(m.endswith(".q_proj") for m in modules):
+        raise TensorParallelError(f"{path}: tensor parallelism takes Llama-style decoders (self_attn.q/k/v/o_proj,"
+                                  f" mlp.gate/up/down_proj); {type(config).__name__} has no q_proj")
+    plan = shard_plan(config, world)[rank]
+    spans = {m: plan.get(m.rpartition(".")[2]) for m in modules}
+    layers = {n: _local_entry(n, e, spans[n]) if spans.get(n) else e for n, e in sc["layers"].items()}
+    tensors = {}
+    for file in {files.files[k].path for k in keys}:  # safetensors' slices read only this rank's bytes
+        with safe_open(str(file), framework="pt") as f:
+            for k in (k for k in keys if files.files[k].path == file):
+                m = k.rpartition(".")[0]
+                tensors[k] = _read_shard(f, k, spans[m], m.rpartition(".")[2] in ROW, in_features.get(m, 0))
+    shard = TensorDict(tensors, {k: files.where(k) for k in keys})
+    model = assemble(path, {**sc, "layers": layers}, local_config(config, plan), shard, device, dtype, backend)
     for name, mod in list(model.named_modules()):
         if name.rpartition(".")[2] in ROW and isinstance(mod, (nn.Linear, SparseLinear)):
             parent, _, child = name.rpartition(".")

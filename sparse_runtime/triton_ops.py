@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .cusparselt import m_bucket
+from .caches import m_bucket
 from .errors import ShapeError
 from .rotation import apply_rotation, check_rotation
 

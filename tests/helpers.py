@@ -84,3 +84,18 @@ def write_stories_gguf(stories_dir, path, drop=(), name="stories260K"):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_shards(folder, tensors: dict, n: int = 2) -> dict:
+    """``tensors`` as ``n`` safetensors shards plus a ``model.safetensors.index.json`` in ``folder``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    keys, weight_map = sorted(tensors), {}
+    for i in range(n):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file({k: tensors[k] for k in keys[i::n]}, str(folder / name))
+        weight_map.update({k: name for k in keys[i::n]})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map

@@ -22,7 +22,10 @@ def test_windows_fixed_seed_shape_and_text_or_jsonl(tok, tmp_path):
     assert a.shape == (4, 64) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
     t = calibration_windows(tok, TEXT / "tinystories_valid_head.txt", nsamples=3, seqlen=32)
-    assert t.shape == (3, 32)
+    assert t.shape == (3, 32) and (t[:, 0] == tok.bos_token_id).all()
+    docs = [tok(x, add_special_tokens=False).input_ids for x in read_texts(TEXT / "tinystories_valid_head.txt")]
+    for row in t[:, 1:].tolist():  # the content: BOS, then 31 consecutive tokens of one story of the text file
+        assert any(any(d[j:j + 31] == row for j in range(len(d) - 30)) for d in docs if len(d) > 31)
 
 
 def test_seqlen_clipped_to_context(tok):

@@ -7,10 +7,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparse_runtime import SparseLinear, load_pretrained, save_pretrained, sparsify
-from sparse_runtime.checkpoint import SPARSE_CONFIG, WEIGHTS
+from sparse_runtime.checkpoint import SPARSE_CONFIG
+from sparse_runtime.tensor_files import INDEX, WEIGHTS
 from sparse_runtime.errors import CheckpointError
 
-from helpers import masked_dense_copy, tiny_model
+from helpers import masked_dense_copy, tiny_model, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +92,15 @@ def test_mixed_patterns_and_rotation_round_trip(tmp_path):
 
 
 def test_load_to_dtype(saved):
-    _, path = saved
+    sparse, path = saved
     loaded = load_pretrained(path, dtype=torch.bfloat16)
     layer = loaded.model.layers[0].self_attn.q_proj
     assert layer.weight_values.dtype == torch.bfloat16 and layer.weight_meta.dtype == torch.uint8
+    want, got = sparse.state_dict(), loaded.state_dict()
+    assert set(got) == set(want)
+    for k, t in want.items():  # the values, not only the dtypes: each the saved tensor rounded to bf16
+        assert got[k].dtype == (torch.bfloat16 if t.is_floating_point() else t.dtype), k
+        assert torch.equal(got[k], t.to(got[k].dtype)), k
 
 
 def test_save_is_atomic_when_interrupted(saved, monkeypatch):
@@ -131,7 +137,6 @@ Q = "model.layers.0.self_attn.q_proj"
 @pytest.mark.parametrize("corrupt,match", [
     (lambda p: _edit_tensors(p, lambda t: t.pop(f"{Q}.weight_meta")), "missing"),
     (lambda p: _edit_tensors(p, lambda t: t.update(extra=torch.zeros(1))), "unexpected"),
-    (lambda p: _edit_tensors(p, lambda t: t.update({f"{Q}.weight_values": torch.zeros(64, 30)})), "shape"),
     (lambda p: _edit_tensors(p, lambda t: t[f"{Q}.weight_values"].__setitem__((0, 0), float("nan"))), "NaN"),
     (lambda p: _edit_tensors(p, lambda t: t[f"{Q}.weight_meta"].__setitem__((1, 0), 0)), "strictly increasing"),
     (lambda p: _edit_config(p, lambda c: c["layers"][Q].update(in_features=32)), "checkpoint says 64x32"),
@@ -148,6 +153,58 @@ def test_corrupt_checkpoints_give_clear_errors(saved, corrupt, match):
     corrupt(path)
     with pytest.raises(CheckpointError, match=match):
         load_pretrained(path)
+
+
+def _shard_checkpoint(path, n=2):
+    """Split a checkpoint's model.safetensors into ``n`` shards with an index, as large checkpoints come."""
+    write_shards(path, load_file(path / WEIGHTS), n)
+    (path / WEIGHTS).unlink()
+
+
+def _truncate(p):
+    (p / WEIGHTS).write_bytes((p / WEIGHTS).read_bytes()[:-1000])
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (_truncate, r"model.safetensors: tensor \S+: data ends at byte \d+ but the file holds \d+ \(truncated\)"),
+    (lambda p: (p / WEIGHTS).write_bytes(b"garbled" * 10), r"model.safetensors: not a safetensors file"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{Q}.weight_meta": t[f"{Q}.weight_meta"].to(torch.int16)})),
+     rf"model.safetensors: tensor {Q}.weight_meta: dtype int16, the model needs uint8"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{Q}.weight_values": t[f"{Q}.weight_values"].half()})),
+     rf"model.safetensors: tensor {Q}.weight_values: dtype float16, the model needs float32"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{Q}.weight_values": torch.zeros(64, 30)})),
+     rf"model.safetensors: tensor {Q}.weight_values: shape \[64, 30\], the model needs \[64, 32\]"),
+    (lambda p: _edit_config(p, lambda c: c.update(format_version="1")), r"unknown format version '1'"),
+    (lambda p: _edit_config(p, lambda c: c.update(format_version=0)), r"unknown format version 0"),
+    (lambda p: _edit_config(p, lambda c: c.pop("format_version")), r"unknown format version None"),
+    (lambda p: (_shard_checkpoint(p), (p / "model-00002-of-00002.safetensors").unlink()),
+     r"index.json: shards it lists are missing: \['model-00002-of-00002.safetensors'\]"),
+    (lambda p: (_shard_checkpoint(p), (p / INDEX).write_text("[]")), r"index.json: not a safetensors index"),
+])
+def test_corrupt_files_are_one_line_naming_file_and_tensor(saved, corrupt, match):
+    _, path = saved
+    corrupt(path)
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_pretrained(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_sharded_checkpoint_loads_like_one_file(stories, saved):
+    sparse, path = saved
+    ids = torch.tensor([[1, 403, 407, 261, 378, 10]])
+    _shard_checkpoint(path)
+    with torch.no_grad():
+        assert torch.equal(sparse(ids).logits, load_pretrained(path)(ids).logits)
+
+
+def test_cli_reports_a_truncated_checkpoint_in_one_line(saved, capsys):
+    from sparse_runtime.cli import main
+
+    _, path = saved
+    _truncate(path)
+    assert main(["generate", "--model", str(path), "--prompt", "x", "--max-new-tokens", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("sparse-runtime generate: error: ") and "truncated" in err, err
 
 
 def test_save_rejects_nan(tmp_path):

@@ -171,14 +171,14 @@ def test_fp8_values_are_refused_by_name(ct_ckpt, tmp_path):
 @pytest.mark.parametrize("edit, match", [
     (lambda t: t.pop("model.layers.0.mlp.up_proj.bitmask"), r"up_proj lacks model.layers.0.mlp.up_proj.bitmask"),
     (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.shape", torch.tensor([[64], [172]])),
-     r"up_proj.shape says \[64, 172\]"),
+     r"tensor model.layers.0.mlp.up_proj.shape: says \[64, 172\]"),
     (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.bitmask", t["model.layers.0.mlp.up_proj.bitmask"][:, :4]),
      r"up_proj.bitmask: torch.uint8 \(172, 4\), expected uint8 \(172, 8\)"),
     (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.compressed", t["model.layers.0.mlp.up_proj.compressed"][:, 1:]),
-     r"up_proj: bitmask keeps 5504 entries but compressed holds 5332"),
+     r"up_proj.bitmask: keeps 5504 entries but model.layers.0.mlp.up_proj.compressed holds 5332"),
     (lambda t: t.pop("model.norm.weight"), r"missing from the checkpoint: \['model.norm.weight'\]"),
-    (lambda t: t.__setitem__("model.extra.weight", torch.zeros(2)), r"unexpected tensors \['model.extra.weight'\]"),
-    (lambda t: t.__setitem__("model.norm.weight", torch.full((64,), float("nan"))), r"model.norm.weight has NaN"),
+    (lambda t: t.__setitem__("model.extra.weight", torch.zeros(2)), r"model.safetensors: tensor model.extra.weight: unexpected"),
+    (lambda t: t.__setitem__("model.norm.weight", torch.full((64,), float("nan"))), r"model.safetensors: tensor model.norm.weight: NaN"),
 ])
 def test_corrupt_checkpoints_name_the_tensor(ct_ckpt, tmp_path, edit, match):
     path = _rewrite(ct_ckpt, tmp_path / "bad", edit)
@@ -189,5 +189,5 @@ def test_corrupt_checkpoints_name_the_tensor(ct_ckpt, tmp_path, edit, match):
 def test_missing_shard_is_named(pruned, tmp_path):
     path = write_ct_checkpoint(pruned, tmp_path / "sharded", shards=2)
     (path / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=r"shards listed in .* are missing: \['model-00002-of-00002"):
+    with pytest.raises(CheckpointError, match=r"index.json: shards it lists are missing: \['model-00002-of-00002"):
         load_pretrained(path)

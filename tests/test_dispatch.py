@@ -5,8 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_runtime import SparseLinear, backends
-from sparse_runtime import cusparselt as cs
+from sparse_runtime import SparseLinear, backends, caches
 from sparse_runtime.backends import dispatch as dp
 from sparse_runtime.timing import device_time_us
 
@@ -38,11 +37,11 @@ def test_keys():
 
 
 def test_cache_file_round_trip(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSE_RUNTIME_CACHE_DIR", str(tmp_path))
-    cache = cs.DiskCache("dispatch.json")
+    monkeypatch.setenv("SPARSE_RUNTIME_CACHE", str(tmp_path))
+    cache = caches.DiskCache("dispatch.json")
     cache.bind("GPU|torch=2.11")
     cache.put(dp.entry_key("n=64,k=64,float16,bias=0,rot=none", 8), {"dense": 4.0, "cusparselt": 6.0})
-    loaded = cs.load_cache_file(tmp_path / "dispatch.json")
+    loaded = caches.load_cache_file(tmp_path / "dispatch.json")
     assert dp.select(loaded["GPU|torch=2.11"]["n=64,k=64,float16,bias=0,rot=none,m<=8"]) == "dense"
 
 
@@ -75,6 +74,38 @@ def test_measure_uses_graph_device_time_and_falls_back_to_eager_for_all(monkeypa
     assert dp.DispatchBackend()._measure(layer, st, 8) == {"dense": 5.0, "triton": 50.0, "cusparselt": 4.0}
 
 
+def test_only_the_chosen_layouts_stay_prepared(monkeypatch, tmp_path):
+    # Timers and the GPU name are stubbed: this checks what the layer keeps after deciding, not the GPU.
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def prepare(self, layer):
+            return f"{self.name} layout"
+
+        def forward(self, layer, state, x):
+            assert self.name == "dense" or state == f"{self.name} layout"
+            return self.name
+
+    monkeypatch.setenv("SPARSE_RUNTIME_CACHE", str(tmp_path))
+    monkeypatch.setattr(dp, "_TIMINGS", caches.DiskCache("dispatch.json"))
+    monkeypatch.setattr(dp, "_section", lambda device: "stub")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # the CPU build has no CUDA
+    monkeypatch.setattr(dp, "DECOMPRESSED", Fake("dense"))
+    speed = {8: {"dense": 10.0, "triton": 5.0, "cusparselt": 9.0}, 512: {"dense": 10.0, "triton": 12.0, "cusparselt": 4.0}}
+    layer = SparseLinear(64, 32, backend="reference")
+    st = dp._State({"triton": [Fake("triton"), None], "cusparselt": [Fake("cusparselt"), None]})
+    backend = dp.DispatchBackend()
+    bucket = {}
+    monkeypatch.setattr(dp, "device_time_us", lambda fn: speed[bucket["m"]][fn()])
+    bucket["m"] = 8
+    assert backend._decide(layer, st, 8) == "triton"
+    assert st.candidates["triton"][1] == "triton layout" and st.candidates["cusparselt"][1] is None
+    bucket["m"] = 512
+    assert backend._decide(layer, st, 512) == "cusparselt"
+    assert [st.candidates[n][1] for n in ("triton", "cusparselt")] == ["triton layout", "cusparselt layout"]
+
+
 def test_registration_and_cpu():
     b = backends.get("dispatch")
     assert (b.priority, b.auto_devices) == (100, ("cuda",))
@@ -86,7 +117,7 @@ def test_registration_and_cpu():
 # -- GPU ------------------------------------------------------------------------------------------------
 @pytest.fixture
 def fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSE_RUNTIME_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPARSE_RUNTIME_CACHE", str(tmp_path))
     dp._TIMINGS._section = None
     return tmp_path
 
@@ -104,7 +135,7 @@ def test_auto_resolves_to_dispatch_and_is_correct(fresh):
     table = dp.DispatchBackend.table(layer)
     assert set(table) == {1, 8, 64, 512}
     assert set(table.values()) <= {"dense", "cusparselt", "triton"}
-    entries = next(iter(cs.load_cache_file(fresh / "dispatch.json").values()))
+    entries = next(iter(caches.load_cache_file(fresh / "dispatch.json").values()))
     assert len(entries) == 4 and all("dense" in t for t in entries.values())
 
 

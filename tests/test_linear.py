@@ -7,7 +7,6 @@ from torch import nn
 from sparse_runtime import SparseLinear
 from sparse_runtime.errors import BackendUnavailable, MaskError, ShapeError
 from sparse_runtime.masks import nm_mask
-from sparse_runtime.rotation import block_diag_to_dense
 
 
 def _linear(k=24, n=10, bias=True, dtype=torch.float32):
@@ -132,7 +131,11 @@ def test_rotation_in_front(block):
     q, _ = torch.linalg.qr(torch.randn(32, 32) if block is None else torch.randn(32 // block, block, block))
     layer.set_rotation(q)
     x = torch.randn(4, 32, dtype=torch.float64)
-    ref = (x @ block_diag_to_dense(q).double()) @ layer.dense_weight().double().T + lin.bias.double()
+    r = q.double() if block is None else torch.block_diag(*q.double())
+    w = lin.weight.detach().double()  # magnitude 2:4 by hand: the two largest |w| of every group of four
+    keep = torch.zeros_like(w, dtype=torch.bool).view(w.shape[0], -1, 4)
+    keep.scatter_(-1, w.abs().view(w.shape[0], -1, 4).topk(2, dim=-1).indices, True)
+    ref = (x @ r) @ (w * keep.view_as(w)).T + lin.bias.double()
     torch.testing.assert_close(layer(x.float()).double(), ref, rtol=1e-5, atol=1e-5)
     assert "rotation" in layer.state_dict()
     with pytest.raises(ShapeError, match="block-diagonal"):

@@ -26,6 +26,19 @@ def test_a_changed_number_is_caught(tmp_path, monkeypatch):
     assert tampered != readme and tables.render(tampered) != tampered
 
 
+def test_latest_result_is_the_newest_by_recorded_date(tmp_path, monkeypatch):
+    import json
+
+    tables = _tables()
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    # File names sort the other way round from the dates (a GPU name, a re-run, a date in another zone).
+    (tmp_path / "kernels-zz-old.json").write_text(json.dumps({"date": "2026-11-01T10:00:00+00:00", "id": "old"}))
+    (tmp_path / "kernels-aa-new.json").write_text(json.dumps({"date": "2026-11-02T01:00:00+02:00", "id": "new"}))
+    (tmp_path / "kernels-undated.json").write_text(json.dumps({"id": "undated"}))
+    assert tables._latest("kernels-")["id"] == "new"
+    assert tables._latest("prefill-") is None
+
+
 def test_the_orderings_the_readme_states_hold_in_the_results():
     import json
 

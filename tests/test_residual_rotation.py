@@ -142,7 +142,8 @@ def test_checkpoint_with_a_bad_rotation_entry_is_refused(stories_dir, tmp_path):
     sc["residual_rotation"].pop("9")
     sc["residual_rotation"]["1"] = [32, 32]
     f.write_text(json.dumps(sc))
-    with pytest.raises(CheckpointError, match="residual_rotation has shape"):
+    with pytest.raises(CheckpointError, match=r"tensor model.layers.1.residual_rotation: shape \[64, 64\], the model "
+                                              r"needs \[32, 32\]"):
         load_pretrained(tmp_path / "ckpt")
 
 

@@ -151,7 +151,7 @@ def test_opcheck_gpu():
 def test_split_k_follows_the_m_bucket(monkeypatch, n):
     # k_per_split is in the autotune key: every M of a bucket must get the bucket's split, so a graph
     # capture at an M never run eagerly reuses the tuned entry instead of autotuning inside the capture.
-    from sparse_runtime.cusparselt import m_bucket
+    from sparse_runtime.caches import m_bucket
 
     monkeypatch.setattr(triton_ops, "_sm_count", lambda device: 132)
     dev = torch.device("cuda")

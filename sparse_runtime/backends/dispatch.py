@@ -9,8 +9,9 @@ longer than ``F.linear``'s), which only CUDA graphs or ``torch.compile`` remove.
 ``MARGIN`` to be chosen, so timing noise cannot make a call slower than the dense layer would have been.
 
 Timings are shared by every layer of the same shape and cached on disk (``dispatch.json`` in
-:func:`sparse_runtime.cusparselt.cache_dir`), keyed by GPU name and library versions. The dense weight
-is materialised only for measuring and kept only while some bucket runs dense.
+:func:`sparse_runtime.caches.cache_dir`), keyed by GPU name and library versions. The dense weight
+is materialised only for measuring and kept only while some bucket runs dense; likewise each sparse
+candidate's prepared layout is kept only while some bucket runs it.
 
 Nothing is timed inside a CUDA graph capture or ``torch.compile`` trace: an unmeasured bucket runs dense
 there. Run one eager forward per M bucket first (a warm-up) to get the measured choice into the graph.
@@ -22,7 +23,8 @@ import math
 import torch
 
 from .. import cusparselt
-from ..cusparselt import DiskCache, cuda_unavailable, device_key, m_bucket
+from ..caches import DiskCache, device_key, m_bucket
+from ..devices import cuda_unavailable
 from ..errors import BackendUnavailable
 from ..timing import device_time_us, time_us
 from . import Backend, get, register
@@ -91,8 +93,8 @@ class _State:
 
 def _section(device: torch.device) -> str:
     versions = {"torch": torch.__version__, "timer": "graph-l2flush"}  # how entries were measured
-    if cusparselt._C is not None:
-        versions["cusparselt"] = ".".join(map(str, cusparselt._C.library_version()))
+    if cusparselt.versions()["cusparselt"] is not None:
+        versions["cusparselt"] = cusparselt.versions()["cusparselt"]
     try:
         import triton
         versions["triton"] = triton.__version__
@@ -161,8 +163,12 @@ class DispatchBackend(Backend):
             _TIMINGS.put(key, timings)
         choice = select({n: t for n, t in timings.items() if n in st.candidates or n == DENSE})
         st.table[bucket] = choice
-        if DENSE not in st.table.values():
-            st.dense.clear()  # measured, not needed: keep only the compressed weight resident
+        chosen = set(st.table.values())
+        for name, entry in st.candidates.items():
+            if name not in chosen:
+                entry[1] = None  # measured, not chosen by any bucket: free its layout
+        if DENSE not in chosen:
+            st.dense.clear()  # keep only the compressed weight resident
         return choice
 
     def forward(self, layer, st: _State, x):

@@ -9,7 +9,7 @@ import importlib.util
 import torch
 
 from .. import triton_ops
-from ..cusparselt import cuda_unavailable
+from ..devices import cuda_unavailable
 from ..format import parse_pattern
 from ..rotation import apply_rotation
 from . import Backend, register

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p = sub.add_parser(cmd, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        p.set_defaults(func=module.run)
+        p.set_defaults(func=module.run, takes_rest=getattr(module, "TAKES_REST", False))
     return parser
 
 
@@ -49,7 +49,11 @@ def _missing(cmd: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_rest", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     try:
         return int(args.func(args) or 0)
     except (SparseRuntimeError, FileNotFoundError, ValueError, TypeError) as e:

@@ -21,23 +21,27 @@ def add_tp_argument(p: argparse.ArgumentParser) -> None:
                         "prints, the other ranks' output is discarded (kept with SPARSE_RUNTIME_DEBUG=1)")
 
 
-BOS_CHOICES = ("auto", "window", "document")  # prune.calibration.BOS_MODES, without importing torch for --help
-
-
 def add_bos_argument(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--bos", choices=BOS_CHOICES, default="auto",
+    from ..prune.calibration import BOS_MODES
+
+    p.add_argument("--bos", choices=BOS_MODES, default="auto",
                    help=f"BOS in the {what}: 'window' puts the tokenizer's BOS in front of every window, 'document' "
                         "only where the tokenizer puts it (the reference Wanda/SparseGPT protocol); 'auto' is "
                         "'window'. A tokenizer that adds no BOS (SmolLM2) makes all three the same")
 
 
-def load_from_args(args):
+def device_dtype(args):
+    """``(device, dtype or None)`` from ``--device`` / ``--dtype``: CUDA when available, dtype as stored."""
     import torch
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+
+
+def load_from_args(args):
     from ..models import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    device, dtype = device_dtype(args)
     if getattr(args, "tp", None) not in (None, 1):
         return _load_tensor_parallel(args, dtype)
     return load_model(args.model, device=device, dtype=dtype, backend=args.backend)

@@ -33,12 +33,11 @@ def collect() -> dict:
             info["versions"][pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             info["versions"][pkg] = None
-    try:
-        from .. import _C  # noqa: F401
+    from ..cusparselt import versions
 
-        info["extension"] = "sparse_runtime._C loaded"
-    except ImportError as e:
-        info["extension"] = f"not available: {e}"
+    ext = versions()
+    info["extension"] = ext["extension"]
+    info["versions"]["cusparselt (extension)"] = ext["cusparselt"]
     return info
 
 

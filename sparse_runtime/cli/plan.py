@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 HELP = "deployment plan: which linears run 2:4 vs dense for a target decode speedup or share of 2:4 weights"
 

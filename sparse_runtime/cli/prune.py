@@ -8,10 +8,8 @@ import sys
 HELP = "prune a model (magnitude, Wanda, SparseGPT) to 2:4 / N:M / unstructured and save a sparse checkpoint"
 
 
-ALLOCATIONS = ("uniform", "atp", "owl", "alphapruning")  # prune.allocation.STRATEGIES, without importing torch
-
-
 def add_calibration_arguments(p) -> None:
+    from ..prune.calibration import SAMPLINGS
     from .common import add_bos_argument
 
     p.add_argument("--calib", default=None, help="calibration text or jsonl file (default: shared C4 validation)")
@@ -21,7 +19,7 @@ def add_calibration_arguments(p) -> None:
     p.add_argument("--per", choices=["row", "matrix"], default="matrix",
                    help="magnitude, unstructured: threshold per output row or per weight matrix (default: matrix)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    p.add_argument("--calib-sampling", choices=["reference", "concat"], default="reference",
+    p.add_argument("--calib-sampling", choices=SAMPLINGS, default="reference",
                    help="'reference': per window a random document longer than it and a random slice, as the "
                         "reference Wanda/SparseGPT C4 loader draws; 'concat': shuffled documents joined and cut")
     add_bos_argument(p, "calibration windows")
@@ -37,14 +35,16 @@ def calibration_from_args(args, tok, model, used=None):
 
 
 def add_arguments(p) -> None:
+    from ..prune import METHODS, ROTATE_OBJECTIVES
+    from ..prune.allocation import STRATEGIES
     from .common import add_model_arguments
 
     add_model_arguments(p)
-    p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--method", default="sparsegpt", choices=list(METHODS))
     p.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8, ...) or 'unstructured' (default: 2:4)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned for unstructured (default: 0.5)")
     add_calibration_arguments(p)
-    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+    p.add_argument("--allocation", choices=STRATEGIES, default="uniform",
                    help="sparsity per decoder block: uniform, atp (rising with depth by beta), owl (outlier ratios), "
                         "alphapruning (spectra); the parameter-weighted mean stays --sparsity (for N:M, 1 - N/M "
                         "with a per-block N of the same M) (default: uniform)")
@@ -74,7 +74,7 @@ def add_arguments(p) -> None:
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate each group of a layer's linears on the outputs of the groups pruned before it "
                         "(default: on for SparseGPT, off for Wanda, as in their papers)")
-    p.add_argument("--rotate", choices=["none", "entropy", "nm"], default="none",
+    p.add_argument("--rotate", choices=["none", *ROTATE_OBJECTIVES], default="none",
                    help="learn DenoiseRotator rotations per decoder layer before pruning it: the paper's entropy, "
                         "or nm, the fraction of importance the pattern's mask drops (default: none)")
     p.add_argument("--rotate-steps", type=int, default=100, help="Adam steps per decoder layer (default: 100)")
@@ -84,16 +84,6 @@ def add_arguments(p) -> None:
     p.add_argument("--errors", action="store_true", help="report ||WX - W_hat X|| / ||WX|| per linear")
     p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
     p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
-
-
-def run(args) -> int:
-    from ..errors import SparseRuntimeError
-
-    try:
-        return _run(args)
-    except (SparseRuntimeError, ValueError, FileNotFoundError) as e:  # bad input: say what, no traceback
-        print(f"sparse-runtime prune: error: {e}", file=sys.stderr)
-        return 2
 
 
 def _check_args(args) -> None:
@@ -124,15 +114,13 @@ def _sparsify(model, result, backend):
     return report
 
 
-def _run(args) -> int:
-    import torch
-
+def run(args) -> int:
     from ..checkpoint import save_pretrained
     from ..format import parse_pattern
     from ..models import load_model
     from ..prune import DEFAULT_CALIB, prune
     from ..prune.calibration import bos_mode
-    from .common import DTYPES
+    from .common import device_dtype
 
     _check_args(args)
     rotate = None
@@ -145,8 +133,7 @@ def _run(args) -> int:
         from ..prune.plan import Plan
 
         plan = Plan.load(args.plan)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    device, dtype = device_dtype(args)
     model, tok = load_model(args.model, device="cpu", dtype=dtype)  # layers visit `device` one at a time
     calib, used = None, set()
     if args.method != "magnitude":

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ShapeError, SparseRuntimeError
+from ..errors import SparseRuntimeError
 from ..format import parse_pattern
 from ..masks import PackedMasks
 from ..residual_rotation import (UnsupportedArchitecture, check_layer, fold_ends, fold_norms, rotate_layer,
                                  set_boundary, transpose)
 from ..rotation import apply_rotation
-from ..sparsify import _matches
+from ..sparsify import select_linears as shared_select
 
 # where transformers families keep their decoder layers
 LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers", "transformer.h",
@@ -87,26 +87,8 @@ def select_linears(model: nn.Module, pattern: str, targets=None, ignore=("lm_hea
     pattern cannot group is skipped with the reason. A layer named by
     ``targets`` (globs or trailing name components, as :func:`sparsify`) that
     cannot be grouped raises :class:`ShapeError`."""
-    nm = parse_pattern(pattern)
     _, path = find_decoder_layers(model)
-    chosen, skipped = {}, []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        if targets is None and not name.startswith(path + "."):
-            continue
-        if targets is not None and not _matches(name, targets):
-            continue
-        if _matches(name, ignore):
-            skipped.append((name, "ignored"))
-            continue
-        if nm and mod.in_features % nm[1]:
-            why = f"in_features={mod.in_features} is not divisible by {nm[1]} ({pattern})"
-            if targets is not None:
-                raise ShapeError(f"{name}: {why}")
-            skipped.append((name, why))
-            continue
-        chosen[name] = mod
+    chosen, skipped = shared_select(model, pattern, targets, ignore, within=path)
     if not chosen:
         raise ValueError(f"no linear layer to prune for pattern {pattern} (skipped: {skipped or 'none found'})")
     return chosen, skipped

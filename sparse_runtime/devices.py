@@ -1,0 +1,18 @@
+"""Whether a CUDA kernel can run on a device: the one check every CUDA backend makes."""
+from __future__ import annotations
+
+import torch
+
+MIN_CAPABILITY = (8, 0)
+
+
+def cuda_unavailable(device: torch.device, what: str, capability: tuple[int, int] | None = MIN_CAPABILITY):
+    """Why ``what`` cannot run on ``device`` for want of a CUDA GPU (of ``capability``), or None."""
+    if device.type != "cuda":
+        return f"{what} runs on CUDA devices, not {device.type}"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if capability and torch.cuda.get_device_capability(index) < capability:
+        return f"{what} needs compute capability >= 8.0 (Ampere), {torch.cuda.get_device_name(index)} has less"
+    return None
