@@ -129,10 +129,15 @@ def variants(arch: int, dtype: str):
 
 
 def kernel_version() -> str:
-    """Triton's hash of the kernel's source and its callees: rows compiled from another version are stale."""
+    """A hash of the source of the module's jitted functions (the kernel and its helpers, not the config
+    lists around them): rows compiled from another version are stale."""
+    import hashlib
+
+    import triton
     from sparse_runtime.kernels import sparse24 as k
 
-    return k.sparse24_matmul_kernel.cache_key[:12]
+    fns = sorted((name, f.src) for name, f in vars(k).items() if isinstance(f, triton.runtime.JITFunction))
+    return hashlib.sha256(repr(fns).encode()).hexdigest()[:12]
 
 
 def report_row(arch: int, label: str, const: dict, warps: int, stages: int, cfg, dtype: str) -> dict:
@@ -170,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp16", choices=list(ESIZE))
     p.add_argument("--only", help="compile only the variants whose label matches this regex (e.g. 'decode', "
                                   "'^decode [^+]*$': without rotation); the other rows of the report are kept")
+    p.add_argument("--stale", action="store_true", help="compile only rows from another version of the kernel")
     p.add_argument("--out", type=Path, help="default: benchmarks/results/kernel_report[_DTYPE].json (fp16 unsuffixed)")
     args = p.parse_args(argv)
     args.out = args.out or RESULTS / ("kernel_report.json" if args.dtype == "fp16" else f"kernel_report_{args.dtype}.json")
@@ -179,7 +185,8 @@ def main(argv=None) -> int:
     rows = {}
     for arch in args.arch:
         for label, const, warps, stages, cfg in variants(arch, args.dtype):
-            if args.only and not re.search(args.only, label):
+            current = old.get((arch, label), {}).get("kernel") == kernel_version()
+            if (args.only and not re.search(args.only, label)) or (args.stale and current):
                 if (arch, label) in old:
                     rows[arch, label] = old[arch, label]
                 continue

@@ -97,6 +97,11 @@ elif os.environ.get("SPARSE_RUNTIME_TRITON_CONFIGS") == "pinned":
     # compile a handful of kernels instead of replaying the whole autotune space on a cold cache.
     DECODE_CONFIGS = _configs([(16, 128, 128)], [8], [2], True)
     TILE_CONFIGS = _configs([(64, 64, 128)], [4], [2], False)
+elif os.environ.get("SPARSE_RUNTIME_TRITON_CONFIGS", "").startswith("shard:"):
+    # "shard:i/n": every n-th config from the i-th, for compiling the lists in n processes at once
+    # (benchmarks/precompile.py): each fills the on-disk cache that a later full autotune then hits.
+    _i, _n = map(int, os.environ["SPARSE_RUNTIME_TRITON_CONFIGS"][6:].split("/"))
+    DECODE_CONFIGS, TILE_CONFIGS = GPU_DECODE_CONFIGS[_i::_n], GPU_TILE_CONFIGS[_i::_n]
 else:
     DECODE_CONFIGS, TILE_CONFIGS = GPU_DECODE_CONFIGS, GPU_TILE_CONFIGS
 

@@ -55,6 +55,13 @@ def test_split_k_reduction(split_k, activation):
     assert_close(y, *reference(x, sw, b, activation=activation), torch.float16)
 
 
+def test_split_k_on_the_tiled_schedule():
+    # M > 16 splits too where the output tiles alone would not fill the GPU: 3 slices of 4 K tiles
+    x, sw, values, meta, b = case(40, 40, 200, torch.float32, True)
+    assert_close(run(x, sw, values, meta, b, activation="relu", split_k=3),
+                 *reference(x, sw, b, activation="relu"), torch.float32)
+
+
 def test_split_k_counters_reset_for_the_next_call():
     # The last split of a tile resets its counter: repeated calls (and CUDA graph replays) stay correct.
     x, sw, values, meta, b = case(4, 72, 256, torch.float32, True)
