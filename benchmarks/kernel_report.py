@@ -1,7 +1,12 @@
 """The compiler's view of the Triton 2:4 kernel, with no GPU needed: registers, spills, shared memory and
 the SASS instruction mix of every autotune config, compiled ahead of time for Hopper (sm_90) and Ampere (sm_80).
 
-    python benchmarks/kernel_report.py [--arch 90] [--dtype fp16] [--out benchmarks/results/kernel_report.json]
+    python benchmarks/kernel_report.py [--arch 90] [--dtype fp16] [--only REGEX] [--out benchmarks/results/kernel_report.json]
+
+Per decode config it also counts the steady-state loop (the innermost backward branch around the MMAs):
+warp instructions per iteration (SASS in the loop x warps) per weight byte the iteration streams, and the
+issue rate each SM would need for 80% of a device's bandwidth at its boost clock (``ISSUE_DEVICES``; an SM
+issues at most 4 warp instructions per clock, one per scheduler; the issue's target is <= 2).
 
 What to read in it: decode is memory-bound, so the weight stream must go through wide loads (LDG.E.128 or
 cp.async/TMA), nothing may spill to local memory (LDL/STL), and registers must leave room for enough warps
@@ -23,11 +28,16 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PTRS = ["x_ptr", "values_ptr", "meta_ptr", "rot_ptr", "bias_ptr", "out_ptr", "ws_ptr", "lock_ptr"]
-INTS = ["M", "N", "K", "k_per_split", "M_BUCKET", "stride_xm", "stride_vn", "stride_mn", "stride_om"]
-DIV16 = {"N", "K", "k_per_split", "stride_xm", "stride_vn", "stride_mn", "stride_om"}
+INTS = ["M", "N", "K", "M_BUCKET", "stride_xm", "stride_vn", "stride_mn", "stride_om"]
+DIV16 = {"N", "K", "stride_xm", "stride_vn", "stride_mn", "stride_om"}
 # SASS opcode families worth counting: the memory path (widths, cp.async, TMA, spills) and the math.
 ESIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 FAMILIES = ("LDG", "LDGSTS", "UTMALDG", "STG", "LDL", "STL", "HMMA", "HGMMA", "ATOMG")
+# name: (arch, DRAM bytes/s (spec sheet; a measured copy gets ~90% of it), SMs, boost clock Hz)
+ISSUE_DEVICES = {"H200": (90, 4.8e12, 132, 1.98e9), "H100 SXM": (90, 3.35e12, 132, 1.98e9),
+                 "A100 80GB SXM": (80, 2.039e12, 108, 1.41e9)}
+BANDWIDTH_SHARE = 0.8
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_x]+)*)([^;]*);")
 
 
 def nvidia_bin(tool: str) -> str:
@@ -62,7 +72,44 @@ def inspect(compiled) -> dict:
     opcodes = re.findall(r"\b([A-Z][A-Z0-9]+(?:\.[A-Z0-9x]+)*)\s", sass)
     counts = dict(sorted(Counter(op for op in opcodes if op.split(".")[0] in FAMILIES).items()))
     usage["shared"] = compiled.metadata.shared  # dynamic shared memory (pipeline stages); res-usage shows static only
-    return {**usage, "ops": counts, "instructions": len(re.findall(r"/\*[0-9a-f]{4}\*/", sass))}
+    return {**usage, "ops": counts, "instructions": len(sass_lines(sass)), "main_loop": main_loop(sass)}
+
+
+def sass_lines(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) of every instruction in ``cuobjdump -sass`` text."""
+    return [(int(a, 16), op, rest) for a, _, op, rest in _SASS.findall(sass)]
+
+
+def main_loop(sass: str) -> dict | None:
+    """The steady-state loop: the smallest span from a backward branch's target to the branch that holds MMAs
+    (HGMMA/HMMA), i.e. the pipelined K loop. Its instruction count and opcode families (None: no such loop)."""
+    lines = sass_lines(sass)
+    loops = []
+    for addr, op, rest in lines:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            body = [o for a, o, _ in lines if int(target.group(1), 16) <= a <= addr]
+            if any(o.startswith(("HGMMA", "HMMA")) for o in body):
+                loops.append(body)
+    if not loops:
+        return None
+    body = min(loops, key=len)
+    return {"instructions": len(body), "ops": dict(Counter(o.split(".")[0] for o in body).most_common())}
+
+
+def weight_bytes_per_iteration(const: dict, esize: int) -> int:
+    """Weight bytes one K-loop iteration of a CTA streams: BN x BK/2 values and BN x BK/32 int32 meta words."""
+    bn, bk = const["BLOCK_N"], const["BLOCK_K"]
+    return bn * bk // 2 * esize + bn * (bk // 32) * 4
+
+
+def issue_rate(loop: dict, warps: int, nbytes: int, arch: int) -> dict:
+    """Warp instructions per weight byte and, per device of ``arch``, the warp instructions per clock per SM
+    needed to stream the weight at ``BANDWIDTH_SHARE`` of its bandwidth."""
+    per_byte = loop["instructions"] * warps / nbytes
+    return {"warp_instructions_per_weight_byte": round(per_byte, 4),
+            "needed_issue_per_clock_per_sm": {name: round(per_byte * BANDWIDTH_SHARE * bw / (sms * clock), 2)
+                                              for name, (a, bw, sms, clock) in ISSUE_DEVICES.items() if a == arch}}
 
 
 def variants(arch: int, dtype: str):
@@ -70,11 +117,10 @@ def variants(arch: int, dtype: str):
     from sparse_runtime.kernels import sparse24 as k
 
     base = dict(HAS_BIAS=False, ACT=0, ROT=0, ROT_B=1, DOT_PREC="tf32", BLOCK_J=32, GROUP_M=8)
-    for schedule, configs, split, swap in (("decode", k.GPU_DECODE_CONFIGS, True, True),
-                                           ("tiles", k.GPU_TILE_CONFIGS, False, False)):
+    for schedule, configs, swap in (("decode", k.GPU_DECODE_CONFIGS, True), ("tiles", k.GPU_TILE_CONFIGS, False)):
         for c in configs:
             kw = c.kwargs
-            const = {**base, **{x: kw[x] for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}, "SPLIT": split, "SWAP_AB": swap}
+            const = {**base, **{x: kw[x] for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}, "SWAP_AB": swap}
             label = f"{schedule} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
             yield label, const, c.num_warps, c.num_stages, c
             if kw["BLOCK_K"] <= k.ROT_TILE_MAX_K:  # R's tile is [BK, BK] for any block size dividing BK
@@ -82,43 +128,86 @@ def variants(arch: int, dtype: str):
                 yield label + f" +rot b{b}", {**const, "ROT": 1, "ROT_B": b}, c.num_warps, c.num_stages, c
 
 
+def kernel_version() -> str:
+    """A hash of the source of the module's jitted functions (the kernel and its helpers, not the config
+    lists around them): rows compiled from another version are stale."""
+    import hashlib
+
+    import triton
+    from sparse_runtime.kernels import sparse24 as k
+
+    fns = sorted((name, f.src) for name, f in vars(k).items() if isinstance(f, triton.runtime.JITFunction))
+    return hashlib.sha256(repr(fns).encode()).hexdigest()[:12]
+
+
+def report_row(arch: int, label: str, const: dict, warps: int, stages: int, cfg, dtype: str) -> dict:
+    from sparse_runtime.kernels import sparse24 as k
+
+    # reachable: the launch's prune (kernels.sparse24.fitting) keeps it on this arch
+    est = k.smem_estimate(cfg, const["ROT"], ESIZE[dtype])
+    row = {"arch": arch, "config": label, "smem_estimate": est, "smem_limit": k.SMEM_LIMIT[arch],
+           "reachable": est <= k.SMEM_LIMIT[arch], "kernel": kernel_version(),
+           "compiled": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    try:
+        row.update(inspect(compile_variant(k.sparse24_matmul_kernel, dtype, arch, const, warps, stages)))
+        row["fits"] = row["shared"] <= k.SMEM_LIMIT[arch]
+    except Exception as e:  # a config the compiler rejects is a finding, not a crash
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if label.startswith("decode") and row.get("main_loop"):
+        row.update(issue_rate(row["main_loop"], warps, weight_bytes_per_iteration(const, ESIZE[dtype]), arch))
+    return row
+
+
+def describe(row: dict) -> str:
+    if "error" in row:
+        return row["error"]
+    ops, loop = row.get("ops", {}), row.get("main_loop") or {}
+    rate = " ".join(f"{d}={v}/clk" for d, v in row.get("needed_issue_per_clock_per_sm", {}).items())
+    return (f"regs {row.get('reg', '?'):>3} smem {row['shared'] / 1024:5.1f}K (est {row['smem_estimate'] / 1024:5.1f}K"
+            f"{'' if row['reachable'] else ', pruned'}) stack {row.get('stack', 0):>3} loop {loop.get('instructions')} "
+            + " ".join(f"{n}={v}" for n, v in ops.items()) + (f" | needed {rate}" if rate else ""))
+
+
 def main(argv=None) -> int:
     os.environ["TRITON_INTERPRET"] = "0"  # compile for real even on a machine without a GPU
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     p.add_argument("--dtype", default="fp16", choices=list(ESIZE))
+    p.add_argument("--only", help="compile only the variants whose label matches this regex (e.g. 'decode', "
+                                  "'^decode [^+]*$': without rotation); the other rows of the report are kept")
+    p.add_argument("--stale", action="store_true", help="compile only rows from another version of the kernel")
     p.add_argument("--out", type=Path, help="default: benchmarks/results/kernel_report[_DTYPE].json (fp16 unsuffixed)")
     args = p.parse_args(argv)
     args.out = args.out or RESULTS / ("kernel_report.json" if args.dtype == "fp16" else f"kernel_report_{args.dtype}.json")
     import triton
 
-    from sparse_runtime.kernels import sparse24 as k
-
-    rows = []
+    old = {(r["arch"], r["config"]): r for r in json.loads(args.out.read_text())["rows"]} if args.out.exists() else {}
+    rows = {}
     for arch in args.arch:
         for label, const, warps, stages, cfg in variants(arch, args.dtype):
-            # reachable: the launch's prune (kernels.sparse24.fitting) keeps it on this arch
-            est = k.smem_estimate(cfg, const["ROT"], ESIZE[args.dtype])
-            row = {"arch": arch, "config": label, "smem_estimate": est, "smem_limit": k.SMEM_LIMIT[arch],
-                   "reachable": est <= k.SMEM_LIMIT[arch]}
-            try:
-                row.update(inspect(compile_variant(k.sparse24_matmul_kernel, args.dtype, arch, const, warps, stages)))
-                row["fits"] = row["shared"] <= k.SMEM_LIMIT[arch]
-            except Exception as e:  # a config the compiler rejects is a finding, not a crash
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            rows.append(row)
-            ops = row.get("ops", {})
-            print(f"sm_{arch} {label:34s} " + (row["error"] if "error" in row else
-                  f"regs {row.get('reg', '?'):>3} smem {row['shared'] / 1024:5.1f}K (est {est / 1024:5.1f}K"
-                  f"{'' if row['reachable'] else ', pruned'}) stack {row.get('stack', 0):>3} "
-                  + " ".join(f"{n}={v}" for n, v in ops.items())), flush=True)
-    report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "triton": triton.__version__,
-              "dtype": args.dtype, "specialisation": "pointers and N, K, strides, k_per_split divisible by 16",
-              "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+            current = old.get((arch, label), {}).get("kernel") == kernel_version()
+            if (args.only and not re.search(args.only, label)) or (args.stale and current):
+                if (arch, label) in old:
+                    rows[arch, label] = old[arch, label]
+                continue
+            rows[arch, label] = row = report_row(arch, label, const, warps, stages, cfg, args.dtype)
+            print(f"sm_{arch} {label:34s} {describe(row)}", flush=True)
+            write_report(args.out, args.dtype, triton.__version__, {**old, **rows})  # a cut-off run keeps its rows
     print(f"wrote {args.out}")
     return 0
+
+
+def write_report(path: Path, dtype: str, triton_version: str, rows: dict) -> None:
+    """Atomically, rows in config order (other archs' rows of an earlier run kept)."""
+    report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "triton": triton_version,
+              "dtype": dtype, "specialisation": "pointers and N, K, strides divisible by 16",
+              "issue_devices": {n: {"arch": a, "bytes_per_s": bw, "sms": sms, "clock_hz": c}
+                                for n, (a, bw, sms, c) in ISSUE_DEVICES.items()},
+              "bandwidth_share": BANDWIDTH_SHARE, "kernel": kernel_version(), "rows": list(rows.values())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ backends appear as columns with no edit here), and the Triton rotation variants:
 ``triton:fused-rot-b128`` / ``triton:rot-b128-first`` (block-diagonal R, b=128,
 fused into the prologue vs ``x @ R`` then the kernel) and the same for a full R.
 
-Each timing is the median of ``triton.testing.do_bench`` (CUDA events, L2
-flushed between repetitions), cycling over enough copies of weights and inputs
-to exceed three L2 sizes. Bytes count weight values + meta (or the dense
+Each timing is one CUDA graph of a pass over enough copies of weights and inputs
+(and rotations) to exceed three L2 sizes, replayed between two CUDA events
+(``sparse_runtime.timing.cycle_time_us``, median of the replays, per call): each
+call finds its weight out of L2, and no flush leaves dirty lines for it to write
+back. A provider that cannot be captured is timed the same way eagerly (``timer``
+in its row says which). Bytes count weight values + meta (or the dense
 weight) + R + X + Y; GB/s is compared with a measured device-to-device copy.
 Results go to ``benchmarks/results/`` as JSON (device, versions, settings,
 rows) and a PNG of speedup over dense vs M per shape.
@@ -192,25 +195,16 @@ def format_table(rows: list[dict]) -> str:
 
 # -- GPU side --------------------------------------------------------------------------------------------
 def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth (read + write bytes), median of do_bench."""
+    """Device-to-device copy bandwidth (read + write bytes): back-to-back copies between two CUDA events."""
     import torch
-    from triton.testing import do_bench
+
+    from sparse_runtime.timing import time_us
 
     src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    ms = time_us(lambda: dst.copy_(src), warmup=2, iters=10, repeats=3) / 1000.0
     del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def _cycle(fns):
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(fns)
-        return fns[state["i"]]()
-
-    return call
 
 
 def _layer_fns(provider, weights, xs, rotations):
@@ -238,10 +232,11 @@ def _layer_fns(provider, weights, xs, rotations):
 
 def bench_shape(shape, dtype_name, ms_list, providers, copy_gbps, l2_bytes, log=print) -> list[dict]:
     import torch
-    from triton.testing import do_bench
 
     from sparse_runtime.format import SparseWeight
     from sparse_runtime.masks import nm_mask
+
+    from sparse_runtime.timing import cycle_time_us
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     n, k = shape
@@ -259,14 +254,13 @@ def bench_shape(shape, dtype_name, ms_list, providers, copy_gbps, l2_bytes, log=
             continue
         b = block or k
         q = torch.linalg.qr(torch.randn(k // b, b, b, device="cuda", generator=gen))[0].to(dtype)
-        rot_sets[block] = [q if block else q[0]] * n_copies  # do_bench flushes L2, so one R serves every copy
+        rot_sets[block] = [(q if block else q[0]).clone() for _ in range(n_copies)]  # one per copy, as per layer
     rows = []
     log(format_table([]))
     for m in ms_list:
-        per_copy = weight_bytes("dense", n, k, elem) + (m * k + m * n) * elem
-        copies = min(n_copies, copies_needed(per_copy, l2_bytes))
+        copies = n_copies  # sized on the smallest weight (2:4), so every provider's pass exceeds 3x L2
         xs = [torch.randn(m, k, device="cuda", dtype=dtype, generator=gen) for _ in range(copies)]
-        times = {}
+        times, timers = {}, {}
         for provider in providers:
             if provider == "triton:fused-rot-full" and m > FUSED_FULL_MAX_M:
                 continue
@@ -279,17 +273,21 @@ def bench_shape(shape, dtype_name, ms_list, providers, copy_gbps, l2_bytes, log=
                 rots = rot_sets[block][:copies]
             try:
                 fns = _layer_fns(provider, weights[:copies], xs, rots)
-                fn = _cycle(fns)
-                fn()  # autotune outside the timing
-                times[provider] = do_bench(fn, return_mode="median")
+                fns[0]()  # autotune outside the timing
+                try:
+                    times[provider], timers[provider] = cycle_time_us(fns), "graph"
+                except Exception as e:  # noqa: BLE001 -- will not capture: time the same pass eagerly
+                    log(f"  {provider}: not capturable ({type(e).__name__}), timed eagerly")
+                    times[provider], timers[provider] = cycle_time_us(fns, graph=False), "eager"
+                times[provider] /= 1000.0  # ms, as the rows hold
             except Exception as e:  # one failing provider must not end the sweep
                 log(f"  {provider} {n}x{k} {dtype_name} M={m}: failed: {type(e).__name__}: {e}")
             finally:
-                fns = fn = None
+                fns = None
                 torch.cuda.empty_cache()
         dense_ms = times.get("dense")
         for provider, t in times.items():
-            rows.append(make_row(provider, shape, dtype_name, m, t, dense_ms, copy_gbps))
+            rows.append({**make_row(provider, shape, dtype_name, m, t, dense_ms, copy_gbps), "timer": timers[provider]})
         if times:
             log(format_table(rows[-len(times):]).split("\n", 1)[-1])
     return rows
@@ -336,7 +334,8 @@ def run(args) -> int:
     meta = {
         "device": props.name, "date": now.isoformat(timespec="seconds"), "torch": torch.__version__,
         "triton": triton.__version__, "cuda": torch.version.cuda, "copy_bandwidth_GBps": copy_gbps,
-        "l2_bytes": l2_bytes, "timer": "triton.testing.do_bench median, L2 flushed, cycled copies",
+        "l2_bytes": l2_bytes, "timer": "timing.cycle_time_us: CUDA graph of a pass over copies > 3x L2, no flush, "
+                                       "median of replays per call",
         "settings": {"shapes": shapes, "ms": ms_list, "dtypes": dtypes, "providers": providers},
     }
     stem = f"kernels-{props.name.replace(' ', '_')}-{now:%Y%m%dT%H%M%S}"

@@ -2,7 +2,9 @@
 
     python benchmarks/prefill.py [--dtype float16] [--m 512 2048 8192] [--out benchmarks/results]
 
-GPU time is the median of CUDA-event timings after warm-up (plans built, algorithms searched). Host
+GPU time: after warm-up (plans built, algorithms searched), 50 calls back to back between two CUDA events,
+no synchronisation between calls (the median of 3 such batches, per call; at these sizes the device, not the
+host, sets the pace). Host
 overhead is the CPU time of one call after warm-up (``cusparselt_call_host_us``: the extension call alone,
 the issue's < 10 us target; ``*_host_us``: the whole SparseLinear forward), measured over a burst of calls that stays well under
 the launch-queue depth, so the GPU never stalls the host. Writes ``prefill-<gpu>-<date>.json`` and a PNG
@@ -98,7 +100,8 @@ def run(args) -> int:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%M%SZ")
     args.out.mkdir(parents=True, exist_ok=True)
     base = args.out / f"prefill-{gpu.replace(' ', '_')}-{stamp}"
-    meta = {"device": gpu, "date": stamp, "dtype": args.dtype, "torch": torch.__version__}
+    meta = {"device": gpu, "date": stamp, "dtype": args.dtype, "torch": torch.__version__,
+            "timer": "time_us: 3 batches of 50 back-to-back calls between two CUDA events, median per call"}
     base.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     plot(rows, f"{gpu}, {args.dtype}, {stamp}", base.with_suffix(".png"))
     print(f"wrote {base}.json and {base}.png")

@@ -137,23 +137,69 @@ def kernel_resources() -> str:
     r = _load("kernel_report.json")
     if r is None:
         return "_not generated: run `python benchmarks/kernel_report.py`_\n"
+    current = r.get("kernel")
     lines = [f"Compiled ahead of time (no GPU), {r['dtype']}, triton {r['triton']}, {r['date'][:10]}; "
              f"{r['specialisation']}.", "",
              "Shared memory against the arch's per-block limit; 'pruned': the launch's estimate "
-             "(`kernels.sparse24.smem_estimate`) exceeds it, so the autotuner never tries it.", "",
-             "| arch | config (BMxBNxBK, warps, stages) | registers | shared memory | spilled | 16-byte loads | MMA |",
+             "(`kernels.sparse24.smem_estimate`) exceeds it, so the autotuner never tries it."
+             + (f" (*): compiled from an earlier version of the kernel source than the current one ({current})."
+                if any(row.get("kernel") != current for row in r["rows"]) else ""),
+             "", "| arch | config (BMxBNxBK, warps, stages) | registers | shared memory | spilled | 16-byte loads | MMA |",
              "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
+        stale = " (*)" if row.get("kernel") != current else ""
         if "error" in row:
-            lines.append(f"| sm_{row['arch']} | {row['config']} | compile error: {row['error'][:60]} | | | | |")
+            lines.append(f"| sm_{row['arch']} | {row['config']}{stale} | compile error: {row['error'][:60]} | | | | |")
             continue
         smem = f"{row['shared'] / 1024:.1f} / {row['smem_limit'] / 1024:.0f} KiB" + ("" if row["reachable"] else ", pruned")
         ops = row["ops"]
         wide = sum(v for k, v in ops.items() if k.startswith("LDG") and ".128" in k)
         mma = ", ".join(f"{k.split('.')[0]} {k.split('.')[1]}" for k in ops if k.startswith(("HGMMA", "HMMA")))
         spill = sum(v for k, v in ops.items() if k.startswith(("LDL", "STL")))
-        lines.append(f"| sm_{row['arch']} | {row['config']} | {row['reg']} | {smem} | "
+        lines.append(f"| sm_{row['arch']} | {row['config']}{stale} | {row['reg']} | {smem} | "
                      f"{f'{spill} LDL/STL' if spill else 'no'} | {wide} | {mma} |")
+    return "\n".join(lines) + "\n"
+
+
+ISSUE_TARGET = 2.0  # warp instructions per clock per SM the decode loop may need (issue 10's target)
+
+
+def decode_issue() -> str:
+    r = _load("kernel_report.json")
+    rows = [x for x in (r or {}).get("rows", []) if "warp_instructions_per_weight_byte" in x
+            and x.get("kernel") == r.get("kernel")]
+    if not rows:
+        return "_not generated: run `python benchmarks/kernel_report.py --only decode`_\n"
+    devices = list(dict.fromkeys(d for x in rows for d in x["needed_issue_per_clock_per_sm"]))
+    share = r["bandwidth_share"]
+    spec = "; ".join(f"{d} {v['bytes_per_s'] / 1e12:.2f} TB/s, {v['sms']} SMs, {v['clock_hz'] / 1e9:.2f} GHz"
+                     for d, v in r["issue_devices"].items() if d in devices)
+    lines = [f"The decode K loop in SASS ({r['dtype']}, triton {r['triton']}, kernel {r['kernel']}, compiled "
+             f"{rows[0]['compiled'][:10]}): instructions in the steady-state loop, warp instructions per weight "
+             f"byte it streams, and the warp instructions per clock each SM must issue to stream the weight at "
+             f"{share:.0%} of the device's bandwidth at its boost clock ({spec}). An SM issues at most 4 per "
+             f"clock; target <= {ISSUE_TARGET:g}.", "",
+             "| arch | config | loop instructions | weight bytes / iteration | warp instr. / byte | "
+             + " | ".join(f"needed on {d}" for d in devices) + " | biggest families |",
+             "|---|---|---|---|---|" + "---|" * len(devices) + "---|"]
+    for x in rows:
+        loop = x["main_loop"]
+        need = x["needed_issue_per_clock_per_sm"]
+        cells = [f"{need[d]:.2f}" + ("" if need[d] <= ISSUE_TARGET else " (missed)") if d in need else "-"
+                 for d in devices]
+        top = ", ".join(f"{k} {v}" for k, v in list(loop["ops"].items())[:4])
+        _, bn, bk = (int(v) for v in x["config"].split()[1].split("x"))
+        nbytes = bn * bk // 2 * {"fp32": 4}.get(r["dtype"], 2) + bn * (bk // 32) * 4  # values + int32 meta words
+        lines.append(f"| sm_{x['arch']} | {x['config']} | {loop['instructions']} | {nbytes:,} | "
+                     f"{x['warp_instructions_per_weight_byte']:.3f} | " + " | ".join(cells) + f" | {top} |")
+    lines.append("")
+    for d in devices:
+        on = [x for x in rows if d in x["needed_issue_per_clock_per_sm"]]
+        best = min(on, key=lambda x: x["needed_issue_per_clock_per_sm"][d])
+        b = best["needed_issue_per_clock_per_sm"][d]
+        ok = sum(x["needed_issue_per_clock_per_sm"][d] <= ISSUE_TARGET for x in on)
+        lines.append(f"- {d}: best {best['config']} at {b:.2f} per clock, target <= {ISSUE_TARGET:g} "
+                     f"{'met' if b <= ISSUE_TARGET else 'missed'} ({ok} of {len(on)} configs meet it).")
     return "\n".join(lines) + "\n"
 
 
@@ -381,7 +427,7 @@ def memory() -> str:
 
 TABLES = {"tp_memory": tp_memory, "prune_quality": prune_quality, "memory": memory, "gemma3_bos": gemma3_bos,
           "engine": engine, "serve_load": serve_load, "prune_speed": prune_speed,
-          "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources,
+          "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources, "decode_issue": decode_issue,
           "rotation_quality": rotation_quality, "allocation_quality": allocation_quality}
 
 

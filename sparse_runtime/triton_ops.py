@@ -13,7 +13,6 @@ words ``[N, ceil(K/32)]``. On the CPU they run under ``TRITON_INTERPRET=1``
 arithmetic is wrong.
 """
 import contextlib
-import functools
 import os
 from typing import Optional
 
@@ -39,14 +38,27 @@ def _kernels():
 
 
 # -- layout ----------------------------------------------------------------------------------------------
+def _kept_columns_lut() -> torch.Tensor:
+    """Canonical meta byte (two groups of in-group indices ``i0 | i1 << 2``) -> the same two groups as bitmasks
+    of their kept columns, ``1 << i0 | 1 << i1``; nibble 0 (never a valid group: padding) stays 0."""
+    n = torch.arange(16)
+    mask = torch.where(n == 0, 0, (1 << (n & 3)) | (1 << (n >> 2)))
+    b = torch.arange(256)
+    return (mask[b & 15] | mask[b >> 4] << 4).to(torch.uint8)
+
+
+_KEPT = _kept_columns_lut()
+
+
 def pack_meta_int32(meta: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Canonical 2:4 meta ``[N, ceil(K/8)]`` uint8 -> ``[N, ceil(K/32)]`` int32 (rows zero-padded)."""
+    """Canonical 2:4 meta ``[N, ceil(K/8)]`` uint8 -> ``[N, ceil(K/32)]`` int32 (rows zero-padded), each group's
+    nibble rewritten as the bitmask of its kept columns: the kernel tests bits instead of comparing indices."""
     if meta.dtype != torch.uint8 or meta.dim() != 2 or meta.shape[1] != (in_features + 7) // 8:
         raise ShapeError(f"meta: expected uint8 [N, {(in_features + 7) // 8}] for K={in_features}, "
                          f"got {meta.dtype} {list(meta.shape)}")
     words = (in_features + 31) // 32
     padded = meta.new_zeros(meta.shape[0], words * 4)
-    padded[:, : meta.shape[1]] = meta
+    padded[:, : meta.shape[1]] = _KEPT.to(meta.device)[meta.long()]
     return padded.view(torch.int32)  # little-endian: byte 4w + i is bits 8i.. of word w
 
 
@@ -87,35 +99,18 @@ def _check(x, values, meta, bias, rotation, activation, op) -> None:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def auto_split_k(m: int, n: int, k: int, device: torch.device) -> int:
-    """Split-K factor for the decode schedule: about two waves of programs, with the fp32
-    partials' round trip (8 bytes per output per split) under 10% of the fp16 weight's bytes.
-
-    A function of M's bucket, not M: the split fixes ``k_per_split``, part of the autotune key, so every
-    M of a bucket hits the entry tuned for it (a CUDA-graph capture at an unmeasured M must not autotune)."""
-    unit = _kernels().SPLIT_UNIT
-    m = min(m_bucket(m), DECODE_MAX_M)
-    programs = _cdiv(n, 64) * _cdiv(m, DECODE_MAX_M)
-    by_traffic = int(0.1 * k * 1.125 / (8 * m))
-    return max(1, min(round(2 * _sm_count(device) / programs), k // unit, by_traffic))
-
-
 _LOCKS: dict = {}
 
 
 def decode_locks(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed split-K counters for one layer of ``n`` outputs: one per decode tile (BLOCK_N >= 16).
+    """Zeroed split-K counters for one layer of ``n`` outputs: one per decode tile (BLOCK_N >= 16), and at
+    least ``CTAS_PER_SM`` per SM (a launch splits only when it has fewer output tiles than that).
 
     Allocate them at prepare time, outside any CUDA-graph capture: counters made inside a capture come from
     that graph's private pool, and counters shared by several graphs race when their replays overlap."""
-    return torch.zeros(_cdiv(n, 16), dtype=torch.int32, device=device)
+    ker = _kernels()
+    fill = ker.gpu_fill(device)
+    return torch.zeros(max(_cdiv(n, 16), ker.CTAS_PER_SM * fill[0] if fill else 0), dtype=torch.int32, device=device)
 
 
 def _capturing(device: torch.device) -> bool:
@@ -139,28 +134,44 @@ def _tile_locks(device: torch.device, n: int) -> torch.Tensor:
 
 # -- launch ----------------------------------------------------------------------------------------------
 class _Plan:
-    """What a launch needs beyond its tensors; a function of (layer, M bucket), so computed once per pair."""
-    __slots__ = ("kernel", "splits", "k_per_split", "m_bucket", "rotate_first", "kw")
+    """What a launch needs beyond its tensors; a function of (layer, M bucket), so computed once per pair.
+    ``splits``: the split-K factor of each config the launch may use, by (BLOCK_M, BLOCK_N, BLOCK_K)."""
+    __slots__ = ("kernel", "splits", "max_splits", "lock_tiles", "m_bucket", "rotate_first", "kw")
 
 
 def _plan(m, n, k, dtype, device, rot_b, has_bias, activation, split_k) -> _Plan:
     ker = _kernels()
     p = _Plan()
-    decode = m <= DECODE_MAX_M
-    if split_k is None:
-        split_k = auto_split_k(m, n, k, device) if decode else 1
-    p.k_per_split = _cdiv(_cdiv(k, split_k), ker.SPLIT_UNIT) * ker.SPLIT_UNIT  # whole K tiles per slice
-    p.splits = _cdiv(k, p.k_per_split)
-    p.m_bucket = min(m_bucket(m), 1024)
-    p.kernel = ker.sparse24_decode if decode else ker.sparse24_tiles
+    p.m_bucket = m_bucket(m)
+    p.kernel = ker.sparse24_decode if m <= DECODE_MAX_M else ker.sparse24_tiles
     rot = ker.rotation_mode(rot_b, p.kernel.configs)
+    configs = ker.launch_configs(p.kernel.configs, rot, rot_b or 1, dtype.itemsize, p.m_bucket, n, k, device)
     # No config holds R's tile in this device's shared memory: rotate first, then the plain kernel.
-    p.rotate_first = bool(rot) and not ker.fitting(p.kernel.configs, rot, rot_b, dtype.itemsize, ker.smem_limit(device))
+    p.rotate_first = bool(rot) and not configs
     if p.rotate_first:
         rot, rot_b = 0, None
-    p.kw = dict(HAS_BIAS=has_bias, ACT=ker.ACTIVATIONS[activation], ROT=rot, ROT_B=rot_b or 1, SPLIT=p.splits > 1,
+        configs = ker.launch_configs(p.kernel.configs, 0, 1, dtype.itemsize, p.m_bucket, n, k, device)
+    configs = configs or p.kernel.configs  # nothing fits (not a config list of ours): let the compiler say so
+    fill = ker.gpu_fill(device)
+    p.splits = {ker.blocks(c): ker.even_split(c, k, split_k) if split_k else
+                ker.split_k(c, p.m_bucket, n, k, dtype.itemsize, *fill) if fill else 1 for c in configs}
+    p.max_splits = max(p.splits.values())
+    p.lock_tiles = max((_cdiv(p.m_bucket, bm) * _cdiv(n, bn) for (bm, bn, _), s in p.splits.items() if s > 1),
+                       default=0)
+    p.kw = dict(HAS_BIAS=has_bias, ACT=ker.ACTIVATIONS[activation], ROT=rot, ROT_B=rot_b or 1,
                 DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
     return p
+
+
+def _grid(p: _Plan, m: int, n: int):
+    """The launch grid of each config: (output tiles, its split-K factor)."""
+    splits = p.splits
+
+    def grid(meta):
+        bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+        return _cdiv(m, bm) * _cdiv(n, bn), splits[bm, bn, bk]
+
+    return grid
 
 
 def _fire(p: _Plan, x, values, meta, bias, rotation, out, locks) -> None:
@@ -170,19 +181,14 @@ def _fire(p: _Plan, x, values, meta, bias, rotation, out, locks) -> None:
     if p.rotate_first:
         x, rotation = apply_rotation(x, rotation).contiguous(), None
     ws = out
-    if p.splits > 1:
-        ws = x.new_empty((p.splits, m, n), dtype=torch.float32)
-        locks = _split_locks(locks, x.device, m, n)
-    splits = p.splits
-
-    def grid(meta):
-        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]), splits)
-
+    if p.max_splits > 1:
+        ws = x.new_empty((p.max_splits, m, n), dtype=torch.float32)
+        locks = _split_locks(locks, x.device, p.lock_tiles)
     switch = x.is_cuda and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
-        p.kernel[grid](x, values, meta, x if rotation is None else rotation, out if bias is None else bias, out, ws,
-                       locks if p.splits > 1 else ws, m, n, k, p.k_per_split, p.m_bucket,
-                       x.stride(0), values.stride(0), meta.stride(0), out.stride(0), **p.kw)
+        p.kernel[_grid(p, m, n)](x, values, meta, x if rotation is None else rotation, out if bias is None else bias,
+                                 out, ws, locks if p.max_splits > 1 else ws, m, n, k, p.m_bucket,
+                                 x.stride(0), values.stride(0), meta.stride(0), out.stride(0), **p.kw)
 
 
 def _launch(x, values, meta, bias, rotation, activation, out, split_k=None, locks=None) -> None:
@@ -250,8 +256,7 @@ class Sparse24Layer:
         return out
 
 
-def _split_locks(locks, device, m, n) -> torch.Tensor:
-    tiles = _cdiv(m, 16) * _cdiv(n, 16)
+def _split_locks(locks, device, tiles: int) -> torch.Tensor:
     if locks is None:
         return _tile_locks(device, tiles)
     if locks.dtype != torch.int32 or locks.device != device or locks.numel() < tiles:

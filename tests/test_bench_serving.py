@@ -21,14 +21,16 @@ def test_engine_benchmark_report(stories_dir, tmp_path):
                                    "--prompt-tokens", "32", "--prefill-batch", "2", "--no-compile", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert set(r["variants"]) == {"dense", "2:4"} and out.with_suffix(".png").exists()
-    for v in r["variants"].values():
+    for name, v in r["variants"].items():
         d = v["decode_tokens_per_s"]
         # a rate is a difference of two timings: on a loaded machine a tiny run's can come out negative, so only
         # the report's shape and its arithmetic are checked here
         assert set(d) == {"hf_generate_b1", "engine_b1", "engine_b4"} and all(map(math.isfinite, d.values()))
         assert v["engine_b1_vs_hf"] == d["engine_b1"] / d["hf_generate_b1"]
         assert v["peak_memory_bytes"] >= v["baseline_memory_bytes"] + v["model_bytes"] // 2
-        assert 0 < v["ttft_s"] < 60 and v["prefill_tokens_per_s"] > 0 and v["linear_floor_s_per_token"] > 0
+        assert 0 < v["ttft_s"] < 60 and v["prefill_tokens_per_s"] > 0
+        # the floor is measured with dense nn.Linear only
+        assert (v.get("linear_floor_s_per_token", 0) > 0) == (name == "dense")
     # the 2:4 variant stores half the values plus metadata (the reference of the decompressed backend aside)
     assert r["variants"]["2:4"]["model_bytes"] != r["variants"]["dense"]["model_bytes"]
 

@@ -49,10 +49,17 @@ def test_activation_epilogue(m, activation):
 @pytest.mark.parametrize("split_k", [2, 3])
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 def test_split_k_reduction(split_k, activation):
-    # K = 200 spans 4 interpreter K tiles: split 2 -> 2 slices, split 3 -> 2 slices of 128 (last ragged)
+    # K = 200 spans 4 interpreter K tiles: split 2 -> 2 + 2 tiles, split 3 -> 1 + 1 + 2 (the last ragged)
     x, sw, values, meta, b = case(5, 40, 200, torch.float16, True)
     y = run(x, sw, values, meta, b, activation=activation, split_k=split_k)
     assert_close(y, *reference(x, sw, b, activation=activation), torch.float16)
+
+
+def test_split_k_on_the_tiled_schedule():
+    # M > 16 splits too where the output tiles alone would not fill the GPU: 3 slices of 4 K tiles
+    x, sw, values, meta, b = case(40, 40, 200, torch.float32, True)
+    assert_close(run(x, sw, values, meta, b, activation="relu", split_k=3),
+                 *reference(x, sw, b, activation="relu"), torch.float32)
 
 
 def test_split_k_counters_reset_for_the_next_call():
@@ -156,7 +163,8 @@ def test_rotation_modes_and_config_pruning():
     assert [c.kwargs["BLOCK_K"] for c in k.fitting(cfgs, 1, 128, 2, 10**9)] == [128]
     assert k.fitting(cfgs, 2, 256, 2, 10**9) == cfgs
     x = torch.empty(1, dtype=torch.float16)  # the autotuner's prune: the same, within the device's shared memory
-    assert k._prune(cfgs, {"x_ptr": x}, ROT=1, ROT_B=128) == k.fitting(cfgs, 1, 128, 2, k.smem_limit(x.device))
+    args = {"x_ptr": x, "M_BUCKET": 1, "N": 4096, "K": 4096}  # off a GPU no split: nothing to fill
+    assert k._prune(cfgs, args, ROT=1, ROT_B=128) == k.fitting(cfgs, 1, 128, 2, k.smem_limit(x.device))
 
 
 # Compiles (no GPU needed) every kernel variant for Ampere and Hopper: the interpreter
@@ -167,10 +175,10 @@ sys.path.insert(0, "benchmarks")
 from kernel_report import compile_variant
 from sparse_runtime.kernels import sparse24 as k
 
-for dtype, arch, (bm, bn, bk), swap, rot, rot_b, split in [
-        ("fp16", 90, (16, 64, 128), True, 0, 1, True), ("bf16", 80, (16, 128, 128), True, 1, 128, True),
-        ("fp16", 90, (64, 128, 64), False, 2, 4096, False), ("bf16", 90, (128, 128, 64), False, 1, 32, False)]:
-    const = dict(HAS_BIAS=True, ACT=2, ROT=rot, ROT_B=rot_b, SPLIT=split, DOT_PREC="tf32", SWAP_AB=swap,
+for dtype, arch, (bm, bn, bk), swap, rot, rot_b in [
+        ("fp16", 90, (16, 64, 128), True, 0, 1), ("bf16", 80, (16, 128, 128), True, 1, 128),
+        ("fp16", 90, (64, 128, 64), False, 2, 4096), ("bf16", 90, (128, 128, 64), False, 1, 32)]:
+    const = dict(HAS_BIAS=True, ACT=2, ROT=rot, ROT_B=rot_b, DOT_PREC="tf32", SWAP_AB=swap,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=32, GROUP_M=8)
     # div16=(): the integer arguments unspecialised, the general case (odd K, ragged N)
     compile_variant(k.sparse24_matmul_kernel, dtype, arch, const, 8 if bm == 128 else 4, 3, div16=())

@@ -14,7 +14,7 @@ def test_meta_int32_layout_matches_the_format():
     idx = unpack_meta_24(sw.meta, 136)  # [N, K/4, 2]
     g = torch.arange(136 // 4)
     nib = (meta.long()[:, g // 8] >> (4 * (g % 8))) & 0xF
-    assert torch.equal(nib & 3, idx[..., 0]) and torch.equal(nib >> 2, idx[..., 1])
+    assert torch.equal(nib, (1 << idx[..., 0]) | (1 << idx[..., 1]))  # the kept columns' bitmask
     assert (meta[:, -1].long() >> 8 == 0).all()  # 136 = 4 * 32 + 8: one meta byte used in the last word
 
 
@@ -65,14 +65,80 @@ def test_cpu_without_interpreter_is_refused(layer, monkeypatch):
         triton_ops.sparse24_matmul(torch.randn(2, 44), values, meta)
 
 
-def test_auto_split_k(monkeypatch):
-    assert triton_ops.auto_split_k(1, 4096, 4096, torch.device("cpu")) == 1
-    monkeypatch.setattr(triton_ops, "_sm_count", lambda device: 132)
-    unit = triton_ops._kernels().SPLIT_UNIT
-    assert triton_ops.auto_split_k(1, 4096, 4096, torch.device("cuda")) == min(4, 4096 // unit)
-    assert triton_ops.auto_split_k(1, 1024, 4096, torch.device("cuda")) == min(16, 4096 // unit)  # capped by K on a GPU
-    assert triton_ops.auto_split_k(1, 14336, 4096, torch.device("cuda")) == 1
-    assert triton_ops.auto_split_k(16, 1024, 4096, torch.device("cuda")) == 3  # partials' traffic bound
+# Llama-3-8B's linears (q/o, k/v, gate/up, down, lm_head) at decode and prefill sizes; (SMs, L2, arch) of an
+# H100/H200 and an A100.
+LLAMA3_8B = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]
+GPUS = [(132, 50 << 20, 90), (108, 40 << 20, 80)]
+
+
+@pytest.fixture
+def gpu_configs(monkeypatch):
+    """The GPU config lists on the kernels, with a fake device of the given (SMs, L2 bytes, arch)."""
+    ker = triton_ops._kernels()
+    monkeypatch.setattr(ker.sparse24_decode, "configs", ker.GPU_DECODE_CONFIGS)
+    monkeypatch.setattr(ker.sparse24_tiles, "configs", ker.GPU_TILE_CONFIGS)
+
+    def use(sms, l2, arch):
+        monkeypatch.setattr(ker, "gpu_fill", lambda device: (sms, l2))
+        monkeypatch.setattr(ker, "smem_limit", lambda device: ker.SMEM_LIMIT[arch])
+    return ker, use
+
+
+def _launches(ker, m, n, k, rot_b=None, esize=2):
+    """(config, grid) of every config the autotuner may try for this call: the launch's plan, pruned by the
+    autotuner's own hook."""
+    p = triton_ops._plan(m, n, k, torch.float16 if esize == 2 else torch.float32, torch.device("cpu"), rot_b,
+                         False, "none", None)
+    x = torch.empty(0, dtype=torch.float16 if esize == 2 else torch.float32)
+    args = {"x_ptr": x, "M_BUCKET": p.m_bucket, "N": n, "K": k}
+    kept = ker._prune(p.kernel.configs, args, **p.kw)
+    grid = triton_ops._grid(p, m, n)
+    return p, [(c, grid(c.kwargs)) for c in kept]
+
+
+@pytest.mark.parametrize("gpu", GPUS, ids=lambda g: f"{g[0]}sms")
+def test_every_llama_shape_fills_the_gpu(gpu_configs, gpu):
+    """Every config a Llama-3-8B linear can launch with gives >= 4 CTAs per SM, each split has K tiles of its
+    own, and the split-K partials either stay in half the L2 or cost under 10% of the weight's bytes."""
+    ker, use = gpu_configs
+    sms, l2, arch = gpu
+    use(sms, l2, arch)
+    for n, k in LLAMA3_8B:
+        for m in (1, 16, 64, 2048):
+            p, launches = _launches(ker, m, n, k)
+            assert launches, (n, k, m)
+            for c, (tiles, splits) in launches:
+                bm, bn, bk = ker.blocks(c)
+                assert tiles == -(-m // bm) * -(-n // bn)
+                assert tiles * splits >= 4 * sms, (n, k, m, str(c), tiles, splits)
+                assert splits <= -(-k // bk), (n, k, m, str(c))  # no empty split
+                partials = 4 * splits * m * n if splits > 1 else 0
+                assert partials <= l2 // 2 or 2 * partials <= 0.1 * n * k * 1.125, (n, k, m, str(c))
+                assert splits <= p.max_splits  # the workspace holds every split's partials
+                if splits > 1:
+                    assert tiles <= p.lock_tiles <= triton_ops.decode_locks(n, torch.device("cpu")).numel()
+
+
+def test_split_k_follows_the_m_bucket(gpu_configs):
+    # Every M of a bucket gets the bucket's grid and configs, so a graph capture at an M never run eagerly
+    # reuses the autotuned entry (the key holds M_BUCKET, not M) instead of autotuning inside the capture.
+    from sparse_runtime.cusparselt import m_bucket
+
+    ker, use = gpu_configs
+    use(*GPUS[0])
+    for n in (1024, 4096, 14336):
+        for m in [*range(1, 17), 33, 64, 100]:
+            p, launches = _launches(ker, m, n, 4096)
+            q, bucket = _launches(ker, m_bucket(m), n, 4096)
+            assert p.splits == q.splits and [c for c, _ in launches] == [c for c, _ in bucket], (n, m)
+            assert "k_per_split" not in ker.AUTOTUNE_KEY and "M_BUCKET" in ker.AUTOTUNE_KEY
+
+
+def test_split_k_off_a_gpu_only_when_asked():
+    p = triton_ops._plan(1, 4096, 4096, torch.float32, torch.device("cpu"), None, False, "none", None)
+    assert set(p.splits.values()) == {1} and p.max_splits == 1
+    p = triton_ops._plan(1, 4096, 4096, torch.float32, torch.device("cpu"), None, False, "none", 6)
+    assert set(p.splits.values()) == {6}
 
 
 def test_custom_ops_are_registered_and_pass_opcheck(layer):
@@ -145,18 +211,6 @@ def test_opcheck_gpu():
     sw, values, meta = random_layer(256, 512, torch.float16, seed=51, device="cuda")
     x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
     torch.library.opcheck(torch.ops.sparse_runtime.sparse24_matmul.default, (x, values, meta, None, "none"))
-
-
-@pytest.mark.parametrize("n", [1024, 4096, 14336])
-def test_split_k_follows_the_m_bucket(monkeypatch, n):
-    # k_per_split is in the autotune key: every M of a bucket must get the bucket's split, so a graph
-    # capture at an M never run eagerly reuses the tuned entry instead of autotuning inside the capture.
-    from sparse_runtime.caches import m_bucket
-
-    monkeypatch.setattr(triton_ops, "_sm_count", lambda device: 132)
-    dev = torch.device("cuda")
-    for m in range(1, triton_ops.DECODE_MAX_M + 1):
-        assert triton_ops.auto_split_k(m, n, 4096, dev) == triton_ops.auto_split_k(m_bucket(m), n, 4096, dev), m
 
 
 def test_shared_counters_are_never_allocated_in_a_capture(monkeypatch):

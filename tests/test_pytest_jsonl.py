@@ -1,0 +1,36 @@
+"""benchmarks/pytest_jsonl.py: one JSON line per test as it finishes; and the GPU check's time limits."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_each_finished_test_is_logged_at_once(tmp_path):
+    (tmp_path / "test_x.py").write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_bad(): assert False\n"
+        "@pytest.mark.skip(reason='no')\n"
+        "def test_skipped(): pass\n")
+    log = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks"), "SPARSE_RUNTIME_TEST_LOG": str(log)}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pytest_jsonl",
+                    str(tmp_path / "test_x.py")], env=env, cwd=tmp_path, capture_output=True, timeout=120)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    outcomes = {r["test"].split("::")[-1]: (r["outcome"], r["phase"]) for r in lines if "test" in r}
+    assert outcomes == {"test_ok": ("passed", "call"), "test_bad": ("failed", "call"),
+                        "test_skipped": ("skipped", "setup")}
+    assert [r["start"].split("::")[-1] for r in lines if "start" in r] == ["test_ok", "test_bad", "test_skipped"]
+
+
+def test_gpu_check_calls_fit_ten_minutes():
+    # Each of the two calls of the check (test, bench) runs its steps under time limits that leave a minute
+    # of the device tool's ten for installing the package (and building the extension).
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    limit = {k: int(v) for k, v in re.findall(r"\$\{(\w+_S):-(\d+)\}", script)}
+    assert limit["PARALLEL_S"] + limit["SERIAL_S"] <= 540
+    assert limit["PRECOMPILE_S"] + limit["DECODE_S"] + limit["PREFILL_S"] <= 540
