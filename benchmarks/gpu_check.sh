@@ -15,10 +15,12 @@
 #     bash benchmarks/gpu_check.sh prefill  # benchmarks/prefill.py: dense vs torch vs cusparselt vs dispatch
 #     bash benchmarks/gpu_check.sh prune    # prune_speed on a Llama-3-8B-shaped model (PRUNE_LAYERS layers)
 #     bash benchmarks/gpu_check.sh rotation # benchmarks/rotation_overhead.py: layer time with/without the residual rotation
+#     bash benchmarks/gpu_check.sh engine   # benchmarks/engine.py: Llama-3-8B shapes, random fp16 weights, dense vs 2:4,
+#                                           # CUDA-graph decode at batch 1 and 8, peak device memory
 # Logs and result files land in $OUT (the device tool brings them back); commit them under benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_check.sh prep|test|bench|decode|prefill|prune|rotation}
+stage=${1:?usage: gpu_check.sh prep|test|bench|decode|prefill|prune|rotation|engine}
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-8}  # the GPU machines have 16 cores
@@ -98,6 +100,12 @@ rotation)
     # One Llama-3-8B-shaped layer, 2:4 on backend auto, with and without its boundary rotation (M = 1..16, 2048).
     SPARSE_RUNTIME_TRITON_CONFIGS=pinned timeout -s INT -k 20 280 python3 benchmarks/rotation_overhead.py \
         --out "$OUT/rotation_overhead.json" 2>&1 | tee "$OUT/rotation.log" || true
+    ;;
+engine)
+    # Issue 11's GPU targets: 2:4 decode at batch 1 >= 1.5x dense tokens/s, peak memory below dense.
+    timeout -s INT -k 20 "${ENGINE_S:-520}" python3 benchmarks/engine.py --config llama3-8b --device cuda \
+        --batches 1 8 --tokens 33 --repeats 3 --prompt-tokens 512 --prefill-batch 4 \
+        --out "$OUT/engine_llama3_8b.json" 2>&1 | tee "$OUT/engine.log" || true
     ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
