@@ -135,6 +135,7 @@ def overload(url: str, extra: int, max_tokens: int) -> dict:
             "max_batch": 1, "max_queue": 2, "rejected_503": len(rejected),
             "rejected_with_retry_after": sum(c == 503 and h for c, h, _ in res),
             "other": sum(code != 503 for code, _, _ in res),
+            "other_ok": sum(code == 200 for code, _, _ in res),  # admitted after all: a slot freed meanwhile
             "rejection_latency_max_s": max(rejected) if rejected else None,
             "rejection_latency_p50_s": percentiles(rejected)["p50"]}
 
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
         report["load"] = load(url, args.requests, args.clients, args.max_tokens)
         print(json.dumps(report["load"], indent=2), flush=True)
     with server(args.model, args.threads, 1, 2) as url:
-        report["overload"] = overload(url, args.overload_extra, 4 * args.max_tokens)
+        report["overload"] = overload(url, args.overload_extra, 16 * args.max_tokens)  # long: the server stays full
         print(json.dumps(report["overload"], indent=2), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,4 +43,6 @@ def test_serve_load_benchmark_report(stories_dir, tmp_path):
     lo, ov = r["load"], r["overload"]
     assert lo["failed"] == 0 and lo["requests"] == 12 and lo["generated_tokens_per_s"] > 0
     assert lo["latency_s"]["p50"] <= lo["latency_s"]["p99"] and lo["ttft_s"]["p50"] <= lo["latency_s"]["p99"]
-    assert ov["admitted_ok"] == 3 and ov["rejected_503"] == ov["rejected_with_retry_after"] == 4 and ov["other"] == 0
+    # a tiny model can finish an admitted request while the extras arrive: those are admitted and must succeed
+    assert ov["admitted_ok"] == 3 and ov["rejected_503"] >= 1 and ov["rejected_503"] == ov["rejected_with_retry_after"]
+    assert ov["rejected_503"] + ov["other_ok"] == 4
