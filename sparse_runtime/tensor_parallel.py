@@ -162,8 +162,9 @@ class RowParallel(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def start(world: int, device: str | None = None) -> tuple[int, torch.device]:
-    """Join the process group ``torchrun`` describes (NCCL on CUDA, else gloo): ``(rank, this rank's device)``."""
+def start(world: int, device: str | None = None, timeout=None) -> tuple[int, torch.device]:
+    """Join the process group ``torchrun`` describes (NCCL on CUDA, else gloo): ``(rank, this rank's device)``.
+    ``timeout`` (a ``timedelta``) bounds each collective's wait; a server's followers wait for requests."""
     if world < 1:
         raise TensorParallelError(f"--tp must be >= 1, got {world}")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -176,7 +177,7 @@ def start(world: int, device: str | None = None) -> tuple[int, torch.device]:
     if cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", **({"timeout": timeout} if timeout else {}))
         atexit.register(dist.destroy_process_group)
     return rank, dev
 
@@ -191,3 +192,50 @@ def shared_seed(seed: int | None) -> int:
 def sparse_bytes(model: nn.Module) -> int:
     """Bytes of this rank's sparse weights (values, metadata, biases)."""
     return sum(m.nbytes() for m in model.modules() if isinstance(m, SparseLinear))
+
+
+# ---- serving: rank 0 runs the engine, the other ranks replay its model calls -----------------------------
+# Every decoder forward all-reduces, so each rank must run the same forwards on the same inputs and keep the
+# same KV cache. Rank 0 broadcasts each cache placement and forward before running it; sampling, text and
+# the lm_head (replicated) stay on rank 0.
+_RELAYED = ("prefill_at", "decode_at", "move")
+
+
+def _cpu(args):
+    return tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _on(args, device):
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def lead(engine) -> None:
+    """Make rank 0's ``engine`` broadcast each of its model calls to the following ranks."""
+    def relay(op, fn):
+        def call(*args):
+            dist.broadcast_object_list([(op, _cpu(args))], src=0)
+            return fn(*args)
+        return call
+
+    for op in _RELAYED:
+        setattr(engine.cache, op, relay(op, getattr(engine.cache, op)))
+    engine._forward_eager = relay("forward", engine._forward_eager)
+    engine._decode_forward = relay("decode", engine._decode_forward)
+
+
+def follow(engine) -> None:
+    """Replay rank 0's model calls on this rank's shard until rank 0 says stop (:func:`stop_followers`)."""
+    ops = {op: getattr(engine.cache, op) for op in _RELAYED}
+    ops.update(forward=engine._forward_eager, decode=engine._decode_forward)
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        op, args = box[0]
+        if op == "stop":
+            return
+        with torch.inference_mode():
+            ops[op](*_on(args, engine.device))
+
+
+def stop_followers() -> None:
+    dist.broadcast_object_list([("stop", ())], src=0)

@@ -1,6 +1,7 @@
 """Tensor parallelism: 2 gloo processes on the CPU give the single-process model's logits and greedy tokens."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -157,12 +158,11 @@ def test_other_inputs_are_refused(tmp_path, stories_dir, monkeypatch):
         start(2, "cpu")
 
 
-def test_cli_refuses_tp_without_torchrun_and_serve_tp(stories_ckpt, capsys, monkeypatch):
+def test_cli_refuses_tp_without_torchrun(stories_ckpt, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main(["generate", "--model", str(stories_ckpt), "--tp", "2", "--device", "cpu"]) == 2
-    assert "needs 2 processes" in capsys.readouterr().err
-    assert main(["serve", "--model", str(stories_ckpt), "--tp", "2"]) == 2
-    assert "serve --tp is not supported" in capsys.readouterr().err
+    for cmd in ("generate", "serve"):
+        assert main([cmd, "--model", str(stories_ckpt), "--tp", "2", "--device", "cpu"]) == 2
+        assert "needs 2 processes" in capsys.readouterr().err
 
 
 def _torchrun(*args) -> str:
@@ -189,3 +189,41 @@ def test_torchrun_generate_and_eval_match_one_process(stories_ckpt, capsys):
     (one, two), (ppl_one, ppl_two) = results["generate"], results["eval"]
     assert two["text"] == one["text"] and two["tokens"] == one["tokens"] == 16
     assert ppl_two["ppl"] == pytest.approx(ppl_one["ppl"], rel=1e-5) and ppl_two["tokens"] == ppl_one["tokens"]
+
+
+def test_torchrun_serve_answers_as_one_process(stories_ckpt):
+    """serve --tp 2 over real HTTP: rank 0 serves, rank 1 replays its model calls; concurrent greedy requests
+    get the single-process engine's text; SIGTERM stops both ranks."""
+    import re
+
+    import httpx
+
+    from sparse_runtime.engine import Engine, Request, SamplingParams
+
+    prompts = [PROMPT, "The little dog"]
+    single, tok = load_pretrained(stories_ckpt), AutoTokenizer.from_pretrained(stories_ckpt)
+    want = [r.text for r in Engine(single, tok, max_batch=4, max_seq_len=128).generate(
+        [Request(tok(p).input_ids, SamplingParams(max_tokens=12)) for p in prompts])]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "sparse_runtime", "serve", "--model", str(stories_ckpt),
+           "--tp", "2", "--device", "cpu", "--port", "0", "--max-batch", "4", "--max-seq-len", "128"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        url = None
+        for line in proc.stderr:
+            if m := re.search(r"serving .* on (http://\S+)", line):
+                url = m.group(1)
+                break
+        assert url, "the server never printed its address"
+        import threading
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        body = lambda p: {"prompt": p, "max_tokens": 12, "temperature": 0}
+        with httpx.Client(timeout=120) as client:
+            import concurrent.futures as cf
+            with cf.ThreadPoolExecutor(2) as pool:
+                got = list(pool.map(lambda p: client.post(url + "/v1/completions", json=body(p)), prompts))
+        assert [r.status_code for r in got] == [200, 200]
+        assert [r.json()["choices"][0]["text"] for r in got] == want
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)  # both ranks stop (rank 1 waits for rank 0's stop); torchrun itself exits 1 on a signal

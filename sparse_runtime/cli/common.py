@@ -58,7 +58,7 @@ def _load_tensor_parallel(args, dtype):
 
     if getattr(args, "sparsify", None):
         raise ValueError("--sparsify does not combine with --tp: prune and save a checkpoint first, then shard it")
-    rank, device = start(args.tp, args.device)
+    rank, device = start(args.tp, args.device, getattr(args, "tp_timeout", None))
     if rank and not os.environ.get("SPARSE_RUNTIME_DEBUG"):
         sys.stdout = sys.stderr = open(os.devnull, "w")  # rank 0 speaks for all
     path = resolve(args.model)

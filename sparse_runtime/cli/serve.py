@@ -38,9 +38,11 @@ def run(args) -> int:
     from ..server import Server
     from ..sparsify import sparsify
 
-    if args.tp and args.tp > 1:
-        raise ValueError("serve --tp is not supported yet (the ranks would have to follow the server's batches); "
-                         "use generate or eval with --tp")
+    tp = bool(args.tp and args.tp > 1)
+    if tp:
+        import datetime
+
+        args.tp_timeout = datetime.timedelta(days=30)  # the following ranks wait for requests as long as it takes
     for name in ("max_batch", "max_queue", "max_seq_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -54,6 +56,17 @@ def run(args) -> int:
     if args.sparsify:
         print(sparsify(model, pattern=args.sparsify, backend=args.backend), file=sys.stderr)
     engine = Engine(model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile)
+    if tp:  # rank 0 serves; the others replay its model calls on their shards (tensor_parallel.follow)
+        import torch.distributed as dist
+
+        from ..tensor_parallel import follow, lead, stop_followers
+
+        if dist.get_rank():
+            for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 tells them when to stop
+                signal.signal(sig, lambda *_: None)
+            follow(engine)
+            return 0
+        lead(engine)
     name = args.served_model_name or Path(args.model).name
     server = Server(engine, name, max_queue=args.max_queue, api_key=args.api_key,
                     request_timeout=args.request_timeout)
@@ -68,6 +81,10 @@ def run(args) -> int:
     # make that a no-op so a requested shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if tp:
+            stop_followers()
     print("server stopped", file=sys.stderr)
     return 0
