@@ -64,9 +64,9 @@ import os
 import triton
 import triton.language as tl
 
-ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
+from .common import ACTIVATIONS, interpreting  # noqa: F401  (the wrapper reads ACTIVATIONS here)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = interpreting()  # at import: it picks the config lists below
 
 
 def _configs(blocks, warps, stages, swap_ab):

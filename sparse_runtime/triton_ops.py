@@ -13,22 +13,18 @@ words ``[N, ceil(K/32)]``. On the CPU they run under ``TRITON_INTERPRET=1``
 arithmetic is wrong.
 """
 import contextlib
-import os
 from typing import Optional
 
 import torch
 
 from .caches import m_bucket
+from .kernels.common import ACTIVATIONS as _KERNEL_ACTIVATIONS
+from .kernels.common import DECODE_MAX_M, interpreting  # noqa: F401  (backends read them here)
 from .errors import ShapeError
 from .rotation import apply_rotation, check_rotation
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ACTIVATIONS = ("none", "relu", "gelu", "silu")
-DECODE_MAX_M = 16  # up to here: the split-K GEMV-like schedule
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+ACTIVATIONS = tuple(_KERNEL_ACTIVATIONS)
 
 
 def _kernels():

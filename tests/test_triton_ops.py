@@ -18,10 +18,6 @@ def test_meta_int32_layout_matches_the_format():
     assert (meta[:, -1].long() >> 8 == 0).all()  # 136 = 4 * 32 + 8: one meta byte used in the last word
 
 
-def test_activation_names_match_the_kernel():
-    assert tuple(triton_ops._kernels().ACTIVATIONS) == triton_ops.ACTIVATIONS
-
-
 def test_pack_meta_rejects_wrong_meta():
     with pytest.raises(ShapeError, match="uint8"):
         triton_ops.pack_meta_int32(torch.zeros(4, 5, dtype=torch.uint8), 44)
