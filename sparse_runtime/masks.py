@@ -6,7 +6,7 @@ from collections.abc import MutableMapping
 import torch
 
 from .errors import MaskError, ShapeError
-from .format import _groups_keep, kept_indices, pack_bits, parse_pattern, unpack_bits
+from .format import _groups_keep, pack_bits, parse_pattern, unpack_bits
 
 
 def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
@@ -56,27 +56,6 @@ def validate_nm(mask: torch.Tensor, n: int = 2, m: int = 4, name: str = "mask") 
     if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
         raise MaskError(f"{name}: mask values must be 0/1 or bool")
     _groups_keep(mask.bool(), n, m, name)
-
-
-def is_nm(mask: torch.Tensor, n: int = 2, m: int = 4) -> bool:
-    try:
-        validate_nm(mask, n, m)
-    except (MaskError, ShapeError):
-        return False
-    return True
-
-
-def mask_to_indices(mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """An exact N:M mask [N, K] -> in-group indices [N, K/m, n], ascending."""
-    validate_nm(mask, n, m)
-    return kept_indices(mask.bool(), n, m)
-
-
-def indices_to_mask(idx: torch.Tensor, m: int) -> torch.Tensor:
-    """In-group indices [N, K/m, n] -> bool mask [N, K]."""
-    rows, groups, _ = idx.shape
-    mask = torch.zeros(rows, groups, m, dtype=torch.bool, device=idx.device)
-    return mask.scatter_(-1, idx.long(), True).view(rows, groups * m)
 
 
 def sparsity(mask: torch.Tensor) -> float:

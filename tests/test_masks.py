@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sparse_runtime.errors import MaskError, ShapeError
-from sparse_runtime.masks import (indices_to_mask, is_nm, mask_to_indices, nm_mask, pattern_mask, sparsity,
+from sparse_runtime.masks import (nm_mask, sparsity,
                                   unstructured_mask, validate_nm)
 
 
@@ -43,7 +43,6 @@ def test_validate_nm_error_names_row_and_group():
     mask[3, 9] = ~mask[3, 9]
     with pytest.raises(MaskError, match=r"row 3, group 2 \(columns 8..11\)"):
         validate_nm(mask, 2, 4, name="q_proj")
-    assert not is_nm(mask)
     with pytest.raises(ShapeError):
         validate_nm(torch.ones(2, 6, dtype=torch.bool))
 
@@ -57,13 +56,6 @@ def test_unstructured_mask_hits_sparsity_per_row_and_matrix():
     for bad in (0.0, 1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match=r"\(0, 1\)"):
             unstructured_mask(s, bad)
-
-
-def test_indices_mask_round_trip():
-    mask = pattern_mask(torch.randn(5, 32), "4:8")
-    idx = mask_to_indices(mask, 4, 8)
-    assert idx.shape == (5, 4, 4)
-    assert torch.equal(indices_to_mask(idx, 8), mask)
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (16, 64), (1, 1), (7, 172)])

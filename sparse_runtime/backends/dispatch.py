@@ -61,11 +61,6 @@ def select(timings: dict[str, float], margin: float = MARGIN) -> str:
     return name if t < timings[DENSE] * (1.0 - margin) else DENSE
 
 
-def build_table(timings_by_bucket: dict[int, dict[str, float]], margin: float = MARGIN) -> dict[int, str]:
-    """``{bucket: candidate}`` from ``{bucket: {candidate: us}}``."""
-    return {b: select(t, margin) for b, t in timings_by_bucket.items()}
-
-
 def complete(timings: dict | None, names) -> bool:
     """Whether cached ``timings`` cover every candidate that can run now (plus dense)."""
     return timings is not None and all(n in timings for n in (*names, DENSE))
