@@ -21,7 +21,6 @@ import argparse
 import datetime
 import gc
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,10 +30,13 @@ from pathlib import Path
 
 import torch
 
-from sparse_runtime.engine import Engine, Request, SamplingParams
-from sparse_runtime.models import load_model
-from sparse_runtime.prune import DEFAULT_EVAL
-from sparse_runtime.sparsify import sparsify
+sys.path.insert(0, str(Path(__file__).parent))
+from prune_quality import device_name  # noqa: E402
+
+from sparse_runtime.engine import Engine, Request, SamplingParams  # noqa: E402
+from sparse_runtime.models import load_model  # noqa: E402
+from sparse_runtime.prune import DEFAULT_EVAL  # noqa: E402
+from sparse_runtime.sparsify import sparsify  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -182,12 +184,6 @@ def measure(model, tok, ids, args, median, floor: bool) -> dict:
     return out
 
 
-def device_name(device: str, threads: int) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({platform.machine()}, {threads} threads)"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -218,7 +214,7 @@ def main(argv=None) -> int:
     report = {
         "model": args.config or args.model, "weights": "random (normal 0.02)" if args.config else "trained",
         "dtype": args.dtype, "backend": args.backend,
-        "device": device_name(args.device, args.threads) + (f", {args.note}" if args.note else ""),
+        "device": device_name(args.device) + (f", {args.note}" if args.note else ""),
         "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {k: getattr(args, k) for k in ("tokens", "decode_prompt_tokens", "prompt_tokens", "prefill_batch",
                                                    "batches", "repeats", "compile")},

@@ -9,6 +9,7 @@ The README holds no number typed by hand: each table sits between ``<!-- table:N
 from __future__ import annotations
 
 import argparse
+import functools
 import datetime
 import json
 import re
@@ -26,10 +27,19 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def prune_quality() -> str:
-    r = _load("prune_quality.json")
-    if r is None:
-        return "_not measured yet: run `python benchmarks/prune_quality.py`_\n"
+def measured_by(script: str):
+    """A table rendered from ``results/<script>.json``; until that file exists, a line naming the script to run."""
+    def wrap(render):
+        @functools.wraps(render)
+        def table() -> str:
+            r = _load(f"{script}.json")
+            return f"_not measured yet: run `python benchmarks/{script}.py`_\n" if r is None else render(r)
+        return table
+    return wrap
+
+
+@measured_by("prune_quality")
+def prune_quality(r: dict) -> str:
     ppl, cal, ev, ref = r["perplexity"], r["calibration"], r["eval"], r.get("paper_reference", {})
     bos = {"window": "BOS per window", "document": "BOS per document", "none": "no BOS: the tokenizer adds none"}
     lines = [
@@ -207,10 +217,8 @@ def decode_issue() -> str:
 ROTATION_TARGETS = {"sparsegpt": 58.0, "wanda": 80.0}
 
 
-def rotation_quality() -> str:
-    r = _load("rotation_quality.json")
-    if r is None:
-        return "_not measured yet: run `python benchmarks/rotation_quality.py`_\n"
+@measured_by("rotation_quality")
+def rotation_quality(r: dict) -> str:
     cal, ev, runs = r["calibration"], r["eval"], r["runs"]
     lines = [f"WikiText-2 raw test perplexity of {r['model']} at {r['pattern']}: seqlen {ev['seqlen']}, "
              f"{ev['tokens']:,} tokens ({ev['windows']}, BOS: {ev.get('bos', 'none')}); calibration {cal['nsamples']} "
@@ -253,10 +261,8 @@ def rotation_quality() -> str:
     return "\n".join(lines) + "\n"
 
 
-def gemma3_bos() -> str:
-    r = _load("gemma3_bos.json")
-    if r is None:
-        return "_not measured yet: run `python benchmarks/gemma3_bos.py`_\n"
+@measured_by("gemma3_bos")
+def gemma3_bos(r: dict) -> str:
     ppl, t = r["perplexity"], r["target"]
     return (f"Dense {r['model']} on the first {r['max_tokens']:,} tokens of {r['data']}, seqlen {r['seqlen']}; "
             f"{r['device']}, torch {r['torch']}, {r['date'][:10]}:\n\n"
@@ -271,10 +277,8 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def engine() -> str:
-    r = _load("engine.json")
-    if r is None:
-        return "_not measured yet: run `python benchmarks/engine.py`_\n"
+@measured_by("engine")
+def engine(r: dict) -> str:
     st, vs = r["settings"], r["variants"]
     ok = lambda v, target: f"{v:.2f}x ({'meets' if v >= target else 'misses'} the {target}x target)"
     batches = st["batches"]
@@ -309,10 +313,8 @@ def engine() -> str:
     return "\n".join(lines) + "\n"
 
 
-def serve_load() -> str:
-    r = _load("serve_load.json")
-    if r is None:
-        return "_not measured yet: run `python benchmarks/serve_load.py`_\n"
+@measured_by("serve_load")
+def serve_load(r: dict) -> str:
     lo, ov = r["load"], r["overload"]
     ms = lambda d: " / ".join(f"{d[q] * 1000:.0f}" for q in ("p50", "p90", "p99"))
     return "\n".join([
@@ -333,10 +335,8 @@ def serve_load() -> str:
 ALLOCATION_ORDER = ("uniform", "owl", "alphapruning", "atp")
 
 
-def allocation_quality() -> str:
-    r = _load("allocation_quality.json")
-    if r is None:
-        return "_not measured yet: run `python benchmarks/allocation_quality.py`_\n"
+@measured_by("allocation_quality")
+def allocation_quality(r: dict) -> str:
     cal, ev, val = r["calibration"], r["eval"], r["validation"]
     label = f" **{r['label']}**:" if r.get("label") else ""
     lines = [f"{label} WikiText-2 raw test perplexity of {r['model']} ({r['blocks']} blocks), unstructured: seqlen "
@@ -384,10 +384,8 @@ def allocation_quality() -> str:
     return "\n".join(lines) + "\n"
 
 
-def tp_memory() -> str:
-    r = _load("tp_memory.json")
-    if r is None:
-        return "_not measured yet: run `python benchmarks/tp_memory.py`_\n"
+@measured_by("tp_memory")
+def tp_memory(r: dict) -> str:
     w = r["world"]
     lines = [f"Tensors each process holds after loading a checkpoint ({r['pattern']}; {r['dtype']}), one process "
              f"against {w} ranks; {r['device']}, torch {r['torch']}, {r['date'][:10]}:", "",
@@ -402,10 +400,8 @@ def tp_memory() -> str:
     return "\n".join(lines) + "\n"
 
 
-def memory() -> str:
-    r = _load("memory.json")
-    if r is None:
-        return "_not measured yet: run `python benchmarks/memory.py`_\n"
+@measured_by("memory")
+def memory(r: dict) -> str:
     mb = lambda b: f"{b / 2**20:.0f}"
     lines = [f"{r['model']}, peak resident memory above the interpreter's baseline (torch, transformers, "
              f"sparse_runtime and the model's transformers code imported), each row a fresh process; one forward "
