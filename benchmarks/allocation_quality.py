@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-windows", type=int, default=16, help="held-out C4 windows (of --seqlen) the beta search scores")
     p.add_argument("--beta-step", type=float, default=0.002, help="ATP beta grid step (the paper's 0.002)")
     p.add_argument("--beta-patience", type=int, default=None, help="stop the beta search after this many worse betas")
+    p.add_argument("--beta-statistics", choices=("dense", "sequential"), default="dense",
+                   help="beta-search trials on the dense model's statistics (fast) or pruned layer by layer")
     p.add_argument("--eval-data", default=str(DEFAULT_EVAL))
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=40960)
@@ -79,7 +83,6 @@ def main(argv=None) -> int:
                                 max_seqlen=model.config.max_position_embeddings, bos=args.bos, used=used)
     val = validation_windows(tok, args.calib, args.val_windows, calib.shape[1], exclude=used, bos=args.bos)
     text = Path(args.eval_data).read_text(encoding="utf-8")
-    old = json.loads(out.read_text()) if args.merge and out.is_file() else {}
     report = {
         "model": args.model, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device_name(args.device), "torch": torch.__version__, "label": args.label,
@@ -93,14 +96,21 @@ def main(argv=None) -> int:
                  "weights run densely. OWL lambda 0.08, M 5; AlphaPruning eps 0.2; ATP beta on the paper's 0.002 "
                  "grid, scored on held-out C4 (never on WikiText-2). Plans: 2:4 Wanda for the chosen linears, "
                  "the rest dense; predicted decode speedup from the byte model (2:4 = 9/16 of dense bytes).",
-        "dense": None, "rows": old.get("rows", {}), "plans": old.get("plans", {}),
+        "dense": None, "rows": {}, "plans": {},
     }
+
+    own = {"rows": {}, "plans": {}}  # what this run measured; with --merge, other rows on disk are kept
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
+        with open(out.with_suffix(".lock"), "w") as lock:  # runs of disjoint cells may share one --out
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            disk = json.loads(out.read_text()) if args.merge and out.is_file() else {}
+            for key in own:
+                report[key] = {**disk.get(key, {}), **own[key]}
+            tmp = out.with_suffix(f".json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(report, indent=2))
+            tmp.replace(out)
 
     def evaluate():
         res = perplexity(model, tok, text, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens, progress=False,
@@ -120,9 +130,10 @@ def main(argv=None) -> int:
                 if strategy == "atp":
                     search = search_beta(model, method, sparsity, calib, val, device=args.device,
                                          step=args.beta_step, patience=args.beta_patience,
+                                         statistics=args.beta_statistics,
                                          log=lambda m: print(f"{method} {sparsity:g} {m}", flush=True))
                     alloc = search.allocation
-                    row |= {"beta": alloc.params["beta"], "trials": len(search.trials),
+                    row |= {"beta": alloc.params["beta"], "trials": len(search.trials), "statistics": search.statistics,
                             "search_seconds": round(search.seconds, 1), "search": search.trials}
                 else:
                     alloc = allocate(model, strategy, sparsity, calib=calib, device=args.device)
@@ -130,7 +141,7 @@ def main(argv=None) -> int:
                                 device=args.device, progress=False)
                 row |= {"ppl": evaluate(), "seconds": round(time.perf_counter() - t0, 1),
                         "rates": [round(r, 5) for r in alloc.rates], "mean_sparsity": round(alloc.mean(), 6)}
-                report["rows"][f"{method}/{sparsity:g}/{strategy}"] = row
+                own["rows"][f"{method}/{sparsity:g}/{strategy}"] = row
                 save()
                 print(f"{method} {sparsity:g} {strategy}: {row['ppl']} ({row['seconds']:.0f} s)", flush=True)
     if args.plans:
@@ -138,7 +149,7 @@ def main(argv=None) -> int:
         res = prune(model, args.plan_method, "2:4", calib=calib, device=args.device, record_errors=True,
                     progress=False)
         costs, other = linear_costs(model, res.errors)
-        report["plans"]["all"] = _plan_row(naive(costs, "all", other=other), evaluate())
+        own["plans"]["all"] = _plan_row(naive(costs, "all", other=other), evaluate())
         save()
         for fraction in args.plans:
             plan = choose(costs, fraction=fraction, other=other)
@@ -149,10 +160,11 @@ def main(argv=None) -> int:
                 prune(model, args.plan_method, "2:4", calib=calib, targets=pl.sparse, device=args.device,
                       progress=False)
                 key = f"{fraction:g}/{pl.strategy}" + (f"/{pl.info['seed']}" if pl.strategy == "random" else "")
-                report["plans"][key] = _plan_row(pl, evaluate())
+                own["plans"][key] = _plan_row(pl, evaluate())
                 save()
-                print(f"plan {key}: {report['plans'][key]}", flush=True)
+                print(f"plan {key}: {own['plans'][key]}", flush=True)
     model.load_state_dict(original)
+    save()
     plot(report, out)
     return 0
 

@@ -26,19 +26,23 @@ def data(stories_dir):
     return tok, calib, val
 
 
+@pytest.mark.parametrize("statistics", ["dense", "sequential"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_search_keeps_the_best_validation_beta_and_the_model_pruned_with_it(stories_dir, data, method):
+def test_search_keeps_the_best_validation_beta_and_the_model_pruned_with_it(stories_dir, data, method, statistics):
     _, calib, val = data
     model = load_model(stories_dir)[0]
     lines = []
-    search = search_beta(model, method, 0.7, calib, val, betas=[0.02, 0.06, 0.1], log=lines.append)
+    search = search_beta(model, method, 0.7, calib, val, betas=[0.02, 0.06, 0.1], log=lines.append,
+                         statistics=statistics)
     ppls = [t["validation_ppl"] for t in search.trials]
     assert [t["beta"] for t in search.trials] == [0.02, 0.06, 0.1] and len(lines) == 3
     best = search.trials[ppls.index(min(ppls))]["beta"]
     assert search.allocation.params["beta"] == best
-    assert search.allocation.params["search"]["reused"] == list(REUSED)
+    assert search.allocation.params["search"]["statistics"] == statistics
+    assert search.allocation.params["search"]["reused"][:len(REUSED)] == list(REUSED)
     got = perplexity(model, val.reshape(-1), seqlen=64, progress=False).ppl
-    assert got == pytest.approx(min(ppls), rel=1e-4)
+    if statistics == "sequential":  # the trial was the final prune; with dense statistics it was a proxy
+        assert got == pytest.approx(min(ppls), rel=1e-4)
     fresh = load_model(stories_dir)[0]  # the same beta pruned from scratch, inputs captured anew
     prune(fresh, method, "unstructured", 0.7, calib=calib, allocation=allocate(fresh, "atp", 0.7, beta=best),
           progress=False)
@@ -67,3 +71,18 @@ def test_reused_inputs_equal_fresh_ones(stories_dir, data):
     rb = prune(b, "wanda", "unstructured", 0.6, calib=calib, allocation=alloc, progress=False)
     assert all(torch.equal(ra.masks[n], rb.masks[n]) for n in ra.masks)
 
+
+
+def test_dense_statistics_trials_match_a_prune_from_dense_statistics(stories_dir, data):
+    """Each dense-statistics trial scores exactly the model a dense-statistics prune at its beta gives."""
+    _, calib, val = data
+    model = load_model(stories_dir)[0]
+    search = search_beta(model, "wanda", 0.7, calib, val, betas=[0.04, 0.08])
+    for trial in search.trials:
+        fresh = load_model(stories_dir)[0]
+        prune(fresh, "wanda", "unstructured", 0.7, calib=calib, allocation=allocate(fresh, "atp", 0.7,
+              beta=trial["beta"]), dense_stats={}, progress=False)
+        got = perplexity(fresh, val.reshape(-1), seqlen=64, progress=False).ppl
+        assert got == pytest.approx(trial["validation_ppl"], rel=1e-4)
+    with pytest.raises(ValueError, match="statistics must be one of"):
+        search_beta(model, "wanda", 0.7, calib, val, betas=[0.04], statistics="cached")

@@ -142,6 +142,51 @@ def test_true_sequential_and_offload_options(stories):
     assert ra.to_dict()["achieved_sparsity"] == 0.5 and ra.nsamples == 4 and ra.seqlen == 128
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_dense_stats_prune_from_the_dense_models_statistics(stories, method):
+    """An empty ``dense_stats`` is filled from the unpruned model (checked against hooks on one plain forward
+    of the dense model); a filled one prunes a fresh copy without any forward to the same weights."""
+    from sparse_runtime.prune import Hessian, InputNorms, sparsegpt_prune, wanda_mask
+
+    model, calib, _ = stories
+    calib = calib[:3]
+    ref = copy.deepcopy(model)
+    linears = {n: m for n, m in ref.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    stats = {n: (InputNorms if method == "wanda" else Hessian)(m.in_features, "cpu") for n, m in linears.items()}
+    hooks = [m.register_forward_hook(lambda mod, a, out, s=stats[n]: s.add(a[0].reshape(-1, a[0].shape[-1])))
+             for n, m in linears.items()]
+    with torch.no_grad():
+        for j in range(calib.shape[0]):
+            ref(input_ids=calib[j:j + 1], use_cache=False)
+    for h in hooks:
+        h.remove()
+    a, b, filled = copy.deepcopy(model), copy.deepcopy(model), {}
+    ra = prune(a, method, "unstructured", 0.6, calib=calib, progress=False, dense_stats=filled)
+    assert set(filled) == set(linears) and set(ra.masks) == set(linears)
+    for n, m in linears.items():
+        if method == "wanda":
+            want = m.weight * wanda_mask(m.weight, stats[n].sq, "unstructured", 0.6)
+        else:
+            want = sparsegpt_prune(m.weight, stats[n].H, "unstructured", 0.6)[0]
+        torch.testing.assert_close(a.get_submodule(n).weight, want, rtol=1e-4, atol=1e-5, msg=n)
+
+    def no_forward(*args, **kw):
+        raise AssertionError("a filled dense_stats must not run the model")
+
+    for layer in find_decoder_layers(b)[0]:
+        layer.forward = no_forward
+    rb = prune(b, method, "unstructured", 0.6, calib=calib, progress=False, dense_stats=filled)
+    for layer in find_decoder_layers(b)[0]:
+        del layer.forward
+    assert all(torch.equal(ra.masks[n], rb.masks[n]) for n in ra.masks)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    sequential = copy.deepcopy(model)  # and it is not what a sequential prune does after the first block
+    prune(sequential, method, "unstructured", 0.6, calib=calib, progress=False)
+    assert not torch.equal(sequential.model.layers[3].mlp.up_proj.weight, a.model.layers[3].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        prune(copy.deepcopy(model), method, "unstructured", 0.6, calib=calib, dense_stats={}, record_errors=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("offload", [False, True])

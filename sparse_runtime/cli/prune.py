@@ -56,6 +56,9 @@ def add_arguments(p) -> None:
     p.add_argument("--beta-step", type=float, default=0.002, help="beta grid step (default: 0.002, the paper's)")
     p.add_argument("--beta-patience", type=int, default=None,
                    help="stop the search after this many betas in a row worse than the best (default: whole grid)")
+    p.add_argument("--beta-statistics", choices=("dense", "sequential"), default="dense",
+                   help="beta-search trials prune from the dense model's statistics (one pass, fast) or layer by "
+                        "layer (the paper's protocol); the chosen beta is always pruned layer by layer (default: dense)")
     p.add_argument("--val", default=None, help="beta-search validation text (default: the C4 calibration file, "
                                                "documents not used for calibration)")
     p.add_argument("--val-windows", type=int, default=16, help="validation windows of --seqlen (default: 16)")
@@ -158,7 +161,8 @@ def run(args) -> int:
         val = validation_windows(tok, val_file, args.val_windows, calib.shape[1] if calib is not None else args.seqlen,
                                  exclude=used if same else set(), bos=args.bos)
         search = search_beta(model, args.method, target, calib, val, pattern=args.pattern, step=args.beta_step,
-                             patience=args.beta_patience, device=device, targets=targets, offload=args.offload,
+                             patience=args.beta_patience, statistics=args.beta_statistics, device=device,
+                             targets=targets, offload=args.offload,
                              record_errors=args.errors, progress=True, log=lambda m: print(m, file=sys.stderr),
                              **options)
         allocation, result = search.allocation, search.result

@@ -196,14 +196,17 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
                     method: str, pattern: str = "2:4", sparsity: float = 0.5, targets=None,
                     ignore=("lm_head",), device=None, true_sequential: bool = True, offload: bool = False,
                     record_errors: bool = False, progress: bool = True, rotate=None, allocation=None,
-                    inputs=None) -> PruneResult:
+                    inputs=None, dense_stats: dict | None = None) -> PruneResult:
     """Prune ``model`` in place, one decoder layer at a time, on calibration windows ``calib`` [N, L].
 
     ``rotate`` (a :class:`~.rotate.RotateOptions`) first learns each layer's DenoiseRotator rotations on the
     dense layer's statistics, scored by ``method``'s importance, and folds them in (see
     :mod:`sparse_runtime.residual_rotation`); the rotated layer is then pruned with fresh statistics.
     ``allocation`` (an :class:`~.allocation.Allocation`) gives each decoder block its own pattern and sparsity
-    (a block at 0 stays dense); ``inputs`` reuses first-block inputs from :func:`capture_inputs` (a search's trials)."""
+    (a block at 0 stays dense); ``inputs`` reuses first-block inputs from :func:`capture_inputs` (a search's trials).
+    ``dense_stats`` (a dict, a search's trials) prunes every linear from the DENSE model's statistics instead of
+    the pruned-so-far model's: an empty dict is filled in one dense pass (each layer's statistics and outputs
+    from the same forward, so half the forwards of a sequential prune); a filled one prunes without any forward."""
     check_sparsity(pattern, sparsity)
     layers, path = find_decoder_layers(model)
     chosen, skipped = select_linears(model, pattern, targets, ignore)
@@ -211,6 +214,10 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
     store = torch.device("cpu") if offload else device
     result = PruneResult(method, pattern, sparsity, skipped=skipped, nsamples=calib.shape[0],
                          seqlen=calib.shape[1], allocation=None if allocation is None else allocation.to_dict())
+    if dense_stats is not None and (rotate is not None or record_errors):
+        raise ValueError("dense_stats (a search's shared statistics) cannot be combined with rotate or record_errors")
+    if dense_stats:
+        return _prune_from_stats(chosen, dense_stats, prune_one, layers, path, pattern, sparsity, allocation, result)
     if allocation is not None and len(allocation.rates) != len(layers):
         raise ValueError(f"the allocation has {len(allocation.rates)} block rates, the model {len(layers)} blocks")
     if device.type == "cuda":
@@ -233,6 +240,7 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
             prefix = f"{path}.{i}."
             names = {n: m for n, m in chosen.items() if n.startswith(prefix)}
             block_pattern, block_sparsity = (pattern, sparsity) if allocation is None else allocation.block(i)
+            block_names = names  # dense statistics are kept for every block: another trial may prune this one
             if block_sparsity == 0:
                 names = {}
             home = next(layer.parameters()).device
@@ -242,7 +250,9 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
                                     method, block_pattern, block_sparsity, rotate, progress)
                 qs.append(q)
                 result.rotation["layers"].append(record)
-            if names:
+            if dense_stats is not None:
+                outs = _collect_dense(layer, block_names, new_stats, inps, kwargs[i], device, store, dense_stats)
+            elif names:
                 groups = input_groups(layer, names, inps[0], kwargs[i], device)
                 dense = {n: m.weight.detach().clone() for n, m in names.items()} if record_errors else {}
                 # true-sequential: each group sees the outputs of the groups pruned before it
@@ -267,6 +277,8 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
                 outs = _run(layer, inps, kwargs[i], device, store)
             layer.to(home)
             inps = outs
+            if dense_stats is not None:
+                _prune_from_stats(block_names, dense_stats, prune_one, layers, path, pattern, sparsity, allocation, result)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if qs:  # the first rotation goes into the embedding, the last into the final norm and lm_head
@@ -278,6 +290,42 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
     result.seconds = time.perf_counter() - t0
     if device.type == "cuda":
         result.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+def _collect_dense(layer, names, new_stats, inps, kwargs, device, store, into: dict) -> list:
+    """One forward of the unpruned layer: its outputs, and each linear's statistics into ``into`` (linears that
+    share an input share one statistics object)."""
+    if not names:
+        return _run(layer, inps, kwargs, device, store)
+    groups = input_groups(layer, names, inps[0], kwargs, device)
+    stats = {g[0]: new_stats(names[g[0]].in_features, device) for g in groups}
+    handles = [names[k].register_forward_hook(lambda mod, a, out, s=s: s.add(a[0].reshape(-1, a[0].shape[-1])))
+               for k, s in stats.items()]
+    try:
+        outs = _run(layer, inps, kwargs, device, store)
+    finally:
+        for h in handles:
+            h.remove()
+    into.update({n: stats[g[0]] for g in groups for n in g})
+    return outs
+
+
+def _prune_from_stats(names, stats, prune_one, layers, path, pattern, sparsity, allocation, result) -> PruneResult:
+    """Prune ``names`` from saved statistics, each at its decoder block's rate; no forward."""
+    if allocation is not None and len(allocation.rates) != len(layers):
+        raise ValueError(f"the allocation has {len(allocation.rates)} block rates, the model {len(layers)} blocks")
+    t0 = time.perf_counter()
+    for n, linear in names.items():
+        block = int(n[len(path) + 1:].split(".", 1)[0])
+        block_pattern, block_sparsity = (pattern, sparsity) if allocation is None else allocation.block(block)
+        if block_sparsity == 0:
+            continue
+        if n not in stats:
+            raise ValueError(f"dense_stats has no statistics for {n}; collect them with the same targets")
+        result.masks[n] = prune_one(n, linear, stats[n], block_pattern, block_sparsity)
+        result.patterns[n] = block_pattern
+    result.seconds += time.perf_counter() - t0
     return result
 
 
