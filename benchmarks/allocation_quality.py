@@ -34,7 +34,7 @@ from sparse_runtime.prune import (DEFAULT_CALIB, DEFAULT_EVAL, calibration_windo
 from sparse_runtime.prune.allocation import Allocation, allocate, plot_rates  # noqa: E402
 from sparse_runtime.prune.atp_search import search_beta  # noqa: E402
 from sparse_runtime.prune.calibration import bos_mode, validation_windows  # noqa: E402
-from sparse_runtime.prune.plan import choose, linear_costs, naive  # noqa: E402
+from sparse_runtime.prune.plan import linear_costs, naive, search_depth_weight  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ALLOCATIONS = ("uniform", "owl", "alphapruning", "atp")
@@ -94,7 +94,8 @@ def main(argv=None) -> int:
         "eval": {"file": Path(args.eval_data).name, "seqlen": args.eval_seqlen, "max_tokens": args.eval_tokens},
         "notes": "unstructured sparsity, Wanda per output row, SparseGPT adaptive per 128-column block; pruned "
                  "weights run densely. OWL lambda 0.08, M 5; AlphaPruning eps 0.2; ATP beta on the paper's 0.002 "
-                 "grid, scored on held-out C4 (never on WikiText-2). Plans: 2:4 Wanda for the chosen linears, "
+                 "grid, scored on held-out C4 (never on WikiText-2). Plans: 2:4 Wanda for the chosen linears (the depth weight of the error_depth plan "
+                 "searched on the held-out C4 windows, each candidate pruned from dense statistics), "
                  "the rest dense; predicted decode speedup from the byte model (2:4 = 9/16 of dense bytes).",
         "dense": None, "rows": {}, "plans": {},
     }
@@ -152,7 +153,10 @@ def main(argv=None) -> int:
         own["plans"]["all"] = _plan_row(naive(costs, "all", other=other), evaluate())
         save()
         for fraction in args.plans:
-            plan = choose(costs, fraction=fraction, other=other)
+            model.load_state_dict(original)
+            plan = search_depth_weight(model, costs, calib, val, fraction=fraction, other=other,
+                                       method=args.plan_method, device=args.device,
+                                       log=lambda m: print(f"plan {fraction:g} {m}", flush=True))
             rivals = [plan, naive(costs, "first_dense", speedup=plan.speedup, other=other)]
             rivals += [naive(costs, "random", speedup=plan.speedup, other=other, seed=s) for s in args.random_seeds]
             for pl in rivals:
@@ -160,7 +164,9 @@ def main(argv=None) -> int:
                 prune(model, args.plan_method, "2:4", calib=calib, targets=pl.sparse, device=args.device,
                       progress=False)
                 key = f"{fraction:g}/{pl.strategy}" + (f"/{pl.info['seed']}" if pl.strategy == "random" else "")
-                own["plans"][key] = _plan_row(pl, evaluate())
+                own["plans"][key] = _plan_row(pl, evaluate()) | (
+                    {"depth_weight": pl.info["depth_weight"], "search": pl.info["search"]["trials"]}
+                    if pl.strategy == "error_depth" else {})
                 save()
                 print(f"plan {key}: {own['plans'][key]}", flush=True)
     model.load_state_dict(original)

@@ -10,7 +10,10 @@ from sparse_runtime import SparseLinear, load_pretrained
 from sparse_runtime.checkpoint import read_sparse_config
 from sparse_runtime.cli import main
 from sparse_runtime.models import load_model
-from sparse_runtime.prune.plan import BYTES_24, LinearCost, Plan, PlanError, choose, naive, predicted_speedup
+from sparse_runtime.prune import calibration_windows, prune
+from sparse_runtime.prune.calibration import validation_windows
+from sparse_runtime.prune.plan import (BYTES_24, LinearCost, Plan, PlanError, choose, linear_costs, naive,
+                                      predicted_speedup, search_depth_weight)
 
 from conftest import TEXT
 
@@ -88,7 +91,7 @@ def test_plan_file_round_trip_and_bad_files(tmp_path):
 def test_plan_cli_then_prune_plan_gives_a_mixed_checkpoint_with_equal_logits(stories_dir, tmp_path, capsys):
     plan_file = tmp_path / "plan.json"
     assert main(["plan", "--model", str(stories_dir), "--device", "cpu", "--calib", STORIES_TEXT, "--nsamples", "4",
-                 "--seqlen", "64", "--target-fraction", "0.6", "--out", str(plan_file)]) == 0
+                 "--seqlen", "64", "--target-fraction", "0.6", "--depth-weight", "1", "--out", str(plan_file)]) == 0
     printed = capsys.readouterr().out
     assert "predicted decode speedup" in printed and "(* = dense)" in printed
     plan = Plan.load(plan_file)
@@ -130,3 +133,40 @@ def test_plan_cli_bad_input(stories_dir, tmp_path, capsys):
     assert "not a sparse_runtime.plan file" in capsys.readouterr().err
     assert main(["prune", *argv, "--plan", str(bad), "--pattern", "4:8", "--out", str(tmp_path / "c")]) == 2
     assert "--plan decides 2:4 or dense per linear" in capsys.readouterr().err
+
+
+def test_depth_weight_search_keeps_the_best_validation_plan_and_leaves_the_model_dense(stories_dir):
+    from sparse_runtime.eval import perplexity
+
+    model, tok = load_model(stories_dir)
+    used = set()
+    calib = calibration_windows(tok, TEXT / "c4_validation_2k.jsonl", 4, 64, seed=0, used=used)
+    val = validation_windows(tok, TEXT / "c4_validation_2k.jsonl", 4, 64, exclude=used)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    errors = prune(load_model(stories_dir)[0], "wanda", "2:4", calib=calib, record_errors=True, progress=False).errors
+    costs, other = linear_costs(model, errors)
+    lines = []
+    plan = search_depth_weight(model, costs, calib, val, fraction=0.6, other=other, weights=(0.0, 8.0, 400.0),
+                               log=lines.append)
+    trials = plan.info["search"]["trials"]
+    assert [t["depth_weight"] for t in trials] == [0.0, 8.0, 400.0] and len(lines) == 3
+    assert plan.info["depth_weight"] == min(trials, key=lambda t: t["validation_ppl"])["depth_weight"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    deep = choose(costs, fraction=0.6, other=other, depth_weight=400.0)  # rescored independently, from scratch
+    fresh = load_model(stories_dir)[0]
+    prune(fresh, "wanda", "2:4", calib=calib, targets=deep.sparse, dense_stats={}, progress=False)
+    assert perplexity(fresh, val.reshape(-1), seqlen=64, progress=False).ppl == pytest.approx(
+        trials[2]["validation_ppl"], rel=1e-4)
+    # a huge weight keeps the first blocks dense: 40% of the weights are the first two of five blocks
+    assert {c.block for c in costs if c.name in deep.dense} == {0, 1}
+    assert all(c.name in deep.dense for c in costs if c.block == 0)
+
+
+def test_plan_cli_searches_the_depth_weight_on_held_out_c4_by_default(stories_dir, tmp_path, capsys):
+    plan_file = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(stories_dir), "--device", "cpu", "--nsamples", "4", "--seqlen", "64",
+                 "--val-windows", "2", "--target-speedup", "1.3", "--out", str(plan_file)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("plan depth weight") == 9
+    search = Plan.load(plan_file).info["search"]
+    assert search["validation_windows"] == [2, 64] and len(search["trials"]) == 9

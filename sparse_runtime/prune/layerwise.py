@@ -206,7 +206,8 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
     (a block at 0 stays dense); ``inputs`` reuses first-block inputs from :func:`capture_inputs` (a search's trials).
     ``dense_stats`` (a dict, a search's trials) prunes every linear from the DENSE model's statistics instead of
     the pruned-so-far model's: an empty dict is filled in one dense pass (each layer's statistics and outputs
-    from the same forward, so half the forwards of a sequential prune); a filled one prunes without any forward."""
+    from the same forward, so half the forwards of a sequential prune), for every linear the pattern can take
+    whatever ``targets`` says, so later trials may target others; a filled one prunes without any forward."""
     check_sparsity(pattern, sparsity)
     layers, path = find_decoder_layers(model)
     chosen, skipped = select_linears(model, pattern, targets, ignore)
@@ -218,6 +219,7 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
         raise ValueError("dense_stats (a search's shared statistics) cannot be combined with rotate or record_errors")
     if dense_stats:
         return _prune_from_stats(chosen, dense_stats, prune_one, layers, path, pattern, sparsity, allocation, result)
+    collect = {} if dense_stats is None else select_linears(model, pattern, None, ignore)[0]
     if allocation is not None and len(allocation.rates) != len(layers):
         raise ValueError(f"the allocation has {len(allocation.rates)} block rates, the model {len(layers)} blocks")
     if device.type == "cuda":
@@ -240,7 +242,7 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
             prefix = f"{path}.{i}."
             names = {n: m for n, m in chosen.items() if n.startswith(prefix)}
             block_pattern, block_sparsity = (pattern, sparsity) if allocation is None else allocation.block(i)
-            block_names = names  # dense statistics are kept for every block: another trial may prune this one
+            block_names = names
             if block_sparsity == 0:
                 names = {}
             home = next(layer.parameters()).device
@@ -251,7 +253,8 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
                 qs.append(q)
                 result.rotation["layers"].append(record)
             if dense_stats is not None:
-                outs = _collect_dense(layer, block_names, new_stats, inps, kwargs[i], device, store, dense_stats)
+                outs = _collect_dense(layer, {n: m for n, m in collect.items() if n.startswith(prefix)}, new_stats,
+                                      inps, kwargs[i], device, store, dense_stats)
             elif names:
                 groups = input_groups(layer, names, inps[0], kwargs[i], device)
                 dense = {n: m.weight.detach().clone() for n, m in names.items()} if record_errors else {}

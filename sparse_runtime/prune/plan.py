@@ -9,22 +9,27 @@ The 2:4 kernels run at exactly 50% sparsity, so a layer-wise allocation becomes 
   measured a per-shape kernel table for this project yet (``benchmarks/results`` has none), so the byte
   model is all there is; :func:`choose` takes ``ratio`` per linear to plug measured ones in.
 * **Damage**: each linear's measured 2:4 reconstruction error ``e = ||WX - W_hat X|| / ||WX||`` (from
-  pruning the whole model 2:4 with ``record_errors``), squared, times a depth weight
-  ``1 + depth_weight (L - 1 - i) / (L - 1)`` for block i: an early block's error passes through more blocks
+  pruning the whole model 2:4 with ``record_errors``), squared, times a depth factor
+  ``exp(depth_weight (L - 1 - i) / (L - 1))`` for block i: an early block's error passes through more blocks
   after it (ATP's principle that sparsity should rise with depth).
-* **Choice**: greedy, the lowest damage per byte saved first, until the target is met.
+* **Choice**: greedy, the lowest damage per byte saved first, until the target is met. How much depth counts
+  is measured, not assumed: :func:`search_depth_weight` builds the plan at each weight of a grid (0 = the
+  errors alone, 128 = nearly pure depth order: adjacent blocks of a 30-block model differ by e^4.4), prunes each 2:4 from the dense model's statistics and keeps
+  the lowest perplexity on held-out validation windows (never the evaluation text).
 
 Naive plans for comparison (:func:`naive`): everything 2:4, the first k blocks dense (whole blocks from the
 deepest up), and a random order; each filled to the same target."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..errors import SparseRuntimeError
@@ -32,6 +37,7 @@ from ..errors import SparseRuntimeError
 BYTES_24 = 9 / 16  # a 2:4 fp16 weight's bytes over the dense weight's
 PLAN_FORMAT = "sparse_runtime.plan"
 NAIVE = ("all", "first_dense", "random")
+DEPTH_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 
 
 class PlanError(SparseRuntimeError, ValueError):
@@ -170,7 +176,7 @@ def choose(costs: list[LinearCost], *, fraction: float | None = None, speedup: f
     ratio_of = ratio or (lambda c: BYTES_24)
 
     def damage(c):
-        depth = 1 + depth_weight * (last - c.block) / max(last, 1)
+        depth = math.exp(depth_weight * (last - c.block) / max(last, 1))
         return c.error ** 2 * depth / (c.params * (1 - ratio_of(c)))
 
     order = [[c] for c in sorted(costs, key=damage)]
@@ -196,3 +202,36 @@ def naive(costs: list[LinearCost], strategy: str, *, fraction: float | None = No
         random.Random(seed).shuffle(order)
     return _fill(costs, order, fraction, speedup, other, ratio, strategy, target, {"seed": seed} if
                  strategy == "random" else {})
+
+
+@torch.no_grad()
+def search_depth_weight(model: nn.Module, costs: list[LinearCost], calib: torch.Tensor, val: torch.Tensor, *,
+                        fraction: float | None = None, speedup: float | None = None, other: int = 0,
+                        method: str = "wanda", weights=DEPTH_WEIGHTS, device=None, ratio=None, log=None) -> Plan:
+    """The :func:`choose` plan at each depth weight, each pruned 2:4 by ``method`` from the dense model's
+    statistics (gathered once) and scored by perplexity on ``val`` ([n, seqlen] held-out token ids); the
+    lowest wins and carries its trials in ``info["search"]``. ``model`` must be dense and is left dense."""
+    from ..eval import perplexity
+    from . import prune
+    from .layerwise import find_decoder_layers
+
+    layers, _ = find_decoder_layers(model)
+    dense = {k: v.clone() for k, v in layers.state_dict().items()}
+    stats, trials, scored, best = {}, [], {}, None
+    for w in weights:
+        plan = choose(costs, fraction=fraction, speedup=speedup, other=other, depth_weight=w, ratio=ratio)
+        key = tuple(plan.sparse)
+        if key not in scored:  # neighbouring weights often give the same plan
+            prune(model, method, "2:4", calib=calib, targets=plan.sparse, dense_stats=stats, device=device,
+                  progress=False)
+            scored[key] = perplexity(model, val.reshape(-1), seqlen=val.shape[1], progress=False).ppl
+            layers.load_state_dict(dense)
+        trials.append({"depth_weight": w, "validation_ppl": round(scored[key], 4), "speedup": round(plan.speedup, 4)})
+        if log:
+            log(f"plan depth weight {w:g}: validation perplexity {scored[key]:.3f}")
+        if best is None or scored[key] < best[0]:
+            best = (scored[key], plan)
+    plan = best[1]
+    plan.info["search"] = {"trials": trials, "statistics": "dense", "method": method,
+                           "validation_windows": list(val.shape)}
+    return plan
