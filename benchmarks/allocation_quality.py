@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-data", default=str(DEFAULT_EVAL))
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=40960)
-    p.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8])
+    p.add_argument("--sparsities", nargs="*", type=float, default=[0.5, 0.6, 0.7, 0.8],
+                   help="mean unstructured sparsities of the allocation rows (none: only the plans)")
     p.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     p.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=ALLOCATIONS)
     p.add_argument("--plans", nargs="*", type=float, default=[0.75, 0.9],
