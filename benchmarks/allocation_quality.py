@@ -31,7 +31,7 @@ from sparse_runtime.eval import perplexity  # noqa: E402
 from sparse_runtime.models import load_model  # noqa: E402
 from sparse_runtime.prune import (DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, find_decoder_layers,  # noqa: E402
                                   prune)
-from sparse_runtime.prune.allocation import Allocation, allocate, plot_rates  # noqa: E402
+from sparse_runtime.prune.allocation import ALPHA_EPS, Allocation, AllocationError, allocate, plot_rates  # noqa: E402
 from sparse_runtime.prune.atp_search import search_beta  # noqa: E402
 from sparse_runtime.prune.calibration import bos_mode, validation_windows  # noqa: E402
 from sparse_runtime.prune.plan import linear_costs, naive, search_depth_weight  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                        "documents": f"in file order, skipping the {len(used)} calibration documents"},
         "eval": {"file": Path(args.eval_data).name, "seqlen": args.eval_seqlen, "max_tokens": args.eval_tokens},
         "notes": "unstructured sparsity, Wanda per output row, SparseGPT adaptive per 128-column block; pruned "
-                 "weights run densely. OWL lambda 0.08, M 5; AlphaPruning eps 0.2; ATP beta on the paper's 0.002 "
+                 "weights run densely. OWL lambda 0.08, M 5; AlphaPruning eps 0.2 (lowered by 0.02 steps where a block would reach 1, the row says eps); ATP beta on the paper's 0.002 "
                  "grid, scored on held-out C4 (never on WikiText-2). Plans: 2:4 Wanda for the chosen linears (the depth weight of the error_depth plan "
                  "searched on the held-out C4 windows, each candidate pruned from dense statistics), "
                  "the rest dense; predicted decode speedup from the byte model (2:4 = 9/16 of dense bytes).",
@@ -138,9 +138,11 @@ def main(argv=None) -> int:
                     row |= {"beta": alloc.params["beta"], "trials": len(search.trials), "statistics": search.statistics,
                             "search_seconds": round(search.seconds, 1), "search": search.trials}
                 else:
-                    alloc = allocate(model, strategy, sparsity, calib=calib, device=args.device)
+                    alloc = _allocate(model, strategy, sparsity, calib, args.device)
                     res = prune(model, method, "unstructured", sparsity, calib=calib, allocation=alloc,
                                 device=args.device, progress=False)
+                if "eps" in alloc.params:
+                    row["eps"] = alloc.params["eps"]
                 row |= {"ppl": evaluate(), "seconds": round(time.perf_counter() - t0, 1),
                         "rates": [round(r, 5) for r in alloc.rates], "mean_sparsity": round(alloc.mean(), 6)}
                 own["rows"][f"{method}/{sparsity:g}/{strategy}"] = row
@@ -174,6 +176,20 @@ def main(argv=None) -> int:
     save()
     plot(report, out)
     return 0
+
+
+def _allocate(model, strategy, sparsity, calib, device) -> Allocation:
+    """The strategy's default spread, or for AlphaPruning near the limit (80%: 0.8 x 1.2 > 1 after rescaling)
+    the largest eps on a 0.02 grid below it that keeps every block's rate legal (recorded in the row's rates)."""
+    eps = ALPHA_EPS
+    while True:
+        try:
+            return allocate(model, strategy, sparsity, calib=calib, device=device,
+                            **({"eps": eps} if strategy == "alphapruning" else {}))
+        except AllocationError:
+            if strategy != "alphapruning" or eps <= 0.02 + 1e-9:
+                raise
+            eps = round(eps - 0.02, 4)
 
 
 def _plan_row(plan, ppl) -> dict:
