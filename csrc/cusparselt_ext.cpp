@@ -123,15 +123,6 @@ void compress(int device, int64_t n, int64_t k, const std::string& dtype, uintpt
        ptr<void>(out), ptr<void>(buffer), as_stream(stream));
 }
 
-// Writes 0 to *valid (a device int) when the dense weight follows 2:4, nonzero otherwise.
-void prune_check(int device, int64_t n, int64_t k, const std::string& dtype, uintptr_t dense, uintptr_t valid,
-                 uintptr_t stream) {
-  DeviceGuard guard(device);
-  SparseDesc a(device, n, k, parse_dtype(dtype));
-  CSLT(cusparseLtSpMMAPruneCheck2, a.handle, &a.desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, ptr<const void>(dense),
-       ptr<int>(valid), as_stream(stream));
-}
-
 void expand24(int device, uintptr_t values, uintptr_t meta, uintptr_t out, int64_t rows, int64_t k, int elem_bytes,
               uintptr_t stream) {
   DeviceGuard guard(device);
@@ -174,10 +165,7 @@ class Plan {
   }
 
   size_t workspace_size() const { return workspace_; }
-  int alg_id() { return alg_attr(CUSPARSELT_MATMUL_ALG_CONFIG_ID); }
-  int split_k() { return alg_attr(CUSPARSELT_MATMUL_SPLIT_K); }
   int max_alg_id() { return alg_attr(CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID); }
-  py::tuple shape() const { return py::make_tuple(m_, n_, k_); }
 
  private:
   static constexpr float kAlpha = 1.0f, kBeta = 0.0f;
@@ -242,25 +230,6 @@ class Plan {
   size_t workspace_ = 0;
 };
 
-py::dict device_info(int device) {
-  int count = 0;
-  CUDA(cudaGetDeviceCount, &count);
-  if (device < 0 || device >= count) throw_error("cuda device " + std::to_string(device) + " does not exist");
-  cudaDeviceProp prop;
-  CUDA(cudaGetDeviceProperties, &prop, device);
-  py::dict d;
-  d["name"] = std::string(prop.name);
-  d["capability"] = py::make_tuple(prop.major, prop.minor);
-  d["multiprocessors"] = prop.multiProcessorCount;
-  return d;
-}
-
-int device_count() {
-  int count = 0;
-  CUDA(cudaGetDeviceCount, &count);
-  return count;
-}
-
 py::tuple library_version() {
   int major = 0, minor = 0, patch = 0;
   CSLT(cusparseLtGetProperty, MAJOR_VERSION, &major);
@@ -283,16 +252,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_header_version") = CUDART_VERSION;
   m.def("library_version", &library_version, "cuSPARSELt version of the loaded library (major, minor, patch)");
   m.def("runtime_version", &runtime_version, "CUDA runtime version this module runs (statically linked)");
-  m.def("device_count", &device_count);
-  m.def("device_info", &device_info, py::arg("device"));
-  m.def("init_handle", [](int device) { get_handle(device); }, py::arg("device"),
-        "Create the device's cuSPARSELt handle now (raises RuntimeError naming the call that failed)");
   m.def("compressed_size", &compressed_size, py::arg("device"), py::arg("n"), py::arg("k"), py::arg("dtype"),
         "(compressed bytes, temporary buffer bytes) for an N x K structured weight");
   m.def("compress", &compress, py::arg("device"), py::arg("n"), py::arg("k"), py::arg("dtype"), py::arg("dense"),
         py::arg("out"), py::arg("buffer"), py::arg("stream"));
-  m.def("prune_check", &prune_check, py::arg("device"), py::arg("n"), py::arg("k"), py::arg("dtype"),
-        py::arg("dense"), py::arg("valid"), py::arg("stream"));
   m.def("expand24", &expand24, py::arg("device"), py::arg("values"), py::arg("meta"), py::arg("out"),
         py::arg("rows"), py::arg("k"), py::arg("elem_bytes"), py::arg("stream"),
         "Canonical 2:4 values/meta -> dense row-major weight, on the device");
@@ -305,8 +268,5 @@ PYBIND11_MODULE(_C, m) {
       .def("search", &Plan::search, py::arg("a"), py::arg("b"), py::arg("d"), py::arg("workspace"),
            py::arg("stream"))
       .def_property_readonly("workspace_size", &Plan::workspace_size)
-      .def_property_readonly("alg_id", &Plan::alg_id)
-      .def_property_readonly("split_k", &Plan::split_k)
-      .def_property_readonly("max_alg_id", &Plan::max_alg_id)
-      .def_property_readonly("shape", &Plan::shape);
+      .def_property_readonly("max_alg_id", &Plan::max_alg_id);
 }

@@ -122,22 +122,6 @@ def _check_dense(w: torch.Tensor) -> None:
                          f"pad with zeros (CusparseLtWeight does this)")
 
 
-def prune_check(w: torch.Tensor) -> bool:
-    """True when the dense ``[N, K]`` weight follows 2:4 along K, as cuSPARSELt checks it."""
-    _check_dense(w)
-    index = _require(w.device)
-    w = w.contiguous()
-    valid = torch.ones(1, dtype=torch.int32, device=w.device)
-    _C.prune_check(index, w.shape[0], w.shape[1], DTYPE_NAMES[w.dtype], w.data_ptr(), valid.data_ptr(),
-                   _raw_stream(index))
-    return int(valid.item()) == 0
-
-
-def compressed_size(n: int, k: int, dtype: torch.dtype, device=None) -> int:
-    index = _require(torch.device("cuda") if device is None else torch.device(device))
-    return _C.compressed_size(index, n, k, DTYPE_NAMES[dtype])[0]
-
-
 def compress_dense(w: torch.Tensor) -> torch.Tensor:
     """The opaque cuSPARSELt buffer (uint8) of a dense 2:4 weight ``[N, K]``."""
     _check_dense(w)
@@ -190,10 +174,6 @@ _WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
 _RETIRED: list = []  # outgrown workspaces and replaced plans stay alive: a captured CUDA graph may still use them
 _PROVISIONAL: set = set()  # plan keys built with the default algorithm during a capture: searched at the next eager call
 _SECTIONS: dict[int, str] = {}
-
-
-def plan_cache() -> LRU:
-    return _PLANS
 
 
 def _section(index: int) -> str:
