@@ -83,7 +83,6 @@ def test_plan_made_in_a_capture_is_searched_at_the_next_eager_call(fake_capture,
 # -- without a GPU ------------------------------------------------------------------------------------
 def test_backend_registered():
     b = backends.get("cusparselt")
-    assert (b.name, b.priority, b.auto_devices) == ("cusparselt", 20, ("cuda",))
     assert b.unavailable(torch.device("cpu"))
     layer = SparseLinear(64, 32, dtype=torch.float32)
     assert "fp16/bf16" in b.unsupported(layer)
