@@ -63,7 +63,6 @@ DType parse_dtype(const std::string& name) {
   if (name == "float16") return {CUDA_R_16F, 2, 16};
   if (name == "bfloat16") return {CUDA_R_16BF, 2, 16};
   if (name == "int8") return {CUDA_R_8I, 1, 32};
-  if (name == "int32") return {CUDA_R_32I, 4, 8};
   throw_error("unsupported dtype '" + name + "' (cuSPARSELt path takes float16, bfloat16, int8)");
 }
 
@@ -124,15 +123,6 @@ void compress(int device, int64_t n, int64_t k, const std::string& dtype, uintpt
        ptr<void>(out), ptr<void>(buffer), as_stream(stream));
 }
 
-// Writes 0 to *valid (a device int) when the dense weight follows 2:4, nonzero otherwise.
-void prune_check(int device, int64_t n, int64_t k, const std::string& dtype, uintptr_t dense, uintptr_t valid,
-                 uintptr_t stream) {
-  DeviceGuard guard(device);
-  SparseDesc a(device, n, k, parse_dtype(dtype));
-  CSLT(cusparseLtSpMMAPruneCheck2, a.handle, &a.desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, ptr<const void>(dense),
-       ptr<int>(valid), as_stream(stream));
-}
-
 void expand24(int device, uintptr_t values, uintptr_t meta, uintptr_t out, int64_t rows, int64_t k, int elem_bytes,
               uintptr_t stream) {
   DeviceGuard guard(device);
@@ -141,14 +131,15 @@ void expand24(int device, uintptr_t values, uintptr_t meta, uintptr_t out, int64
               as_stream(stream));
 }
 
-// Everything cusparseLtMatmul needs for one (M, N, K, dtype, epilogue, algorithm): built once, reused.
+// Everything cusparseLtMatmul needs for one (M, N, K, dtype, bias pointer, algorithm): built once, reused.
+// The output has the input's dtype; alpha is 1 and beta 0 (D = A * op(B) + bias).
 class Plan {
  public:
-  Plan(int device, int64_t m, int64_t n, int64_t k, const std::string& dtype, const std::string& out_dtype,
-       const std::string& activation, uintptr_t bias, int alg_id, int split_k)
+  Plan(int device, int64_t m, int64_t n, int64_t k, const std::string& dtype, uintptr_t bias, int alg_id,
+       int split_k)
       : device_(device), m_(m), n_(n), k_(k), bias_(bias) {
     try {
-      init(dtype, out_dtype, activation, alg_id, split_k);
+      init(dtype, alg_id, split_k);
     } catch (...) {
       release();  // a throwing constructor gets no destructor call
       throw;
@@ -157,52 +148,31 @@ class Plan {
 
   ~Plan() { release(); }
 
-  // The plan copies the descriptor's bias pointer at init, so a new pointer means a new plan (rare: plans
-  // are cached per bias pointer).
-  void set_bias(uintptr_t bias) {
-    if (bias == bias_) return;
+  void matmul(uintptr_t a, uintptr_t b, uintptr_t d, uintptr_t workspace, uintptr_t stream) {
     DeviceGuard guard(device_);
-    bias_ = bias;
-    set_bias_attr();
-    init_plan();
-  }
-
-  void matmul(uintptr_t a, uintptr_t b, uintptr_t d, uintptr_t workspace, uintptr_t stream, float alpha) {
-    DeviceGuard guard(device_);
-    const float beta = 0.0f;
     cudaStream_t s = as_stream(stream);
-    CSLT(cusparseLtMatmul, handle_, &plan_, &alpha, ptr<const void>(a), ptr<const void>(b), &beta,
+    CSLT(cusparseLtMatmul, handle_, &plan_, &kAlpha, ptr<const void>(a), ptr<const void>(b), &kBeta,
          ptr<const void>(d), ptr<void>(d), ptr<void>(workspace), &s, 1);
   }
 
   // cuSPARSELt's own search: runs every configuration, keeps the fastest in this plan.
-  py::tuple search(uintptr_t a, uintptr_t b, uintptr_t d, uintptr_t workspace, uintptr_t stream, float alpha,
-                   int iterations) {
+  py::tuple search(uintptr_t a, uintptr_t b, uintptr_t d, uintptr_t workspace, uintptr_t stream) {
     DeviceGuard guard(device_);
-    if (iterations > 0) {
-      CSLT(cusparseLtMatmulAlgSetAttribute, handle_, &alg_, CUSPARSELT_MATMUL_SEARCH_ITERATIONS, &iterations,
-           sizeof(iterations));
-      init_plan();
-    }
-    const float beta = 0.0f;
     cudaStream_t s = as_stream(stream);
-    CSLT(cusparseLtMatmulSearch, handle_, &plan_, &alpha, ptr<const void>(a), ptr<const void>(b), &beta,
+    CSLT(cusparseLtMatmulSearch, handle_, &plan_, &kAlpha, ptr<const void>(a), ptr<const void>(b), &kBeta,
          ptr<const void>(d), ptr<void>(d), ptr<void>(workspace), &s, 1);
     return py::make_tuple(alg_attr(CUSPARSELT_MATMUL_ALG_CONFIG_ID), alg_attr(CUSPARSELT_MATMUL_SPLIT_K));
   }
 
   size_t workspace_size() const { return workspace_; }
-  int alg_id() { return alg_attr(CUSPARSELT_MATMUL_ALG_CONFIG_ID); }
-  int split_k() { return alg_attr(CUSPARSELT_MATMUL_SPLIT_K); }
   int max_alg_id() { return alg_attr(CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID); }
-  py::tuple shape() const { return py::make_tuple(m_, n_, k_); }
 
  private:
-  void init(const std::string& dtype, const std::string& out_dtype, const std::string& activation, int alg_id,
-            int split_k) {
+  static constexpr float kAlpha = 1.0f, kBeta = 0.0f;
+
+  void init(const std::string& dtype, int alg_id, int split_k) {
     DeviceGuard guard(device_);
     const DType in = parse_dtype(dtype);
-    const DType out = parse_dtype(out_dtype.empty() ? dtype : out_dtype);
     if (m_ <= 0) throw_error("Plan: M must be positive, got " + std::to_string(m_));
     if (m_ % 8 || (in.bytes == 1 && m_ % 16)) {
       throw_error("Plan: M=" + std::to_string(m_) + " must be padded to a multiple of " +
@@ -212,20 +182,14 @@ class Plan {
     handle_ = a_->handle;
     CSLT(cusparseLtDenseDescriptorInit, handle_, &b_, m_, k_, k_, 16, in.type, CUSPARSE_ORDER_ROW);
     b_init_ = true;
-    CSLT(cusparseLtDenseDescriptorInit, handle_, &d_, n_, m_, n_, 16, out.type, CUSPARSE_ORDER_COL);
+    CSLT(cusparseLtDenseDescriptorInit, handle_, &d_, n_, m_, n_, 16, in.type, CUSPARSE_ORDER_COL);
     d_init_ = true;
     CSLT(cusparseLtMatmulDescriptorInit, handle_, &matmul_, CUSPARSE_OPERATION_NON_TRANSPOSE,
          CUSPARSE_OPERATION_TRANSPOSE, &a_->desc, &b_, &d_, &d_, compute_type(in));
-    if (activation == "relu") {
-      int on = 1;
-      CSLT(cusparseLtMatmulDescSetAttribute, handle_, &matmul_, CUSPARSELT_MATMUL_ACTIVATION_RELU, &on, sizeof(on));
-    } else if (activation == "gelu") {
-      int on = 1;
-      CSLT(cusparseLtMatmulDescSetAttribute, handle_, &matmul_, CUSPARSELT_MATMUL_ACTIVATION_GELU, &on, sizeof(on));
-    } else if (!activation.empty() && activation != "none") {
-      throw_error("Plan: unknown activation '" + activation + "' (none, relu, gelu)");
+    if (bias_ != 0) {  // the plan copies the pointer at init: plans are cached per bias pointer
+      void* p = ptr<void>(bias_);
+      CSLT(cusparseLtMatmulDescSetAttribute, handle_, &matmul_, CUSPARSELT_MATMUL_BIAS_POINTER, &p, sizeof(p));
     }
-    set_bias_attr();
     CSLT(cusparseLtMatmulAlgSelectionInit, handle_, &alg_, &matmul_, CUSPARSELT_MATMUL_ALG_DEFAULT);
     alg_init_ = true;
     if (alg_id >= 0) {
@@ -234,7 +198,9 @@ class Plan {
     if (split_k > 0) {
       CSLT(cusparseLtMatmulAlgSetAttribute, handle_, &alg_, CUSPARSELT_MATMUL_SPLIT_K, &split_k, sizeof(split_k));
     }
-    init_plan();
+    CSLT(cusparseLtMatmulPlanInit, handle_, &plan_, &matmul_, &alg_);
+    plan_init_ = true;
+    CSLT(cusparseLtMatmulGetWorkspace, handle_, &plan_, &workspace_);
   }
 
   void release() {
@@ -243,24 +209,6 @@ class Plan {
     if (d_init_) cusparseLtMatDescriptorDestroy(&d_);
     if (b_init_) cusparseLtMatDescriptorDestroy(&b_);
     plan_init_ = alg_init_ = d_init_ = b_init_ = false;
-  }
-
-  void set_bias_attr() {
-    if (bias_ == 0 && !bias_set_) return;  // never set: no bias epilogue
-    bias_set_ = true;
-    void* p = ptr<void>(bias_);
-    CSLT(cusparseLtMatmulDescSetAttribute, handle_, &matmul_, CUSPARSELT_MATMUL_BIAS_POINTER, &p, sizeof(p));
-  }
-
-  void init_plan() {
-    if (!alg_init_) return;
-    if (plan_init_) {
-      cusparseLtMatmulPlanDestroy(&plan_);
-      plan_init_ = false;
-    }
-    CSLT(cusparseLtMatmulPlanInit, handle_, &plan_, &matmul_, &alg_);
-    plan_init_ = true;
-    CSLT(cusparseLtMatmulGetWorkspace, handle_, &plan_, &workspace_);
   }
 
   int alg_attr(cusparseLtMatmulAlgAttribute_t attr) {
@@ -278,28 +226,9 @@ class Plan {
   cusparseLtMatmulDescriptor_t matmul_{};
   cusparseLtMatmulAlgSelection_t alg_{};
   cusparseLtMatmulPlan_t plan_{};
-  bool b_init_ = false, d_init_ = false, alg_init_ = false, plan_init_ = false, bias_set_ = false;
+  bool b_init_ = false, d_init_ = false, alg_init_ = false, plan_init_ = false;
   size_t workspace_ = 0;
 };
-
-py::dict device_info(int device) {
-  int count = 0;
-  CUDA(cudaGetDeviceCount, &count);
-  if (device < 0 || device >= count) throw_error("cuda device " + std::to_string(device) + " does not exist");
-  cudaDeviceProp prop;
-  CUDA(cudaGetDeviceProperties, &prop, device);
-  py::dict d;
-  d["name"] = std::string(prop.name);
-  d["capability"] = py::make_tuple(prop.major, prop.minor);
-  d["multiprocessors"] = prop.multiProcessorCount;
-  return d;
-}
-
-int device_count() {
-  int count = 0;
-  CUDA(cudaGetDeviceCount, &count);
-  return count;
-}
 
 py::tuple library_version() {
   int major = 0, minor = 0, patch = 0;
@@ -323,32 +252,21 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_header_version") = CUDART_VERSION;
   m.def("library_version", &library_version, "cuSPARSELt version of the loaded library (major, minor, patch)");
   m.def("runtime_version", &runtime_version, "CUDA runtime version this module runs (statically linked)");
-  m.def("device_count", &device_count);
-  m.def("device_info", &device_info, py::arg("device"));
-  m.def("init_handle", [](int device) { get_handle(device); }, py::arg("device"),
-        "Create the device's cuSPARSELt handle now (raises RuntimeError naming the call that failed)");
   m.def("compressed_size", &compressed_size, py::arg("device"), py::arg("n"), py::arg("k"), py::arg("dtype"),
         "(compressed bytes, temporary buffer bytes) for an N x K structured weight");
   m.def("compress", &compress, py::arg("device"), py::arg("n"), py::arg("k"), py::arg("dtype"), py::arg("dense"),
         py::arg("out"), py::arg("buffer"), py::arg("stream"));
-  m.def("prune_check", &prune_check, py::arg("device"), py::arg("n"), py::arg("k"), py::arg("dtype"),
-        py::arg("dense"), py::arg("valid"), py::arg("stream"));
   m.def("expand24", &expand24, py::arg("device"), py::arg("values"), py::arg("meta"), py::arg("out"),
         py::arg("rows"), py::arg("k"), py::arg("elem_bytes"), py::arg("stream"),
         "Canonical 2:4 values/meta -> dense row-major weight, on the device");
   py::class_<Plan>(m, "Plan")
-      .def(py::init<int, int64_t, int64_t, int64_t, const std::string&, const std::string&, const std::string&,
-                    uintptr_t, int, int>(),
-           py::arg("device"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("dtype"), py::arg("out_dtype") = "",
-           py::arg("activation") = "none", py::arg("bias") = 0, py::arg("alg_id") = -1, py::arg("split_k") = -1)
+      .def(py::init<int, int64_t, int64_t, int64_t, const std::string&, uintptr_t, int, int>(),
+           py::arg("device"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("dtype"), py::arg("bias") = 0,
+           py::arg("alg_id") = -1, py::arg("split_k") = -1)
       .def("matmul", &Plan::matmul, py::arg("a"), py::arg("b"), py::arg("d"), py::arg("workspace"),
-           py::arg("stream"), py::arg("alpha") = 1.0f)
+           py::arg("stream"))
       .def("search", &Plan::search, py::arg("a"), py::arg("b"), py::arg("d"), py::arg("workspace"),
-           py::arg("stream"), py::arg("alpha") = 1.0f, py::arg("iterations") = 0)
-      .def("set_bias", &Plan::set_bias, py::arg("bias"))
+           py::arg("stream"))
       .def_property_readonly("workspace_size", &Plan::workspace_size)
-      .def_property_readonly("alg_id", &Plan::alg_id)
-      .def_property_readonly("split_k", &Plan::split_k)
-      .def_property_readonly("max_alg_id", &Plan::max_alg_id)
-      .def_property_readonly("shape", &Plan::shape);
+      .def_property_readonly("max_alg_id", &Plan::max_alg_id);
 }

@@ -1,8 +1,8 @@
-"""cuSPARSELt from Python: compression, cached plans, algorithm search, fused epilogues.
+"""cuSPARSELt from Python: compression, cached plans, algorithm search, a fused bias.
 
 Over the extension :mod:`sparse_runtime._C`, which takes device pointers, shapes and streams as ints.
 ``torch._cslt_sparse_mm`` rebuilds descriptors, plan and workspace on every call; here a plan is built
-once per (device, M, N, K, dtype, epilogue, bias pointer) and kept in an LRU cache, so a call costs one
+once per (device, M, N, K, dtype, bias pointer) and kept in an LRU cache, so a call costs one
 dictionary look-up, one output allocation and ``cusparseLtMatmul``.
 
 Why plans are per exact M (after padding M to a multiple of 8) rather than per M bucket: a plan's
@@ -38,7 +38,6 @@ except ImportError as e:  # the pure-Python install: no nvcc or cuSPARSELt at bu
     _IMPORT_ERROR = f"the extension sparse_runtime._C is not built or does not load ({e})"
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8"}
-ACTIVATIONS = ("none", "relu", "gelu")
 
 
 # -- pure logic ---------------------------------------------------------------------------------------
@@ -62,15 +61,14 @@ def padded_shape(m: int, n: int, k: int, dtype: torch.dtype) -> tuple[int, int, 
     return round_up(max(m, 1), m_align(dtype)), round_up(n, a), round_up(k, a)
 
 
-def plan_key(device: int, m: int, n: int, k: int, dtype: str, activation: str, bias_ptr: int,
-             out_dtype: str = "") -> tuple:
+def plan_key(device: int, m: int, n: int, k: int, dtype: str, bias_ptr: int) -> tuple:
     """Identity of a plan. The bias pointer is part of it because a plan captures the pointer at init."""
-    return (device, m, n, k, dtype, out_dtype, activation, bias_ptr)
+    return (device, m, n, k, dtype, bias_ptr)
 
 
-def tune_key(n: int, k: int, dtype: str, activation: str, has_bias: bool, bucket: int) -> str:
-    """Identity of a search result: shape, dtype, epilogue and M bucket (JSON-friendly string)."""
-    return f"n={n},k={k},{dtype},{activation},bias={int(has_bias)},m<={bucket}"
+def tune_key(n: int, k: int, dtype: str, has_bias: bool, bucket: int) -> str:
+    """Identity of a search result: shape, dtype, bias and M bucket (JSON-friendly string)."""
+    return f"n={n},k={k},{dtype},bias={int(has_bias)},m<={bucket}"
 
 
 # -- availability -------------------------------------------------------------------------------------
@@ -124,22 +122,6 @@ def _check_dense(w: torch.Tensor) -> None:
                          f"pad with zeros (CusparseLtWeight does this)")
 
 
-def prune_check(w: torch.Tensor) -> bool:
-    """True when the dense ``[N, K]`` weight follows 2:4 along K, as cuSPARSELt checks it."""
-    _check_dense(w)
-    index = _require(w.device)
-    w = w.contiguous()
-    valid = torch.ones(1, dtype=torch.int32, device=w.device)
-    _C.prune_check(index, w.shape[0], w.shape[1], DTYPE_NAMES[w.dtype], w.data_ptr(), valid.data_ptr(),
-                   _raw_stream(index))
-    return int(valid.item()) == 0
-
-
-def compressed_size(n: int, k: int, dtype: torch.dtype, device=None) -> int:
-    index = _require(torch.device("cuda") if device is None else torch.device(device))
-    return _C.compressed_size(index, n, k, DTYPE_NAMES[dtype])[0]
-
-
 def compress_dense(w: torch.Tensor) -> torch.Tensor:
     """The opaque cuSPARSELt buffer (uint8) of a dense 2:4 weight ``[N, K]``."""
     _check_dense(w)
@@ -168,7 +150,7 @@ class CusparseLtWeight:
         self.bias = None if bias is None else bias.detach().contiguous()
         self.packed_ptr = packed.data_ptr()
         self.bias_ptr = 0 if self.bias is None else self.bias.data_ptr()
-        self.last = (None, None)  # ((M, activation), plan) of the previous call: skips the LRU in steady state
+        self.last = (None, None)  # (M, plan) of the previous call: skips the LRU in steady state
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> CusparseLtWeight:
@@ -192,10 +174,6 @@ _WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
 _RETIRED: list = []  # outgrown workspaces and replaced plans stay alive: a captured CUDA graph may still use them
 _PROVISIONAL: set = set()  # plan keys built with the default algorithm during a capture: searched at the next eager call
 _SECTIONS: dict[int, str] = {}
-
-
-def plan_cache() -> LRU:
-    return _PLANS
 
 
 def _section(index: int) -> str:
@@ -229,7 +207,7 @@ def _capturing() -> bool:
     return torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()
 
 
-def _search(w: CusparseLtWeight, mpad: int, activation: str) -> dict:
+def _search(w: CusparseLtWeight, mpad: int) -> dict:
     """Fastest (alg_id, split_k) for this weight at M = ``mpad``; ``{"alg_id": -1, ...}`` means the default."""
     mode = os.environ.get("SPARSE_RUNTIME_CSLT_SEARCH", "manual")
     x = torch.randn(mpad, w.kpad, device=w.device).to(w.dtype)
@@ -237,7 +215,7 @@ def _search(w: CusparseLtWeight, mpad: int, activation: str) -> dict:
     stream = _raw_stream(w.index)
 
     def build(alg_id, split_k):
-        return _C.Plan(w.index, mpad, w.npad, w.kpad, w.dtype_name, "", activation, w.bias_ptr, alg_id, split_k)
+        return _C.Plan(w.index, mpad, w.npad, w.kpad, w.dtype_name, w.bias_ptr, alg_id, split_k)
 
     def run(plan):
         ws = _workspace(w.index, stream, plan.workspace_size) if plan.workspace_size else 0
@@ -260,27 +238,27 @@ def _search(w: CusparseLtWeight, mpad: int, activation: str) -> dict:
     return best
 
 
-def _config(w: CusparseLtWeight, mpad: int, activation: str) -> tuple[int, int]:
+def _config(w: CusparseLtWeight, mpad: int) -> tuple[int, int]:
     _TUNED.bind(_section(w.index))
-    key = tune_key(w.npad, w.kpad, w.dtype_name, activation, w.bias is not None, m_bucket(mpad))
+    key = tune_key(w.npad, w.kpad, w.dtype_name, w.bias is not None, m_bucket(mpad))
     found = _TUNED.get(key)
     if found is None:
         if _capturing() or os.environ.get("SPARSE_RUNTIME_CSLT_SEARCH") == "off":
             return -1, -1  # the library default; no timing inside a graph capture (searched later)
-        found = _search(w, mpad, activation)
+        found = _search(w, mpad)
         _TUNED.put(key, found)
     return found["alg_id"], found["split_k"]
 
 
-def get_plan(w: CusparseLtWeight, mpad: int, activation: str = "none"):
-    key = plan_key(w.index, mpad, w.npad, w.kpad, w.dtype_name, activation, w.bias_ptr)
+def get_plan(w: CusparseLtWeight, mpad: int):
+    key = plan_key(w.index, mpad, w.npad, w.kpad, w.dtype_name, w.bias_ptr)
     plan = _PLANS.get(key)
     capturing = _capturing()
     if plan is None or (key in _PROVISIONAL and not capturing):
         if plan is not None:
             _RETIRED.append(plan)  # the graph captured with it still holds its descriptors
-        alg_id, split_k = _config(w, mpad, activation)
-        plan = _C.Plan(w.index, mpad, w.npad, w.kpad, w.dtype_name, "", activation, w.bias_ptr, alg_id, split_k)
+        alg_id, split_k = _config(w, mpad)
+        plan = _C.Plan(w.index, mpad, w.npad, w.kpad, w.dtype_name, w.bias_ptr, alg_id, split_k)
         _PLANS.put(key, plan)
         (_PROVISIONAL.add if capturing and alg_id == -1 else _PROVISIONAL.discard)(key)
         if plan.workspace_size and not capturing:  # sized now, outside any capture
@@ -288,21 +266,21 @@ def get_plan(w: CusparseLtWeight, mpad: int, activation: str = "none"):
     return plan
 
 
-def linear(x: torch.Tensor, w: CusparseLtWeight, activation: str = "none", alpha: float = 1.0) -> torch.Tensor:
-    """``act(alpha * x @ W^T + bias)`` for ``x [M, K]``; padding as cuSPARSELt needs it."""
+def linear(x: torch.Tensor, w: CusparseLtWeight) -> torch.Tensor:
+    """``x @ W^T + bias`` for ``x [M, K]``; padding as cuSPARSELt needs it."""
     m = x.shape[0]
     mpad = round_up(max(m, 1), m_align(w.dtype))
     if mpad != m or w.kpad != w.k or not x.is_contiguous() or x.data_ptr() % 16:
         x = torch.nn.functional.pad(x, (0, w.kpad - w.k, 0, mpad - m)).contiguous()
-    key, plan = w.last
-    if key != (mpad, activation):
-        plan = get_plan(w, mpad, activation)
+    last_m, plan = w.last
+    if last_m != mpad:
+        plan = get_plan(w, mpad)
         if not _capturing():  # a plan made in a capture may be provisional: looked up again when eager
-            w.last = ((mpad, activation), plan)
+            w.last = (mpad, plan)
     out = torch.empty(mpad, w.npad, dtype=w.dtype, device=w.device)
     stream = _raw_stream(w.index)
     ws = _workspace(w.index, stream, plan.workspace_size) if plan.workspace_size else 0
-    plan.matmul(w.packed_ptr, x.data_ptr(), out.data_ptr(), ws, stream, alpha)
+    plan.matmul(w.packed_ptr, x.data_ptr(), out.data_ptr(), ws, stream)
     if mpad != m or w.npad != w.n:
         out = out[:m, :w.n]
     return out
@@ -310,20 +288,19 @@ def linear(x: torch.Tensor, w: CusparseLtWeight, activation: str = "none", alpha
 
 # -- torch.library op (torch.compile / CUDA graphs) ----------------------------------------------------
 @torch.library.custom_op("sparse_runtime::cslt_linear", mutates_args=(), device_types="cuda")
-def cslt_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int, k: int,
-                activation: str = "none", alpha: float = 1.0) -> torch.Tensor:
+def cslt_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
     """The op form of :func:`linear` (``bias`` as held by :class:`CusparseLtWeight`, padded to its N)."""
-    out = linear(x, CusparseLtWeight(packed, n, k, x.dtype, bias), activation, alpha)
+    out = linear(x, CusparseLtWeight(packed, n, k, x.dtype, bias))
     return out if out._base is None else out.clone()  # an op's output must own its storage
 
 
 @cslt_linear.register_fake
-def _(x, packed, bias, n, k, activation="none", alpha=1.0):
+def _(x, packed, bias, n, k):
     return x.new_empty(x.shape[0], n)
 
 
-def linear_op(x: torch.Tensor, w: CusparseLtWeight, activation: str = "none", alpha: float = 1.0):
+def linear_op(x: torch.Tensor, w: CusparseLtWeight):
     """:func:`linear` in eager mode (least host overhead), the custom op under ``torch.compile``."""
     if torch.compiler.is_compiling():
-        return cslt_linear(x, w.packed, w.bias, w.n, w.k, activation, alpha)
-    return linear(x, w, activation, alpha)
+        return cslt_linear(x, w.packed, w.bias, w.n, w.k)
+    return linear(x, w)

@@ -8,7 +8,6 @@ from sparse_runtime import SparseLinear, backends
 
 def test_registration_and_cpu():
     b = backends.get("torch")
-    assert (b.name, b.priority, b.auto_devices) == ("torch", 10, ("cuda",))
     assert "CUDA" in b.unavailable(torch.device("cpu"))
     assert b.unsupported(SparseLinear(64, 32, dtype=torch.float16)) is None
     assert b.unsupported(SparseLinear(64, 32, dtype=torch.float32))

@@ -31,7 +31,6 @@ def assert_matches_reference(layer, x):
 
 def test_available_on_the_interpreter_only():
     backend = backends.get("triton")
-    assert backend.priority == 30 and backend.auto_devices == ("cuda",)
     assert backend.unavailable(torch.device("cpu")) is None  # conftest sets TRITON_INTERPRET=1
     assert backends.availability("cpu")["triton"] is None
 

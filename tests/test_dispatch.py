@@ -27,10 +27,12 @@ def test_completeness():
 
 
 def test_keys():
-    key = dp.shape_key(14336, 4096, torch.float16, False)
-    assert key == "n=14336,k=4096,float16,bias=0,rot=none"
-    assert dp.entry_key(key, 2048).endswith(",m<=2048")
-    assert dp.shape_key(64, 64, torch.bfloat16, True, (2, 32, 32)).endswith("bias=1,rot=2x32x32")
+    # Each of shape, dtype, bias and rotation is another measurement, and so is each M bucket.
+    args = [(14336, 4096, torch.float16, False), (4096, 14336, torch.float16, False),
+            (14336, 4096, torch.bfloat16, False), (14336, 4096, torch.float16, True),
+            (14336, 4096, torch.float16, False, (2, 32, 32)), (14336, 4096, torch.float16, False, (4, 32, 32))]
+    keys = {dp.entry_key(dp.shape_key(*a), bucket) for a in args for bucket in (1024, 2048)}
+    assert len(keys) == 2 * len(args)
 
 
 def test_cache_file_round_trip(tmp_path, monkeypatch):
@@ -106,10 +108,22 @@ def test_only_the_chosen_layouts_stay_prepared(monkeypatch, tmp_path):
 
 def test_registration_and_cpu():
     b = backends.get("dispatch")
-    assert (b.priority, b.auto_devices) == (100, ("cuda",))
     assert b.unavailable(torch.device("cpu"))
     assert "not 4:8" in b.unsupported(SparseLinear(64, 32, pattern="4:8"))
     assert SparseLinear(64, 32).active_backend != "dispatch"  # auto on CPU
+
+
+def test_auto_runs_dispatch_on_a_gpu_and_decompressed_on_the_cpu(monkeypatch):
+    """What the README promises of ``auto``, on a stand-in GPU where every backend would run."""
+    for name in backends.names():
+        monkeypatch.setattr(backends.get(name), "unavailable", lambda device: None)
+    cpu = SparseLinear(64, 32, dtype=torch.float16)
+    gpu = type("Layer", (), dict(pattern="2:4", in_features=64, out_features=32, bias=None,
+                                 weight_values=type("W", (), dict(device=torch.device("cuda"), dtype=torch.float16))))
+    assert backends.resolve("auto", gpu).name == "dispatch"
+    assert backends.resolve("auto", cpu).name == "decompressed"
+    gpu.pattern = "4:8"  # no sparse CUDA kernel takes it: the dense fallback that runs everywhere
+    assert backends.resolve("auto", gpu).name == "reference"
 
 
 # -- GPU ------------------------------------------------------------------------------------------------
