@@ -12,7 +12,8 @@ words ``[N, ceil(K/32)]``. On the CPU they run under ``TRITON_INTERPRET=1``
 (tests); there bf16 is computed in fp32, since the interpreter's bf16
 arithmetic is wrong.
 """
-import contextlib
+import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -22,6 +23,7 @@ from .kernels.common import ACTIVATIONS as _KERNEL_ACTIVATIONS
 from .kernels.common import DECODE_MAX_M, interpreting  # noqa: F401  (backends read them here)
 from .errors import ShapeError
 from .rotation import apply_rotation, check_rotation
+from .triton_launch import direct_launch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATIONS = tuple(_KERNEL_ACTIVATIONS)
@@ -131,8 +133,11 @@ def _tile_locks(device: torch.device, n: int) -> torch.Tensor:
 # -- launch ----------------------------------------------------------------------------------------------
 class _Plan:
     """What a launch needs beyond its tensors; a function of (layer, M bucket), so computed once per pair.
-    ``splits``: the split-K factor of each config the launch may use, by (BLOCK_M, BLOCK_N, BLOCK_K)."""
-    __slots__ = ("kernel", "splits", "max_splits", "lock_tiles", "m_bucket", "rotate_first", "kw")
+    ``configs``: those the autotuner may try; ``splits``: the split-K factor of each, by (BLOCK_M, BLOCK_N,
+    BLOCK_K). Once an eager launch has consulted the autotuner, ``config`` is its choice for the bucket,
+    ``grid`` its (BLOCK_M, N tiles, split) and ``launches`` a direct launch per compiled specialisation."""
+    __slots__ = ("kernel", "configs", "splits", "max_splits", "lock_tiles", "m_bucket", "rotate_first", "kw",
+                 "device", "stream", "config", "grid", "launches")
 
 
 def _plan(m, n, k, dtype, device, rot_b, has_bias, activation, split_k) -> _Plan:
@@ -147,15 +152,19 @@ def _plan(m, n, k, dtype, device, rot_b, has_bias, activation, split_k) -> _Plan
     if p.rotate_first:
         rot, rot_b = 0, None
         configs = ker.launch_configs(p.kernel.configs, 0, 1, dtype.itemsize, p.m_bucket, n, k, device)
-    configs = configs or p.kernel.configs  # nothing fits (not a config list of ours): let the compiler say so
+    p.configs = configs or p.kernel.configs  # nothing fits (not a config list of ours): let the compiler say so
     fill = ker.gpu_fill(device)
     p.splits = {ker.blocks(c): ker.even_split(c, k, split_k) if split_k else
-                ker.split_k(c, p.m_bucket, n, k, dtype.itemsize, *fill) if fill else 1 for c in configs}
+                ker.split_k(c, p.m_bucket, n, k, dtype.itemsize, *fill) if fill else 1 for c in p.configs}
     p.max_splits = max(p.splits.values())
     p.lock_tiles = max((_cdiv(p.m_bucket, bm) * _cdiv(n, bn) for (bm, bn, _), s in p.splits.items() if s > 1),
                        default=0)
     p.kw = dict(HAS_BIAS=has_bias, ACT=ker.ACTIVATIONS[activation], ROT=rot, ROT_B=rot_b or 1,
                 DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+    p.device = device.index if device.type == "cuda" else None
+    # Triton's own source of the stream (its driver's get_current_stream); none off a GPU (the interpreter)
+    p.stream = functools.partial(torch._C._cuda_getCurrentRawStream, p.device) if p.device is not None else int
+    p.config, p.grid, p.launches = None, None, {}
     return p
 
 
@@ -176,15 +185,69 @@ def _fire(p: _Plan, x, values, meta, bias, rotation, out, locks) -> None:
     n = values.shape[0]
     if p.rotate_first:
         x, rotation = apply_rotation(x, rotation).contiguous(), None
-    ws = out
     if p.max_splits > 1:
         ws = x.new_empty((p.max_splits, m, n), dtype=torch.float32)
         locks = _split_locks(locks, x.device, p.lock_tiles)
-    switch = x.is_cuda and x.device.index != torch.cuda.current_device()
-    with torch.cuda.device(x.device) if switch else contextlib.nullcontext():
-        p.kernel[_grid(p, m, n)](x, values, meta, x if rotation is None else rotation, out if bias is None else bias,
-                                 out, ws, locks if p.max_splits > 1 else ws, m, n, k, p.m_bucket,
-                                 x.stride(0), values.stride(0), meta.stride(0), out.stride(0), **p.kw)
+    else:
+        ws = locks = out  # placeholders: an unsplit launch never touches them
+    args = (x, values, meta, x if rotation is None else rotation, out if bias is None else bias, out, ws, locks,
+            m, n, k, p.m_bucket, x.stride(0), values.stride(0), meta.stride(0), out.stride(0))
+    if p.device is not None and p.device != torch.cuda.current_device():
+        with torch.cuda.device(p.device):
+            _start(p, args)
+    else:
+        _start(p, args)
+
+
+def _spec(args: tuple) -> tuple:
+    """What Triton specialises a compiled kernel on that may differ between two calls of one plan: M equal to 1
+    or a multiple of 16, and the 16-byte alignment of the tensors passed in (x, R, bias). The layer's layout
+    and counters are fixed, the output and workspace fresh from the allocator, the other integers the plan's."""
+    m = args[8]
+    return m == 1, m % 16 == 0, args[0].data_ptr() % 16, args[3].data_ptr() % 16, args[4].data_ptr() % 16
+
+
+def _start(p: _Plan, args: tuple) -> None:
+    """Launch directly when this specialisation has been launched before; else through Triton: the autotuner
+    the first time a bucket runs eagerly, its choice after that, and inside a CUDA-graph capture before any
+    eager call the first config (a capture never autotunes: the benchmark launches would be captured; the next
+    eager call tunes the bucket). The compiled kernel of the bucket's choice is kept for the next call."""
+    spec = _spec(args) if p.config is not None else None
+    launch = p.launches.get(spec)
+    if launch is not None:
+        bm, tiles_n, split = p.grid
+        launch(_cdiv(args[8], bm) * tiles_n, split, p.stream(), *args)
+        return
+    grid = _grid(p, args[8], args[9])
+    if p.config is None and not _capturing(args[0].device):
+        compiled = p.kernel[grid](*args, **p.kw)
+        _choose(p, p.kernel.best_config, args[9])
+        spec = _spec(args)
+    else:
+        config = p.config or p.configs[0]
+        compiled = p.kernel.fn.run(*args, grid=grid, warmup=False, **p.kw, **config.all_kwargs())
+    if p.config is not None:
+        launch = direct_launch(compiled, _constexprs({**p.kw, **p.config.kwargs}, len(args)))
+        if launch is not None:  # the interpreter compiles nothing
+            p.launches[spec] = launch
+
+
+def _choose(p: _Plan, config, n: int) -> None:
+    bm, bn, bk = _kernels().blocks(config)
+    p.config, p.grid = config, (bm, _cdiv(n, bn), p.splits[bm, bn, bk])
+
+
+def _constexprs(values: dict, runtime: int) -> tuple:
+    """The kernel's parameters after its ``runtime`` ones, in order: from ``values``, else their defaults (a
+    compiled kernel's launcher takes every parameter, constexprs included)."""
+    return tuple(values.get(name, default) for name, default in _params()[runtime:])
+
+
+@functools.cache
+def _params() -> tuple:
+    """(name, default) of every kernel parameter, in order."""
+    params = inspect.signature(_kernels().sparse24_matmul_kernel.fn).parameters.values()
+    return tuple((q.name, q.default) for q in params)
 
 
 def _launch(x, values, meta, bias, rotation, activation, out, split_k=None, locks=None) -> None:
@@ -214,7 +277,8 @@ def _rotation_block(rotation, k: int) -> int | None:
 
 class Sparse24Layer:
     """One layer's prepared kernel state: the layout, its own split-K counters (made here, outside any CUDA-graph
-    capture) and, per M bucket, the launch plan, so an eager call does no more than allocate and launch.
+    capture) and, per M bucket, the launch plan with the autotuner's choice and its compiled kernels, so an
+    eager call does no more than allocate and launch (:mod:`sparse_runtime.triton_launch`).
 
     Calls take ``x [..., K]`` already checked against the layer (``SparseLinear.forward`` does); under
     ``torch.compile`` they go through the custom ops."""

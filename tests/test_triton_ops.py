@@ -245,3 +245,115 @@ def test_rotation_falls_back_to_rotate_first_when_no_config_fits(monkeypatch):
     assert_close(triton_ops.rotate_sparse24_matmul(x, rot, values, meta), *reference(x, sw, rotation=rot),
                  torch.float32)
     assert len(calls) == 1
+
+
+# -- direct launch: the plan's bookkeeping, with a fake autotuner and fake compiled kernels --------------------
+class FakeCompiled:
+    """A compiled kernel of one (config, specialisation); its ``run`` (the driver's launcher) logs the launch."""
+
+    function, packed_metadata = "function", "packed"
+
+    def __init__(self, log, config):
+        self.log, self.config = log, config
+
+    def run(self, *a):
+        self.log.append(("direct", self.config, a[:2], a[9:]))  # grid, then every kernel parameter
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+
+class FakeAutotuner:
+    """What a plan uses of triton.autotune: ``kernel[grid](...)`` benchmarks (counted) and takes the last config,
+    ``kernel.fn.run(..., **config)`` runs one config as JITFunction.run does; each returns a compiled kernel."""
+
+    def __init__(self, configs, log):
+        self.configs, self.fn, self.log, self.tunings = configs, self, log, 0
+
+    def __getitem__(self, grid):
+        def tune(*args, **kw):
+            self.tunings += 1
+            self.best_config = self.configs[-1]  # not the first: the plan must use the autotuner's choice
+            return self.run(*args, grid=grid, warmup=False, **kw, **self.best_config.all_kwargs())
+        return tune
+
+    def run(self, *args, grid, warmup, **kw):
+        config = next(c for c in self.configs if c.kwargs.items() <= kw.items())
+        self.log.append(("jit", config, grid(kw), args))
+        return FakeCompiled(self.log, config)
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    """Two decode and two tile configs that both survive the prune on a fake 132-SM GPU, behind fake autotuners."""
+    ker = triton_ops._kernels()
+    log = []
+    decode = FakeAutotuner(ker._configs([(16, 64, 64), (16, 128, 64)], [4], [2], True), log)
+    tiles = FakeAutotuner(ker._configs([(32, 32, 64), (64, 64, 64)], [4], [2], False), log)
+    monkeypatch.setattr(ker, "sparse24_decode", decode)
+    monkeypatch.setattr(ker, "sparse24_tiles", tiles)
+    monkeypatch.setattr(ker, "gpu_fill", lambda device: (132, 50 << 20))
+    monkeypatch.setattr(triton_ops, "_capturing", lambda device: False)
+    sw, values, meta = random_layer(4096, 2048, torch.float16, seed=61)
+    return triton_ops.Sparse24Layer(sw.values, sw.meta), decode, tiles, log
+
+
+def test_direct_launch_per_m_bucket(fake_kernels):
+    layer, decode, tiles, log = fake_kernels
+    ker = triton_ops._kernels()
+
+    def call(m):
+        del log[:]
+        x = torch.randn(m, 2048, dtype=torch.float16)
+        layer(x)
+        return x, log[:]
+
+    x, ((kind, config, grid, args), *rest) = call(3)  # a new bucket: the autotuner, then its choice's launch
+    assert kind == "jit" and config is decode.configs[-1] and decode.tunings == 1 and not rest
+    p = layer._plans[2, True, None]
+    split = p.splits[16, 128, 64]
+    assert split > 1 and grid == (4096 // 128, split) and args[8:12] == (3, 4096, 2048, 4)  # M, N, K, M_BUCKET
+    for m in (4, 3):  # same bucket and specialisation: the compiled kernel, directly
+        x, [(kind, config, grid, params)] = call(m)
+        assert kind == "direct" and config is decode.configs[-1] and grid == (4096 // 128, split)
+        assert params[0] is x and params[8:12] == (m, 4096, 2048, 4) and params[7] is layer.locks
+        assert params[6].dtype == torch.float32 and params[6].shape == (p.max_splits, m, 4096)  # fresh partials
+        # HAS_BIAS, ACT, ROT, ROT_B, DOT_PREC, SWAP_AB, BLOCK_M/N/K, and the defaults BLOCK_J, GROUP_M
+        assert params[16:] == (False, 0, 0, 1, "tf32", True, 16, 128, 64, 32, 8)
+    assert decode.tunings == 1
+    # M = 16 in the bucket 9..16: tuned once at 9; 16 is another specialisation (a multiple of 16): compiled with
+    # the bucket's choice, without the autotuner, then launched directly
+    assert [e[0] for e in call(9)[1]] == ["jit"] and decode.tunings == 2
+    assert [(e[0], e[1]) for e in call(16)[1]] == [("jit", decode.configs[-1])] and decode.tunings == 2
+    assert [e[0] for e in call(16)[1] + call(12)[1]] == ["direct", "direct"]
+    # M > 16: the tile schedule, its own autotuner, a grid over M tiles
+    x, [(kind, config, grid, _)] = call(40)
+    assert kind == "jit" and tiles.tunings == 1 and ker.blocks(config) == (64, 64, 64)
+    x, [(kind, _, grid, params)] = call(50)
+    assert kind == "direct" and grid[0] == 1 * 4096 // 64 and params[8] == 50 and tiles.tunings == 1
+
+
+def test_a_capture_never_autotunes(fake_kernels, monkeypatch):
+    layer, decode, tiles, log = fake_kernels
+    x = torch.randn(5, 2048, dtype=torch.float16)
+    monkeypatch.setattr(triton_ops, "_capturing", lambda device: True)
+    for _ in range(2):  # an untuned bucket inside a capture: the first config, nothing kept for later
+        layer(x)
+        assert decode.tunings == 0 and [(e[0], e[1]) for e in log] == [("jit", decode.configs[0])]
+        del log[:]
+    monkeypatch.setattr(triton_ops, "_capturing", lambda device: False)
+    layer(x)  # the next eager call tunes the bucket
+    assert decode.tunings == 1 and [(e[0], e[1]) for e in log] == [("jit", decode.configs[-1])]
+    del log[:]
+    monkeypatch.setattr(triton_ops, "_capturing", lambda device: True)
+    layer(torch.randn(7, 2048, dtype=torch.float16))  # captured at another M of the bucket: the tuned kernel
+    assert decode.tunings == 1 and [(e[0], e[1]) for e in log] == [("direct", decode.configs[-1])]
+
+
+def test_a_misaligned_input_gets_its_own_specialisation(fake_kernels):
+    layer, decode, tiles, log = fake_kernels
+    x = torch.randn(4 * 2048 + 4, dtype=torch.float16)
+    layer(x[:-4].view(4, 2048))
+    del log[:]
+    layer(x[4:].view(4, 2048))  # 8 bytes off 16-byte alignment: Triton would compile another kernel
+    assert [e[0] for e in log] == ["jit"] and decode.tunings == 1
