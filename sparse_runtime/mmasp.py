@@ -31,12 +31,9 @@ def unavailable(device: torch.device | str | None = None) -> str | None:
     return cuda_unavailable(torch.device("cuda") if device is None else torch.device(device), "the mma.sp kernel")
 
 
-def _raw_stream(index: int) -> int:
-    return torch.cuda.current_stream(index).cuda_stream
-
-
-if hasattr(torch._C, "_cuda_getCurrentRawStream"):  # ~10x cheaper than building a torch.cuda.Stream
-    _raw_stream = torch._C._cuda_getCurrentRawStream
+# ~10x cheaper than building a torch.cuda.Stream, where torch has it
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
 class MmaspWeight:

@@ -9,6 +9,7 @@ from sparse_runtime import mmasp
 from sparse_runtime import mmasp_layout as L
 from sparse_runtime.errors import ShapeError
 from sparse_runtime.format import SparseWeight
+from sparse_runtime.masks import nm_mask
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -29,7 +30,8 @@ def poison():
 
 def weight(n, k, dtype, bias, seed):
     g = torch.Generator().manual_seed(seed)
-    sw = SparseWeight.compress(torch.randn(n, k, generator=g).to(dtype), pattern="2:4")
+    w = torch.randn(n, k, generator=g).to(dtype)
+    sw = SparseWeight.compress(w, nm_mask(w.float().abs()))
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     return sw, b
 

@@ -8,6 +8,7 @@ import torch
 
 from sparse_runtime import mmasp_layout as L
 from sparse_runtime.format import SparseWeight
+from sparse_runtime.masks import nm_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 CU = (ROOT / "csrc" / "decode24.cu").read_text()
@@ -16,7 +17,7 @@ CU = (ROOT / "csrc" / "decode24.cu").read_text()
 def case(m, n, k, dtype, seed, bias=True):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g).to(dtype)
-    sw = SparseWeight.compress(w, pattern="2:4")
+    sw = SparseWeight.compress(w, nm_mask(w.float().abs()))
     x = torch.randn(m, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     ref = x.double() @ sw.to_dense().double().T + (0 if b is None else b.double())
