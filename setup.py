@@ -2,7 +2,8 @@
 
 The Triton kernels in ``kernels/`` install as the subpackage ``sparse_runtime.kernels``.
 
-The cuSPARSELt extension ``sparse_runtime._C`` (``csrc/``) is built with nvcc + ninja when the CUDA
+The cuSPARSELt extension ``sparse_runtime._C`` and the mma.sp decode kernel ``sparse_runtime._decode24``
+(``csrc/``) are built with nvcc + ninja when the CUDA
 toolkit and cuSPARSELt (the ``nvidia-cusparselt-cu13``/``-cu12`` wheel, or ``CUSPARSELT_HOME``) are found;
 otherwise the pure-Python package installs and the reason is printed. ``SPARSE_RUNTIME_NO_EXT=1`` skips it,
 ``SPARSE_RUNTIME_REQUIRE_EXT=1`` turns a skip or a failed build into an error (for CI).
@@ -35,10 +36,11 @@ class NinjaBuildExt(build_ext):
     def build_extension(self, ext):
         output = Path(self.get_ext_fullpath(ext.name)).resolve()
         # A fixed folder in the tree (ignored by git), so reinstalls rebuild only what changed.
-        build_dir = ROOT / "build" / "sparse_runtime_C"
+        name = ext.name.rsplit(".", 1)[-1]
+        build_dir = ROOT / "build" / f"sparse_runtime{name}"
         build_dir.mkdir(parents=True, exist_ok=True)
         output.parent.mkdir(parents=True, exist_ok=True)
-        (build_dir / "build.ninja").write_text(build_ninja(self._cfg, build_dir, output))
+        (build_dir / "build.ninja").write_text(build_ninja(self._cfg, build_dir, output, name))
         jobs = os.environ.get("MAX_JOBS", "2")
         try:
             subprocess.run([self._cfg["ninja"], "-C", str(build_dir), "-j", jobs], check=True)
@@ -66,7 +68,8 @@ setup(
         "tqdm",
         "numpy",
     ],
-    ext_modules=[Extension("sparse_runtime._C", sources=["csrc/cusparselt_ext.cpp", "csrc/decompress24.cu"])],
+    ext_modules=[Extension("sparse_runtime._C", sources=["csrc/cusparselt_ext.cpp", "csrc/decompress24.cu"]),
+                 Extension("sparse_runtime._decode24", sources=["csrc/decode24_ext.cpp", "csrc/decode24.cu"])],
     cmdclass={"build_ext": NinjaBuildExt},
     entry_points={"console_scripts": ["sparse-runtime=sparse_runtime.cli:main"]},
 )

@@ -6,10 +6,12 @@
 #     bash benchmarks/gpu_check.sh prep
 # On a fresh GPU machine, the whole check is two calls (device tool: run with carry [".gpu"]), each under
 # ten minutes by its own time limits (not yet timed on a GPU):
-#     bash benchmarks/gpu_check.sh test     # correctness of every backend: 3 pytest processes at once (<= 300 s),
+#     bash benchmarks/gpu_check.sh test     # correctness of every backend (the CUDA extensions' tests, cuSPARSELt and
+#                                           # mma.sp, in one group): 3 pytest processes at once (<= 300 s),
 #                                           # then the timing-sensitive tests alone (<= 150 s); JUnit + JSON lines
 #     bash benchmarks/gpu_check.sh bench    # Triton kernels compiled in 11 processes (<= 150 s), decode (kernels.py,
-#                                           # Llama-3-8B shapes, M 1,16,64,2048; <= 240 s), prefill at M 2048 (<= 150 s)
+#                                           # Llama-3-8B shapes, M 1,16,64,2048, every backend incl. the mma.sp kernel
+#                                           # `mmasp` at M <= 16; <= 240 s), prefill at M 2048 (<= 150 s)
 # The other stages, for longer sessions:
 #     bash benchmarks/gpu_check.sh decode   # benchmarks/kernels.py, Llama-3-8B shapes (DTYPES=fp16; bf16: a 2nd call)
 #     bash benchmarks/gpu_check.sh prefill  # benchmarks/prefill.py: dense vs torch vs cusparselt vs dispatch
@@ -64,9 +66,10 @@ test)
         tail -3 "$OUT/test_gpu_$name.log"
     }
     group triton "${PARALLEL_S:-300}" tests/test_kernels_sparse24.py tests/test_triton_ops.py tests/test_backend_triton.py &
-    group cusparselt "${PARALLEL_S:-300}" tests/test_cusparselt.py tests/test_backend_torch_semi.py &
+    cuda_ext="tests/test_cusparselt.py tests/test_backend_torch_semi.py tests/test_mmasp.py tests/test_backend_mmasp.py"
+    group cuda_ext "${PARALLEL_S:-300}" $cuda_ext &
     group rest "${PARALLEL_S:-300}" tests $(for f in $serial tests/test_kernels_sparse24.py tests/test_triton_ops.py \
-        tests/test_backend_triton.py tests/test_cusparselt.py tests/test_backend_torch_semi.py; do echo --ignore=$f; done) &
+        tests/test_backend_triton.py $cuda_ext; do echo --ignore=$f; done) &
     wait
     group serial "${SERIAL_S:-150}" $serial
     ;;

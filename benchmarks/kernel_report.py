@@ -1,7 +1,8 @@
 """The compiler's view of the Triton 2:4 kernel, with no GPU needed: registers, spills, shared memory and
-the SASS instruction mix of every autotune config, compiled ahead of time for Hopper (sm_90) and Ampere (sm_80).
+the SASS instruction mix of every autotune config, compiled ahead of time for Hopper (sm_90) and Ampere (sm_80);
+and the same for the CUDA mma.sp decode kernel (csrc/decode24.cu, compiled with nvcc; ``--mmasp``: only it).
 
-    python benchmarks/kernel_report.py [--arch 90] [--dtype fp16] [--only REGEX] [--out benchmarks/results/kernel_report.json]
+    python benchmarks/kernel_report.py [--arch 90] [--dtype fp16] [--only REGEX] [--mmasp] [--out benchmarks/results/kernel_report.json]
 
 Per decode config it also counts the steady-state loop (the innermost backward branch around the MMAs):
 warp instructions per iteration (SASS in the loop x warps) per weight byte the iteration streams, and the
@@ -158,6 +159,62 @@ def report_row(arch: int, label: str, const: dict, warps: int, stages: int, cfg,
     return row
 
 
+# -- the mma.sp decode kernel (csrc/decode24.cu) -------------------------------------------------------------
+MMASP_SOURCES = ("csrc/decode24.cu", "csrc/decode24.h")
+MMASP_STEP_BYTES = 16 * 16 * 2 + 16 * 16 * 2 // 8  # one mma.sp's A: 16 rows x 16 kept values + their 2-bit indices
+
+
+def mmasp_version() -> str:
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    return hashlib.sha256(b"".join((root / f).read_bytes() for f in MMASP_SOURCES)).hexdigest()[:12]
+
+
+def _nvcc() -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "csrc"))
+    from build_config import _cuda_home
+
+    cuda = _cuda_home()
+    if cuda is None:
+        raise RuntimeError("no CUDA toolkit (nvcc) found; set CUDA_HOME")
+    return str(cuda / "bin" / "nvcc")
+
+
+def mmasp_rows(arch: int) -> list[dict]:
+    """nvcc -cubin of decode24.cu for ``sm_{arch}``: per instantiation (dtype, n-tiles) its registers, static
+    shared memory, SASS families and steady-state loop, and the issue rate it needs (loop instructions of one
+    warp per weight byte that warp streams: each warp has its own rows, so the CTA's warp count cancels)."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "decode24.cubin"
+        subprocess.run([_nvcc(), "-O2", "-std=c++17", f"-I{root / 'csrc'}", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                        "-cubin", "-o", str(cubin), str(root / "csrc" / "decode24.cu")], check=True)
+        res = subprocess.run([nvidia_bin("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+        sass = subprocess.run([nvidia_bin("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    usage = dict(re.findall(r"Function (\S+):\s*\n\s*(.*)", res))
+    rows = []
+    for name, body in re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, re.S):
+        if "decode24_kernel" not in name:
+            continue
+        dtype = "bf16" if "bfloat16" in name else "fp16"
+        nt = int(re.search(r"Li(\d)E", name).group(1))
+        counts = {k.lower(): int(v) for k, v in re.findall(r"(REG|SHARED|LOCAL|STACK):(\d+)", usage.get(name, ""))}
+        opcodes = re.findall(r"\b([A-Z][A-Z0-9]+(?:\.[A-Z0-9x]+)*)\s", body)
+        loop = main_loop(body)
+        row = {"arch": arch, "config": f"mmasp {dtype} {nt} n-tile{'s' if nt > 1 else ''} (M {'9-16' if nt > 1 else '1-8'})",
+               "dtype": dtype, "n_tiles": nt, **counts, "kernel": mmasp_version(),
+               "ops": dict(sorted(Counter(o for o in opcodes if o.split(".")[0] in FAMILIES + ("LDSM",)).items())),
+               "main_loop": loop,
+               "compiled": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+        if loop:
+            mmas = loop["ops"].get("HMMA", 0)
+            row["weight_bytes_per_iteration"] = mmas // nt * MMASP_STEP_BYTES
+            row.update(issue_rate(loop, 1, row["weight_bytes_per_iteration"], arch))
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["dtype"], r["n_tiles"]))
+
+
 def describe(row: dict) -> str:
     if "error" in row:
         return row["error"]
@@ -176,12 +233,24 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="compile only the variants whose label matches this regex (e.g. 'decode', "
                                   "'^decode [^+]*$': without rotation); the other rows of the report are kept")
     p.add_argument("--stale", action="store_true", help="compile only rows from another version of the kernel")
+    p.add_argument("--mmasp", action="store_true", help="compile only the mma.sp kernel (csrc/decode24.cu) with "
+                                                       "nvcc; the Triton rows are kept")
     p.add_argument("--out", type=Path, help="default: benchmarks/results/kernel_report[_DTYPE].json (fp16 unsuffixed)")
     args = p.parse_args(argv)
     args.out = args.out or RESULTS / ("kernel_report.json" if args.dtype == "fp16" else f"kernel_report_{args.dtype}.json")
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    old = {(r["arch"], r["config"]): r for r in previous.get("rows", [])}
+    mmasp = [r for arch in args.arch for r in mmasp_rows(arch)]
+    mmasp += [r for r in previous.get("mmasp", []) if r["arch"] not in args.arch]
+    for row in mmasp:
+        print(f"sm_{row['arch']} {row['config']:34s} regs {row.get('reg')} loop "
+              f"{(row.get('main_loop') or {}).get('instructions')} needed {row.get('needed_issue_per_clock_per_sm')}")
+    if args.mmasp:  # the rest of the report as it was
+        _write_json(args.out, {**previous, "mmasp_kernel": mmasp_version(), "mmasp": mmasp})
+        print(f"wrote {args.out}")
+        return 0
     import triton
 
-    old = {(r["arch"], r["config"]): r for r in json.loads(args.out.read_text())["rows"]} if args.out.exists() else {}
     rows = {}
     for arch in args.arch:
         for label, const, warps, stages, cfg in variants(arch, args.dtype):
@@ -192,18 +261,23 @@ def main(argv=None) -> int:
                 continue
             rows[arch, label] = row = report_row(arch, label, const, warps, stages, cfg, args.dtype)
             print(f"sm_{arch} {label:34s} {describe(row)}", flush=True)
-            write_report(args.out, args.dtype, triton.__version__, {**old, **rows})  # a cut-off run keeps its rows
+            write_report(args.out, args.dtype, triton.__version__, {**old, **rows}, mmasp)  # a cut-off run keeps its rows
     print(f"wrote {args.out}")
     return 0
 
 
-def write_report(path: Path, dtype: str, triton_version: str, rows: dict) -> None:
-    """Atomically, rows in config order (other archs' rows of an earlier run kept)."""
+def write_report(path: Path, dtype: str, triton_version: str, rows: dict, mmasp: list) -> None:
+    """Atomically, rows in config order (other archs' rows of an earlier run kept); ``mmasp``: the CUDA kernel's."""
     report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "triton": triton_version,
               "dtype": dtype, "specialisation": "pointers and N, K, strides divisible by 16",
               "issue_devices": {n: {"arch": a, "bytes_per_s": bw, "sms": sms, "clock_hz": c}
                                 for n, (a, bw, sms, c) in ISSUE_DEVICES.items()},
-              "bandwidth_share": BANDWIDTH_SHARE, "kernel": kernel_version(), "rows": list(rows.values())}
+              "bandwidth_share": BANDWIDTH_SHARE, "kernel": kernel_version(), "rows": list(rows.values()),
+              "mmasp_kernel": mmasp_version(), "mmasp": mmasp}
+    _write_json(path, report)
+
+
+def _write_json(path: Path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1))

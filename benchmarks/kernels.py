@@ -255,6 +255,9 @@ def bench_shape(shape, dtype_name, ms_list, providers, copy_gbps, l2_bytes, log=
         b = block or k
         q = torch.linalg.qr(torch.randn(k // b, b, b, device="cuda", generator=gen))[0].to(dtype)
         rot_sets[block] = [(q if block else q[0]).clone() for _ in range(n_copies)]  # one per copy, as per layer
+    from sparse_runtime import backends
+
+    max_m = {p: backends.get(p).max_m for p in providers if p in backends.names() and backends.get(p).max_m}
     rows = []
     log(format_table([]))
     for m in ms_list:
@@ -263,6 +266,8 @@ def bench_shape(shape, dtype_name, ms_list, providers, copy_gbps, l2_bytes, log=
         times, timers = {}, {}
         for provider in providers:
             if provider == "triton:fused-rot-full" and m > FUSED_FULL_MAX_M:
+                continue
+            if m > max_m.get(provider, m):  # a decode-only backend (mmasp: M <= 16)
                 continue
             rots = [None] * copies
             if provider in ROTATION_PROVIDERS:

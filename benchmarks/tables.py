@@ -421,9 +421,47 @@ def memory(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mmasp_issue() -> str:
+    r = _load("kernel_report.json")
+    rows = (r or {}).get("mmasp") or []
+    if not rows:
+        return "_not generated: run `python benchmarks/kernel_report.py --mmasp`_\n"
+    current = r.get("mmasp_kernel")
+    devices = list(dict.fromkeys(d for x in rows for d in x.get("needed_issue_per_clock_per_sm", {})))
+    lines = [f"The CUDA kernel `csrc/decode24.cu` (nvcc, kernel {current}, compiled {rows[0]['compiled'][:10]}), "
+             f"the same measure as above: instructions in the steady-state loop of one warp per weight byte that "
+             f"warp streams (each warp owns its 16 rows), and the rate needed for {r['bandwidth_share']:.0%} of "
+             f"the bandwidth; target <= {ISSUE_TARGET:g}."
+             + (" (*): compiled from another version of the source." if any(x.get("kernel") != current for x in rows)
+                else ""), "",
+             "| arch | instantiation | registers | static shared | spilled | loop instructions | weight bytes / iteration | "
+             "warp instr. / byte | " + " | ".join(f"needed on {d}" for d in devices) + " | biggest families |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(devices) + "---|"]
+    for x in rows:
+        loop = x.get("main_loop") or {"instructions": "-", "ops": {}}
+        need = x.get("needed_issue_per_clock_per_sm", {})
+        cells = [(f"{need[d]:.2f}" + ("" if need[d] <= ISSUE_TARGET else " (missed)")) if d in need else "-"
+                 for d in devices]
+        spill = x.get("local", 0) + sum(v for k, v in x["ops"].items() if k.startswith(("LDL", "STL")))
+        top = ", ".join(f"{k} {v}" for k, v in list(loop["ops"].items())[:4])
+        stale = " (*)" if x.get("kernel") != current else ""
+        lines.append(f"| sm_{x['arch']} | {x['config']}{stale} | {x.get('reg')} | {x.get('shared', 0)} B + x slice | "
+                     f"{'yes' if spill else 'no'} | {loop['instructions']} | {x.get('weight_bytes_per_iteration', '-'):,} | "
+                     f"{x.get('warp_instructions_per_weight_byte', 0):.4f} | " + " | ".join(cells) + f" | {top} |")
+    lines.append("")
+    for d in devices:
+        worst = max((x for x in rows if d in x.get("needed_issue_per_clock_per_sm", {})),
+                    key=lambda x: x["needed_issue_per_clock_per_sm"][d])
+        w = worst["needed_issue_per_clock_per_sm"][d]
+        lines.append(f"- {d}: every instantiation needs at most {w:.2f} per clock ({worst['config']}), target <= "
+                     f"{ISSUE_TARGET:g} {'met' if w <= ISSUE_TARGET else 'missed'}.")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {"tp_memory": tp_memory, "prune_quality": prune_quality, "memory": memory, "gemma3_bos": gemma3_bos,
           "engine": engine, "serve_load": serve_load, "prune_speed": prune_speed,
           "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources, "decode_issue": decode_issue,
+          "mmasp_issue": mmasp_issue,
           "rotation_quality": rotation_quality, "allocation_quality": allocation_quality}
 
 

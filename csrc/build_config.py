@@ -1,4 +1,4 @@
-"""Where the CUDA toolkit, cuSPARSELt, pybind11 and ninja are, and the build.ninja for sparse_runtime._C.
+"""Where the CUDA toolkit, cuSPARSELt, pybind11 and ninja are, and the build.ninja of each extension.
 
 Used by setup.py and by tests/test_build_ext.py (which checks the extension exists wherever it can be built).
 """
@@ -111,7 +111,13 @@ def config():
             "ninja": ninja, "pybind_inc": pybind11.get_include()}, None
 
 
-def build_ninja(cfg, build_dir: Path, output: Path) -> str:
+# Extension -> (C++ sources, CUDA sources, links cuSPARSELt). _decode24 is the mma.sp decode kernel, apart from
+# _C so that it needs nothing but the CUDA runtime.
+EXTENSIONS = {"_C": (["cusparselt_ext.cpp"], ["decompress24.cu"], True),
+              "_decode24": (["decode24_ext.cpp"], ["decode24.cu"], False)}
+
+
+def build_ninja(cfg, build_dir: Path, output: Path, ext: str = "_C") -> str:
     py_inc = sysconfig.get_paths()["include"]
     incs = " ".join(f"-I{p}" for p in [ROOT / "csrc", py_inc, cfg["pybind_inc"], cfg["cuda"] / "include",
                                          cfg["cslt_inc"], *cfg["extra_inc"]])
@@ -121,12 +127,17 @@ def build_ninja(cfg, build_dir: Path, output: Path) -> str:
     # The wheel's lib dir, absolute (editable installs, venvs) and relative to an installed package.
     rpaths = [str(lib), "$$ORIGIN/../nvidia/cu13/lib", "$$ORIGIN/../nvidia/cusparselt/lib"]
     rpath = ",".join(f"-rpath,{r}" for r in rpaths)  # quoted: the shell must not expand $ORIGIN
+    cxx_srcs, cu_srcs, links_cslt = EXTENSIONS[ext]
+    objs = [(f"{build_dir}/{Path(src).stem}.o", rule, src) for rule, srcs in (("cxx", cxx_srcs), ("nvcc", cu_srcs))
+            for src in srcs]
+    builds = "\n".join([f"build {o}: {rule} {ROOT}/csrc/{src}" for o, rule, src in objs]
+                       + [f"build {output}: link {' '.join(o for o, _, _ in objs)}"])
     return f"""ninja_required_version = 1.3
 cxx = {os.environ.get("CXX", "c++")}
 nvcc = {cfg["cuda"] / "bin" / "nvcc"}
 cflags = -O2 -std=c++17 -fPIC -fvisibility=hidden -Wall {incs}
-nvflags = -O2 -std=c++17 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden {gencode} {incs}
-ldflags = -shared -L{lib} -l:libcusparseLt.so.0 {cfg["cudart"]} -ldl -lrt -lpthread '-Wl,{rpath}'
+nvflags = -O2 -std=c++17 --threads 0 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden {gencode} {incs}
+ldflags = -shared {f"-L{lib} -l:libcusparseLt.so.0 " if links_cslt else ""}{cfg["cudart"]} -ldl -lrt -lpthread '-Wl,{rpath}'
 
 rule cxx
   command = $cxx -MMD -MF $out.d $cflags -c $in -o $out
@@ -139,7 +150,5 @@ rule nvcc
 rule link
   command = $cxx $in -o $out $ldflags
 
-build {build_dir}/cusparselt_ext.o: cxx {ROOT}/csrc/cusparselt_ext.cpp
-build {build_dir}/decompress24.o: nvcc {ROOT}/csrc/decompress24.cu
-build {output}: link {build_dir}/cusparselt_ext.o {build_dir}/decompress24.o
+{builds}
 """

@@ -146,7 +146,8 @@ def test_auto_resolves_to_dispatch_and_is_correct(fresh):
         torch.testing.assert_close(layer(x), ref(x), rtol=2e-2, atol=2e-2)
     table = dp.DispatchBackend.table(layer)
     assert set(table) == {1, 8, 64, 512}
-    assert set(table.values()) <= {"dense", "cusparselt", "triton"}
+    assert set(table.values()) <= {"dense", "cusparselt", "triton", "mmasp"}
+    assert table[64] != "mmasp" and table[512] != "mmasp"  # decode only
     entries = next(iter(caches.load_cache_file(fresh / "dispatch.json").values()))
     assert len(entries) == 4 and all("dense" in t for t in entries.values())
 

@@ -24,6 +24,7 @@ class Backend:
     # Device types on which "auto" may pick this backend. A backend can still be
     # usable elsewhere by name (e.g. Triton kernels on the CPU interpreter, for tests).
     auto_devices: tuple[str, ...] = ("cuda",)
+    max_m: int | None = None  # the most rows of x per call, where the backend has a limit (decode kernels)
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why this backend cannot run on ``device``, or None if it can."""
@@ -45,7 +46,7 @@ _REGISTRY: dict[str, Backend] = {}
 _IMPORT_ERRORS: dict[str, str] = {}
 _TRIED: set[str] = set()
 # Modules that register backends; a failing import makes that backend unavailable, not the package.
-_MODULES = ("reference", "decompressed", "triton", "cusparselt", "torch_semi", "dispatch")
+_MODULES = ("reference", "decompressed", "triton", "cusparselt", "torch_semi", "mmasp", "dispatch")
 
 
 def register(backend: Backend) -> Backend:

@@ -1,7 +1,8 @@
 """The ``dispatch`` backend: what ``backend="auto"`` runs on CUDA.
 
-For each layer shape and M bucket (powers of two) it times the candidates once: ``cusparselt``, ``triton``
-(when registered and able to run the layer) and ``dense`` (cuBLAS ``F.linear`` on the decompressed weight),
+For each layer shape and M bucket (powers of two) it times the candidates once: ``cusparselt``, ``triton``,
+``mmasp`` (the ``mma.sp`` decode kernel, for buckets up to its ``max_m``; each when registered and able to run
+the layer) and ``dense`` (cuBLAS ``F.linear`` on the decompressed weight),
 and from then on runs the fastest. The timer is device time in CUDA graphs with L2 flushed between calls
 (:func:`sparse_runtime.timing.device_time_us`): what a layer costs in a served model, where decode runs
 under graphs and weights come from HBM; a candidate that cannot be captured is timed eagerly instead, while
@@ -31,7 +32,7 @@ from ..timing import device_time_us, time_us
 from . import Backend, get, register
 from .decompressed import DecompressedBackend
 
-CANDIDATES = ("cusparselt", "triton")
+CANDIDATES = ("cusparselt", "triton", "mmasp")
 DECOMPRESSED = DecompressedBackend()  # the dense candidate: cuBLAS on the weight decompressed once
 DENSE = "dense"
 MARGIN = 0.03
@@ -64,6 +65,12 @@ def select(timings: dict[str, float], margin: float = MARGIN) -> str:
 def complete(timings: dict | None, names) -> bool:
     """Whether cached ``timings`` cover every candidate that can run now (plus dense)."""
     return timings is not None and all(n in timings for n in (*names, DENSE))
+
+
+def fits(backend, bucket: int) -> bool:
+    """Whether ``backend`` takes batches of ``bucket`` rows (decode-only kernels have a ``max_m``)."""
+    max_m = getattr(backend, "max_m", None)
+    return max_m is None or bucket <= max_m
 
 
 def _time_all(runs: dict, timer) -> dict[str, float | None]:
@@ -122,7 +129,7 @@ class DispatchBackend(Backend):
         if layer.pattern != "2:4":
             return f"dispatch takes 2:4 layers, not {layer.pattern}"
         if not self._candidates(layer):
-            return "no sparse backend (cusparselt, triton) can run this layer"
+            return f"no sparse backend ({', '.join(CANDIDATES)}) can run this layer"
         return None
 
     def prepare(self, layer):
@@ -137,9 +144,13 @@ class DispatchBackend(Backend):
             entry[1] = entry[0].prepare(layer)
         return entry[0].forward(layer, entry[1], x)
 
+    @staticmethod
+    def _names(st: _State, bucket: int) -> list[str]:
+        return [name for name, (backend, _) in st.candidates.items() if fits(backend, bucket)]
+
     def _measure(self, layer, st: _State, bucket: int) -> dict[str, float]:
         x = torch.randn(bucket, layer.in_features, device=layer.weight_values.device).to(layer.weight_values.dtype)
-        runs = {name: (lambda n=name: self._run(n, layer, st, x)) for name in (*st.candidates, DENSE)}
+        runs = {name: (lambda n=name: self._run(n, layer, st, x)) for name in (*self._names(st, bucket), DENSE)}
         timings = _time_all(runs, device_time_us)
         # A candidate that will not capture is timed eagerly, host overhead included: never less than its
         # device time, so it can only lose by it. The others keep their graph times.
@@ -154,12 +165,13 @@ class DispatchBackend(Backend):
         key = entry_key(shape_key(layer.out_features, layer.in_features, layer.weight_values.dtype,
                                   layer.bias is not None, rot), bucket)
         timings = _TIMINGS.get(key)
-        if not complete(timings, st.candidates):
+        names = self._names(st, bucket)
+        if not complete(timings, names):
             if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
                 return DENSE  # not recorded in the table: measured at the next eager call
             timings = self._measure(layer, st, bucket)
             _TIMINGS.put(key, timings)
-        choice = select({n: t for n, t in timings.items() if n in st.candidates or n == DENSE})
+        choice = select({n: t for n, t in timings.items() if n in names or n == DENSE})
         st.table[bucket] = choice
         chosen = set(st.table.values())
         for name, entry in st.candidates.items():

@@ -1,0 +1,23 @@
+// The mma.sp decode kernel's launch interface (csrc/decode24.cu), shared with its pybind11 module.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#define SR_DECODE24_WARPS 8      // warps per CTA, each on its own 16 output features
+#define SR_DECODE24_MAX_KS 1024  // most input columns one CTA takes: its x slice lives in shared memory
+
+// Device pointers as the Python side passes them. ws (fp32 [split, M, N]) and counters (int32, one per CTA
+// column, zero between launches) are needed only when the grid splits K (split_chunks * 64 < K).
+struct Decode24Args {
+  const void* vals;
+  const void* meta;
+  const void* x;
+  const void* bias;  // nullptr: no bias
+  void* y;
+  void* ws;
+  void* counters;
+  int m, n, k, split_chunks;
+};
+
+void sr_decode24(const Decode24Args& args, bool bf16, cudaStream_t stream);

@@ -1,0 +1,41 @@
+// sparse_runtime._decode24: the pybind11 layer over the mma.sp decode kernel (csrc/decode24.cu).
+//
+// As in sparse_runtime._C, tensors cross as device pointers (Python ints) and the stream as an int, so the
+// module builds against any torch and imports without a GPU; the first launch on a machine without one raises
+// RuntimeError naming the failing call.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "decode24.h"
+#include "sr_common.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void decode24(int device, uintptr_t vals, uintptr_t meta, uintptr_t x, uintptr_t bias, uintptr_t y, uintptr_t ws,
+              uintptr_t counters, int m, int n, int k, int split_chunks, const std::string& dtype, uintptr_t stream) {
+  if (dtype != "float16" && dtype != "bfloat16") throw_error("decode24 takes float16 or bfloat16, got " + dtype);
+  int current = 0;
+  sr_check_cuda(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != device) sr_check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  const Decode24Args args{reinterpret_cast<const void*>(vals), reinterpret_cast<const void*>(meta),
+                          reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(bias),
+                          reinterpret_cast<void*>(y), reinterpret_cast<void*>(ws), reinterpret_cast<void*>(counters),
+                          m, n, k, split_chunks};
+  sr_decode24(args, dtype == "bfloat16", reinterpret_cast<cudaStream_t>(stream));
+  if (current != device) cudaSetDevice(current);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_decode24, m) {
+  m.doc() = "2:4 decode GEMM on the sparse tensor cores (mma.sp), pointers and streams as Python ints";
+  m.attr("warps") = SR_DECODE24_WARPS;
+  m.attr("max_split_columns") = SR_DECODE24_MAX_KS;
+  m.def("decode24", &decode24, py::arg("device"), py::arg("vals"), py::arg("meta"), py::arg("x"), py::arg("bias"),
+        py::arg("y"), py::arg("ws"), py::arg("counters"), py::arg("m"), py::arg("n"), py::arg("k"),
+        py::arg("split_chunks"), py::arg("dtype"), py::arg("stream"),
+        "y[M, N] = x[M, K] @ W^T (+ bias) from the mma.sp fragment layout (sparse_runtime/mmasp_layout.py)");
+}

@@ -1,0 +1,85 @@
+"""The ``mma.sp`` decode kernel from Python: the prepared weight and the call.
+
+Over the extension :mod:`sparse_runtime._decode24` (``csrc/decode24.cu``), which takes device pointers and
+the stream as ints. The layout is derived once, at load time, by :mod:`sparse_runtime.mmasp_layout`; the
+split over K depends on the shape and the GPU's SM count only, so it, the grid and the per-CTA-column counters
+are fixed at prepare time, outside any CUDA graph capture. The counters return to zero after every launch;
+two streams running the same layer at once would race on them (nothing here does that).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import mmasp_layout as layout
+from .devices import cuda_unavailable
+from .errors import BackendUnavailable, ShapeError
+
+try:
+    from . import _decode24 as _D
+    _IMPORT_ERROR = None
+except ImportError as e:  # the pure-Python install: no nvcc at build time
+    _D = None
+    _IMPORT_ERROR = f"the extension sparse_runtime._decode24 is not built or does not load ({e})"
+
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def unavailable(device: torch.device | str | None = None) -> str | None:
+    """Why the kernel cannot run on ``device`` (default: the current CUDA device), or None."""
+    if _D is None:
+        return _IMPORT_ERROR
+    return cuda_unavailable(torch.device("cuda") if device is None else torch.device(device), "the mma.sp kernel")
+
+
+# ~10x cheaper than building a torch.cuda.Stream, where torch has it
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream)
+
+
+class MmaspWeight:
+    """A 2:4 weight in the kernel's fragment layout, with its launch fixed: ``split_chunks`` and counters."""
+
+    def __init__(self, vals: torch.Tensor, meta: torch.Tensor, n: int, k: int, dtype: torch.dtype,
+                 bias: torch.Tensor | None, split_chunks: int):
+        self.vals, self.meta, self.n, self.k, self.dtype, self.bias = vals, meta, n, k, dtype, bias
+        self.split_chunks = split_chunks
+        ctas_n, split = layout.grid(n, k, split_chunks)
+        self.split = split
+        self.counters = torch.zeros(ctas_n if split > 1 else 1, dtype=torch.int32, device=vals.device)
+
+    @classmethod
+    def from_canonical(cls, values: torch.Tensor, meta: torch.Tensor, k: int,
+                       bias: torch.Tensor | None = None) -> MmaspWeight:
+        if values.dtype not in DTYPE_NAMES:
+            raise ShapeError(f"the mma.sp kernel takes fp16/bf16 weights, got {values.dtype}")
+        n = values.shape[0]
+        why = layout.unsupported_shape(n, k)
+        if why:
+            raise ShapeError(why)
+        vals, meta_w = layout.fragment_layout(values.cpu(), meta.cpu(), k)  # a gather, once per load
+        vals, meta_w = vals.to(values.device), meta_w.to(values.device)
+        sms = torch.cuda.get_device_properties(values.device).multi_processor_count if values.is_cuda else 132
+        bias = None if bias is None else bias.to(values.dtype).contiguous()
+        return cls(vals, meta_w, n, k, values.dtype, bias, layout.split_columns(n, k, sms))
+
+
+def linear(x: torch.Tensor, w: MmaspWeight) -> torch.Tensor:
+    """``x [M, K] @ W^T (+ bias)`` for M <= 16, on the device ``w`` lives on."""
+    m = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != w.k or not 1 <= m <= layout.MAX_M:
+        raise ShapeError(f"the mma.sp kernel takes x [M <= {layout.MAX_M}, {w.k}], got {tuple(x.shape)}")
+    if x.dtype != w.dtype:
+        raise ShapeError(f"x is {x.dtype}, the weight {w.dtype}")
+    why = unavailable(x.device)
+    if why:
+        raise BackendUnavailable(why)
+    x = x.contiguous()
+    if x.data_ptr() % 16:  # cp.async copies 16-byte vectors
+        x = x.clone()
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    y = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
+    ws = torch.empty(w.split, m, w.n, dtype=torch.float32, device=x.device) if w.split > 1 else y
+    _D.decode24(index, w.vals.data_ptr(), w.meta.data_ptr(), x.data_ptr(),
+                0 if w.bias is None else w.bias.data_ptr(), y.data_ptr(), ws.data_ptr(), w.counters.data_ptr(),
+                m, w.n, w.k, w.split_chunks, DTYPE_NAMES[x.dtype], _raw_stream(index))
+    return y
