@@ -203,7 +203,6 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
     dst = torch.empty_like(src)
     ms = time_us(lambda: dst.copy_(src), warmup=2, iters=10, repeats=3) / 1000.0
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 

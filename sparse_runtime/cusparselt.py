@@ -94,12 +94,9 @@ def _require(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
-def _raw_stream(index: int) -> int:
-    return torch.cuda.current_stream(index).cuda_stream
-
-
-if hasattr(torch._C, "_cuda_getCurrentRawStream"):  # ~10x cheaper than building a torch.cuda.Stream
-    _raw_stream = torch._C._cuda_getCurrentRawStream
+# the raw stream pointer; torch._C's getter is ~10x cheaper than building a torch.cuda.Stream
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
 # -- compression --------------------------------------------------------------------------------------
