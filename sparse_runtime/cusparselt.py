@@ -26,7 +26,7 @@ import os
 import torch
 
 from .caches import LRU, DiskCache, device_key, m_bucket
-from .devices import cuda_unavailable
+from .devices import cuda_unavailable, raw_stream
 from .errors import BackendUnavailable, ShapeError
 from .timing import time_us
 
@@ -94,9 +94,6 @@ def _require(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
-# the raw stream pointer; torch._C's getter is ~10x cheaper than building a torch.cuda.Stream
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
-    lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
 # -- compression --------------------------------------------------------------------------------------
@@ -106,7 +103,7 @@ def expand_canonical(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.
     values, meta = values.contiguous(), meta.contiguous()
     out = torch.empty(values.shape[0], k, dtype=values.dtype, device=values.device)
     _C.expand24(index, values.data_ptr(), meta.data_ptr(), out.data_ptr(), values.shape[0], k,
-                values.element_size(), _raw_stream(index))
+                values.element_size(), raw_stream(index))
     return out
 
 
@@ -129,7 +126,7 @@ def compress_dense(w: torch.Tensor) -> torch.Tensor:
     out = torch.empty(size, dtype=torch.uint8, device=w.device)
     buf = torch.empty(max(buf_size, 1), dtype=torch.uint8, device=w.device)
     _C.compress(index, w.shape[0], w.shape[1], name, w.data_ptr(), out.data_ptr(), buf.data_ptr(),
-                _raw_stream(index))
+                raw_stream(index))
     return out
 
 
@@ -209,7 +206,7 @@ def _search(w: CusparseLtWeight, mpad: int) -> dict:
     mode = os.environ.get("SPARSE_RUNTIME_CSLT_SEARCH", "manual")
     x = torch.randn(mpad, w.kpad, device=w.device).to(w.dtype)
     out = torch.empty(mpad, w.npad, dtype=w.dtype, device=w.device)
-    stream = _raw_stream(w.index)
+    stream = raw_stream(w.index)
 
     def build(alg_id, split_k):
         return _C.Plan(w.index, mpad, w.npad, w.kpad, w.dtype_name, w.bias_ptr, alg_id, split_k)
@@ -259,7 +256,7 @@ def get_plan(w: CusparseLtWeight, mpad: int):
         _PLANS.put(key, plan)
         (_PROVISIONAL.add if capturing and alg_id == -1 else _PROVISIONAL.discard)(key)
         if plan.workspace_size and not capturing:  # sized now, outside any capture
-            _workspace(w.index, _raw_stream(w.index), plan.workspace_size)
+            _workspace(w.index, raw_stream(w.index), plan.workspace_size)
     return plan
 
 
@@ -275,7 +272,7 @@ def linear(x: torch.Tensor, w: CusparseLtWeight) -> torch.Tensor:
         if not _capturing():  # a plan made in a capture may be provisional: looked up again when eager
             w.last = (mpad, plan)
     out = torch.empty(mpad, w.npad, dtype=w.dtype, device=w.device)
-    stream = _raw_stream(w.index)
+    stream = raw_stream(w.index)
     ws = _workspace(w.index, stream, plan.workspace_size) if plan.workspace_size else 0
     plan.matmul(w.packed_ptr, x.data_ptr(), out.data_ptr(), ws, stream)
     if mpad != m or w.npad != w.n:

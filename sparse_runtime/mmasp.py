@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import mmasp_layout as layout
-from .devices import cuda_unavailable
+from .devices import cuda_unavailable, raw_stream
 from .errors import BackendUnavailable, ShapeError
 
 try:
@@ -31,9 +31,6 @@ def unavailable(device: torch.device | str | None = None) -> str | None:
     return cuda_unavailable(torch.device("cuda") if device is None else torch.device(device), "the mma.sp kernel")
 
 
-# ~10x cheaper than building a torch.cuda.Stream, where torch has it
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
-    lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
 class MmaspWeight:
@@ -81,5 +78,5 @@ def linear(x: torch.Tensor, w: MmaspWeight) -> torch.Tensor:
     ws = torch.empty(w.split, m, w.n, dtype=torch.float32, device=x.device) if w.split > 1 else y
     _D.decode24(index, w.vals.data_ptr(), w.meta.data_ptr(), x.data_ptr(),
                 0 if w.bias is None else w.bias.data_ptr(), y.data_ptr(), ws.data_ptr(), w.counters.data_ptr(),
-                m, w.n, w.k, w.split_chunks, DTYPE_NAMES[x.dtype], _raw_stream(index))
+                m, w.n, w.k, w.split_chunks, DTYPE_NAMES[x.dtype], raw_stream(index))
     return y

@@ -36,7 +36,7 @@ def fake_capture(monkeypatch):
     monkeypatch.setattr(cs, "_RETIRED", [])
     monkeypatch.setattr(cs, "_PROVISIONAL", set())
     monkeypatch.setattr(cs, "_PLANS", cs.LRU(8))
-    monkeypatch.setattr(cs, "_raw_stream", lambda index: 7)
+    monkeypatch.setattr(cs, "raw_stream", lambda index: 7)
     return state
 
 
