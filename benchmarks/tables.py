@@ -376,10 +376,14 @@ def allocation_quality(r: dict) -> str:
             ours = plans.get(f"{fraction}/error_depth")
             rivals = {k: v for k, v in plans.items() if k.startswith(fraction + "/") and k != f"{fraction}/error_depth"}
             if ours and rivals:
-                beaten = all(ours["ppl"] < v["ppl"] and ours["predicted_speedup"] >= v["predicted_speedup"] - 0.005
-                             for v in rivals.values())
-                lines.append(f"- {float(fraction):.0%} of weights 2:4: the plan ({ours['ppl']:.1f}) "
-                             f"{'beats' if beaten else 'does NOT beat'} every naive plan at equal predicted speedup "
+                lower = all(ours["ppl"] < v["ppl"] for v in rivals.values())
+                faster = {k.split("/", 1)[1]: v["predicted_speedup"] - ours["predicted_speedup"]
+                          for k, v in rivals.items() if v["predicted_speedup"] > ours["predicted_speedup"] + 0.005}
+                verdict = ("beats every naive plan at equal predicted speedup" if lower and not faster else
+                           "has a lower perplexity than every naive plan, but not at equal predicted speedup: "
+                           + ", ".join(f"{k} runs at +{d:.3f}x" for k, d in faster.items()) if lower else
+                           "does NOT beat every naive plan")
+                lines.append(f"- {float(fraction):.0%} of weights 2:4: the plan ({ours['ppl']:.1f}) {verdict} "
                              f"(best naive {min(v['ppl'] for v in rivals.values()):.1f}).")
     return "\n".join(lines) + "\n"
 
