@@ -44,4 +44,4 @@ def test_allocation_quality_report(stories_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     text = tables.allocation_quality()
     assert "**test**" in text and "| wanda | 70% |" in text and "0.6/error_depth" in text
-    assert "- Wanda 70%: ATP" in text and "every naive plan at equal predicted speedup" in text
+    assert "- Wanda 70%: ATP" in text and "of weights 2:4: the plan (" in text and "naive plan" in text
