@@ -32,7 +32,7 @@ from sparse_runtime.models import load_model  # noqa: E402
 from sparse_runtime.prune import (DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, find_decoder_layers,  # noqa: E402
                                   prune)
 from sparse_runtime.prune.allocation import ALPHA_EPS, Allocation, AllocationError, allocate, plot_rates  # noqa: E402
-from sparse_runtime.prune.atp_search import search_beta  # noqa: E402
+from sparse_runtime.prune.atp_search import STATISTICS, search_beta  # noqa: E402
 from sparse_runtime.prune.calibration import bos_mode, validation_windows  # noqa: E402
 from sparse_runtime.prune.plan import linear_costs, naive, search_depth_weight  # noqa: E402
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--val-windows", type=int, default=16, help="held-out C4 windows (of --seqlen) the beta search scores")
     p.add_argument("--beta-step", type=float, default=0.002, help="ATP beta grid step (the paper's 0.002)")
     p.add_argument("--beta-patience", type=int, default=None, help="stop the beta search after this many worse betas")
-    p.add_argument("--beta-statistics", choices=("dense", "sequential"), default="dense",
+    p.add_argument("--beta-statistics", choices=STATISTICS, default="dense",
                    help="beta-search trials on the dense model's statistics (fast) or pruned layer by layer")
     p.add_argument("--eval-data", default=str(DEFAULT_EVAL))
     p.add_argument("--eval-seqlen", type=int, default=512)
@@ -94,9 +94,11 @@ def main(argv=None) -> int:
                        "documents": f"in file order, skipping the {len(used)} calibration documents"},
         "eval": {"file": Path(args.eval_data).name, "seqlen": args.eval_seqlen, "max_tokens": args.eval_tokens},
         "notes": "unstructured sparsity, Wanda per output row, SparseGPT adaptive per 128-column block; pruned "
-                 "weights run densely. OWL lambda 0.08, M 5; AlphaPruning eps 0.2 (lowered by 0.02 steps where a block would reach 1, the row says eps); ATP beta on the paper's 0.002 "
-                 "grid, scored on held-out C4 (never on WikiText-2). Plans: 2:4 Wanda for the chosen linears (the depth weight of the error_depth plan "
-                 "searched on the held-out C4 windows, each candidate pruned from dense statistics), "
+                 "weights run densely. OWL lambda 0.08, M 5; AlphaPruning eps 0.2 (lowered by 0.02 steps where a "
+                 "block would reach 1, the row says eps); ATP beta on the paper's 0.002 grid, scored on held-out C4 "
+                 "(never on WikiText-2). Plans: 2:4 Wanda for the chosen linears (the depth weight of the "
+                 "error_depth plan searched on the held-out C4 windows, each candidate pruned from dense "
+                 "statistics), "
                  "the rest dense; predicted decode speedup from the byte model (2:4 = 9/16 of dense bytes).",
         "dense": None, "rows": {}, "plans": {},
     }
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
 
 def _allocate(model, strategy, sparsity, calib, device) -> Allocation:
     """The strategy's default spread, or for AlphaPruning near the limit (80%: 0.8 x 1.2 > 1 after rescaling)
-    the largest eps on a 0.02 grid below it that keeps every block's rate legal (recorded in the row's rates)."""
+    the largest eps on a 0.02 grid below it that keeps every block's rate legal (the row records it as eps)."""
     eps = ALPHA_EPS
     while True:
         try:

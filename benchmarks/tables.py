@@ -9,8 +9,8 @@ The README holds no number typed by hand: each table sits between ``<!-- table:N
 from __future__ import annotations
 
 import argparse
-import functools
 import datetime
+import functools
 import json
 import re
 import sys
@@ -379,10 +379,13 @@ def allocation_quality(r: dict) -> str:
                 lower = all(ours["ppl"] < v["ppl"] for v in rivals.values())
                 faster = {k.split("/", 1)[1]: v["predicted_speedup"] - ours["predicted_speedup"]
                           for k, v in rivals.items() if v["predicted_speedup"] > ours["predicted_speedup"] + 0.005}
-                verdict = ("beats every naive plan at equal predicted speedup" if lower and not faster else
-                           "has a lower perplexity than every naive plan, but not at equal predicted speedup: "
-                           + ", ".join(f"{k} runs at +{d:.3f}x" for k, d in faster.items()) if lower else
-                           "does NOT beat every naive plan")
+                if not lower:
+                    verdict = "does NOT beat every naive plan"
+                elif faster:
+                    verdict = ("has a lower perplexity than every naive plan, but not at equal predicted speedup: "
+                               + ", ".join(f"{k} runs at +{d:.3f}x" for k, d in faster.items()))
+                else:
+                    verdict = "beats every naive plan at equal predicted speedup"
                 lines.append(f"- {float(fraction):.0%} of weights 2:4: the plan ({ours['ppl']:.1f}) {verdict} "
                              f"(best naive {min(v['ppl'] for v in rivals.values()):.1f}).")
     return "\n".join(lines) + "\n"

@@ -31,8 +31,6 @@ def unavailable(device: torch.device | str | None = None) -> str | None:
     return cuda_unavailable(torch.device("cuda") if device is None else torch.device(device), "the mma.sp kernel")
 
 
-
-
 class MmaspWeight:
     """A 2:4 weight in the kernel's fragment layout, with its launch fixed: ``split_chunks`` and counters."""
 

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .caches import m_bucket
+from .devices import raw_stream
 from .kernels.common import ACTIVATIONS as _KERNEL_ACTIVATIONS
 from .kernels.common import DECODE_MAX_M, interpreting  # noqa: F401  (backends read them here)
 from .errors import ShapeError
@@ -162,8 +163,8 @@ def _plan(m, n, k, dtype, device, rot_b, has_bias, activation, split_k) -> _Plan
     p.kw = dict(HAS_BIAS=has_bias, ACT=ker.ACTIVATIONS[activation], ROT=rot, ROT_B=rot_b or 1,
                 DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
     p.device = device.index if device.type == "cuda" else None
-    # Triton's own source of the stream (its driver's get_current_stream); none off a GPU (the interpreter)
-    p.stream = functools.partial(torch._C._cuda_getCurrentRawStream, p.device) if p.device is not None else int
+    # the raw stream getter Triton's driver uses too; none off a GPU (the interpreter)
+    p.stream = functools.partial(raw_stream, p.device) if p.device is not None else int
     p.config, p.grid, p.launches = None, None, {}
     return p
 

@@ -37,6 +37,7 @@ def calibration_from_args(args, tok, model, used=None):
 def add_arguments(p) -> None:
     from ..prune import METHODS, ROTATE_OBJECTIVES
     from ..prune.allocation import STRATEGIES
+    from ..prune.atp_search import STATISTICS as BETA_STATISTICS
     from .common import add_model_arguments
 
     add_model_arguments(p)
@@ -56,7 +57,7 @@ def add_arguments(p) -> None:
     p.add_argument("--beta-step", type=float, default=0.002, help="beta grid step (default: 0.002, the paper's)")
     p.add_argument("--beta-patience", type=int, default=None,
                    help="stop the search after this many betas in a row worse than the best (default: whole grid)")
-    p.add_argument("--beta-statistics", choices=("dense", "sequential"), default="dense",
+    p.add_argument("--beta-statistics", choices=BETA_STATISTICS, default="dense",
                    help="beta-search trials prune from the dense model's statistics (one pass, fast) or layer by "
                         "layer (the paper's protocol); the chosen beta is always pruned layer by layer (default: dense)")
     p.add_argument("--val", default=None, help="beta-search validation text (default: the C4 calibration file, "

@@ -160,6 +160,17 @@ def _run(layer, inps, kwargs, device, store=None) -> list:
     return outs
 
 
+def _run_with_stats(layer, taps: dict, inps, kwargs, device, store=None) -> list:
+    """:func:`_run` with each tapped linear's inputs added to its statistics (``taps``: {module: stats})."""
+    handles = [m.register_forward_hook(lambda mod, a, out, s=s: s.add(a[0].reshape(-1, a[0].shape[-1])))
+               for m, s in taps.items()]
+    try:
+        return _run(layer, inps, kwargs, device, store)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def input_groups(layer, names: dict[str, nn.Linear], x, kwargs, device) -> list[list[str]]:
     """Linears grouped by the input tensor they share, in execution order: for Llama-like layers
     [q,k,v], [o], [gate,up], [down]. Sharing one input means sharing one set of statistics."""
@@ -217,11 +228,11 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
                          seqlen=calib.shape[1], allocation=None if allocation is None else allocation.to_dict())
     if dense_stats is not None and (rotate is not None or record_errors):
         raise ValueError("dense_stats (a search's shared statistics) cannot be combined with rotate or record_errors")
-    if dense_stats:
-        return _prune_from_stats(chosen, dense_stats, prune_one, layers, path, pattern, sparsity, allocation, result)
-    collect = {} if dense_stats is None else select_linears(model, pattern, None, ignore)[0]
     if allocation is not None and len(allocation.rates) != len(layers):
         raise ValueError(f"the allocation has {len(allocation.rates)} block rates, the model {len(layers)} blocks")
+    if dense_stats:
+        return _prune_from_stats(chosen, dense_stats, prune_one, path, pattern, sparsity, allocation, result)
+    collect = {} if dense_stats is None else select_linears(model, pattern, None, ignore)[0]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -242,7 +253,6 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
             prefix = f"{path}.{i}."
             names = {n: m for n, m in chosen.items() if n.startswith(prefix)}
             block_pattern, block_sparsity = (pattern, sparsity) if allocation is None else allocation.block(i)
-            block_names = names
             if block_sparsity == 0:
                 names = {}
             home = next(layer.parameters()).device
@@ -261,14 +271,7 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
                 # true-sequential: each group sees the outputs of the groups pruned before it
                 for sets in ([[g] for g in groups] if true_sequential else [groups]):
                     stats = {g[0]: new_stats(names[g[0]].in_features, device) for g in sets}
-                    handles = [names[k].register_forward_hook(
-                        lambda mod, a, out, s=s: s.add(a[0].reshape(-1, a[0].shape[-1])))
-                        for k, s in stats.items()]
-                    try:
-                        _run(layer, inps, kwargs[i], device)
-                    finally:
-                        for h in handles:
-                            h.remove()
+                    _run_with_stats(layer, {names[k]: st for k, st in stats.items()}, inps, kwargs[i], device)
                     for g in sets:
                         for n in g:
                             result.masks[n] = prune_one(n, names[n], stats[g[0]], block_pattern, block_sparsity)
@@ -281,7 +284,7 @@ def prune_layerwise(model: nn.Module, calib: torch.Tensor, new_stats: NewStats, 
             layer.to(home)
             inps = outs
             if dense_stats is not None:
-                _prune_from_stats(block_names, dense_stats, prune_one, layers, path, pattern, sparsity, allocation, result)
+                _prune_from_stats(names, dense_stats, prune_one, path, pattern, sparsity, allocation, result)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if qs:  # the first rotation goes into the embedding, the last into the final norm and lm_head
@@ -303,21 +306,13 @@ def _collect_dense(layer, names, new_stats, inps, kwargs, device, store, into: d
         return _run(layer, inps, kwargs, device, store)
     groups = input_groups(layer, names, inps[0], kwargs, device)
     stats = {g[0]: new_stats(names[g[0]].in_features, device) for g in groups}
-    handles = [names[k].register_forward_hook(lambda mod, a, out, s=s: s.add(a[0].reshape(-1, a[0].shape[-1])))
-               for k, s in stats.items()]
-    try:
-        outs = _run(layer, inps, kwargs, device, store)
-    finally:
-        for h in handles:
-            h.remove()
+    outs = _run_with_stats(layer, {names[k]: st for k, st in stats.items()}, inps, kwargs, device, store)
     into.update({n: stats[g[0]] for g in groups for n in g})
     return outs
 
 
-def _prune_from_stats(names, stats, prune_one, layers, path, pattern, sparsity, allocation, result) -> PruneResult:
+def _prune_from_stats(names, stats, prune_one, path, pattern, sparsity, allocation, result) -> PruneResult:
     """Prune ``names`` from saved statistics, each at its decoder block's rate; no forward."""
-    if allocation is not None and len(allocation.rates) != len(layers):
-        raise ValueError(f"the allocation has {len(allocation.rates)} block rates, the model {len(layers)} blocks")
     t0 = time.perf_counter()
     for n, linear in names.items():
         block = int(n[len(path) + 1:].split(".", 1)[0])
@@ -340,13 +335,7 @@ def layer_inputs(layer, inps, kwargs, device):
     taps = {"attn": layer.self_attn.q_proj, "o": layer.self_attn.o_proj, "mlp": layer.mlp.gate_proj,
             "down": layer.mlp.down_proj}
     stats = {k: Hessian(m.in_features, device) for k, m in taps.items()}
-    handles = [m.register_forward_hook(lambda mod, a, out, s=stats[k]: s.add(a[0].reshape(-1, a[0].shape[-1])))
-               for k, m in taps.items()]
-    try:
-        _run(layer, inps, kwargs, device)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_with_stats(layer, {m: stats[k] for k, m in taps.items()}, inps, kwargs, device)
     return LayerInputs(**{k: s.H for k, s in stats.items()})
 
 

@@ -14,8 +14,9 @@ The 2:4 kernels run at exactly 50% sparsity, so a layer-wise allocation becomes 
   after it (ATP's principle that sparsity should rise with depth).
 * **Choice**: greedy, the lowest damage per byte saved first, until the target is met. How much depth counts
   is measured, not assumed: :func:`search_depth_weight` builds the plan at each weight of a grid (0 = the
-  errors alone, 128 = nearly pure depth order: adjacent blocks of a 30-block model differ by e^4.4), prunes each 2:4 from the dense model's statistics and keeps
-  the lowest perplexity on held-out validation windows (never the evaluation text).
+  errors alone, 128 = nearly pure depth order: adjacent blocks of a 30-block model differ by e^4.4), prunes
+  each 2:4 from the dense model's statistics and keeps the lowest perplexity on held-out validation windows
+  (never the evaluation text).
 
 Naive plans for comparison (:func:`naive`): everything 2:4, the first k blocks dense (whole blocks from the
 deepest up), and a random order; each filled to the same target."""
