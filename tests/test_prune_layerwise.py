@@ -185,6 +185,9 @@ def test_dense_stats_prune_from_the_dense_models_statistics(stories, method):
     assert not torch.equal(sequential.model.layers[3].mlp.up_proj.weight, a.model.layers[3].mlp.up_proj.weight)
     with pytest.raises(ValueError, match="cannot be combined"):
         prune(copy.deepcopy(model), method, "unstructured", 0.6, calib=calib, dense_stats={}, record_errors=True)
+    partial = {n: st for n, st in filled.items() if "layers.0." in n}  # statistics of another model's linears
+    with pytest.raises(ValueError, match="dense_stats has no statistics for model.layers.1"):
+        prune(copy.deepcopy(model), method, "unstructured", 0.6, calib=calib, dense_stats=partial)
 
 
 @pytest.mark.gpu
