@@ -22,9 +22,9 @@ STORIES_TEXT = str(TEXT / "tinystories_valid_head.txt")
 
 
 def _costs(errors_by_block):
-    """Two equal linears per block, with the given errors."""
+    """Equal linears, one per error, per block."""
     return [LinearCost(f"model.layers.{b}.{k}", b, 100, e) for b, errs in enumerate(errors_by_block)
-            for k, e in zip("ab", errs)]
+            for k, e in zip("abc", errs)]
 
 
 def test_byte_model():
@@ -68,6 +68,20 @@ def test_naive_plans():
     assert naive(costs, "first_dense", speedup=s).speedup >= s and naive(costs, "random", speedup=s).speedup >= s
     with pytest.raises(PlanError, match="unknown naive plan 'best'"):
         naive(costs, "best", fraction=0.5)
+
+
+def test_naive_plans_at_a_speedup_ceiling_fill_at_linear_granularity():
+    costs = _costs([[0.1, 0.1, 0.1]] * 4)
+    s = choose(costs, fraction=7 / 12).speedup  # 7 of 12 equal linears: not a whole number of blocks
+    first = naive(costs, "first_dense", speedup=s, not_above=True)
+    assert first.speedup == pytest.approx(s) and len(first.sparse) == 7
+    # blocks 3 and 2 whole, then block 1's first linear in model order
+    assert first.dense == ["model.layers.0.a", "model.layers.0.b", "model.layers.0.c", "model.layers.1.b",
+                           "model.layers.1.c"]
+    plans = [naive(costs, "random", speedup=s + 1e-3, not_above=True, seed=seed) for seed in range(5)]
+    for p in plans + [naive(costs, "first_dense", speedup=s + 1e-3, not_above=True)]:
+        assert p.speedup <= s + 1e-3 and len(p.sparse) == 7  # below the ceiling by less than one more linear
+    assert len(naive(costs, "random", speedup=s + 1e-3).sparse) == 8  # a plain target is met, not a ceiling
 
 
 def test_plan_file_round_trip_and_bad_files(tmp_path):

@@ -18,8 +18,9 @@ The 2:4 kernels run at exactly 50% sparsity, so a layer-wise allocation becomes 
   each 2:4 from the dense model's statistics and keeps the lowest perplexity on held-out validation windows
   (never the evaluation text).
 
-Naive plans for comparison (:func:`naive`): everything 2:4, the first k blocks dense (whole blocks from the
-deepest up), and a random order; each filled to the same target."""
+Naive plans for comparison (:func:`naive`): everything 2:4, the first blocks dense (linears 2:4 from the deepest
+block up), and a random order; each filled to the same target, or for the comparison at equal predicted
+speedup, to as much of it as one more linear would not pass."""
 from __future__ import annotations
 
 import json
@@ -140,17 +141,19 @@ def predicted_speedup(costs: list[LinearCost], sparse: set[str], other: int = 0,
     return dense / planned
 
 
-def _fill(costs, order, fraction, speedup, other, ratio, strategy, target, info=None) -> Plan:
-    """Take linears in ``order`` as 2:4 until the target fraction (of weights) or speedup is met."""
+def _fill(costs, order, fraction, speedup, other, ratio, strategy, target, info=None, not_above=False) -> Plan:
+    """Take linears in ``order`` as 2:4 until the target fraction (of weights) or speedup is met; with
+    ``not_above`` stop instead before the linear that would pass the target speedup."""
     total = sum(c.params for c in costs)
     sparse, kept = set(), 0
-    for group in order:  # each item is a list of linears taken together (a whole block for first_dense)
+    for c in order:
         if (fraction is not None and kept >= fraction * total - 1e-9) or (
                 speedup is not None and predicted_speedup(costs, sparse, other, ratio) >= speedup - 1e-12):
             break
-        for c in group:
-            sparse.add(c.name)
-            kept += c.params
+        if not_above and speedup is not None and predicted_speedup(costs, sparse | {c.name}, other, ratio) > speedup:
+            break
+        sparse.add(c.name)
+        kept += c.params
     return Plan(strategy, [c.name for c in costs if c.name in sparse], [c.name for c in costs if c.name not in sparse],
                 kept / total, predicted_speedup(costs, sparse, other, ratio), target, info or {})
 
@@ -180,29 +183,29 @@ def choose(costs: list[LinearCost], *, fraction: float | None = None, speedup: f
         depth = math.exp(depth_weight * (last - c.block) / max(last, 1))
         return c.error ** 2 * depth / (c.params * (1 - ratio_of(c)))
 
-    order = [[c] for c in sorted(costs, key=damage)]
-    return _fill(costs, order, fraction, speedup, other, ratio, "error_depth", target,
+    return _fill(costs, sorted(costs, key=damage), fraction, speedup, other, ratio, "error_depth", target,
                  {"depth_weight": depth_weight, "cost_model": "decode bytes: 2:4 = 9/16 of dense" if ratio is None
                   else "measured per-linear ratio"})
 
 
 def naive(costs: list[LinearCost], strategy: str, *, fraction: float | None = None, speedup: float | None = None,
-          other: int = 0, seed: int = 0, ratio=None) -> Plan:
-    """A baseline plan: ``all`` 2:4, ``first_dense`` (whole blocks 2:4 from the deepest up, so the first k
-    stay dense) or ``random`` (a seeded random order), filled to the same target (``all`` ignores it)."""
+          other: int = 0, seed: int = 0, ratio=None, not_above: bool = False) -> Plan:
+    """A baseline plan: ``all`` 2:4, ``first_dense`` (linears 2:4 from the deepest block up, in model order
+    within a block, so the first blocks stay dense) or ``random`` (a seeded random order), filled to the same
+    target (``all`` ignores it). ``not_above`` keeps a speedup target as a ceiling (within one linear), so a
+    plan compared against it never has the lower predicted speedup."""
     if strategy not in NAIVE:
         raise PlanError(f"unknown naive plan {strategy!r}; choose from {', '.join(NAIVE)}")
     if strategy == "all":
-        return _fill(costs, [[c] for c in costs], 1.0, None, other, ratio, "all", {"fraction": 1.0})
+        return _fill(costs, costs, 1.0, None, other, ratio, "all", {"fraction": 1.0})
     target = _check_target(costs, fraction, speedup, other, ratio)
     if strategy == "first_dense":
-        blocks = sorted({c.block for c in costs}, reverse=True)
-        order = [[c for c in costs if c.block == b] for b in blocks]
+        order = sorted(costs, key=lambda c: -c.block)  # stable: model order within a block
     else:
-        order = [[c] for c in costs]
+        order = list(costs)
         random.Random(seed).shuffle(order)
-    return _fill(costs, order, fraction, speedup, other, ratio, strategy, target, {"seed": seed} if
-                 strategy == "random" else {})
+    return _fill(costs, order, fraction, speedup, other, ratio, strategy, target,
+                 {"seed": seed} if strategy == "random" else {}, not_above)
 
 
 @torch.no_grad()
