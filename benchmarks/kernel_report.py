@@ -117,7 +117,7 @@ def variants(arch: int, dtype: str):
     """(label, constexprs, warps, stages, config) for every autotune config of both schedules, plus the fused rotation."""
     from sparse_runtime.kernels import sparse24 as k
 
-    base = dict(HAS_BIAS=False, ACT=0, ROT=0, ROT_B=1, DOT_PREC="tf32", BLOCK_J=32, GROUP_M=8)
+    base = dict(HAS_BIAS=False, ROT=0, ROT_B=1, DOT_PREC="tf32", BLOCK_J=32, GROUP_M=8)
     for schedule, configs, swap in (("decode", k.GPU_DECODE_CONFIGS, True), ("tiles", k.GPU_TILE_CONFIGS, False)):
         for c in configs:
             kw = c.kwargs

@@ -1,7 +1,6 @@
 """What the Triton kernels and their torch-facing wrappers agree on, importable without triton."""
 import os
 
-ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}  # epilogue name -> the kernels' ACT constexpr
 DECODE_MAX_M = 16  # M up to here runs the split-K decode schedule (its tiles are 16 rows tall)
 
 

@@ -1,4 +1,4 @@
-"""Triton 2:4 sparse matmul: ``Y = act((X @ R) @ W^T + b)`` from compressed ``W``.
+"""Triton 2:4 sparse matmul: ``Y = (X @ R) @ W^T + b`` from compressed ``W``.
 
 Upstream Triton has no sparse tensor-core instruction, so each program loads the
 compressed values and metadata, rebuilds the dense ``W`` tile in registers and
@@ -30,8 +30,8 @@ Schedules (configs below, chosen by M):
 * decode (M <= 16): one 16-row M tile, narrow N blocks, long K tiles and
   split-K over several programs per N block so the grid fills the GPU; each
   split writes fp32 partials ``[S, M, N]`` and bumps a per-tile counter; the
-  last to arrive sums the partials in split order (deterministic), applies the
-  epilogue and resets the counter: one launch, no memset, safe to autotune.
+  last to arrive sums the partials in split order (deterministic), adds the
+  bias and resets the counter: one launch, no memset, safe to autotune.
 * tiles (M > 16): classic 2-D tiling with grouped program order for L2 reuse,
   split over K the same way where the output tiles alone are too few to fill the GPU.
 
@@ -64,7 +64,7 @@ import os
 import triton
 import triton.language as tl
 
-from .common import ACTIVATIONS, interpreting  # noqa: F401  (the wrapper reads ACTIVATIONS here)
+from .common import interpreting
 
 INTERPRET = interpreting()  # at import: it picks the config lists below
 
@@ -242,15 +242,9 @@ def _rotate_part(acc, x_rows, rot_ptr, mask_m, kj, kx, K, ROT_B: tl.constexpr, D
 
 
 @triton.jit
-def _epilogue(acc, bias_ptr, offs_n, mask_n, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+def _add_bias(acc, bias_ptr, offs_n, mask_n, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
-    elif ACT == 2:
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    elif ACT == 3:
-        acc = acc / (1.0 + tl.exp(-acc))
     return acc
 
 
@@ -259,7 +253,7 @@ def sparse24_matmul_kernel(
     x_ptr, values_ptr, meta_ptr, rot_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
     M, N, K, M_BUCKET,
     stride_xm, stride_vn, stride_mn, stride_om,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ROT: tl.constexpr, ROT_B: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROT: tl.constexpr, ROT_B: tl.constexpr,
     DOT_PREC: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr = 32,
     GROUP_M: tl.constexpr = 8,
@@ -357,12 +351,12 @@ def sparse24_matmul_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(0, tl.num_programs(1)):
                 acc += tl.load(ws_tile + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            acc = _epilogue(acc, bias_ptr, offs_n, mask_n, HAS_BIAS, ACT)
+            acc = _add_bias(acc, bias_ptr, offs_n, mask_n, HAS_BIAS)
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=mask)
             tl.atomic_xchg(lock_ptr + pid, 0)
     else:
-        acc = _epilogue(acc, bias_ptr, offs_n, mask_n, HAS_BIAS, ACT)
+        acc = _add_bias(acc, bias_ptr, offs_n, mask_n, HAS_BIAS)
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -20,14 +20,12 @@ import torch
 
 from .caches import m_bucket
 from .devices import raw_stream
-from .kernels.common import ACTIVATIONS as _KERNEL_ACTIVATIONS
 from .kernels.common import DECODE_MAX_M, interpreting  # noqa: F401  (backends read them here)
 from .errors import ShapeError
 from .rotation import apply_rotation, check_rotation
 from .triton_launch import direct_launch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ACTIVATIONS = tuple(_KERNEL_ACTIVATIONS)
 
 
 def _kernels():
@@ -67,7 +65,7 @@ def prepare_sparse24(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Te
 
 
 # -- checks ----------------------------------------------------------------------------------------------
-def _check(x, values, meta, bias, rotation, activation, op) -> None:
+def _check(x, values, meta, bias, rotation, op) -> None:
     for name, t in (("x", x), ("values", values), ("meta", meta), ("bias", bias), ("rotation", rotation)):
         if t is not None and not (t.device.type == "cuda" or (interpreting() and t.device.type == "cpu")):
             raise RuntimeError(f"{op}: {name} is on {t.device}; the Triton kernels need a CUDA device "
@@ -94,8 +92,6 @@ def _check(x, values, meta, bias, rotation, activation, op) -> None:
         check_rotation(rotation, k)
         if rotation.dtype != x.dtype:
             raise TypeError(f"{op}: rotation dtype {rotation.dtype} != x dtype {x.dtype}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 _LOCKS: dict = {}
@@ -141,7 +137,7 @@ class _Plan:
                  "device", "stream", "config", "grid", "launches")
 
 
-def _plan(m, n, k, dtype, device, rot_b, has_bias, activation, split_k) -> _Plan:
+def _plan(m, n, k, dtype, device, rot_b, has_bias, split_k) -> _Plan:
     ker = _kernels()
     p = _Plan()
     p.m_bucket = m_bucket(m)
@@ -160,7 +156,7 @@ def _plan(m, n, k, dtype, device, rot_b, has_bias, activation, split_k) -> _Plan
     p.max_splits = max(p.splits.values())
     p.lock_tiles = max((_cdiv(p.m_bucket, bm) * _cdiv(n, bn) for (bm, bn, _), s in p.splits.items() if s > 1),
                        default=0)
-    p.kw = dict(HAS_BIAS=has_bias, ACT=ker.ACTIVATIONS[activation], ROT=rot, ROT_B=rot_b or 1,
+    p.kw = dict(HAS_BIAS=has_bias, ROT=rot, ROT_B=rot_b or 1,
                 DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
     p.device = device.index if device.type == "cuda" else None
     # the raw stream getter Triton's driver uses too; none off a GPU (the interpreter)
@@ -251,12 +247,12 @@ def _params() -> tuple:
     return tuple((q.name, q.default) for q in params)
 
 
-def _launch(x, values, meta, bias, rotation, activation, out, split_k=None, locks=None) -> None:
-    """``out [M, N] = act((x [M, K] @ R) @ W^T + bias)``; all checked, x and out 2-D."""
+def _launch(x, values, meta, bias, rotation, out, split_k=None, locks=None) -> None:
+    """``out [M, N] = (x [M, K] @ R) @ W^T + bias``; all checked, x and out 2-D."""
     if interpreting() and x.dtype == torch.bfloat16:
         up = [None if t is None else t.float() for t in (x, values, bias, rotation)]
         tmp = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        _launch(up[0], up[1], meta, up[2], up[3], activation, tmp, split_k, locks)
+        _launch(up[0], up[1], meta, up[2], up[3], tmp, split_k, locks)
         out.copy_(tmp)
         return
     m, k = x.shape
@@ -267,7 +263,7 @@ def _launch(x, values, meta, bias, rotation, activation, out, split_k=None, lock
     x, values, meta = x.contiguous(), values.contiguous(), meta.contiguous()
     bias = None if bias is None else bias.contiguous()
     rotation = None if rotation is None else rotation.contiguous()
-    p = _plan(m, n, k, x.dtype, x.device, _rotation_block(rotation, k), bias is not None, activation, split_k)
+    p = _plan(m, n, k, x.dtype, x.device, _rotation_block(rotation, k), bias is not None, split_k)
     _fire(p, x, values, meta, bias, rotation, out, locks)
 
 
@@ -312,7 +308,7 @@ class Sparse24Layer:
         key = ((m - 1).bit_length(), bias is None, rot_b)  # the M bucket: plans depend on M only through it
         p = self._plans.get(key)
         if p is None:
-            p = self._plans[key] = _plan(m, self.n, self.k, x.dtype, x.device, rot_b, bias is not None, "none", None)
+            p = self._plans[key] = _plan(m, self.n, self.k, x.dtype, x.device, rot_b, bias is not None, None)
         _fire(p, x2, self.values, self.meta, bias, rotation, out if x.dim() == 2 else out.view(m, self.n), self.locks)
         return out
 
@@ -330,8 +326,8 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _run(x, values, meta, bias, rotation, activation, out, split_k, op, locks=None) -> torch.Tensor:
-    _check(x, values, meta, bias, rotation, activation, op)
+def _run(x, values, meta, bias, rotation, out, split_k, op, locks=None) -> torch.Tensor:
+    _check(x, values, meta, bias, rotation, op)
     n = values.shape[0]
     shape = (*x.shape[:-1], n)
     if out is None:
@@ -339,59 +335,56 @@ def _run(x, values, meta, bias, rotation, activation, out, split_k, op, locks=No
     elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
         raise ShapeError(f"{op}: out must be a contiguous {x.dtype} tensor of shape {list(shape)} on {x.device}, "
                          f"got {out.dtype} {list(out.shape)} on {out.device}")
-    _launch(x.reshape(-1, x.shape[-1]), values, meta, bias, rotation, activation, out.view(-1, n), split_k, locks)
+    _launch(x.reshape(-1, x.shape[-1]), values, meta, bias, rotation, out.view(-1, n), split_k, locks)
     return out
 
 
 # -- custom ops ------------------------------------------------------------------------------------------
 @torch.library.custom_op("sparse_runtime::sparse24_matmul", mutates_args=())
 def _sparse24_matmul_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                        bias: Optional[torch.Tensor], activation: str,
-                        locks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        bias: Optional[torch.Tensor], locks: Optional[torch.Tensor] = None) -> torch.Tensor:
     # locks: not a mutation (the kernel leaves every counter zero, as it found it)
-    return _run(x, values, meta, bias, None, activation, None, None, "sparse24_matmul", locks)
+    return _run(x, values, meta, bias, None, None, None, "sparse24_matmul", locks)
 
 
 @torch.library.custom_op("sparse_runtime::rotate_sparse24_matmul", mutates_args=())
 def _rotate_sparse24_matmul_op(x: torch.Tensor, rotation: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                               bias: Optional[torch.Tensor], activation: str,
-                               locks: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _run(x, values, meta, bias, rotation, activation, None, None, "rotate_sparse24_matmul", locks)
+                               bias: Optional[torch.Tensor], locks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _run(x, values, meta, bias, rotation, None, None, "rotate_sparse24_matmul", locks)
 
 
 @_sparse24_matmul_op.register_fake
-def _(x, values, meta, bias, activation, locks=None):
-    _check(x, values, meta, bias, None, activation, "sparse24_matmul")
+def _(x, values, meta, bias, locks=None):
+    _check(x, values, meta, bias, None, "sparse24_matmul")
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 @_rotate_sparse24_matmul_op.register_fake
-def _(x, rotation, values, meta, bias, activation, locks=None):
-    _check(x, values, meta, bias, rotation, activation, "rotate_sparse24_matmul")
+def _(x, rotation, values, meta, bias, locks=None):
+    _check(x, values, meta, bias, rotation, "rotate_sparse24_matmul")
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 # -- public ----------------------------------------------------------------------------------------------
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                    activation: str = "none", out: Optional[torch.Tensor] = None,
+                    out: Optional[torch.Tensor] = None,
                     split_k: Optional[int] = None, locks: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``act(x @ W^T + bias)`` for ``W`` in the layout of :func:`prepare_sparse24`; ``x [..., K]``.
+    """``x @ W^T + bias`` for ``W`` in the layout of :func:`prepare_sparse24`; ``x [..., K]``.
 
     Under ``torch.compile`` this is the custom op; eager calls launch directly, skipping the op dispatcher's
     host overhead (which decode, at ~10 us a GEMV, would feel). ``out`` (written in place) and ``split_k``
     (force a split-K factor) are for eager use and tests. ``locks``: split-K counters from :func:`decode_locks`,
     made outside any CUDA-graph capture (default: a shared set per stream)."""
     if out is None and split_k is None and torch.compiler.is_compiling():
-        return torch.ops.sparse_runtime.sparse24_matmul(x, values, meta, bias, activation, locks)
-    return _run(x, values, meta, bias, None, activation, out, split_k, "sparse24_matmul", locks)
+        return torch.ops.sparse_runtime.sparse24_matmul(x, values, meta, bias, locks)
+    return _run(x, values, meta, bias, None, out, split_k, "sparse24_matmul", locks)
 
 
 def rotate_sparse24_matmul(x: torch.Tensor, rotation: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                           bias: Optional[torch.Tensor] = None, activation: str = "none",
-                           out: Optional[torch.Tensor] = None, split_k: Optional[int] = None,
+                           bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None, split_k: Optional[int] = None,
                            locks: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``act((x @ R) @ W^T + bias)`` with ``R`` full ``[K, K]`` or block-diagonal ``[K/b, b, b]``, fused
+    """``(x @ R) @ W^T + bias`` with ``R`` full ``[K, K]`` or block-diagonal ``[K/b, b, b]``, fused
     (rotated first where no config fits R's tile in the device's shared memory)."""
     if out is None and split_k is None and torch.compiler.is_compiling():  # see sparse24_matmul
-        return torch.ops.sparse_runtime.rotate_sparse24_matmul(x, rotation, values, meta, bias, activation, locks)
-    return _run(x, values, meta, bias, rotation, activation, out, split_k, "rotate_sparse24_matmul", locks)
+        return torch.ops.sparse_runtime.rotate_sparse24_matmul(x, rotation, values, meta, bias, locks)
+    return _run(x, values, meta, bias, rotation, out, split_k, "rotate_sparse24_matmul", locks)

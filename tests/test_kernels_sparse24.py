@@ -12,12 +12,12 @@ SHAPES = [(40, 44), (72, 136)]  # N, K: not powers of two; K % 32 != 0
 SEED = iter(range(1000, 10**6))  # a fresh seed per case
 
 
-def run(x, sw, values, meta, bias=None, rotation=None, activation="none", split_k=None):
+def run(x, sw, values, meta, bias=None, rotation=None, split_k=None):
     """Launch into a NaN-poisoned output, so unwritten elements fail the check."""
     out = torch.full((*x.shape[:-1], sw.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
     if rotation is None:
-        return triton_ops.sparse24_matmul(x, values, meta, bias, activation, out=out, split_k=split_k)
-    return triton_ops.rotate_sparse24_matmul(x, rotation, values, meta, bias, activation, out=out, split_k=split_k)
+        return triton_ops.sparse24_matmul(x, values, meta, bias, out=out, split_k=split_k)
+    return triton_ops.rotate_sparse24_matmul(x, rotation, values, meta, bias, out=out, split_k=split_k)
 
 
 def case(m, n, k, dtype, bias, device="cpu"):
@@ -38,28 +38,18 @@ def test_matmul(m, n, k, dtype, bias):
     assert_close(run(x, sw, values, meta, b), *reference(x, sw, b), dtype)
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
-@pytest.mark.parametrize("m", [3, 17])
-def test_activation_epilogue(m, activation):
-    x, sw, values, meta, b = case(m, 72, 136, torch.float32, True)
-    assert_close(run(x, sw, values, meta, b, activation=activation), *reference(x, sw, b, activation=activation),
-                 torch.float32)
-
-
 @pytest.mark.parametrize("split_k", [2, 3])
-@pytest.mark.parametrize("activation", ["none", "gelu"])
-def test_split_k_reduction(split_k, activation):
+def test_split_k_reduction(split_k):
     # K = 200 spans 4 interpreter K tiles: split 2 -> 2 + 2 tiles, split 3 -> 1 + 1 + 2 (the last ragged)
     x, sw, values, meta, b = case(5, 40, 200, torch.float16, True)
-    y = run(x, sw, values, meta, b, activation=activation, split_k=split_k)
-    assert_close(y, *reference(x, sw, b, activation=activation), torch.float16)
+    y = run(x, sw, values, meta, b, split_k=split_k)
+    assert_close(y, *reference(x, sw, b), torch.float16)
 
 
 def test_split_k_on_the_tiled_schedule():
     # M > 16 splits too where the output tiles alone would not fill the GPU: 3 slices of 4 K tiles
     x, sw, values, meta, b = case(40, 40, 200, torch.float32, True)
-    assert_close(run(x, sw, values, meta, b, activation="relu", split_k=3),
-                 *reference(x, sw, b, activation="relu"), torch.float32)
+    assert_close(run(x, sw, values, meta, b, split_k=3), *reference(x, sw, b), torch.float32)
 
 
 def test_split_k_counters_reset_for_the_next_call():
@@ -77,8 +67,8 @@ def test_rotation(m, k, block):
     dtype = torch.float32 if m == 1 else torch.float16
     x, sw, values, meta, b = case(m, 40, k, dtype, True)
     rot = random_rotation(k, block, dtype, next(SEED))
-    y = run(x, sw, values, meta, b, rotation=rot, activation="silu")
-    assert_close(y, *reference(x, sw, b, rotation=rot, activation="silu"), dtype)
+    y = run(x, sw, values, meta, b, rotation=rot)
+    assert_close(y, *reference(x, sw, b, rotation=rot), dtype)
 
 
 def test_rotation_with_split_k():
@@ -110,7 +100,7 @@ LLAMA = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 def test_llama_shapes_gpu(m, n, k, dtype):
     x, sw, values, meta, b = case(m, n, k, dtype, True, device="cuda")
     assert_close(run(x, sw, values, meta, b), *reference(x, sw, b), dtype)  # poisoned output
-    assert_close(torch.ops.sparse_runtime.sparse24_matmul(x, values, meta, b, "none"), *reference(x, sw, b), dtype)
+    assert_close(torch.ops.sparse_runtime.sparse24_matmul(x, values, meta, b), *reference(x, sw, b), dtype)
 
 
 @pytest.mark.gpu
@@ -147,8 +137,8 @@ def test_split_k_on_concurrent_streams_gpu():
 def test_rotation_gpu(m, block, dtype):
     x, sw, values, meta, b = case(m, 1024, 4096, dtype, True, device="cuda")
     rot = random_rotation(4096, block, dtype, next(SEED), device="cuda")
-    y = triton_ops.rotate_sparse24_matmul(x, rot, values, meta, b, "gelu")
-    assert_close(y, *reference(x, sw, b, rotation=rot, activation="gelu"), dtype)
+    y = triton_ops.rotate_sparse24_matmul(x, rot, values, meta, b)
+    assert_close(y, *reference(x, sw, b, rotation=rot), dtype)
 
 
 def test_rotation_modes_and_config_pruning():
@@ -178,7 +168,7 @@ from sparse_runtime.kernels import sparse24 as k
 for dtype, arch, (bm, bn, bk), swap, rot, rot_b in [
         ("fp16", 90, (16, 64, 128), True, 0, 1), ("bf16", 80, (16, 128, 128), True, 1, 128),
         ("fp16", 90, (64, 128, 64), False, 2, 4096), ("bf16", 90, (128, 128, 64), False, 1, 32)]:
-    const = dict(HAS_BIAS=True, ACT=2, ROT=rot, ROT_B=rot_b, DOT_PREC="tf32", SWAP_AB=swap,
+    const = dict(HAS_BIAS=True, ROT=rot, ROT_B=rot_b, DOT_PREC="tf32", SWAP_AB=swap,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=32, GROUP_M=8)
     # div16=(): the integer arguments unspecialised, the general case (odd K, ragged N)
     compile_variant(k.sparse24_matmul_kernel, dtype, arch, const, 8 if bm == 128 else 4, 3, div16=())

@@ -36,12 +36,11 @@ def layer():
     (lambda a: {**a, "values": a["values"][:, :21]}, ShapeError, "not a multiple of 4"),
     (lambda a: {**a, "meta": a["meta"].view(torch.uint8)}, ShapeError, "prepare_sparse24"),
     (lambda a: {**a, "bias": a["bias"][:5]}, ShapeError, "bias"),
-    (lambda a: {**a, "activation": "tanh"}, ValueError, "activation"),
     (lambda a: {**a, "out": torch.empty(3, 41)}, ShapeError, "out must be"),
 ])
 def test_clear_errors(layer, mutate, error, match):
     sw, values, meta, bias = layer
-    args = mutate({"x": torch.randn(3, 44), "values": values, "meta": meta, "bias": bias, "activation": "none"})
+    args = mutate({"x": torch.randn(3, 44), "values": values, "meta": meta, "bias": bias})
     with pytest.raises(error, match=match):
         triton_ops.sparse24_matmul(**args)
 
@@ -84,7 +83,7 @@ def _launches(ker, m, n, k, rot_b=None, esize=2):
     """(config, grid) of every config the autotuner may try for this call: the launch's plan, pruned by the
     autotuner's own hook."""
     p = triton_ops._plan(m, n, k, torch.float16 if esize == 2 else torch.float32, torch.device("cpu"), rot_b,
-                         False, "none", None)
+                         False, None)
     x = torch.empty(0, dtype=torch.float16 if esize == 2 else torch.float32)
     args = {"x_ptr": x, "M_BUCKET": p.m_bucket, "N": n, "K": k}
     kept = ker._prune(p.kernel.configs, args, **p.kw)
@@ -131,9 +130,9 @@ def test_split_k_follows_the_m_bucket(gpu_configs):
 
 
 def test_split_k_off_a_gpu_only_when_asked():
-    p = triton_ops._plan(1, 4096, 4096, torch.float32, torch.device("cpu"), None, False, "none", None)
+    p = triton_ops._plan(1, 4096, 4096, torch.float32, torch.device("cpu"), None, False, None)
     assert set(p.splits.values()) == {1} and p.max_splits == 1
-    p = triton_ops._plan(1, 4096, 4096, torch.float32, torch.device("cpu"), None, False, "none", 6)
+    p = triton_ops._plan(1, 4096, 4096, torch.float32, torch.device("cpu"), None, False, 6)
     assert set(p.splits.values()) == {6}
 
 
@@ -141,8 +140,8 @@ def test_custom_ops_are_registered_and_pass_opcheck(layer):
     sw, values, meta, bias = layer
     x = torch.randn(2, 44)
     rot = random_rotation(44, 4, torch.float32, seed=5)
-    torch.library.opcheck(torch.ops.sparse_runtime.sparse24_matmul.default, (x, values, meta, bias, "relu"))
-    torch.library.opcheck(torch.ops.sparse_runtime.rotate_sparse24_matmul.default, (x, rot, values, meta, None, "none"))
+    torch.library.opcheck(torch.ops.sparse_runtime.sparse24_matmul.default, (x, values, meta, bias))
+    torch.library.opcheck(torch.ops.sparse_runtime.rotate_sparse24_matmul.default, (x, rot, values, meta, None))
 
 
 def test_fake_tensors_give_shapes_without_running(layer):
@@ -151,9 +150,9 @@ def test_fake_tensors_give_shapes_without_running(layer):
     sw, values, meta, bias = layer
     with FakeTensorMode() as mode:
         fx, fv, fm = (mode.from_tensor(t) for t in (torch.randn(2, 5, 44), values, meta))
-        assert torch.ops.sparse_runtime.sparse24_matmul(fx, fv, fm, None, "none").shape == (2, 5, 40)
+        assert torch.ops.sparse_runtime.sparse24_matmul(fx, fv, fm, None).shape == (2, 5, 40)
         with pytest.raises(ShapeError):
-            torch.ops.sparse_runtime.sparse24_matmul(fx[..., :40], fv, fm, None, "none")
+            torch.ops.sparse_runtime.sparse24_matmul(fx[..., :40], fv, fm, None)
 
 
 def test_torch_compile_traces_the_op(layer):
@@ -162,9 +161,9 @@ def test_torch_compile_traces_the_op(layer):
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def f(x):
-        return triton_ops.sparse24_matmul(x * 2, values, meta, bias, "silu") + 1
+        return triton_ops.sparse24_matmul(x * 2, values, meta, bias) + 1
 
-    assert_close(f(x) - 1, *reference(x * 2, sw, bias, activation="silu"), torch.float32)
+    assert_close(f(x) - 1, *reference(x * 2, sw, bias), torch.float32)
 
 
 @pytest.mark.gpu
@@ -195,18 +194,18 @@ def test_torch_compile_inductor_gpu():
 
     @torch.compile(fullgraph=True, mode="reduce-overhead")
     def f(x):
-        return triton_ops.sparse24_matmul(x, values, meta, bias, "gelu")
+        return triton_ops.sparse24_matmul(x, values, meta, bias)
 
     for m in (1, 8, 33):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-        assert_close(f(x), *reference(x, sw, bias, activation="gelu"), torch.bfloat16)
+        assert_close(f(x), *reference(x, sw, bias), torch.bfloat16)
 
 
 @pytest.mark.gpu
 def test_opcheck_gpu():
     sw, values, meta = random_layer(256, 512, torch.float16, seed=51, device="cuda")
     x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
-    torch.library.opcheck(torch.ops.sparse_runtime.sparse24_matmul.default, (x, values, meta, None, "none"))
+    torch.library.opcheck(torch.ops.sparse_runtime.sparse24_matmul.default, (x, values, meta, None))
 
 
 def test_shared_counters_are_never_allocated_in_a_capture(monkeypatch):
@@ -318,8 +317,8 @@ def test_direct_launch_per_m_bucket(fake_kernels):
         assert kind == "direct" and config is decode.configs[-1] and grid == (4096 // 128, split)
         assert params[0] is x and params[8:12] == (m, 4096, 2048, 4) and params[7] is layer.locks
         assert params[6].dtype == torch.float32 and params[6].shape == (p.max_splits, m, 4096)  # fresh partials
-        # HAS_BIAS, ACT, ROT, ROT_B, DOT_PREC, SWAP_AB, BLOCK_M/N/K, and the defaults BLOCK_J, GROUP_M
-        assert params[16:] == (False, 0, 0, 1, "tf32", True, 16, 128, 64, 32, 8)
+        # HAS_BIAS, ROT, ROT_B, DOT_PREC, SWAP_AB, BLOCK_M/N/K, and the defaults BLOCK_J, GROUP_M
+        assert params[16:] == (False, 0, 1, "tf32", True, 16, 128, 64, 32, 8)
     assert decode.tunings == 1
     # M = 16 in the bucket 9..16: tuned once at 9; 16 is another specialisation (a multiple of 16): compiled with
     # the bucket's choice, without the autotuner, then launched directly
