@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         for m in args.ms:
             x = torch.randn(m, args.k, dtype=torch.float16)
             lin(x)  # builds the runner (prepare) and the bucket's plan, consults the autotuner: outside the timing
-            b, state = lin._runner
+            b, state = lin._runner[:2]
             stub = stubs["sparse24_decode" if m <= triton_ops.DECODE_MAX_M else "sparse24_tiles"]
             before = stub.compiled.launches
             us = {"sparse_linear": time_calls(lambda: lin(x), args.calls, args.repeats),

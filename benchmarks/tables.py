@@ -428,6 +428,22 @@ def memory(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@measured_by("host_overhead")
+def host_overhead(r: dict) -> str:
+    st = r["settings"]
+    lines = [f"One eager `SparseLinear` call on the `{st['backend']}` backend, {st['n']}x{st['k']} {st['dtype']}, "
+             f"{st['stubbed']} stubbed: median of {st['repeats']} batches of {st['calls']} "
+             f"calls, process CPU time; {r['device']}, Python {r['python']}, torch {r['torch']}, {r['date'][:10]}.",
+             "", "| M | SparseLinear call (us) | backend's share (us) | wall (us) |", "|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['m']} | {row['sparse_linear_us']:.2f} | {row['backend_forward_us']:.2f} | "
+                     f"{row['wall_sparse_linear_us']:.2f} |")
+    worst = max(row["sparse_linear_us"] for row in r["rows"])
+    lines += ["", f"Target <= {r['target_us']} us per call: {'met' if worst <= r['target_us'] else 'missed'} "
+                  f"(worst {worst:.2f} us)."]
+    return "\n".join(lines) + "\n"
+
+
 def mmasp_issue() -> str:
     r = _load("kernel_report.json")
     rows = (r or {}).get("mmasp") or []
@@ -468,7 +484,7 @@ def mmasp_issue() -> str:
 TABLES = {"tp_memory": tp_memory, "prune_quality": prune_quality, "memory": memory, "gemma3_bos": gemma3_bos,
           "engine": engine, "serve_load": serve_load, "prune_speed": prune_speed,
           "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources, "decode_issue": decode_issue,
-          "mmasp_issue": mmasp_issue,
+          "mmasp_issue": mmasp_issue, "host_overhead": host_overhead,
           "rotation_quality": rotation_quality, "allocation_quality": allocation_quality}
 
 

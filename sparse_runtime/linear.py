@@ -48,7 +48,7 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self.register_buffer("rotation", None)
         self.backend = backend
-        self._runner = None  # (backend, state), rebuilt lazily
+        self._runner = None  # (backend, state, weight dtype, weight device), rebuilt lazily
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -129,7 +129,8 @@ class SparseLinear(nn.Module):
     def _resolve(self):
         if self._runner is None:
             backend = backends.resolve(self.backend, self)
-            self._runner = (backend, backend.prepare(self))
+            w = self.weight_values
+            self._runner = (backend, backend.prepare(self), w.dtype, w.device)
         return self._runner
 
     @property
@@ -146,14 +147,18 @@ class SparseLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # one check against what the runner was built for: decode calls this per token per linear
+        backend, state, dtype, device = self._runner or self._resolve()
+        if x.shape[-1] != self.in_features or x.dtype != dtype or x.device != device:
+            self._refuse(x)
+        return backend.forward(self, state, x)
+
+    def _refuse(self, x: torch.Tensor):
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"{self.describe()}: input has last dimension {x.shape[-1]}, expected {self.in_features}")
         if x.dtype != self.weight_values.dtype:
             raise TypeError(f"{self.describe()}: input dtype {x.dtype} does not match weight dtype {self.weight_values.dtype}")
-        if x.device != self.weight_values.device:
-            raise RuntimeError(f"{self.describe()}: input is on {x.device}, weights on {self.weight_values.device}")
-        backend, state = self._resolve()
-        return backend.forward(self, state, x)
+        raise RuntimeError(f"{self.describe()}: input is on {x.device}, weights on {self.weight_values.device}")
 
     def extra_repr(self) -> str:
         rot = "" if self.rotation is None else f", rotation={list(self.rotation.shape)}"

@@ -73,6 +73,12 @@ def test_forward_rejects_bad_input():
         layer(torch.randn(2, 23))
     with pytest.raises(TypeError, match="dtype"):
         layer(torch.randn(2, 24, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="input is on meta"):
+        layer(torch.randn(2, 24, device="meta"))
+    layer(torch.randn(2, 24))
+    layer.half()  # the check follows a move: the runner it compares against is rebuilt
+    with pytest.raises(TypeError, match="does not match weight dtype torch.float16"):
+        layer(torch.randn(2, 24))
 
 
 def test_from_linear_rejects_bad_weights():
@@ -101,7 +107,7 @@ def test_auto_backend_works_on_cpu():
 def test_decompressed_backend_caches_lazily_and_matches_reference_bitwise():
     lin = _linear()
     layer = SparseLinear.from_linear(lin, backend="decompressed")
-    _, state = layer._resolve()
+    state = layer._resolve()[1]
     assert state == {}  # nothing materialised until the first forward
     x = torch.randn(5, lin.in_features)
     y = layer(x)

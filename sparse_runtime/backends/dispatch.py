@@ -189,7 +189,7 @@ class DispatchBackend(Backend):
     @staticmethod
     def table(layer) -> dict[int, str]:
         """The layer's current ``{M bucket: backend}`` choices (for inspection and tests)."""
-        _, st = layer._resolve()
+        st = layer._resolve()[1]
         return dict(st.table) if isinstance(st, _State) else {}
 
 
