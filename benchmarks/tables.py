@@ -385,7 +385,9 @@ def allocation_quality(r: dict) -> str:
                     verdict = ("has a lower perplexity than every naive plan, but not at equal predicted speedup: "
                                + ", ".join(f"{k} runs at +{d:.3f}x" for k, d in faster.items()))
                 else:
-                    verdict = "beats every naive plan at equal predicted speedup"
+                    gap = ours["predicted_speedup"] - min(v["predicted_speedup"] for v in rivals.values())
+                    verdict = ("beats every naive plan at equal predicted speedup (each filled up to the plan's, "
+                               f"short of it by at most {gap:.3f}x: less than one more linear)")
                 lines.append(f"- {float(fraction):.0%} of weights 2:4: the plan ({ours['ppl']:.1f}) {verdict} "
                              f"(best naive {min(v['ppl'] for v in rivals.values()):.1f}).")
     return "\n".join(lines) + "\n"
