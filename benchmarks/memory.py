@@ -10,8 +10,7 @@ transformers' own dense load maps the safetensors file and reads the weights onl
 touches them, so its load peak is small and the after-forward peak is where it pays; both are recorded. The
 ``dense, weights read`` row is the same load followed by the check ``load_pretrained`` makes of every tensor it
 reads (no NaN/Inf): a load that has read its weights, as the 2:4 loads have, and the dense peak the target
-compares against. On a
-GPU (``--device cuda``) it also records ``torch.cuda.max_memory_allocated``. The 2:4 checkpoint is the model
+compares against. On a GPU (``--device cuda``) it also records ``torch.cuda.max_memory_allocated``. The 2:4 checkpoint is the model
 magnitude-pruned by ``sparsify`` and written by ``save_pretrained`` into a temporary folder first.
 
 Target (issue 14): the 2:4 load on ``reference`` peaks at most 1.2x the checkpoint's tensor bytes above the
@@ -134,7 +133,8 @@ def main(argv=None) -> int:
         if not (ckpt / "sparse_config.json").is_file():
             _write_checkpoint(args.model, ckpt)
         dense_dir = resolve(args.model)
-        rows = {name: {**_run_child(args, load), "tensor_bytes": tensor_bytes(dense_dir)}
+        dense_bytes = tensor_bytes(dense_dir)
+        rows = {name: {**_run_child(args, load), "tensor_bytes": dense_bytes}
                 for name, load in (("dense", "dense"), ("dense, weights read", "dense-read"))}
         sparse_bytes = tensor_bytes(ckpt)
         for backend in args.backends:

@@ -424,11 +424,11 @@ def memory(r: dict) -> str:
     t = r["target"]
     yes = lambda v: "yes" if v else "no"
     if t:
-        lazy = ("" if "below_lazy_dense" not in t else
-                f"; below transformers' mapped dense load, which has read no weight yet: {yes(t['below_lazy_dense'])}")
         lines += ["", f"Target: the 2:4 `reference` load at most {t['max_ratio']}x its tensor bytes "
                       f"({t['ratio']:.2f}x) and below the dense load that has read its weights "
-                      f"({yes(t['below_dense'])}; after one forward: {yes(t['below_dense_after_forward'])}{lazy}): "
+                      f"({yes(t['below_dense'])}; after one forward: {yes(t['below_dense_after_forward'])}; "
+                      f"below transformers' mapped dense load, which has read no weight yet: "
+                      f"{yes(t['below_lazy_dense'])}): "
                       f"{'met' if t['met'] else 'missed'}."]
     return "\n".join(lines) + "\n"
 

@@ -382,8 +382,8 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
 
 
 def rotate_sparse24_matmul(x: torch.Tensor, rotation: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                           bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None, split_k: Optional[int] = None,
-                           locks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                           split_k: Optional[int] = None, locks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(x @ R) @ W^T + bias`` with ``R`` full ``[K, K]`` or block-diagonal ``[K/b, b, b]``, fused
     (rotated first where no config fits R's tile in the device's shared memory)."""
     if out is None and split_k is None and torch.compiler.is_compiling():  # see sparse24_matmul
