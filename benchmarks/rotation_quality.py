@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         ppl = round(evaluate(model).ppl, 3)
         total_steps = run["steps"] * len(rot["layers"]) if rot else 0
         report["runs"][key] = {
-            **run, "perplexity": ppl, "seconds": round(result.seconds, 1), "rotation_seconds": round(rot_seconds, 1),
+            **run, "perplexity": ppl, "threads": args.threads, "seconds": round(result.seconds, 1), "rotation_seconds": round(rot_seconds, 1),
             "steps_per_s": round(total_steps / rot_seconds, 2) if rot_seconds else None,
             "objective_initial": round(sum(layer["initial"] for layer in rot["layers"]), 3) if rot else None,
             "objective_best": round(sum(layer["best"] for layer in rot["layers"]), 3) if rot else None,

@@ -196,8 +196,8 @@ def sparse_bytes(model: nn.Module) -> int:
 
 # ---- serving: rank 0 runs the engine, the other ranks replay its model calls -----------------------------
 # Every decoder forward all-reduces, so each rank must run the same forwards on the same inputs and keep the
-# same KV cache. Rank 0 broadcasts each cache placement and forward before running it; sampling, text and
-# the lm_head (replicated) stay on rank 0.
+# same KV cache. Rank 0 broadcasts each cache placement and forward before running it; sampling and text stay
+# on rank 0 (the replicated lm_head runs everywhere at decode: it is part of the engine's decode step).
 _RELAYED = ("prefill_at", "decode_at", "move")
 
 
@@ -220,13 +220,13 @@ def lead(engine) -> None:
     for op in _RELAYED:
         setattr(engine.cache, op, relay(op, getattr(engine.cache, op)))
     engine._forward_eager = relay("forward", engine._forward_eager)
-    engine._decode_forward = relay("decode", engine._decode_forward)
+    engine._decode_logits = relay("decode", engine._decode_logits)
 
 
 def follow(engine) -> None:
     """Replay rank 0's model calls on this rank's shard until rank 0 says stop (:func:`stop_followers`)."""
     ops = {op: getattr(engine.cache, op) for op in _RELAYED}
-    ops.update(forward=engine._forward_eager, decode=engine._decode_forward)
+    ops.update(forward=engine._forward_eager, decode=engine._decode_logits)
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=0)

@@ -34,9 +34,12 @@ def test_nm_objective_is_the_importance_the_mask_drops():
     for pattern, sparsity in (("2:4", 0.5), ("4:8", 0.5), ("unstructured", 0.25)):
         keep = pattern_mask(s, pattern, sparsity, per="row")
         dropped = (s * ~keep).sum(1)
-        torch.testing.assert_close(_Objective("nm", pattern, sparsity)("q", s), (dropped / s.sum(1)).sum())
-        whole = _Objective("nm", pattern, sparsity)("down", s)
-        torch.testing.assert_close(whole, dropped.sum() / s.sum() * s.shape[0])
+        obj = _Objective("nm", pattern, sparsity)
+        unit = s.sum() / s.shape[0]
+        torch.testing.assert_close(obj("q", s), dropped.sum() / unit)
+        # the unit is fixed at the first call: doubling every score doubles the objective (a fraction would not)
+        torch.testing.assert_close(obj("q", 2 * s), 2 * dropped.sum() / unit)
+        torch.testing.assert_close(obj("down", 3 * s), 3 * dropped.sum() / (3 * unit))
     torch.testing.assert_close(_dropped(s, 2, 4), _dropped(s, 2, 4).new_tensor(
         [g.reshape(-1, 4).sort(-1).values[:, :2].sum().item() for g in s]))
 
