@@ -7,12 +7,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CKPT ?= checkpoints/smollm2-135m-2of4
-METHOD ?= sparsegpt
+METHOD ?= wanda
 NSAMPLES ?= 32
 SEQLEN ?= 512
 # DenoiseRotator with the 2:4-aware objective; ROTATE=none for the plain prune (a few minutes faster)
 ROTATE ?= nm
-ROTATE_STEPS ?= 25
+ROTATE_STEPS ?= 100
 
 $(STAMP): setup.py requirements.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

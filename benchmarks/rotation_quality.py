@@ -7,7 +7,8 @@ against the unrotated 2:4 model. Writes benchmarks/results/rotation_quality.json
     python benchmarks/rotation_quality.py --runs wanda:nm:1:100 --out /tmp/r.json
     python benchmarks/rotation_quality.py --replot
 
-A run is ``method:objective[:blocks[:steps]]`` (objective ``none`` for no rotation).
+A run is ``method:objective[:blocks[:steps[:importance]]]`` (objective ``none`` for no rotation; importance: whose
+scores the rotation sees, by default the method's own).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from sparse_runtime.sparsify import sparsify  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_RUNS = ["wanda:none", "wanda:entropy:1:100", "wanda:entropy:4:100", "wanda:nm:1:100",
                 "sparsegpt:none", "sparsegpt:entropy:1:100", "sparsegpt:entropy:4:100", "sparsegpt:nm:1:100",
-                "sparsegpt:nm:1:25", "sparsegpt:nm:1:50"]
+                "sparsegpt:nm:1:100:wanda", "sparsegpt:nm:1:25", "wanda:nm:1:25"]
 # LLaMA-3-8B, 2:4, seqlen 2048 (DenoiseRotator, Gu et al. 2025, table 1); context only
 PAPER_REFERENCE = {"model": "LLaMA-3-8B", "seqlen": 2048, "dense": 6.14,
                    "wanda": {"none": 25.19, "entropy": 11.41}, "sparsegpt": {"none": 17.67, "entropy": 10.01}}
@@ -46,12 +47,18 @@ def parse_run(spec: str) -> dict:
         raise SystemExit(f"bad run {spec!r}: want method:objective[:blocks[:steps]]")
     blocks = int(parts[2]) if len(parts) > 2 else 1
     steps = int(parts[3]) if len(parts) > 3 else 100
-    return {"method": parts[0], "objective": parts[1], "blocks": blocks, "steps": 0 if parts[1] == "none" else steps}
+    importance = parts[4] if len(parts) > 4 else parts[0]
+    if importance not in ("wanda", "sparsegpt", "magnitude"):
+        raise SystemExit(f"bad run {spec!r}: unknown importance {importance!r}")
+    return {"method": parts[0], "objective": parts[1], "blocks": blocks, "steps": 0 if parts[1] == "none" else steps,
+            "importance": importance}
 
 
 def run_key(r: dict) -> str:
-    return f"{r['method']}/none" if r["objective"] == "none" else \
-        f"{r['method']}/{r['objective']}/b{r['blocks']}/{r['steps']}"
+    if r["objective"] == "none":
+        return f"{r['method']}/none"
+    own = r.get("importance", r["method"]) == r["method"]
+    return f"{r['method']}/{r['objective']}/b{r['blocks']}/{r['steps']}" + ("" if own else f"/{r['importance']}")
 
 
 def gflop_per_step(config, blocks: int) -> float:
@@ -110,10 +117,14 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, color in (("wanda", "tab:blue"), ("sparsegpt", "tab:orange")):
         for objective, marker, ls in (("nm", "o", "-"), ("entropy", "s", "--")):
-            pts = sorted((r["steps"], r["perplexity"]) for r in report["runs"].values()
-                         if r["method"] == method and r["blocks"] == 1 and r["objective"] in (objective, "none"))
-            if len(pts) > 1:
-                ax.plot(*zip(*pts), marker=marker, ls=ls, color=color, label=f"{method} 2:4, {objective}")
+            for scores in ("wanda", "sparsegpt", "magnitude"):
+                own = scores == method
+                pts = sorted((r["steps"], r["perplexity"]) for r in report["runs"].values()
+                             if r["method"] == method and r["blocks"] == 1 and (r["objective"] == "none" or (
+                                 r["objective"] == objective and r.get("importance", method) == scores)))
+                if len(pts) > 1:
+                    ax.plot(*zip(*pts), marker=marker, ls=ls if own else ":", color=color,
+                            label=f"{method} 2:4, {objective}" + ("" if own else f" on {scores} scores"))
         for r in report["runs"].values():
             if r["method"] == method and r["blocks"] > 1:
                 ax.plot(r["steps"], r["perplexity"], marker="^", color=color, ls="none",
@@ -193,7 +204,7 @@ def main(argv=None) -> int:
         model, _ = load_model(args.model)  # rotation changes the model's structure: start from a fresh copy
         result = prune(model, run["method"], "2:4", calib=calib, device="cpu", progress=True,
                        rotate=None if run["objective"] == "none" else run["objective"],
-                       rotate_steps=run["steps"], rotate_blocks=run["blocks"])
+                       rotate_steps=run["steps"], rotate_blocks=run["blocks"], rotate_importance=run["importance"])
         rot = result.rotation
         rot_seconds = sum(layer["seconds"] for layer in rot["layers"]) if rot else 0.0
         ppl = round(evaluate(model).ppl, 3)

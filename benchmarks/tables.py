@@ -230,9 +230,11 @@ def rotation_quality(r: dict) -> str:
     threads = lambda x: x.get("threads", 1)  # runs recorded before the field: the report's one thread
     wall = lambda x: f"{x['seconds'] / 60:.1f} min ({threads(x)} thread{'s' * (threads(x) > 1)})"
     for run in sorted(runs.values(), key=lambda x: (x["method"] != "wanda", x["objective"] != "none", x["objective"],
-                                                    x["blocks"], x["steps"], threads(x))):
+                                                    x.get("importance", x["method"]) != x["method"], x["blocks"],
+                                                    x["steps"], threads(x))):
         rot = run["objective"] != "none"
-        lines.append(f"| {run['method']} | {run['objective'] if rot else '-'} | {run['blocks'] if rot else '-'} | "
+        scores = "" if run.get("importance", run["method"]) == run["method"] else f" on {run['importance']} scores"
+        lines.append(f"| {run['method']} | {run['objective'] + scores if rot else '-'} | {run['blocks'] if rot else '-'} | "
                      f"{run['steps']} | {run['perplexity']:.1f} | {wall(run)} | "
                      + (f"{run['steps_per_s']} ({run['gflop_per_s']:.0f})" if run.get("gflop_per_s") else "-")
                      + " |")
@@ -244,8 +246,8 @@ def rotation_quality(r: dict) -> str:
             verdict = "met" if best["perplexity"] <= target else "missed"
             lines.append(f"- {method} + rotation, best {best['perplexity']:.1f} "
                          f"({best['objective']}, {best['steps']} steps): target <= {target:g} {verdict}.")
-        by = {x["objective"]: x["perplexity"] for x in runs.values()
-              if x["method"] == method and x["blocks"] == 1 and x["steps"] == 100}
+        by = {x["objective"]: x["perplexity"] for x in runs.values() if x["method"] == method and x["blocks"] == 1
+              and x["steps"] == 100 and x.get("importance", method) == method}
         if "nm" in by and "entropy" in by:
             lines.append(f"- {method}, 100 steps, full R1: nm {by['nm']:.1f} vs entropy {by['entropy']:.1f}: "
                          f"the 2:4-aware objective is {'lower' if by['nm'] < by['entropy'] else 'NOT lower'}.")

@@ -90,6 +90,21 @@ def test_bad_rotate_options_are_clear_errors(layer):
         learn_rotation(layer, None, "magnitude", "2:4", 0.5, RotateOptions("nm", 1, blocks=3), progress=False)
     with pytest.raises(ValueError, match="needs the layer's input statistics"):
         learn_rotation(layer, None, "wanda", "2:4", 0.5, RotateOptions("nm", 1), progress=False)
+    with pytest.raises(ValueError, match="unknown rotation importance 'obs'"):
+        RotateOptions("nm", importance="obs")
+    with pytest.raises(ValueError, match="needs the layer's input statistics"):  # magnitude has no statistics
+        learn_rotation(layer, None, "magnitude", "2:4", 0.5, RotateOptions("nm", 1, importance="wanda"),
+                       progress=False)
+
+
+def test_rotation_importance_can_be_another_methods(layer):
+    """SparseGPT pruning with rotations learned on Wanda's scores: the objective is Wanda's, not SparseGPT's."""
+    inputs = layer_inputs(layer)
+    run = lambda method, importance=None: learn_rotation(layer, inputs, method, "2:4", 0.5,
+                                                         RotateOptions("nm", 3, importance=importance),
+                                                         progress=False)[2]["history"]
+    assert run("sparsegpt", "wanda") == run("wanda")
+    assert run("sparsegpt", "wanda") != run("sparsegpt")
 
 
 @pytest.fixture(scope="module")

@@ -80,10 +80,13 @@ def add_arguments(p) -> None:
                         "(default: on for SparseGPT, off for Wanda, as in their papers)")
     p.add_argument("--rotate", choices=["none", *ROTATE_OBJECTIVES], default="none",
                    help="learn DenoiseRotator rotations per decoder layer before pruning it: the paper's entropy, "
-                        "or nm, the fraction of importance the pattern's mask drops (default: none)")
+                        "or nm, the importance the pattern's mask drops (default: none)")
     p.add_argument("--rotate-steps", type=int, default=100, help="Adam steps per decoder layer (default: 100)")
     p.add_argument("--rotate-blocks", type=int, default=1,
                    help="diagonal blocks of the residual rotation R1 (default: 1, a full d x d rotation)")
+    p.add_argument("--rotate-importance", choices=["magnitude", "wanda", "sparsegpt"],
+                   help="whose scores the rotation objective sees (default: the pruning method's own; "
+                        "wanda suits sparsegpt at 2:4, see README)")
     p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU")
     p.add_argument("--errors", action="store_true", help="report ||WX - W_hat X|| / ||WX|| per linear")
     p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
@@ -131,7 +134,8 @@ def run(args) -> int:
     if args.rotate != "none":
         from ..prune import RotateOptions
 
-        rotate = RotateOptions(args.rotate, args.rotate_steps, args.rotate_blocks, damp=args.damp)
+        rotate = RotateOptions(args.rotate, args.rotate_steps, args.rotate_blocks, damp=args.damp,
+                               importance=args.rotate_importance)
     plan = None
     if args.plan is not None:
         from ..prune.plan import Plan

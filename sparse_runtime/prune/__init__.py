@@ -20,21 +20,22 @@ NEEDS_CALIBRATION = {"wanda", "sparsegpt"}
 
 def prune(model, method: str = "sparsegpt", pattern: str = "2:4", sparsity: float = 0.5, calib=None,
           rotate: str | RotateOptions | None = None, rotate_steps: int = 100, rotate_blocks: int = 1,
-          **options) -> PruneResult:
+          rotate_importance: str | None = None, **options) -> PruneResult:
     """Prune ``model`` in place with ``method`` (a name in :data:`METHODS`).
 
     ``calib`` is a ``[N, L]`` tensor of token ids (see :func:`calibration_windows`);
     options go to the method (targets, ignore, device, true_sequential, offload,
     record_errors, progress; blocksize, damp for SparseGPT; per for magnitude).
     ``rotate`` ("entropy", "nm" or a :class:`RotateOptions`) learns DenoiseRotator rotations per decoder
-    layer before pruning it (``rotate_steps`` Adam steps, ``rotate_blocks`` diagonal blocks of R1); the
-    rotated layers are then pruned true-sequentially unless ``true_sequential=False`` is given."""
+    layer before pruning it (``rotate_steps`` Adam steps, ``rotate_blocks`` diagonal blocks of R1, scored
+    by ``rotate_importance``'s scores, by default the method's own); the rotated layers are then pruned true-sequentially unless ``true_sequential=False`` is given."""
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
     if method in NEEDS_CALIBRATION and calib is None:
         raise ValueError(f"{method} needs calibration token ids (calib=[N, L] tensor)")
     if isinstance(rotate, str) and rotate != "none":
-        rotate = RotateOptions(rotate, rotate_steps, rotate_blocks, damp=options.get("damp", 0.01))
+        rotate = RotateOptions(rotate, rotate_steps, rotate_blocks, damp=options.get("damp", 0.01),
+                               importance=rotate_importance)
     elif rotate == "none":
         rotate = None
     if rotate is not None:

@@ -45,12 +45,15 @@ class RotateOptions:
     clip: float = 1.0
     damp: float = 0.01  # SparseGPT's damping, for H^-1
     dtype: torch.dtype = torch.bfloat16  # of the weight x rotation product while learning; folding is fp32
+    importance: str | None = None  # whose scores the objective sees; None: the pruning method's own
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown rotation objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
         if self.steps < 0 or self.blocks < 1:
             raise ValueError(f"need rotate steps >= 0 and blocks >= 1, got {self.steps} and {self.blocks}")
+        if self.importance not in (None, *IMPORTANCE):
+            raise ValueError(f"unknown rotation importance {self.importance!r}; choose from {', '.join(IMPORTANCE)}")
 
 
 @dataclass
@@ -183,7 +186,7 @@ def learn_rotation(layer, inputs: LayerInputs | None, method: str, pattern: str,
     eye = torch.eye(b, device=stacked.device)  # A1 and A2 stay fp32
     a1 = torch.nn.Parameter(eye.repeat(opts.blocks, 1, 1))
     a2 = torch.nn.Parameter(torch.eye(hd, device=stacked.device).repeat(n_kv, 1, 1))
-    importance = _Importance(method, inputs, opts.blocks, n_heads, hd, opts.damp)
+    importance = _Importance(opts.importance or method, inputs, opts.blocks, n_heads, hd, opts.damp)
     objective = _Objective(opts.objective, pattern, sparsity)
     optim = torch.optim.Adam([a1, a2], lr=opts.lr)
 
