@@ -44,7 +44,7 @@ def parse_run(spec: str) -> dict:
     parts = spec.split(":")
     if len(parts) < 2 or parts[0] not in ("wanda", "sparsegpt", "magnitude") or \
             parts[1] not in ("none", "entropy", "nm"):
-        raise SystemExit(f"bad run {spec!r}: want method:objective[:blocks[:steps]]")
+        raise SystemExit(f"bad run {spec!r}: want method:objective[:blocks[:steps[:importance]]]")
     blocks = int(parts[2]) if len(parts) > 2 else 1
     steps = int(parts[3]) if len(parts) > 3 else 100
     importance = parts[4] if len(parts) > 4 else parts[0]
@@ -210,7 +210,8 @@ def main(argv=None) -> int:
         ppl = round(evaluate(model).ppl, 3)
         total_steps = run["steps"] * len(rot["layers"]) if rot else 0
         report["runs"][key] = {
-            **run, "perplexity": ppl, "threads": args.threads, "seconds": round(result.seconds, 1), "rotation_seconds": round(rot_seconds, 1),
+            **run, "perplexity": ppl, "threads": args.threads, "seconds": round(result.seconds, 1),
+            "rotation_seconds": round(rot_seconds, 1),
             "steps_per_s": round(total_steps / rot_seconds, 2) if rot_seconds else None,
             "objective_initial": round(sum(layer["initial"] for layer in rot["layers"]), 3) if rot else None,
             "objective_best": round(sum(layer["best"] for layer in rot["layers"]), 3) if rot else None,

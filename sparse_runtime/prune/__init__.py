@@ -28,7 +28,8 @@ def prune(model, method: str = "sparsegpt", pattern: str = "2:4", sparsity: floa
     record_errors, progress; blocksize, damp for SparseGPT; per for magnitude).
     ``rotate`` ("entropy", "nm" or a :class:`RotateOptions`) learns DenoiseRotator rotations per decoder
     layer before pruning it (``rotate_steps`` Adam steps, ``rotate_blocks`` diagonal blocks of R1, scored
-    by ``rotate_importance``'s scores, by default the method's own); the rotated layers are then pruned true-sequentially unless ``true_sequential=False`` is given."""
+    by ``rotate_importance``'s scores, by default the method's own); the rotated layers are then pruned
+    true-sequentially unless ``true_sequential=False`` is given."""
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
     if method in NEEDS_CALIBRATION and calib is None:
