@@ -227,14 +227,14 @@ def rotation_quality(r: dict) -> str:
              f"Dense: **{r['perplexity']['dense']:.2f}**.", "",
              "| method | rotation | R1 blocks | steps / layer | perplexity | rotate + prune | rotation steps/s "
              "(GFLOP/s) |", "|---|---|---|---|---|---|---|"]
+    scores_of = lambda x: "" if x.get("importance", x["method"]) == x["method"] else f" on {x['importance']} scores"
     threads = lambda x: x.get("threads", 1)  # runs recorded before the field: the report's one thread
     wall = lambda x: f"{x['seconds'] / 60:.1f} min ({threads(x)} thread{'s' * (threads(x) > 1)})"
     for run in sorted(runs.values(), key=lambda x: (x["method"] != "wanda", x["objective"] != "none", x["objective"],
                                                     x.get("importance", x["method"]) != x["method"], x["blocks"],
                                                     x["steps"], threads(x))):
         rot = run["objective"] != "none"
-        scores = "" if run.get("importance", run["method"]) == run["method"] else f" on {run['importance']} scores"
-        lines.append(f"| {run['method']} | {run['objective'] + scores if rot else '-'} | {run['blocks'] if rot else '-'} | "
+        lines.append(f"| {run['method']} | {run['objective'] + scores_of(run) if rot else '-'} | {run['blocks'] if rot else '-'} | "
                      f"{run['steps']} | {run['perplexity']:.1f} | {wall(run)} | "
                      + (f"{run['steps_per_s']} ({run['gflop_per_s']:.0f})" if run.get("gflop_per_s") else "-")
                      + " |")
@@ -245,7 +245,7 @@ def rotation_quality(r: dict) -> str:
             best = min(rotated, key=lambda x: x["perplexity"])
             verdict = "met" if best["perplexity"] <= target else "missed"
             lines.append(f"- {method} + rotation, best {best['perplexity']:.1f} "
-                         f"({best['objective']}, {best['steps']} steps): target <= {target:g} {verdict}.")
+                         f"({best['objective']}{scores_of(best)}, {best['steps']} steps): target <= {target:g} {verdict}.")
         by = {x["objective"]: x["perplexity"] for x in runs.values() if x["method"] == method and x["blocks"] == 1
               and x["steps"] == 100 and x.get("importance", method) == method}
         if "nm" in by and "entropy" in by:
