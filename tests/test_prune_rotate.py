@@ -97,6 +97,14 @@ def test_bad_rotate_options_are_clear_errors(layer):
                        progress=False)
 
 
+def test_magnitude_with_a_calibrated_rotation_importance_is_refused_untouched(stories_dir):
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="rotate importance 'wanda' needs calibration statistics"):
+        prune(model, "magnitude", "2:4", rotate="nm", rotate_steps=1, rotate_importance="wanda", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_rotation_importance_can_be_another_methods(layer):
     """SparseGPT pruning with rotations learned on Wanda's scores: the objective is Wanda's, not SparseGPT's."""
     inputs = layer_inputs(layer)

@@ -40,6 +40,9 @@ def prune(model, method: str = "sparsegpt", pattern: str = "2:4", sparsity: floa
     elif rotate == "none":
         rotate = None
     if rotate is not None:
+        if method not in NEEDS_CALIBRATION and rotate.importance in NEEDS_CALIBRATION:  # before any layer changes
+            raise ValueError(f"rotate importance {rotate.importance!r} needs calibration statistics, which "
+                             f"{method} pruning does not collect")
         options["rotate"] = rotate
         if method in NEEDS_CALIBRATION:
             options.setdefault("true_sequential", True)

@@ -155,8 +155,9 @@ class _Objective:
             if name in ("v", "o"):
                 return _entropy(s, 1) + _entropy(s, 0)
             return _entropy(s, 1)
-        unit = self.unit.setdefault(name, max(float(s.detach().sum()) / s.shape[0], _TINY))
-        return self._drop(s).sum() / unit
+        if name not in self.unit:  # once per linear: a host read of a sum each step would be wasted
+            self.unit[name] = max(float(s.detach().sum()) / s.shape[0], _TINY)
+        return self._drop(s).sum() / self.unit[name]
 
 
 def _orthogonal(a: torch.Tensor) -> torch.Tensor:
