@@ -29,6 +29,7 @@ from sparse_runtime.eval import perplexity  # noqa: E402
 from sparse_runtime.models import load_model  # noqa: E402
 from sparse_runtime.prune import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, prune  # noqa: E402
 from sparse_runtime.prune.calibration import SAMPLINGS, bos_mode  # noqa: E402
+from sparse_runtime.prune.rotate import IMPORTANCE, OBJECTIVES  # noqa: E402
 from sparse_runtime.sparsify import sparsify  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -42,13 +43,12 @@ PAPER_REFERENCE = {"model": "LLaMA-3-8B", "seqlen": 2048, "dense": 6.14,
 
 def parse_run(spec: str) -> dict:
     parts = spec.split(":")
-    if len(parts) < 2 or parts[0] not in ("wanda", "sparsegpt", "magnitude") or \
-            parts[1] not in ("none", "entropy", "nm"):
+    if len(parts) < 2 or parts[0] not in IMPORTANCE or parts[1] not in ("none", *OBJECTIVES):
         raise SystemExit(f"bad run {spec!r}: want method:objective[:blocks[:steps[:importance]]]")
     blocks = int(parts[2]) if len(parts) > 2 else 1
     steps = int(parts[3]) if len(parts) > 3 else 100
     importance = parts[4] if len(parts) > 4 else parts[0]
-    if importance not in ("wanda", "sparsegpt", "magnitude"):
+    if importance not in IMPORTANCE:
         raise SystemExit(f"bad run {spec!r}: unknown importance {importance!r}")
     return {"method": parts[0], "objective": parts[1], "blocks": blocks, "steps": 0 if parts[1] == "none" else steps,
             "importance": importance}
@@ -117,7 +117,7 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, color in (("wanda", "tab:blue"), ("sparsegpt", "tab:orange")):
         for objective, marker, ls in (("nm", "o", "-"), ("entropy", "s", "--")):
-            for scores in ("wanda", "sparsegpt", "magnitude"):
+            for scores in IMPORTANCE:
                 own = scores == method
                 pts = sorted((r["steps"], r["perplexity"]) for r in report["runs"].values()
                              if r["method"] == method and r["blocks"] == 1 and (r["objective"] == "none" or (

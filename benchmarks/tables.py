@@ -227,11 +227,12 @@ def rotation_quality(r: dict) -> str:
              f"Dense: **{r['perplexity']['dense']:.2f}**.", "",
              "| method | rotation | R1 blocks | steps / layer | perplexity | rotate + prune | rotation steps/s "
              "(GFLOP/s) |", "|---|---|---|---|---|---|---|"]
-    scores_of = lambda x: "" if x.get("importance", x["method"]) == x["method"] else f" on {x['importance']} scores"
+    own = lambda x: x.get("importance", x["method"]) == x["method"]  # rotated on the pruning method's own scores
+    scores_of = lambda x: "" if own(x) else f" on {x['importance']} scores"
     threads = lambda x: x.get("threads", 1)  # runs recorded before the field: the report's one thread
     wall = lambda x: f"{x['seconds'] / 60:.1f} min ({threads(x)} thread{'s' * (threads(x) > 1)})"
     for run in sorted(runs.values(), key=lambda x: (x["method"] != "wanda", x["objective"] != "none", x["objective"],
-                                                    x.get("importance", x["method"]) != x["method"], x["blocks"],
+                                                    not own(x), x["blocks"],
                                                     x["steps"], threads(x))):
         rot = run["objective"] != "none"
         lines.append(f"| {run['method']} | {run['objective'] + scores_of(run) if rot else '-'} | {run['blocks'] if rot else '-'} | "
@@ -247,7 +248,7 @@ def rotation_quality(r: dict) -> str:
             lines.append(f"- {method} + rotation, best {best['perplexity']:.1f} "
                          f"({best['objective']}{scores_of(best)}, {best['steps']} steps): target <= {target:g} {verdict}.")
         by = {x["objective"]: x["perplexity"] for x in runs.values() if x["method"] == method and x["blocks"] == 1
-              and x["steps"] == 100 and x.get("importance", method) == method}
+              and x["steps"] == 100 and own(x)}
         if "nm" in by and "entropy" in by:
             lines.append(f"- {method}, 100 steps, full R1: nm {by['nm']:.1f} vs entropy {by['entropy']:.1f}: "
                          f"the 2:4-aware objective is {'lower' if by['nm'] < by['entropy'] else 'NOT lower'}.")
