@@ -311,7 +311,8 @@ def engine(r: dict) -> str:
         text = f"{name}: engine batch 1 vs `generate` {ok(v['engine_b1_vs_hf'], 1.5)}"
         if "read_bytes_per_s" in v:
             gb = lambda b: f"{b / 1e9:.1f} GB/s"
-            text += (f"; it streams the weights at {gb(v['engine_b1_bytes_per_s'])}, "
+            hf = v["model_bytes"] * v["decode_tokens_per_s"]["hf_generate_b1"]
+            text += (f"; it streams the weights at {gb(v['engine_b1_bytes_per_s'])} (`generate`: {gb(hf)}), "
                      f"{v['engine_b1_bytes_per_s'] / v['read_bytes_per_s']:.0%} of the machine's read bandwidth "
                      f"({gb(v['read_bytes_per_s'])}: at most {v['b1_bound_tokens_per_s']:.1f} tok/s at batch 1)")
         if "engine_b8_vs_b1" in v:

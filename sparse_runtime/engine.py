@@ -163,7 +163,7 @@ class Engine:
         self._stop = False
         # compile: on CUDA the decode step is captured as CUDA graphs, which need one shape, so decode always
         # runs max_batch rows over the whole cache (static). On the CPU, dynamic shapes, and frozen weights for
-        # inductor's C++ GEMM template: at decode's few rows it streams them ~2x faster than MKL's GEMV.
+        # inductor's C++ GEMM template: at decode's few rows it streams them much faster than MKL's GEMV.
         self._static = static or (compile and self.device.type == "cuda")
         self._decode_logits = self._logits_eager
         if compile and self.device.type == "cuda":

@@ -17,8 +17,8 @@ which for block-diagonal ``R`` reads only the diagonal blocks of ``A``. Objectiv
   of ``m`` inputs (for unstructured, the row's lowest ``sparsity`` fraction), in units of each linear's mean row
   importance before rotating. Entropy does not see the 2:4 groups at all; this is what 2:4 pruning actually removes,
   so it is what the rotation should shrink. Absolute, not a fraction of each row: Wanda's and SparseGPT's row totals
-  change under rotation, and a fraction also falls when the kept scores grow (SmolLM2 2:4, 100 steps: SparseGPT
-  71.7 -> 67.9 perplexity, Wanda 89.5 -> 63.2).
+  change under rotation, and a fraction also falls when the kept scores grow (measured against the fraction: the
+  README's rotation results).
 """
 from __future__ import annotations
 
