@@ -61,19 +61,25 @@ def run_key(r: dict) -> str:
     return f"{r['method']}/{r['objective']}/b{r['blocks']}/{r['steps']}" + ("" if own else f"/{r['importance']}")
 
 
-def gflop_per_step(config, blocks: int) -> float:
-    """Matmul + QR work of one rotation step for one decoder layer (forward and backward), from the shapes.
+def gflop_per_step(config, blocks: int, importance: str) -> float:
+    """Matmul, QR and Cholesky work of one rotation step for one decoder layer (forward and backward), from the shapes.
 
     Rows rotated by R1 in one product: q, k, v, gate, up and the transposes of o, down; each [rows, d] @ [d, d/k]
-    forward and the same again for the gradient of R1. Two rotated diagonals diag(Q^T A Q) (attention and MLP
-    inputs), ~3x their forward with backward. QR of k blocks of d/k, ~4 (d/k)^3 each with backward. Elementwise
-    work (scores, the objective) is memory-bound and not counted."""
+    forward and the same again for the gradient of R1. QR of k blocks of d/k, ~4 (d/k)^3 each with backward. The
+    rotated scales, ~3x their forward with backward: Wanda's two diagonals diag(Q^T H Q) (attention and MLP inputs,
+    diagonal blocks only); SparseGPT's whole R^T H^-1 R (two products, block by block) and its Cholesky factor
+    for the attention, MLP and o inputs. Elementwise work (scores, the objective) is memory-bound and not counted."""
     d, inner = config.hidden_size, config.intermediate_size
     hd = getattr(config, "head_dim", None) or d // config.num_attention_heads
     q_rows, kv_rows = config.num_attention_heads * hd, config.num_key_value_heads * hd
     rows = 2 * q_rows + 2 * kv_rows + 3 * inner
     b = d // blocks
-    return (4 * rows * d * b + 3 * 2 * 2 * blocks * b**3 + 4 * blocks * b**3) / 1e9
+    flops = 4 * rows * d * b + 4 * blocks * b**3
+    if importance == "wanda":
+        flops += 3 * 2 * 2 * blocks * b**3
+    elif importance == "sparsegpt":
+        flops += 3 * sum(4 * n**3 / k + n**3 / 3 for n, k in ((d, blocks), (d, blocks), (q_rows, config.num_attention_heads)))
+    return flops / 1e9
 
 
 @torch.no_grad()
@@ -100,10 +106,16 @@ def merge_reports(reports: list[dict], out: Path) -> None:
     for r in reports[1:]:
         if protocol(r) != protocol(first):
             raise SystemExit("--merge: the reports differ in model, calibration, evaluation or dense perplexity")
-    merged = {**first, "calibration": protocol(first)[2], "merged_from": [r["date"] for r in reports]}
+    merged = {**first, "calibration": protocol(first)[2],
+              "merged_from": [d for r in reports for d in r.get("merged_from", [r["date"]])]}
+    merged["perplexity"], merged["runs"], merged["decode"] = (dict(first[k]) for k in ("perplexity", "runs", "decode"))
     for r in reports[1:]:
-        for k in ("perplexity", "runs", "decode"):
-            merged[k] = {**merged[k], **r[k]}
+        merged["decode"].update(r["decode"])
+        for key, run in r["runs"].items():
+            kept = merged["runs"].get(key)
+            if kept and kept.get("threads", 1) != run.get("threads", 1):  # bf16 rounding follows the thread count:
+                key = f"{key}@{run['threads']}t"  # the same configuration on other threads is a second sample
+            merged["runs"][key], merged["perplexity"][key] = run, run["perplexity"]
     out.write_text(json.dumps(merged, indent=2))
 
 
@@ -163,7 +175,8 @@ def main(argv=None) -> int:
         config = AutoConfig.from_pretrained(resolve(report["model"]))
         for run in report["runs"].values():
             if run["objective"] != "none":
-                run["gflop_per_step"] = round(gflop_per_step(config, run["blocks"]), 2)
+                scores = run.get("importance", run["method"])
+                run["gflop_per_step"] = round(gflop_per_step(config, run["blocks"], scores), 2)
                 run["gflop_per_s"] = round(run["gflop_per_step"] * run["steps_per_s"], 1)
         out.write_text(json.dumps(report, indent=2))
         plot(report, out.with_suffix(".png"))
@@ -217,7 +230,7 @@ def main(argv=None) -> int:
             "objective_best": round(sum(layer["best"] for layer in rot["layers"]), 3) if rot else None,
         }
         if rot:
-            report["runs"][key]["gflop_per_step"] = round(gflop_per_step(model.config, run["blocks"]), 2)
+            report["runs"][key]["gflop_per_step"] = round(gflop_per_step(model.config, run["blocks"], run["importance"]), 2)
             report["runs"][key]["gflop_per_s"] = round(report["runs"][key]["gflop_per_step"] *
                                                        report["runs"][key]["steps_per_s"], 1)
         report["perplexity"][key] = ppl

@@ -7,8 +7,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import TEXT
 from sparse_runtime.masks import pattern_mask
 from sparse_runtime.prune import RotateOptions, calibration_windows, prune
-from sparse_runtime.prune.rotate import (LayerInputs, _diag_blocks, _dropped, _Objective, _rotated_diag,
-                                         learn_rotation)
+from sparse_runtime.prune.rotate import (LayerInputs, _diag_blocks, _dropped, _inverse, _Objective, _rotated_diag,
+                                         _saliency_diag, learn_rotation)
+from sparse_runtime.prune.sparsegpt import sparsegpt_prune
 from sparse_runtime.residual_rotation import BUFFER, UnsupportedArchitecture, fold_norms
 
 
@@ -27,6 +28,24 @@ def test_rotated_diagonal_matches_the_dense_product(k):
     a, q = spd(24), orth(k, 24 // k, 24 // k, seed=1)
     dense = torch.block_diag(*q.unbind(0))
     torch.testing.assert_close(_rotated_diag(_diag_blocks(a, k), q), torch.diag(dense.T @ a @ dense))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_sparsegpt_saliency_is_the_cost_of_pruning_a_column_with_only_later_columns_updated(k):
+    a, q = spd(24), orth(k, 24 // k, 24 // k, seed=1)
+    r = torch.block_diag(*q.unbind(0))
+    rotated = r.T @ a @ r
+    later_only = torch.stack([torch.linalg.inv(rotated[j:, j:])[0, 0] for j in range(24)])
+    torch.testing.assert_close(_saliency_diag(torch.linalg.inv(a), q), later_only)
+
+
+def test_sparsegpt_saliency_ranks_as_sparsegpt_prunes():
+    # the first group of four is chosen before any update: its two lowest w^2 / U_jj^2 are what SparseGPT drops
+    h = spd(16, seed=2).float()
+    w = torch.randn(32, 16, generator=torch.Generator().manual_seed(3))
+    _, keep = sparsegpt_prune(w, h, "2:4", damp=0.01)
+    score = w.pow(2) / _saliency_diag(_inverse(h, 0.01), None)
+    torch.testing.assert_close(~keep[:, :4], ~pattern_mask(score[:, :4], "2:4", per="row"), rtol=0, atol=0)
 
 
 def test_nm_objective_is_the_importance_the_mask_drops():

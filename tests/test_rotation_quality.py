@@ -1,5 +1,6 @@
 """benchmarks/rotation_quality.py's run specs: what each field means, and a clear error for a bad one."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,36 @@ def test_run_specs_and_their_keys(bench):
 def test_bad_run_specs_are_refused(bench, spec, message):
     with pytest.raises(SystemExit, match=message):
         bench.parse_run(spec)
+
+
+def test_flop_count_follows_the_importance_and_the_blocks(bench):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+    count = {m: bench.gflop_per_step(config, 1, m) for m in ("magnitude", "wanda", "sparsegpt")}
+    assert count["magnitude"] < count["wanda"] < count["sparsegpt"]  # diagonals, then whole products + Cholesky
+    assert bench.gflop_per_step(config, 4, "wanda") < count["wanda"]
+
+
+def _report(date, runs):
+    return {"model": "m", "pattern": "2:4", "date": date, "calibration": {"nsamples": 32}, "eval": {"seqlen": 512},
+            "perplexity": {"dense": 29.5, **{k: r["perplexity"] for k, r in runs.items()}}, "runs": runs,
+            "decode": {}}
+
+
+def test_merge_keeps_a_rerun_on_other_threads_and_replaces_one_on_the_same(bench, tmp_path):
+    key = "sparsegpt/nm/b1/100"
+    a = _report("d1", {key: {"perplexity": 58.0, "threads": 1}, "wanda/none": {"perplexity": 210.0, "threads": 1}})
+    b = _report("d2", {key: {"perplexity": 59.0, "threads": 2}, "wanda/none": {"perplexity": 211.0, "threads": 1}})
+    out = tmp_path / "merged.json"
+    bench.merge_reports([a, b], out)
+    merged = json.loads(out.read_text())
+    assert merged["perplexity"] == {"dense": 29.5, key: 58.0, f"{key}@2t": 59.0, "wanda/none": 211.0}
+    assert merged["runs"][f"{key}@2t"]["threads"] == 2 and merged["merged_from"] == ["d1", "d2"]
+
+
+def test_merge_refuses_reports_of_another_protocol(bench, tmp_path):
+    a = _report("d1", {})
+    b = {**_report("d2", {}), "eval": {"seqlen": 2048}}
+    with pytest.raises(SystemExit, match="differ"):
+        bench.merge_reports([a, b], tmp_path / "merged.json")

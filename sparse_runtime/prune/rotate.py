@@ -5,11 +5,13 @@ per KV head on the value path, each the Q factor of the QR decomposition of an u
 ``I``, trained with Adam (lr 0.01, gradient norm clipped to 1.0), the best iterate kept. They are scored by the
 pruning method's own importance in rotated coordinates (squared OBD forms, as the reference):
 
-* magnitude ``W'^2``; Wanda ``W'^2 * diag(R^T H R)``; SparseGPT ``W'^2 / diag(R^T H^-1 R)``,
+* magnitude ``W'^2``; Wanda ``W'^2 * diag(R^T H R)``; SparseGPT ``W'^2 / diag(U)^2`` with ``R^T H^-1 R = U^T U``
+  (the score SparseGPT ranks by: its column-by-column updates make the upper Cholesky factor, not ``H^-1``, count),
 
 with ``H = (2/n) X X^T`` of each linear's input. Only four inputs exist per layer (attention in, o in, MLP in,
-down in), so each rotated diagonal is computed once per step, not once per linear; only ``diag(R^T A R)`` is needed,
-which for block-diagonal ``R`` reads only the diagonal blocks of ``A``. Objectives:
+down in), so each rotated scale is computed once per step, not once per linear. Wanda needs only ``diag(R^T H R)``,
+which for block-diagonal ``R`` reads only the diagonal blocks of ``H``; SparseGPT the whole product and its Cholesky
+factor. Objectives:
 
 * ``entropy`` (the paper): Shannon entropy of the normalised scores, summed over rows, along the axis each rotation
   leaves a group total invariant on (rows for q/k/gate/up, columns for down, both for v/o);
@@ -75,6 +77,20 @@ def _rotated_diag(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return ((blocks @ q) * q).sum(-2).reshape(-1)
 
 
+def _saliency_diag(hinv: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+    """``diag(U)^2`` for ``R^T H^-1 R = U^T U`` (upper Cholesky), ``R`` block-diagonal from ``q [k, b, b]`` (None:
+    ``I``): SparseGPT's denominator. It prunes columns in order, updating only later ones, so column ``j`` costs
+    ``w_j^2 / [(H_{j:, j:})^-1]_00 = w_j^2 / U_jj^2``: between ``diag(H^-1)`` (first column) and ``1 / diag(H)``
+    (last), which ``diag(R^T H^-1 R)`` alone would misstate for all but the first."""
+    if q is not None:  # block by block: k blocks cost 4 d^3 / k, not the 4 d^3 of a dense block_diag product
+        k, b, _ = q.shape
+        d = k * b
+        hinv = (hinv.reshape(d, k, b).transpose(0, 1) @ q).transpose(0, 1).reshape(d, d)  # H^-1 R
+        hinv = (q.transpose(-1, -2) @ hinv.reshape(k, b, d)).reshape(d, d)  # R^T (H^-1 R)
+        hinv = (hinv + hinv.T) / 2
+    return torch.linalg.cholesky(hinv, upper=True).diagonal().pow(2)
+
+
 def _inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
     h = h.double().clone()
     dead = torch.diag(h) == 0
@@ -95,14 +111,21 @@ class _Importance:
             return
         if inputs is None:
             raise ValueError(f"{method} importance needs the layer's input statistics")
-        prep = (lambda h: _inverse(h, damp)) if self.divide else (lambda h: h.float())
-        self.blocks = {"attn": _diag_blocks(prep(inputs.attn), blocks), "mlp": _diag_blocks(prep(inputs.mlp), blocks),
-                       "o": _diag_blocks(prep(inputs.o), n_heads)}
-        self.down = torch.diag(prep(inputs.down))
+        if self.divide:  # SparseGPT's saliency needs all of R^T H^-1 R, not only its diagonal
+            self.full = {k: _inverse(getattr(inputs, k), damp) for k in ("attn", "mlp", "o")}
+            self.blocks = {}
+            self.down = _saliency_diag(_inverse(inputs.down, damp), None)
+            return
+        self.blocks = {"attn": _diag_blocks(inputs.attn.float(), blocks), "mlp": _diag_blocks(inputs.mlp.float(), blocks),
+                       "o": _diag_blocks(inputs.o.float(), n_heads)}
+        self.down = torch.diag(inputs.down.float())
 
     def scales(self, q1, q2_heads):
         if self.blocks is None:
             return None
+        if self.divide:
+            return {"attn": _saliency_diag(self.full["attn"], q1), "mlp": _saliency_diag(self.full["mlp"], q1),
+                    "o": _saliency_diag(self.full["o"], q2_heads), "down": self.down}
         return {"attn": _rotated_diag(self.blocks["attn"], q1), "mlp": _rotated_diag(self.blocks["mlp"], q1),
                 "o": _rotated_diag(self.blocks["o"], q2_heads), "down": self.down}
 
