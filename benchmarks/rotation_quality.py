@@ -78,7 +78,8 @@ def gflop_per_step(config, blocks: int, importance: str) -> float:
     if importance == "wanda":
         flops += 3 * 2 * 2 * blocks * b**3
     elif importance == "sparsegpt":
-        flops += 3 * sum(4 * n**3 / k + n**3 / 3 for n, k in ((d, blocks), (d, blocks), (q_rows, config.num_attention_heads)))
+        inputs = ((d, blocks), (d, blocks), (q_rows, config.num_attention_heads))  # attention, MLP, o: n, blocks
+        flops += 3 * sum(4 * n**3 / k + n**3 / 3 for n, k in inputs)
     return flops / 1e9
 
 
@@ -230,7 +231,8 @@ def main(argv=None) -> int:
             "objective_best": round(sum(layer["best"] for layer in rot["layers"]), 3) if rot else None,
         }
         if rot:
-            report["runs"][key]["gflop_per_step"] = round(gflop_per_step(model.config, run["blocks"], run["importance"]), 2)
+            flop = gflop_per_step(model.config, run["blocks"], run["importance"])
+            report["runs"][key]["gflop_per_step"] = round(flop, 2)
             report["runs"][key]["gflop_per_s"] = round(report["runs"][key]["gflop_per_step"] *
                                                        report["runs"][key]["steps_per_s"], 1)
         report["perplexity"][key] = ppl

@@ -100,34 +100,32 @@ def _inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 class _Importance:
-    """Per input, the matrix whose rotated diagonal scales ``W'^2`` (and how): None for magnitude."""
+    """Per input, what its rotation turns into the scale of ``W'^2`` (and how): None for magnitude."""
 
     def __init__(self, method: str, inputs: LayerInputs | None, blocks: int, n_heads: int, hd: int, damp: float):
         if method not in IMPORTANCE:
             raise ValueError(f"rotation importance for {method!r}; choose from {', '.join(IMPORTANCE)}")
         self.divide = method == "sparsegpt"
-        self.blocks = None
+        self.mats = None
         if method == "magnitude":
             return
         if inputs is None:
             raise ValueError(f"{method} importance needs the layer's input statistics")
         if self.divide:  # SparseGPT's saliency needs all of R^T H^-1 R, not only its diagonal
-            self.full = {k: _inverse(getattr(inputs, k), damp) for k in ("attn", "mlp", "o")}
-            self.blocks = {}
+            self.rotated = _saliency_diag
+            self.mats = {k: _inverse(getattr(inputs, k), damp) for k in ("attn", "mlp", "o")}
             self.down = _saliency_diag(_inverse(inputs.down, damp), None)
-            return
-        self.blocks = {"attn": _diag_blocks(inputs.attn.float(), blocks), "mlp": _diag_blocks(inputs.mlp.float(), blocks),
-                       "o": _diag_blocks(inputs.o.float(), n_heads)}
-        self.down = torch.diag(inputs.down.float())
+        else:
+            self.rotated = _rotated_diag
+            self.mats = {"attn": _diag_blocks(inputs.attn.float(), blocks),
+                         "mlp": _diag_blocks(inputs.mlp.float(), blocks), "o": _diag_blocks(inputs.o.float(), n_heads)}
+            self.down = torch.diag(inputs.down.float())
 
     def scales(self, q1, q2_heads):
-        if self.blocks is None:
+        if self.mats is None:
             return None
-        if self.divide:
-            return {"attn": _saliency_diag(self.full["attn"], q1), "mlp": _saliency_diag(self.full["mlp"], q1),
-                    "o": _saliency_diag(self.full["o"], q2_heads), "down": self.down}
-        return {"attn": _rotated_diag(self.blocks["attn"], q1), "mlp": _rotated_diag(self.blocks["mlp"], q1),
-                "o": _rotated_diag(self.blocks["o"], q2_heads), "down": self.down}
+        return {"attn": self.rotated(self.mats["attn"], q1), "mlp": self.rotated(self.mats["mlp"], q1),
+                "o": self.rotated(self.mats["o"], q2_heads), "down": self.down}
 
     def score(self, w, scale):
         s = w.pow(2)
