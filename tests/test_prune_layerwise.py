@@ -12,7 +12,7 @@ from sparse_runtime.eval import perplexity
 from sparse_runtime.masks import validate_nm
 from sparse_runtime.models import load_model
 from sparse_runtime.prune import METHODS, UnsupportedModel, find_decoder_layers, prune
-from sparse_runtime.prune.layerwise import _run, capture_inputs
+from sparse_runtime.prune.layerwise import _run, _run_with_stats, capture_inputs
 
 from conftest import TEXT
 from helpers import tiny_model
@@ -36,6 +36,34 @@ def test_captured_inputs_replay_the_model(family):
         for i, layer in enumerate(layers[:-1]):
             inps = _run(layer, inps, kwargs[i], "cpu", "cpu")
             torch.testing.assert_close(torch.cat(inps), ref[i + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_forward_stops_once_every_tapped_linear_is_reached():
+    """Without outputs wanted, the statistics pass stops at the last tapped linear: the same sums as hooks on a
+    whole forward, and nothing after the tap runs (down_proj never, o_proj only when tapped)."""
+    from sparse_runtime.prune import Hessian
+
+    model = tiny_model("llama")
+    layers, path = find_decoder_layers(model)
+    inps, kwargs = capture_inputs(model, layers, path, torch.randint(0, 128, (3, 12)), "cpu", "cpu")
+    layer = layers[0]
+    calls = []
+    spy = [m.register_forward_pre_hook(lambda mod, a, n=n: calls.append(n))
+           for n, m in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj))]
+    for taps, ran in (((layer.self_attn.q_proj,), set()), ((layer.self_attn.o_proj, layer.mlp.gate_proj), {"o"})):
+        calls.clear()
+        early = {m: Hessian(m.in_features, "cpu") for m in taps}
+        full = {m: Hessian(m.in_features, "cpu") for m in taps}
+        with torch.no_grad():
+            assert _run_with_stats(layer, early, inps, kwargs[0], "cpu") == []
+            assert set(calls) == ran
+            outs = _run_with_stats(layer, full, inps, kwargs[0], "cpu", "cpu")
+        assert len(outs) == len(inps) and "down" in calls
+        for m in taps:
+            assert early[m].n == full[m].n == 36
+            torch.testing.assert_close(early[m].H, full[m].H, rtol=0, atol=0)
+    for h in spy:
+        h.remove()
 
 
 def test_per_layer_kwargs_for_sliding_window_layers():

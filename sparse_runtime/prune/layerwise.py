@@ -160,12 +160,33 @@ def _run(layer, inps, kwargs, device, store=None) -> list:
     return outs
 
 
+class _Tapped(Exception):
+    """Raised once every tapped linear has seen its input: the rest of the layer's forward is not needed."""
+
+
 def _run_with_stats(layer, taps: dict, inps, kwargs, device, store=None) -> list:
-    """:func:`_run` with each tapped linear's inputs added to its statistics (``taps``: {module: stats})."""
-    handles = [m.register_forward_hook(lambda mod, a, out, s=s: s.add(a[0].reshape(-1, a[0].shape[-1])))
-               for m, s in taps.items()]
+    """:func:`_run` with each tapped linear's inputs added to its statistics (``taps``: {module: stats}).
+    Without ``store`` (no outputs wanted) each forward stops as soon as every tapped linear has been reached:
+    a true-sequential prune's statistics for q/k/v need only the norm, not the whole layer."""
+    seen = set()
+
+    def hook(mod, a, s):
+        s.add(a[0].reshape(-1, a[0].shape[-1]))
+        seen.add(mod)
+        if store is None and len(seen) == len(taps):
+            raise _Tapped
+
+    handles = [m.register_forward_pre_hook(lambda mod, a, s=s: hook(mod, a, s)) for m, s in taps.items()]
     try:
-        return _run(layer, inps, kwargs, device, store)
+        if store is not None:
+            return _run(layer, inps, kwargs, device, store)
+        for x in inps:
+            seen.clear()
+            try:
+                _run(layer, [x], kwargs, device)
+            except _Tapped:
+                pass
+        return []
     finally:
         for h in handles:
             h.remove()
