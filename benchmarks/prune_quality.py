@@ -20,6 +20,7 @@ import torch
 from sparse_runtime.eval import perplexity
 from sparse_runtime.models import load_model
 from sparse_runtime.prune import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, prune
+from tables import date_span  # benchmarks/ is on the path: this runs as a script beside it
 from sparse_runtime.prune.calibration import SAMPLINGS, bos_mode
 
 RESULTS = Path(__file__).parent / "results"
@@ -34,10 +35,20 @@ PAPER_REFERENCE = {"model": "LLaMA-2-7B", "seqlen": 4096, "dense": 5.12,
 REFERENCE_CODE = {"magnitude/2:4": 1597.9, "wanda/2:4": 205.94}
 
 
+def cpu_model() -> str:
+    """The CPU's model name and whether it multiplies bf16 natively (CPU timings hinge on it)."""
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    from sparse_runtime.prune.rotate import learning_dtype
+    return f"{name}, {'native' if learning_dtype('cpu') == torch.bfloat16 else 'no native'} bf16"
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -65,8 +76,9 @@ def finish_plot(fig, ax, report: dict, path: Path, what: str = "") -> None:
     cal = report["calibration"]
     ax.set_title(f"{report['model']}{what}: {cal['nsamples']}x{cal['seqlen']} C4 calibration, "
                  f"{report['eval']['tokens']:,} eval tokens\n{report['device']}, torch {report['torch']}, "
-                 f"{report['date'][:10]}", fontsize=9)
-    ax.legend(fontsize=7)
+                 f"{date_span(report)}", fontsize=9)
+    labelled = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one entry per label (several samples)
+    ax.legend(labelled.values(), labelled.keys(), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

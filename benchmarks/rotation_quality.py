@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prune_quality import device_name, finish_plot  # noqa: E402
+from prune_quality import cpu_model, device_name, finish_plot  # noqa: E402
 
 from sparse_runtime.eval import perplexity  # noqa: E402
 from sparse_runtime.models import load_model  # noqa: E402
@@ -55,10 +55,11 @@ def parse_run(spec: str) -> dict:
 
 
 def run_key(r: dict) -> str:
+    refit = f"/refit{r['refit']}" if r.get("refit") else ""
     if r["objective"] == "none":
-        return f"{r['method']}/none"
+        return f"{r['method']}/none{refit}"
     own = r.get("importance", r["method"]) == r["method"]
-    return f"{r['method']}/{r['objective']}/b{r['blocks']}/{r['steps']}" + ("" if own else f"/{r['importance']}")
+    return f"{r['method']}/{r['objective']}/b{r['blocks']}/{r['steps']}" + ("" if own else f"/{r['importance']}") + refit
 
 
 def gflop_per_step(config, blocks: int, importance: str) -> float:
@@ -96,6 +97,11 @@ def decode_tokens_per_s(model, tok, new_tokens: int, repeats: int = 3) -> float:
     return new_tokens / statistics.median(times[1:])
 
 
+def sample(run: dict) -> tuple:
+    """What a run's rounding follows: the thread count and the learning dtype (runs before the fields: 1, bf16)."""
+    return run.get("threads", 1), run.get("rotation_dtype", "bfloat16" if run.get("objective", "none") != "none" else None)
+
+
 def merge_reports(reports: list[dict], out: Path) -> None:
     """One report from several runs of this script under the same protocol (e.g. two processes, one per core)."""
     def protocol(r):
@@ -114,8 +120,9 @@ def merge_reports(reports: list[dict], out: Path) -> None:
         merged["decode"].update(r["decode"])
         for key, run in r["runs"].items():
             kept = merged["runs"].get(key)
-            if kept and kept.get("threads", 1) != run.get("threads", 1):  # bf16 rounding follows the thread count:
-                key = f"{key}@{run['threads']}t"  # the same configuration on other threads is a second sample
+            if kept and sample(kept) != sample(run):  # the same configuration, rounded otherwise: a second sample
+                (t0, d0), (t1, d1) = sample(kept), sample(run)
+                key += (f"@{t1}t" if t1 != t0 else "") + (f"/{d1}" if d1 != d0 else "")
             merged["runs"][key], merged["perplexity"][key] = run, run["perplexity"]
     out.write_text(json.dumps(merged, indent=2))
 
@@ -133,12 +140,16 @@ def plot(report: dict, path: Path) -> None:
             for scores in IMPORTANCE:
                 own = scores == method
                 pts = sorted((r["steps"], r["perplexity"]) for r in report["runs"].values()
-                             if r["method"] == method and r["blocks"] == 1 and (r["objective"] == "none" or (
-                                 r["objective"] == objective and r.get("importance", method) == scores)))
+                             if r["method"] == method and r["blocks"] == 1 and not r.get("refit") and (
+                                 r["objective"] == "none" or (
+                                     r["objective"] == objective and r.get("importance", method) == scores)))
                 if len(pts) > 1:
                     ax.plot(*zip(*pts), marker=marker, ls=ls if own else ":", color=color,
                             label=f"{method} 2:4, {objective}" + ("" if own else f" on {scores} scores"))
         for r in report["runs"].values():
+            if r["method"] == method and r.get("refit"):  # a different pruner: its own markers, off the lines
+                ax.plot(r["steps"], r["perplexity"], marker="*", ms=10, color=color, ls="none",
+                        label=f"{method} 2:4, {r['objective']} + LS refit {r['refit']}")
             if r["method"] == method and r["blocks"] > 1:
                 ax.plot(r["steps"], r["perplexity"], marker="^", color=color, ls="none",
                         label=f"{method} 2:4, {r['objective']}, {r['blocks']} blocks")
@@ -158,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS)
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens per CPU decode-speed sample (0: skip)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--refit", type=int, default=0, metavar="STEPS",
+                   help="SparseGPT runs: re-solve the kept weights on the mask by this many CG steps (key /refitN)")
     p.add_argument("--out", default=str(RESULTS / "rotation_quality.json"))
     p.add_argument("--replot", action="store_true")
     p.add_argument("--merge", nargs="+", metavar="JSON",
@@ -182,7 +195,8 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(report, indent=2))
         plot(report, out.with_suffix(".png"))
         return 0
-    runs = [parse_run(s) for s in args.runs]
+    runs = [{**r, **({"refit": args.refit} if args.refit and r["method"] == "sparsegpt" else {})}
+            for r in map(parse_run, args.runs)]
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     calib = calibration_windows(tok, DEFAULT_CALIB, args.nsamples, args.seqlen, seed=0,
@@ -218,14 +232,17 @@ def main(argv=None) -> int:
         model, _ = load_model(args.model)  # rotation changes the model's structure: start from a fresh copy
         result = prune(model, run["method"], "2:4", calib=calib, device="cpu", progress=True,
                        rotate=None if run["objective"] == "none" else run["objective"],
-                       rotate_steps=run["steps"], rotate_blocks=run["blocks"], rotate_importance=run["importance"])
+                       rotate_steps=run["steps"], rotate_blocks=run["blocks"], rotate_importance=run["importance"],
+                       **({"refit": run["refit"]} if run.get("refit") else {}))
         rot = result.rotation
         rot_seconds = sum(layer["seconds"] for layer in rot["layers"]) if rot else 0.0
         ppl = round(evaluate(model).ppl, 3)
         total_steps = run["steps"] * len(rot["layers"]) if rot else 0
         report["runs"][key] = {
             **run, "perplexity": ppl, "threads": args.threads, "seconds": round(result.seconds, 1),
-            "rotation_seconds": round(rot_seconds, 1),
+            "rotation_seconds": round(rot_seconds, 1), "cpu": cpu_model(),
+            "rotation_dtype": rot["layers"][0]["dtype"] if rot else None,
+            "layer_rotation_seconds": [round(layer["seconds"], 1) for layer in rot["layers"]] if rot else None,
             "steps_per_s": round(total_steps / rot_seconds, 2) if rot_seconds else None,
             "objective_initial": round(sum(layer["initial"] for layer in rot["layers"]), 3) if rot else None,
             "objective_best": round(sum(layer["best"] for layer in rot["layers"]), 3) if rot else None,

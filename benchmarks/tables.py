@@ -27,6 +27,12 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def date_span(report: dict) -> str:
+    """The report's date, or the first and last of the reports merged into it."""
+    days = sorted({d[:10] for d in report.get("merged_from", [report["date"]])})
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
 def measured_by(script: str):
     """A table rendered from ``results/<script>.json``; until that file exists, a line naming the script to run."""
     def wrap(render):
@@ -223,20 +229,23 @@ def rotation_quality(r: dict) -> str:
     lines = [f"WikiText-2 raw test perplexity of {r['model']} at {r['pattern']}: seqlen {ev['seqlen']}, "
              f"{ev['tokens']:,} tokens ({ev['windows']}, BOS: {ev.get('bos', 'none')}); calibration {cal['nsamples']} "
              f"x {cal['seqlen']} tokens of {cal['file']} (seed {cal['seed']}, {cal.get('sampling', 'concat')} "
-             f"sampling); {r['device']}, torch {r['torch']}, {r['date'][:10]}. "
+             f"sampling); {r['device']}, torch {r['torch']}, {date_span(r)} (rows name their CPU where recorded). "
              f"Dense: **{r['perplexity']['dense']:.2f}**.", "",
              "| method | rotation | R1 blocks | steps / layer | perplexity | rotate + prune | rotation steps/s "
              "(GFLOP/s) |", "|---|---|---|---|---|---|---|"]
     own = lambda x: x.get("importance", x["method"]) == x["method"]  # rotated on the pruning method's own scores
-    scores_of = lambda x: "" if own(x) else f" on {x['importance']} scores"
+    scores_of = lambda x: ("" if own(x) else f" on {x['importance']} scores") + (
+        f", LS refit {x['refit']}" if x.get("refit") else "")  # the kept weights re-solved on the mask
     threads = lambda x: x.get("threads", 1)  # runs recorded before the field: the report's one thread
-    wall = lambda x: f"{x['seconds'] / 60:.1f} min ({threads(x)} thread{'s' * (threads(x) > 1)})"
+    fp32 = lambda x: ", fp32 products" if x.get("rotation_dtype") == "float32" else ""  # before the field: bf16
+    cpu = lambda x: f", {x['cpu']}" if x.get("cpu") else ""
+    wall = lambda x: f"{x['seconds'] / 60:.1f} min ({threads(x)} thread{'s' * (threads(x) > 1)}{fp32(x)}{cpu(x)})"
     for run in sorted(runs.values(), key=lambda x: (x["method"] != "wanda", x["objective"] != "none", x["objective"],
                                                     not own(x), x["blocks"],
-                                                    x["steps"], threads(x))):
+                                                    x["steps"], x.get("refit", 0), threads(x))):
         rot = run["objective"] != "none"
-        lines.append(f"| {run['method']} | {run['objective'] + scores_of(run) if rot else '-'} | {run['blocks'] if rot else '-'} | "
-                     f"{run['steps']} | {run['perplexity']:.1f} | {wall(run)} | "
+        lines.append(f"| {run['method']} | {run['objective'] if rot else '-'}{scores_of(run)} | "
+                     f"{run['blocks'] if rot else '-'} | {run['steps']} | {run['perplexity']:.1f} | {wall(run)} | "
                      + (f"{run['steps_per_s']} ({run['gflop_per_s']:.0f})" if run.get("gflop_per_s") else "-")
                      + " |")
     lines.append("")
@@ -244,26 +253,30 @@ def rotation_quality(r: dict) -> str:
         rotated = [x for x in runs.values() if x["method"] == method and x["objective"] != "none"]
         if rotated:
             best = min(rotated, key=lambda x: x["perplexity"])
-            config = lambda x: (x["objective"], x.get("importance", method), x["blocks"], x["steps"])
+            config = lambda x: (x["objective"], x.get("importance", method), x["blocks"], x["steps"], x.get("refit", 0))
             samples = [x for x in rotated if config(x) == config(best)]  # the same run on other thread counts
             met = sum(x["perplexity"] <= target for x in samples)
             verdict = "met" if met == len(samples) else f"met by {met} of {len(samples)} samples" if met else "missed"
-            each = "; ".join(f"{x['perplexity']:.2f} on {threads(x)} thread{'s' * (threads(x) > 1)}" for x in samples)
+            each = "; ".join(f"{x['perplexity']:.2f} on {threads(x)} thread{'s' * (threads(x) > 1)}{fp32(x)}"
+                             for x in samples)
             lines.append(f"- {method} + rotation, best {best['perplexity']:.2f} "
                          f"({best['objective']}{scores_of(best)}, {best['steps']} steps"
                          + (f"; samples: {each}" if len(samples) > 1 else "") + f"): target <= {target:g} {verdict}.")
         by = {}  # per objective, its best 100-step full-R1 run on the method's own scores
         for x in runs.values():
-            if x["method"] == method and x["blocks"] == 1 and x["steps"] == 100 and own(x):
+            if x["method"] == method and x["blocks"] == 1 and x["steps"] == 100 and own(x) and not x.get("refit"):
                 by[x["objective"]] = min(by.get(x["objective"], x["perplexity"]), x["perplexity"])
         if "nm" in by and "entropy" in by:
             lines.append(f"- {method}, 100 steps, full R1: nm {by['nm']:.1f} vs entropy {by['entropy']:.1f}: "
                          f"the 2:4-aware objective is {'lower' if by['nm'] < by['entropy'] else 'NOT lower'}.")
     timed = [x for x in runs.values() if x["method"] == "sparsegpt" and x["objective"] != "none" and x["steps"] >= 100]
-    for blocks in sorted({x["blocks"] for x in timed}):
-        fast = min((x for x in timed if x["blocks"] == blocks), key=lambda x: x["seconds"])
+    # per machine: the time depends on whether the CPU multiplies bf16 natively (runs before the field: not recorded)
+    for blocks, machine in sorted({(x["blocks"], x.get("cpu", "")) for x in timed}):
+        fast = min((x for x in timed if (x["blocks"], x.get("cpu", "")) == (blocks, machine)),
+                   key=lambda x: x["seconds"])
         lines.append(f"- Whole rotate-and-prune run, SparseGPT, {fast['steps']} steps per layer, R1 "
-                     f"{'full' if blocks == 1 else f'{blocks} blocks'} ({fast['objective']}): {wall(fast)}, target "
+                     f"{'full' if blocks == 1 else f'{blocks} blocks'} ({fast['objective']}{scores_of(fast)}): "
+                     f"{wall(fast)}{'' if machine else ', CPU model not recorded'}, target "
                      f"< 15 min {'met' if fast['seconds'] < 900 else 'missed'}.")
     dec = r.get("decode", {})
     if "sparsegpt/none" in dec and "sparsegpt/nm/b1/100" in dec:

@@ -184,6 +184,8 @@ def test_beta_search_from_the_cli(stories_dir, tmp_path, capsys):
     (["--allocation", "atp", "--beta", "0.5", "--sparsity", "0.7", "--pattern", "unstructured"],
      "illegal ATP beta 0.5: need 0 < beta <= min(2S/(L-1), 2(1-S)/(L-1)) = 0.150000 for S=0.7, L=5"),
     (["--allocation", "atp", "--beta-search", "--rotate", "nm"], "--beta-search with --rotate is not supported"),
+    (["--refit", "5"], "--refit re-solves SparseGPT's kept weights: it takes --method sparsegpt"),
+    (["--refit", "-1"], "--refit takes a number of steps >= 0, not -1"),
     (["--allocation", "owl", "--owl-lambda", "0.6", "--pattern", "unstructured", "--sparsity", "0.7"],
      "outside [0, 1)"),
 ])

@@ -158,6 +158,22 @@ def test_stories_quality_orderings(stories):
         assert ppl[method, "unstructured"] < ppl[method, "4:8"] < ppl[method, "2:4"], (method, ppl)
 
 
+def test_sparsegpt_refit_through_prune_lowers_the_errors_and_the_held_out_perplexity(stories):
+    model, calib, held_out = stories
+    runs = {}
+    for refit in (0, 25):
+        m = copy.deepcopy(model)
+        res = prune(m, "sparsegpt", "2:4", calib=calib, ignore=("lm_head", "down_proj"), progress=False,
+                    record_errors=True, refit=refit)
+        runs[refit] = res, perplexity(m, held_out, seqlen=128, progress=False).ppl
+    (plain, ppl0), (refit, ppl1) = runs[0], runs[25]
+    for name, mask in refit.masks.items():
+        validate_nm(mask, 2, 4, name=name)
+    mean = lambda r: sum(r.errors.values()) / len(r.errors)  # noqa: E731
+    assert mean(refit) < 0.95 * mean(plain), (mean(plain), mean(refit))
+    assert ppl1 < ppl0, (ppl0, ppl1)
+
+
 def test_true_sequential_and_offload_options(stories):
     model, calib, _ = stories
     a, b = copy.deepcopy(model), copy.deepcopy(model)

@@ -7,6 +7,7 @@ from sparse_runtime.eval import reconstruction_error
 from sparse_runtime.masks import sparsity, validate_nm
 from sparse_runtime.models import load_model
 from sparse_runtime.prune import Hessian, InputNorms, magnitude_mask, sparsegpt_prune, wanda_mask
+from sparse_runtime.prune.sparsegpt import refit_masked
 
 from conftest import TEXT
 
@@ -85,6 +86,36 @@ def test_sparsegpt_dead_inputs_and_options():
         sparsegpt_prune(w, torch.eye(16), "2:4", blocksize=6)
     _, m = sparsegpt_prune(w, _stats(Hessian, x).H, "unstructured", sparsity=0.75, blocksize=8)
     assert sparsity(m) == 0.75
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_sparsegpt_refit_keeps_the_mask_and_lowers_every_reconstruction_error(linear_inputs, pattern):
+    for name, (w, x) in linear_inputs.items():
+        H = _stats(Hessian, x).H
+        w0, m0 = sparsegpt_prune(w, H, pattern)
+        w1, m1 = sparsegpt_prune(w, H, pattern, refit=20)
+        assert torch.equal(m0, m1) and not w1[~m1].any(), name
+        e0, e1 = reconstruction_error(w, w0, x), reconstruction_error(w, w1, x)
+        assert e1 < 0.99 * e0, (name, e0, e1)
+
+
+def test_refit_reaches_the_least_squares_optimum_on_the_mask():
+    torch.manual_seed(0)
+    x = torch.randn(300, 24) @ torch.randn(24, 24)  # correlated inputs: SparseGPT's frozen columns are not optimal
+    H = 2 / 300 * x.T @ x + 0.01 * torch.eye(24)
+    w = torch.randn(5, 24)
+    w_hat, keep = sparsegpt_prune(w, H, "2:4", damp=0)
+    refit = refit_masked(w, H, keep, w_hat, steps=24)  # CG is exact after as many steps as unknowns
+    for r in range(5):  # the optimum of (v - w) H (v - w)^T over v supported on the row's kept entries
+        k = keep[r]
+        Hd = H.double()
+        best = torch.linalg.solve(Hd[k][:, k], (w[r].double() @ Hd)[k])
+        assert torch.allclose(refit[r, k].double(), best, rtol=1e-3, atol=1e-4)
+        assert not refit[r, ~k].any()
+    # a start that is already optimal stays put (no row gets worse)
+    again = refit_masked(w, H, keep, refit, steps=5)
+    err = lambda v: (((v - w) @ H) * (v - w)).sum(1)  # noqa: E731
+    assert (err(again) <= err(refit) * (1 + 1e-5)).all()
 
 
 def test_wanda_with_equal_norms_is_per_row_magnitude():

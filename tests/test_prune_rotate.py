@@ -8,7 +8,7 @@ from conftest import TEXT
 from sparse_runtime.masks import pattern_mask
 from sparse_runtime.prune import RotateOptions, calibration_windows, prune
 from sparse_runtime.prune.rotate import (LayerInputs, _diag_blocks, _dropped, _inverse, _Objective, _rotated_diag,
-                                         _saliency_diag, learn_rotation)
+                                         _saliency_diag, learn_rotation, learning_dtype)
 from sparse_runtime.prune.sparsegpt import sparsegpt_prune
 from sparse_runtime.residual_rotation import BUFFER, UnsupportedArchitecture, fold_norms
 
@@ -98,6 +98,25 @@ def test_learned_rotations_are_orthogonal_and_lower_the_objective(layer, method,
         torch.testing.assert_close(q.transpose(-1, -2) @ q, eye, atol=1e-5, rtol=0)
     assert len(record["history"]) == 16 and record["best"] == min(record["history"])
     assert record["best"] < 0.95 * record["initial"]
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,expected", [(False, False, torch.float32), (True, False, torch.bfloat16),
+                                                      (False, True, torch.bfloat16)])
+def test_rotations_learn_in_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert learning_dtype("cpu") == expected
+    assert learning_dtype("cuda") == torch.bfloat16
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the private probes: fp32
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert learning_dtype("cpu") == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
+def test_the_learning_dtype_is_the_one_asked_for_and_recorded(layer, dtype):
+    record = learn_rotation(layer, None, "magnitude", "2:4", 0.5, RotateOptions("nm", 2, dtype=dtype),
+                            progress=False)[2]
+    assert record["dtype"] == str(dtype or learning_dtype("cpu")).removeprefix("torch.")
 
 
 def test_bad_rotate_options_are_clear_errors(layer):

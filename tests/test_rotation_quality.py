@@ -22,6 +22,9 @@ def test_run_specs_and_their_keys(bench):
     assert bench.run_key(own) == "sparsegpt/nm/b1/100" and bench.run_key(other) == "sparsegpt/nm/b1/100/wanda"
     assert bench.run_key(bench.parse_run("wanda:none")) == "wanda/none"
     assert bench.parse_run("wanda:entropy:4")["steps"] == 100
+    # a least-squares refit is another configuration: its key says so, with or without rotation
+    assert bench.run_key({**own, "refit": 50}) == "sparsegpt/nm/b1/100/refit50"
+    assert bench.run_key({**bench.parse_run("sparsegpt:none"), "refit": 50}) == "sparsegpt/none/refit50"
 
 
 @pytest.mark.parametrize("spec,message", [("sparsegpt", "want method:objective"), ("obs:nm", "want method"),
@@ -56,6 +59,18 @@ def test_merge_keeps_a_rerun_on_other_threads_and_replaces_one_on_the_same(bench
     merged = json.loads(out.read_text())
     assert merged["perplexity"] == {"dense": 29.5, key: 58.0, f"{key}@2t": 59.0, "wanda/none": 211.0}
     assert merged["runs"][f"{key}@2t"]["threads"] == 2 and merged["merged_from"] == ["d1", "d2"]
+
+
+def test_merge_keeps_a_rerun_learned_in_fp32_as_another_sample(bench, tmp_path):
+    key = "sparsegpt/nm/b1/100"
+    bf16 = {"objective": "nm", "perplexity": 59.0, "threads": 2}  # recorded before the dtype field: bf16
+    fp32 = {**bf16, "perplexity": 57.0, "rotation_dtype": "float32"}
+    out = tmp_path / "merged.json"
+    bench.merge_reports([_report("d1", {key: bf16}), _report("d2", {key: fp32})], out)
+    assert json.loads(out.read_text())["perplexity"] == {"dense": 29.5, key: 59.0, f"{key}/float32": 57.0}
+    bench.merge_reports([_report("d1", {key: bf16}), _report("d2", {key: {**bf16, "rotation_dtype": "bfloat16"}})],
+                        out)  # the same rounding: a rerun replaces it
+    assert list(json.loads(out.read_text())["runs"]) == [key]
 
 
 def test_merge_refuses_reports_of_another_protocol(bench, tmp_path):

@@ -75,6 +75,9 @@ def add_arguments(p) -> None:
                    help="linears to prune (globs or trailing names); default: every linear in the decoder layers")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default: 128)")
     p.add_argument("--damp", type=float, default=0.01, help="SparseGPT damping, fraction of mean diag(H)")
+    p.add_argument("--refit", type=int, default=0, metavar="STEPS",
+                   help="SparseGPT: re-solve the kept weights on its mask, least squares by this many "
+                        "conjugate-gradient steps (default: 0, plain SparseGPT)")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate each group of a layer's linears on the outputs of the groups pruned before it "
                         "(default: on for SparseGPT, off for Wanda, as in their papers)")
@@ -104,6 +107,10 @@ def _check_args(args) -> None:
         raise ValueError("--allocation atp needs --beta B or --beta-search")
     if args.beta_search and args.rotate != "none":
         raise ValueError("--beta-search with --rotate is not supported (each trial would relearn the rotations)")
+    if args.refit < 0:
+        raise ValueError(f"--refit takes a number of steps >= 0, not {args.refit}")
+    if args.refit and args.method != "sparsegpt":
+        raise ValueError("--refit re-solves SparseGPT's kept weights: it takes --method sparsegpt")
     if args.plan is not None and (args.allocation != "uniform" or args.pattern != "2:4"):
         raise ValueError("--plan decides 2:4 or dense per linear: it takes --pattern 2:4 and no --allocation")
 
@@ -146,7 +153,7 @@ def run(args) -> int:
     calib, used = None, set()
     if args.method != "magnitude":
         calib = calibration_from_args(args, tok, model, used)
-    options = ({"blocksize": args.blocksize, "damp": args.damp} if args.method == "sparsegpt" else
+    options = ({"blocksize": args.blocksize, "damp": args.damp, "refit": args.refit} if args.method == "sparsegpt" else
                {"per": args.per} if args.method == "magnitude" else {})
     if args.true_sequential is not None:
         options["true_sequential"] = args.true_sequential

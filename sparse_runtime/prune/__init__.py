@@ -25,7 +25,7 @@ def prune(model, method: str = "sparsegpt", pattern: str = "2:4", sparsity: floa
 
     ``calib`` is a ``[N, L]`` tensor of token ids (see :func:`calibration_windows`);
     options go to the method (targets, ignore, device, true_sequential, offload,
-    record_errors, progress; blocksize, damp for SparseGPT; per for magnitude).
+    record_errors, progress; blocksize, damp, refit for SparseGPT; per for magnitude).
     ``rotate`` ("entropy", "nm" or a :class:`RotateOptions`) learns DenoiseRotator rotations per decoder
     layer before pruning it (``rotate_steps`` Adam steps, ``rotate_blocks`` diagonal blocks of R1, scored
     by ``rotate_importance``'s scores, by default the method's own); the rotated layers are then pruned

@@ -46,7 +46,7 @@ class RotateOptions:
     lr: float = 0.01
     clip: float = 1.0
     damp: float = 0.01  # SparseGPT's damping, for H^-1
-    dtype: torch.dtype = torch.bfloat16  # of the weight x rotation product while learning; folding is fp32
+    dtype: torch.dtype | None = None  # of the weight x rotation product while learning (None: learning_dtype)
     importance: str | None = None  # whose scores the objective sees; None: the pruning method's own
 
     def __post_init__(self):
@@ -181,6 +181,17 @@ class _Objective:
         return self._drop(s).sum() / self.unit[name]
 
 
+def learning_dtype(device) -> torch.dtype:
+    """bf16 where the hardware multiplies it natively (CUDA; CPUs with AVX512-BF16 or AMX), as the reference;
+    fp32 elsewhere: on an AVX2-only CPU torch's bf16 matmul runs ~70x slower than fp32 (1.6 vs 107 GFLOP/s at
+    576 x 576 x 576 on 2 threads). Folding the learned rotation is fp32 either way."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    native = any(getattr(torch.cpu, probe, lambda: False)()  # private probes: absent ones count as no
+                 for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if native else torch.float32
+
+
 def _orthogonal(a: torch.Tensor) -> torch.Tensor:
     # float64 QR: MKL's float32 QR is ~10x slower at d = 576 on the CPU, and the rotation must stay orthogonal
     return torch.linalg.qr(a.double())[0].to(a.dtype)
@@ -198,9 +209,10 @@ def learn_rotation(layer, inputs: LayerInputs | None, method: str, pattern: str,
     ws = [m.weight.detach().float() for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)]
     ws += [attn.o_proj.weight.detach().float().T, mlp.down_proj.weight.detach().float().T]
     sizes = [w.shape[0] for w in ws]
-    # every matrix whose d-sized side Q1 rotates, as rows: one matmul per step, in opts.dtype (bf16, as the
-    # reference: 5x faster than fp32 on CPUs with AMX, and the scores only need to rank)
-    stacked = torch.cat(ws).to(opts.dtype)
+    # every matrix whose d-sized side Q1 rotates, as rows: one matmul per step, in bf16 where that is fast (5x
+    # faster than fp32 with AMX; the scores only need to rank)
+    dtype = opts.dtype or learning_dtype(ws[0].device)
+    stacked = torch.cat(ws).to(dtype)
     d = stacked.shape[1]
     if d % opts.blocks:
         raise ValueError(f"rotate blocks {opts.blocks} do not divide the hidden size {d}")
@@ -240,7 +252,7 @@ def learn_rotation(layer, inputs: LayerInputs | None, method: str, pattern: str,
         optim.step()
     bar.close()
     value, q1, q2 = best
-    record = {"initial": history[0], "best": value, "history": history,
+    record = {"initial": history[0], "best": value, "history": history, "dtype": str(dtype).removeprefix("torch."),
               "seconds": round(time.perf_counter() - t0, 3)}
     return (q1[0] if opts.blocks == 1 else q1), q2, record
 
