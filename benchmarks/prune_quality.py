@@ -20,8 +20,9 @@ import torch
 from sparse_runtime.eval import perplexity
 from sparse_runtime.models import load_model
 from sparse_runtime.prune import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, prune
-from tables import date_span  # benchmarks/ is on the path: this runs as a script beside it
 from sparse_runtime.prune.calibration import SAMPLINGS, bos_mode
+from sparse_runtime.prune.rotate import learning_dtype
+from tables import date_span  # benchmarks/ is on the path: this runs as a script beside it
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -38,10 +39,10 @@ REFERENCE_CODE = {"magnitude/2:4": 1597.9, "wanda/2:4": 205.94}
 def cpu_model() -> str:
     """The CPU's model name and whether it multiplies bf16 natively (CPU timings hinge on it)."""
     try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
-    from sparse_runtime.prune.rotate import learning_dtype
     return f"{name}, {'native' if learning_dtype('cpu') == torch.bfloat16 else 'no native'} bf16"
 
 

@@ -99,7 +99,8 @@ def decode_tokens_per_s(model, tok, new_tokens: int, repeats: int = 3) -> float:
 
 def sample(run: dict) -> tuple:
     """What a run's rounding follows: the thread count and the learning dtype (runs before the fields: 1, bf16)."""
-    return run.get("threads", 1), run.get("rotation_dtype", "bfloat16" if run.get("objective", "none") != "none" else None)
+    rotated = run.get("objective", "none") != "none"
+    return run.get("threads", 1), run.get("rotation_dtype", "bfloat16" if rotated else None)
 
 
 def merge_reports(reports: list[dict], out: Path) -> None:
@@ -120,9 +121,8 @@ def merge_reports(reports: list[dict], out: Path) -> None:
         merged["decode"].update(r["decode"])
         for key, run in r["runs"].items():
             kept = merged["runs"].get(key)
-            if kept and sample(kept) != sample(run):  # the same configuration, rounded otherwise: a second sample
-                (t0, d0), (t1, d1) = sample(kept), sample(run)
-                key += (f"@{t1}t" if t1 != t0 else "") + (f"/{d1}" if d1 != d0 else "")
+            (t0, d0), (t1, d1) = sample(kept or run), sample(run)
+            key += (f"@{t1}t" if t1 != t0 else "") + (f"/{d1}" if d1 != d0 else "")  # rounded otherwise: a sample
             merged["runs"][key], merged["perplexity"][key] = run, run["perplexity"]
     out.write_text(json.dumps(merged, indent=2))
 

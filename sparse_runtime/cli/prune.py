@@ -153,8 +153,8 @@ def run(args) -> int:
     calib, used = None, set()
     if args.method != "magnitude":
         calib = calibration_from_args(args, tok, model, used)
-    options = ({"blocksize": args.blocksize, "damp": args.damp, "refit": args.refit} if args.method == "sparsegpt" else
-               {"per": args.per} if args.method == "magnitude" else {})
+    options = ({"blocksize": args.blocksize, "damp": args.damp, "refit": args.refit}
+               if args.method == "sparsegpt" else {"per": args.per} if args.method == "magnitude" else {})
     if args.true_sequential is not None:
         options["true_sequential"] = args.true_sequential
     targets = args.targets

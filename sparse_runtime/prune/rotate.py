@@ -183,8 +183,8 @@ class _Objective:
 
 def learning_dtype(device) -> torch.dtype:
     """bf16 where the hardware multiplies it natively (CUDA; CPUs with AVX512-BF16 or AMX), as the reference;
-    fp32 elsewhere: on an AVX2-only CPU torch's bf16 matmul runs ~70x slower than fp32 (1.6 vs 107 GFLOP/s at
-    576 x 576 x 576 on 2 threads). Folding the learned rotation is fp32 either way."""
+    fp32 elsewhere: on an AVX2-only CPU torch's bf16 matmul is emulated, far slower than fp32. Folding the
+    learned rotation is fp32 either way."""
     if torch.device(device).type == "cuda":
         return torch.bfloat16
     native = any(getattr(torch.cpu, probe, lambda: False)()  # private probes: absent ones count as no
@@ -193,7 +193,7 @@ def learning_dtype(device) -> torch.dtype:
 
 
 def _orthogonal(a: torch.Tensor) -> torch.Tensor:
-    # float64 QR: MKL's float32 QR is ~10x slower at d = 576 on the CPU, and the rotation must stay orthogonal
+    # float64 QR: on some CPUs MKL's float32 QR was ~10x slower at d = 576, and the rotation must stay orthogonal
     return torch.linalg.qr(a.double())[0].to(a.dtype)
 
 

@@ -96,7 +96,7 @@ def refit_masked(w0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, w: torch
 
     keep = keep.float()
     dinv = 1 / torch.diag(H)
-    x = w * keep
+    start = x = w * keep
     r = (w0 - x) @ H * keep  # minus the gradient, on the kept entries only
     z = r * dinv
     p, rz = z, (r * z).sum(1, keepdim=True)
@@ -110,8 +110,7 @@ def refit_masked(w0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, w: torch
         rz_new = (r * z).sum(1, keepdim=True)
         p = z + torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz)) * p
         rz = rz_new
-    better = (error(x) < error(w * keep)).unsqueeze(1)
-    return torch.where(better, x, w * keep)
+    return torch.where((error(x) < error(start)).unsqueeze(1), x, start)
 
 
 def sparsegpt(model, calib: torch.Tensor, *, pattern: str = "2:4", sparsity: float = 0.5, blocksize: int = 128,
