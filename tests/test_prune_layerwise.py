@@ -174,6 +174,14 @@ def test_sparsegpt_refit_through_prune_lowers_the_errors_and_the_held_out_perple
     assert ppl1 < ppl0, (ppl0, ppl1)
 
 
+def test_a_bad_refit_is_refused_before_any_weight_changes(stories):
+    model, calib, _ = stories
+    m = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="refit takes a number of conjugate-gradient steps >= 0, not -1"):
+        prune(m, "sparsegpt", "2:4", calib=calib, refit=-1, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m.state_dict().values()))
+
+
 def test_true_sequential_and_offload_options(stories):
     model, calib, _ = stories
     a, b = copy.deepcopy(model), copy.deepcopy(model)

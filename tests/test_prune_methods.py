@@ -99,6 +99,12 @@ def test_sparsegpt_refit_keeps_the_mask_and_lowers_every_reconstruction_error(li
         assert e1 < 0.99 * e0, (name, e0, e1)
 
 
+@pytest.mark.parametrize("refit", [-1, 2.5, True])
+def test_a_bad_refit_is_a_clear_error(refit):
+    with pytest.raises(ValueError, match="refit takes a number of conjugate-gradient steps >= 0"):
+        sparsegpt_prune(torch.randn(4, 8), torch.eye(8), "2:4", refit=refit)
+
+
 def test_refit_reaches_the_least_squares_optimum_on_the_mask():
     torch.manual_seed(0)
     x = torch.randn(300, 24) @ torch.randn(24, 24)  # correlated inputs: SparseGPT's frozen columns are not optimal

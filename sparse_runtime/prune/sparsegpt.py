@@ -30,6 +30,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4",
     ``refit`` > 0 then re-solves the kept weights on SparseGPT's mask (:func:`refit_masked`, that many
     conjugate-gradient steps): SparseGPT freezes each column once it is passed, so its kept weights are not the
     least-squares optimum for the mask it chose."""
+    _check_refit(refit)
     nm = parse_pattern(pattern)
     if nm and blocksize % nm[1]:
         raise ValueError(f"blocksize {blocksize} must be a multiple of the group size {nm[1]}")
@@ -85,6 +86,11 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4",
     return W.to(weight.dtype), ~pruned
 
 
+def _check_refit(refit) -> None:
+    if isinstance(refit, bool) or not isinstance(refit, int) or refit < 0:
+        raise ValueError(f"refit takes a number of conjugate-gradient steps >= 0, not {refit!r}")
+
+
 @torch.no_grad()
 def refit_masked(w0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, w: torch.Tensor, steps: int) -> torch.Tensor:
     """Kept weights closer to ``argmin (x - w0) H (x - w0)^T`` over x zero outside ``keep``, row by row, by
@@ -116,6 +122,7 @@ def refit_masked(w0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, w: torch
 def sparsegpt(model, calib: torch.Tensor, *, pattern: str = "2:4", sparsity: float = 0.5, blocksize: int = 128,
               damp: float = 0.01, refit: int = 0, true_sequential: bool = True, **options) -> PruneResult:
     """SparseGPT, layer by layer; by default true-sequential within each decoder layer."""
+    _check_refit(refit)  # before any layer is touched
     def prune_one(name, linear, stats: Hessian, pattern, sparsity):
         w, mask = sparsegpt_prune(linear.weight, stats.H, pattern, sparsity, blocksize, damp, refit)
         linear.weight.copy_(w)
