@@ -1,6 +1,7 @@
 """Build and install sparse_runtime.
 
-The Triton kernels in ``kernels/`` install as the subpackage ``sparse_runtime.kernels``.
+The Triton kernels in ``kernels/`` install as the subpackage ``sparse_runtime.kernels`` (``sparse_runtime/kernels``
+links to them).
 
 The cuSPARSELt extension ``sparse_runtime._C`` and the mma.sp decode kernel ``sparse_runtime._decode24``
 (``csrc/``) are built with nvcc + ninja when the CUDA
@@ -59,8 +60,9 @@ setup(
     version="0.1.0",
     description="2:4 sparse inference runtime: pruning, compressed format, Triton and cuSPARSELt kernels",
     python_requires=">=3.10",
+    # sparse_runtime/kernels is a link to the top-level kernels/ (no __init__.py there, so that a checkout's root
+    # on sys.path never shadows the Hub's `kernels` package that transformers imports)
     packages=find_packages(include=["sparse_runtime", "sparse_runtime.*"]) + ["sparse_runtime.kernels"],
-    package_dir={"sparse_runtime.kernels": "kernels"},
     install_requires=[
         "torch>=2.11",
         "transformers>=5.0",

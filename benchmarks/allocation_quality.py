@@ -27,13 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from prune_quality import device_name  # noqa: E402
 
-from sparse_runtime.eval import perplexity  # noqa: E402
-from sparse_runtime.models import load_model  # noqa: E402
+from sparse_runtime.data.perplexity import perplexity  # noqa: E402
+from sparse_runtime.models.sources import load_model  # noqa: E402
 from sparse_runtime.prune import (DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, find_decoder_layers,  # noqa: E402
                                   prune)
 from sparse_runtime.prune.allocation import ALPHA_EPS, Allocation, AllocationError, allocate, plot_rates  # noqa: E402
 from sparse_runtime.prune.atp_search import STATISTICS, search_beta  # noqa: E402
-from sparse_runtime.prune.calibration import bos_mode, validation_windows  # noqa: E402
+from sparse_runtime.data.calibration import bos_mode, validation_windows  # noqa: E402
 from sparse_runtime.prune.plan import linear_costs, naive, search_depth_weight  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

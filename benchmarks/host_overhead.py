@@ -4,7 +4,7 @@
 
 Runs on the CPU (the interpreter's device check admits CPU tensors; nothing is computed). A prepared layer keeps,
 per M bucket, the autotuner's choice and the compiled kernel, and launches it through
-``sparse_runtime.triton_launch.direct_launch``; the stub stands in for the compiled kernel, and its ``run``, the
+``sparse_runtime.ops.triton_launch.direct_launch``; the stub stands in for the compiled kernel, and its ``run``, the
 driver's launcher (C: argument packing and ``cuLaunchKernel``), is the only thing replaced. Everything from
 ``SparseLinear.forward`` to that call is timed: checks, the plan lookup, buffers, argument assembly, the
 specialisation key, the launch adapter. The first call of each bucket (the autotuner, outside the timing) goes to
@@ -87,7 +87,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from sparse_runtime import SparseLinear, triton_ops
+    from sparse_runtime import SparseLinear
+
+    from sparse_runtime.ops import triton_ops
 
     ker = triton_ops._kernels()
     stubs = {name: _StubKernel(getattr(ker, name)) for name in ("sparse24_decode", "sparse24_tiles")}

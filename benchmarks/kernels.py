@@ -11,7 +11,7 @@ fused into the prologue vs ``x @ R`` then the kernel) and the same for a full R.
 
 Each timing is one CUDA graph of a pass over enough copies of weights and inputs
 (and rotations) to exceed three L2 sizes, replayed between two CUDA events
-(``sparse_runtime.timing.cycle_time_us``, median of the replays, per call): each
+(``sparse_runtime.ops.timing.cycle_time_us``, median of the replays, per call): each
 call finds its weight out of L2, and no flush leaves dirty lines for it to write
 back. A provider that cannot be captured is timed the same way eagerly (``timer``
 in its row says which). Bytes count weight values + meta (or the dense
@@ -198,7 +198,7 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth (read + write bytes): back-to-back copies between two CUDA events."""
     import torch
 
-    from sparse_runtime.timing import time_us
+    from sparse_runtime.ops.timing import time_us
 
     src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
     dst = torch.empty_like(src)
@@ -211,8 +211,8 @@ def _layer_fns(provider, weights, xs, rotations):
     import torch.nn.functional as F
 
     from sparse_runtime import SparseLinear
-    from sparse_runtime import triton_ops
-    from sparse_runtime.rotation import apply_rotation
+    from sparse_runtime.ops import triton_ops
+    from sparse_runtime.format.rotation import apply_rotation
 
     if provider == "dense":
         dense = [sw.to_dense() for sw in weights]
@@ -232,10 +232,10 @@ def _layer_fns(provider, weights, xs, rotations):
 def bench_shape(shape, dtype_name, ms_list, providers, copy_gbps, l2_bytes, log=print) -> list[dict]:
     import torch
 
-    from sparse_runtime.format import SparseWeight
-    from sparse_runtime.masks import nm_mask
+    from sparse_runtime.format.codec import SparseWeight
+    from sparse_runtime.format.masks import nm_mask
 
-    from sparse_runtime.timing import cycle_time_us
+    from sparse_runtime.ops.timing import cycle_time_us
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     n, k = shape

@@ -47,7 +47,7 @@ def child(args) -> dict:
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sparse_runtime.skeleton import model_class
+    from sparse_runtime.models.skeleton import model_class
 
     torch.set_num_threads(args.threads)
     dense = args.load in ("dense", "dense-read")
@@ -60,7 +60,7 @@ def child(args) -> dict:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         model.to(args.device)
         if args.load == "dense-read":
-            from sparse_runtime.skeleton import check_finite
+            from sparse_runtime.models.skeleton import check_finite
 
             for name, t in model.state_dict().items():
                 check_finite(name, t)
@@ -79,7 +79,7 @@ def child(args) -> dict:
 
 
 def tensor_bytes(folder: Path) -> int:
-    from sparse_runtime.tensor_files import TensorFiles
+    from sparse_runtime.models.tensor_files import TensorFiles
 
     files = TensorFiles(folder)
     return sum(torch_numel(files.shape(k)) * files.dtype(k).itemsize for k in files.keys())
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sparse_runtime.models import resolve
+    from sparse_runtime.models.sources import resolve
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint or Path(tmp) / "ckpt-2of4"

@@ -25,8 +25,8 @@ def worker(args) -> int:
     import torch
 
     from sparse_runtime import backends
-    from sparse_runtime.format import SparseWeight
-    from sparse_runtime.masks import nm_mask
+    from sparse_runtime.format.codec import SparseWeight
+    from sparse_runtime.format.masks import nm_mask
 
     providers = [p for p in bench.select_providers(backends.availability("cuda"))
                  if p == "triton" or p in bench.ROTATION_PROVIDERS]

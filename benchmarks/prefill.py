@@ -72,7 +72,7 @@ def run(args) -> int:
         print("bench prefill: needs a CUDA GPU (none found); nothing was measured", file=sys.stderr)
         return 2
 
-    from sparse_runtime.timing import time_us
+    from sparse_runtime.ops.timing import time_us
 
     dtype = getattr(torch, args.dtype)
     gpu = torch.cuda.get_device_name()
@@ -87,7 +87,7 @@ def run(args) -> int:
                 row[f"{name}_us"] = round(time_us(lambda f=fn, x=x: f(x), warmup=5, iters=50), 2)
                 row[f"{name}_host_us"] = round(host_us(lambda f=fn, x=x: f(x)), 2)
             if "cusparselt" in run:  # the extension call alone, without SparseLinear's Python around it
-                from sparse_runtime import cusparselt
+                from sparse_runtime.ops import cusparselt
 
                 w = run["cusparselt"]._resolve()[1]
                 row["cusparselt_call_host_us"] = round(host_us(lambda x=x: cusparselt.linear(x, w)), 2)

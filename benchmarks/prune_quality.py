@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from sparse_runtime.eval import perplexity
-from sparse_runtime.models import load_model
+from sparse_runtime.data.perplexity import perplexity
+from sparse_runtime.models.sources import load_model
 from sparse_runtime.prune import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, prune
-from sparse_runtime.prune.calibration import SAMPLINGS, bos_mode
+from sparse_runtime.data.calibration import SAMPLINGS, bos_mode
 from sparse_runtime.prune.rotate import learning_dtype
 from tables import date_span  # benchmarks/ is on the path: this runs as a script beside it
 
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib", default=str(DEFAULT_CALIB))
     p.add_argument("--calib-sampling", choices=SAMPLINGS, default="reference")
     p.add_argument("--bos", choices=("auto", "window", "document"), default="auto",
-                   help="BOS in calibration and evaluation windows (see sparse_runtime.prune.calibration.bos_mode)")
+                   help="BOS in calibration and evaluation windows (see sparse_runtime.data.calibration.bos_mode)")
     p.add_argument("--seed", type=int, default=0, help="calibration seed of the table")
     p.add_argument("--spread", nargs="*", default=[], metavar="METHOD/PATTERN",
                    help="cells to reprune with every --spread-seeds seed under both samplings")

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                               generator=torch.Generator().manual_seed(0))
         original = None  # 16 GB: rebuild instead of keeping a copy
     else:
-        from sparse_runtime.models import load_model
+        from sparse_runtime.models.sources import load_model
 
         model, tok = load_model(args.model)
         build_s, name = None, args.model

@@ -1,7 +1,7 @@
 """What the residual rotation costs at run time on a GPU: one Llama-3-8B-shaped decoder layer (random weights, every
 linear 2:4 on the `auto` backend), timed with and without its boundary rotation (full d x d and k blocks), at decode
 (M = 1..16 tokens) and prefill (M = 2048). Device time per layer call: median of CUDA-event timings of CUDA-graph
-replays (sparse_runtime.timing.device_time_us, L2 flushed). Writes benchmarks/results/rotation_overhead-<date>.json.
+replays (sparse_runtime.ops.timing.device_time_us, L2 flushed). Writes benchmarks/results/rotation_overhead-<date>.json.
 
     python benchmarks/rotation_overhead.py [--ms 1 2 4 8 16 2048] [--blocks 1 4] [--out FILE]
 
@@ -34,8 +34,8 @@ def build_layer(dtype, device):
 
 
 def main(argv=None) -> int:
-    from sparse_runtime.residual_rotation import set_boundary
-    from sparse_runtime.timing import device_time_us
+    from sparse_runtime.models.residual_rotation import set_boundary
+    from sparse_runtime.ops.timing import device_time_us
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 2048])

@@ -25,12 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from prune_quality import cpu_model, device_name, finish_plot  # noqa: E402
 
-from sparse_runtime.eval import perplexity  # noqa: E402
-from sparse_runtime.models import load_model  # noqa: E402
+from sparse_runtime.data.perplexity import perplexity  # noqa: E402
+from sparse_runtime.models.sources import load_model  # noqa: E402
 from sparse_runtime.prune import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, prune  # noqa: E402
-from sparse_runtime.prune.calibration import SAMPLINGS, bos_mode  # noqa: E402
+from sparse_runtime.data.calibration import SAMPLINGS, bos_mode  # noqa: E402
 from sparse_runtime.prune.rotate import IMPORTANCE, OBJECTIVES  # noqa: E402
-from sparse_runtime.sparsify import sparsify  # noqa: E402
+from sparse_runtime.nn.sparsify import sparsify  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_RUNS = ["wanda:none", "wanda:entropy:1:100", "wanda:entropy:4:100", "wanda:nm:1:100",
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         report = json.loads(out.read_text())
         from transformers import AutoConfig
 
-        from sparse_runtime.models import resolve
+        from sparse_runtime.models.sources import resolve
 
         config = AutoConfig.from_pretrained(resolve(report["model"]))
         for run in report["runs"].values():

@@ -28,7 +28,7 @@ STORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "
 
 def held_bytes(model) -> dict:
     """``sparse``: SparseLinear values, metadata and biases; ``other``: every other tensor (replicated)."""
-    from sparse_runtime.tensor_parallel import sparse_bytes
+    from sparse_runtime.serving.tensor_parallel import sparse_bytes
 
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # tied weights once
     total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -40,7 +40,7 @@ def rank_main(ckpt: str, out: str) -> None:
     """One torchrun rank: load the shard, gather every rank's bytes on rank 0, which writes them."""
     import torch.distributed as dist
 
-    from sparse_runtime.tensor_parallel import load_tensor_parallel, start
+    from sparse_runtime.serving.tensor_parallel import load_tensor_parallel, start
 
     rank, device = start(int(os.environ["WORLD_SIZE"]), "cpu")
     model = load_tensor_parallel(ckpt, rank, dist.get_world_size(), device=device)
@@ -54,7 +54,7 @@ def checkpoint(name: str, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sparse_runtime import save_pretrained, sparsify
-    from sparse_runtime.models import load_model
+    from sparse_runtime.models.sources import load_model
 
     if name == "stories260k":
         model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)

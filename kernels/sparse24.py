@@ -6,7 +6,7 @@ runs dense ``tl.dot``s. It moves 9/16 of the dense weight bytes (2 bytes of
 values + 1/4 byte of metadata per kept fp16 value), so at decode the ceiling
 over a dense GEMV is 16/9 = 1.78x.
 
-Layout (derived at load time from the canonical format, see ``sparse_runtime.format``):
+Layout (derived at load time from the canonical format, see ``sparse_runtime.format.codec``):
 
 ``values [N, K/2]``
     the canonical tensor as is, row-major: a row's kept values for a K tile are

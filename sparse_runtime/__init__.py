@@ -1,15 +1,15 @@
 """sparse_runtime: run N:M-pruned (chiefly 2:4) language models faster on NVIDIA GPUs."""
-from .checkpoint import load_pretrained, save_pretrained
+from .models.checkpoint import load_pretrained, save_pretrained
 from .errors import BackendUnavailable, CheckpointError, MaskError, ShapeError, SparseRuntimeError
-from .format import SparseWeight
-from .linear import SparseLinear
-from .masks import nm_mask, unstructured_mask, validate_nm
-from .models import load_model
-from .sparsify import SparsifyReport, sparsify
+from .format.codec import SparseWeight
+from .nn.linear import SparseLinear
+from .format.masks import nm_mask, unstructured_mask, validate_nm
+from .models.sources import load_model
+from .nn.sparsify import SparsifyReport, sparsify
 
 __version__ = "0.1.0"
 
-from .hf_quantizer import register as _register_hf_quantizer  # noqa: E402
+from .models.hf_quantizer import register as _register_hf_quantizer  # noqa: E402
 
 _register_hf_quantizer()  # AutoModelForCausalLM.from_pretrained(sparse checkpoint) builds SparseLinear layers
 

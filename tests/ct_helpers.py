@@ -56,7 +56,7 @@ def write_ct_checkpoint(model, out: Path, tokenizer=None, shards: int = 1) -> Pa
 @torch.no_grad()
 def prune_24_dense(model):
     """Zero the smallest 2 of every 4 weights of each linear but lm_head, keeping nn.Linear layers."""
-    from sparse_runtime.masks import nm_mask
+    from sparse_runtime.format.masks import nm_mask
 
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and name != "lm_head":

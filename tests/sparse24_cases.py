@@ -1,9 +1,9 @@
 """Random 2:4 layers, float64 references and tolerances shared by the Triton kernel tests."""
 import torch
 
-from sparse_runtime.format import SparseWeight
-from sparse_runtime.rotation import apply_rotation
-from sparse_runtime.triton_ops import prepare_sparse24
+from sparse_runtime.format.codec import SparseWeight
+from sparse_runtime.format.rotation import apply_rotation
+from sparse_runtime.ops.triton_ops import prepare_sparse24
 
 # Error bound per unit of sum(|x| |w|): output rounding plus accumulation.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

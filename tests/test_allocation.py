@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from sparse_runtime.masks import validate_nm
-from sparse_runtime.models import load_model
+from sparse_runtime.format.masks import validate_nm
+from sparse_runtime.models.sources import load_model
 from sparse_runtime.prune import calibration_windows, prune
 from sparse_runtime.prune.allocation import (STRATEGIES, Allocation, AllocationError, allocate, alphapruning_rates,
                                              atp_beta_max, atp_betas, atp_rates, block_linears, hill_alpha,

@@ -3,13 +3,13 @@ it, and its shared first-block inputs change nothing against a fresh prune."""
 import pytest
 import torch
 
-from sparse_runtime.eval import perplexity
-from sparse_runtime.models import load_model
+from sparse_runtime.data.perplexity import perplexity
+from sparse_runtime.models.sources import load_model
 from sparse_runtime.prune import calibration_windows, find_decoder_layers, prune
 from sparse_runtime.prune.allocation import allocate
 from sparse_runtime.prune.atp_search import REUSED, search_beta
-from sparse_runtime.prune.calibration import validation_windows
-from sparse_runtime.prune.layerwise import capture_inputs
+from sparse_runtime.data.calibration import validation_windows
+from sparse_runtime.prune.statistics import capture_inputs
 
 from conftest import TEXT
 

@@ -3,7 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_runtime import SparseLinear, backends, mmasp
+from sparse_runtime import SparseLinear, backends
+
+from sparse_runtime.ops import mmasp
 from sparse_runtime.backends import dispatch
 from sparse_runtime.errors import BackendUnavailable, ShapeError
 

@@ -5,7 +5,7 @@ from torch import nn
 
 from sparse_runtime import SparseLinear, backends
 from sparse_runtime.errors import BackendUnavailable
-from sparse_runtime.rotation import apply_rotation
+from sparse_runtime.format.rotation import apply_rotation
 from sparse24_cases import TOL, random_rotation
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from sparse_runtime import caches
+from sparse_runtime.ops import caches
 
 
 @pytest.mark.parametrize("m, bucket", [(0, 1), (1, 1), (2, 2), (3, 4), (17, 32), (2048, 2048), (2049, 4096)])
@@ -59,7 +59,7 @@ def test_device_key():
 
 
 def test_one_cache_folder_for_models_and_results(tmp_path, monkeypatch):
-    from sparse_runtime.models import _gguf_cache_dir
+    from sparse_runtime.models.sources import _gguf_cache_dir
 
     monkeypatch.setenv("SPARSE_RUNTIME_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "m.gguf"

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoTokenizer
 
 from sparse_runtime.prune import CalibrationError, calibration_windows
-from sparse_runtime.prune.calibration import read_texts, validation_windows
+from sparse_runtime.data.calibration import read_texts, validation_windows
 
 from conftest import TEXT
 

@@ -7,8 +7,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparse_runtime import SparseLinear, load_pretrained, save_pretrained, sparsify
-from sparse_runtime.checkpoint import SPARSE_CONFIG
-from sparse_runtime.tensor_files import INDEX, WEIGHTS
+from sparse_runtime.models.checkpoint import SPARSE_CONFIG
+from sparse_runtime.models.tensor_files import INDEX, WEIGHTS
 from sparse_runtime.errors import CheckpointError
 
 from helpers import masked_dense_copy, tiny_model, write_shards
@@ -106,7 +106,7 @@ def test_load_to_dtype(saved):
 def test_save_is_atomic_when_interrupted(saved, monkeypatch):
     sparse, path = saved
     before = {f: (path / f).read_bytes() for f in os.listdir(path)}
-    import sparse_runtime.checkpoint as ck
+    import sparse_runtime.models.checkpoint as ck
 
     def boom(*a, **k):
         raise KeyboardInterrupt("simulated crash mid-save")

@@ -50,12 +50,12 @@ def test_generate_streams_from_folder_and_checkpoint(stories_dir, tmp_path):
     assert p.stdout.startswith(", there was a little girl named Lily")
     assert "tok/s" in p.stderr
     from sparse_runtime import save_pretrained, sparsify
-    from sparse_runtime.models import load_model
+    from sparse_runtime.models.sources import load_model
 
     model, tok = load_model(stories_dir)
     sparsify(model)
     save_pretrained(model, tmp_path / "ck", tokenizer=tok)
-    from sparse_runtime.generate import stream_generate
+    from sparse_runtime.serving.generate import stream_generate
 
     want = "".join(t.text for t in stream_generate(model, tok, "Once upon a time", max_new_tokens=5))
     p = _run("generate", "--model", str(tmp_path / "ck"), "--prompt", "Once upon a time", "--max-new-tokens", "5",
@@ -109,7 +109,7 @@ def test_generated_text_ends_with_a_newline(stories_dir):
 
 
 def test_eval_states_the_bos_mode_beside_the_number(stories_dir, capsys):
-    from sparse_runtime.prune.calibration import BOS_MODES
+    from sparse_runtime.data.calibration import BOS_MODES
     text = str(stories_dir.parents[1] / "text" / "tinystories_valid_head.txt")
     results = {}
     for bos in BOS_MODES:

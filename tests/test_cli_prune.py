@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from sparse_runtime import SparseLinear, load_pretrained
-from sparse_runtime.checkpoint import read_sparse_config
+from sparse_runtime.models.checkpoint import read_sparse_config
 from sparse_runtime.cli import main
-from sparse_runtime.masks import validate_nm
-from sparse_runtime.models import load_model
+from sparse_runtime.format.masks import validate_nm
+from sparse_runtime.models.sources import load_model
 from sparse_runtime.prune import calibration_windows, prune
 
 from conftest import TEXT

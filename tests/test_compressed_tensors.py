@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparse_runtime import SparseLinear, load_model, load_pretrained, save_pretrained, sparsify
 from sparse_runtime.cli import main
-from sparse_runtime.compressed_tensors import export_compressed_tensors, load_compressed_tensors
+from sparse_runtime.models.compressed_tensors import export_compressed_tensors, load_compressed_tensors
 from sparse_runtime.errors import CheckpointError
 
 from ct_helpers import import_ct, prune_24_dense, write_ct_checkpoint
@@ -118,7 +118,7 @@ def _rewrite(src, dst, edit_tensors=None, edit_qc=None):
 
 
 def test_non_24_mask_loads_on_reference_with_a_warning(pruned, ct_ckpt, stories_dir, tmp_path):
-    from sparse_runtime.format import pack_bits
+    from sparse_runtime.format.codec import pack_bits
 
     name = "model.layers.1.mlp.down_proj"
     w = AutoModelForCausalLM.from_pretrained(stories_dir).get_submodule(name).weight.detach()

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from sparse_runtime import BackendUnavailable, SparseLinear, backends
-from sparse_runtime import cusparselt as cs
-from sparse_runtime.format import SparseWeight
-from sparse_runtime.masks import nm_mask
+from sparse_runtime.ops import cusparselt as cs
+from sparse_runtime.format.codec import SparseWeight
+from sparse_runtime.format.masks import nm_mask
 
 
 # -- pure logic ---------------------------------------------------------------------------------------

@@ -5,9 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_runtime import SparseLinear, backends, caches
+from sparse_runtime import SparseLinear, backends
+
+from sparse_runtime.ops import caches
 from sparse_runtime.backends import dispatch as dp
-from sparse_runtime.timing import device_time_us
+from sparse_runtime.ops.timing import device_time_us
 
 
 def test_select_prefers_dense_unless_clearly_faster():

@@ -3,8 +3,8 @@ import torch
 
 from helpers import tiny_model
 from sparse_runtime import sparsify
-from sparse_runtime.engine import Engine, Request, SamplingParams
-from sparse_runtime.models import load_model
+from sparse_runtime.serving.engine import Engine, Request, SamplingParams
+from sparse_runtime.models.sources import load_model
 
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park. They saw a big", "Sun"]
 
@@ -168,7 +168,7 @@ def test_sparse_model_matches_hf_generate(stories_dir, backend):
 
 def test_rotated_sparse_checkpoint_matches_hf_generate(stories_dir, tmp_path):
     from sparse_runtime import load_pretrained, save_pretrained
-    from sparse_runtime.residual_rotation import rotate_model
+    from sparse_runtime.models.residual_rotation import rotate_model
 
     model, tok = load_model(stories_dir)
     gen = torch.Generator().manual_seed(0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_runtime.eval import perplexity, reconstruction_error
-from sparse_runtime.models import load_model
+from sparse_runtime.data.perplexity import perplexity, reconstruction_error
+from sparse_runtime.models.sources import load_model
 
 from conftest import TEXT
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from sparse_runtime.errors import MaskError, ShapeError
-from sparse_runtime.format import (SparseWeight, compress_nm, decompress_nm, pack_bits, pack_meta_24,
+from sparse_runtime.format.codec import (SparseWeight, compress_nm, decompress_nm, pack_bits, pack_meta_24,
                                    parse_pattern, unpack_bits, unpack_meta_24)
-from sparse_runtime.masks import nm_mask, unstructured_mask
+from sparse_runtime.format.masks import nm_mask, unstructured_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from sparse_runtime.generate import sample, stream_generate
-from sparse_runtime.models import load_model
+from sparse_runtime.serving.engine import sample
+from sparse_runtime.serving.generate import stream_generate
+from sparse_runtime.models.sources import load_model
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from transformers.quantizers.auto import AutoQuantizationConfig
 import sparse_runtime  # noqa: F401  (registers the quantizer)
 from sparse_runtime import SparseLinear, save_pretrained, sparsify
 from sparse_runtime.errors import CheckpointError
-from sparse_runtime.hf_quantizer import SparseRuntimeQuantConfig
+from sparse_runtime.models.hf_quantizer import SparseRuntimeQuantConfig
 
 from ct_helpers import import_ct, prune_24_dense, write_ct_checkpoint
 
@@ -78,5 +78,5 @@ def test_register_is_idempotent():
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
     before = dict(AUTO_QUANTIZER_MAPPING)
-    sparse_runtime.hf_quantizer.register()
+    sparse_runtime.models.hf_quantizer.register()
     assert AUTO_QUANTIZER_MAPPING == before

@@ -5,7 +5,7 @@ in fp32 and fp16; the @gpu tests run fp16/bf16 at Llama-3-8B shapes."""
 import pytest
 import torch
 
-from sparse_runtime import triton_ops
+from sparse_runtime.ops import triton_ops
 from sparse24_cases import assert_close, random_layer, random_rotation, reference
 
 SHAPES = [(40, 44), (72, 136)]  # N, K: not powers of two; K % 32 != 0

@@ -6,7 +6,7 @@ from torch import nn
 
 from sparse_runtime import SparseLinear
 from sparse_runtime.errors import BackendUnavailable, MaskError, ShapeError
-from sparse_runtime.masks import nm_mask
+from sparse_runtime.format.masks import nm_mask
 
 
 def _linear(k=24, n=10, bias=True, dtype=torch.float32):

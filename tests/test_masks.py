@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sparse_runtime.errors import MaskError, ShapeError
-from sparse_runtime.masks import (nm_mask, sparsity,
+from sparse_runtime.format.masks import (nm_mask, sparsity,
                                   unstructured_mask, validate_nm)
 
 
@@ -60,7 +60,7 @@ def test_unstructured_mask_hits_sparsity_per_row_and_matrix():
 
 @pytest.mark.parametrize("shape", [(3, 5), (16, 64), (1, 1), (7, 172)])
 def test_packed_masks_round_trip_at_an_eighth_of_the_memory(shape):
-    from sparse_runtime.masks import PackedMasks
+    from sparse_runtime.format.masks import PackedMasks
 
     mask = torch.rand(shape) < 0.5
     packed = PackedMasks({"a": mask, "b": ~mask})

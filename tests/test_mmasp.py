@@ -1,15 +1,15 @@
-"""The mma.sp decode kernel (csrc/decode24.cu via sparse_runtime.mmasp) on a GPU, against float64 references.
+"""The mma.sp decode kernel (csrc/decode24.cu via sparse_runtime.ops.mmasp) on a GPU, against float64 references.
 
 Every test runs on fresh random data and poisons the memory the outputs will take (NaN) first, so an element
 the kernel does not write shows."""
 import pytest
 import torch
 
-from sparse_runtime import mmasp
-from sparse_runtime import mmasp_layout as L
+from sparse_runtime.ops import mmasp
+from sparse_runtime.ops import mmasp_layout as L
 from sparse_runtime.errors import ShapeError
-from sparse_runtime.format import SparseWeight
-from sparse_runtime.masks import nm_mask
+from sparse_runtime.format.codec import SparseWeight
+from sparse_runtime.format.masks import nm_mask
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_runtime import mmasp_layout as L
-from sparse_runtime.format import SparseWeight
-from sparse_runtime.masks import nm_mask
+from sparse_runtime.ops import mmasp_layout as L
+from sparse_runtime.format.codec import SparseWeight
+from sparse_runtime.format.masks import nm_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 CU = (ROOT / "csrc" / "decode24.cu").read_text()

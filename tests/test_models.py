@@ -7,8 +7,8 @@ import torch
 from helpers import tiny_model, write_stories_gguf
 from sparse_runtime import SparseLinear, load_pretrained, save_pretrained, sparsify
 from sparse_runtime.errors import CheckpointError
-from sparse_runtime.generate import stream_generate
-from sparse_runtime.models import load_model, named_gguf, resolve
+from sparse_runtime.serving.generate import stream_generate
+from sparse_runtime.models.sources import load_model, named_gguf, resolve
 
 
 def test_load_folder(stories_dir):

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from sparse_runtime import SparseLinear, load_pretrained
-from sparse_runtime.checkpoint import read_sparse_config
+from sparse_runtime.models.checkpoint import read_sparse_config
 from sparse_runtime.cli import main
-from sparse_runtime.models import load_model
+from sparse_runtime.models.sources import load_model
 from sparse_runtime.prune import calibration_windows, prune
-from sparse_runtime.prune.calibration import validation_windows
+from sparse_runtime.data.calibration import validation_windows
 from sparse_runtime.prune.plan import (BYTES_24, LinearCost, Plan, PlanError, choose, linear_costs, naive,
                                       predicted_speedup, search_depth_weight)
 
@@ -150,7 +150,7 @@ def test_plan_cli_bad_input(stories_dir, tmp_path, capsys):
 
 
 def test_depth_weight_search_keeps_the_best_validation_plan_and_leaves_the_model_dense(stories_dir):
-    from sparse_runtime.eval import perplexity
+    from sparse_runtime.data.perplexity import perplexity
 
     model, tok = load_model(stories_dir)
     used = set()

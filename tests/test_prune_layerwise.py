@@ -8,11 +8,11 @@ from torch import nn
 
 from sparse_runtime import sparsify
 from sparse_runtime.errors import ShapeError
-from sparse_runtime.eval import perplexity
-from sparse_runtime.masks import validate_nm
-from sparse_runtime.models import load_model
+from sparse_runtime.data.perplexity import perplexity
+from sparse_runtime.format.masks import validate_nm
+from sparse_runtime.models.sources import load_model
 from sparse_runtime.prune import METHODS, UnsupportedModel, find_decoder_layers, prune
-from sparse_runtime.prune.layerwise import _run, _run_with_stats, capture_inputs
+from sparse_runtime.prune.statistics import capture_inputs, run_collecting, run_layer
 
 from conftest import TEXT
 from helpers import tiny_model
@@ -34,7 +34,7 @@ def test_captured_inputs_replay_the_model(family):
     with torch.no_grad():
         ref = model(input_ids=ids, output_hidden_states=True).hidden_states
         for i, layer in enumerate(layers[:-1]):
-            inps = _run(layer, inps, kwargs[i], "cpu", "cpu")
+            inps = run_layer(layer, inps, kwargs[i], "cpu", "cpu")
             torch.testing.assert_close(torch.cat(inps), ref[i + 1], rtol=1e-5, atol=1e-5)
 
 
@@ -55,9 +55,9 @@ def test_statistics_forward_stops_once_every_tapped_linear_is_reached():
         early = {m: Hessian(m.in_features, "cpu") for m in taps}
         full = {m: Hessian(m.in_features, "cpu") for m in taps}
         with torch.no_grad():
-            assert _run_with_stats(layer, early, inps, kwargs[0], "cpu") == []
+            assert run_collecting(layer, early, inps, kwargs[0], "cpu") == []
             assert set(calls) == ran
-            outs = _run_with_stats(layer, full, inps, kwargs[0], "cpu", "cpu")
+            outs = run_collecting(layer, full, inps, kwargs[0], "cpu", "cpu")
         assert len(outs) == len(inps) and "down" in calls
         for m in taps:
             assert early[m].n == full[m].n == 36
@@ -79,7 +79,7 @@ def test_per_layer_kwargs_for_sliding_window_layers():
     with torch.no_grad():
         ref = model(input_ids=ids, output_hidden_states=True).hidden_states
         for i, layer in enumerate(layers[:-1]):
-            inps = _run(layer, inps, kwargs[i], "cpu", "cpu")
+            inps = run_layer(layer, inps, kwargs[i], "cpu", "cpu")
             torch.testing.assert_close(torch.cat(inps), ref[i + 1])
 
 

@@ -5,12 +5,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TEXT
-from sparse_runtime.masks import pattern_mask
+from sparse_runtime.format.masks import pattern_mask
 from sparse_runtime.prune import RotateOptions, calibration_windows, prune
 from sparse_runtime.prune.rotate import (LayerInputs, _diag_blocks, _dropped, _inverse, _Objective, _rotated_diag,
                                          _saliency_diag, learn_rotation, learning_dtype)
 from sparse_runtime.prune.sparsegpt import sparsegpt_prune
-from sparse_runtime.residual_rotation import BUFFER, UnsupportedArchitecture, fold_norms
+from sparse_runtime.models.residual_rotation import BUFFER, UnsupportedArchitecture, fold_norms
 
 
 def orth(*shape, seed=0):

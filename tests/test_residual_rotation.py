@@ -6,8 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from helpers import tiny_model
 from sparse_runtime import SparseLinear, load_pretrained, save_pretrained, sparsify
-from sparse_runtime.models import load_model
-from sparse_runtime.residual_rotation import BUFFER, UnsupportedArchitecture, check_layer, rotate_model
+from sparse_runtime.models.sources import load_model
+from sparse_runtime.models.residual_rotation import BUFFER, UnsupportedArchitecture, check_layer, rotate_model
 
 
 def random_rotations(model, blocks: int, seed: int = 0):
@@ -175,7 +175,7 @@ def test_plain_transformers_loads_a_rotated_checkpoint(stories_dir, tmp_path):
 
 
 def test_compressed_tensors_export_refuses_a_rotated_model(stories_dir, tmp_path):
-    from sparse_runtime.compressed_tensors import export_compressed_tensors
+    from sparse_runtime.models.compressed_tensors import export_compressed_tensors
     from sparse_runtime.errors import CheckpointError
 
     model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()

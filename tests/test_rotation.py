@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sparse_runtime.errors import ShapeError
-from sparse_runtime.rotation import apply_rotation, check_rotation
+from sparse_runtime.format.rotation import apply_rotation, check_rotation
 
 
 @pytest.mark.parametrize("k,b", [(12, 4), (96, 32), (40, 40)])

@@ -16,8 +16,8 @@ import pytest
 import torch
 import uvicorn
 
-from sparse_runtime.engine import Engine, Request, SamplingParams
-from sparse_runtime.server import Server
+from sparse_runtime.serving.engine import Engine, Request, SamplingParams
+from sparse_runtime.serving.server import Server
 from test_engine import stories  # noqa: F401  (fixture: stories260K)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

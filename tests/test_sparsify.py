@@ -6,7 +6,7 @@ from torch import nn
 
 from sparse_runtime import SparseLinear, sparsify
 from sparse_runtime.errors import ShapeError
-from sparse_runtime.masks import nm_mask
+from sparse_runtime.format.masks import nm_mask
 
 from helpers import masked_dense_copy, tiny_model
 

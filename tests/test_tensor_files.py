@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from sparse_runtime.errors import CheckpointError
-from sparse_runtime.tensor_files import INDEX, WEIGHTS, TensorFile, TensorFiles
+from sparse_runtime.models.tensor_files import INDEX, WEIGHTS, TensorFile, TensorFiles
 
 from helpers import write_shards
 

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparse_runtime import SparseLinear, load_pretrained, save_pretrained, sparsify
 from sparse_runtime.cli import main
-from sparse_runtime.generate import stream_generate
-from sparse_runtime.tensor_parallel import (ROW, TensorParallelError, load_tensor_parallel, shard_plan,
+from sparse_runtime.serving.generate import stream_generate
+from sparse_runtime.serving.tensor_parallel import (ROW, TensorParallelError, load_tensor_parallel, shard_plan,
                                             sparse_bytes, start)
 
 from conftest import TEXT
@@ -97,7 +97,7 @@ def test_stories260k_two_ranks_match_one(stories_ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_two_ranks_match_one(tmp_path, one_thread):
-    from sparse_runtime.models import load_model, named_gguf
+    from sparse_runtime.models.sources import load_model, named_gguf
 
     try:
         named_gguf("smollm2-135m")
@@ -198,7 +198,7 @@ def test_torchrun_serve_answers_as_one_process(stories_ckpt):
 
     import httpx
 
-    from sparse_runtime.engine import Engine, Request, SamplingParams
+    from sparse_runtime.serving.engine import Engine, Request, SamplingParams
 
     prompts = [PROMPT, "The little dog"]
     single, tok = load_pretrained(stories_ckpt), AutoTokenizer.from_pretrained(stories_ckpt)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sparse_runtime.timing import device_time_us, time_us
+from sparse_runtime.ops.timing import device_time_us, time_us
 
 pytestmark = pytest.mark.gpu
 

@@ -1,9 +1,9 @@
-"""sparse_runtime.triton_launch: the direct launch of a compiled Triton kernel, against a fake compiled kernel,
+"""sparse_runtime.ops.triton_launch: the direct launch of a compiled Triton kernel, against a fake compiled kernel,
 and the installed triton's own launch path read back (the call the adapter makes must be the one JITFunction makes)."""
 import inspect
 import types
 
-from sparse_runtime.triton_launch import direct_launch
+from sparse_runtime.ops.triton_launch import direct_launch
 
 
 class Compiled:

@@ -1,10 +1,10 @@
-"""sparse_runtime.triton_ops: layout, checks and errors, the torch.library custom ops."""
+"""sparse_runtime.ops.triton_ops: layout, checks and errors, the torch.library custom ops."""
 import pytest
 import torch
 
-from sparse_runtime import triton_ops
+from sparse_runtime.ops import triton_ops
 from sparse_runtime.errors import ShapeError
-from sparse_runtime.format import unpack_meta_24
+from sparse_runtime.format.codec import unpack_meta_24
 from sparse24_cases import assert_close, random_layer, random_rotation, reference
 
 
@@ -117,7 +117,7 @@ def test_every_llama_shape_fills_the_gpu(gpu_configs, gpu):
 def test_split_k_follows_the_m_bucket(gpu_configs):
     # Every M of a bucket gets the bucket's grid and configs, so a graph capture at an M never run eagerly
     # reuses the autotuned entry (the key holds M_BUCKET, not M) instead of autotuning inside the capture.
-    from sparse_runtime.cusparselt import m_bucket
+    from sparse_runtime.ops.cusparselt import m_bucket
 
     ker, use = gpu_configs
     use(*GPUS[0])

@@ -1,10 +1,10 @@
 """The ``cusparselt`` backend: our cuSPARSELt extension with cached plans and searched algorithms.
 
-The fastest 2:4 path for large M (prefill). See :mod:`sparse_runtime.cusparselt`."""
+The fastest 2:4 path for large M (prefill). See :mod:`sparse_runtime.ops.cusparselt`."""
 import torch
 
-from .. import cusparselt
-from ..rotation import apply_rotation
+from ..ops import cusparselt
+from ..format.rotation import apply_rotation
 from . import Backend, register
 
 DTYPES = (torch.float16, torch.bfloat16)

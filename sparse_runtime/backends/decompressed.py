@@ -6,7 +6,7 @@ weight beside the compressed one. The weight is built at the first forward, not 
 sparsifying and saving a model never materialises it. Outputs are bit-identical to ``reference``."""
 import torch.nn.functional as F
 
-from ..rotation import apply_rotation
+from ..format.rotation import apply_rotation
 from . import Backend, register
 
 

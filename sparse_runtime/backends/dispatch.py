@@ -4,14 +4,14 @@ For each layer shape and M bucket (powers of two) it times the candidates once: 
 ``mmasp`` (the ``mma.sp`` decode kernel, for buckets up to its ``max_m``; each when registered and able to run
 the layer) and ``dense`` (cuBLAS ``F.linear`` on the decompressed weight),
 and from then on runs the fastest. The timer is device time in CUDA graphs with L2 flushed between calls
-(:func:`sparse_runtime.timing.device_time_us`): what a layer costs in a served model, where decode runs
+(:func:`sparse_runtime.ops.timing.device_time_us`): what a layer costs in a served model, where decode runs
 under graphs and weights come from HBM; a candidate that cannot be captured is timed eagerly instead, while
 the others keep their graph times. Eager calls add host overhead on top (the sparse paths' Python is
 longer than ``F.linear``'s), which only CUDA graphs or ``torch.compile`` remove. A sparse candidate must beat dense by
 ``MARGIN`` to be chosen, so timing noise cannot make a call slower than the dense layer would have been.
 
 Timings are shared by every layer of the same shape and cached on disk (``dispatch.json`` in
-:func:`sparse_runtime.caches.cache_dir`), keyed by GPU name and library versions. The dense weight
+:func:`sparse_runtime.ops.caches.cache_dir`), keyed by GPU name and library versions. The dense weight
 is materialised only for measuring and kept only while some bucket runs dense; likewise each sparse
 candidate's prepared layout is kept only while some bucket runs it.
 
@@ -24,11 +24,11 @@ import math
 
 import torch
 
-from .. import cusparselt
-from ..caches import DiskCache, device_key, m_bucket
-from ..devices import cuda_unavailable
+from ..ops import cusparselt
+from ..ops.caches import DiskCache, device_key, m_bucket
+from ..ops.devices import cuda_unavailable
 from ..errors import BackendUnavailable
-from ..timing import device_time_us, time_us
+from ..ops.timing import device_time_us, time_us
 from . import Backend, get, register
 from .decompressed import DecompressedBackend
 

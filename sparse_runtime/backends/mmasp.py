@@ -2,10 +2,10 @@
 
 Never picked by ``auto`` on its own (it cannot run prefill): the ``dispatch`` backend times it as a candidate
 for the M buckets up to 16 and runs it where it is fastest. By name it runs any layer it supports and refuses
-M > 16 per call. See :mod:`sparse_runtime.mmasp` and ``csrc/decode24.cu``."""
-from .. import mmasp
+M > 16 per call. See :mod:`sparse_runtime.ops.mmasp` and ``csrc/decode24.cu``."""
+from ..ops import mmasp
 from ..errors import ShapeError
-from ..mmasp_layout import MAX_M, unsupported_shape
+from ..ops.mmasp_layout import MAX_M, unsupported_shape
 from . import Backend, register
 from .cusparselt import flatten, unsupported_24
 

@@ -4,7 +4,7 @@ Runs everywhere and takes every pattern and dtype. It keeps only the compressed
 weight resident, and its output is bit-for-bit that of the masked dense layer."""
 import torch.nn.functional as F
 
-from ..rotation import apply_rotation
+from ..format.rotation import apply_rotation
 from . import Backend, register
 
 

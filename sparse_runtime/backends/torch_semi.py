@@ -7,8 +7,8 @@ a ``torch.library`` custom op with a fake implementation, so ``torch.compile`` a
 import torch
 import torch.nn.functional as F
 
-from ..cusparselt import m_align, padded_shape
-from ..devices import cuda_unavailable
+from ..ops.cusparselt import m_align, padded_shape
+from ..ops.devices import cuda_unavailable
 from . import Backend, register
 from .cusparselt import flatten, unsupported_24
 

@@ -1,4 +1,4 @@
-"""The ``triton`` backend: the 2:4 Triton kernels of :mod:`sparse_runtime.triton_ops`.
+"""The ``triton`` backend: the 2:4 Triton kernels of :mod:`sparse_runtime.ops.triton_ops`.
 
 Runs on CUDA (Ampere or newer), and on the CPU under ``TRITON_INTERPRET=1`` so
 tests can name it there. A block-diagonal rotation is fused into the kernel's
@@ -8,10 +8,10 @@ import importlib.util
 
 import torch
 
-from .. import triton_ops
-from ..devices import cuda_unavailable
-from ..format import parse_pattern
-from ..rotation import apply_rotation
+from ..ops import triton_ops
+from ..ops.devices import cuda_unavailable
+from ..format.codec import parse_pattern
+from ..format.rotation import apply_rotation
 from . import Backend, register
 
 # Set True if measurements show the fused full-R prologue winning at the shapes you run.

@@ -22,7 +22,7 @@ def add_tp_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_bos_argument(p: argparse.ArgumentParser, what: str) -> None:
-    from ..prune.calibration import BOS_MODES
+    from ..data.calibration import BOS_MODES
 
     p.add_argument("--bos", choices=BOS_MODES, default="auto",
                    help=f"BOS in the {what}: 'window' puts the tokenizer's BOS in front of every window, 'document' "
@@ -39,7 +39,7 @@ def device_dtype(args):
 
 
 def load_from_args(args):
-    from ..models import load_model
+    from ..models.sources import load_model
 
     device, dtype = device_dtype(args)
     if getattr(args, "tp", None) not in (None, 1):
@@ -53,8 +53,8 @@ def _load_tensor_parallel(args, dtype):
 
     from transformers import AutoTokenizer
 
-    from ..models import resolve
-    from ..tensor_parallel import load_tensor_parallel, start
+    from ..models.sources import resolve
+    from ..serving.tensor_parallel import load_tensor_parallel, start
 
     if getattr(args, "sparsify", None):
         raise ValueError("--sparsify does not combine with --tp: prune and save a checkpoint first, then shard it")

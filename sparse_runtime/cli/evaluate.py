@@ -22,8 +22,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..eval import perplexity
-    from ..prune.calibration import DEFAULT_EVAL, context_length, read_texts
+    from ..data.perplexity import perplexity
+    from ..data.calibration import DEFAULT_EVAL, context_length, read_texts
     from .common import load_from_args
 
     data = Path(args.data or DEFAULT_EVAL)

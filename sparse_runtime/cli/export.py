@@ -11,8 +11,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..compressed_tensors import export_compressed_tensors
-    from ..models import load_model
+    from ..models.compressed_tensors import export_compressed_tensors
+    from ..models.sources import load_model
 
     model, tok = load_model(args.model, device="cpu", backend="reference")
     out = export_compressed_tensors(model, args.out, tokenizer=tok)

@@ -29,12 +29,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..generate import stream_generate
-    from ..sparsify import sparsify
+    from ..serving.generate import stream_generate
+    from ..nn.sparsify import sparsify
 
     model, tok = load_from_args(args)
     if args.tp and args.tp > 1:  # every rank must sample the same tokens
-        from ..tensor_parallel import shared_seed
+        from ..serving.tensor_parallel import shared_seed
 
         args.seed = shared_seed(args.seed)
     if args.sparsify:

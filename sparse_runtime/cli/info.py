@@ -33,7 +33,7 @@ def collect() -> dict:
             info["versions"][pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             info["versions"][pkg] = None
-    from ..cusparselt import versions
+    from ..ops.cusparselt import versions
 
     ext = versions()
     info["extension"] = ext["extension"]

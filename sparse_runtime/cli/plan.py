@@ -33,9 +33,9 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
-    from ..models import load_model
+    from ..models.sources import load_model
     from ..prune import DEFAULT_CALIB, prune
-    from ..prune.calibration import validation_windows
+    from ..data.calibration import validation_windows
     from ..prune.plan import choose, linear_costs, search_depth_weight
     from .common import DTYPES
     from .prune import calibration_from_args

@@ -9,7 +9,7 @@ HELP = "prune a model (magnitude, Wanda, SparseGPT) to 2:4 / N:M / unstructured 
 
 
 def add_calibration_arguments(p) -> None:
-    from ..prune.calibration import SAMPLINGS
+    from ..data.calibration import SAMPLINGS
     from .common import add_bos_argument
 
     p.add_argument("--calib", default=None, help="calibration text or jsonl file (default: shared C4 validation)")
@@ -27,7 +27,7 @@ def add_calibration_arguments(p) -> None:
 
 def calibration_from_args(args, tok, model, used=None):
     from ..prune import DEFAULT_CALIB, calibration_windows
-    from ..prune.calibration import context_length
+    from ..data.calibration import context_length
 
     return calibration_windows(tok, args.calib or DEFAULT_CALIB, args.nsamples, args.seqlen, args.seed,
                                max_seqlen=context_length(model), sampling=args.calib_sampling, bos=args.bos,
@@ -117,7 +117,7 @@ def _check_args(args) -> None:
 
 def _sparsify(model, result, backend):
     """SparseLinear for every pruned linear, each with the pattern it was pruned to (mixed N:M differ)."""
-    from ..sparsify import SparsifyReport, sparsify
+    from ..nn.sparsify import SparsifyReport, sparsify
 
     report = SparsifyReport()
     for pattern in sorted(set(result.patterns.values())):
@@ -129,11 +129,11 @@ def _sparsify(model, result, backend):
 
 
 def run(args) -> int:
-    from ..checkpoint import save_pretrained
-    from ..format import parse_pattern
-    from ..models import load_model
+    from ..models.checkpoint import save_pretrained
+    from ..format.codec import parse_pattern
+    from ..models.sources import load_model
     from ..prune import DEFAULT_CALIB, prune
-    from ..prune.calibration import bos_mode
+    from ..data.calibration import bos_mode
     from .common import device_dtype
 
     _check_args(args)
@@ -166,7 +166,7 @@ def run(args) -> int:
     allocation = search = result = None
     if args.beta_search:
         from ..prune.atp_search import search_beta
-        from ..prune.calibration import validation_windows
+        from ..data.calibration import validation_windows
 
         val_file = args.val or DEFAULT_CALIB
         same = str(val_file) == str(args.calib or DEFAULT_CALIB)

@@ -34,9 +34,9 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import uvicorn
 
-    from ..engine import Engine
-    from ..server import Server
-    from ..sparsify import sparsify
+    from ..serving.engine import Engine
+    from ..serving.server import Server
+    from ..nn.sparsify import sparsify
 
     tp = bool(args.tp and args.tp > 1)
     if tp:
@@ -59,7 +59,7 @@ def run(args) -> int:
     if tp:  # rank 0 serves; the others replay its model calls on their shards (tensor_parallel.follow)
         import torch.distributed as dist
 
-        from ..tensor_parallel import follow, lead, stop_followers
+        from ..serving.tensor_parallel import follow, lead, stop_followers
 
         if dist.get_rank():
             for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 tells them when to stop

@@ -2,17 +2,19 @@
 
 Every method has one signature, ``method(model, calib, *, pattern, sparsity, **options) -> PruneResult``:
 it zeroes pruned weights in place (SparseGPT also updates the kept ones) and returns the keep
-masks, ready for :func:`sparse_runtime.sparsify`. The calibrated methods run on the one
+masks, ready for :func:`sparse_runtime.nn.sparsify`. The calibrated methods run on the one
 family-agnostic driver in :mod:`.layerwise`."""
 from __future__ import annotations
 
-from .calibration import DEFAULT_CALIB, DEFAULT_EVAL, CalibrationError, calibration_windows
-from .layerwise import PruneResult, UnsupportedModel, find_decoder_layers, prune_layerwise
+from ..data.calibration import DEFAULT_CALIB, DEFAULT_EVAL, CalibrationError, calibration_windows
+from ..models.architecture import UnsupportedModel, find_decoder_layers
+from .layerwise import PruneResult, prune_layerwise
 from .magnitude import magnitude, magnitude_mask
 from .rotate import OBJECTIVES as ROTATE_OBJECTIVES
 from .rotate import RotateOptions
-from .sparsegpt import Hessian, sparsegpt, sparsegpt_prune
-from .wanda import InputNorms, wanda, wanda_mask
+from .sparsegpt import sparsegpt, sparsegpt_prune
+from .statistics import Hessian, InputNorms
+from .wanda import wanda, wanda_mask
 
 METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
 NEEDS_CALIBRATION = {"wanda", "sparsegpt"}

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import SparseRuntimeError
-from ..format import parse_pattern
+from ..format.codec import parse_pattern
+from ..models.architecture import decoder_linears, find_decoder_layers
+from .statistics import InputNorms, capture_inputs, run_layer
 
 STRATEGIES = ("uniform", "atp", "owl", "alphapruning")
 ATP_STEP = 0.002  # the ATP paper's beta grid
@@ -240,11 +242,10 @@ def alphapruning_rates(alphas: Sequence[float], sparsity: float, eps: float = AL
 
 
 def block_linears(model, pattern: str = "unstructured", targets=None, ignore=("lm_head",)) -> list[dict]:
-    """The linears :func:`~.layerwise.select_linears` would prune, grouped by decoder block (one dict per block)."""
-    from .layerwise import find_decoder_layers, select_linears
+    """The linears :func:`~sparse_runtime.models.architecture.decoder_linears` would prune, grouped by decoder block (one dict per block)."""
 
     layers, path = find_decoder_layers(model)
-    chosen, _ = select_linears(model, pattern, targets, ignore)
+    chosen, _ = decoder_linears(model, pattern, targets, ignore)
     blocks = [{} for _ in layers]
     for name, mod in chosen.items():
         blocks[int(name[len(path) + 1:].split(".")[0])][name] = mod
@@ -254,9 +255,7 @@ def block_linears(model, pattern: str = "unstructured", targets=None, ignore=("l
 @torch.no_grad()
 def owl_lods(model, blocks: list[dict], calib: torch.Tensor, device, m: float = OWL_M, inputs=None) -> list[float]:
     """Each block's outlier ratio on the DENSE model: its inputs come from the unpruned blocks before it.
-    ``inputs`` (from :func:`~.layerwise.capture_inputs`) reuses already captured first-block inputs."""
-    from .layerwise import _run, capture_inputs, find_decoder_layers
-    from .wanda import InputNorms
+    ``inputs`` (from :func:`~.statistics.capture_inputs`) reuses already captured first-block inputs."""
 
     layers, path = find_decoder_layers(model)
     device = torch.device(device)
@@ -269,7 +268,7 @@ def owl_lods(model, blocks: list[dict], calib: torch.Tensor, device, m: float = 
         handles = [mod.register_forward_hook(lambda mod, a, out, s=stats[n]: s.add(a[0].reshape(-1, a[0].shape[-1])))
                    for n, mod in blocks[i].items()]
         try:
-            outs = _run(layer, inps, kwargs[i], device, device)
+            outs = run_layer(layer, inps, kwargs[i], device, device)
         finally:
             for h in handles:
                 h.remove()

@@ -6,7 +6,7 @@ reported WikiText-2 number is never tuned on.
 
 What every trial shares, computed once: the calibration windows and the tokenised validation windows (the
 caller's), the first decoder block's captured inputs and every block's forward keyword arguments
-(:func:`~.layerwise.capture_inputs`), the block sizes, and the dense weights, held in memory and copied back
+(:func:`~.statistics.capture_inputs`), the block sizes, and the dense weights, held in memory and copied back
 after each trial instead of reloading the model.
 
 The statistics of a block after the first depend on the pruned blocks before it, so on beta. With
@@ -23,7 +23,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .allocation import ATP_STEP, Allocation, allocate, atp_betas
-from .layerwise import PruneResult, capture_inputs, find_decoder_layers
+from ..data.perplexity import perplexity
+from ..models.architecture import find_decoder_layers
+from . import NEEDS_CALIBRATION, prune
+from .layerwise import PruneResult
+from .statistics import capture_inputs
 
 REUSED = ("calibration windows", "tokenised validation windows", "first-block inputs and per-block forward kwargs",
           "dense weights (restored in memory, no reload)", "block sizes")
@@ -56,8 +60,6 @@ def search_beta(model, method: str, sparsity: float, calib: torch.Tensor | None,
     already in place) is lowest. ``patience`` stops after that many trials in a row worse than the best (the
     curve is usually unimodal in beta); None runs the whole grid. ``log(str)`` gets one line per trial.
     ``statistics``: "dense" (trials share the dense model's statistics) or "sequential" (see the module doc)."""
-    from ..eval import perplexity
-    from . import NEEDS_CALIBRATION, prune
 
     if statistics not in STATISTICS:
         raise ValueError(f"statistics must be one of {', '.join(STATISTICS)}, got {statistics!r}")

@@ -5,8 +5,9 @@ import time
 
 import torch
 
-from ..masks import pattern_mask
-from .layerwise import PruneResult, check_sparsity, find_decoder_layers, select_linears
+from ..format.masks import pattern_mask
+from ..models.architecture import decoder_linears, find_decoder_layers
+from .layerwise import PruneResult, check_sparsity
 from .rotate import rotate_by_weights
 
 
@@ -25,7 +26,7 @@ def magnitude(model, calib=None, *, pattern: str = "2:4", sparsity: float = 0.5,
     (:class:`~.rotate.RotateOptions`) first learns and folds rotations from the weights alone; ``allocation``
     (:class:`~.allocation.Allocation`) gives each decoder block its own pattern and sparsity."""
     check_sparsity(pattern, sparsity)
-    chosen, skipped = select_linears(model, pattern, targets, ignore)
+    chosen, skipped = decoder_linears(model, pattern, targets, ignore)
     t0 = time.perf_counter()
     result = PruneResult("magnitude", pattern, sparsity, skipped=skipped,
                          allocation=None if allocation is None else allocation.to_dict())

@@ -34,7 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.perplexity import perplexity
 from ..errors import SparseRuntimeError
+from ..models.architecture import find_decoder_layers
+from . import prune
 
 BYTES_24 = 9 / 16  # a 2:4 fp16 weight's bytes over the dense weight's
 PLAN_FORMAT = "sparse_runtime.plan"
@@ -117,8 +120,6 @@ class Plan:
 
 def linear_costs(model: nn.Module, errors: dict[str, float]) -> tuple[list[LinearCost], int]:
     """``(costs of the measured linears, parameters of every other linear a decode step reads)``."""
-    from .layerwise import find_decoder_layers
-
     _, path = find_decoder_layers(model)
     costs, other = [], 0
     for name, mod in model.named_modules():
@@ -215,9 +216,6 @@ def search_depth_weight(model: nn.Module, costs: list[LinearCost], calib: torch.
     """The :func:`choose` plan at each depth weight, each pruned 2:4 by ``method`` from the dense model's
     statistics (gathered once) and scored by perplexity on ``val`` ([n, seqlen] held-out token ids); the
     lowest wins and carries its trials in ``info["search"]``. ``model`` must be dense and is left dense."""
-    from ..eval import perplexity
-    from . import prune
-    from .layerwise import find_decoder_layers
 
     layers, _ = find_decoder_layers(model)
     dense = {k: v.clone() for k, v in layers.state_dict().items()}

@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..format import parse_pattern
-from ..residual_rotation import check_layer, fold_norms, head_blocks, head_geometry, left, right, rotate_model
+from ..format.codec import parse_pattern
+from ..models.architecture import find_decoder_layers
+from .statistics import LayerInputs
+from ..models.residual_rotation import check_layer, fold_norms, head_blocks, head_geometry, left, right, rotate_model
 
 OBJECTIVES = ("entropy", "nm")
 IMPORTANCE = ("magnitude", "wanda", "sparsegpt")
@@ -56,15 +58,6 @@ class RotateOptions:
             raise ValueError(f"need rotate steps >= 0 and blocks >= 1, got {self.steps} and {self.blocks}")
         if self.importance not in (None, *IMPORTANCE):
             raise ValueError(f"unknown rotation importance {self.importance!r}; choose from {', '.join(IMPORTANCE)}")
-
-
-@dataclass
-class LayerInputs:
-    """Second moments ``H = (2/n) X X^T`` of the four distinct linear inputs of a decoder layer."""
-    attn: torch.Tensor  # [d, d], read by q, k, v
-    o: torch.Tensor  # [heads * hd, heads * hd]
-    mlp: torch.Tensor  # [d, d], read by gate, up
-    down: torch.Tensor  # [I, I]
 
 
 def _diag_blocks(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -261,8 +254,6 @@ def learn_rotation(layer, inputs: LayerInputs | None, method: str, pattern: str,
 
 def rotate_by_weights(model, pattern: str, sparsity: float, opts: RotateOptions, progress: bool = True) -> dict:
     """Magnitude's rotations: learned on each layer's weights alone (no data), then folded into the model."""
-    from .layerwise import find_decoder_layers
-
     layers, path = find_decoder_layers(model)
     for i, layer in enumerate(layers):
         check_layer(layer, f"{path}.{i}")

@@ -3,23 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..format import parse_pattern
+from ..format.codec import parse_pattern
 from .layerwise import PruneResult, prune_layerwise
-
-
-class Hessian:
-    """H = (2/n) sum_t x_t x_t^T over the n calibration tokens seen so far, in fp32."""
-
-    def __init__(self, in_features: int, device):
-        self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        t = x.shape[0]
-        self.H *= self.n / (self.n + t)
-        self.n += t
-        x = x.float() * (2 / self.n) ** 0.5
-        self.H.addmm_(x.T, x)
+from .statistics import Hessian
 
 
 @torch.no_grad()

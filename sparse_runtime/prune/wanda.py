@@ -3,18 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import pattern_mask
+from ..format.masks import pattern_mask
 from .layerwise import PruneResult, prune_layerwise
-
-
-class InputNorms:
-    """Running sum over tokens of x_j^2 for each input column j (fp32)."""
-
-    def __init__(self, in_features: int, device):
-        self.sq = torch.zeros(in_features, device=device, dtype=torch.float32)
-
-    def add(self, x: torch.Tensor) -> None:
-        self.sq += x.float().pow(2).sum(0)
+from .statistics import InputNorms
 
 
 def wanda_mask(weight: torch.Tensor, sq_norms: torch.Tensor, pattern: str = "2:4",

@@ -11,14 +11,18 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import transformers
 from torch import nn
 
-from .errors import CheckpointError
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # older transformers
+    from transformers.modeling_utils import no_init_weights
+
+from ..errors import CheckpointError
 
 
 def model_class(config):
-    import transformers
-
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:
@@ -44,10 +48,6 @@ def _parameters_on_meta():
 
 def build_skeleton(config, dtype) -> nn.Module:
     """The model its config describes, in ``dtype``, every parameter on the meta device."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
     cls = model_class(config)
     with no_init_weights(), _parameters_on_meta():
         if cls.__name__.startswith("Auto"):

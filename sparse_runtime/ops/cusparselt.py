@@ -12,7 +12,7 @@ algorithm/split-K search: the first M of a bucket is searched, later ones reuse 
 (``SPARSE_RUNTIME_PLAN_CACHE``, default 1024 plans of a few KB each) bounds memory when a server sees
 many distinct prompt lengths; an evicted plan is rebuilt in ~50-200 us from the cached search result.
 
-Search results are cached in memory and in a JSON file (in :func:`sparse_runtime.caches.cache_dir`), keyed
+Search results are cached in memory and in a JSON file (in :func:`sparse_runtime.ops.caches.cache_dir`), keyed
 by GPU name and library versions. ``SPARSE_RUNTIME_CSLT_SEARCH`` picks
 ``manual`` (default: time every algorithm id x split-K with CUDA events), ``library``
 (``cusparseLtMatmulSearch``) or ``off`` (the library's default algorithm).
@@ -27,11 +27,11 @@ import torch
 
 from .caches import LRU, DiskCache, device_key, m_bucket
 from .devices import cuda_unavailable, raw_stream
-from .errors import BackendUnavailable, ShapeError
+from ..errors import BackendUnavailable, ShapeError
 from .timing import time_us
 
 try:
-    from . import _C
+    from .. import _C
     _IMPORT_ERROR = None
 except ImportError as e:  # the pure-Python install: no nvcc or cuSPARSELt at build time
     _C = None
@@ -157,7 +157,7 @@ class CusparseLtWeight:
     @classmethod
     def from_canonical(cls, values: torch.Tensor, meta: torch.Tensor, k: int,
                        bias: torch.Tensor | None = None) -> CusparseLtWeight:
-        """From the canonical format (see :mod:`sparse_runtime.format`); the dense copy is temporary."""
+        """From the canonical format (see :mod:`sparse_runtime.format.codec`); the dense copy is temporary."""
         return cls.from_dense(expand_canonical(values, meta, k), bias)
 
 

@@ -21,7 +21,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import compressed_tensors as ct
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..nn.linear import SparseLinear
+from .checkpoint import load_pretrained
+from .residual_rotation import boundaries, install_boundaries
+from .architecture import UnsupportedModel, find_decoder_layers
 from .tensor_files import TensorFile
 
 METHOD = "sparse_runtime"
@@ -62,9 +66,6 @@ class SparseRuntimeHfQuantizer(HfQuantizer):
             re.escape(p) + r"\.weight$" for p in sparse}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .checkpoint import load_pretrained
-        from .linear import SparseLinear
-
         if self._folder is None or not (self._folder / "config.json").is_file():
             raise CheckpointError("this sparse checkpoint is not a local folder transformers can hand over; "
                                   "load it with sparse_runtime.load_pretrained(path)")
@@ -90,9 +91,6 @@ class SparseRuntimeHfQuantizer(HfQuantizer):
 
 def _copy_residual_rotations(src, model) -> None:
     """A rotated checkpoint's boundary rotations (buffers + their pre-hooks) on the model transformers built."""
-    from .prune.layerwise import UnsupportedModel, find_decoder_layers
-    from .residual_rotation import boundaries, install_boundaries
-
     try:
         shapes = boundaries(find_decoder_layers(src)[0])
     except UnsupportedModel:

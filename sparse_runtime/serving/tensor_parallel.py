@@ -24,10 +24,10 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
-from .checkpoint import SPARSE_CONFIG, assemble, read_checkpoint
-from .errors import SparseRuntimeError
-from .linear import SparseLinear
-from .tensor_files import TensorDict
+from ..models.checkpoint import SPARSE_CONFIG, assemble, read_checkpoint
+from ..errors import SparseRuntimeError
+from ..nn.linear import SparseLinear
+from ..models.tensor_files import TensorDict
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")

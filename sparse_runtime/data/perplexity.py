@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .prune.calibration import BOS_LABELS, bos_mode, encode
+from .calibration import BOS_LABELS, bos_mode, encode
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Perplexity:
 
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None, mode: str = "document") -> torch.Tensor:
-    """Token ids of ``text`` (see :func:`~sparse_runtime.prune.calibration.encode` for ``mode``); with
+    """Token ids of ``text`` (see :func:`~sparse_runtime.data.calibration.encode` for ``mode``); with
     ``max_tokens``, tokenize a prefix first (the full WikiText takes seconds)."""
     if max_tokens:
         for chars in (max_tokens * 8, None):
@@ -47,7 +47,7 @@ def perplexity(model, tokenizer_or_ids, text: str | Path | None = None, seqlen: 
     text length, i.e. non-overlapping; a trailing partial window is dropped). With a smaller stride only the
     last ``stride`` tokens of each window are scored, the rest is context. ``text`` may be a string or a path.
 
-    ``bos`` (see :func:`~sparse_runtime.prune.calibration.bos_mode`): ``"auto"``/``"window"`` put the
+    ``bos`` (see :func:`~sparse_runtime.data.calibration.bos_mode`): ``"auto"``/``"window"`` put the
     tokenizer's BOS in front of every window (then ``seqlen - 1`` text tokens, all scored); ``"document"`` is
     the reference protocol (the text tokenized once, BOS only before the first window, whose first token is
     context). Given token ids instead of a tokenizer, the windows are cut from them as they are."""

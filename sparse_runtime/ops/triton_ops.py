@@ -20,16 +20,16 @@ import torch
 
 from .caches import m_bucket
 from .devices import raw_stream
-from .kernels.common import DECODE_MAX_M, interpreting  # noqa: F401  (backends read them here)
-from .errors import ShapeError
-from .rotation import apply_rotation, check_rotation
+from ..kernels.common import DECODE_MAX_M, interpreting  # noqa: F401  (backends read them here)
+from ..errors import ShapeError
+from ..format.rotation import apply_rotation, check_rotation
 from .triton_launch import direct_launch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernels():
-    from .kernels import sparse24  # imports triton; deferred so the package imports without it
+    from ..kernels import sparse24  # imports triton; deferred so the package imports without it
 
     return sparse24
 
@@ -276,7 +276,7 @@ def _rotation_block(rotation, k: int) -> int | None:
 class Sparse24Layer:
     """One layer's prepared kernel state: the layout, its own split-K counters (made here, outside any CUDA-graph
     capture) and, per M bucket, the launch plan with the autotuner's choice and its compiled kernels, so an
-    eager call does no more than allocate and launch (:mod:`sparse_runtime.triton_launch`).
+    eager call does no more than allocate and launch (:mod:`sparse_runtime.ops.triton_launch`).
 
     Calls take ``x [..., K]`` already checked against the layer (``SparseLinear.forward`` does); under
     ``torch.compile`` they go through the custom ops."""

@@ -22,13 +22,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from transformers import AutoConfig
 from torch import nn
 
-from .errors import CheckpointError, SparseRuntimeError
-from .format import FLOAT_DTYPES
-from .linear import SparseLinear
+from ..errors import CheckpointError, SparseRuntimeError
+from ..format.codec import FLOAT_DTYPES
+from ..nn.linear import SparseLinear
+from .architecture import UnsupportedModel, find_decoder_layers
 from .residual_rotation import boundaries, install_boundaries
 from .skeleton import build_skeleton, check_finite, check_tensor, finish, place
+from .compressed_tensors import load_compressed_tensors, quantization_config
+from .saving import tied_duplicates, tokenizer_from_source, write_atomic_dir
 from .tensor_files import WEIGHTS, TensorFiles
 
 FORMAT_NAME = "sparse_runtime"
@@ -49,43 +53,13 @@ def _layer_entry(layer: SparseLinear) -> dict:
     }
 
 
-def _tied_duplicates(model: nn.Module) -> set[str]:
-    """State-dict keys that share storage with an earlier key (tied weights): saved once."""
-    seen, dups = {}, set()
-    for name, t in model.state_dict(keep_vars=False).items():
-        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape)) if t.numel() else None
-        if key is not None and key in seen:
-            dups.add(name)
-        elif key is not None:
-            seen[key] = name
-    return dups
-
-
-def _write_atomic_dir(out_dir: Path, write) -> None:
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        write(tmp)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_pretrained(model: nn.Module, out_dir, tokenizer=None, extra_config: dict | None = None) -> Path:
     """Write ``model`` (with its SparseLinear layers compressed) to ``out_dir`` atomically."""
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError("save_pretrained needs a transformers model (with a .config)")
     layers = {n: _layer_entry(m) for n, m in model.named_modules() if isinstance(m, SparseLinear)}
-    dups = _tied_duplicates(model)
+    dups = tied_duplicates(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in dups}
     for k, v in tensors.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
@@ -99,7 +73,7 @@ def save_pretrained(model: nn.Module, out_dir, tokenizer=None, extra_config: dic
         **(extra_config or {}),
     }
     if tokenizer is None:
-        tokenizer = _tokenizer_from_source(config)
+        tokenizer = tokenizer_from_source(config)
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", FORMAT_NAME: str(FORMAT_VERSION)})
@@ -113,13 +87,12 @@ def save_pretrained(model: nn.Module, out_dir, tokenizer=None, extra_config: dic
             tokenizer.save_pretrained(tmp)
         (tmp / SPARSE_CONFIG).write_text(json.dumps(sparse_config, indent=2))
 
-    _write_atomic_dir(Path(out_dir), write)
+    write_atomic_dir(Path(out_dir), write)
     return Path(out_dir)
 
 
 def _residual_rotations(model) -> dict:
     """``{"residual_rotation": {layer index: shape}}`` for a rotated model's boundary rotations, else ``{}``."""
-    from .prune.layerwise import UnsupportedModel, find_decoder_layers
 
     try:
         layers, _ = find_decoder_layers(model)
@@ -133,7 +106,6 @@ def _install_residual_rotations(model, sc: dict, path: Path, dtype) -> None:
     shapes = sc.get("residual_rotation")
     if not shapes:
         return
-    from .prune.layerwise import find_decoder_layers
 
     try:
         layers, _ = find_decoder_layers(model)
@@ -148,18 +120,6 @@ def _mark_quantization_config(config_file: Path) -> None:
     data = json.loads(config_file.read_text())
     data["quantization_config"] = {"quant_method": FORMAT_NAME, "format_version": FORMAT_VERSION}
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _tokenizer_from_source(config):
-    src = getattr(config, "_name_or_path", "") or ""
-    if src and Path(src).is_dir():
-        try:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(src)
-        except Exception:
-            return None
-    return None
 
 
 def read_sparse_config(path) -> dict:
@@ -202,8 +162,6 @@ def _check_layer(name: str, entry: dict, module) -> None:
 
 
 def _compressed_tensors_folder(path: Path) -> bool:
-    from .compressed_tensors import quantization_config
-
     return quantization_config(path) is not None
 
 
@@ -211,8 +169,6 @@ def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backen
     """Rebuild the transformers model saved by :func:`save_pretrained`, with SparseLinear layers."""
     path = Path(path)
     if not (path / SPARSE_CONFIG).exists() and _compressed_tensors_folder(path):
-        from .compressed_tensors import load_compressed_tensors
-
         return load_compressed_tensors(path, device=device, dtype=dtype, backend=backend)
     sc, config, files = read_checkpoint(path)
     return assemble(path, sc, config, files, device, dtype, backend)
@@ -220,8 +176,6 @@ def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backen
 
 def read_checkpoint(path: Path):
     """``(sparse_config, transformers config, tensor files)`` of a checkpoint folder, each checked."""
-    from transformers import AutoConfig
-
     sc = read_sparse_config(path)
     files = TensorFiles(path)
     try:

@@ -5,8 +5,8 @@ from collections.abc import MutableMapping
 
 import torch
 
-from .errors import MaskError, ShapeError
-from .format import _groups_keep, pack_bits, parse_pattern, unpack_bits
+from ..errors import MaskError, ShapeError
+from .codec import _groups_keep, pack_bits, parse_pattern, unpack_bits
 
 
 def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import MaskError, ShapeError
+from ..errors import MaskError, ShapeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

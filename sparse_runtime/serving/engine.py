@@ -17,8 +17,30 @@ from typing import Callable, Iterator
 
 import torch
 
-from .generate import sample
 
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> int:
+    """Pick the next token from ``[vocab]`` logits: greedy at temperature 0."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    logits = logits.float()
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(0, order[drop], float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 @dataclass
 class SamplingParams:

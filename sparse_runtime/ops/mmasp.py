@@ -1,7 +1,7 @@
 """The ``mma.sp`` decode kernel from Python: the prepared weight and the call.
 
 Over the extension :mod:`sparse_runtime._decode24` (``csrc/decode24.cu``), which takes device pointers and
-the stream as ints. The layout is derived once, at load time, by :mod:`sparse_runtime.mmasp_layout`; the
+the stream as ints. The layout is derived once, at load time, by :mod:`sparse_runtime.ops.mmasp_layout`; the
 split over K depends on the shape and the GPU's SM count only, so it, the grid and the per-CTA-column counters
 are fixed at prepare time, outside any CUDA graph capture. The counters return to zero after every launch;
 two streams running the same layer at once would race on them (nothing here does that).
@@ -12,10 +12,10 @@ import torch
 
 from . import mmasp_layout as layout
 from .devices import cuda_unavailable, raw_stream
-from .errors import BackendUnavailable, ShapeError
+from ..errors import BackendUnavailable, ShapeError
 
 try:
-    from . import _decode24 as _D
+    from .. import _decode24 as _D
     _IMPORT_ERROR = None
 except ImportError as e:  # the pure-Python install: no nvcc at build time
     _D = None

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ShapeError
-from .format import parse_pattern
+from ..errors import ShapeError
+from ..format.codec import parse_pattern
+from ..models.architecture import select_linears
 from .linear import SparseLinear
 
 
@@ -57,43 +58,6 @@ class SparsifyReport:
                  f"{self.sparse_bytes * mb:.2f} MiB compressed (saved {self.saved_bytes * mb:.2f} MiB)"]
         lines += [f"skipped {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
-
-
-def matches(name: str, patterns) -> bool:
-    """A pattern matches a module name by glob, or as its last dotted component(s)."""
-    return any(fnmatch.fnmatchcase(name, p) or name == p or name.endswith("." + p) for p in patterns)
-
-
-def select_linears(model: nn.Module, pattern: str, targets=None, ignore=("lm_head",), within: str | None = None,
-                   keep=(), explicit: bool | None = None) -> tuple[dict[str, nn.Linear], list[tuple[str, str]]]:
-    """``({name: nn.Linear}, [(name, reason)])``: the linears ``pattern`` applies to, and those passed over.
-
-    ``targets`` (globs or trailing name components; default every ``nn.Linear``, or those under ``within.``)
-    minus ``ignore`` (names in ``keep`` are never ignored). A linear whose in_features the pattern cannot
-    group is skipped with the reason, or raises :class:`ShapeError` when the caller chose layers explicitly
-    (default: when ``targets`` is given)."""
-    group = parse_pattern(pattern)
-    explicit = targets is not None if explicit is None else explicit
-    chosen, skipped = {}, []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        if targets is None and within is not None and not name.startswith(within + "."):
-            continue
-        if targets is not None and not matches(name, targets):
-            continue
-        if matches(name, ignore) and name not in keep:
-            skipped.append((name, "ignored"))
-            continue
-        m = group[1] if group else 1
-        if mod.in_features % m:
-            why = f"in_features={mod.in_features} is not divisible by {m} ({pattern})"
-            if explicit:
-                raise ShapeError(f"{name}: {why}")
-            skipped.append((name, why))
-            continue
-        chosen[name] = mod
-    return chosen, skipped
 
 
 def _untie(model: nn.Module, name: str, linear: nn.Linear) -> None:

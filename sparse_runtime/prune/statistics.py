@@ -1,0 +1,185 @@
+"""What the calibrated methods measure, and the forward passes that measure it.
+
+The statistics a method accumulates over calibration tokens (Wanda's input norms, SparseGPT's Hessian), the
+capture of the first decoder layer's inputs, and the runs of one decoder layer that feed linears' inputs into
+those statistics. The sequential pruning driver (:mod:`.layerwise`), the rotation learner, the allocation
+strategies and the searches all collect through these functions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.architecture import UnsupportedModel
+
+
+class InputNorms:
+    """Running sum over tokens of x_j^2 for each input column j (fp32)."""
+
+    def __init__(self, in_features: int, device):
+        self.sq = torch.zeros(in_features, device=device, dtype=torch.float32)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.sq += x.float().pow(2).sum(0)
+
+
+class Hessian:
+    """H = (2/n) sum_t x_t x_t^T over the n calibration tokens seen so far, in fp32."""
+
+    def __init__(self, in_features: int, device):
+        self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        t = x.shape[0]
+        self.H *= self.n / (self.n + t)
+        self.n += t
+        x = x.float() * (2 / self.n) ** 0.5
+        self.H.addmm_(x.T, x)
+
+
+class _Captured(Exception):
+    """Raised by the hook on layer 0 to stop the forward once its inputs are saved."""
+
+
+def _move_outside(model: nn.Module, path: str, device) -> None:
+    """Move every parameter and buffer that is not inside the decoder layers (embeddings, rotary, norms)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.startswith(path + "."):
+            t.data = t.data.to(device)
+
+
+def capture_inputs(model, layers, path, calib: torch.Tensor, device, store) -> tuple[list, list[dict]]:
+    """Hidden states entering layer 0 for each window (kept on ``store``), and for each layer the keyword
+    arguments the installed transformers passes it (position_embeddings, attention_mask, ...; they can
+    differ per layer, e.g. sliding-window masks). Every layer is swapped for a pass-through stub, so no
+    decoder layer computes or leaves its device; the first window walks all stubs, the rest stop at layer 0."""
+    inps, kwargs = [], [None] * len(layers)
+    drop = ("hidden_states", "past_key_value", "past_key_values", "use_cache")
+
+    def stub(i):
+        def forward(*args, **kw):
+            hidden = args[0] if args else kw["hidden_states"]
+            if i == 0:
+                inps.append(hidden.to(store))
+            if kwargs[i] is None:
+                kwargs[i] = {k: v for k, v in kw.items() if k not in drop}
+            if i == len(layers) - 1 or kwargs[-1] is not None:
+                raise _Captured
+            return hidden
+        return forward
+
+    home = next(model.parameters()).device
+    _move_outside(model, path, device)
+    for i, layer in enumerate(layers):
+        layer.forward = stub(i)
+    try:
+        for j in range(calib.shape[0]):
+            try:
+                model(input_ids=calib[j:j + 1].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        for layer in layers:
+            del layer.forward
+        _move_outside(model, path, home)
+    if len(inps) != calib.shape[0] or kwargs[-1] is None:
+        raise UnsupportedModel(f"{type(model).__name__}: the forward pass did not call every decoder layer")
+    return inps, kwargs
+
+
+def run_layer(layer, inps, kwargs, device, store=None) -> list:
+    outs = []
+    for x in inps:
+        y = layer(x.to(device), **kwargs)
+        y = y[0] if isinstance(y, (tuple, list)) else y  # older transformers return a tuple
+        if store is not None:
+            outs.append(y.to(store))
+    return outs
+
+
+class _Tapped(Exception):
+    """Raised once every tapped linear has seen its input: the rest of the layer's forward is not needed."""
+
+
+def run_collecting(layer, taps: dict, inps, kwargs, device, store=None) -> list:
+    """:func:`_run` with each tapped linear's inputs added to its statistics (``taps``: {module: stats}).
+    Without ``store`` (no outputs wanted) each forward stops as soon as every tapped linear has been reached:
+    a true-sequential prune's statistics for q/k/v need only the norm, not the whole layer."""
+    seen = set()
+
+    def hook(mod, a, s):
+        s.add(a[0].reshape(-1, a[0].shape[-1]))
+        seen.add(mod)
+        if store is None and len(seen) == len(taps):
+            raise _Tapped
+
+    handles = [m.register_forward_pre_hook(lambda mod, a, s=s: hook(mod, a, s)) for m, s in taps.items()]
+    try:
+        if store is not None:
+            return run_layer(layer, inps, kwargs, device, store)
+        for x in inps:
+            seen.clear()
+            try:
+                run_layer(layer, [x], kwargs, device)
+            except _Tapped:
+                pass
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def input_groups(layer, names: dict[str, nn.Linear], x, kwargs, device) -> list[list[str]]:
+    """Linears grouped by the input tensor they share, in execution order: for Llama-like layers
+    [q,k,v], [o], [gate,up], [down]. Sharing one input means sharing one set of statistics."""
+    seen: list[tuple[torch.Tensor, list[str]]] = []  # holding the inputs stops their memory being reused
+
+    def hook(mod, a, out, n):
+        for t, group in seen:
+            if t is a[0]:
+                return group.append(n)
+        seen.append((a[0], [n]))
+
+    handles = [m.register_forward_hook(lambda mod, a, out, n=n: hook(mod, a, out, n)) for n, m in names.items()]
+    try:
+        run_layer(layer, [x], kwargs, device)
+    finally:
+        for h in handles:
+            h.remove()
+    groups = [g for _, g in seen]
+    missing = set(names) - {n for g in groups for n in g}
+    if missing:
+        raise UnsupportedModel(f"linears {sorted(missing)} were not called in a forward of their decoder layer")
+    return groups
+
+
+def collect_dense(layer, names, new_stats, inps, kwargs, device, store, into: dict) -> list:
+    """One forward of the unpruned layer: its outputs, and each linear's statistics into ``into`` (linears that
+    share an input share one statistics object)."""
+    if not names:
+        return run_layer(layer, inps, kwargs, device, store)
+    groups = input_groups(layer, names, inps[0], kwargs, device)
+    stats = {g[0]: new_stats(names[g[0]].in_features, device) for g in groups}
+    outs = run_collecting(layer, {names[k]: st for k, st in stats.items()}, inps, kwargs, device, store)
+    into.update({n: stats[g[0]] for g in groups for n in g})
+    return outs
+
+
+@dataclass
+class LayerInputs:
+    """Second moments ``H = (2/n) X X^T`` of the four distinct linear inputs of a decoder layer."""
+    attn: torch.Tensor  # [d, d], read by q, k, v
+    o: torch.Tensor  # [heads * hd, heads * hd]
+    mlp: torch.Tensor  # [d, d], read by gate, up
+    down: torch.Tensor  # [I, I]
+
+
+def layer_inputs(layer, inps, kwargs, device):
+    """The four input Hessians a rotation is learned on, from one pass of the dense layer."""
+    taps = {"attn": layer.self_attn.q_proj, "o": layer.self_attn.o_proj, "mlp": layer.mlp.gate_proj,
+            "down": layer.mlp.down_proj}
+    stats = {k: Hessian(m.in_features, device) for k, m in taps.items()}
+    run_collecting(layer, {m: stats[k] for k, m in taps.items()}, inps, kwargs, device)
+    return LayerInputs(**{k: s.H for k, s in stats.items()})
