@@ -3,7 +3,9 @@ import torch
 
 from helpers import tiny_model
 from sparse_runtime import sparsify
-from sparse_runtime.serving.engine import Engine, Request, SamplingParams
+from sparse_runtime.serving.detokenize import Detokenizer, token_texts
+from sparse_runtime.serving.engine import ContextLengthError, Engine, Request, SamplingParams
+from sparse_runtime.serving.generate import stream_generate
 from sparse_runtime.models.sources import load_model
 
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park. They saw a big", "Sun"]
@@ -15,6 +17,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def stories(stories_dir):
     return load_model(stories_dir)
+
+
+EOS_PROMPT = "Once upon a time there was a little"
+
+
+@pytest.fixture(scope="module")
+def eos_model(stories_dir):
+    """stories260K made to predict EOS right after EOS_PROMPT (its EOS row of lm_head becomes 1.5x the row of the
+    token it predicted there), with its own log-softmax over the prompt."""
+    model, tok = load_model(stories_dir)
+    ids = tok(EOS_PROMPT).input_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        top = int(logits.argmax())
+        assert logits[top] > 0
+        w = model.get_output_embeddings().weight  # tied: EOS's input embedding changes too; it is never an input
+        w[tok.eos_token_id] = 1.5 * w[top]
+        ref = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    assert int(ref[-1].argmax()) == tok.eos_token_id
+    return model, tok, ids, ref
 
 
 def hf_greedy(model, ids, n):
@@ -33,7 +55,9 @@ def test_batched_greedy_equals_hf_generate_per_prompt(stories):
     for i, r in zip(ids, reqs):
         assert r.output_ids == hf_greedy(model, i, 20)
         assert r.finish_reason == "length"
-        assert r.text == tok.decode(r.output_ids, skip_special_tokens=True)
+        # the text continues the prompt's (SentencePiece: a first token's leading space is kept)
+        prompt = tok.decode(i, skip_special_tokens=True)
+        assert prompt + r.text == tok.decode(i + r.output_ids, skip_special_tokens=True)
 
 
 def test_continuous_batching_joins_and_leaves(stories):
@@ -99,14 +123,21 @@ def test_stop_string_cuts_text_and_stream_never_shows_it(stories):
     assert "".join(pieces) == r.text
 
 
+def first_text(tok, prompt, out):
+    return tok.decode(prompt + out, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
+
+
 def test_eos_stops(stories):
     model, tok = stories
     ids = tok("Once upon a time").input_ids
     first = Engine(model, tok, 1).generate([Request(ids, greedy(5))])[0].output_ids
     engine = Engine(model, tok, 1)
     engine.eos = {first[2]}
-    r = engine.generate([Request(ids, SamplingParams(max_tokens=5))])[0]
-    assert r.output_ids == first[:2] and r.finish_reason == "stop"
+    r = engine.generate([Request(ids, SamplingParams(max_tokens=5, logprobs=0))])[0]
+    # the EOS is an output token with its logprob (as OpenAI returns it), and adds no text
+    assert r.output_ids == first[:3] and r.finish_reason == "stop" and len(r.logprobs) == 3
+    assert r.text == "".join(e.text for e in r.logprobs) == first_text(tok, ids, first[:2])
+    assert r.logprobs[2].token == first[2] and r.logprobs[2].text == ""
 
 
 def test_prompt_and_token_logprobs_match_a_direct_forward(stories):
@@ -115,7 +146,7 @@ def test_prompt_and_token_logprobs_match_a_direct_forward(stories):
     r = Engine(model, tok, 1).generate([Request(ids, greedy(1, logprobs=2, prompt_logprobs=True))])[0]
     with torch.no_grad():
         lp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-    assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(ids)
+    assert r.prompt_logprobs[0].logprob is None and len(r.prompt_logprobs) == len(ids)
     for t in range(1, len(ids)):
         assert r.prompt_logprobs[t].token == ids[t]
         assert r.prompt_logprobs[t].logprob == pytest.approx(float(lp[t - 1, ids[t]]), abs=1e-4)
@@ -203,3 +234,81 @@ def test_smollm2_greedy_equals_hf_generate():
     ids = [tok(p).input_ids for p in ("The capital of France is", "def fibonacci(n):")]
     reqs = Engine(model, tok, 2, max_seq_len=64).generate([Request(i, greedy(16)) for i in ids])
     assert [r.output_ids for r in reqs] == [hf_greedy(model, i, 16) for i in ids]
+
+
+# ---- detokenization: each token's text in context ---------------------------------------------------------
+TEXT = "Once upon a time there was a café in 日本 😀 — naïve!"
+
+
+@pytest.fixture(scope="module")
+def byte_bpe():
+    """A small byte-level BPE tokenizer (GPT-2/SmolLM2 style): multi-byte characters split across tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    tk.train_from_iterator(["Once upon a time there was a little girl named Lily.", "日本語の本"] * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
+
+
+def split_characters(tok, ids):
+    """Whether some token of ``ids`` holds only part of a character (decoded alone it shows U+FFFD)."""
+    return any("\ufffd" in tok.decode([i]) for i in ids)
+
+
+@pytest.mark.parametrize("which", ["sentencepiece", "byte_bpe"])
+def test_token_texts_join_to_decode(stories, byte_bpe, which):
+    tok = stories[1] if which == "sentencepiece" else byte_bpe
+    ids = tok(TEXT).input_ids
+    assert split_characters(tok, ids)  # stories260K: byte fallback; BPE: bytes
+    texts = token_texts(tok, ids)
+    assert len(texts) == len(ids) and "".join(texts) == tok.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in t for t in texts)  # a partial character waits for the token completing it
+    # in context of a prefix: the pieces continue its text (the leading space of "▁upon" is kept)
+    d = Detokenizer(tok, ids[:3])
+    rest = "".join(d.add(i) for i in ids[3:]) + d.flush()
+    assert tok.decode(ids[:3], skip_special_tokens=True) + rest == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_flush_shows_a_cut_character_as_decode_does(byte_bpe):
+    tok = byte_bpe
+    ids = tok("日本").input_ids
+    d = Detokenizer(tok)
+    assert d.add(ids[0]) == "" and d.peek(ids[1]) == tok.decode(ids[:2])
+    assert d.flush() == tok.decode(ids[:1]) == "\ufffd"
+
+
+def test_byte_bpe_engine_stream_equals_decode(byte_bpe):
+    """A random model over a byte-level BPE vocabulary emits arbitrary byte tokens: the streamed deltas join to
+    the decode of all generated ids (partial characters held back, the end flushed as decode shows it)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=len(byte_bpe), max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    prompt = byte_bpe("A café in").input_ids
+    for seed in range(3):
+        r = Request(prompt, SamplingParams(max_tokens=40, temperature=1.0, seed=seed, ignore_eos=True, logprobs=0))
+        pieces = list(Engine(model, byte_bpe, 1, max_seq_len=64).stream(r))
+        assert split_characters(byte_bpe, r.output_ids)
+        assert "".join(pieces) == r.text == byte_bpe.decode(r.output_ids) == "".join(e.text for e in r.logprobs)
+
+
+def test_context_length_is_one_rule(stories):
+    model, tok = stories
+    engine = Engine(model, tok, 1, max_seq_len=32)
+    with pytest.raises(ContextLengthError) as e:
+        engine.add(Request([1] * 30, SamplingParams(max_tokens=3)))
+    assert str(e.value) == str(ContextLengthError(30, 3, 32)) and e.value.param == "max_tokens"
+    with pytest.raises(ContextLengthError) as e:
+        engine.add(Request([1] * 32, SamplingParams(max_tokens=0, prompt_logprobs=True)))
+    assert e.value.param == "prompt"
+    engine.add(Request([1] * 29, SamplingParams(max_tokens=3)))  # fits exactly
+    assert Engine(model, tok, 1, max_seq_len=10**6).max_seq_len == model.config.max_position_embeddings
+    with pytest.raises(ContextLengthError, match="exceeds the context of 512 tokens"):
+        list(stream_generate(model, tok, "Once", max_new_tokens=600))

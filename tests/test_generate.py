@@ -4,6 +4,7 @@ import torch
 from sparse_runtime.serving.engine import sample
 from sparse_runtime.serving.generate import stream_generate
 from sparse_runtime.models.sources import load_model
+from test_engine import EOS_PROMPT, eos_model  # noqa: F401  (fixture: EOS right after EOS_PROMPT)
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +59,8 @@ def test_bad_arguments(stories):
         sample(torch.zeros(3), temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         sample(torch.zeros(3), 1.0, top_p=1.5)
+
+
+def test_eos_ends_the_stream_without_a_token(eos_model):
+    model, tok, _, _ = eos_model  # the engine returns the EOS as an output token; the text stream does not
+    assert list(stream_generate(model, tok, EOS_PROMPT, max_new_tokens=5)) == []

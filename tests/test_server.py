@@ -16,9 +16,9 @@ import pytest
 import torch
 import uvicorn
 
-from sparse_runtime.serving.engine import Engine, Request, SamplingParams
+from sparse_runtime.serving.engine import ContextLengthError, Engine, Request, SamplingParams
 from sparse_runtime.serving.server import Server
-from test_engine import stories  # noqa: F401  (fixture: stories260K)
+from test_engine import EOS_PROMPT, eos_model, stories  # noqa: F401  (fixtures: stories260K, EOS after EOS_PROMPT)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,13 +128,113 @@ def test_echo_logprobs_like_lm_eval(url, stories):
     assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
     for t in range(1, len(ids)):
         assert lp["token_logprobs"][t] == pytest.approx(float(ref[t - 1, ids[t]]), abs=1e-4)
-        assert len(lp["top_logprobs"][t]) == 1
+        top = lp["top_logprobs"][t]  # the top 1, and the prompt's token when it is not that one (OpenAI: n + 1)
+        assert max(top.values()) == pytest.approx(float(ref[t - 1].max()), abs=1e-4)
+        assert top[lp["tokens"][t]] == lp["token_logprobs"][t] and len(top) == 1 + (ids[t] != ref[t - 1].argmax())
     assert lp["token_logprobs"][-1] == pytest.approx(float(ref[-1].max()), abs=1e-4)
     assert lp["text_offset"] == sorted(lp["text_offset"])
+    # lm-eval scoring the continuation after "<s> Once": every prompt token after it, and whether each is greedy
+    scored = range(2, len(ids))
+    assert lm_eval_score(r, 2) == (pytest.approx(float(sum(ref[t - 1, ids[t]] for t in scored)), abs=1e-3),
+                                   all(ids[t] == ref[t - 1].argmax() for t in scored))
     # token-id prompts (lm-eval's tokenized requests) score the same
     r2 = httpx.post(f"{url}/v1/completions", json={"prompt": [ids], "max_tokens": 1, "logprobs": 1, "echo": True,
                                                   "temperature": 0}).json()
     assert r2["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"]
+
+
+def lm_eval_score(response, ctxlen):
+    """lm-evaluation-harness's reading of an echo + logprobs + max_tokens=1 answer (openai_completions.py
+    parse_logprobs): the continuation is tokens [ctxlen, -1), the last entry being the generated token."""
+    lp = response["choices"][0]["logprobs"]
+    scored, tops = lp["token_logprobs"][ctxlen:-1], lp["top_logprobs"][ctxlen:-1]
+    return sum(scored), all(t == max(top.values()) for t, top in zip(scored, tops))
+
+
+def test_eos_is_returned_with_its_logprob(eos_model):
+    """The EOS that ends a completion is a token of the answer (as OpenAI and vLLM return it): its logprob is
+    there, it counts in completion_tokens, and it adds no text; echo or not, streaming or not."""
+    model, tok, ids, ref = eos_model
+    eos_lp = pytest.approx(float(ref[-1, tok.eos_token_id]), abs=1e-4)
+    prompt_text = tok.decode(ids, skip_special_tokens=True)
+    with serve((model, tok)) as u:
+        for echo, max_tokens in ((True, 1), (False, 5)):
+            r = httpx.post(f"{u}/v1/completions", json={"prompt": EOS_PROMPT, "max_tokens": max_tokens, "logprobs": 1,
+                                                       "echo": echo, "temperature": 0}, timeout=60).json()
+            choice, lp = r["choices"][0], r["choices"][0]["logprobs"]
+            n = len(ids) if echo else 0
+            assert choice["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 1
+            assert choice["text"] == (prompt_text if echo else "")
+            assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == n + 1
+            assert lp["tokens"][-1] == "" and lp["token_logprobs"][-1] == eos_lp
+            assert lp["top_logprobs"][-1] == {"": eos_lp} and lp["text_offset"][-1] == len(choice["text"])
+            for t in range(1, n):
+                assert lp["token_logprobs"][t] == pytest.approx(float(ref[t - 1, ids[t]]), abs=1e-4)
+            if echo:  # lm-eval now scores the whole prompt continuation, its last token included
+                assert lm_eval_score(r, 1)[0] == pytest.approx(float(sum(ref[t - 1, ids[t]] for t in range(1, n))),
+                                                               abs=1e-3)
+        r = httpx.post(f"{u}/v1/completions", json={"prompt": EOS_PROMPT, "max_tokens": 5, "logprobs": 1,
+                                                   "temperature": 0, "stream": True,
+                                                   "stream_options": {"include_usage": True}}, timeout=60)
+        chunks = sse(r)
+        assert [c["choices"][0]["text"] for c in chunks[:-1]] == ["", ""]
+        lp = chunks[0]["choices"][0]["logprobs"]
+        assert lp["tokens"] == [""] and lp["token_logprobs"] == [eos_lp] and lp["text_offset"] == [0]
+        assert chunks[1]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["completion_tokens"] == 1
+
+
+def test_text_tokens_and_offsets_keep_sentencepiece_spaces(url, stories):
+    """Text is decoded in context, so SentencePiece's spaces stay ("there was", not "therewas"), the completion
+    keeps its leading space, byte-fallback characters are whole, and tokens / text_offset index the text."""
+    model, tok = stories
+    for prompt in (EOS_PROMPT, "Lily saw a café in 日本. She"):
+        ids = tok(prompt).input_ids
+        out = alone(stories, prompt, 8).output_ids
+        whole = tok.decode(ids + out, skip_special_tokens=True)
+        body = {"prompt": prompt, "max_tokens": 8, "logprobs": 2, "temperature": 0}
+        echoed = httpx.post(f"{url}/v1/completions", json={**body, "echo": True}, timeout=60).json()["choices"][0]
+        plain = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+        stream = sse(httpx.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=60))
+        assert echoed["text"] == whole and whole.startswith(prompt)
+        assert plain["text"] == whole[len(prompt):] == "".join(c["choices"][0]["text"] for c in stream)
+        assert plain["text"].startswith(" ")
+        streamed = [c["choices"][0]["logprobs"] for c in stream[:-1]]
+        assert sum((lp["tokens"] for lp in streamed), []) == plain["logprobs"]["tokens"]
+        assert sum((lp["text_offset"] for lp in streamed), []) == plain["logprobs"]["text_offset"]
+        for choice in (echoed, plain):
+            lp = choice["logprobs"]
+            assert len(lp["tokens"]) == (len(ids) if choice is echoed else 0) + len(out)
+            assert "".join(lp["tokens"]) == choice["text"] and "<s>" not in lp["tokens"]
+            for i, (piece, at) in enumerate(zip(lp["tokens"], lp["text_offset"])):
+                assert at == len("".join(lp["tokens"][:i])) and choice["text"][at:at + len(piece)] == piece
+                if piece.isascii() and piece and lp["top_logprobs"][i] is not None:  # keys read in context too
+                    assert lp["top_logprobs"][i][piece] == lp["token_logprobs"][i]
+
+
+def test_logprobs_zero_returns_the_chosen_token(url):
+    """OpenAI: logprobs=n gives the n most likely tokens and always the chosen one; n=0 leaves just that one."""
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 4, "logprobs": 0,
+                                                 "echo": True, "temperature": 0}, timeout=60).json()
+    lp = r["choices"][0]["logprobs"]
+    assert lp["top_logprobs"][0] is None and lp["token_logprobs"][0] is None and len(lp["tokens"]) > 5
+    for piece, value, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+        assert top == {piece: value} and value <= 0
+
+
+def test_context_length_refusal_is_the_engines(url, stories):
+    """The server refuses with the engine's one rule and message, before queueing any of the prompts."""
+    ids = stories[1]("Once upon a time").input_ids
+    cases = [({"prompt": "Once upon a time", "max_tokens": 300}, ContextLengthError(len(ids), 300, 256)),
+             ({"prompt": [[5, 6], [1] * 256], "max_tokens": 1}, ContextLengthError(256, 1, 256)),
+             ({"prompt": "Once upon a time", "max_tokens": 300, "stream": True}, ContextLengthError(len(ids), 300, 256))]
+    for body, want in cases:
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"] == {"message": str(want), "type": "invalid_request_error",
+                                                              "param": want.param, "code": "context_length_exceeded"}
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                      "max_tokens": 300}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert httpx.get(f"{url}/health", timeout=60).json()["waiting"] == 0
 
 
 def test_200_concurrent_requests_no_failures_and_outputs_as_alone(url, stories):

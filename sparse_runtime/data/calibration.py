@@ -39,6 +39,7 @@ def read_texts(path) -> list[str]:
 
 
 def context_length(model) -> int | None:
+    """The model's context in tokens, or None where its config does not say (the one place that reads it)."""
     config = getattr(model, "config", None)
     return getattr(config, "max_position_embeddings", None)
 

@@ -17,7 +17,24 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..data.calibration import context_length
+from ..errors import SparseRuntimeError
+from .detokenize import Detokenizer
 
+
+class ContextLengthError(SparseRuntimeError, ValueError):
+    """A prompt and its max_tokens do not fit the context; ``param`` names the request field to shorten."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context: int):
+        super().__init__(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                         f"{context} tokens")
+        self.param = "prompt" if prompt_tokens >= context else "max_tokens"
+
+
+def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:
+    """The one context-length rule: the prompt plus at least one generated token must fit."""
+    if prompt_tokens + max(max_tokens, 1) > context:
+        raise ContextLengthError(prompt_tokens, max_tokens, context)
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -50,7 +67,7 @@ class SamplingParams:
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    logprobs: int | None = None        # top-n logprobs per generated token (0 = only the chosen one)
+    logprobs: int | None = None        # top-n logprobs per generated token, plus the chosen one's
     prompt_logprobs: bool = False      # also score the prompt (completions' echo + logprobs)
     ignore_eos: bool = False
 
@@ -70,8 +87,9 @@ class SamplingParams:
 @dataclass
 class TokenLogprob:
     token: int
-    logprob: float
-    top: list[tuple[int, float]]
+    logprob: float | None              # None: the prompt's first token (nothing predicts it)
+    top: list[tuple[int, float, str]]  # (token, logprob, text): the top n, then the chosen one if not among them
+    text: str = ""                     # the text this token adds in context (see detokenize)
 
 
 @dataclass
@@ -84,7 +102,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
-    text: str = ""                      # finished text so far (stop strings cut off)
+    text: str = ""                      # text so far, in the prompt's context (stop strings cut off)
     emitted: int = 0                    # characters of ``text`` already handed out by ``take_delta``
     finish_reason: str | None = None    # "stop", "length", "abort", or "error: ..."
     aborted: bool = False
@@ -94,7 +112,7 @@ class Request:
         return self.finish_reason is not None
 
     def take_delta(self) -> str:
-        """The text that became final since the last call (held back: partial characters and stop prefixes)."""
+        """The text that became final since the last call (held back: a tail that may start a stop string)."""
         safe = self._safe  # read before text: the engine writes text first (another thread may read)
         delta = self.text[self.emitted:safe]
         self.emitted = max(self.emitted, safe)
@@ -102,6 +120,7 @@ class Request:
 
     _safe: int = 0
     _gen: torch.Generator | None = None
+    _detok: Detokenizer | None = None   # None once a stop string cut the text (nothing held back is wanted)
 
 
 class StaticCache:
@@ -161,8 +180,7 @@ class Engine:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         cfg = model.config
-        ctx = getattr(cfg, "max_position_embeddings", None) or 2048
-        self.max_seq_len = min(ctx, max_seq_len or 2048)
+        self.max_seq_len = min(context_length(model) or 2048, max_seq_len or 2048)
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
         p = next(model.parameters())
@@ -203,15 +221,13 @@ class Engine:
         req.params.check()
         if not req.prompt_ids:
             raise ValueError("the prompt encodes to no tokens")
-        need = len(req.prompt_ids) + max(req.params.max_tokens, 1)
-        if need > self.max_seq_len:
-            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) "
-                             f"exceeds the context of {self.max_seq_len} tokens")
+        check_context(len(req.prompt_ids), req.params.max_tokens, self.max_seq_len)
 
     def add(self, req: Request) -> Request:
         self.check(req)
         if req.params.seed is not None:
             req._gen = torch.Generator().manual_seed(req.params.seed)
+        req._detok = Detokenizer(self.tokenizer, req.prompt_ids)
         with self._lock:
             self._waiting_n += 1
         self.waiting.put(req)
@@ -360,24 +376,34 @@ class Engine:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
 
-    def _prompt_logprobs(self, h, ids, top_n) -> list[TokenLogprob | None]:
+    def _prompt_logprobs(self, h, ids, top_n) -> list[TokenLogprob]:
         lp = self.lm_head(h[:-1]).float().log_softmax(-1)
-        out: list[TokenLogprob | None] = [None]
-        for t in range(1, len(ids)):
-            out.append(_token_logprob(lp[t - 1], ids[t], top_n))
+        d = Detokenizer(self.tokenizer)
+        out = []
+        for t, tok in enumerate(ids):
+            e = _token_logprob(lp[t - 1], tok, top_n, d) if t else TokenLogprob(tok, None, [])
+            e.text = d.add(tok)
+            out.append(e)
+        out[-1].text += d.flush()
         return out
 
     # ---- per-request bookkeeping ------------------------------------------------------------
     def _accept(self, r: Request, logits: torch.Tensor) -> None:
         p = r.params
         tok = sample(logits, p.temperature, p.top_k or None, p.top_p, r._gen)
-        if tok in self.eos and not p.ignore_eos:
+        eos = tok in self.eos and not p.ignore_eos
+        # The alternatives' texts are peeked before the token is committed to the detokenizer.
+        e = None if p.logprobs is None else _token_logprob(logits.log_softmax(-1), tok, p.logprobs, r._detok)
+        # An EOS is an output token with its logprob (as OpenAI and vLLM return it), but adds no text.
+        delta = "" if eos else r._detok.add(tok)
+        r.output_ids.append(tok)
+        if e is not None:  # complete before it is appended: the server's thread reads the list
+            e.text = delta
+            r.logprobs.append(e)
+        if eos:
             self._finish(r, "stop")
             return
-        r.output_ids.append(tok)
-        if p.logprobs is not None:
-            r.logprobs.append(_token_logprob(logits.log_softmax(-1), tok, p.logprobs))
-        self._detokenize(r)
+        self._add_text(r, delta)
         if r.done:
             return
         if len(r.output_ids) >= p.max_tokens:
@@ -385,16 +411,16 @@ class Engine:
         elif r.on_update is not None:
             r.on_update(r)
 
-    def _detokenize(self, r: Request) -> None:
-        text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+    def _add_text(self, r: Request, delta: str) -> None:
+        text = r.text + delta
         for s in r.params.stop:
-            at = text.find(s)
+            at = text.find(s, max(0, len(r.text) - len(s) + 1))
             if s and at >= 0:
-                r.text = text[:at]
+                r.text, r._detok = text[:at], None
                 self._finish(r, "stop")
                 return
-        # Hold back a trailing partial UTF-8 character and any tail that could start a stop string.
-        safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
+        # Hold back any tail that could start a stop string (the detokenizer holds back partial characters).
+        safe = len(text)
         for s in r.params.stop:
             for k in range(min(len(s) - 1, safe), 0, -1):
                 if text[:safe].endswith(s[:k]):
@@ -405,7 +431,11 @@ class Engine:
     def _finish(self, r: Request, reason: str) -> None:
         if r.done:
             return
-        r.text = r.text.rstrip("\ufffd")
+        rest = r._detok.flush() if r._detok is not None else ""
+        if rest:  # a partial character at the end shows as decode shows it
+            if r.logprobs:
+                r.logprobs[-1].text += rest
+            r.text += rest
         r._safe = len(r.text)
         r.finish_reason = reason  # last: a reader that sees done also sees the final text
         if r.on_update is not None:
@@ -428,12 +458,14 @@ class Engine:
             self.lengths.pop()
 
 
-def _token_logprob(lp: torch.Tensor, tok: int, top_n: int) -> TokenLogprob:
-    top = []
-    if top_n:
-        v, i = lp.topk(top_n)
-        top = list(zip(i.tolist(), v.tolist()))
-    return TokenLogprob(tok, float(lp[tok]), top)
+def _token_logprob(lp: torch.Tensor, tok: int, top_n: int, detok: Detokenizer) -> TokenLogprob:
+    """``tok``'s logprob and the top ``top_n`` alternatives, each with the text it would add after ``detok``'s
+    sequence; the chosen token is always among them (OpenAI: up to logprobs + 1 entries)."""
+    v, i = lp.topk(top_n) if top_n else (lp[:0], lp[:0].long())
+    ids = i.tolist()
+    if tok not in ids:
+        ids.append(tok)
+    return TokenLogprob(tok, float(lp[tok]), [(t, float(lp[t]), detok.peek(t)) for t in ids])
 
 
 def _as_list(v) -> list:

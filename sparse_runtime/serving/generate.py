@@ -30,11 +30,7 @@ def stream_generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, tem
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = encode_prompt(tokenizer, prompt, chat)
-    if not ids:
-        raise ValueError("the prompt encodes to no tokens")
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx and len(ids) + max_new_tokens > ctx:
-        raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {ctx}")
+    # The engine's cache holds just this request; it refuses a prompt that does not fit the model's context.
     engine = Engine(model, tokenizer, max_batch=1, max_seq_len=len(ids) + max_new_tokens)
     req = Request(ids, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                       top_p=top_p, seed=seed, stop=tuple(stop)))
@@ -43,7 +39,7 @@ def stream_generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, tem
         n = len(req.output_ids)
         engine.step()
         delta = req.take_delta()
-        if len(req.output_ids) > n:
+        if len(req.output_ids) > n and req.output_ids[-1] not in engine.eos:  # the EOS ends it, printing nothing
             yield Token(req.output_ids[-1], delta)
-        elif delta:  # the final flush (a held-back stop-string prefix that turned out not to be one)
+        elif delta:  # the final flush (a held-back stop-string prefix that was none, a partial character)
             yield Token(-1, delta)

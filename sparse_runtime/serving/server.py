@@ -16,7 +16,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Engine, Request, SamplingParams
+from .engine import ContextLengthError, Engine, Request, SamplingParams
 
 
 class APIError(Exception):
@@ -110,7 +110,7 @@ class Server:
         choices = []
         for i, (ids, r) in enumerate(zip(prompts, reqs)):
             prefix = self.tok.decode(ids, skip_special_tokens=True) if echo else ""
-            lp = self._completion_logprobs(ids if echo else [], r, prefix) if logprobs is not None else None
+            lp = None if logprobs is None else _logprobs((r.prompt_logprobs if echo else []) + r.logprobs)
             choices.append({"index": i, "text": prefix + r.text, "logprobs": lp, "finish_reason": r.finish_reason})
         return JSONResponse(self._envelope("cmpl", "text_completion", choices, reqs))
 
@@ -181,12 +181,13 @@ class Server:
         return p
 
     def _admit(self, prompts, params) -> list[Request]:
-        for ids in prompts:
-            need = len(ids) + max(params.max_tokens, 1)
-            if need > self.engine.max_seq_len:
-                raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                               f"context of {self.engine.max_seq_len} tokens", "max_tokens" if
-                               len(ids) < self.engine.max_seq_len else "prompt", code="context_length_exceeded")
+        for ids in prompts:  # all checked before any is queued
+            try:
+                self.engine.check(Request(ids, params))
+            except ContextLengthError as e:
+                raise APIError(400, str(e), e.param, code="context_length_exceeded") from None
+            except ValueError as e:  # the parameters were checked already: what is left is the prompt
+                raise APIError(400, str(e), "prompt") from None
         # Called on the event loop with no await in between: the check and the adds are one step.
         if self.engine.num_waiting + len(prompts) > self.max_queue:
             raise APIError(503, "the server is overloaded: the queue is full, retry later", type="server_error",
@@ -240,20 +241,6 @@ class Server:
             out["usage"] = {"prompt_tokens": prompt, "completion_tokens": gen, "total_tokens": prompt + gen}
         return out
 
-    def _completion_logprobs(self, prompt_ids, r: Request, prefix: str) -> dict:
-        entries = (r.prompt_logprobs if prompt_ids else []) + r.logprobs
-        ids = list(prompt_ids) + r.output_ids[:len(r.logprobs)]
-        piece = lambda t: self.tok.decode([t], skip_special_tokens=False)
-        tokens = [piece(t) for t in ids]
-        offsets, at = [], 0
-        for t in tokens:
-            offsets.append(at)
-            at += len(t)
-        return {"tokens": tokens,
-                "token_logprobs": [None if e is None else e.logprob for e in entries],
-                "top_logprobs": [None if e is None else {piece(t): lp for t, lp in e.top} for e in entries],
-                "text_offset": offsets}
-
     def _stream(self, body, prompts, params, obj, echo) -> StreamingResponse:
         reqs = self._admit(prompts, params)
         usage = (body.get("stream_options") or {}).get("include_usage", False)
@@ -266,11 +253,11 @@ class Server:
                 chunk["usage"] = None
             return f"data: {json.dumps(chunk)}\n\n"
 
-        def choice(i, text, finish=None, role=False):
+        def choice(i, text, finish=None, role=False, logprobs=None):
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
                 return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
         async def gen():
             deadline = self._deadline()
@@ -280,11 +267,15 @@ class Server:
                         yield event([choice(i, "", role=True)])
                     elif echo:
                         yield event([choice(i, self.tok.decode(r.prompt_ids, skip_special_tokens=True))])
+                    sent, offset = 0, 0  # logprob entries sent, and the length of their text
                     while True:
                         done = r.done
                         delta = r.take_delta()
-                        if delta:
-                            yield event([choice(i, delta)])
+                        new = r.logprobs[sent:]  # sent even without text (the EOS)
+                        if delta or new:
+                            lp = None if params.logprobs is None else _logprobs(new, offset)
+                            sent, offset = sent + len(new), offset + sum(len(e.text) for e in new)
+                            yield event([choice(i, delta, logprobs=lp)])
                         if done:
                             break
                         await self._wait(r, deadline)
@@ -305,6 +296,18 @@ class Server:
 
         return StreamingResponse(gen(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _logprobs(entries, offset: int = 0) -> dict:
+    """Completions' ``logprobs`` object; ``offset``: where the first entry's text starts in the choice's text."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {"tokens": [e.text for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [None if e.logprob is None else {text: lp for _, lp, text in e.top} for e in entries],
+            "text_offset": offsets}
 
 
 def _error_event(message: str, type: str) -> str:
