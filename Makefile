@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   rotate and prune the embedded SmolLM2-135M to 2:4, evaluate it, save it, generate from it
 #   make test   run the test suite
+# (make tables: re-render every table of README.md and docs/ from benchmarks/results, python -m benchmarks.tables)
 # Both create .venv on first use (CPU torch; see requirements.txt).
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +25,7 @@ $(STAMP): setup.py requirements.txt $(wildcard csrc/*)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-.PHONY: setup demo test
+.PHONY: setup demo test tables
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -36,3 +37,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+tables: $(STAMP)
+	$(PY) -m benchmarks.tables

@@ -3,8 +3,8 @@ unstructured with Wanda / SparseGPT under uniform, OWL, AlphaPruning and ATP (be
 and deployment plans (which linears run 2:4) against naive plans at equal predicted decode speedup.
 Writes benchmarks/results/allocation_quality.json after every row, and PNGs beside it.
 
-    python benchmarks/allocation_quality.py --threads 1                       # the full protocol grid
-    python benchmarks/allocation_quality.py --sparsities 0.7 --methods wanda --allocations uniform atp \\
+    python -m benchmarks.allocation_quality --threads 1                       # the full protocol grid
+    python -m benchmarks.allocation_quality --sparsities 0.7 --methods wanda --allocations uniform atp \\
         --plans --label partial                                               # one cell, no plans
 
 Protocol: calibration 32 x 512 tokens of the C4 sample (reference sampling, seed 0); ATP's beta is chosen on
@@ -14,48 +14,35 @@ test, the first 40,960 tokens at seqlen 512. ``--merge`` keeps the rows of an ex
 from __future__ import annotations
 
 import argparse
-import datetime
 import fcntl
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from prune_quality import device_name  # noqa: E402
+from sparse_runtime.data.calibration import validation_windows
+from sparse_runtime.data.perplexity import perplexity
+from sparse_runtime.models.architecture import find_decoder_layers
+from sparse_runtime.models.sources import load_model
+from sparse_runtime.prune import prune
+from sparse_runtime.prune.allocation import ALPHA_EPS, Allocation, AllocationError, allocate, plot_rates
+from sparse_runtime.prune.atp_search import STATISTICS, search_beta
+from sparse_runtime.prune.plan import linear_costs, naive, search_depth_weight
 
-from sparse_runtime.data.perplexity import perplexity  # noqa: E402
-from sparse_runtime.models.sources import load_model  # noqa: E402
-from sparse_runtime.prune import (DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, find_decoder_layers,  # noqa: E402
-                                  prune)
-from sparse_runtime.prune.allocation import ALPHA_EPS, Allocation, AllocationError, allocate, plot_rates  # noqa: E402
-from sparse_runtime.prune.atp_search import STATISTICS, search_beta  # noqa: E402
-from sparse_runtime.data.calibration import bos_mode, validation_windows  # noqa: E402
-from sparse_runtime.prune.plan import linear_costs, naive, search_depth_weight  # noqa: E402
+from .common import RESULTS, add_protocol_arguments, calibration, metadata, protocol_report, write_json
 
-RESULTS = Path(__file__).parent / "results"
 ALLOCATIONS = ("uniform", "owl", "alphapruning", "atp")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
-    p.add_argument("--calib", default=str(DEFAULT_CALIB))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bos", choices=("auto", "window", "document"), default="auto")
+    add_protocol_arguments(p)
     p.add_argument("--val-windows", type=int, default=16, help="held-out C4 windows (of --seqlen) the beta search scores")
     p.add_argument("--beta-step", type=float, default=0.002, help="ATP beta grid step (the paper's 0.002)")
     p.add_argument("--beta-patience", type=int, default=None, help="stop the beta search after this many worse betas")
     p.add_argument("--beta-statistics", choices=STATISTICS, default="dense",
                    help="beta-search trials on the dense model's statistics (fast) or pruned layer by layer")
-    p.add_argument("--eval-data", default=str(DEFAULT_EVAL))
-    p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--eval-tokens", type=int, default=40960)
     p.add_argument("--sparsities", nargs="*", type=float, default=[0.5, 0.6, 0.7, 0.8],
                    help="mean unstructured sparsities of the allocation rows (none: only the plans)")
     p.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
@@ -80,19 +67,14 @@ def main(argv=None) -> int:
     model, tok = load_model(args.model, device=args.device)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     used: set[int] = set()
-    calib = calibration_windows(tok, args.calib, args.nsamples, args.seqlen, seed=args.seed,
-                                max_seqlen=model.config.max_position_embeddings, bos=args.bos, used=used)
+    calib = calibration(args, model, tok, used=used)
     val = validation_windows(tok, args.calib, args.val_windows, calib.shape[1], exclude=used, bos=args.bos)
     text = Path(args.eval_data).read_text(encoding="utf-8")
     report = {
-        "model": args.model, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": device_name(args.device), "torch": torch.__version__, "label": args.label,
-        "blocks": len(find_decoder_layers(model)[0]),
-        "calibration": {"file": Path(args.calib).name, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
-                        "seed": args.seed, "sampling": "reference", "bos": bos_mode(tok, args.bos)},
+        "model": args.model, **metadata(args.device), "label": args.label,
+        "blocks": len(find_decoder_layers(model)[0]), **protocol_report(args, calib, tok),
         "validation": {"file": Path(args.calib).name, "windows": val.shape[0], "seqlen": val.shape[1],
                        "documents": f"in file order, skipping the {len(used)} calibration documents"},
-        "eval": {"file": Path(args.eval_data).name, "seqlen": args.eval_seqlen, "max_tokens": args.eval_tokens},
         "notes": "unstructured sparsity, Wanda per output row, SparseGPT adaptive per 128-column block; pruned "
                  "weights run densely. OWL lambda 0.08, M 5; AlphaPruning eps 0.2 (lowered by 0.02 steps where a "
                  "block would reach 1, the row says eps); ATP beta on the paper's 0.002 grid, scored on held-out C4 "
@@ -112,9 +94,7 @@ def main(argv=None) -> int:
             disk = json.loads(out.read_text()) if args.merge and out.is_file() else {}
             for key in own:
                 report[key] = {**disk.get(key, {}), **own[key]}
-            tmp = out.with_suffix(f".json.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(report, indent=2))
-            tmp.replace(out)
+            write_json(out, report)
 
     def evaluate():
         res = perplexity(model, tok, text, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens, progress=False,

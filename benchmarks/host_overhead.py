@@ -1,6 +1,6 @@
 """Host (Python) time of one eager ``SparseLinear`` call on the triton backend, with the driver's launch stubbed.
 
-    OMP_NUM_THREADS=1 python benchmarks/host_overhead.py [--out benchmarks/results/host_overhead.json]
+    OMP_NUM_THREADS=1 python -m benchmarks.host_overhead [--out benchmarks/results/host_overhead.json]
 
 Runs on the CPU (the interpreter's device check admits CPU tensors; nothing is computed). A prepared layer keeps,
 per M bucket, the autotuner's choice and the compiled kernel, and launches it through
@@ -15,8 +15,6 @@ without ``SparseLinear.forward``'s own checks and ``nn.Module`` call.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import statistics
@@ -24,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors pass the device check; nothing is launched anyway
+from .common import RESULTS, metadata, write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
+os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors pass the device check; nothing is launched anyway
 
 
 class _StubCompiled:
@@ -113,16 +111,13 @@ def main(argv=None) -> int:
             stub.tunings = 0
             rows.append({"m": m, **{f"{k}_us": round(v, 2) for k, v in us.items()}})
             print(f"M={m:5d}: " + "  ".join(f"{k} {v:6.2f} us" for k, v in us.items()), flush=True)
-    report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "device": f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores), launch stubbed",
-              "python": platform.python_version(), "torch": torch.__version__,
+    report = {**metadata("cpu", f"{os.cpu_count()} cores, launch stubbed"), "python": platform.python_version(),
               "settings": {"n": args.n, "k": args.k, "dtype": "fp16", "calls": args.calls, "repeats": args.repeats,
                            "backend": "triton", "path": "SparseLinear.forward",
                            "stubbed": "CompiledKernel.run (the driver's launcher)",
                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
               "target_us": 10, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    write_json(args.out, report, indent=1)
     print(f"wrote {args.out}")
     return 0
 

@@ -2,7 +2,7 @@
 the SASS instruction mix of every autotune config, compiled ahead of time for Hopper (sm_90) and Ampere (sm_80);
 and the same for the CUDA mma.sp decode kernel (csrc/decode24.cu, compiled with nvcc; ``--mmasp``: only it).
 
-    python benchmarks/kernel_report.py [--arch 90] [--dtype fp16] [--only REGEX] [--mmasp] [--out benchmarks/results/kernel_report.json]
+    python -m benchmarks.kernel_report [--arch 90] [--dtype fp16] [--only REGEX] [--mmasp] [--out benchmarks/results/kernel_report.json]
 
 Per decode config it also counts the steady-state loop (the innermost backward branch around the MMAs):
 warp instructions per iteration (SASS in the loop x warps) per weight byte the iteration streams, and the
@@ -17,7 +17,6 @@ multiples of 16, as Triton sees them at run time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -27,7 +26,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .common import RESULTS, build_config, now, write_json
 PTRS = ["x_ptr", "values_ptr", "meta_ptr", "rot_ptr", "bias_ptr", "out_ptr", "ws_ptr", "lock_ptr"]
 INTS = ["M", "N", "K", "M_BUCKET", "stride_xm", "stride_vn", "stride_mn", "stride_om"]
 DIV16 = {"N", "K", "stride_xm", "stride_vn", "stride_mn", "stride_om"}
@@ -148,7 +147,7 @@ def report_row(arch: int, label: str, const: dict, warps: int, stages: int, cfg,
     est = k.smem_estimate(cfg, const["ROT"], ESIZE[dtype])
     row = {"arch": arch, "config": label, "smem_estimate": est, "smem_limit": k.SMEM_LIMIT[arch],
            "reachable": est <= k.SMEM_LIMIT[arch], "kernel": kernel_version(),
-           "compiled": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+           "compiled": now()}
     try:
         row.update(inspect(compile_variant(k.sparse24_matmul_kernel, dtype, arch, const, warps, stages)))
         row["fits"] = row["shared"] <= k.SMEM_LIMIT[arch]
@@ -172,10 +171,7 @@ def mmasp_version() -> str:
 
 
 def _nvcc() -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "csrc"))
-    from build_config import _cuda_home
-
-    cuda = _cuda_home()
+    cuda = build_config()._cuda_home()
     if cuda is None:
         raise RuntimeError("no CUDA toolkit (nvcc) found; set CUDA_HOME")
     return str(cuda / "bin" / "nvcc")
@@ -206,7 +202,7 @@ def mmasp_rows(arch: int) -> list[dict]:
                "dtype": dtype, "n_tiles": nt, **counts, "kernel": mmasp_version(),
                "ops": dict(sorted(Counter(o for o in opcodes if o.split(".")[0] in FAMILIES + ("LDSM",)).items())),
                "main_loop": loop,
-               "compiled": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+               "compiled": now()}
         if loop:
             mmas = loop["ops"].get("HMMA", 0)
             row["weight_bytes_per_iteration"] = mmas // nt * MMASP_STEP_BYTES
@@ -246,7 +242,7 @@ def main(argv=None) -> int:
         print(f"sm_{row['arch']} {row['config']:34s} regs {row.get('reg')} loop "
               f"{(row.get('main_loop') or {}).get('instructions')} needed {row.get('needed_issue_per_clock_per_sm')}")
     if args.mmasp:  # the rest of the report as it was
-        _write_json(args.out, {**previous, "mmasp_kernel": mmasp_version(), "mmasp": mmasp})
+        write_json(args.out, {**previous, "mmasp_kernel": mmasp_version(), "mmasp": mmasp}, indent=1)
         print(f"wrote {args.out}")
         return 0
     import triton
@@ -268,20 +264,13 @@ def main(argv=None) -> int:
 
 def write_report(path: Path, dtype: str, triton_version: str, rows: dict, mmasp: list) -> None:
     """Atomically, rows in config order (other archs' rows of an earlier run kept); ``mmasp``: the CUDA kernel's."""
-    report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "triton": triton_version,
+    report = {"date": now(), "triton": triton_version,
               "dtype": dtype, "specialisation": "pointers and N, K, strides divisible by 16",
               "issue_devices": {n: {"arch": a, "bytes_per_s": bw, "sms": sms, "clock_hz": c}
                                 for n, (a, bw, sms, c) in ISSUE_DEVICES.items()},
               "bandwidth_share": BANDWIDTH_SHARE, "kernel": kernel_version(), "rows": list(rows.values()),
               "mmasp_kernel": mmasp_version(), "mmasp": mmasp}
-    _write_json(path, report)
-
-
-def _write_json(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
+    write_json(path, report, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Time 2:4 sparse matmuls against dense cuBLAS over Llama-3-8B linear shapes.
 
-    python benchmarks/kernels.py [--shapes 4096x4096,...] [--ms 1,16] [--dtypes fp16] [--providers dense,triton]
+    python -m benchmarks.kernels [--shapes 4096x4096,...] [--ms 1,16] [--dtypes fp16] [--providers dense,triton]
     sparse-runtime bench kernels ...   (the same)
 
 Providers: ``dense`` (``F.linear``, cuBLAS), every ``SparseLinear`` backend
@@ -25,11 +25,11 @@ module to build its parser.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import sys
 from pathlib import Path
+
+from .common import RESULTS, metadata, write_json
 
 HELP = "time sparse matmul backends against dense cuBLAS over Llama-3-8B shapes (needs CUDA)"
 DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192)
@@ -46,7 +46,6 @@ ROTATION_PROVIDERS = {
 }
 # The fused full-R prologue re-reads R per program: beyond decode it runs for minutes.
 FUSED_FULL_MAX_M = 16
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # -- pure logic (unit-tested on the CPU) --------------------------------------------------------------------
@@ -139,12 +138,6 @@ def make_row(provider, shape, dtype, m, ms, dense_ms, copy_gbps) -> dict:
         "bytes": nbytes, "GBps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps if copy_gbps else None,
         "TFLOPs": call_flops(m, n, k) / (ms * 1e-3) / 1e12,
     }
-
-
-def write_json(path: Path, meta: dict, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    return path
 
 
 def plot(path: Path, rows: list[dict], title: str = "") -> Path:
@@ -334,20 +327,18 @@ def run(args) -> int:
     copy_gbps = copy_bandwidth_gbps()
     l2_bytes = getattr(props, "L2_cache_size", 50 << 20)
     print(f"{props.name}: copy bandwidth {copy_gbps:.0f} GB/s, L2 {l2_bytes >> 20} MiB; providers: {', '.join(providers)}")
-    now = datetime.datetime.now(datetime.timezone.utc)
     meta = {
-        "device": props.name, "date": now.isoformat(timespec="seconds"), "torch": torch.__version__,
-        "triton": triton.__version__, "cuda": torch.version.cuda, "copy_bandwidth_GBps": copy_gbps,
+        **metadata("cuda"), "cuda": torch.version.cuda, "copy_bandwidth_GBps": copy_gbps,
         "l2_bytes": l2_bytes, "timer": "timing.cycle_time_us: CUDA graph of a pass over copies > 3x L2, no flush, "
                                        "median of replays per call",
         "settings": {"shapes": shapes, "ms": ms_list, "dtypes": dtypes, "providers": providers},
     }
-    stem = f"kernels-{props.name.replace(' ', '_')}-{now:%Y%m%dT%H%M%S}"
+    stem = f"kernels-{props.name.replace(' ', '_')}-{meta['date'][:19].replace('-', '').replace(':', '')}"
     rows = []
     for dtype in dtypes:
         for shape in shapes:
             rows += bench_shape(shape, dtype, ms_list, providers, copy_gbps, l2_bytes)
-            write_json(args.out / f"{stem}.json", meta, rows)  # after every shape: a cut-off run keeps its rows
+            write_json(args.out / f"{stem}.json", {**meta, "rows": rows}, indent=1)  # a cut-off run keeps its rows
     print(f"wrote {args.out / f'{stem}.json'}")
     print(f"wrote {plot(args.out / f'{stem}.png', rows, f'{props.name}, torch {torch.__version__}, triton {triton.__version__}')}")
     return 0

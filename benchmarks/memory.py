@@ -1,6 +1,6 @@
 """Peak memory of loading a model: dense, and its 2:4 checkpoint on each CPU backend, then one forward.
 
-    python benchmarks/memory.py [--model smollm2-135m] [--tokens 32] [--out benchmarks/results/memory.json]
+    python -m benchmarks.memory [--model smollm2-135m] [--tokens 32] [--out benchmarks/results/memory.json]
 
 Every load runs in a fresh subprocess. The child imports torch, transformers and sparse_runtime, reads its
 resident set (the interpreter's baseline), resets the kernel's high-water mark (``/proc/self/clear_refs``),
@@ -20,15 +20,14 @@ forward of a 135M model takes many minutes, and it loads exactly as ``reference`
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from .common import RESULTS, ROOT, metadata, module_command, module_env, write_json
+
 TARGET_RATIO = 1.2
 
 
@@ -48,10 +47,11 @@ def child(args) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sparse_runtime.models.skeleton import model_class
+    from sparse_runtime.models.sources import resolve
 
     torch.set_num_threads(args.threads)
     dense = args.load in ("dense", "dense-read")
-    folder = sr.models.resolve(args.model) if dense else Path(args.load)
+    folder = resolve(args.model) if dense else Path(args.load)
     model_class(AutoConfig.from_pretrained(folder))  # the model's code imported: part of the baseline, not the load
     baseline = _status_kib("VmRSS") << 10
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -93,9 +93,9 @@ def torch_numel(shape) -> int:
 
 
 def _run_child(args, load: str, backend: str = "auto") -> dict:
-    cmd = [sys.executable, __file__, "--child", "--load", load, "--backend", backend, "--model", args.model,
+    cmd = [*module_command(__spec__.name), "--child", "--load", load, "--backend", backend, "--model", args.model,
            "--tokens", str(args.tokens), "--threads", str(args.threads), "--device", args.device]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=module_env()).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="+", default=["reference", "decompressed"])
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="where to keep the 2:4 checkpoint between runs (default: a temporary folder)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "memory.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--load", default="dense", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
@@ -123,8 +123,6 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
-
-    import torch
 
     from sparse_runtime.models.sources import resolve
 
@@ -150,14 +148,12 @@ def main(argv=None) -> int:
         "met": ref["load_peak_bytes"] <= TARGET_RATIO * sparse_bytes
                and ref["load_peak_bytes"] < dense["load_peak_bytes"]}
     result = {
-        "model": args.model, "device": args.device if args.device != "cpu" else f"cpu ({platform.machine()})",
-        "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": args.model, **metadata(args.device, threads=args.threads),
         "settings": {"tokens": args.tokens, "threads": args.threads, "checkpoint": "magnitude 2:4 (sparsify)",
                      "measure": "VmHWM - VmRSS after imports and the model's code, fresh process per row"},
         "rows": rows, "target": target,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -1,8 +1,8 @@
-"""Compile, in parallel processes, the Triton kernels that ``benchmarks/kernels.py`` will autotune, so that its
+"""Compile, in parallel processes, the Triton kernels that ``benchmarks.kernels`` will autotune, so that its
 autotuner finds them in Triton's on-disk cache instead of compiling some 10 configs one after another per
 specialisation on a fresh GPU machine.
 
-    python benchmarks/precompile.py [--shards 8] [--shapes 4096x4096,...] [--ms 1,16,64,2048] [--dtypes fp16]
+    python -m benchmarks.precompile [--shards 8] [--shapes 4096x4096,...] [--ms 1,16,64,2048] [--dtypes fp16]
 
 Each of ``--shards`` workers runs with ``SPARSE_RUNTIME_TRITON_CONFIGS=shard:i/n`` (every n-th config) and makes
 the benchmark's own Triton calls once per (dtype, shape, M): the same launch path, hence the same
@@ -11,14 +11,12 @@ specialisations and cache keys as the timed calls. Needs CUDA.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernels as bench  # noqa: E402  (benchmarks/kernels.py: shapes, providers, the calls themselves)
+from . import kernels as bench  # shapes, providers, the calls themselves
+from .common import module_command, module_env
 
 
 def worker(args) -> int:
@@ -70,9 +68,9 @@ def main(argv=None) -> int:
 
     shards = max(1, min(args.shards, len(k.GPU_DECODE_CONFIGS), len(k.GPU_TILE_CONFIGS)))
     t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, __file__, "--shard", f"{i}/{shards}", "--shapes", args.shapes,
+    procs = [subprocess.Popen([*module_command(__spec__.name), "--shard", f"{i}/{shards}", "--shapes", args.shapes,
                                "--ms", args.ms, "--dtypes", args.dtypes],
-                              env={**os.environ, "SPARSE_RUNTIME_TRITON_CONFIGS": f"shard:{i}/{shards}"})
+                              env=module_env(SPARSE_RUNTIME_TRITON_CONFIGS=f"shard:{i}/{shards}"))
              for i in range(shards)]
     codes = [proc.wait() for proc in procs]
     print(f"precompiled in {shards} processes: {time.time() - t0:.0f} s, {codes.count(0)} of {shards} without errors")

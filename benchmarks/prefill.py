@@ -1,6 +1,6 @@
 """Prefill GEMMs at Llama-3-8B shapes: dense cuBLAS vs PyTorch's cuSPARSELt path vs ours vs dispatch.
 
-    python benchmarks/prefill.py [--dtype float16] [--m 512 2048 8192] [--out benchmarks/results]
+    python -m benchmarks.prefill [--dtype float16] [--m 512 2048 8192] [--out benchmarks/results]
 
 GPU time: after warm-up (plans built, algorithms searched), 50 calls back to back between two CUDA events,
 no synchronisation between calls (the median of 3 such batches, per call; at these sizes the device, not the
@@ -13,12 +13,12 @@ of the speedups over dense under ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from .common import RESULTS, metadata, write_json
 
 HELP = "prefill GEMMs at Llama-3-8B shapes: dense cuBLAS vs PyTorch's cuSPARSELt vs ours vs dispatch"
 SHAPES = {"q/o 4096x4096": (4096, 4096), "gate/up 14336x4096": (14336, 4096), "down 4096x14336": (4096, 14336)}
@@ -62,7 +62,7 @@ def runners(n: int, k: int, dtype) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--m", type=int, nargs="+", default=[512, 2048, 8192])
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
 
 
 def run(args) -> int:
@@ -97,13 +97,12 @@ def run(args) -> int:
             rows.append(row)
             print(" ".join(f"{key}={val}" for key, val in row.items()), flush=True)
 
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%M%SZ")
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"prefill-{gpu.replace(' ', '_')}-{stamp}"
-    meta = {"device": gpu, "date": stamp, "dtype": args.dtype, "torch": torch.__version__,
+    meta = {**metadata("cuda"), "dtype": args.dtype,
             "timer": "time_us: 3 batches of 50 back-to-back calls between two CUDA events, median per call"}
-    base.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    plot(rows, f"{gpu}, {args.dtype}, {stamp}", base.with_suffix(".png"))
+    stamp = meta["date"][:19].replace("-", "").replace(":", "")
+    base = args.out / f"prefill-{gpu.replace(' ', '_')}-{stamp}"
+    write_json(base.with_suffix(".json"), {**meta, "rows": rows}, indent=1)
+    plot(rows, f"{gpu}, {args.dtype}, {meta['date'][:10]}", base.with_suffix(".png"))
     print(f"wrote {base}.json and {base}.png")
     return 0
 

@@ -1,8 +1,7 @@
 """WikiText-2 perplexity of a model (default SmolLM2-135M) dense and pruned by magnitude, Wanda and SparseGPT
 at 2:4, 4:8 and 50% unstructured. Writes benchmarks/results/prune_quality.json (after every run) and a PNG.
 
-    python benchmarks/prune_quality.py --nsamples 32 --seqlen 512 --eval-tokens 40960 --threads 1 \
-        --spread wanda/2:4 --spread-seeds 0 1 2
+    python -m benchmarks.prune_quality --threads 1 --spread wanda/2:4 --spread-seeds 0 1 2
 
 ``--spread METHOD/PATTERN`` reprunes that cell with each of ``--spread-seeds`` under both calibration samplings
 (reference and concat), so the table can show how much of a difference is the calibration draw.
@@ -10,21 +9,18 @@ at 2:4, 4:8 and 50% unstructured. Writes benchmarks/results/prune_quality.json (
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 from pathlib import Path
 
 import torch
 
+from sparse_runtime.data.calibration import SAMPLINGS
 from sparse_runtime.data.perplexity import perplexity
 from sparse_runtime.models.sources import load_model
-from sparse_runtime.prune import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, prune
-from sparse_runtime.data.calibration import SAMPLINGS, bos_mode
-from sparse_runtime.prune.rotate import learning_dtype
-from tables import date_span  # benchmarks/ is on the path: this runs as a script beside it
+from sparse_runtime.prune import prune
 
-RESULTS = Path(__file__).parent / "results"
+from .common import RESULTS, add_protocol_arguments, calibration, finish_plot, metadata, protocol_report, write_json
+
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("2:4", "4:8", "unstructured")
 # LLaMA-2-7B, WikiText-2, seqlen 4096 (Wanda paper, Sun et al. 2023, tables 2-3); context only
@@ -34,22 +30,6 @@ PAPER_REFERENCE = {"model": "LLaMA-2-7B", "seqlen": 4096, "dense": 5.12,
 # The reference Wanda/SparseGPT code on SmolLM2-135M under this protocol (reference sampling, seed 0,
 # 40,960 tokens), as quoted in issue 15: the table's cells must reproduce them within 0.5%.
 REFERENCE_CODE = {"magnitude/2:4": 1597.9, "wanda/2:4": 205.94}
-
-
-def cpu_model() -> str:
-    """The CPU's model name and whether it multiplies bf16 natively (CPU timings hinge on it)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {'native' if learning_dtype('cpu') == torch.bfloat16 else 'no native'} bf16"
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -70,36 +50,12 @@ def plot(report: dict, path: Path) -> None:
     finish_plot(fig, ax, report, path)
 
 
-def finish_plot(fig, ax, report: dict, path: Path, what: str = "") -> None:
-    """Log perplexity axis, a title with the protocol, device and date, and the PNG."""
-    ax.set_yscale("log")
-    ax.set_ylabel(f"WikiText-2 perplexity (seqlen {report['eval']['seqlen']}, log)")
-    cal = report["calibration"]
-    ax.set_title(f"{report['model']}{what}: {cal['nsamples']}x{cal['seqlen']} C4 calibration, "
-                 f"{report['eval']['tokens']:,} eval tokens\n{report['device']}, torch {report['torch']}, "
-                 f"{date_span(report)}", fontsize=9)
-    labelled = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one entry per label (several samples)
-    ax.legend(labelled.values(), labelled.keys(), fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
-    p.add_argument("--calib", default=str(DEFAULT_CALIB))
-    p.add_argument("--calib-sampling", choices=SAMPLINGS, default="reference")
-    p.add_argument("--bos", choices=("auto", "window", "document"), default="auto",
-                   help="BOS in calibration and evaluation windows (see sparse_runtime.data.calibration.bos_mode)")
-    p.add_argument("--seed", type=int, default=0, help="calibration seed of the table")
+    add_protocol_arguments(p)
     p.add_argument("--spread", nargs="*", default=[], metavar="METHOD/PATTERN",
                    help="cells to reprune with every --spread-seeds seed under both samplings")
     p.add_argument("--spread-seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--eval-data", default=str(DEFAULT_EVAL))
-    p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--eval-tokens", type=int, default=40960, help="the protocol: first 40,960 WikiText-2 tokens")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--patterns", nargs="+", default=list(PATTERNS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -112,7 +68,7 @@ def main(argv=None) -> int:
     if args.replot:  # also refreshes the quoted reference values
         report = json.loads(out.read_text())
         report["reference_code"] = REFERENCE_CODE
-        out.write_text(json.dumps(report, indent=2))
+        write_json(out, report)
         plot(report, out.with_suffix(".png"))
         return 0
 
@@ -120,18 +76,12 @@ def main(argv=None) -> int:
     original = {k: v.clone() for k, v in model.state_dict().items()}
 
     def windows(sampling, seed):
-        return calibration_windows(tok, args.calib, args.nsamples, args.seqlen, seed=seed,
-                                   max_seqlen=model.config.max_position_embeddings, sampling=sampling, bos=args.bos)
+        return calibration(args, model, tok, sampling=sampling, seed=seed)
 
     calib = windows(args.calib_sampling, args.seed)
     text = Path(args.eval_data).read_text(encoding="utf-8")
     report = {
-        "model": args.model, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": device_name(args.device), "torch": torch.__version__,
-        "calibration": {"file": Path(args.calib).name, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
-                        "seed": args.seed, "sampling": args.calib_sampling, "bos": bos_mode(tok, args.bos)},
-        "eval": {"file": Path(args.eval_data).name, "seqlen": args.eval_seqlen, "max_tokens": args.eval_tokens,
-                 "windows": "non-overlapping, trailing partial window dropped"},
+        "model": args.model, **metadata(args.device), **protocol_report(args, calib, tok),
         "notes": "unstructured = 50% (magnitude: per-matrix threshold; Wanda: per row; SparseGPT: adaptive per "
                  "128-column block). Perplexity of the pruned weights run densely (same math as SparseLinear). "
                  "4:8 / 2:4 prune every decoder linear of SmolLM2 (all in_features divide by 8). N:M masks prune "
@@ -142,8 +92,7 @@ def main(argv=None) -> int:
     }
 
     def save():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        write_json(out, report)
 
     def record(key, res, seconds=None, skipped=None):
         report["perplexity"][key] = round(res.ppl, 3)

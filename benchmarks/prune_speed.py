@@ -1,18 +1,16 @@
 """Time and peak memory to prune a model layer by layer with each method.
 
 CPU (default): SmolLM2-135M, modest calibration (stated in the JSON):
-    python benchmarks/prune_speed.py --nsamples 16 --seqlen 512 --threads 1
+    python -m benchmarks.prune_speed --nsamples 16 --seqlen 512 --threads 1
 GPU: a Llama-3-8B-shaped model with random bf16 weights (built on the meta device, materialised on the CPU,
 pruned one decoder layer at a time on cuda; targets: Wanda < 5 min, SparseGPT < 15 min, peak < 8 GB):
-    python benchmarks/prune_speed.py --llama3-8b-shape --nsamples 128 --seqlen 2048
+    python -m benchmarks.prune_speed --llama3-8b-shape --nsamples 128 --seqlen 2048
 Writes benchmarks/results/prune_speed[_llama3_8b].json.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import threading
 import time
 from pathlib import Path
@@ -20,9 +18,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from sparse_runtime.prune import DEFAULT_CALIB, calibration_windows, prune
+from sparse_runtime.data.calibration import DEFAULT_CALIB, calibration_windows
+from sparse_runtime.prune import prune
 
-RESULTS = Path(__file__).parent / "results"
+from .common import RESULTS, metadata, write_json
+
 # Llama-3-8B (meta-llama/Meta-Llama-3-8B config.json)
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
@@ -103,10 +103,7 @@ def main(argv=None) -> int:
         original = {k: v.clone() for k, v in model.state_dict().items()}
     cuda = args.device.startswith("cuda")
     report = {
-        "model": name, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0) if cuda else
-        f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads, shared machine)",
-        "torch": torch.__version__, "pattern": args.pattern, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
+        "model": name, **metadata(args.device, note="" if cuda else "shared machine"), "pattern": args.pattern, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
         "offload": args.offload, "model_build_seconds": build_s, "runs": {},
         "targets": {"wanda_seconds": 300, "sparsegpt_seconds": 900, "peak_device_bytes": 8e9} if cuda else None,
     }
@@ -134,8 +131,7 @@ def main(argv=None) -> int:
             # Layers cost the same (same shapes), so the full model's time scales with the layer count.
             report["runs"][method][f"seconds_{full}_layers_scaled"] = round(seconds / model.config.num_hidden_layers * full, 1)
         print(method, json.dumps(report["runs"][method]), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        write_json(out, report)
     return 0
 
 

@@ -3,20 +3,19 @@ linear 2:4 on the `auto` backend), timed with and without its boundary rotation 
 (M = 1..16 tokens) and prefill (M = 2048). Device time per layer call: median of CUDA-event timings of CUDA-graph
 replays (sparse_runtime.ops.timing.device_time_us, L2 flushed). Writes benchmarks/results/rotation_overhead-<date>.json.
 
-    python benchmarks/rotation_overhead.py [--ms 1 2 4 8 16 2048] [--blocks 1 4] [--out FILE]
+    python -m benchmarks.rotation_overhead [--ms 1 2 4 8 16 2048] [--blocks 1 4] [--out FILE]
 
 The paper (A100, M = 2048, PyTorch semi-structured): +7.3% layer time; this project's target is at most half.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+from .common import RESULTS, metadata, write_json
+
 
 
 def build_layer(dtype, device):
@@ -70,14 +69,11 @@ def main(argv=None) -> int:
         set_boundary(layer, None)
         rows.append(row)
         print(row, flush=True)
-    date = datetime.datetime.now(datetime.UTC)
-    report = {"device": torch.cuda.get_device_name(0), "date": date.isoformat(timespec="seconds"),
-              "torch": torch.__version__, "dtype": args.dtype, "shape": "Llama-3-8B layer (d 4096, 32/8 heads, "
+    report = {**metadata("cuda"), "dtype": args.dtype, "shape": "Llama-3-8B layer (d 4096, 32/8 heads, "
               "MLP 14336), every linear 2:4 on backend auto", "timer": "device_time_us: CUDA graphs, L2 flushed, "
               "median", "rows": rows}
-    out = Path(args.out) if args.out else RESULTS / f"rotation_overhead-{date:%Y%m%d}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = write_json(Path(args.out) if args.out else
+                     RESULTS / f"rotation_overhead-{report['date'][:10].replace('-', '')}.json", report)
     print(f"wrote {out}")
     return 0
 

@@ -3,9 +3,9 @@ paper's entropy objective (full and block-diagonal R1) and with this project's 2
 steps, wall time and steps/s beside each; perplexity against rotation steps; CPU decode speed of the rotated
 against the unrotated 2:4 model. Writes benchmarks/results/rotation_quality.json after every run, and a PNG.
 
-    python benchmarks/rotation_quality.py                      # the protocol: 32 x 512 C4 calibration, 40,960 tokens
-    python benchmarks/rotation_quality.py --runs wanda:nm:1:100 --out /tmp/r.json
-    python benchmarks/rotation_quality.py --replot
+    python -m benchmarks.rotation_quality                      # the protocol: 32 x 512 C4 calibration, 40,960 tokens
+    python -m benchmarks.rotation_quality --runs wanda:nm:1:100 --out /tmp/r.json
+    python -m benchmarks.rotation_quality --replot
 
 A run is ``method:objective[:blocks[:steps[:importance]]]`` (objective ``none`` for no rotation; importance: whose
 scores the rotation sees, by default the method's own).
@@ -13,26 +13,22 @@ scores the rotation sees, by default the method's own).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from prune_quality import cpu_model, device_name, finish_plot  # noqa: E402
+from sparse_runtime.data.perplexity import perplexity
+from sparse_runtime.models.sources import load_model
+from sparse_runtime.nn.sparsify import sparsify
+from sparse_runtime.prune import prune
+from sparse_runtime.prune.rotate import IMPORTANCE, OBJECTIVES
 
-from sparse_runtime.data.perplexity import perplexity  # noqa: E402
-from sparse_runtime.models.sources import load_model  # noqa: E402
-from sparse_runtime.prune import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, prune  # noqa: E402
-from sparse_runtime.data.calibration import SAMPLINGS, bos_mode  # noqa: E402
-from sparse_runtime.prune.rotate import IMPORTANCE, OBJECTIVES  # noqa: E402
-from sparse_runtime.nn.sparsify import sparsify  # noqa: E402
+from .common import (RESULTS, add_protocol_arguments, calibration, cpu_model, finish_plot, metadata,
+                     protocol_report, write_json)
 
-RESULTS = Path(__file__).parent / "results"
 DEFAULT_RUNS = ["wanda:none", "wanda:entropy:1:100", "wanda:entropy:4:100", "wanda:nm:1:100",
                 "sparsegpt:none", "sparsegpt:entropy:1:100", "sparsegpt:entropy:4:100", "sparsegpt:nm:1:100",
                 "sparsegpt:nm:1:100:wanda", "sparsegpt:nm:1:25", "wanda:nm:1:25"]
@@ -124,7 +120,7 @@ def merge_reports(reports: list[dict], out: Path) -> None:
             (t0, d0), (t1, d1) = sample(kept or run), sample(run)
             key += (f"@{t1}t" if t1 != t0 else "") + (f"/{d1}" if d1 != d0 else "")  # rounded otherwise: a sample
             merged["runs"][key], merged["perplexity"][key] = run, run["perplexity"]
-    out.write_text(json.dumps(merged, indent=2))
+    write_json(out, merged)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -160,12 +156,7 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-tokens", type=int, default=40960)
-    p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--calib-sampling", choices=SAMPLINGS, default="reference")
+    add_protocol_arguments(p)
     p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS)
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens per CPU decode-speed sample (0: skip)")
     p.add_argument("--threads", type=int, default=2)
@@ -192,23 +183,17 @@ def main(argv=None) -> int:
                 scores = run.get("importance", run["method"])
                 run["gflop_per_step"] = round(gflop_per_step(config, run["blocks"], scores), 2)
                 run["gflop_per_s"] = round(run["gflop_per_step"] * run["steps_per_s"], 1)
-        out.write_text(json.dumps(report, indent=2))
+        write_json(out, report)
         plot(report, out.with_suffix(".png"))
         return 0
     runs = [{**r, **({"refit": args.refit} if args.refit and r["method"] == "sparsegpt" else {})}
             for r in map(parse_run, args.runs)]
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
-    calib = calibration_windows(tok, DEFAULT_CALIB, args.nsamples, args.seqlen, seed=0,
-                                max_seqlen=model.config.max_position_embeddings, sampling=args.calib_sampling)
-    text = Path(DEFAULT_EVAL).read_text(encoding="utf-8")
+    calib = calibration(args, model, tok)
+    text = Path(args.eval_data).read_text(encoding="utf-8")
     report = {
-        "model": args.model, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": device_name("cpu"), "torch": torch.__version__, "pattern": "2:4",
-        "calibration": {"file": Path(DEFAULT_CALIB).name, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
-                        "seed": 0, "sampling": args.calib_sampling, "bos": bos_mode(tok, "auto")},
-        "eval": {"file": Path(DEFAULT_EVAL).name, "seqlen": args.eval_seqlen, "max_tokens": args.eval_tokens,
-                 "windows": "non-overlapping, trailing partial window dropped"},
+        "model": args.model, **metadata("cpu"), "pattern": "2:4", **protocol_report(args, calib, tok),
         "notes": "Rotated runs prune true-sequentially with fresh statistics after rotating each layer; unrotated "
                  "runs use each method's default (Wanda: not true-sequential, SparseGPT: true-sequential). "
                  "Perplexity of the pruned weights run densely. Adam lr 0.01, gradient clip 1.0, best iterate kept.",
@@ -216,11 +201,11 @@ def main(argv=None) -> int:
     }
 
     def save():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        write_json(out, report)
 
     def evaluate(m):
-        return perplexity(m, tok, text, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens, progress=False)
+        return perplexity(m, tok, text, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens, progress=False,
+                          bos=args.bos)
 
     res = evaluate(model)
     report["perplexity"]["dense"] = round(res.ppl, 3)

@@ -1,6 +1,6 @@
 """A bounded load test of ``sparse-runtime serve`` over real HTTP on loopback, then an overload run.
 
-    python benchmarks/serve_load.py --threads 1        # SmolLM2-135M, 200 requests from 16 clients
+    python -m benchmarks.serve_load --threads 1        # SmolLM2-135M, 200 requests from 16 clients
 
 The server is the real CLI (``python -m sparse_runtime serve``) in its own process. Load: --requests
 streaming completions (greedy, --max-tokens each) from --clients concurrent clients; per request the
@@ -15,20 +15,18 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
-import datetime
 import json
-import platform
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 
-RESULTS = Path(__file__).parent / "results"
+from .common import RESULTS, metadata, write_json
+
 PROMPTS = ["The capital of France is", "Write a short poem about the sea.", "def fibonacci(n):",
            "Once upon a time, in a small village,", "The three laws of thermodynamics are", "My favourite food is",
            "In 1969, the first humans", "To make a cup of tea, you"]
@@ -152,8 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--note", default="", help="recorded beside the device, e.g. 'shared machine'")
     ap.add_argument("--out", default=str(RESULTS / "serve_load.json"))
     args = ap.parse_args(argv)
-    report = {"model": args.model, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": f"cpu ({platform.machine()}, server {args.threads} threads)" + (f", {args.note}" if args.note else ""),
+    report = {"model": args.model, **metadata("cpu", args.note, threads=args.threads),  # the server's threads
               "max_batch": args.max_batch}
     with server(args.model, args.threads, args.max_batch, args.requests) as url:
         report["load"] = load(url, args.requests, args.clients, args.max_tokens)
@@ -161,11 +158,7 @@ def main(argv=None) -> int:
     with server(args.model, args.threads, 1, 2) as url:
         report["overload"] = overload(url, args.overload_extra, 16 * args.max_tokens)  # long: the server stays full
         print(json.dumps(report["overload"], indent=2), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(args.out, report)
     return 0
 
 

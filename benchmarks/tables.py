@@ -1,10 +1,12 @@
-"""Render the README's result tables from the JSON files under benchmarks/results/.
+"""Render the result tables of the README and the docs pages from the JSON files under benchmarks/results/.
 
-    python benchmarks/tables.py          # print the tables
-    python benchmarks/tables.py --write  # rewrite the marked blocks of README.md in place
+    python -m benchmarks.tables          # rewrite the marked blocks of README.md and docs/*.md in place
+    python -m benchmarks.tables --check  # exit 1, naming the pages, if any block differs from its JSON
+    python -m benchmarks.tables --print  # print every table
 
-The README holds no number typed by hand: each table sits between ``<!-- table:NAME -->`` and
-``<!-- /table -->`` and tests/test_readme_tables.py fails when it differs from what this script renders.
+No page holds a number typed by hand: each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->``
+(every table on exactly one page), and tests/test_readme_tables.py fails when a page differs from what this
+renders.
 """
 from __future__ import annotations
 
@@ -12,14 +14,14 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import re
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
+from .common import RESULTS, ROOT, date_span
+
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
+DECODE_BOUND = 16 / 9  # 2:4 fp16 moves 9/16 of the dense weight bytes: the decode speedup bytes allow
 
 
 def _load(name: str) -> dict | None:
@@ -27,10 +29,9 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def date_span(report: dict) -> str:
-    """The report's date, or the first and last of the reports merged into it."""
-    days = sorted({d[:10] for d in report.get("merged_from", [report["date"]])})
-    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+def pages() -> list:
+    """The pages whose table blocks this renders: the README and every docs page."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def measured_by(script: str):
@@ -39,7 +40,7 @@ def measured_by(script: str):
         @functools.wraps(render)
         def table() -> str:
             r = _load(f"{script}.json")
-            return f"_not measured yet: run `python benchmarks/{script}.py`_\n" if r is None else render(r)
+            return f"_not measured yet: run `python -m benchmarks.{script}`_\n" if r is None else render(r)
         return table
     return wrap
 
@@ -108,18 +109,18 @@ def _latest(prefix: str) -> dict | None:
 
 def gpu_pending(what: str) -> str:
     return (f"_No GPU measurement committed yet for {what}: no GPU machine has been lent to a session since this "
-            "code was written. `benchmarks/gpu_check.sh` runs it (see its header)._\n")
+            "code was written. `benchmarks/gpu_check.sh` runs it (see docs/gpu_check.md)._\n")
 
 
 def decode() -> str:
     r = _latest("kernels-")
     if r is None:
-        return gpu_pending("the decode kernels (`benchmarks/kernels.py`)")
+        return gpu_pending("the decode kernels (`python -m benchmarks.kernels`)")
     rows = [row for row in r["rows"] if row["dtype"] == "fp16"]
     shapes = list(dict.fromkeys((row["N"], row["K"]) for row in rows))
     lines = [f"fp16, speedup over dense cuBLAS (median of CUDA-event timings) and, for `triton`, the share of the "
              f"measured copy bandwidth ({r['copy_bandwidth_GBps']:.0f} GB/s); {r['device']}, torch {r['torch']}, "
-             f"triton {r['triton']}, {r['date'][:10]}. Bound at decode: 1.78x.", "",
+             f"triton {r['triton']}, {r['date'][:10]}. Bound at decode: {DECODE_BOUND:.2f}x.", "",
              "| M | " + " | ".join(f"{n}x{k}" for n, k in shapes) + " |", "|---" * (len(shapes) + 1) + "|"]
     for m in sorted({row["M"] for row in rows}):
         cells = []
@@ -135,7 +136,7 @@ def decode() -> str:
 def prefill() -> str:
     r = _latest("prefill-")
     if r is None:
-        return gpu_pending("prefill (`benchmarks/prefill.py`)")
+        return gpu_pending("prefill (`python -m benchmarks.prefill`)")
     cols = ("torch", "cusparselt", "dispatch")
     lines = [f"{r['dtype']}, speedup over dense cuBLAS (median of CUDA-event timings), host overhead per call in "
              f"brackets; {r['device']}, torch {r['torch']}, {r['date'][:10]}. Bound: 2x.", "",
@@ -152,7 +153,7 @@ def prefill() -> str:
 def kernel_resources() -> str:
     r = _load("kernel_report.json")
     if r is None:
-        return "_not generated: run `python benchmarks/kernel_report.py`_\n"
+        return "_not generated: run `python -m benchmarks.kernel_report`_\n"
     current = r.get("kernel")
     lines = [f"Compiled ahead of time (no GPU), {r['dtype']}, triton {r['triton']}, {r['date'][:10]}; "
              f"{r['specialisation']}.", "",
@@ -185,7 +186,7 @@ def decode_issue() -> str:
     rows = [x for x in (r or {}).get("rows", []) if "warp_instructions_per_weight_byte" in x
             and x.get("kernel") == r.get("kernel")]
     if not rows:
-        return "_not generated: run `python benchmarks/kernel_report.py --only decode`_\n"
+        return "_not generated: run `python -m benchmarks.kernel_report --only decode`_\n"
     devices = list(dict.fromkeys(d for x in rows for d in x["needed_issue_per_clock_per_sm"]))
     share = r["bandwidth_share"]
     spec = "; ".join(f"{d} {v['bytes_per_s'] / 1e12:.2f} TB/s, {v['sms']} SMs, {v['clock_hz'] / 1e9:.2f} GHz"
@@ -487,7 +488,7 @@ def mmasp_issue() -> str:
     r = _load("kernel_report.json")
     rows = (r or {}).get("mmasp") or []
     if not rows:
-        return "_not generated: run `python benchmarks/kernel_report.py --mmasp`_\n"
+        return "_not generated: run `python -m benchmarks.kernel_report --mmasp`_\n"
     current = r.get("mmasp_kernel")
     devices = list(dict.fromkeys(d for x in rows for d in x.get("needed_issue_per_clock_per_sm", {})))
     lines = [f"The CUDA kernel `csrc/decode24.cu` (nvcc, kernel {current}, compiled {rows[0]['compiled'][:10]}), "
@@ -520,7 +521,44 @@ def mmasp_issue() -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES = {"tp_memory": tp_memory, "prune_quality": prune_quality, "memory": memory, "gemma3_bos": gemma3_bos,
+ROTATIONS = {"nm": "2:4-aware rotation", "entropy": "entropy rotation"}
+
+
+def headline() -> str:
+    """Quality, speed and memory of the 2:4 model, each against its dense original and its bound."""
+    rot, e, mem = (_load(f"{n}.json") for n in ("rotation_quality", "engine", "memory"))
+    if None in (rot, e, mem):
+        return "_not measured yet: run the rotation quality, engine and memory benchmarks (docs/results.md)_\n"
+    best = min((x for x in rot["runs"].values() if x["objective"] != "none"), key=lambda x: x["perplexity"])
+    plain = [x["perplexity"] for x in rot["runs"].values()
+             if x["method"] == best["method"] and x["objective"] == "none" and not x.get("refit")]
+    refit = f" + LS refit {best['refit']}" if best.get("refit") else ""
+    target = ROTATION_TARGETS.get(best["method"])
+    dense_ppl, threads = rot["perplexity"]["dense"], best.get("threads", 1)
+    where = f"cpu ({best['cpu']}, {threads} thread{'s' * (threads > 1)})" if best.get("cpu") else rot["device"]
+    dense, sparse = e["variants"]["dense"], e["variants"]["2:4"]
+    b1 = lambda v: v["decode_tokens_per_s"]["engine_b1"]  # noqa: E731
+    mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+    read, ref = mem["rows"]["dense, weights read"], mem["rows"]["2:4 reference"]
+    return "\n".join([
+        "| | dense | 2:4 | bound | measured on |", "|---|---|---|---|---|",
+        f"| quality: WikiText-2 perplexity of {rot['model']} (lower is better) | {dense_ppl:.2f} | "
+        f"**{best['perplexity']:.2f}** ({best['method']}, {ROTATIONS[best['objective']]}{refit}"
+        + (f"; {min(plain):.1f} without rotation" if plain else "") + f") | the dense model's {dense_ppl:.2f}"
+        + (f"; target <= {target:g}: {'met' if best['perplexity'] <= target else 'missed'}" if target else "")
+        + f" | {where}, {date_span(rot)} |",
+        f"| speed: decode tokens/s of {e['model']} ({e['dtype']}), engine at batch 1 | {b1(dense):.1f} | "
+        f"{b1(sparse):.1f} ({b1(sparse) / b1(dense):.2f}x: the CPU runs 2:4 on dense weights, so this is "
+        f"noise, not sparsity) | {dense['b1_bound_tokens_per_s']:.1f} tok/s (the CPU's read bandwidth over the "
+        f"dense bytes); on a GPU {DECODE_BOUND:.2f}x dense, not yet measured | {e['device']}, {e['date'][:10]} |",
+        f"| memory: peak resident memory loading {mem['model']} | {mib(read['load_peak_bytes'])} (weights read) | "
+        f"{mib(ref['load_peak_bytes'])} (`reference` backend) | {mib(ref['tensor_bytes'])}: the 2:4 checkpoint's "
+        f"tensors (target <= {mem['target']['max_ratio']}x them: {'met' if mem['target']['met'] else 'missed'}) | "
+        f"{mem['device']}, {mem['date'][:10]} |",
+    ]) + "\n"
+
+
+TABLES = {"headline": headline, "tp_memory": tp_memory, "prune_quality": prune_quality, "memory": memory, "gemma3_bos": gemma3_bos,
           "engine": engine, "serve_load": serve_load, "prune_speed": prune_speed,
           "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources, "decode_issue": decode_issue,
           "mmasp_issue": mmasp_issue, "host_overhead": host_overhead,
@@ -530,21 +568,33 @@ TABLES = {"tp_memory": tp_memory, "prune_quality": prune_quality, "memory": memo
 def render(text: str) -> str:
     def sub(m):
         if m.group(2) not in TABLES:
-            raise SystemExit(f"README names an unknown table {m.group(2)!r}")
+            raise SystemExit(f"a page names an unknown table {m.group(2)!r}")
         return m.group(1) + TABLES[m.group(2)]() + m.group(4)
     return BLOCK.sub(sub, text)
 
 
+def stale() -> list:
+    """The pages whose table blocks differ from what the results render."""
+    return [page for page in pages() if render(page.read_text()) != page.read_text()]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--write", action="store_true", help="rewrite README.md's table blocks")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--check", action="store_true", help="only say which pages are stale (exit 1 if any)")
+    what.add_argument("--print", action="store_true", help="print every table instead")
     args = p.parse_args(argv)
-    if args.write:
-        README.write_text(render(README.read_text()))
-        print(f"updated {README}")
-    else:
+    if args.print:
         for name, fn in TABLES.items():
             print(f"## {name}\n{fn()}")
+        return 0
+    if args.check:
+        for page in stale():
+            print(f"stale: {os.path.relpath(page, ROOT)}")
+        return 1 if stale() else 0
+    for page in stale():
+        page.write_text(render(page.read_text()))
+        print(f"updated {os.path.relpath(page, ROOT)}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Per-rank weight memory under tensor parallelism: W gloo processes on the CPU, each loading its shard.
 
-    python benchmarks/tp_memory.py [--world 2] [--models stories260k smollm2-135m]
+    python -m benchmarks.tp_memory [--world 2] [--models stories260k smollm2-135m]
 
 Each model is magnitude-pruned to 2:4 (every linear but lm_head) and saved as a checkpoint; one process loads
 it whole, then ``torchrun --nproc_per_node W`` loads it sharded. Bytes are the tensors each process holds after
@@ -10,10 +10,8 @@ first call). Writes benchmarks/results/tp_memory.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -22,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "stories260K"
+from .common import RESULTS, ROOT, metadata, module_env, write_json
+
+STORIES = ROOT.parent / "shared" / "data" / "models" / "stories260K"
 
 
 def held_bytes(model) -> dict:
@@ -47,7 +46,7 @@ def rank_main(ckpt: str, out: str) -> None:
     held = [None] * dist.get_world_size()
     dist.all_gather_object(held, held_bytes(model))
     if rank == 0:
-        Path(out).write_text(json.dumps(held))
+        write_json(out, held)
 
 
 def checkpoint(name: str, out: Path) -> Path:
@@ -75,8 +74,8 @@ def measure(name: str, world: int, tmp: Path) -> dict:
         port = s.getsockname()[1]
     out = tmp / f"{name}-ranks.json"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                    "--master_addr", "127.0.0.1", "--master_port", str(port), str(Path(__file__).resolve()), "--rank", str(ckpt), str(out)],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                    "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", __spec__.name, "--rank", str(ckpt), str(out)],
+                   check=True, env=module_env(OMP_NUM_THREADS="1"))
     return {"single": single, "ranks": json.loads(out.read_text())}
 
 
@@ -91,11 +90,9 @@ def main(argv=None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         models = {name: measure(name, args.world, Path(tmp)) for name in args.models}
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": f"CPU ({platform.machine()}), gloo", "torch": torch.__version__, "world": args.world,
+    result = {**metadata("cpu", "gloo", threads=1), "world": args.world,
               "dtype": "float32", "pattern": "2:4 magnitude, every linear but lm_head", "models": models}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tp_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(RESULTS / "tp_memory.json", result)
     print(json.dumps(result, indent=2))
     return 0
 

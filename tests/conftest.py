@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pytest_jsonl import pytest_runtest_logreport, pytest_runtest_logstart  # noqa: F401  (hooks: one JSON line per test)
 
 # Without a GPU, Triton kernels run under the interpreter. It must be set before triton.jit runs.
 if not torch.cuda.is_available():

@@ -1,27 +1,18 @@
-"""benchmarks/allocation_quality.py end to end on stories260K with tiny settings: the JSON holds what the README
+"""benchmarks.allocation_quality end to end on stories260K with tiny settings: the JSON holds what the results
 table reads, the plots are drawn, and the table renders it."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from benchmarks import allocation_quality, tables
 from conftest import TEXT
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_allocation_quality_report(stories_dir, tmp_path, monkeypatch):
     out = tmp_path / "allocation_quality.json"
-    assert _script("allocation_quality").main([
+    assert allocation_quality.main([
         "--model", str(stories_dir), "--nsamples", "4", "--seqlen", "64", "--val-windows", "2", "--eval-data",
         str(TEXT / "tinystories_valid_head.txt"), "--eval-seqlen", "128", "--eval-tokens", "1024",
         "--sparsities", "0.7", "--beta-step", "0.05", "--methods", "wanda", "--plans", "0.6", "--random-seeds", "0", "--label", "test",
@@ -41,7 +32,6 @@ def test_allocation_quality_report(stories_dir, tmp_path, monkeypatch):
             assert 1 < v["predicted_speedup"] <= plan["predicted_speedup"] + 1e-9
     for suffix in (".png", "_rates.png", "_plans.png"):
         assert out.with_name(out.stem + suffix).read_bytes()[:4] == b"\x89PNG"
-    tables = _script("tables")
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     text = tables.allocation_quality()
     assert "**test**" in text and "| wanda | 70% |" in text and "0.6/error_depth" in text

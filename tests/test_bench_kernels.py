@@ -1,12 +1,16 @@
-"""The pure logic of benchmarks/kernels.py (parsing, byte and FLOP counts, output files) and its CLI."""
+"""The pure logic of benchmarks.kernels (parsing, the byte model against the tensors a call reads, output files)
+and the ``sparse-runtime bench`` command that runs it."""
 import json
+import sys
 
 import pytest
 import torch
 
+from benchmarks import common
+from benchmarks import kernels as kb
 from sparse_runtime.cli import bench, main
-
-kb = bench.load_suite("kernels")
+from sparse_runtime.format.codec import SparseWeight
+from sparse24_cases import random_mask, random_rotation
 
 
 def test_parse_shapes():
@@ -27,17 +31,25 @@ def test_parse_ints_and_choices():
         kb.parse_choices("fp16,fp8", kb.DTYPES, "--dtypes")
 
 
-def test_byte_and_flop_counts():
-    n, k, m = 4096, 4096, 16
-    dense = kb.call_bytes("dense", m, n, k, 2)
-    sparse = kb.call_bytes("triton", m, n, k, 2)
-    assert dense == n * k * 2 + (m * k + m * n) * 2
-    assert sparse == n * k + n * k // 8 + (m * k + m * n) * 2  # values: half of W; meta: 2 bits per value
-    assert kb.weight_bytes("triton", n, k, 2) / kb.weight_bytes("dense", n, k, 2) == 9 / 16
-    assert kb.weight_bytes("triton", 1, 44, 2) == 44 + 6  # meta rows round up to whole bytes
-    assert kb.rotation_bytes("triton:fused-rot-b128", k, 2) == k * 128 * 2
-    assert kb.rotation_bytes("triton:rot-full-first", k, 2) == k * k * 2
-    assert kb.rotation_bytes("cusparselt", k, 2) == 0
+@pytest.mark.parametrize("n,k", [(40, 256), (24, 44)])  # K/4 odd: a half-filled last meta byte
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_byte_model_counts_the_bytes_of_the_tensors_a_call_reads(n, k, dtype):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    sw = SparseWeight.compress(w, random_mask(n, k, gen))
+    elem, m = w.element_size(), 16
+    x, y = torch.empty(m, k, dtype=dtype), torch.empty(m, n, dtype=dtype)
+    assert kb.weight_bytes("dense", n, k, elem) == w.nbytes
+    assert kb.weight_bytes("triton", n, k, elem) == sw.values.nbytes + sw.meta.nbytes
+    for provider in kb.ROTATION_PROVIDERS:
+        block = kb.ROTATION_PROVIDERS[provider][0]
+        rotation = random_rotation(k, block, dtype, seed=1) if not block or k % block == 0 else None
+        if rotation is not None:
+            assert kb.rotation_bytes(provider, k, elem) == rotation.nbytes, provider
+            assert kb.call_bytes(provider, m, n, k, elem) == (sw.values.nbytes + sw.meta.nbytes + rotation.nbytes
+                                                              + x.nbytes + y.nbytes), provider
+    assert kb.rotation_bytes("cusparselt", k, elem) == 0
+    assert kb.call_bytes("dense", m, n, k, elem) == w.nbytes + x.nbytes + y.nbytes
     assert kb.call_flops(m, n, k) == 2 * m * n * k
 
 
@@ -67,8 +79,9 @@ def test_select_providers():
 def test_json_plot_and_table(tmp_path):
     rows = [kb.make_row(p, (1024, 4096), "fp16", m, t, 0.02, 3000.0)
             for m in (1, 16) for p, t in (("dense", 0.02), ("triton", 0.012), ("triton:fused-rot-b128", 0.0125))]
-    path = kb.write_json(tmp_path / "r" / "k.json", {"device": "test", "settings": {"ms": [1, 16]}}, rows)
+    path = common.write_json(tmp_path / "r" / "k.json", {"device": "test", "settings": {"ms": [1, 16]}, "rows": rows})
     data = json.loads(path.read_text())
+    assert [p.name for p in path.parent.iterdir()] == ["k.json"]  # the temporary file was renamed onto it
     assert data["device"] == "test" and data["rows"] == rows
     png = kb.plot(tmp_path / "k.png", rows, "title")
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -86,6 +99,15 @@ def test_cli_without_cuda_exits_cleanly(capsys):
     assert "name a suite: kernels, prefill" in capsys.readouterr().err
     assert main(["bench", "prefill", "--m", "512"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_outside_a_checkout_says_how_to_run_it(capsys, monkeypatch):
+    assert bench.load_suite("kernels") is kb  # the checkout's own module, imported, not executed from a path
+    monkeypatch.setitem(sys.modules, "benchmarks", None)  # as where only the installed package exists
+    monkeypatch.setitem(sys.modules, "benchmarks.kernels", None)
+    assert bench.load_suite("kernels") is None
+    assert main(["bench", "kernels", "--ms", "1"]) == 2
+    assert "python -m benchmarks.kernels" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -160,9 +160,7 @@ def test_rotation_modes_and_config_pruning():
 # Compiles (no GPU needed) every kernel variant for Ampere and Hopper: the interpreter
 # checks the numbers, this checks that the GPU lowering (layouts, MMA, pipelining) accepts the code.
 AOT = r"""
-import sys
-sys.path.insert(0, "benchmarks")
-from kernel_report import compile_variant
+from benchmarks.kernel_report import compile_variant
 from sparse_runtime.kernels import sparse24 as k
 
 for dtype, arch, (bm, bn, bk), swap, rot, rot_b in [
@@ -182,7 +180,7 @@ def test_kernels_compile_for_ampere_and_hopper():
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # AOT imports benchmarks/kernel_report.py
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # AOT imports benchmarks.kernel_report
     r = subprocess.run([sys.executable, "-c", AOT], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
 
@@ -211,13 +209,10 @@ def test_pruned_configs_fit_the_shared_memory(arch, esize):
 def test_kernel_report_covers_every_config_and_each_fits():
     """benchmarks/results/kernel_report*.json (the compiler's shared memory, AOT for sm_80 and sm_90) covers
     the current config lists, and every config the prune keeps fits its architecture's limit; the estimate the
-    prune uses bounds what the compiler allocates. Regenerate with benchmarks/kernel_report.py."""
+    prune uses bounds what the compiler allocates. Regenerate with python -m benchmarks.kernel_report."""
     import json
-    import os
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import kernel_report
+    from benchmarks import kernel_report
     from sparse_runtime.kernels import sparse24 as k
 
     for dtype in ("fp16", "bf16"):
@@ -226,7 +221,7 @@ def test_kernel_report_covers_every_config_and_each_fits():
         for arch in (80, 90):
             expected = {label: (const, cfg) for label, const, _, _, cfg in kernel_report.variants(arch, dtype)}
             got = {r["config"]: r for r in rows if r["arch"] == arch}
-            assert set(got) == set(expected), f"{path.name} is stale for sm_{arch}: rerun benchmarks/kernel_report.py"
+            assert set(got) == set(expected), f"{path.name} is stale for sm_{arch}: rerun python -m benchmarks.kernel_report"
             for label, (const, cfg) in expected.items():
                 r = got[label]
                 assert "error" not in r, (arch, label, r.get("error"))

@@ -1,19 +1,14 @@
-"""benchmarks/rotation_quality.py's run specs: what each field means, and a clear error for a bad one."""
-import importlib.util
+"""benchmarks.rotation_quality's run specs: what each field means, and a clear error for a bad one."""
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmarks import rotation_quality
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_rotation_quality", BENCH / "rotation_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return rotation_quality
 
 
 def test_run_specs_and_their_keys(bench):

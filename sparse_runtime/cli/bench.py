@@ -1,33 +1,31 @@
-"""``sparse-runtime bench SUITE``: run a benchmark script of the source tree's ``benchmarks/`` folder.
+"""``sparse-runtime bench SUITE``: a GPU benchmark of the source checkout's ``benchmarks`` package.
 
-``bench kernels`` is ``python benchmarks/kernels.py``, ``bench prefill`` is ``python benchmarks/prefill.py``. The
-scripts are not part of the installed package, so this works from a source checkout (or an editable install)
-and says so elsewhere. A suite's script is loaded only when that suite runs (its own parser reads the
-arguments after the suite's name), never while the command line's parser is built."""
+``bench kernels`` runs ``benchmarks.kernels`` (as ``python -m benchmarks.kernels`` does), ``bench prefill`` runs
+``benchmarks.prefill``. The benchmarks are not part of the installed package: the suite's module is imported
+only when that suite runs (its own parser reads the arguments after the suite's name), and where it cannot be
+imported the command says how to run it from a checkout."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import sys
-from pathlib import Path
 
-HELP = ("benchmarks from the source tree: 'bench kernels' times sparse matmuls against dense cuBLAS over M, "
+HELP = ("benchmarks from a source checkout: 'bench kernels' times sparse matmuls against dense cuBLAS over M, "
         "'bench prefill' compares the cuSPARSELt paths at large M")
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SUITES = {"kernels": "decode-size sparse matmuls against dense cuBLAS over M (GPU); --help for its options",
           "prefill": "large-M GEMMs: dense vs torch vs cusparselt vs dispatch (GPU); --help for its options"}
 TAKES_REST = True  # the arguments after the suite's name belong to the suite's own parser
 
 
 def load_suite(name: str):
-    """The module ``benchmarks/<name>.py``, or None if this is not a source checkout."""
-    path = BENCHMARKS / f"{name}.py"
-    if not path.is_file():
+    """The module ``benchmarks.<name>``, or None where the ``benchmarks`` package of a checkout is not importable."""
+    try:
+        module = importlib.import_module(f"benchmarks.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("benchmarks", f"benchmarks.{name}"):
+            raise  # the suite is there but one of its own imports is missing: show that
         return None
-    spec = importlib.util.spec_from_file_location(f"sparse_runtime_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module if hasattr(module, "run") and hasattr(module, "add_arguments") else None
 
 
 def add_arguments(p) -> None:
@@ -43,8 +41,9 @@ def run(args) -> int:
         return 2
     module = load_suite(args.suite)
     if module is None:
-        print(f"sparse-runtime bench {args.suite}: {BENCHMARKS / args.suite}.py not found; "
-              "run it from a source checkout of sparse_runtime", file=sys.stderr)
+        print(f"sparse-runtime bench {args.suite}: the benchmarks are not installed with the package; in a source "
+              f"checkout of sparse_runtime, run 'python -m benchmarks.{args.suite}' (or 'python -m sparse_runtime "
+              f"bench {args.suite}') from its root", file=sys.stderr)
         return 2
     p = argparse.ArgumentParser(prog=f"sparse-runtime bench {args.suite}", description=module.HELP)
     module.add_arguments(p)

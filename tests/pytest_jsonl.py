@@ -1,7 +1,10 @@
 """A pytest plugin that appends one JSON line per test to ``$SPARSE_RUNTIME_TEST_LOG`` as soon as the test
 finishes, so a GPU check cut off by its time limit still shows what passed, failed and was running.
 
-    PYTHONPATH=benchmarks SPARSE_RUNTIME_TEST_LOG=out.jsonl python -m pytest -p pytest_jsonl tests -m gpu
+    SPARSE_RUNTIME_TEST_LOG=out.jsonl python -m pytest tests -m gpu
+
+``tests/conftest.py`` installs its hooks for the test suite; elsewhere it loads as ``-p pytest_jsonl`` with this
+folder importable. Without ``$SPARSE_RUNTIME_TEST_LOG`` it writes nothing.
 
 Lines: ``{"test", "outcome", "phase", "seconds"}`` for the call of each test, and for a setup or teardown that
 did not pass (a skip or an error); ``{"start": test}`` before each test runs.
