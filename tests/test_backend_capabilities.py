@@ -40,26 +40,15 @@ def _refused(why: str | None) -> bool:
     return why is not None and why.startswith(("unsupported dtype", "unsupported pattern", "takes M <="))
 
 
-def test_dtypes(case):
-    backend, dtypes, *_ = case
-    caps = backend.capabilities
-    for dtype in FLOAT_DTYPES:
-        why = backend.unsupported(_layer(dtype))
-        if dtype in dtypes:
-            assert why == caps.refusal(dtype=dtype)
-            assert f"unsupported dtype {dtype_name(dtype)}; supported: " in why
-        else:
-            assert not _refused(why), why
-
-
-def test_patterns(case):
-    backend, _, patterns, *_ = case
-    caps = backend.capabilities
-    for pattern in PATTERNS:
-        why = backend.unsupported(_layer(pattern=pattern))
-        if pattern in patterns:
-            assert why == caps.refusal(pattern=pattern)
-            assert f"unsupported pattern {pattern}; supported: " in why
+@pytest.mark.parametrize("kind", ["dtype", "pattern"])
+def test_dtypes_and_patterns(case, kind):
+    backend, dtypes, patterns, *_ = case
+    refused = dtypes if kind == "dtype" else patterns
+    for item in FLOAT_DTYPES if kind == "dtype" else PATTERNS:
+        why = backend.unsupported(_layer(**{kind: item}))
+        if item in refused:
+            assert why == backend.capabilities.refusal(**{kind: item})
+            assert why.startswith(f"unsupported {kind} {dtype_name(item) if kind == 'dtype' else item}; supported: ")
         else:
             assert not _refused(why), why
 
