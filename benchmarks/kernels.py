@@ -249,7 +249,8 @@ def bench_shape(shape, dtype_name, ms_list, providers, copy_gbps, l2_bytes, log=
         rot_sets[block] = [(q if block else q[0]).clone() for _ in range(n_copies)]  # one per copy, as per layer
     from sparse_runtime import backends
 
-    max_m = {p: backends.get(p).max_m for p in providers if p in backends.names() and backends.get(p).max_m}
+    max_m = {p: backends.get(p).capabilities.max_m for p in providers
+             if p in backends.names() and backends.get(p).capabilities.max_m}
     rows = []
     log(format_table([]))
     for m in ms_list:

@@ -1,7 +1,7 @@
 """What the Triton kernels and their torch-facing wrappers agree on, importable without triton."""
 import os
 
-DECODE_MAX_M = 16  # M up to here runs the split-K decode schedule (its tiles are 16 rows tall)
+DECODE_MAX_M = 16  # M up to here is decode: Triton's split-K decode schedule (16-row tiles), the mma.sp kernel
 
 
 def interpreting() -> bool:

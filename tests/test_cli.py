@@ -20,6 +20,22 @@ def test_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["backends"]["reference"] == "available"
     assert info["versions"]["torch"]
+    assert info["capabilities"]["mmasp"] == {"dtypes": "float16, bfloat16", "patterns": "2:4", "devices": "cuda",
+                                             "auto": "none", "max_m": "16"}
+    assert info["capabilities"]["reference"]["dtypes"] == "-"
+
+
+def test_info_text_prints_the_capability_tables(capsys):
+    from sparse_runtime import backends
+
+    main(["info"])
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("what each backend takes"))
+    header = lines[start + 1].split()
+    assert header == ["backend", "dtypes", "patterns", "devices", "auto", "max_m"]
+    rows = {line.split()[0]: line for line in lines[start + 2:start + 2 + len(backends.names())]}
+    assert set(rows) == set(backends.names())
+    assert rows["mmasp"].split()[-1] == "16" and "float16, bfloat16" in rows["mmasp"]
 
 
 def test_info_text_lists_unavailable_reasons(capsys):

@@ -85,8 +85,9 @@ def test_backend_registered():
     b = backends.get("cusparselt")
     assert b.unavailable(torch.device("cpu"))
     layer = SparseLinear(64, 32, dtype=torch.float32)
-    assert "fp16/bf16" in b.unsupported(layer)
-    assert "not 2:4" in b.unsupported(SparseLinear(64, 32, pattern="4:8", dtype=torch.float16))
+    assert "unsupported dtype float32; supported: float16, bfloat16" in b.unsupported(layer)
+    assert "unsupported pattern 4:8; supported: 2:4" in b.unsupported(SparseLinear(64, 32, pattern="4:8",
+                                                                                 dtype=torch.float16))
     assert b.unsupported(SparseLinear(64, 32, dtype=torch.float16)) is None
 
 

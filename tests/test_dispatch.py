@@ -49,6 +49,8 @@ def test_cache_file_round_trip(tmp_path, monkeypatch):
 def test_measure_uses_graph_device_time_and_eager_only_for_what_will_not_capture(monkeypatch):
     # The timers are stubbed: this checks the policy, not the GPU.
     class Fake:
+        capabilities = backends.Capabilities()
+
         def __init__(self, name):
             self.name = name
 
@@ -79,6 +81,8 @@ def test_measure_uses_graph_device_time_and_eager_only_for_what_will_not_capture
 def test_only_the_chosen_layouts_stay_prepared(monkeypatch, tmp_path):
     # Timers and the GPU name are stubbed: this checks what the layer keeps after deciding, not the GPU.
     class Fake:
+        capabilities = backends.Capabilities()
+
         def __init__(self, name):
             self.name = name
 
@@ -111,7 +115,7 @@ def test_only_the_chosen_layouts_stay_prepared(monkeypatch, tmp_path):
 def test_registration_and_cpu():
     b = backends.get("dispatch")
     assert b.unavailable(torch.device("cpu"))
-    assert "not 4:8" in b.unsupported(SparseLinear(64, 32, pattern="4:8"))
+    assert "unsupported pattern 4:8" in b.unsupported(SparseLinear(64, 32, pattern="4:8"))
     assert SparseLinear(64, 32).active_backend != "dispatch"  # auto on CPU
 
 

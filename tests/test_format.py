@@ -1,9 +1,12 @@
+import math
+
 import pytest
 import torch
 
 from sparse_runtime.errors import MaskError, ShapeError
-from sparse_runtime.format.codec import (SparseWeight, compress_nm, decompress_nm, pack_bits, pack_meta_24,
-                                   parse_pattern, unpack_bits, unpack_meta_24)
+from sparse_runtime.format.codec import (SparseWeight, cdiv, compress_nm, decompress_nm, dtype_name, is_24,
+                                         pack_bits, pack_meta_24, parse_pattern, unpack_bits, unpack_meta_24,
+                                         unsupported_dtype, unsupported_pattern)
 from sparse_runtime.format.masks import nm_mask, unstructured_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -89,6 +92,31 @@ def test_in_features_not_divisible():
 def test_unsupported_dtype(dtype):
     with pytest.raises(TypeError, match="unsupported dtype"):
         SparseWeight.compress(torch.zeros(2, 8, dtype=dtype))
+
+
+def test_unsupported_dtype_names_them_all():
+    with pytest.raises(TypeError, match="w: unsupported dtype int8; supported: float16, bfloat16, float32, float64$"):
+        SparseWeight.compress(torch.zeros(2, 8, dtype=torch.int8), name="w")
+    assert unsupported_dtype(torch.float16, (torch.float16,)) is None
+
+
+def test_pattern_predicates():
+    assert is_24("2:4") and is_24("02:4") and not is_24("4:8") and not is_24("unstructured")
+    assert unsupported_pattern("02:4", ("2:4",)) is None
+    assert unsupported_pattern("4:8", ("2:4", "1:4")) == "unsupported pattern 4:8; supported: 2:4, 1:4"
+    assert unsupported_pattern("unstructured", ("2:4",)) == "unsupported pattern unstructured; supported: 2:4"
+
+
+@pytest.mark.parametrize("dtype, name, short", [(torch.float16, "float16", "fp16"), (torch.bfloat16, "bfloat16", "bf16"),
+                                                (torch.float32, "float32", "fp32"), (torch.int8, "int8", "int8")])
+def test_dtype_names(dtype, name, short):
+    assert dtype_name(dtype) == name and dtype_name(dtype, short=True) == short
+    assert getattr(torch, name) is dtype
+
+
+@pytest.mark.parametrize("a, b", [(0, 8), (1, 8), (8, 8), (9, 8), (17, 16), (1000, 7)])
+def test_cdiv(a, b):
+    assert cdiv(a, b) == math.ceil(a / b)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

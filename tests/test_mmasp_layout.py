@@ -90,6 +90,7 @@ def test_constants_match_the_cuda_header():
     assert int(re.search(r"#define SR_DECODE24_WARPS (\d+)", header).group(1)) == L.WARPS
     assert int(re.search(r"#define SR_DECODE24_MAX_KS (\d+)", header).group(1)) == L.MAX_SPLIT_COLUMNS
     assert f"K_CHUNK = {L.K_CHUNK};" in CU
+    assert f"a.m > {L.DECODE_MAX_M})" in CU  # the kernel's M limit is the project's decode limit
 
 
 @pytest.mark.parametrize("sms", [132, 108])

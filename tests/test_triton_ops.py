@@ -309,7 +309,7 @@ def test_direct_launch_per_m_bucket(fake_kernels):
 
     x, ((kind, config, grid, args), *rest) = call(3)  # a new bucket: the autotuner, then its choice's launch
     assert kind == "jit" and config is decode.configs[-1] and decode.tunings == 1 and not rest
-    p = layer._plans[2, True, None]
+    p = layer._plans[4, True, None]  # (M bucket, no bias, no rotation)
     split = p.splits[16, 128, 64]
     assert split > 1 and grid == (4096 // 128, split) and args[8:12] == (3, 4096, 2048, 4)  # M, N, K, M_BUCKET
     for m in (4, 3):  # same bucket and specialisation: the compiled kernel, directly

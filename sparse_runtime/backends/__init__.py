@@ -10,29 +10,66 @@ so ``auto`` never fails where ``reference`` works.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import BackendUnavailable
+from ..format.codec import dtype_name, unsupported_dtype, unsupported_pattern
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend takes, declared once per backend class. ``Backend.unsupported`` and ``unavailable`` check
+    it, ``dispatch`` and ``sparse-runtime info`` read it, and :meth:`refusal` words every refusal from it.
+    ``None``: no limit."""
+
+    dtypes: tuple[torch.dtype, ...] | None = None  # weight dtypes (None: every dtype the format stores)
+    patterns: tuple[str, ...] | None = None  # sparsity patterns (None: every pattern)
+    devices: tuple[str, ...] | None = None  # device types it runs on (None: any)
+    auto_devices: tuple[str, ...] = ()  # device types on which "auto" may pick it
+    max_m: int | None = None  # the most rows of x per call (decode kernels)
+
+    def refusal(self, dtype: torch.dtype | None = None, pattern: str | None = None, m: int | None = None,
+                device: torch.device | None = None) -> str | None:
+        """Why a layer of ``dtype`` and ``pattern``, a call of ``m`` rows, or a ``device`` is outside this table,
+        or None: the one place these refusals are worded."""
+        if m is not None and self.max_m is not None and m > self.max_m:
+            return f"takes M <= {self.max_m} rows per call, got M={m}"
+        if device is not None and self.devices is not None and device.type not in self.devices:
+            return f"runs on {'/'.join(d.upper() for d in self.devices)} devices, not {device.type}"
+        if pattern is not None and self.patterns is not None:
+            why = unsupported_pattern(pattern, self.patterns)
+            if why:
+                return why
+        if dtype is not None and self.dtypes is not None:
+            return unsupported_dtype(dtype, self.dtypes)
+        return None
+
+    def table(self) -> dict[str, str]:
+        """The row ``sparse-runtime info`` prints: each field as text (``-`` for no limit)."""
+        def text(v, fmt=str):
+            return "-" if v is None else ", ".join(map(fmt, v)) or "none"
+        return {"dtypes": text(self.dtypes, dtype_name), "patterns": text(self.patterns),
+                "devices": text(self.devices), "auto": text(self.auto_devices),
+                "max_m": "-" if self.max_m is None else str(self.max_m)}
 
 
 class Backend:
-    """Base class. Subclasses set ``name`` and ``priority`` and override the hooks."""
+    """Base class. Subclasses set ``name``, ``priority`` and ``capabilities`` and override the hooks; they
+    override ``unsupported``/``unavailable`` only for conditions the table cannot state (shapes, libraries)."""
 
     name: str = ""
     priority: int = 0  # "auto" prefers higher
-    # Device types on which "auto" may pick this backend. A backend can still be
-    # usable elsewhere by name (e.g. Triton kernels on the CPU interpreter, for tests).
-    auto_devices: tuple[str, ...] = ("cuda",)
-    max_m: int | None = None  # the most rows of x per call, where the backend has a limit (decode kernels)
+    capabilities: Capabilities = Capabilities()
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why this backend cannot run on ``device``, or None if it can."""
-        return None
+        return self.capabilities.refusal(device=torch.device(device))
 
-    def unsupported(self, layer) -> str | None:
-        """Why this backend cannot run ``layer`` (pattern, dtype, shape), or None."""
-        return None
+    def unsupported(self, layer, m: int | None = None) -> str | None:
+        """Why this backend cannot run ``layer`` (pattern, dtype, shape), or a call of ``m`` rows of it; or None."""
+        return self.capabilities.refusal(dtype=layer.weight_values.dtype, pattern=layer.pattern, m=m)
 
     def prepare(self, layer):
         """Derive this backend's layout from the layer's canonical tensors."""
@@ -45,7 +82,9 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 _IMPORT_ERRORS: dict[str, str] = {}
 _TRIED: set[str] = set()
-# Modules that register backends; a failing import makes that backend unavailable, not the package.
+# Modules that register backends; a failing import makes that backend unavailable, not the package. The
+# backend named "torch" lives in torch_semi: a submodule named torch would, once imported, replace the torch
+# library in this package's namespace (importing a submodule binds it as an attribute of its package).
 _MODULES = ("reference", "decompressed", "triton", "cusparselt", "torch_semi", "mmasp", "dispatch")
 
 
@@ -82,6 +121,11 @@ def get(name: str) -> Backend:
     return _REGISTRY[name]
 
 
+def capabilities() -> dict[str, Capabilities]:
+    """Every registered backend's table, best first."""
+    return {n: _REGISTRY[n].capabilities for n in names()}
+
+
 def availability(device: torch.device | str = "cpu") -> dict[str, str | None]:
     """Every known backend -> None if it can run on ``device``, else the reason."""
     device = torch.device(device)
@@ -101,7 +145,7 @@ def resolve(name: str, layer) -> Backend:
         return backend
     for n in names():
         backend = _REGISTRY[n]
-        if device.type not in backend.auto_devices:
+        if device.type not in backend.capabilities.auto_devices:
             continue
         if backend.unavailable(device) is None and backend.unsupported(layer) is None:
             return backend

@@ -4,19 +4,9 @@ The fastest 2:4 path for large M (prefill). See :mod:`sparse_runtime.ops.cuspars
 import torch
 
 from ..ops import cusparselt
+from ..format.codec import FLOAT_DTYPES
 from ..format.rotation import apply_rotation
-from . import Backend, register
-
-DTYPES = (torch.float16, torch.bfloat16)
-
-
-def unsupported_24(layer, dtypes=DTYPES) -> str | None:
-    """Why a 2:4 tensor-core backend cannot take ``layer`` (shared with the ``torch`` backend)."""
-    if layer.pattern != "2:4":
-        return f"pattern {layer.pattern} is not 2:4"
-    if layer.weight_values.dtype not in dtypes:
-        return f"dtype {layer.weight_values.dtype} is not fp16/bf16"
-    return None
+from . import Backend, Capabilities, register
 
 
 def flatten(layer, x: torch.Tensor) -> torch.Tensor:
@@ -29,13 +19,12 @@ def flatten(layer, x: torch.Tensor) -> torch.Tensor:
 class CusparseLtBackend(Backend):
     name = "cusparselt"
     priority = 20
-    auto_devices = ("cuda",)
+    # the library's dtypes that a canonical weight can have (it also takes int8, which the format does not store)
+    capabilities = Capabilities(dtypes=tuple(d for d in cusparselt.DTYPES if d in FLOAT_DTYPES), patterns=("2:4",),
+                                devices=("cuda",), auto_devices=("cuda",))
 
     def unavailable(self, device):
-        return cusparselt.unavailable(device)
-
-    def unsupported(self, layer):
-        return unsupported_24(layer)
+        return super().unavailable(device) or cusparselt.unavailable(device)
 
     def prepare(self, layer):
         return cusparselt.CusparseLtWeight.from_canonical(layer.weight_values, layer.weight_meta,

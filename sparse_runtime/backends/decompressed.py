@@ -7,13 +7,13 @@ sparsifying and saving a model never materialises it. Outputs are bit-identical 
 import torch.nn.functional as F
 
 from ..format.rotation import apply_rotation
-from . import Backend, register
+from . import Backend, Capabilities, register
 
 
 class DecompressedBackend(Backend):
     name = "decompressed"
     priority = 5  # above reference: the CPU default
-    auto_devices = ("cpu",)
+    capabilities = Capabilities(auto_devices=("cpu",))
 
     def prepare(self, layer):
         return {}  # filled at the first forward; a device/dtype move or new weights rebuild it

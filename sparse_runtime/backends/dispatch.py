@@ -28,8 +28,9 @@ from ..ops import cusparselt
 from ..ops.caches import DiskCache, device_key, m_bucket
 from ..ops.devices import cuda_unavailable
 from ..errors import BackendUnavailable
+from ..format.codec import dtype_name
 from ..ops.timing import device_time_us, time_us
-from . import Backend, get, register
+from . import Backend, Capabilities, get, register
 from .decompressed import DecompressedBackend
 
 CANDIDATES = ("cusparselt", "triton", "mmasp")
@@ -41,7 +42,7 @@ MARGIN = 0.03
 # -- pure logic ---------------------------------------------------------------------------------------
 def shape_key(n: int, k: int, dtype: torch.dtype, has_bias: bool, rotation: tuple | None = None) -> str:
     rot = "none" if rotation is None else "x".join(map(str, rotation))
-    return f"n={n},k={k},{str(dtype).removeprefix('torch.')},bias={int(has_bias)},rot={rot}"
+    return f"n={n},k={k},{dtype_name(dtype)},bias={int(has_bias)},rot={rot}"
 
 
 def entry_key(shape: str, bucket: int) -> str:
@@ -69,8 +70,7 @@ def complete(timings: dict | None, names) -> bool:
 
 def fits(backend, bucket: int) -> bool:
     """Whether ``backend`` takes batches of ``bucket`` rows (decode-only kernels have a ``max_m``)."""
-    max_m = getattr(backend, "max_m", None)
-    return max_m is None or bucket <= max_m
+    return backend.capabilities.refusal(m=bucket) is None
 
 
 def _time_all(runs: dict, timer) -> dict[str, float | None]:
@@ -109,10 +109,11 @@ def _section(device: torch.device) -> str:
 class DispatchBackend(Backend):
     name = "dispatch"
     priority = 100
-    auto_devices = ("cuda",)
+    # dtypes: those of its candidates (checked per layer)
+    capabilities = Capabilities(patterns=("2:4",), devices=("cuda",), auto_devices=("cuda",))
 
     def unavailable(self, device):
-        return cuda_unavailable(device, "dispatch (among CUDA kernels)", capability=None)
+        return super().unavailable(device) or cuda_unavailable(device, "dispatch (among CUDA kernels)", capability=None)
 
     def _candidates(self, layer) -> dict:
         out = {}
@@ -125,12 +126,11 @@ class DispatchBackend(Backend):
                 out[name] = [backend, None]
         return out
 
-    def unsupported(self, layer):
-        if layer.pattern != "2:4":
-            return f"dispatch takes 2:4 layers, not {layer.pattern}"
-        if not self._candidates(layer):
+    def unsupported(self, layer, m=None):
+        why = super().unsupported(layer, m)
+        if why is None and not self._candidates(layer):
             return f"no sparse backend ({', '.join(CANDIDATES)}) can run this layer"
-        return None
+        return why
 
     def prepare(self, layer):
         return _State(self._candidates(layer))

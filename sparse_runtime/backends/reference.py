@@ -5,13 +5,13 @@ weight resident, and its output is bit-for-bit that of the masked dense layer.""
 import torch.nn.functional as F
 
 from ..format.rotation import apply_rotation
-from . import Backend, register
+from . import Backend, Capabilities, register
 
 
 class ReferenceBackend(Backend):
     name = "reference"
     priority = 0
-    auto_devices = ("cpu", "cuda", "mps", "xpu")
+    capabilities = Capabilities(auto_devices=("cpu", "cuda", "mps", "xpu"))
 
     def forward(self, layer, state, x):
         if layer.rotation is not None:

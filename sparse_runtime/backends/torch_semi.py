@@ -1,16 +1,19 @@
 """The ``torch`` backend: PyTorch's own cuSPARSELt path (``torch._cslt_compress`` /
 ``torch._cslt_sparse_mm``, what ``to_sparse_semi_structured`` runs), the baseline users know.
 
+The module is not named after the backend: a ``backends/torch.py`` would replace the torch library in the
+``backends`` package's namespace once imported.
+
 It rebuilds the cuSPARSELt plan on every call; the ``cusparselt`` backend exists to avoid that. The matmul is
 a ``torch.library`` custom op with a fake implementation, so ``torch.compile`` and CUDA graphs see through it.
 """
 import torch
 import torch.nn.functional as F
 
-from ..ops.cusparselt import m_align, padded_shape
+from ..ops.cusparselt import padded_shape
 from ..ops.devices import cuda_unavailable
 from . import Backend, register
-from .cusparselt import flatten, unsupported_24
+from .cusparselt import CusparseLtBackend, flatten
 
 
 @torch.library.custom_op("sparse_runtime::torch_semi_linear", mutates_args=(), device_types="cuda")
@@ -18,7 +21,7 @@ def torch_semi_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor 
                       kpad: int) -> torch.Tensor:
     """``x [M, K] @ W^T + bias`` with ``packed = torch._cslt_compress(W padded to [npad, kpad])``."""
     m, k = x.shape
-    mpad = -(-max(m, 1) // m_align(x.dtype)) * m_align(x.dtype)  # cuSPARSELt needs M padded too
+    mpad = padded_shape(m, n, k, x.dtype)[0]  # cuSPARSELt needs M padded too
     if (mpad, kpad) != (m, k):
         x = F.pad(x, (0, kpad - k, 0, mpad - m))
     # x.t() is column-major, which _cslt_sparse_mm takes as a transposed operand without a copy.
@@ -34,19 +37,16 @@ def _(x, packed, bias, n, npad, kpad):
 class TorchSemiBackend(Backend):
     name = "torch"
     priority = 10
-    auto_devices = ("cuda",)
+    capabilities = CusparseLtBackend.capabilities  # the same library
 
     def unavailable(self, device):
         if not hasattr(torch, "_cslt_sparse_mm"):
             return f"torch {torch.__version__} has no torch._cslt_sparse_mm"
-        why = cuda_unavailable(device, "PyTorch's cuSPARSELt path")
+        why = super().unavailable(device) or cuda_unavailable(device, "PyTorch's cuSPARSELt path")
         cslt = getattr(torch.backends, "cusparselt", None)
         if why is None and cslt is not None and not cslt.is_available():
             return f"torch {torch.__version__} was built without cuSPARSELt"
         return why
-
-    def unsupported(self, layer):
-        return unsupported_24(layer)
 
     def prepare(self, layer):
         n, k = layer.out_features, layer.in_features

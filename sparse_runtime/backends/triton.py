@@ -10,9 +10,8 @@ import torch
 
 from ..ops import triton_ops
 from ..ops.devices import cuda_unavailable
-from ..format.codec import parse_pattern
 from ..format.rotation import apply_rotation
-from . import Backend, register
+from . import Backend, Capabilities, register
 
 # Set True if measurements show the fused full-R prologue winning at the shapes you run.
 FUSE_FULL_ROTATION = False
@@ -21,7 +20,8 @@ FUSE_FULL_ROTATION = False
 class TritonBackend(Backend):
     name = "triton"
     priority = 30
-    auto_devices = ("cuda",)
+    # the CPU only under TRITON_INTERPRET=1 (tests), so not in the table
+    capabilities = Capabilities(dtypes=triton_ops.DTYPES, patterns=("2:4",), devices=("cuda",), auto_devices=("cuda",))
 
     def unavailable(self, device):
         device = torch.device(device)
@@ -29,17 +29,13 @@ class TritonBackend(Backend):
             return "triton is not installed"
         if device.type == "cpu" and triton_ops.interpreting():
             return None
-        return cuda_unavailable(device, "Triton (without TRITON_INTERPRET=1)")
+        return super().unavailable(device) or cuda_unavailable(device, "Triton (without TRITON_INTERPRET=1)")
 
-    def unsupported(self, layer):
-        if parse_pattern(layer.pattern) != (2, 4):
-            return f"pattern {layer.pattern} is not 2:4"
-        dtype = layer.weight_values.dtype
-        if dtype not in triton_ops.DTYPES:
-            return f"dtype {dtype} not supported (fp16, bf16, fp32)"
-        if layer.in_features % 4 or layer.in_features == 0 or layer.out_features == 0:
-            return f"shape {layer.out_features}x{layer.in_features} not supported (in_features a positive multiple of 4)"
-        return None
+    def unsupported(self, layer, m=None):
+        why = super().unsupported(layer, m)
+        if why is None and (layer.in_features == 0 or layer.out_features == 0):
+            return f"shape {layer.out_features}x{layer.in_features} not supported (an empty weight)"
+        return why
 
     def prepare(self, layer):
         return triton_ops.Sparse24Layer(layer.weight_values, layer.weight_meta)

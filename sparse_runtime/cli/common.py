@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+from ..format.codec import FLOAT_DTYPES, dtype_name
+
+# --dtype: the dtypes the format stores, by name and short name ("bfloat16", "bf16") -> torch attribute name
+DTYPES = {dtype_name(d, short): dtype_name(d) for d in FLOAT_DTYPES for short in (False, True)}
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ import importlib.metadata
 import json
 import platform
 
-HELP = "show the device, available backends (and why others are not), and versions"
+HELP = "show the device, available backends (and why others are not), what each backend takes, and versions"
 
 
 def add_arguments(p) -> None:
@@ -26,6 +26,7 @@ def collect() -> dict:
         "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
         "backends": {n: ("available" if why is None else f"unavailable: {why}")
                      for n, why in backends.availability(device).items()},
+        "capabilities": {n: caps.table() for n, caps in backends.capabilities().items()},
         "versions": {},
     }
     for pkg in ("torch", "triton", "transformers", "safetensors", "nvidia-cusparselt-cu13", "numpy"):
@@ -53,5 +54,10 @@ def run(args) -> int:
     print("backends:")
     for name, state in info["backends"].items():
         print(f"  {name:12s} {state}")
+    print("what each backend takes (- for no limit; auto: the devices where 'auto' picks it):")
+    rows = [{"backend": n, **row} for n, row in info["capabilities"].items()]
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]} if rows else {}
+    for r in [dict(zip(widths, widths)), *rows]:
+        print("  " + "  ".join(f"{r[k]:{w}s}" for k, w in widths.items()).rstrip())
     print("versions: " + ", ".join(f"{k} {v or '-'}" for k, v in info["versions"].items()))
     return 0

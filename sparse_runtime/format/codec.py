@@ -38,7 +38,26 @@ import torch
 
 from ..errors import MaskError, ShapeError
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the format stores
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for integers, ``b > 0``."""
+    return -(-a // b)
+
+
+def dtype_name(dtype: torch.dtype, short: bool = False) -> str:
+    """``torch.bfloat16 -> "bfloat16"`` (``short``: ``"bf16"``): how checkpoints, caches, the extensions, the CLI
+    and error messages name a dtype."""
+    name = str(dtype).removeprefix("torch.")
+    return name.replace("bfloat", "bf").replace("float", "fp") if short else name
+
+
+def unsupported_dtype(dtype: torch.dtype, supported) -> str | None:
+    """Why ``dtype`` is refused by what takes ``supported``, or None: the one wording of a dtype refusal."""
+    if dtype in supported:
+        return None
+    return f"unsupported dtype {dtype_name(dtype)}; supported: {', '.join(map(dtype_name, supported))}"
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -54,12 +73,25 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+def is_24(pattern: str) -> bool:
+    """Whether ``pattern`` is 2:4, the sparse tensor cores' pattern."""
+    return parse_pattern(pattern) == (2, 4)
+
+
+def unsupported_pattern(pattern: str, supported) -> str | None:
+    """Why ``pattern`` is refused by what takes ``supported``, or None: the one wording of a pattern refusal."""
+    if parse_pattern(pattern) in {parse_pattern(p) for p in supported}:
+        return None
+    return f"unsupported pattern {pattern}; supported: {', '.join(supported)}"
+
+
 def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
     """Raise a clear error for weights no sparse format should take."""
     if weight.dim() != 2:
         raise ShapeError(f"{name}: expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: unsupported dtype {weight.dtype}; supported: fp16, bf16, fp32, fp64")
+    why = unsupported_dtype(weight.dtype, FLOAT_DTYPES)
+    if why:
+        raise TypeError(f"{name}: {why}")
     if not torch.isfinite(weight).all():
         bad = (~torch.isfinite(weight)).nonzero()[0].tolist()
         raise ValueError(f"{name}: weight has NaN/Inf values (first at row {bad[0]}, column {bad[1]})")
@@ -224,8 +256,9 @@ class SparseWeight:
                 raise ShapeError(f"{name}.{tname}: shape {tuple(t.shape)}, expected {expected[tname]} for {self.pattern} {list(self.shape)}")
         if self.meta.dtype != torch.uint8:
             raise TypeError(f"{name}.meta: dtype {self.meta.dtype}, expected torch.uint8")
-        if self.values.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}.values: unsupported dtype {self.values.dtype}")
+        why = unsupported_dtype(self.values.dtype, FLOAT_DTYPES)
+        if why:
+            raise TypeError(f"{name}.values: {why}")
         nm = parse_pattern(self.pattern)
         if nm is None:
             nnz = int(unpack_bits(self.meta, k).sum())
@@ -254,10 +287,10 @@ def expected_shapes(pattern: str, shape: tuple[int, int], nnz: int | None = None
     rows, k = shape
     nm = parse_pattern(pattern)
     if nm is None:
-        return {"values": (nnz,), "meta": (rows, (k + 7) // 8)}
+        return {"values": (nnz,), "meta": (rows, cdiv(k, 8))}
     n, m = nm
     if k % m:
         raise ShapeError(f"in_features={k} is not divisible by the group size {m} of pattern {pattern}")
     if (n, m) == (2, 4):
-        return {"values": (rows, k // 2), "meta": (rows, (k + 7) // 8)}
+        return {"values": (rows, k // 2), "meta": (rows, cdiv(k, 8))}
     return {"values": (rows, k * n // m), "meta": (rows, k * n // m)}

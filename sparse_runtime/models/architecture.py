@@ -14,6 +14,15 @@ from ..format.codec import parse_pattern
 LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers", "transformer.h",
                "gpt_neox.layers", "layers")
 
+# The linears of a Llama-style decoder layer (Llama, Qwen2/3, Mistral, Gemma), by their paths in the layer:
+# those that read the residual stream (attention's, then the MLP's) and those that write it.
+ATTN_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+MLP_READERS = ("mlp.gate_proj", "mlp.up_proj")
+READERS = ATTN_READERS + MLP_READERS
+WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+# the layer's distinct linear inputs, each by the first linear that reads it (q, k, v share one; gate, up another)
+INPUTS = {"attn": ATTN_READERS[0], "o": WRITERS[0], "mlp": MLP_READERS[0], "down": WRITERS[1]}
+
 
 class UnsupportedModel(SparseRuntimeError, TypeError):
     """The model has no decoder-layer stack the layerwise driver can walk."""

@@ -17,12 +17,10 @@ import torch
 from torch import nn
 
 from ..errors import SparseRuntimeError
-from .architecture import find_decoder_layers
+from .architecture import ATTN_READERS, MLP_READERS, READERS, WRITERS, find_decoder_layers
 from ..format.rotation import apply_rotation
 
 BUFFER = "residual_rotation"
-READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
 # norms that act inside a head (Qwen3's q_norm/k_norm) see neither Q nor R2
 HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
@@ -106,7 +104,7 @@ def head_geometry(layer: nn.Module) -> tuple[int, int, int]:
 @torch.no_grad()
 def fold_norms(layer: nn.Module) -> None:
     """``W <- W diag(g)`` for the linears after each pre-norm, then ``g <- 1``."""
-    for norm, readers in (("input_layernorm", READERS[:3]), ("post_attention_layernorm", READERS[3:])):
+    for norm, readers in (("input_layernorm", ATTN_READERS), ("post_attention_layernorm", MLP_READERS)):
         g = layer.get_submodule(norm).weight
         for r in readers:
             lin = layer.get_submodule(r)

@@ -6,7 +6,8 @@ from torch import nn
 
 from .. import backends
 from ..errors import ShapeError
-from ..format.codec import FLOAT_DTYPES, SparseWeight, check_weight, expected_shapes, parse_pattern
+from ..format.codec import (FLOAT_DTYPES, SparseWeight, check_weight, expected_shapes, is_24, parse_pattern,
+                            unsupported_dtype)
 from ..format.masks import pattern_mask
 from ..format.rotation import check_rotation
 
@@ -33,15 +34,16 @@ class SparseLinear(nn.Module):
     ):
         super().__init__()
         dtype = dtype or torch.get_default_dtype()
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"SparseLinear: unsupported dtype {dtype}; supported: fp16, bf16, fp32, fp64")
+        why = unsupported_dtype(dtype, FLOAT_DTYPES)
+        if why:
+            raise TypeError(f"SparseLinear: {why}")
         self.in_features, self.out_features, self.pattern = in_features, out_features, pattern
         if parse_pattern(pattern) is None and nnz is None:
             nnz = in_features * out_features // 2
         shapes = expected_shapes(pattern, (out_features, in_features), nnz=nnz)
         self.register_buffer("weight_values", torch.zeros(shapes["values"], device=device, dtype=dtype))
         self.register_buffer("weight_meta", torch.zeros(shapes["meta"], device=device, dtype=torch.uint8))
-        if parse_pattern(pattern) == (2, 4):  # a valid all-zero weight: indices (0, 1) in every group
+        if is_24(pattern):  # a valid all-zero weight: indices (0, 1) in every group
             self.weight_meta.fill_(0x44)
             if in_features % 8:
                 self.weight_meta[:, -1] = 0x04

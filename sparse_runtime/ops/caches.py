@@ -14,7 +14,7 @@ CACHE_ENV = "SPARSE_RUNTIME_CACHE"
 
 def m_bucket(m: int) -> int:
     """The power of two >= m (at least 1): the granularity of algorithm searches and dispatch decisions."""
-    return 1 << max(0, int(m) - 1).bit_length()
+    return 1 << (int(m) - 1).bit_length() if m > 1 else 1  # no max(): eager launches call this per forward
 
 
 def device_key(device_name: str, versions: dict) -> str:

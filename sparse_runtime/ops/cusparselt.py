@@ -28,6 +28,7 @@ import torch
 from .caches import LRU, DiskCache, device_key, m_bucket
 from .devices import cuda_unavailable, raw_stream
 from ..errors import BackendUnavailable, ShapeError
+from ..format.codec import cdiv, dtype_name, unsupported_dtype
 from .timing import time_us
 
 try:
@@ -37,12 +38,12 @@ except ImportError as e:  # the pure-Python install: no nvcc or cuSPARSELt at bu
     _C = None
     _IMPORT_ERROR = f"the extension sparse_runtime._C is not built or does not load ({e})"
 
-DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8"}
+DTYPES = (torch.float16, torch.bfloat16, torch.int8)  # what the extension takes, by dtype_name
 
 
 # -- pure logic ---------------------------------------------------------------------------------------
 def round_up(x: int, multiple: int) -> int:
-    return (x + multiple - 1) // multiple * multiple
+    return cdiv(x, multiple) * multiple
 
 
 def weight_align(dtype: torch.dtype) -> int:
@@ -108,8 +109,11 @@ def expand_canonical(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.
 
 
 def _check_dense(w: torch.Tensor) -> None:
-    if w.dim() != 2 or w.dtype not in DTYPE_NAMES:
-        raise ShapeError(f"cuSPARSELt takes a 2-D fp16/bf16/int8 weight, got {tuple(w.shape)} {w.dtype}")
+    if w.dim() != 2:
+        raise ShapeError(f"cuSPARSELt takes a 2-D weight, got shape {tuple(w.shape)}")
+    why = unsupported_dtype(w.dtype, DTYPES)
+    if why:
+        raise ShapeError(f"cuSPARSELt: {why}")
     a = weight_align(w.dtype)
     if w.shape[0] % a or w.shape[1] % a:
         raise ShapeError(f"cuSPARSELt needs weight dims that are multiples of {a}, got {tuple(w.shape)}; "
@@ -121,7 +125,7 @@ def compress_dense(w: torch.Tensor) -> torch.Tensor:
     _check_dense(w)
     index = _require(w.device)
     w = w.contiguous()
-    name = DTYPE_NAMES[w.dtype]
+    name = dtype_name(w.dtype)
     size, buf_size = _C.compressed_size(index, w.shape[0], w.shape[1], name)
     out = torch.empty(size, dtype=torch.uint8, device=w.device)
     buf = torch.empty(max(buf_size, 1), dtype=torch.uint8, device=w.device)
@@ -135,7 +139,7 @@ class CusparseLtWeight:
 
     def __init__(self, packed: torch.Tensor, n: int, k: int, dtype: torch.dtype, bias: torch.Tensor | None):
         self.packed, self.n, self.k, self.dtype = packed, n, k, dtype
-        self.dtype_name = DTYPE_NAMES[dtype]
+        self.dtype_name = dtype_name(dtype)
         self.device = packed.device
         self.index = packed.device.index if packed.device.index is not None else torch.cuda.current_device()
         _, self.npad, self.kpad = padded_shape(1, n, k, dtype)

@@ -13,6 +13,7 @@ import torch
 from . import mmasp_layout as layout
 from .devices import cuda_unavailable, raw_stream
 from ..errors import BackendUnavailable, ShapeError
+from ..format.codec import dtype_name, unsupported_dtype
 
 try:
     from .. import _decode24 as _D
@@ -21,7 +22,7 @@ except ImportError as e:  # the pure-Python install: no nvcc at build time
     _D = None
     _IMPORT_ERROR = f"the extension sparse_runtime._decode24 is not built or does not load ({e})"
 
-DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DTYPES = (torch.float16, torch.bfloat16)  # what the kernel takes, by dtype_name
 
 
 def unavailable(device: torch.device | str | None = None) -> str | None:
@@ -45,8 +46,9 @@ class MmaspWeight:
     @classmethod
     def from_canonical(cls, values: torch.Tensor, meta: torch.Tensor, k: int,
                        bias: torch.Tensor | None = None) -> MmaspWeight:
-        if values.dtype not in DTYPE_NAMES:
-            raise ShapeError(f"the mma.sp kernel takes fp16/bf16 weights, got {values.dtype}")
+        why = unsupported_dtype(values.dtype, DTYPES)
+        if why:
+            raise ShapeError(f"the mma.sp kernel: {why}")
         n = values.shape[0]
         why = layout.unsupported_shape(n, k)
         if why:
@@ -61,8 +63,8 @@ class MmaspWeight:
 def linear(x: torch.Tensor, w: MmaspWeight) -> torch.Tensor:
     """``x [M, K] @ W^T (+ bias)`` for M <= 16, on the device ``w`` lives on."""
     m = x.shape[0]
-    if x.dim() != 2 or x.shape[1] != w.k or not 1 <= m <= layout.MAX_M:
-        raise ShapeError(f"the mma.sp kernel takes x [M <= {layout.MAX_M}, {w.k}], got {tuple(x.shape)}")
+    if x.dim() != 2 or x.shape[1] != w.k or not 1 <= m <= layout.DECODE_MAX_M:
+        raise ShapeError(f"the mma.sp kernel takes x [M <= {layout.DECODE_MAX_M}, {w.k}], got {tuple(x.shape)}")
     if x.dtype != w.dtype:
         raise ShapeError(f"x is {x.dtype}, the weight {w.dtype}")
     why = unavailable(x.device)
@@ -76,5 +78,5 @@ def linear(x: torch.Tensor, w: MmaspWeight) -> torch.Tensor:
     ws = torch.empty(w.split, m, w.n, dtype=torch.float32, device=x.device) if w.split > 1 else y
     _D.decode24(index, w.vals.data_ptr(), w.meta.data_ptr(), x.data_ptr(),
                 0 if w.bias is None else w.bias.data_ptr(), y.data_ptr(), ws.data_ptr(), w.counters.data_ptr(),
-                m, w.n, w.k, w.split_chunks, DTYPE_NAMES[x.dtype], raw_stream(index))
+                m, w.n, w.k, w.split_chunks, dtype_name(x.dtype), raw_stream(index))
     return y

@@ -24,16 +24,16 @@ here the same way, and models ``ldmatrix`` and ``mma.sp`` from the ISA's fragmen
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from ..format.codec import cdiv
+from ..kernels.common import DECODE_MAX_M  # the kernel takes two n-tiles of 8 tokens (csrc/decode24.cu checks it)
 
 ROW_TILE = 16  # output features per MMA (W is the A operand)
 K_STEP = 32  # input columns per MMA
 K_CHUNK = 64  # two k-steps: one metadata word per lane
 WARPS = 8  # warps (row tiles) per CTA: csrc/decode24.h SR_DECODE24_WARPS
 MAX_SPLIT_COLUMNS = 1024  # csrc/decode24.h SR_DECODE24_MAX_KS: a CTA's x slice lives in shared memory
-MAX_M = 16  # two n-tiles of 8 tokens
 PAD_META = 0x44  # a padded row's groups: kept indices 0 and 1 (valid, increasing), values 0
 
 
@@ -50,14 +50,14 @@ def split_columns(n: int, k: int, sms: int) -> int:
     Depends on the shape and the GPU only, not on M, so every M of a layer (and every captured graph) gets the
     same grid and the same summation order."""
     chunks = k // K_CHUNK
-    ctas_n = math.ceil(math.ceil(n / ROW_TILE) / WARPS)
-    want = max(1, math.ceil(2 * sms / ctas_n))
-    return max(1, min(math.ceil(chunks / want), MAX_SPLIT_COLUMNS // K_CHUNK))
+    ctas_n = cdiv(cdiv(n, ROW_TILE), WARPS)
+    want = max(1, cdiv(2 * sms, ctas_n))
+    return max(1, min(cdiv(chunks, want), MAX_SPLIT_COLUMNS // K_CHUNK))
 
 
 def grid(n: int, k: int, split_chunks: int) -> tuple[int, int]:
     """(CTAs along N, CTAs along K) of a launch."""
-    return math.ceil(math.ceil(n / ROW_TILE) / WARPS), math.ceil(k // K_CHUNK / split_chunks)
+    return cdiv(cdiv(n, ROW_TILE), WARPS), cdiv(k // K_CHUNK, split_chunks)
 
 
 def _lanes():
@@ -79,7 +79,7 @@ def fragment_layout(values: torch.Tensor, meta: torch.Tensor, k: int) -> tuple[t
         raise ValueError(f"expected 16-bit values [N, {k // 2}] and uint8 meta [N, {k // 8}], got "
                          f"{values.dtype} {tuple(values.shape)} and {meta.dtype} {tuple(meta.shape)}")
     n = values.shape[0]
-    tiles, steps, chunks = math.ceil(n / ROW_TILE), k // K_STEP, k // K_CHUNK
+    tiles, steps, chunks = cdiv(n, ROW_TILE), k // K_STEP, k // K_CHUNK
     pad = tiles * ROW_TILE - n
     if pad:
         values = torch.cat([values, values.new_zeros(pad, k // 2)])
@@ -149,14 +149,14 @@ def emulate(x: torch.Tensor, vals: torch.Tensor, meta: torch.Tensor, n: int, k: 
     columns over K (``split_chunks`` chunks each), warps over 16-row tiles, chunks, the two k-steps of a chunk
     (selector h), n-tiles; then the split-order reduction of the partials."""
     m = x.shape[0]
-    if not 1 <= m <= MAX_M:
-        raise ValueError(f"M must be in 1..{MAX_M}, got {m}")
+    if not 1 <= m <= DECODE_MAX_M:
+        raise ValueError(f"M must be in 1..{DECODE_MAX_M}, got {m}")
     tiles, steps, chunks = vals.shape[0], k // K_STEP, k // K_CHUNK
     nts = 1 if m <= 8 else 2
     flat_v, flat_m = vals.reshape(-1, 4), meta.reshape(-1)
     lane = torch.arange(32)
     g, tq = lane // 4, lane % 4
-    split = math.ceil(chunks / split_chunks)
+    split = cdiv(chunks, split_chunks)
     ws = torch.zeros(split, m, n, dtype=torch.float64)
     for by in range(split):
         chunk0 = by * split_chunks

@@ -22,6 +22,7 @@ from .caches import m_bucket
 from .devices import raw_stream
 from ..kernels.common import DECODE_MAX_M, interpreting  # noqa: F401  (backends read them here)
 from ..errors import ShapeError
+from ..format.codec import cdiv, unsupported_dtype
 from ..format.rotation import apply_rotation, check_rotation
 from .triton_launch import direct_launch
 
@@ -72,8 +73,9 @@ def _check(x, values, meta, bias, rotation, op) -> None:
                                "(or TRITON_INTERPRET=1 to run them on the CPU interpreter)")
         if t is not None and t.device != x.device:
             raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"{op}: unsupported dtype {x.dtype}; supported: fp16, bf16, fp32")
+    why = unsupported_dtype(x.dtype, DTYPES)
+    if why:
+        raise TypeError(f"{op}: {why}")
     if values.dim() != 2:
         raise ShapeError(f"{op}: values must be [N, K/2], got shape {list(values.shape)}")
     n, k = values.shape[0], values.shape[1] * 2
@@ -105,7 +107,7 @@ def decode_locks(n: int, device: torch.device) -> torch.Tensor:
     that graph's private pool, and counters shared by several graphs race when their replays overlap."""
     ker = _kernels()
     fill = ker.gpu_fill(device)
-    return torch.zeros(max(_cdiv(n, 16), ker.CTAS_PER_SM * fill[0] if fill else 0), dtype=torch.int32, device=device)
+    return torch.zeros(max(cdiv(n, 16), ker.CTAS_PER_SM * fill[0] if fill else 0), dtype=torch.int32, device=device)
 
 
 def _capturing(device: torch.device) -> bool:
@@ -154,7 +156,7 @@ def _plan(m, n, k, dtype, device, rot_b, has_bias, split_k) -> _Plan:
     p.splits = {ker.blocks(c): ker.even_split(c, k, split_k) if split_k else
                 ker.split_k(c, p.m_bucket, n, k, dtype.itemsize, *fill) if fill else 1 for c in p.configs}
     p.max_splits = max(p.splits.values())
-    p.lock_tiles = max((_cdiv(p.m_bucket, bm) * _cdiv(n, bn) for (bm, bn, _), s in p.splits.items() if s > 1),
+    p.lock_tiles = max((cdiv(p.m_bucket, bm) * cdiv(n, bn) for (bm, bn, _), s in p.splits.items() if s > 1),
                        default=0)
     p.kw = dict(HAS_BIAS=has_bias, ROT=rot, ROT_B=rot_b or 1,
                 DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
@@ -171,7 +173,7 @@ def _grid(p: _Plan, m: int, n: int):
 
     def grid(meta):
         bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-        return _cdiv(m, bm) * _cdiv(n, bn), splits[bm, bn, bk]
+        return cdiv(m, bm) * cdiv(n, bn), splits[bm, bn, bk]
 
     return grid
 
@@ -214,7 +216,7 @@ def _start(p: _Plan, args: tuple) -> None:
     launch = p.launches.get(spec)
     if launch is not None:
         bm, tiles_n, split = p.grid
-        launch(_cdiv(args[8], bm) * tiles_n, split, p.stream(), *args)
+        launch(cdiv(args[8], bm) * tiles_n, split, p.stream(), *args)
         return
     grid = _grid(p, args[8], args[9])
     if p.config is None and not _capturing(args[0].device):
@@ -232,7 +234,7 @@ def _start(p: _Plan, args: tuple) -> None:
 
 def _choose(p: _Plan, config, n: int) -> None:
     bm, bn, bk = _kernels().blocks(config)
-    p.config, p.grid = config, (bm, _cdiv(n, bn), p.splits[bm, bn, bk])
+    p.config, p.grid = config, (bm, cdiv(n, bn), p.splits[bm, bn, bk])
 
 
 def _constexprs(values: dict, runtime: int) -> tuple:
@@ -306,7 +308,7 @@ class Sparse24Layer:
         if rotation is not None and not rotation.is_contiguous():
             rotation = rotation.contiguous()
         rot_b = _rotation_block(rotation, self.k)
-        key = ((m - 1).bit_length(), bias is None, rot_b)  # the M bucket: plans depend on M only through it
+        key = (m_bucket(m), bias is None, rot_b)  # plans depend on M only through its bucket
         p = self._plans.get(key)
         if p is None:
             p = self._plans[key] = _plan(m, self.n, self.k, x.dtype, x.device, rot_b, bias is not None, None)
@@ -321,10 +323,6 @@ def _split_locks(locks, device, tiles: int) -> torch.Tensor:
         raise ShapeError(f"sparse24: locks must be int32 with >= {tiles} elements on {device} (see decode_locks), "
                          f"got {locks.dtype} [{locks.numel()}] on {locks.device}")
     return locks
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _run(x, values, meta, bias, rotation, out, split_k, op, locks=None) -> torch.Tensor:

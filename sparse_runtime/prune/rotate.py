@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..format.codec import parse_pattern
-from ..models.architecture import find_decoder_layers
+from ..models.architecture import READERS, WRITERS, find_decoder_layers
 from .statistics import LayerInputs
 from ..models.residual_rotation import check_layer, fold_norms, head_blocks, head_geometry, left, right, rotate_model
 
@@ -198,9 +198,8 @@ def learn_rotation(layer, inputs: LayerInputs | None, method: str, pattern: str,
     per-step history and the seconds spent."""
     t0 = time.perf_counter()
     n_heads, n_kv, hd = head_geometry(layer)
-    attn, mlp = layer.self_attn, layer.mlp
-    ws = [m.weight.detach().float() for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)]
-    ws += [attn.o_proj.weight.detach().float().T, mlp.down_proj.weight.detach().float().T]
+    ws = [layer.get_submodule(p).weight.detach().float() for p in READERS]
+    ws += [layer.get_submodule(p).weight.detach().float().T for p in WRITERS]
     sizes = [w.shape[0] for w in ws]
     # every matrix whose d-sized side Q1 rotates, as rows: one matmul per step, in bf16 where that is fast (5x
     # faster than fp32 with AMX; the scores only need to rank)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.architecture import UnsupportedModel
+from ..models.architecture import INPUTS, UnsupportedModel
 
 
 class InputNorms:
@@ -178,8 +178,7 @@ class LayerInputs:
 
 def layer_inputs(layer, inps, kwargs, device):
     """The four input Hessians a rotation is learned on, from one pass of the dense layer."""
-    taps = {"attn": layer.self_attn.q_proj, "o": layer.self_attn.o_proj, "mlp": layer.mlp.gate_proj,
-            "down": layer.mlp.down_proj}
+    taps = {k: layer.get_submodule(path) for k, path in INPUTS.items()}
     stats = {k: Hessian(m.in_features, device) for k, m in taps.items()}
     run_collecting(layer, {m: stats[k] for k, m in taps.items()}, inps, kwargs, device)
     return LayerInputs(**{k: s.H for k, s in stats.items()})

@@ -24,13 +24,13 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
+from ..models.architecture import WRITERS
 from ..models.checkpoint import SPARSE_CONFIG, assemble, read_checkpoint
 from ..errors import SparseRuntimeError
 from ..nn.linear import SparseLinear
 from ..models.tensor_files import TensorDict
 
-COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW = ("o_proj", "down_proj")
+ROW = tuple(p.rpartition(".")[2] for p in WRITERS)  # row-parallel (they write the residual stream); readers: column
 
 
 class TensorParallelError(SparseRuntimeError, ValueError):
