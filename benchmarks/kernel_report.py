@@ -115,17 +115,19 @@ def issue_rate(loop: dict, warps: int, nbytes: int, arch: int) -> dict:
 def variants(arch: int, dtype: str):
     """(label, constexprs, warps, stages, config) for every autotune config of both schedules, plus the fused rotation."""
     from sparse_runtime.kernels import sparse24 as k
+    from sparse_runtime.ops import triton_plan
 
-    base = dict(HAS_BIAS=False, ROT=0, ROT_B=1, DOT_PREC="tf32", BLOCK_J=32, GROUP_M=8)
+    base = dict(HAS_BIAS=False, ROT=k.ROT_NONE.value, ROT_B=1, DOT_PREC="tf32", BLOCK_J=32, GROUP_M=8)
     for schedule, configs, swap in (("decode", k.GPU_DECODE_CONFIGS, True), ("tiles", k.GPU_TILE_CONFIGS, False)):
         for c in configs:
             kw = c.kwargs
             const = {**base, **{x: kw[x] for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}, "SWAP_AB": swap}
             label = f"{schedule} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
             yield label, const, c.num_warps, c.num_stages, c
-            if kw["BLOCK_K"] <= k.ROT_TILE_MAX_K:  # R's tile is [BK, BK] for any block size dividing BK
+            if kw["BLOCK_K"] <= triton_plan.ROT_TILE_MAX_K:  # R's tile is [BK, BK] for any block size dividing BK
                 b = kw["BLOCK_K"]
-                yield label + f" +rot b{b}", {**const, "ROT": 1, "ROT_B": b}, c.num_warps, c.num_stages, c
+                rotated = {**const, "ROT": k.ROT_TILE.value, "ROT_B": b}
+                yield label + f" +rot b{b}", rotated, c.num_warps, c.num_stages, c
 
 
 def kernel_version() -> str:
@@ -142,15 +144,16 @@ def kernel_version() -> str:
 
 def report_row(arch: int, label: str, const: dict, warps: int, stages: int, cfg, dtype: str) -> dict:
     from sparse_runtime.kernels import sparse24 as k
+    from sparse_runtime.ops.triton_plan import SMEM_LIMIT, smem_estimate
 
-    # reachable: the launch's prune (kernels.sparse24.fitting) keeps it on this arch
-    est = k.smem_estimate(cfg, const["ROT"], ESIZE[dtype])
-    row = {"arch": arch, "config": label, "smem_estimate": est, "smem_limit": k.SMEM_LIMIT[arch],
-           "reachable": est <= k.SMEM_LIMIT[arch], "kernel": kernel_version(),
+    # reachable: the launch's prune (ops.triton_plan.within_shared_memory) keeps it on this arch
+    est = smem_estimate(cfg, const["ROT"], ESIZE[dtype])
+    row = {"arch": arch, "config": label, "smem_estimate": est, "smem_limit": SMEM_LIMIT[arch],
+           "reachable": est <= SMEM_LIMIT[arch], "kernel": kernel_version(),
            "compiled": now()}
     try:
         row.update(inspect(compile_variant(k.sparse24_matmul_kernel, dtype, arch, const, warps, stages)))
-        row["fits"] = row["shared"] <= k.SMEM_LIMIT[arch]
+        row["fits"] = row["shared"] <= SMEM_LIMIT[arch]
     except Exception as e:  # a config the compiler rejects is a finding, not a crash
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     if label.startswith("decode") and row.get("main_loop"):

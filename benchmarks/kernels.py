@@ -215,10 +215,9 @@ def _layer_fns(provider, weights, xs, rotations):
     if provider not in ROTATION_PROVIDERS:
         return [lambda l=l, x=x: l(x) for l, x in zip(layers, xs)]
     block, fused = ROTATION_PROVIDERS[provider]
-    if fused:
-        prepared = [triton_ops.prepare_sparse24(sw.values, sw.meta) for sw in weights]
-        return [lambda p=p, r=r, x=x: triton_ops.rotate_sparse24_matmul(x, r, *p)
-                for p, r, x in zip(prepared, rotations, xs)]
+    if fused:  # prepared layers own their split-K counters (M <= 16 splits K), so the pass can be captured
+        prepared = [triton_ops.Sparse24Layer(sw.values, sw.meta) for sw in weights]
+        return [lambda p=p, r=r, x=x: p(x, rotation=r) for p, r, x in zip(prepared, rotations, xs)]
     return [lambda l=l, r=r, x=x: l(apply_rotation(x, r)) for l, r, x in zip(layers, rotations, xs)]
 
 

@@ -65,12 +65,13 @@ def main(argv=None) -> int:
     if args.shard:
         return worker(args)
     from sparse_runtime.kernels import sparse24 as k
+    from sparse_runtime.ops.triton_plan import CONFIGS_ENV
 
     shards = max(1, min(args.shards, len(k.GPU_DECODE_CONFIGS), len(k.GPU_TILE_CONFIGS)))
     t0 = time.time()
     procs = [subprocess.Popen([*module_command(__spec__.name), "--shard", f"{i}/{shards}", "--shapes", args.shapes,
                                "--ms", args.ms, "--dtypes", args.dtypes],
-                              env=module_env(SPARSE_RUNTIME_TRITON_CONFIGS=f"shard:{i}/{shards}"))
+                              env=module_env(**{CONFIGS_ENV: f"shard:{i}/{shards}"}))
              for i in range(shards)]
     codes = [proc.wait() for proc in procs]
     print(f"precompiled in {shards} processes: {time.time() - t0:.0f} s, {codes.count(0)} of {shards} without errors")

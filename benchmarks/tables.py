@@ -158,7 +158,7 @@ def kernel_resources() -> str:
     lines = [f"Compiled ahead of time (no GPU), {r['dtype']}, triton {r['triton']}, {r['date'][:10]}; "
              f"{r['specialisation']}.", "",
              "Shared memory against the arch's per-block limit; 'pruned': the launch's estimate "
-             "(`kernels.sparse24.smem_estimate`) exceeds it, so the autotuner never tries it."
+             "(`ops.triton_plan.smem_estimate`) exceeds it, so the autotuner never tries it."
              + (f" (*): compiled from an earlier version of the kernel source than the current one ({current})."
                 if any(row.get("kernel") != current for row in r["rows"]) else ""),
              "", "| arch | config (BMxBNxBK, warps, stages) | registers | shared memory | spilled | 16-byte loads | MMA |",

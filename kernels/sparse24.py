@@ -25,7 +25,8 @@ the X tile by column phase: with ``x_c = X[:, c::4]`` and
 ``w_c[n, g] = W[n, 4g + c]`` (selected from the two kept values of group ``g``),
 ``X @ W^T = sum_c x_c @ w_c^T``: four dots of depth ``BK/4``, no gather.
 
-Schedules (configs below, chosen by M):
+Schedules (config lists below; ``sparse_runtime.ops.triton_plan`` chooses the schedule by M, the list, and
+each config's split-K factor):
 
 * decode (M <= 16): one 16-row M tile, narrow N blocks, long K tiles and
   split-K over several programs per N block so the grid fills the GPU; each
@@ -35,15 +36,15 @@ Schedules (configs below, chosen by M):
 * tiles (M > 16): classic 2-D tiling with grouped program order for L2 reuse,
   split over K the same way where the output tiles alone are too few to fill the GPU.
 
-Each config gets its own split (:func:`split_k`, from the M bucket): enough CTAs for
-``CTAS_PER_SM`` per SM; configs that cannot get there are pruned when others can.
+Each config gets its own split (``triton_plan.split_k``, from the M bucket): enough CTAs for a few per SM;
+configs that cannot get there are pruned when others can.
 
 Rotation prologue (``ROT``): ``R`` is block-diagonal, stored as blocks
 ``[K/b, b, b]`` (a full ``[K, K]`` ``R`` is the case ``b = K``); each X tile is
-rotated in registers before the sparse product. ``ROT=1`` when the K tile holds
+rotated in registers before the sparse product. ``ROT_TILE`` when the K tile holds
 whole blocks (``b`` divides ``BLOCK_K``, configs pruned to those): one
 ``[BM, BK] x [BK, BK]`` dot against the masked diagonal of R, a pipelined load
-like the others. ``ROT=2`` otherwise (wider blocks, full R): a loop over the
+like the others. ``ROT_ROWS`` otherwise (wider blocks, full R): a loop over the
 rows of R in the blocks the tile meets, ``BLOCK_J`` at a time; a full R is then
 re-read ``K x BK`` per tile by every N block (O(N/BN * K^2) reads from L2):
 exact, but slower than rotating first at large ``K``. Every N block re-reads
@@ -52,21 +53,19 @@ L2 traffic: wide N blocks keep it small.
 
 Bytes per call (fp16/bf16, no rotation): ``N*K`` of values + ``N*K/8`` of meta
 + ``2*(M*K + M*N)`` of X and Y, plus ``8*S*M*N`` of fp32 partials when split ``S``
-ways (:func:`split_k`: resident in half the L2, else under 10% of the weight's bytes).
+ways (``triton_plan.split_k``: resident in half the L2, else under 10% of the weight's bytes).
 4096x4096 at M=1: 18.9 MB against 33.6 MB dense.
 
 Everything accumulates in fp32; the rotated X is rounded to the input dtype,
 as the unfused ``(x @ R)`` would be.
 """
-import functools
-import os
-
 import triton
 import triton.language as tl
 
-from .common import interpreting
-
-INTERPRET = interpreting()  # at import: it picks the config lists below
+# ROT (constexpr): how the prologue rotates the X tile.
+ROT_NONE = tl.constexpr(0)  # no rotation
+ROT_TILE = tl.constexpr(1)  # the K tile holds whole diagonal blocks of R: one dot against R's masked diagonal
+ROT_ROWS = tl.constexpr(2)  # wider blocks, or a full R: a loop over the rows of R in the blocks the tile meets
 
 
 def _configs(blocks, warps, stages, swap_ab):
@@ -79,7 +78,7 @@ def _configs(blocks, warps, stages, swap_ab):
 GPU_DECODE_CONFIGS = (_configs([(16, 64, 64), (16, 128, 64)], [4], [4, 6], True)
                       + _configs([(16, 64, 128)], [4], [2, 4], True)
                       + _configs([(16, 128, 128)], [8], [2, 4], True)
-                      # 2 stages leave room for R's [BK, BK] tile (ROT=1); wide N blocks share it
+                      # 2 stages leave room for R's [BK, BK] tile (ROT_TILE); wide N blocks share it
                       + _configs([(16, 256, 128)], [8], [2], True)
                       + _configs([(16, 256, 64), (16, 64, 256)], [8], [4], True))
 GPU_TILE_CONFIGS = (_configs([(64, 64, 64), (64, 128, 64)], [4], [3, 4], False)
@@ -89,135 +88,13 @@ GPU_TILE_CONFIGS = (_configs([(64, 64, 64), (64, 128, 64)], [4], [3, 4], False)
                     + _configs([(128, 128, 128)], [8], [2, 3], False)
                     # with a 128-block rotation (R's [128, 128] tile per stage) only this one fits sm_80
                     + _configs([(64, 64, 128)], [4], [2], False))
-if INTERPRET:  # without a GPU driver the interpreter cannot benchmark configs: keep one, small, each
-    DECODE_CONFIGS = _configs([(16, 32, 64)], [4], [1], True)
-    TILE_CONFIGS = _configs([(32, 32, 64)], [4], [1], False)
-elif os.environ.get("SPARSE_RUNTIME_TRITON_CONFIGS") == "pinned":
-    # One config per schedule, each fitting sm_80 and sm_90 with a 128-block rotation: GPU correctness tests
-    # compile a handful of kernels instead of replaying the whole autotune space on a cold cache.
-    DECODE_CONFIGS = _configs([(16, 128, 128)], [8], [2], True)
-    TILE_CONFIGS = _configs([(64, 64, 128)], [4], [2], False)
-elif os.environ.get("SPARSE_RUNTIME_TRITON_CONFIGS", "").startswith("shard:"):
-    # "shard:i/n": every n-th config from the i-th, for compiling the lists in n processes at once
-    # (benchmarks/precompile.py): each fills the on-disk cache that a later full autotune then hits.
-    _i, _n = map(int, os.environ["SPARSE_RUNTIME_TRITON_CONFIGS"][6:].split("/"))
-    DECODE_CONFIGS, TILE_CONFIGS = GPU_DECODE_CONFIGS[_i::_n], GPU_TILE_CONFIGS[_i::_n]
-else:
-    DECODE_CONFIGS, TILE_CONFIGS = GPU_DECODE_CONFIGS, GPU_TILE_CONFIGS
-
-# The split-K factor is not in the key: each config derives its own from (M_BUCKET, N, K) and the device
-# (split_k below), so every M of a bucket reuses the bucket's tuned entry (CUDA-graph captures never autotune).
-AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "ROT", "ROT_B"]
-ROT_TILE_MAX_K = 128  # ROT=1 stages a [BLOCK_K, BLOCK_K] tile of R in shared memory
-
-
-# Opt-in shared memory per block (bytes): A100 163 KB, H100/H200 227 KB.
-SMEM_LIMIT = {80: 166912, 90: 232448}
-
-
-def smem_estimate(config, rot: int, esize: int) -> int:
-    """Upper bound on a config's shared memory: ``num_stages`` buffers of the X, values, meta (and R) tiles,
-    plus one tile of layout-conversion scratch. ``benchmarks/kernel_report.py`` checks it against the compiler."""
-    bm, bn, bk = (config.kwargs[x] for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    stage = esize * (bm * bk + bn * bk // 2) + 4 * bn * (bk // 32)
-    if rot == 1:
-        stage += esize * bk * bk
-    elif rot == 2:
-        stage += esize * 32 * (bk + bm)  # BLOCK_J rows of R and columns of X
-    return config.num_stages * stage + esize * max(bm, bn, bk if rot else 0) * bk
-
-
-def fitting(configs, rot: int, rot_b: int, esize: int, limit: int) -> list:
-    """The configs a launch may use: whole rotation blocks in a K tile (ROT=1) and within ``limit`` bytes."""
-    if rot == 1:
-        configs = [c for c in configs if c.kwargs["BLOCK_K"] % rot_b == 0 and c.kwargs["BLOCK_K"] <= ROT_TILE_MAX_K]
-    return [c for c in configs if smem_estimate(c, rot, esize) <= limit]
-
-
-def smem_limit(device) -> int:
-    """The device's per-block shared-memory limit; off a GPU (interpreter, AOT) the smaller of sm_80 and sm_90."""
-    if device.type != "cuda":
-        return min(SMEM_LIMIT.values())
-    return _cuda_smem_limit(device.index)
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_smem_limit(index) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
-
-
-def rotation_mode(block: int | None, configs) -> int:
-    """0: no rotation; 1: the diagonal blocks fit whole in a K tile of some config; 2: loop over R's rows."""
-    if block is None:
-        return 0
-    fits = [c for c in configs if c.kwargs["BLOCK_K"] % block == 0 and c.kwargs["BLOCK_K"] <= ROT_TILE_MAX_K]
-    return 1 if fits else 2
-
-
-# Decode streams the weight: several CTAs per SM keep enough bytes in flight; for tiles it keeps the waves
-# balanced. Split-K makes up the CTAs that the output tiles alone do not give.
-CTAS_PER_SM = 4
-
-
-def blocks(config) -> tuple[int, int, int]:
-    return tuple(config.kwargs[x] for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-
-
-def split_k(config, m: int, n: int, k: int, esize: int, sms: int, l2_bytes: int) -> int:
-    """Split-K factor of ``config`` for ``[m, k] @ [k, n]`` on ``sms`` SMs: the fewest splits (of whole K
-    tiles, at least one each) that give ``CTAS_PER_SM`` CTAs per SM. The fp32 partials (``4 S m n`` bytes,
-    written once, read once) may fill half the L2, where they stay resident and cost no HBM traffic; beyond
-    that, 10% of the weight's bytes. ``m`` is the M bucket, so the grid is the same for every M of a bucket."""
-    bm, bn, bk = blocks(config)
-    want = _cdiv(CTAS_PER_SM * sms, _cdiv(m, bm) * _cdiv(n, bn))
-    resident = l2_bytes // 2 // (4 * m * n)
-    by_traffic = int(0.1 * n * k * (esize / 2 + 1 / 8) // (8 * m * n))  # 2:4 weight: values + 2-bit meta
-    return max(1, min(want, max(resident, by_traffic), _cdiv(k, bk)))
-
-
-def even_split(config, k: int, splits: int) -> int:
-    """A forced factor, within 1 and the K tiles of ``config`` (each split gets at least one)."""
-    return max(1, min(splits, _cdiv(k, blocks(config)[2])))
-
-
-def filling(configs, m: int, n: int, k: int, esize: int, sms: int, l2_bytes: int) -> list:
-    """The configs whose grid, split as above, has ``CTAS_PER_SM`` CTAs per SM; if none has, those with the
-    most CTAs (small layers)."""
-    ctas = {id(c): _cdiv(m, blocks(c)[0]) * _cdiv(n, blocks(c)[1]) * split_k(c, m, n, k, esize, sms, l2_bytes)
-            for c in configs}
-    enough = [c for c in configs if ctas[id(c)] >= CTAS_PER_SM * sms]
-    return enough or [c for c in configs if ctas[id(c)] == max(ctas.values(), default=0)]
-
-
-def gpu_fill(device) -> tuple[int, int] | None:
-    """(SMs, L2 bytes) of a CUDA device; None off a GPU (the interpreter runs unsplit unless told)."""
-    return _cuda_fill(device.index) if device.type == "cuda" else None
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_fill(index) -> tuple[int, int]:
-    import torch
-
-    props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, getattr(props, "L2_cache_size", 0) or (40 << 20)
-
-
-def launch_configs(configs, rot: int, rot_b: int, esize: int, m: int, n: int, k: int, device) -> list:
-    """What the autotuner may try for a launch: configs within the device's shared memory that fill its SMs."""
-    configs = fitting(configs, rot, rot_b, esize, smem_limit(device))
-    fill = gpu_fill(device)
-    return filling(configs, m, n, k, esize, *fill) if fill else configs
-
-
-def _prune(configs, named_args, **kwargs):
-    x, args = named_args["x_ptr"], (named_args[a] for a in ("M_BUCKET", "N", "K"))
-    return launch_configs(configs, kwargs.get("ROT", 0), kwargs.get("ROT_B", 1), x.element_size(), *args, x.device)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+# Without a GPU driver the interpreter cannot benchmark configs: one small config per schedule.
+INTERPRETER_DECODE_CONFIGS = _configs([(16, 32, 64)], [4], [1], True)
+INTERPRETER_TILE_CONFIGS = _configs([(32, 32, 64)], [4], [1], False)
+# One config per schedule, each fitting sm_80 and sm_90 with a 128-block rotation: GPU correctness tests compile
+# a handful of kernels instead of replaying the whole autotune space on a cold cache.
+PINNED_DECODE_CONFIGS = _configs([(16, 128, 128)], [8], [2], True)
+PINNED_TILE_CONFIGS = _configs([(64, 64, 128)], [4], [2], False)
 
 
 @triton.jit
@@ -298,12 +175,12 @@ def sparse24_matmul_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         k0 = tl.multiple_of(k0, BLOCK_K)  # slices are whole tiles: lets loads vectorize (and go async)
         kx = k0 + offs_kx
-        if ROT == 0:
+        if ROT == ROT_NONE:
             xt = tl.load(x_rows + kx[None, :], mask=mask_m[:, None] & (kx[None, :] < K), other=0.0)
-        elif ROT == 1:  # the tile holds whole diagonal blocks: one product
+        elif ROT == ROT_TILE:  # the tile holds whole diagonal blocks: one product
             xr = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
             xt = _rotate_part(xr, x_rows, rot_ptr, mask_m, kx, kx, K, ROT_B, DOT_PREC).to(x_ptr.dtype.element_ty)
-        else:  # blocks wider than the tile, or a full R: the rows of R in the blocks the tile meets
+        else:  # ROT_ROWS: blocks wider than the tile, or a full R: the rows of R in the blocks the tile meets
             xr = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
             for j0 in range((k0 // ROT_B) * ROT_B, min(((k0 + BLOCK_K - 1) // ROT_B + 1) * ROT_B, K), BLOCK_J):
                 xr = _rotate_part(xr, x_rows, rot_ptr, mask_m, j0 + offs_j, kx, K, ROT_B, DOT_PREC)
@@ -359,7 +236,3 @@ def sparse24_matmul_kernel(
         acc = _add_bias(acc, bias_ptr, offs_n, mask_n, HAS_BIAS)
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-
-_PRUNE = {"early_config_prune": _prune}
-sparse24_decode = triton.autotune(DECODE_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)(sparse24_matmul_kernel)
-sparse24_tiles = triton.autotune(TILE_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)(sparse24_matmul_kernel)

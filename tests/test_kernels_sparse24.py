@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sparse_runtime.ops import triton_ops
+from sparse_runtime.ops.triton_plan import SMEM_LIMIT, launch_plan, smem_estimate
 from sparse24_cases import assert_close, random_layer, random_rotation, reference
 
 SHAPES = [(40, 44), (72, 136)]  # N, K: not powers of two; K % 32 != 0
@@ -57,11 +58,12 @@ def test_split_k_counters_reset_for_the_next_call():
     x, sw, values, meta, b = case(4, 72, 256, torch.float32, True)
     for _ in range(2):
         assert_close(run(x, sw, values, meta, b, split_k=4), *reference(x, sw, b), torch.float32)
-    assert not triton_ops._tile_locks(x.device, 1).any()
+    assert not launch_plan(4, 72, 256, torch.float32, x.device, None, True, 4).counters(False).any()
 
 
 @pytest.mark.parametrize("m", [1, 17])
-# full R; blocks inside one K tile (ROT=1 with the interpreter's BLOCK_K=64); blocks straddling or wider (ROT=2)
+# full R; blocks inside one K tile (ROT_TILE with the interpreter's BLOCK_K=64); blocks straddling or wider
+# (ROT_ROWS)
 @pytest.mark.parametrize("k,block", [(44, None), (136, None), (128, 32), (192, 64), (192, 96), (256, 128)])
 def test_rotation(m, k, block):
     dtype = torch.float32 if m == 1 else torch.float16
@@ -141,22 +143,6 @@ def test_rotation_gpu(m, block, dtype):
     assert_close(y, *reference(x, sw, b, rotation=rot), dtype)
 
 
-def test_rotation_modes_and_config_pruning():
-    import triton
-
-    from sparse_runtime.kernels import sparse24 as k
-
-    cfgs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk}) for bk in (64, 128, 256)]
-    assert k.rotation_mode(None, cfgs) == 0
-    assert k.rotation_mode(32, cfgs) == k.rotation_mode(128, cfgs) == 1  # whole blocks in a K tile
-    assert k.rotation_mode(256, cfgs) == k.rotation_mode(96, cfgs) == 2  # R's tile too big / blocks straddle
-    assert [c.kwargs["BLOCK_K"] for c in k.fitting(cfgs, 1, 128, 2, 10**9)] == [128]
-    assert k.fitting(cfgs, 2, 256, 2, 10**9) == cfgs
-    x = torch.empty(1, dtype=torch.float16)  # the autotuner's prune: the same, within the device's shared memory
-    args = {"x_ptr": x, "M_BUCKET": 1, "N": 4096, "K": 4096}  # off a GPU no split: nothing to fill
-    assert k._prune(cfgs, args, ROT=1, ROT_B=128) == k.fitting(cfgs, 1, 128, 2, k.smem_limit(x.device))
-
-
 # Compiles (no GPU needed) every kernel variant for Ampere and Hopper: the interpreter
 # checks the numbers, this checks that the GPU lowering (layouts, MMA, pipelining) accepts the code.
 AOT = r"""
@@ -164,9 +150,9 @@ from benchmarks.kernel_report import compile_variant
 from sparse_runtime.kernels import sparse24 as k
 
 for dtype, arch, (bm, bn, bk), swap, rot, rot_b in [
-        ("fp16", 90, (16, 64, 128), True, 0, 1), ("bf16", 80, (16, 128, 128), True, 1, 128),
-        ("fp16", 90, (64, 128, 64), False, 2, 4096), ("bf16", 90, (128, 128, 64), False, 1, 32)]:
-    const = dict(HAS_BIAS=True, ROT=rot, ROT_B=rot_b, DOT_PREC="tf32", SWAP_AB=swap,
+        ("fp16", 90, (16, 64, 128), True, k.ROT_NONE, 1), ("bf16", 80, (16, 128, 128), True, k.ROT_TILE, 128),
+        ("fp16", 90, (64, 128, 64), False, k.ROT_ROWS, 4096), ("bf16", 90, (128, 128, 64), False, k.ROT_TILE, 32)]:
+    const = dict(HAS_BIAS=True, ROT=rot.value, ROT_B=rot_b, DOT_PREC="tf32", SWAP_AB=swap,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=32, GROUP_M=8)
     # div16=(): the integer arguments unspecialised, the general case (odd K, ragged N)
     compile_variant(k.sparse24_matmul_kernel, dtype, arch, const, 8 if bm == 128 else 4, 3, div16=())
@@ -185,27 +171,6 @@ def test_kernels_compile_for_ampere_and_hopper():
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
 
 
-# -- shared memory: every config a launch can reach fits the device ------------------------------------
-ROT_CASES = [(0, 1), (1, 32), (1, 64), (1, 128), (2, 256), (2, 4096)]  # (ROT, ROT_B)
-
-
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("esize", [2, 4])  # fp16/bf16, fp32
-def test_pruned_configs_fit_the_shared_memory(arch, esize):
-    from sparse_runtime.kernels import sparse24 as k
-
-    limit = k.SMEM_LIMIT[arch]
-    for configs in (k.GPU_DECODE_CONFIGS, k.GPU_TILE_CONFIGS):
-        for rot, rot_b in ROT_CASES:
-            kept = k.fitting(configs, rot, rot_b, esize, limit)
-            assert all(k.smem_estimate(c, rot, esize) <= limit for c in kept)
-            if rot == 1:
-                assert all(c.kwargs["BLOCK_K"] % rot_b == 0 for c in kept)
-            # an empty ROT=1 set means rotate-first (tested in test_triton_ops); the others must never be empty,
-            # and the fused 16-bit rotation must stay available on both architectures
-            assert kept or (rot == 1 and esize == 4), (arch, esize, rot, rot_b)
-
-
 def test_kernel_report_covers_every_config_and_each_fits():
     """benchmarks/results/kernel_report*.json (the compiler's shared memory, AOT for sm_80 and sm_90) covers
     the current config lists, and every config the prune keeps fits its architecture's limit; the estimate the
@@ -213,7 +178,6 @@ def test_kernel_report_covers_every_config_and_each_fits():
     import json
 
     from benchmarks import kernel_report
-    from sparse_runtime.kernels import sparse24 as k
 
     for dtype in ("fp16", "bf16"):
         path = kernel_report.RESULTS / ("kernel_report.json" if dtype == "fp16" else f"kernel_report_{dtype}.json")
@@ -225,30 +189,8 @@ def test_kernel_report_covers_every_config_and_each_fits():
             for label, (const, cfg) in expected.items():
                 r = got[label]
                 assert "error" not in r, (arch, label, r.get("error"))
-                est = k.smem_estimate(cfg, const["ROT"], kernel_report.ESIZE[dtype])
+                est = smem_estimate(cfg, const["ROT"], kernel_report.ESIZE[dtype])
                 assert r["smem_estimate"] == est, f"{label}: stale estimate in {path.name}"
                 assert r["shared"] <= est, f"sm_{arch} {label}: compiler {r['shared']} B > estimate {est} B"
-                if est <= k.SMEM_LIMIT[arch]:
-                    assert r["shared"] <= k.SMEM_LIMIT[arch], (arch, label)
-
-
-PINNED = r"""
-from sparse_runtime.kernels import sparse24 as k
-assert len(k.DECODE_CONFIGS) == len(k.TILE_CONFIGS) == 1
-for pinned, full in ((k.DECODE_CONFIGS, k.GPU_DECODE_CONFIGS), (k.TILE_CONFIGS, k.GPU_TILE_CONFIGS)):
-    assert str(pinned[0]) in map(str, full)  # compiled and checked in the AOT report like the others
-    for limit in k.SMEM_LIMIT.values():  # the fused 128-block rotation stays on the fused path on both
-        assert k.fitting(pinned, 1, 128, 2, limit) == pinned
-print("pinned")
-"""
-
-
-def test_pinned_gpu_configs():
-    """gpu_check.sh's correctness stage pins one config per schedule (SPARSE_RUNTIME_TRITON_CONFIGS=pinned)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "0", "SPARSE_RUNTIME_TRITON_CONFIGS": "pinned"}
-    r = subprocess.run([sys.executable, "-c", PINNED], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "pinned" in r.stdout, r.stderr[-2000:]
+                if est <= SMEM_LIMIT[arch]:
+                    assert r["shared"] <= SMEM_LIMIT[arch], (arch, label)

@@ -1,27 +1,35 @@
-"""benchmarks/precompile.py: the config shards its workers compile cover every config exactly once."""
-import os
-import subprocess
+"""benchmarks/precompile.py: between them, its workers (each with SPARSE_RUNTIME_TRITON_CONFIGS=shard:i/n) compile
+every config the benchmark's full autotune will try, for every shape and M it runs."""
 import sys
+from pathlib import Path
 
-SHARDS = r"""
-import os
-from sparse_runtime.kernels import sparse24 as k
-i, n = map(int, os.environ["SPARSE_RUNTIME_TRITON_CONFIGS"][6:].split("/"))
-print(",".join(str(k.GPU_DECODE_CONFIGS.index(c)) for c in k.DECODE_CONFIGS) + ";"
-      + ",".join(str(k.GPU_TILE_CONFIGS.index(c)) for c in k.TILE_CONFIGS))
-"""
+import pytest
+import torch
+
+from sparse_runtime.ops import triton_plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import precompile  # noqa: E402
 
 
-def test_shards_partition_the_config_lists():
-    got = {"decode": [], "tiles": []}
-    for i in range(4):
-        env = {**os.environ, "TRITON_INTERPRET": "0", "SPARSE_RUNTIME_TRITON_CONFIGS": f"shard:{i}/4"}
-        r = subprocess.run([sys.executable, "-c", SHARDS], env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
-        decode, tiles = r.stdout.strip().splitlines()[-1].split(";")
-        got["decode"] += [int(v) for v in decode.split(",")]
-        got["tiles"] += [int(v) for v in tiles.split(",")]
-    from sparse_runtime.kernels import sparse24 as k
+def _tried(n, k, m, rot_b):
+    """The configs the autotuner tries for this launch, on a fake 132-SM sm_90 GPU."""
+    plan = triton_plan.LaunchPlan(m, n, k, torch.float16, torch.device("cpu"), rot_b, False, None)
+    return {str(c) for c in plan.configs}
 
-    assert sorted(got["decode"]) == list(range(len(k.GPU_DECODE_CONFIGS)))
-    assert sorted(got["tiles"]) == list(range(len(k.GPU_TILE_CONFIGS)))
+
+@pytest.mark.parametrize("shards", [3, 8])
+def test_the_shards_compile_every_config_the_benchmark_tries(monkeypatch, shards):
+    monkeypatch.setattr(triton_plan, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_plan, "sms_and_l2", lambda device: (132, 50 << 20))
+    monkeypatch.setattr(triton_plan, "smem_limit", lambda device: triton_plan.SMEM_LIMIT[90])
+    for n, k in precompile.bench.LLAMA3_8B:  # main()'s default shapes and --ms
+        for m in (1, 16, 64, 2048):
+            for rot_b in (None, 128):
+                monkeypatch.delenv(triton_plan.CONFIGS_ENV, raising=False)
+                full = _tried(n, k, m, rot_b)
+                compiled = set()
+                for i in range(shards):
+                    monkeypatch.setenv(triton_plan.CONFIGS_ENV, f"shard:{i}/{shards}")
+                    compiled |= _tried(n, k, m, rot_b)
+                assert full <= compiled, (n, k, m, rot_b, full - compiled)

@@ -1,8 +1,9 @@
-"""sparse_runtime.ops.triton_ops: layout, checks and errors, the torch.library custom ops."""
+"""sparse_runtime.ops.triton_ops: layout, checks and errors, the torch.library custom ops, and the one launch path
+that the functional API, the custom ops and the prepared layer share."""
 import pytest
 import torch
 
-from sparse_runtime.ops import triton_ops
+from sparse_runtime.ops import triton_launch, triton_ops, triton_plan
 from sparse_runtime.errors import ShapeError
 from sparse_runtime.format.codec import unpack_meta_24
 from sparse24_cases import assert_close, random_layer, random_rotation, reference
@@ -58,82 +59,6 @@ def test_cpu_without_interpreter_is_refused(layer, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CUDA device"):
         triton_ops.sparse24_matmul(torch.randn(2, 44), values, meta)
-
-
-# Llama-3-8B's linears (q/o, k/v, gate/up, down, lm_head) at decode and prefill sizes; (SMs, L2, arch) of an
-# H100/H200 and an A100.
-LLAMA3_8B = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]
-GPUS = [(132, 50 << 20, 90), (108, 40 << 20, 80)]
-
-
-@pytest.fixture
-def gpu_configs(monkeypatch):
-    """The GPU config lists on the kernels, with a fake device of the given (SMs, L2 bytes, arch)."""
-    ker = triton_ops._kernels()
-    monkeypatch.setattr(ker.sparse24_decode, "configs", ker.GPU_DECODE_CONFIGS)
-    monkeypatch.setattr(ker.sparse24_tiles, "configs", ker.GPU_TILE_CONFIGS)
-
-    def use(sms, l2, arch):
-        monkeypatch.setattr(ker, "gpu_fill", lambda device: (sms, l2))
-        monkeypatch.setattr(ker, "smem_limit", lambda device: ker.SMEM_LIMIT[arch])
-    return ker, use
-
-
-def _launches(ker, m, n, k, rot_b=None, esize=2):
-    """(config, grid) of every config the autotuner may try for this call: the launch's plan, pruned by the
-    autotuner's own hook."""
-    p = triton_ops._plan(m, n, k, torch.float16 if esize == 2 else torch.float32, torch.device("cpu"), rot_b,
-                         False, None)
-    x = torch.empty(0, dtype=torch.float16 if esize == 2 else torch.float32)
-    args = {"x_ptr": x, "M_BUCKET": p.m_bucket, "N": n, "K": k}
-    kept = ker._prune(p.kernel.configs, args, **p.kw)
-    grid = triton_ops._grid(p, m, n)
-    return p, [(c, grid(c.kwargs)) for c in kept]
-
-
-@pytest.mark.parametrize("gpu", GPUS, ids=lambda g: f"{g[0]}sms")
-def test_every_llama_shape_fills_the_gpu(gpu_configs, gpu):
-    """Every config a Llama-3-8B linear can launch with gives >= 4 CTAs per SM, each split has K tiles of its
-    own, and the split-K partials either stay in half the L2 or cost under 10% of the weight's bytes."""
-    ker, use = gpu_configs
-    sms, l2, arch = gpu
-    use(sms, l2, arch)
-    for n, k in LLAMA3_8B:
-        for m in (1, 16, 64, 2048):
-            p, launches = _launches(ker, m, n, k)
-            assert launches, (n, k, m)
-            for c, (tiles, splits) in launches:
-                bm, bn, bk = ker.blocks(c)
-                assert tiles == -(-m // bm) * -(-n // bn)
-                assert tiles * splits >= 4 * sms, (n, k, m, str(c), tiles, splits)
-                assert splits <= -(-k // bk), (n, k, m, str(c))  # no empty split
-                partials = 4 * splits * m * n if splits > 1 else 0
-                assert partials <= l2 // 2 or 2 * partials <= 0.1 * n * k * 1.125, (n, k, m, str(c))
-                assert splits <= p.max_splits  # the workspace holds every split's partials
-                if splits > 1:
-                    assert tiles <= p.lock_tiles <= triton_ops.decode_locks(n, torch.device("cpu")).numel()
-
-
-def test_split_k_follows_the_m_bucket(gpu_configs):
-    # Every M of a bucket gets the bucket's grid and configs, so a graph capture at an M never run eagerly
-    # reuses the autotuned entry (the key holds M_BUCKET, not M) instead of autotuning inside the capture.
-    from sparse_runtime.ops.cusparselt import m_bucket
-
-    ker, use = gpu_configs
-    use(*GPUS[0])
-    for n in (1024, 4096, 14336):
-        for m in [*range(1, 17), 33, 64, 100]:
-            p, launches = _launches(ker, m, n, 4096)
-            q, bucket = _launches(ker, m_bucket(m), n, 4096)
-            assert p.splits == q.splits and [c for c, _ in launches] == [c for c, _ in bucket], (n, m)
-            assert "k_per_split" not in ker.AUTOTUNE_KEY and "M_BUCKET" in ker.AUTOTUNE_KEY
-
-
-def test_split_k_off_a_gpu_only_when_asked():
-    p = triton_ops._plan(1, 4096, 4096, torch.float32, torch.device("cpu"), None, False, None)
-    assert set(p.splits.values()) == {1} and p.max_splits == 1
-    p = triton_ops._plan(1, 4096, 4096, torch.float32, torch.device("cpu"), None, False, 6)
-    assert set(p.splits.values()) == {6}
 
 
 def test_custom_ops_are_registered_and_pass_opcheck(layer):
@@ -208,17 +133,6 @@ def test_opcheck_gpu():
     torch.library.opcheck(torch.ops.sparse_runtime.sparse24_matmul.default, (x, values, meta, None))
 
 
-def test_shared_counters_are_never_allocated_in_a_capture(monkeypatch):
-    monkeypatch.setattr(triton_ops, "_LOCKS", {})
-    monkeypatch.setattr(triton_ops, "_capturing", lambda device: True)
-    with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
-        triton_ops._tile_locks(torch.device("cpu"), 8)
-    monkeypatch.setattr(triton_ops, "_capturing", lambda device: False)
-    made = triton_ops._tile_locks(torch.device("cpu"), 8)  # eager: allocated once ...
-    monkeypatch.setattr(triton_ops, "_capturing", lambda device: True)
-    assert triton_ops._tile_locks(torch.device("cpu"), 8) is made  # ... and reused inside a capture
-
-
 def test_layer_counters():
     sw, values, meta = random_layer(40, 256, torch.float32, seed=25)
     x, bias = torch.randn(3, 256), torch.randn(40)
@@ -234,11 +148,12 @@ def test_layer_counters():
 
 def test_rotation_falls_back_to_rotate_first_when_no_config_fits(monkeypatch):
     # A device whose shared memory holds no config with R's tile: rotate x first, then the plain kernel.
-    ker = triton_ops._kernels()
-    fitting = ker.fitting
-    monkeypatch.setattr(ker, "fitting", lambda configs, rot, *a: [] if rot else fitting(configs, rot, *a))
+    monkeypatch.setattr(triton_plan, "_PLANS", {})
+    fitting = triton_plan.within_shared_memory
+    monkeypatch.setattr(triton_plan, "within_shared_memory",
+                        lambda configs, rot, *a: [] if rot else fitting(configs, rot, *a))
     calls = []
-    monkeypatch.setattr(triton_ops, "apply_rotation", lambda x, r: calls.append(r) or (x @ r))
+    monkeypatch.setattr(triton_launch, "apply_rotation", lambda x, r: calls.append(r) or (x @ r))
     sw, values, meta = random_layer(40, 44, torch.float32, seed=23)
     x, rot = torch.randn(2, 44), random_rotation(44, None, torch.float32, seed=24)
     assert_close(triton_ops.rotate_sparse24_matmul(x, rot, values, meta), *reference(x, sw, rotation=rot),
@@ -246,113 +161,208 @@ def test_rotation_falls_back_to_rotate_first_when_no_config_fits(monkeypatch):
     assert len(calls) == 1
 
 
-# -- direct launch: the plan's bookkeeping, with a fake autotuner and fake compiled kernels --------------------
-class FakeCompiled:
-    """A compiled kernel of one (config, specialisation); its ``run`` (the driver's launcher) logs the launch."""
+
+
+# -- one launch path: every caller, one plan, direct launches ------------------------------------------------------
+N, K = 33, 72  # odd: a ragged N tile, K not a multiple of 32
+
+
+def poisoned(m, n=N, dtype=torch.float32):
+    return torch.full((m, n), float("nan"), dtype=dtype)
+
+
+@pytest.mark.parametrize("block", [None, 4])
+@pytest.mark.parametrize("m", [1, 5, 17])  # decode, ragged decode, tiles
+def test_every_path_gives_the_same_result(m, block):
+    sw, values, meta = random_layer(N, K, torch.float32, seed=70 + m)
+    x, bias = torch.randn(m, K), torch.randn(N)
+    rot = None if block is None else random_rotation(K, block, torch.float32, seed=71)
+    if rot is None:
+        functional = triton_ops.sparse24_matmul(x, values, meta, bias, out=poisoned(m))
+        op = torch.ops.sparse_runtime.sparse24_matmul(x, values, meta, bias)
+    else:
+        functional = triton_ops.rotate_sparse24_matmul(x, rot, values, meta, bias, out=poisoned(m))
+        op = torch.ops.sparse_runtime.rotate_sparse24_matmul(x, rot, values, meta, bias)
+    prepared = triton_ops.Sparse24Layer(sw.values, sw.meta)(x, bias, rot)
+    assert_close(functional, *reference(x, sw, bias, rotation=rot), torch.float32)
+    assert torch.equal(op, functional) and torch.equal(prepared, functional)
+
+
+def test_one_plan_serves_every_path(monkeypatch):
+    monkeypatch.setattr(triton_plan, "_PLANS", {})
+    made, plan = [], triton_plan.LaunchPlan
+    monkeypatch.setattr(triton_plan, "LaunchPlan", lambda *a: made.append(a[:3]) or plan(*a))
+    sw, values, meta = random_layer(N, K, torch.float32, seed=72)
+    bias = torch.randn(N)
+    layers = [triton_ops.Sparse24Layer(sw.values, sw.meta) for _ in range(2)]
+    for m in (5, 7, 8):  # one M bucket
+        x = torch.randn(m, K)
+        ys = [triton_ops.sparse24_matmul(x, values, meta, bias), torch.ops.sparse_runtime.sparse24_matmul(
+            x, values, meta, bias), *(layer(x, bias) for layer in layers)]
+        assert all(torch.equal(y, ys[0]) for y in ys)
+    assert made == [(5, N, K)]
+    layers[0](torch.randn(9, K), bias)  # the next bucket: its own plan
+    assert made == [(5, N, K), (9, N, K)]
+
+
+class InterpretedCompiled:
+    """A kernel compiled for one config, over the interpreter. Its ``run`` is Triton's launcher: ``run(grid_0,
+    grid_1, grid_2, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *every_parameter)``
+    takes every kernel parameter but runs with the constexprs it was compiled with, as a compiled kernel does."""
 
     function, packed_metadata = "function", "packed"
 
-    def __init__(self, log, config):
-        self.log, self.config = log, config
+    def __init__(self, log, constexprs):
+        self.log, self.constexprs = log, constexprs
 
-    def run(self, *a):
-        self.log.append(("direct", self.config, a[:2], a[9:]))  # grid, then every kernel parameter
+    def run(self, grid_0, grid_1, grid_2, stream, function, packed, metadata, enter, leave, *params):
+        kernel = triton_plan.kernels().sparse24_matmul_kernel
+        assert len(params) == len(kernel.arg_names)
+        self.log.append(("direct", blocks(self.constexprs)))
+        kernel[grid_0, grid_1, grid_2](*params[:16], **self.constexprs)
 
     def launch_metadata(self, grid, stream, *args):
         return None
 
 
-class FakeAutotuner:
-    """What a plan uses of triton.autotune: ``kernel[grid](...)`` benchmarks (counted) and takes the last config,
-    ``kernel.fn.run(..., **config)`` runs one config as JITFunction.run does; each returns a compiled kernel."""
+def blocks(kw):
+    return tuple(kw[x] for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 
-    def __init__(self, configs, log):
-        self.configs, self.fn, self.log, self.tunings = configs, self, log, 0
+
+class Interpreted:
+    """The kernel as a plan's tuner holds it (``tuner.fn``): runs a config on the interpreter, logging a compile."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def run(self, *args, grid, warmup, **kw):
+        self.log.append(("compile", blocks(kw)))
+        triton_plan.kernels().sparse24_matmul_kernel.run(*args, grid=grid, warmup=warmup, **kw)
+        return InterpretedCompiled(self.log, kw)
+
+
+class Tuner:
+    """Triton's autotuner as a plan uses it: ``tuner[grid](...)`` tunes (counted; takes the last config, not the
+    first) and runs the choice; ``tuner.best_config``; ``tuner.fn``."""
+
+    def __init__(self, configs, log, tunings):
+        self.configs, self.fn, self.tunings = configs, Interpreted(log), tunings
 
     def __getitem__(self, grid):
         def tune(*args, **kw):
-            self.tunings += 1
-            self.best_config = self.configs[-1]  # not the first: the plan must use the autotuner's choice
-            return self.run(*args, grid=grid, warmup=False, **kw, **self.best_config.all_kwargs())
+            self.tunings.append(triton_plan.blocks(self.configs[-1]))
+            self.best_config = self.configs[-1]
+            return self.fn.run(*args, grid=grid, warmup=False, **kw, **self.best_config.all_kwargs())
         return tune
-
-    def run(self, *args, grid, warmup, **kw):
-        config = next(c for c in self.configs if c.kwargs.items() <= kw.items())
-        self.log.append(("jit", config, grid(kw), args))
-        return FakeCompiled(self.log, config)
 
 
 @pytest.fixture
-def fake_kernels(monkeypatch):
-    """Two decode and two tile configs that both survive the prune on a fake 132-SM GPU, behind fake autotuners."""
-    ker = triton_ops._kernels()
-    log = []
-    decode = FakeAutotuner(ker._configs([(16, 64, 64), (16, 128, 64)], [4], [2], True), log)
-    tiles = FakeAutotuner(ker._configs([(32, 32, 64), (64, 64, 64)], [4], [2], False), log)
-    monkeypatch.setattr(ker, "sparse24_decode", decode)
-    monkeypatch.setattr(ker, "sparse24_tiles", tiles)
-    monkeypatch.setattr(ker, "gpu_fill", lambda device: (132, 50 << 20))
-    monkeypatch.setattr(triton_ops, "_capturing", lambda device: False)
-    sw, values, meta = random_layer(4096, 2048, torch.float16, seed=61)
-    return triton_ops.Sparse24Layer(sw.values, sw.meta), decode, tiles, log
+def compiled(monkeypatch):
+    """Plans whose kernels 'compile' into InterpretedCompiled, so launches after the first go direct; two configs
+    per schedule. Returns (log of compiles and direct launches, tunings)."""
+    from sparse_runtime.kernels import sparse24 as ker
+
+    log, tunings = [], []
+    # the tuner takes the last: the first's wider N tiles would leave output columns unwritten
+    lists = {True: ker._configs([(16, 64, 64), (16, 32, 64)], [4], [1], True),
+             False: ker._configs([(64, 32, 64), (32, 32, 64)], [4], [1], False)}
+    monkeypatch.setattr(triton_plan, "_PLANS", {})
+    monkeypatch.setattr(triton_plan, "configs", lambda decode, interpreting: lists[decode])
+    monkeypatch.setattr(triton_plan, "autotuner", lambda configs: Tuner(configs, log, tunings))
+    return log, tunings
 
 
-def test_direct_launch_per_m_bucket(fake_kernels):
-    layer, decode, tiles, log = fake_kernels
-    ker = triton_ops._kernels()
-
-    def call(m):
+@pytest.mark.parametrize("split_k", [None, 2])
+def test_direct_launches_compute_what_the_kernel_does(compiled, split_k):
+    log, tunings = compiled
+    sw, values, meta = random_layer(N, K, torch.float32, seed=73)
+    bias, rot = torch.randn(N), random_rotation(K, 4, torch.float32, seed=74)
+    for i, m in enumerate((3, 4, 3)):
         del log[:]
-        x = torch.randn(m, 2048, dtype=torch.float16)
-        layer(x)
-        return x, log[:]
-
-    x, ((kind, config, grid, args), *rest) = call(3)  # a new bucket: the autotuner, then its choice's launch
-    assert kind == "jit" and config is decode.configs[-1] and decode.tunings == 1 and not rest
-    p = layer._plans[4, True, None]  # (M bucket, no bias, no rotation)
-    split = p.splits[16, 128, 64]
-    assert split > 1 and grid == (4096 // 128, split) and args[8:12] == (3, 4096, 2048, 4)  # M, N, K, M_BUCKET
-    for m in (4, 3):  # same bucket and specialisation: the compiled kernel, directly
-        x, [(kind, config, grid, params)] = call(m)
-        assert kind == "direct" and config is decode.configs[-1] and grid == (4096 // 128, split)
-        assert params[0] is x and params[8:12] == (m, 4096, 2048, 4) and params[7] is layer.locks
-        assert params[6].dtype == torch.float32 and params[6].shape == (p.max_splits, m, 4096)  # fresh partials
-        # HAS_BIAS, ROT, ROT_B, DOT_PREC, SWAP_AB, BLOCK_M/N/K, and the defaults BLOCK_J, GROUP_M
-        assert params[16:] == (False, 0, 1, "tf32", True, 16, 128, 64, 32, 8)
-    assert decode.tunings == 1
-    # M = 16 in the bucket 9..16: tuned once at 9; 16 is another specialisation (a multiple of 16): compiled with
-    # the bucket's choice, without the autotuner, then launched directly
-    assert [e[0] for e in call(9)[1]] == ["jit"] and decode.tunings == 2
-    assert [(e[0], e[1]) for e in call(16)[1]] == [("jit", decode.configs[-1])] and decode.tunings == 2
-    assert [e[0] for e in call(16)[1] + call(12)[1]] == ["direct", "direct"]
-    # M > 16: the tile schedule, its own autotuner, a grid over M tiles
-    x, [(kind, config, grid, _)] = call(40)
-    assert kind == "jit" and tiles.tunings == 1 and ker.blocks(config) == (64, 64, 64)
-    x, [(kind, _, grid, params)] = call(50)
-    assert kind == "direct" and grid[0] == 1 * 4096 // 64 and params[8] == 50 and tiles.tunings == 1
+        x = torch.randn(m, K)
+        y = triton_ops.rotate_sparse24_matmul(x, rot, values, meta, bias, out=poisoned(m), split_k=split_k)
+        assert_close(y, *reference(x, sw, bias, rotation=rot), torch.float32)
+        assert log == [("compile" if i == 0 else "direct", (16, 32, 64))]  # the autotuner's choice
+    assert tunings == [(16, 32, 64)]
 
 
-def test_a_capture_never_autotunes(fake_kernels, monkeypatch):
-    layer, decode, tiles, log = fake_kernels
-    x = torch.randn(5, 2048, dtype=torch.float16)
-    monkeypatch.setattr(triton_ops, "_capturing", lambda device: True)
-    for _ in range(2):  # an untuned bucket inside a capture: the first config, nothing kept for later
-        layer(x)
-        assert decode.tunings == 0 and [(e[0], e[1]) for e in log] == [("jit", decode.configs[0])]
+def test_each_bucket_is_tuned_once_and_each_specialisation_compiled_once(compiled):
+    log, tunings = compiled
+    sw, values, meta = random_layer(N, K, torch.float32, seed=75)
+    layer = triton_ops.Sparse24Layer(sw.values, sw.meta)
+
+    def call(x):
         del log[:]
-    monkeypatch.setattr(triton_ops, "_capturing", lambda device: False)
-    layer(x)  # the next eager call tunes the bucket
-    assert decode.tunings == 1 and [(e[0], e[1]) for e in log] == [("jit", decode.configs[-1])]
-    del log[:]
-    monkeypatch.setattr(triton_ops, "_capturing", lambda device: True)
-    layer(torch.randn(7, 2048, dtype=torch.float16))  # captured at another M of the bucket: the tuned kernel
-    assert decode.tunings == 1 and [(e[0], e[1]) for e in log] == [("direct", decode.configs[-1])]
+        assert_close(layer(x), *reference(x, sw), torch.float32)
+        choice = (16, 32, 64) if x.shape[0] <= 16 else (32, 32, 64)  # the schedule's tuned choice
+        assert all(config == choice for _, config in log)  # compiled or launched
+        return [kind for kind, _ in log]
+
+    assert call(torch.randn(3, K)) == ["compile"] and len(tunings) == 1
+    assert call(torch.randn(4, K)) == ["direct"]  # same bucket and specialisation
+    assert call(torch.randn(9, K)) == ["compile"] and len(tunings) == 2  # bucket 9..16
+    # 16 in the same bucket is another specialisation (a multiple of 16): compiled, not tuned again
+    assert call(torch.randn(16, K)) == ["compile"] and len(tunings) == 2
+    assert call(torch.randn(16, K)) + call(torch.randn(12, K)) == ["direct", "direct"]
+    assert call(torch.randn(40, K)) == ["compile"] and tunings[-1] == (32, 32, 64)  # the tile schedule
+    x = torch.randn(4 * K + 2)
+    assert call(x[:-2].view(4, K)) == ["direct"]
+    assert call(x[2:].view(4, K)) == ["compile"] and len(tunings) == 3  # 8 bytes off 16-byte alignment
 
 
-def test_a_misaligned_input_gets_its_own_specialisation(fake_kernels):
-    layer, decode, tiles, log = fake_kernels
-    x = torch.randn(4 * 2048 + 4, dtype=torch.float16)
-    layer(x[:-4].view(4, 2048))
-    del log[:]
-    layer(x[4:].view(4, 2048))  # 8 bytes off 16-byte alignment: Triton would compile another kernel
-    assert [e[0] for e in log] == ["jit"] and decode.tunings == 1
+def test_a_launch_that_would_compile_inside_a_capture_raises(compiled, monkeypatch):
+    log, tunings = compiled
+    sw, values, meta = random_layer(N, K, torch.float32, seed=76)
+    layer, bias = triton_ops.Sparse24Layer(sw.values, sw.meta), torch.randn(N)
+    layer(torch.randn(2, K), bias)  # another bucket's plan: made and compiled before the capture
+    monkeypatch.setattr(triton_plan, "capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="M=5 .*capturing a CUDA graph.*warm_up"):
+        layer(torch.randn(5, K), bias)  # untuned bucket
+    monkeypatch.setattr(triton_plan, "capturing", lambda device: False)
+    layer.warm_up([5, 16], bias)  # buckets 5..8 and 9..16
+    monkeypatch.setattr(triton_plan, "capturing", lambda device: True)
+    for m in range(5, 17):
+        del log[:]
+        x = torch.randn(m, K)
+        assert_close(layer(x, bias), *reference(x, sw, bias), torch.float32)
+        assert [kind for kind, _ in log] == ["direct"]
+    x = torch.randn(6 * K + 2)
+    with pytest.raises(RuntimeError, match="no compiled kernel for this specialisation"):
+        layer(x[2:].view(6, K), bias)  # misaligned: another kernel
+    with pytest.raises(RuntimeError, match="capturing"):
+        layer(torch.randn(3, K))  # no bias: another plan
+
+
+def test_captured_split_k_launches_allocate_nothing(monkeypatch):
+    monkeypatch.setattr(triton_plan, "_PLANS", {})
+    sw, values, meta = random_layer(N, K, torch.float32, seed=77)
+    x = torch.randn(3, K)
+    triton_ops.sparse24_matmul(x, values, meta, split_k=2)  # eager: the plan, its counters, its kernel
+    monkeypatch.setattr(triton_plan, "capturing", lambda device: True)
+
+    def refuse(*a, **kw):
+        raise AssertionError("allocated split-K counters inside a capture")
+    monkeypatch.setattr(torch, "zeros", refuse)
+    monkeypatch.setattr(torch, "zeros_like", refuse)
+    y = triton_ops.sparse24_matmul(x, values, meta, split_k=2, out=poisoned(3))
+    monkeypatch.undo()
+    assert_close(y, *reference(x, sw), torch.float32)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_of_a_warmed_up_layer_gpu():
+    sw, values, meta = random_layer(4096, 4096, torch.float16, seed=78, device="cuda")
+    rot = random_rotation(4096, 128, torch.float16, seed=79, device="cuda")
+    layer = triton_ops.Sparse24Layer(sw.values, sw.meta)
+    layer.warm_up([1, 16, 64], rotation=rot)
+    torch.cuda.synchronize()
+    xs = [torch.randn(m, 4096, device="cuda", dtype=torch.float16) for m in (1, 7, 16, 33, 64)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = [layer(x, rotation=rot) for x in xs]
+    for x in xs:
+        x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    for x, y in zip(xs, ys):
+        assert_close(y, *reference(x, sw, rotation=rot), torch.float16)

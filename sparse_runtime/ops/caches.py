@@ -1,4 +1,4 @@
-"""What the kernel wrappers and the dispatcher share: M buckets, a capped LRU, and measured results cached in
+"""What the kernel wrappers and the dispatcher share: M buckets and the decode limit, a capped LRU, and measured results cached in
 JSON files under one folder (``$SPARSE_RUNTIME_CACHE``, default ``~/.cache/sparse_runtime``; converted GGUF
 models live there too), one section per GPU and library versions."""
 from __future__ import annotations
@@ -10,6 +10,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 CACHE_ENV = "SPARSE_RUNTIME_CACHE"
+# M up to here is decode: Triton's split-K decode schedule (16-row tiles), the mma.sp kernel (two n-tiles of 8
+# tokens; csrc/decode24.cu checks it) and the dispatcher's decode buckets
+DECODE_MAX_M = 16
 
 
 def m_bucket(m: int) -> int:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..format.codec import cdiv
-from ..kernels.common import DECODE_MAX_M  # the kernel takes two n-tiles of 8 tokens (csrc/decode24.cu checks it)
+from .caches import DECODE_MAX_M  # the kernel takes two n-tiles of 8 tokens (csrc/decode24.cu checks it)
 
 ROW_TILE = 16  # output features per MMA (W is the A operand)
 K_STEP = 32  # input columns per MMA
