@@ -1,15 +1,10 @@
 """benchmarks/precompile.py: between them, its workers (each with SPARSE_RUNTIME_TRITON_CONFIGS=shard:i/n) compile
 every config the benchmark's full autotune will try, for every shape and M it runs."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from benchmarks import precompile
 from sparse_runtime.ops import triton_plan
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import precompile  # noqa: E402
 
 
 def _tried(n, k, m, rot_b):

@@ -101,11 +101,7 @@ def test_a_config_too_big_for_the_shared_memory_is_rejected():
 # -- shared memory: every config a plan can choose fits the device, by the compiler's count ----------------------
 def _compiled_shared(dtype):
     """(arch, label) -> the shared memory the compiler allocates (benchmarks/results/kernel_report*.json)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import kernel_report
+    from benchmarks import kernel_report
 
     name = "kernel_report.json" if dtype == "fp16" else f"kernel_report_{dtype}.json"
     rows = json.loads((kernel_report.RESULTS / name).read_text())["rows"]
