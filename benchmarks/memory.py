@@ -48,10 +48,11 @@ def child(args) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sparse_runtime.models.skeleton import model_class
+    from sparse_runtime.models.sources import resolve
 
     torch.set_num_threads(args.threads)
     dense = args.load in ("dense", "dense-read")
-    folder = sr.models.resolve(args.model) if dense else Path(args.load)
+    folder = resolve(args.model) if dense else Path(args.load)
     model_class(AutoConfig.from_pretrained(folder))  # the model's code imported: part of the baseline, not the load
     baseline = _status_kib("VmRSS") << 10
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
