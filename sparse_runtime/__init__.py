@@ -1,10 +1,10 @@
 """sparse_runtime: run N:M-pruned (chiefly 2:4) language models faster on NVIDIA GPUs."""
-from .models.checkpoint import load_pretrained, save_pretrained
+from .models.checkpoint import save_pretrained
 from .errors import BackendUnavailable, CheckpointError, MaskError, ShapeError, SparseRuntimeError
 from .format.codec import SparseWeight
 from .nn.linear import SparseLinear
 from .format.masks import nm_mask, unstructured_mask, validate_nm
-from .models.sources import load_model
+from .models.sources import load_model, load_pretrained
 from .nn.sparsify import SparsifyReport, sparsify
 
 __version__ = "0.1.0"

@@ -1,5 +1,8 @@
 import json
 import os
+import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -117,6 +120,86 @@ def test_save_is_atomic_when_interrupted(saved, monkeypatch):
     assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
     assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
     load_pretrained(path)
+
+
+# Loads stories260K, 2:4-sparsifies it once, then for each "DELAY EXCHANGE" line forks a writer that saves it over
+# the checkpoint again and again (flipping the final norm's sign each time, so saves alternate between two models)
+# and SIGKILLs it after DELAY seconds. EXCHANGE 0: the two-rename fallback instead of renameat2.
+KILLED_WRITERS = r"""
+import os, signal, sys, time
+import torch
+torch.set_num_threads(1)  # no worker threads in the process that forks
+from transformers import AutoModelForCausalLM
+import sparse_runtime as sr
+from sparse_runtime.models import saving
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+model.config._name_or_path = ""  # no tokenizer to save
+sr.sparsify(model)
+print("ready", flush=True)
+for line in sys.stdin:
+    delay, exchange = line.split()
+    pid = os.fork()
+    if pid == 0:
+        if exchange == "0":
+            saving._RENAMEAT2 = None
+        while True:
+            with torch.no_grad():
+                model.model.norm.weight.neg_()
+            sr.save_pretrained(model, sys.argv[2])
+    time.sleep(float(delay))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    print("killed", flush=True)
+"""
+
+
+def test_killed_saves_leave_the_old_or_the_new_checkpoint_and_no_debris(stories_dir, tmp_path, one_thread):
+    model = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
+    sparsify(model)
+    path = save_pretrained(model, tmp_path / "ckpt")
+    ids = torch.tensor([[1, 403, 407, 261, 378, 10]])
+    with torch.no_grad():
+        old = model(ids).logits
+        model.model.norm.weight.neg_()
+        new = model(ids).logits
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    writers = subprocess.Popen([sys.executable, "-c", KILLED_WRITERS, str(stories_dir), str(path)], env=env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writers.stdout.readline() == "ready\n"
+        rng, seen = random.Random(0), set()
+        for i in range(20):
+            writers.stdin.write(f"{rng.uniform(0, 0.15):.4f} {i % 2}\n")
+            writers.stdin.flush()
+            assert writers.stdout.readline() == "killed\n"
+            with torch.no_grad():
+                got = load_pretrained(path, backend="reference")(ids).logits
+            assert torch.equal(got, old) or torch.equal(got, new), f"kill {i}: neither the old nor the new model"
+            seen.add(torch.equal(got, new))
+    finally:
+        writers.kill()
+        writers.wait()
+    assert seen == {False, True}  # the kills landed while saves were being made
+    save_pretrained(model, path)
+    assert os.listdir(tmp_path) == ["ckpt"]  # the dead writers' temporary and displaced folders are gone
+
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def test_a_save_killed_between_its_two_renames_is_put_back(saved):
+    sparse, path = saved
+    dead = _dead_pid()
+    os.rename(path, path.with_name(f".{path.name}.old-{dead}"))  # the fallback's state between its renames
+    (path.parent / f".{path.name}.tmp-{dead}-x").mkdir()  # the new folder it was writing
+    live = path.parent / f".{path.name}.tmp-{os.getpid()}-y"  # a running writer's
+    live.mkdir()
+    load_pretrained(path)
+    assert path.is_dir() and not path.with_name(f".{path.name}.old-{dead}").exists()
+    save_pretrained(sparse, path)
+    assert sorted(os.listdir(path.parent)) == sorted(["ckpt", live.name])
 
 
 def _edit_tensors(path, fn):

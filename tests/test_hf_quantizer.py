@@ -1,5 +1,9 @@
 """Plain transformers ``AutoModelForCausalLM.from_pretrained`` on sparse checkpoints (registered on import)."""
 import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -34,6 +38,38 @@ def test_project_checkpoint(stories_dir, tmp_path):
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc == {"quant_method": "sparse_runtime", "format_version": 1}
     _check(AutoModelForCausalLM.from_pretrained(path), model)
+
+
+# A process that never imports sparse_runtime: plain from_pretrained must refuse the checkpoint (never random
+# linears), and with trust_remote_code=True load it through sparse_runtime.
+PLAIN_TRANSFORMERS = r"""
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[1])
+    refused = None
+except ValueError as e:
+    refused = str(e)
+imported = "sparse_runtime" in sys.modules
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+with torch.no_grad():
+    logits = model(torch.tensor(json.loads(sys.argv[2]))).logits
+torch.save({"refused": refused, "imported_first": imported, "logits": logits,
+            "sparse": sum(type(m).__name__ == "SparseLinear" for m in model.modules())}, sys.argv[3])
+"""
+
+
+def test_plain_transformers_without_sparse_runtime_refuses_or_loads_through_it(stories_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
+    sparsify(model)
+    path = save_pretrained(model, tmp_path / "ckpt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(path), json.dumps(IDS.tolist()),
+                    str(tmp_path / "out.pt")], env=env, stdin=subprocess.DEVNULL, capture_output=True, check=True)
+    got = torch.load(tmp_path / "out.pt")
+    assert not got["imported_first"] and "trust_remote_code=True" in got["refused"]
+    assert got["sparse"] == 35 and torch.equal(got["logits"], _logits(model))
 
 
 def test_compressed_tensors_checkpoint(stories_dir, tmp_path):

@@ -1,4 +1,5 @@
 """The model loader, and the embedded default SmolLM2-135M end to end (slow: ~1 minute)."""
+import json
 import os
 
 import pytest
@@ -60,6 +61,26 @@ def test_gguf_cache_is_keyed_on_content_and_replaces_superseded_entries(stories_
     second = resolve(gguf)
     assert second != first and "converting" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [second.name]  # the old entry is gone
+
+
+def test_a_converted_gguf_is_a_plain_transformers_folder(stories_dir, tmp_path, monkeypatch, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    monkeypatch.setenv("SPARSE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    gguf = write_stories_gguf(stories_dir, tmp_path / "stories.gguf")
+    folder = resolve(gguf)
+    assert getattr(AutoConfig.from_pretrained(folder), "quantization_config", None) is None
+    ids = torch.tensor([[1, 403, 407, 261, 378, 10]])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(folder)(ids).logits
+        assert torch.equal(plain, AutoModelForCausalLM.from_pretrained(stories_dir)(ids).logits)
+    # an entry converted before the GGUF quantization_config was dropped is rewritten, not converted again
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"dequantize": False, "gguf_file": gguf.name, "quant_method": "gguf"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert resolve(gguf) == folder and "converting" not in capsys.readouterr().err
+    assert getattr(AutoConfig.from_pretrained(folder), "quantization_config", None) is None
 
 
 def test_a_gguf_lacking_a_tensor_is_an_error(stories_dir, tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
 """Models in and out: what a decoder-only transformer looks like (``architecture``: its decoder layers and
 which linears a pattern applies to), the rotations folded into its decoder layers (``residual_rotation``),
-where a model comes from (``sources``: folders, checkpoints, GGUF files, named models), and the readers and
-writers of each on-disk form (``checkpoint``, ``compressed_tensors``, ``tensor_files``, ``skeleton``,
-``saving``, the transformers quantizer ``hf_quantizer``). Never imports the pruning package."""
+loading as one pipeline (``sources`` resolves a spec (folder, checkpoint, GGUF file, name) to the adapter of
+its format; ``loading`` holds the steps all stored formats share, on ``skeleton`` and ``tensor_files``), the
+formats themselves (``checkpoint``, ``compressed_tensors``), what plain transformers sees of them (``hf_config``,
+the quantizer ``hf_quantizer``) and the writers' shared atomic folder swap (``saving``). Never imports the
+pruning package."""

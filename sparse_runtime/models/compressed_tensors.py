@@ -1,4 +1,5 @@
-"""compressed-tensors ``sparse-24-bitmask`` checkpoints: load them as SparseLinear models, and write them.
+"""compressed-tensors ``sparse-24-bitmask`` checkpoints: the adapter that loads them as SparseLinear models
+(through ``loading``'s shared steps), and their writer.
 
 On disk, per sparse linear ``P`` (the format compressed-tensors 0.14 and earlier write):
   * ``P.compressed`` ``[N, K/2]`` in the weight's dtype: the kept entries, row-major;
@@ -14,19 +15,19 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig
 from torch import nn
 
-from ..errors import CheckpointError, SparseRuntimeError
-from ..format.codec import FLOAT_DTYPES, SparseWeight, kept_indices, pack_bits, pack_meta_24, unpack_bits
+from ..errors import CheckpointError
+from ..format.codec import FLOAT_DTYPES, kept_indices, pack_bits, pack_meta_24, unpack_bits
 from ..nn.linear import SparseLinear
+from .loading import Source, SparseLayer, read_config
 from .residual_rotation import BUFFER as RESIDUAL_ROTATION
-from .skeleton import build_skeleton, check_finite, check_tensor, finish, place
 from .saving import tied_duplicates, tokenizer_from_source, write_atomic_dir
 from .tensor_files import WEIGHTS, TensorFiles
 
@@ -77,99 +78,131 @@ def check_supported(qc: dict, where) -> None:
                               f"{SPARSE24} (2:4 only)")
 
 
-def _sparse_weight(files: TensorFiles, name: str, shape, compressed: torch.Tensor,
-                   bitmask: torch.Tensor) -> SparseWeight:
-    """One layer's compressed-tensors triple -> the canonical format (2:4 when every group keeps 2, else
-    unstructured over the same bitmap)."""
-    if compressed.dtype not in FLOAT_DTYPES:
-        raise CheckpointError(f"{files.where(name + '.compressed')}: {str(compressed.dtype).removeprefix('torch.')} "
+def _pattern_and_meta(files: TensorFiles, name: str, shape, bitmask: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """One layer's bitmask -> the canonical format's pattern and metadata (2:4 when every group keeps 2, else
+    unstructured over the same bitmap), after checking it against the header of its kept values."""
+    values = name + ".compressed"
+    if files.dtype(values) not in FLOAT_DTYPES:
+        raise CheckpointError(f"{files.where(values)}: {str(files.dtype(values)).removeprefix('torch.')} "
                               f"values (quantized {SPARSE24}) are not supported; fp16, bf16, fp32 and fp64 are")
     rows, k = shape
     if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, (k + 7) // 8):
         raise CheckpointError(f"{files.where(name + '.bitmask')}: {bitmask.dtype} {tuple(bitmask.shape)}, expected "
                               f"uint8 {(rows, (k + 7) // 8)} for shape {[rows, k]}")
     mask = unpack_bits(bitmask, k)
-    if int(mask.sum()) != compressed.numel():
+    nnz = math.prod(files.shape(values))
+    if int(mask.sum()) != nnz:
         raise CheckpointError(f"{files.where(name + '.bitmask')}: keeps {int(mask.sum())} entries but "
-                              f"{name}.compressed holds {compressed.numel()}")
+                              f"{values} holds {nnz}")
     if k % 4 == 0 and (mask.view(rows, -1, 4).sum(-1) == 2).all():
-        meta = pack_meta_24(kept_indices(mask, 2, 4))
-        return SparseWeight("2:4", (rows, k), compressed.reshape(rows, k // 2), meta)
-    return SparseWeight("unstructured", (rows, k), compressed.reshape(-1), pack_bits(mask))
+        return "2:4", pack_meta_24(kept_indices(mask, 2, 4))
+    return "unstructured", pack_bits(mask)
+
+
+class CompressedTensorsFolder(Source):
+    """The adapter of compressed-tensors ``sparse-24-bitmask`` folders: each sparse linear's ``compressed``,
+    ``bitmask`` and ``shape`` become the canonical ``weight_values`` and ``weight_meta`` of a SparseLinear (the
+    metadata is made from the bitmask while the layers are read; the values are read once, when placed)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.where = self.path / "config.json"
+        qc = quantization_config(self.path)
+        if qc is None:
+            raise CheckpointError(f"{self.path}: config.json has no compressed-tensors quantization_config")
+        check_supported(qc, self.path)
+        self.files = TensorFiles(self.path)
+        self.config = read_config(self.path)
+        del self.config.quantization_config  # the loaded model is a sparse_runtime model, not a compressed-tensors one
+        self.layers: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}  # name -> (dense shape, metadata)
+        self.not_24: list[str] = []
+        self.tensors = _CanonicalView(self)
+
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        return quantization_config(path) is not None
+
+    def sparse_layers(self, modules) -> dict[str, SparseLayer]:
+        files, specs = self.files, {}
+        keys = set(files.keys())
+        for name in sorted({k.rsplit(".", 1)[0] for k in keys if k.rsplit(".", 1)[-1] in PARAMS}):
+            absent = [p for p in PARAMS if f"{name}.{p}" not in keys]
+            if absent:
+                raise CheckpointError(f"{self.path}: {name} lacks {', '.join(f'{name}.{p}' for p in absent)}")
+            linear = modules.get(name)
+            if not isinstance(linear, nn.Linear):
+                raise CheckpointError(f"{self.path}: {name} holds {SPARSE24} tensors but is not an nn.Linear of "
+                                      "the model")
+            shape = tuple(files.read(f"{name}.shape").flatten().tolist())
+            if shape != (linear.out_features, linear.in_features):
+                raise CheckpointError(f"{files.where(name + '.shape')}: says {list(shape)}, the config builds "
+                                      f"{[linear.out_features, linear.in_features]}")
+            pattern, meta = _pattern_and_meta(files, name, shape, files.read(f"{name}.bitmask"))
+            self.layers[name] = shape, meta
+            if pattern != "2:4":
+                self.not_24.append(name)
+            specs[name] = SparseLayer(pattern, shape[1], shape[0], linear.bias is not None,
+                                      files.dtype(f"{name}.compressed"), math.prod(files.shape(f"{name}.compressed")))
+        if self.not_24:
+            warnings.warn(f"{self.path}: {len(self.not_24)} layer(s) whose bitmask is not 2:4 load as unstructured "
+                          f"on the reference backend: {', '.join(self.not_24)}", stacklevel=2)
+        return specs
+
+    def backend(self, name: str, backend: str) -> str:
+        return "reference" if name in self.not_24 else backend
+
+
+class _CanonicalView:
+    """A compressed-tensors folder's tensors under the skeleton's keys: ``P.weight_values`` is ``P.compressed``
+    in the canonical shape, ``P.weight_meta`` the metadata made from ``P.bitmask``, every other tensor as stored."""
+
+    def __init__(self, folder: CompressedTensorsFolder):
+        self.folder, self.files = folder, folder.files
+
+    def _source(self, key: str) -> tuple[str | None, str]:
+        """(sparse layer or None, the stored tensor the key comes from)."""
+        name, _, param = key.rpartition(".")
+        if name in self.folder.layers and param in ("weight_values", "weight_meta"):
+            return name, f"{name}.compressed" if param == "weight_values" else f"{name}.bitmask"
+        return None, key
+
+    def keys(self) -> list[str]:
+        sparse = {f"{n}.{p}" for n in self.folder.layers for p in PARAMS}
+        return ([k for k in self.files.keys() if k not in sparse]
+                + [f"{n}.{p}" for n in self.folder.layers for p in ("weight_values", "weight_meta")])
+
+    def __contains__(self, key: str) -> bool:
+        name, stored = self._source(key)
+        return name is not None or stored in self.files
+
+    def where(self, key: str) -> str:
+        return self.files.where(self._source(key)[1])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        name, stored = self._source(key)
+        if name is None:
+            return self.files.shape(stored)
+        (rows, k), meta = self.folder.layers[name]
+        if stored.endswith(".bitmask"):
+            return tuple(meta.shape)
+        return (rows, k // 2) if name not in self.folder.not_24 else (math.prod(self.files.shape(stored)),)
+
+    def dtype(self, key: str) -> torch.dtype:
+        name, stored = self._source(key)
+        return torch.uint8 if name is not None and stored.endswith(".bitmask") else self.files.dtype(stored)
+
+    def read(self, key: str) -> torch.Tensor:
+        name, stored = self._source(key)
+        if name is None:
+            return self.files.read(stored)
+        if stored.endswith(".bitmask"):
+            return self.folder.layers[name][1]
+        return self.files.read(stored).reshape(self.shape(key))
 
 
 def load_compressed_tensors(path, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
     """Build the model of a compressed-tensors ``sparse-24-bitmask`` folder with SparseLinear layers."""
-    path = Path(path)
-    qc = quantization_config(path)
-    if qc is None:
-        raise CheckpointError(f"{path}: config.json has no compressed-tensors quantization_config")
-    check_supported(qc, path)
-    files = TensorFiles(path)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read config.json ({e})") from None
-    del config.quantization_config  # the loaded model is a sparse_runtime model, not a compressed-tensors one
-
-    stored = {files.dtype(k) for k in files.keys() if files.dtype(k).is_floating_point}
-    model = build_skeleton(config, stored.pop() if len(stored) == 1 else torch.float32)
-    modules = dict(model.named_modules())
-    rest = set(files.keys())
-    prefixes = sorted({k.rsplit(".", 1)[0] for k in rest if k.rsplit(".", 1)[-1] in PARAMS})
-    not_24 = []
-    for name in prefixes:
-        absent = [p for p in PARAMS if f"{name}.{p}" not in rest]
-        if absent:
-            raise CheckpointError(f"{path}: {name} lacks {', '.join(f'{name}.{p}' for p in absent)}")
-        linear = modules.get(name)
-        if not isinstance(linear, nn.Linear):
-            raise CheckpointError(f"{path}: {name} holds {SPARSE24} tensors but is not an nn.Linear of the model")
-        parts = {p: files.read(f"{name}.{p}") for p in PARAMS}
-        rest -= {f"{name}.{p}" for p in PARAMS}
-        shape = tuple(parts["shape"].flatten().tolist())
-        if shape != (linear.out_features, linear.in_features):
-            raise CheckpointError(f"{files.where(name + '.shape')}: says {list(shape)}, the config builds "
-                                  f"{[linear.out_features, linear.in_features]}")
-        sw = _sparse_weight(files, name, shape, parts["compressed"], parts["bitmask"])
-        try:
-            sw.validate(name)
-        except SparseRuntimeError as e:
-            raise CheckpointError(f"{files.files[name + '.compressed'].path}: {e}") from None
-        if sw.pattern != "2:4":
-            not_24.append(name)
-        layer = SparseLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                             pattern=sw.pattern, nnz=sw.values.numel(), backend="reference", device="meta",
-                             dtype=sw.values.dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, layer)
-        place(model, f"{name}.weight_values", sw.values, device, dtype)
-        place(model, f"{name}.weight_meta", sw.meta, device, dtype)
-        del parts, sw
-
-    _load_rest(model, sorted(rest), files, path, device, dtype)
-    if not_24:
-        warnings.warn(f"{path}: {len(not_24)} layer(s) whose bitmask is not 2:4 load as unstructured on the "
-                      f"reference backend: {', '.join(not_24)}", stacklevel=2)
-    for name, mod in model.named_modules():
-        if isinstance(mod, SparseLinear):
-            mod.set_backend("reference" if name in not_24 else backend)
-    return model.eval()
-
-
-def _load_rest(model: nn.Module, keys: list[str], files: TensorFiles, path: Path, device, dtype) -> None:
-    """Place the plain tensors strictly: nothing extra, and every model tensor present or tied to one that is."""
-    expected = model.state_dict()
-    unexpected = [k for k in keys if k not in expected]
-    if unexpected:
-        raise CheckpointError(f"{files.where(unexpected[0])}: unexpected, the model has no such tensor"
-                              f"{f' ({len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
-    for k in keys:
-        check_tensor(files.where(k), files.shape(k), files.dtype(k), expected[k], exact=False)
-    del expected
-    for k in keys:
-        place(model, k, check_finite(files.where(k), files.read(k)), device, dtype)
-    finish(model, path, device, dtype)
+    return CompressedTensorsFolder(path).load(device, dtype, backend)
 
 
 def export_compressed_tensors(model: nn.Module, out_dir, tokenizer=None) -> Path:

@@ -23,7 +23,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from . import compressed_tensors as ct
 from ..errors import CheckpointError
 from ..nn.linear import SparseLinear
-from .checkpoint import load_pretrained
+from . import hf_config
+from .sources import load_pretrained
 from .residual_rotation import boundaries, install_boundaries
 from .architecture import UnsupportedModel, find_decoder_layers
 from .tensor_files import TensorFile
@@ -123,7 +124,9 @@ def _dispatch_quantizer(original):
 
 
 def register() -> None:
-    """Idempotent: add the ``sparse_runtime`` method and route sparse compressed-tensors configs here."""
+    """Idempotent: add the ``sparse_runtime`` method and route sparse compressed-tensors configs here; let
+    ``AutoConfig`` read the marked config of a sparse checkpoint (``hf_config``)."""
+    hf_config.register()
     if METHOD in AUTO_QUANTIZER_MAPPING:
         return
     AUTO_QUANTIZATION_CONFIG_MAPPING[METHOD] = SparseRuntimeQuantConfig

@@ -56,7 +56,7 @@ def build_skeleton(config, dtype) -> nn.Module:
     return model.to(dtype)
 
 
-def place(model: nn.Module, key: str, t: torch.Tensor, device, dtype: torch.dtype | None) -> None:
+def replace_placeholder(model: nn.Module, key: str, t: torch.Tensor, device, dtype: torch.dtype | None) -> None:
     """Put stored tensor ``t`` where state-dict key ``key`` lives: on ``device``, floating tensors in ``dtype``
     (default: the skeleton's), replacing the meta placeholder without copying it."""
     owner, _, attr = key.rpartition(".")
@@ -72,15 +72,23 @@ def place(model: nn.Module, key: str, t: torch.Tensor, device, dtype: torch.dtyp
         mod._buffers[attr] = t
 
 
-def finish(model: nn.Module, where, device, dtype: torch.dtype | None, tie: bool = True) -> nn.Module:
-    """Tie shared weights, refuse anything still unloaded, and move the (small) buffers to ``device``/``dtype``."""
-    if tie:
-        model.tie_weights()
+def refuse_placeholders(model: nn.Module, where) -> None:
+    """Refuse a model that still holds a meta placeholder: a tensor its checkpoint never supplied."""
     empty = [k for k, t in model.state_dict(keep_vars=True).items() if t is not None and t.is_meta]
     if empty:
         raise CheckpointError(f"{where}: tensors missing from the checkpoint: {empty[:5]}"
                               f"{'...' if len(empty) > 5 else ''}")
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def shared_keys(model: nn.Module) -> set[str]:
+    """State-dict keys whose tensor is the very object of an earlier key (weights tied in the skeleton)."""
+    seen, dups = set(), set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t is not None and id(t) in seen:
+            dups.add(name)
+        elif t is not None:
+            seen.add(id(t))
+    return dups
 
 
 def check_tensor(where: str, shape, dtype: torch.dtype, want: torch.Tensor, exact: bool) -> None:

