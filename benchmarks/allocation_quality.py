@@ -29,8 +29,8 @@ from prune_quality import device_name  # noqa: E402
 
 from sparse_runtime.data.perplexity import perplexity  # noqa: E402
 from sparse_runtime.models.sources import load_model  # noqa: E402
-from sparse_runtime.prune import (DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, find_decoder_layers,  # noqa: E402
-                                  prune)
+from sparse_runtime.prune import (DEFAULT_CALIB, DEFAULT_EVAL, PruneConfig, calibration_windows,  # noqa: E402
+                                  find_decoder_layers, prune)
 from sparse_runtime.prune.allocation import ALPHA_EPS, Allocation, AllocationError, allocate, plot_rates  # noqa: E402
 from sparse_runtime.prune.atp_search import STATISTICS, search_beta  # noqa: E402
 from sparse_runtime.data.calibration import bos_mode, validation_windows  # noqa: E402
@@ -132,7 +132,8 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 row = {}
                 if strategy == "atp":
-                    search = search_beta(model, method, sparsity, calib, val, device=args.device,
+                    search = search_beta(model, PruneConfig(method, "unstructured", sparsity, device=args.device,
+                                                            progress=False), calib, val,
                                          step=args.beta_step, patience=args.beta_patience,
                                          statistics=args.beta_statistics,
                                          log=lambda m: print(f"{method} {sparsity:g} {m}", flush=True))
