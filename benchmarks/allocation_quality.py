@@ -25,7 +25,7 @@ from sparse_runtime.data.calibration import validation_windows
 from sparse_runtime.data.perplexity import perplexity
 from sparse_runtime.models.architecture import find_decoder_layers
 from sparse_runtime.models.sources import load_model
-from sparse_runtime.prune import prune
+from sparse_runtime.prune import PruneConfig, prune
 from sparse_runtime.prune.allocation import ALPHA_EPS, Allocation, AllocationError, allocate, plot_rates
 from sparse_runtime.prune.atp_search import STATISTICS, search_beta
 from sparse_runtime.prune.plan import linear_costs, naive, search_depth_weight
@@ -112,7 +112,8 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 row = {}
                 if strategy == "atp":
-                    search = search_beta(model, method, sparsity, calib, val, device=args.device,
+                    search = search_beta(model, PruneConfig(method, "unstructured", sparsity, device=args.device,
+                                                            progress=False), calib, val,
                                          step=args.beta_step, patience=args.beta_patience,
                                          statistics=args.beta_statistics,
                                          log=lambda m: print(f"{method} {sparsity:g} {m}", flush=True))

@@ -5,7 +5,8 @@ import torch
 
 from sparse_runtime.data.perplexity import perplexity
 from sparse_runtime.models.sources import load_model
-from sparse_runtime.prune import calibration_windows, find_decoder_layers, prune
+from sparse_runtime.prune import (PruneConfig, calibration_windows, collect_statistics, find_decoder_layers, prune,
+                                  prune_from_statistics)
 from sparse_runtime.prune.allocation import allocate
 from sparse_runtime.prune.atp_search import REUSED, search_beta
 from sparse_runtime.data.calibration import validation_windows
@@ -15,6 +16,7 @@ from conftest import TEXT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 C4 = TEXT / "c4_validation_2k.jsonl"
+WANDA_70 = PruneConfig("wanda", "unstructured", 0.7, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +34,8 @@ def test_search_keeps_the_best_validation_beta_and_the_model_pruned_with_it(stor
     _, calib, val = data
     model = load_model(stories_dir)[0]
     lines = []
-    search = search_beta(model, method, 0.7, calib, val, betas=[0.02, 0.06, 0.1], log=lines.append,
-                         statistics=statistics)
+    search = search_beta(model, PruneConfig(method, "unstructured", 0.7, progress=False), calib, val,
+                         betas=[0.02, 0.06, 0.1], log=lines.append, statistics=statistics)
     ppls = [t["validation_ppl"] for t in search.trials]
     assert [t["beta"] for t in search.trials] == [0.02, 0.06, 0.1] and len(lines) == 3
     best = search.trials[ppls.index(min(ppls))]["beta"]
@@ -53,7 +55,7 @@ def test_search_keeps_the_best_validation_beta_and_the_model_pruned_with_it(stor
 def test_patience_stops_early(stories_dir, data):
     _, calib, val = data
     model = load_model(stories_dir)[0]
-    search = search_beta(model, "wanda", 0.7, calib, val, betas=[0.1, 0.02, 0.04, 0.06], patience=1)
+    search = search_beta(model, WANDA_70, calib, val, betas=[0.1, 0.02, 0.04, 0.06], patience=1)
     ppl = [t["validation_ppl"] for t in search.trials]
     for j in range(1, len(ppl) - 1):  # every trial but the last improved on the best so far
         assert ppl[j] < min(ppl[:j])
@@ -77,12 +79,12 @@ def test_dense_statistics_trials_match_a_prune_from_dense_statistics(stories_dir
     """Each dense-statistics trial scores exactly the model a dense-statistics prune at its beta gives."""
     _, calib, val = data
     model = load_model(stories_dir)[0]
-    search = search_beta(model, "wanda", 0.7, calib, val, betas=[0.04, 0.08])
+    search = search_beta(model, WANDA_70, calib, val, betas=[0.04, 0.08])
     for trial in search.trials:
         fresh = load_model(stories_dir)[0]
-        prune(fresh, "wanda", "unstructured", 0.7, calib=calib, allocation=allocate(fresh, "atp", 0.7,
-              beta=trial["beta"]), dense_stats={}, progress=False)
+        config = WANDA_70.replace(allocation=allocate(fresh, "atp", 0.7, beta=trial["beta"]))
+        prune_from_statistics(fresh, config, collect_statistics(fresh, calib, config))
         got = perplexity(fresh, val.reshape(-1), seqlen=64, progress=False).ppl
         assert got == pytest.approx(trial["validation_ppl"], rel=1e-4)
     with pytest.raises(ValueError, match="statistics must be one of"):
-        search_beta(model, "wanda", 0.7, calib, val, betas=[0.04], statistics="cached")
+        search_beta(model, WANDA_70, calib, val, betas=[0.04], statistics="cached")

@@ -10,10 +10,10 @@ from sparse_runtime import SparseLinear, load_pretrained
 from sparse_runtime.models.checkpoint import read_sparse_config
 from sparse_runtime.cli import main
 from sparse_runtime.models.sources import load_model
-from sparse_runtime.prune import calibration_windows, prune
+from sparse_runtime.prune import PruneConfig, calibration_windows, collect_statistics, prune, prune_from_statistics
 from sparse_runtime.data.calibration import validation_windows
-from sparse_runtime.prune.plan import (BYTES_24, LinearCost, Plan, PlanError, choose, linear_costs, naive,
-                                      predicted_speedup, search_depth_weight)
+from sparse_runtime.prune.plan import (BYTES_24, DeploymentPlan, LinearCost, PlanError, choose, linear_costs,
+                                      naive, predicted_speedup, search_depth_weight)
 
 from conftest import TEXT
 
@@ -87,16 +87,16 @@ def test_naive_plans_at_a_speedup_ceiling_fill_at_linear_granularity():
 def test_plan_file_round_trip_and_bad_files(tmp_path):
     plan = choose(_costs([[0.3, 0.1]]), fraction=0.5)
     plan.save(tmp_path / "p.json")
-    assert Plan.load(tmp_path / "p.json") == plan
+    assert DeploymentPlan.load(tmp_path / "p.json") == plan
     assert [p.name for p in tmp_path.iterdir()] == ["p.json"]  # no temp file left
     for content, message in [("{", "not JSON"), ('{"format": "x"}', "not a sparse_runtime.plan file"),
                              ('{"format": "sparse_runtime.plan", "strategy": "a"}', "missing 'sparse'"),
                              (json.dumps(plan.to_dict() | {"sparse": []}), "'sparse' must be a non-empty list")]:
         (tmp_path / "bad.json").write_text(content)
         with pytest.raises(PlanError, match=message):
-            Plan.load(tmp_path / "bad.json")
+            DeploymentPlan.load(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="plan file .* not found"):
-        Plan.load(tmp_path / "missing.json")
+        DeploymentPlan.load(tmp_path / "missing.json")
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(PlanError, match="names 'model.layers.0.b', which is not a linear layer of this model"):
         plan.check_model(model)
@@ -108,7 +108,7 @@ def test_plan_cli_then_prune_plan_gives_a_mixed_checkpoint_with_equal_logits(sto
                  "--seqlen", "64", "--target-fraction", "0.6", "--depth-weight", "1", "--out", str(plan_file)]) == 0
     printed = capsys.readouterr().out
     assert "predicted decode speedup" in printed and "(* = dense)" in printed
-    plan = Plan.load(plan_file)
+    plan = DeploymentPlan.load(plan_file)
     assert 0.6 <= plan.fraction < 0.8 and plan.dense and len(plan.info["errors"]) == 35
     out = tmp_path / "ckpt"
     assert main(["prune", "--model", str(stories_dir), "--device", "cpu", "--method", "wanda", "--calib",
@@ -168,7 +168,8 @@ def test_depth_weight_search_keeps_the_best_validation_plan_and_leaves_the_model
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     deep = choose(costs, fraction=0.6, other=other, depth_weight=400.0)  # rescored independently, from scratch
     fresh = load_model(stories_dir)[0]
-    prune(fresh, "wanda", "2:4", calib=calib, targets=deep.sparse, dense_stats={}, progress=False)
+    config = PruneConfig("wanda", "2:4", targets=deep.sparse, progress=False)
+    prune_from_statistics(fresh, config, collect_statistics(fresh, calib, config))
     assert perplexity(fresh, val.reshape(-1), seqlen=64, progress=False).ppl == pytest.approx(
         trials[2]["validation_ppl"], rel=1e-4)
     # a huge weight keeps the first blocks dense: 40% of the weights are the first two of five blocks
@@ -182,5 +183,5 @@ def test_plan_cli_searches_the_depth_weight_on_held_out_c4_by_default(stories_di
                  "--val-windows", "2", "--target-speedup", "1.3", "--out", str(plan_file)]) == 0
     err = capsys.readouterr().err
     assert err.count("plan depth weight") == 9
-    search = Plan.load(plan_file).info["search"]
+    search = DeploymentPlan.load(plan_file).info["search"]
     assert search["validation_windows"] == [2, 64] and len(search["trials"]) == 9

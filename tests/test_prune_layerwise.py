@@ -195,10 +195,11 @@ def test_true_sequential_and_offload_options(stories):
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_dense_stats_prune_from_the_dense_models_statistics(stories, method):
-    """An empty ``dense_stats`` is filled from the unpruned model (checked against hooks on one plain forward
-    of the dense model); a filled one prunes a fresh copy without any forward to the same weights."""
-    from sparse_runtime.prune import Hessian, InputNorms, sparsegpt_prune, wanda_mask
+def test_dense_statistics_prune_from_the_dense_models_statistics(stories, method):
+    """The statistics collected in one pass are the unpruned model's (checked against hooks on one plain forward
+    of the dense model); pruning from them needs no forward and gives the same weights on a fresh copy."""
+    from sparse_runtime.prune import (Hessian, InputNorms, PruneConfig, collect_statistics, prune_from_statistics,
+                                      sparsegpt_prune, wanda_mask)
 
     model, calib, _ = stories
     calib = calib[:3]
@@ -212,9 +213,13 @@ def test_dense_stats_prune_from_the_dense_models_statistics(stories, method):
             ref(input_ids=calib[j:j + 1], use_cache=False)
     for h in hooks:
         h.remove()
-    a, b, filled = copy.deepcopy(model), copy.deepcopy(model), {}
-    ra = prune(a, method, "unstructured", 0.6, calib=calib, progress=False, dense_stats=filled)
-    assert set(filled) == set(linears) and set(ra.masks) == set(linears)
+    config = PruneConfig(method, "unstructured", 0.6, progress=False)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    filled = collect_statistics(a, calib, config)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), model.state_dict().values()))
+    ra = prune_from_statistics(a, config, filled)
+    assert set(filled.stats) == set(linears) and set(ra.masks) == set(linears)
+    assert (filled.nsamples, filled.seqlen) == (ra.nsamples, ra.seqlen) == (3, 128)
     for n, m in linears.items():
         if method == "wanda":
             want = m.weight * wanda_mask(m.weight, stats[n].sq, "unstructured", 0.6)
@@ -223,23 +228,32 @@ def test_dense_stats_prune_from_the_dense_models_statistics(stories, method):
         torch.testing.assert_close(a.get_submodule(n).weight, want, rtol=1e-4, atol=1e-5, msg=n)
 
     def no_forward(*args, **kw):
-        raise AssertionError("a filled dense_stats must not run the model")
+        raise AssertionError("pruning from collected statistics must not run the model")
 
     for layer in find_decoder_layers(b)[0]:
         layer.forward = no_forward
-    rb = prune(b, method, "unstructured", 0.6, calib=calib, progress=False, dense_stats=filled)
+    rb = prune_from_statistics(b, config, filled)
     for layer in find_decoder_layers(b)[0]:
         del layer.forward
     assert all(torch.equal(ra.masks[n], rb.masks[n]) for n in ra.masks)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     sequential = copy.deepcopy(model)  # and it is not what a sequential prune does after the first block
-    prune(sequential, method, "unstructured", 0.6, calib=calib, progress=False)
+    prune(sequential, config, calib=calib)
     assert not torch.equal(sequential.model.layers[3].mlp.up_proj.weight, a.model.layers[3].mlp.up_proj.weight)
-    with pytest.raises(ValueError, match="cannot be combined"):
-        prune(copy.deepcopy(model), method, "unstructured", 0.6, calib=calib, dense_stats={}, record_errors=True)
-    partial = {n: st for n, st in filled.items() if "layers.0." in n}  # statistics of another model's linears
-    with pytest.raises(ValueError, match="dense_stats has no statistics for model.layers.1"):
-        prune(copy.deepcopy(model), method, "unstructured", 0.6, calib=calib, dense_stats=partial)
+    for bad in (config.replace(record_errors=True), config.replace(rotate="nm")):
+        with pytest.raises(ValueError, match="cannot be combined"):
+            collect_statistics(copy.deepcopy(model), calib, bad)
+        with pytest.raises(ValueError, match="cannot be combined"):
+            prune_from_statistics(copy.deepcopy(model), bad, filled)
+    partial = copy.copy(filled)  # statistics of another model's linears
+    partial.stats = {n: st for n, st in filled.stats.items() if "layers.0." in n}
+    with pytest.raises(ValueError, match="the dense statistics have none for model.layers.1"):
+        prune_from_statistics(copy.deepcopy(model), config, partial)
+    other = "sparsegpt" if method == "wanda" else "wanda"
+    with pytest.raises(ValueError, match=f"{other} prunes from its own calibration statistics"):
+        prune_from_statistics(copy.deepcopy(model), config.replace(method=other), filled)
+    with pytest.raises(ValueError, match="magnitude prunes from the weights alone: it has no statistics"):
+        collect_statistics(copy.deepcopy(model), calib, config.replace(method="magnitude"))
 
 
 @pytest.mark.gpu

@@ -7,10 +7,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import TEXT
 from sparse_runtime.format.masks import pattern_mask
 from sparse_runtime.prune import RotateOptions, calibration_windows, prune
-from sparse_runtime.prune.rotate import (LayerInputs, _diag_blocks, _dropped, _inverse, _Objective, _rotated_diag,
-                                         _saliency_diag, learn_rotation, learning_dtype)
-from sparse_runtime.prune.sparsegpt import sparsegpt_prune
-from sparse_runtime.models.residual_rotation import BUFFER, UnsupportedArchitecture, fold_norms
+from sparse_runtime.prune import Hessian, InputNorms, magnitude_mask, wanda_mask
+from sparse_runtime.prune.rotate import (LayerInputs, _diag_blocks, _dropped, _Importance, _inverse, _Objective,
+                                         _rotated_diag, _saliency_diag, learn_rotation, learning_dtype)
+from sparse_runtime.prune.sparsegpt import damped_inverse, saliency, sparsegpt_prune
+from sparse_runtime.prune.wanda import scores as wanda_scores
+from sparse_runtime.models.residual_rotation import BUFFER, UnsupportedArchitecture, fold_norms, head_geometry
 
 
 def orth(*shape, seed=0):
@@ -44,7 +46,7 @@ def test_sparsegpt_saliency_ranks_as_sparsegpt_prunes():
     h = spd(16, seed=2).float()
     w = torch.randn(32, 16, generator=torch.Generator().manual_seed(3))
     _, keep = sparsegpt_prune(w, h, "2:4", damp=0.01)
-    score = w.pow(2) / _saliency_diag(_inverse(h, 0.01), None)
+    score = saliency(w, _saliency_diag(_inverse(h, 0.01), None))
     torch.testing.assert_close(~keep[:, :4], ~pattern_mask(score[:, :4], "2:4", per="row"), rtol=0, atol=0)
 
 
@@ -143,6 +145,34 @@ def test_magnitude_with_a_calibrated_rotation_importance_is_refused_untouched(st
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_the_rotation_importance_at_identity_is_the_methods_own_score(layer, method):
+    """Unrotated (Q = I), the importance a rotation is learned on is the square of the method's score from its own
+    statistics, so it ranks weights as the method prunes them (for SparseGPT: its first group, before any update)."""
+    d, inner = layer.mlp.gate_proj.in_features, layer.mlp.down_proj.in_features
+    x = torch.randn(300, d, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.1, 3, d)
+    norms, hessian = InputNorms(d, "cpu"), Hessian(d, "cpu")
+    norms.add(x)
+    hessian.add(x)
+    inputs = LayerInputs(hessian.H, spd(d).float(), hessian.H, spd(inner).float())
+    n_heads, _, hd = head_geometry(layer)
+    importance = _Importance(method, None if method == "magnitude" else inputs, 1, n_heads, hd, 0.01)
+    scales = importance.scales(torch.eye(d)[None], torch.eye(hd).repeat(n_heads, 1, 1)) or {}
+    w = layer.mlp.gate_proj.weight.detach().float()  # reads the MLP input
+    got = importance.score(w, scales.get("mlp"))
+    if method == "magnitude":
+        torch.testing.assert_close(got, w.abs().pow(2))
+        assert torch.equal(pattern_mask(got, "2:4"), magnitude_mask(w, "2:4"))
+    elif method == "wanda":  # H = (2/n) X^T X: its diagonal is 2/n times Wanda's squared input norms
+        torch.testing.assert_close(got, wanda_scores(w, norms.sq).pow(2) * 2 / 300)
+        assert torch.equal(pattern_mask(got, "2:4", per="row"), wanda_mask(w, norms.sq, "2:4"))
+    else:
+        u = damped_inverse(hessian.H, 0.01, upper=True).inverse
+        torch.testing.assert_close(got, w.pow(2) / u.diagonal().pow(2), rtol=1e-4, atol=0)
+        keep = sparsegpt_prune(w, hessian.H, "2:4", damp=0.01)[1]
+        assert torch.equal(pattern_mask(got[:, :4], "2:4", per="row"), keep[:, :4])
+
+
 def test_rotation_importance_can_be_another_methods(layer):
     """SparseGPT pruning with rotations learned on Wanda's scores: the objective is Wanda's, not SparseGPT's."""
     inputs = layer_inputs(layer)
@@ -188,11 +218,11 @@ def test_rotation_lowers_the_perplexity_of_2of4_pruning(stories, method):
 
 
 def test_a_rotation_that_changes_the_function_is_refused(stories, monkeypatch):
-    from sparse_runtime.prune import layerwise
+    from sparse_runtime.prune import sequential
 
     path, calib, _ = stories
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    monkeypatch.setattr(layerwise, "rotate_layer", lambda layer, q1, r2: None)  # forget to rotate the weights
+    monkeypatch.setattr(sequential, "rotate_layer", lambda layer, q1, r2: None)  # forget to rotate the weights
     with pytest.raises(UnsupportedArchitecture, match="changed its output"):
         prune(model, "wanda", "2:4", calib=calib, device="cpu", progress=False, rotate="entropy", rotate_steps=2)
 

@@ -96,11 +96,10 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
 
 
-def _check_args(args) -> None:
-    """Refuse contradictory flags before the slow model load."""
-    from ..prune.layerwise import check_sparsity
+def _config(args):
+    """The prune the flags ask for, its contradictions refused before the slow model load."""
+    from ..prune import PruneConfig
 
-    check_sparsity(args.pattern, args.sparsity)
     if (args.beta is not None or args.beta_search) and args.allocation != "atp":
         raise ValueError("--beta and --beta-search belong to --allocation atp")
     if args.allocation == "atp" and args.beta is None and not args.beta_search:
@@ -113,6 +112,11 @@ def _check_args(args) -> None:
         raise ValueError("--refit re-solves SparseGPT's kept weights: it takes --method sparsegpt")
     if args.plan is not None and (args.allocation != "uniform" or args.pattern != "2:4"):
         raise ValueError("--plan decides 2:4 or dense per linear: it takes --pattern 2:4 and no --allocation")
+    return PruneConfig(args.method, args.pattern, args.sparsity, targets=args.targets, device=args.device,
+                       true_sequential=args.true_sequential, offload=args.offload, record_errors=args.errors,
+                       rotate=args.rotate, rotate_steps=args.rotate_steps, rotate_blocks=args.rotate_blocks,
+                       rotate_importance=args.rotate_importance, blocksize=args.blocksize, damp=args.damp,
+                       refit=args.refit, per=args.per)
 
 
 def _sparsify(model, result, backend):
@@ -136,31 +140,20 @@ def run(args) -> int:
     from ..data.calibration import bos_mode
     from .common import device_dtype
 
-    _check_args(args)
-    rotate = None
-    if args.rotate != "none":
-        from ..prune import RotateOptions
-
-        rotate = RotateOptions(args.rotate, args.rotate_steps, args.rotate_blocks, damp=args.damp,
-                               importance=args.rotate_importance)
+    config = _config(args)
     plan = None
     if args.plan is not None:
-        from ..prune.plan import Plan
+        from ..prune.plan import DeploymentPlan
 
-        plan = Plan.load(args.plan)
+        plan = DeploymentPlan.load(args.plan)
     device, dtype = device_dtype(args)
     model, tok = load_model(args.model, device="cpu", dtype=dtype)  # layers visit `device` one at a time
     calib, used = None, set()
     if args.method != "magnitude":
         calib = calibration_from_args(args, tok, model, used)
-    options = ({"blocksize": args.blocksize, "damp": args.damp, "refit": args.refit}
-               if args.method == "sparsegpt" else {"per": args.per} if args.method == "magnitude" else {})
-    if args.true_sequential is not None:
-        options["true_sequential"] = args.true_sequential
-    targets = args.targets
     if plan is not None:
         plan.check_model(model)
-        targets = plan.sparse
+        config = config.replace(targets=plan.sparse)
     nm = parse_pattern(args.pattern)
     target = 1 - nm[0] / nm[1] if nm else args.sparsity
     allocation = search = result = None
@@ -172,21 +165,18 @@ def run(args) -> int:
         same = str(val_file) == str(args.calib or DEFAULT_CALIB)
         val = validation_windows(tok, val_file, args.val_windows, calib.shape[1] if calib is not None else args.seqlen,
                                  exclude=used if same else set(), bos=args.bos)
-        search = search_beta(model, args.method, target, calib, val, pattern=args.pattern, step=args.beta_step,
-                             patience=args.beta_patience, statistics=args.beta_statistics, device=device,
-                             targets=targets, offload=args.offload,
-                             record_errors=args.errors, progress=True, log=lambda m: print(m, file=sys.stderr),
-                             **options)
+        search = search_beta(model, config.replace(sparsity=target), calib, val, step=args.beta_step,
+                             patience=args.beta_patience, statistics=args.beta_statistics,
+                             log=lambda m: print(m, file=sys.stderr))
         allocation, result = search.allocation, search.result
     elif args.allocation != "uniform" or args.plot:
         from ..prune.allocation import allocate
 
         allocation = allocate(model, args.allocation, target, pattern=args.pattern, calib=calib, beta=args.beta,
-                              lam=args.owl_lambda, m=args.owl_m, eps=args.alpha_eps, targets=targets, device=device)
+                              lam=args.owl_lambda, m=args.owl_m, eps=args.alpha_eps, targets=config.targets,
+                              device=device)
     if result is None:
-        result = prune(model, args.method, args.pattern, args.sparsity, calib=calib, targets=targets,
-                       device=device, offload=args.offload, record_errors=args.errors, progress=True, rotate=rotate,
-                       allocation=allocation, **options)
+        result = prune(model, config, calib=calib, allocation=allocation)
     report = _sparsify(model, result, args.backend)
     info = {**result.to_dict(), "model": str(args.model), "calibration": None if calib is None else
             {"file": str(args.calib or DEFAULT_CALIB), "nsamples": calib.shape[0], "seqlen": calib.shape[1],
@@ -195,8 +185,8 @@ def run(args) -> int:
                                               "fraction": plan.fraction, "predicted_speedup": plan.speedup}
     save_pretrained(model, args.out, tokenizer=tok, extra_config={"pruning": {
         k: info[k] for k in ("method", "pattern", "sparsity", "calibration", "model", "allocation", "plan")} | {
-        "rotation": None if rotate is None else
-        {"objective": rotate.objective, "steps": rotate.steps, "blocks": rotate.blocks}}})
+        "rotation": None if config.rotate is None else
+        {"objective": config.rotate.objective, "steps": config.rotate.steps, "blocks": config.rotate.blocks}}})
     info["out"] = str(args.out)
     info["compression"] = {k: v for k, v in report.to_dict().items() if k != "replaced"}
     if allocation is not None:

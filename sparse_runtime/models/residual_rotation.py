@@ -35,12 +35,12 @@ def transpose(q: torch.Tensor) -> torch.Tensor:
     return q.transpose(-1, -2)
 
 
-def right(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def rotate_inputs(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``W @ Q`` (rotate the input columns of ``W [out, d]``)."""
     return apply_rotation(w, q)
 
 
-def left(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def rotate_outputs(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``Q^T @ W`` (rotate the output rows of ``W [d, in]``)."""
     return apply_rotation(w.T, q).T
 
@@ -118,19 +118,19 @@ def rotate_layer(layer: nn.Module, q1: torch.Tensor, r2: torch.Tensor | None = N
     n_heads, n_kv, hd = head_geometry(layer)
     for n in READERS:
         lin = layer.get_submodule(n)
-        lin.weight.copy_(right(lin.weight.float(), q1.float()))
+        lin.weight.copy_(rotate_inputs(lin.weight.float(), q1.float()))
     for n in WRITERS:
         lin = layer.get_submodule(n)
-        lin.weight.copy_(left(lin.weight.float(), q1.float()))
+        lin.weight.copy_(rotate_outputs(lin.weight.float(), q1.float()))
         if lin.bias is not None:
             lin.bias.copy_(apply_rotation(lin.bias.float(), q1.float()))
     if r2 is not None:
         v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
         r2 = r2.float()
-        v.weight.copy_(left(v.weight.float(), r2))
+        v.weight.copy_(rotate_outputs(v.weight.float(), r2))
         if v.bias is not None:
             v.bias.copy_(apply_rotation(v.bias.float(), r2))
-        o.weight.copy_(right(o.weight.float(), head_blocks(r2, n_heads)))
+        o.weight.copy_(rotate_inputs(o.weight.float(), head_blocks(r2, n_heads)))
 
 
 # -- the boundary rotation carried at run time --------------------------------------------------------------------
@@ -201,9 +201,9 @@ def fold_ends(model: nn.Module, layers_path: str, first: torch.Tensor, last: tor
     norm = final_norm(model, layers_path)
     _probe_rmsnorm("final norm", norm)
     emb, head = _untie(model)
-    emb.weight.copy_(right(emb.weight.float(), first.float()))
+    emb.weight.copy_(rotate_inputs(emb.weight.float(), first.float()))
     g = norm.weight.float()
-    head.weight.copy_(right(head.weight.float() * g, last.float()))
+    head.weight.copy_(rotate_inputs(head.weight.float() * g, last.float()))
     norm.weight.fill_(1)
 
 

@@ -1,54 +1,39 @@
 """Pruning front-end: magnitude, Wanda and SparseGPT for 2:4, N:M and unstructured sparsity.
 
-Every method has one signature, ``method(model, calib, *, pattern, sparsity, **options) -> PruneResult``:
-it zeroes pruned weights in place (SparseGPT also updates the kept ones) and returns the keep
-masks, ready for :func:`sparse_runtime.nn.sparsify`. The calibrated methods run on the one
-family-agnostic driver in :mod:`.layerwise`."""
+``prune(model, config, calib=...)`` zeroes pruned weights in place (SparseGPT also updates the kept ones) and
+returns the keep masks, ready for :func:`sparse_runtime.nn.sparsify`. A :class:`PruneConfig` says what to do; the
+calibrated methods run on the sequential driver (:mod:`.sequential`), magnitude and the searches' trials on
+:mod:`.dense_statistics`."""
 from __future__ import annotations
 
 from ..data.calibration import DEFAULT_CALIB, DEFAULT_EVAL, CalibrationError, calibration_windows
 from ..models.architecture import UnsupportedModel, find_decoder_layers
-from .layerwise import PruneResult, prune_layerwise
-from .magnitude import magnitude, magnitude_mask
-from .rotate import OBJECTIVES as ROTATE_OBJECTIVES
-from .rotate import RotateOptions
-from .sparsegpt import sparsegpt, sparsegpt_prune
+from .config import OBJECTIVES as ROTATE_OBJECTIVES
+from .config import PruneConfig, RotateOptions, as_config
+from .dense_statistics import DenseStatistics, collect_statistics, prune_from_statistics
+from .magnitude import magnitude_mask
+from .methods import METHODS, NEEDS_CALIBRATION
+from .result import PruneResult
+from .sequential import prune_sequential
+from .sparsegpt import sparsegpt_prune
 from .statistics import Hessian, InputNorms
-from .wanda import wanda, wanda_mask
-
-METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
-NEEDS_CALIBRATION = {"wanda", "sparsegpt"}
+from .wanda import wanda_mask
 
 
-def prune(model, method: str = "sparsegpt", pattern: str = "2:4", sparsity: float = 0.5, calib=None,
-          rotate: str | RotateOptions | None = None, rotate_steps: int = 100, rotate_blocks: int = 1,
-          rotate_importance: str | None = None, **options) -> PruneResult:
-    """Prune ``model`` in place with ``method`` (a name in :data:`METHODS`).
+def prune(model, config: PruneConfig | str = "sparsegpt", pattern: str | None = None, sparsity: float | None = None,
+          calib=None, *, inputs=None, **fields) -> PruneResult:
+    """Prune ``model`` in place as ``config`` says: a :class:`PruneConfig`, or a method name (in :data:`METHODS`)
+    whose config is built from ``pattern``, ``sparsity`` and ``fields`` (any :class:`PruneConfig` field:
+    ``prune(model, "wanda", "2:4", calib=calib)``); given with a config, they replace its fields.
 
-    ``calib`` is a ``[N, L]`` tensor of token ids (see :func:`calibration_windows`);
-    options go to the method (targets, ignore, device, true_sequential, offload,
-    record_errors, progress; blocksize, damp, refit for SparseGPT; per for magnitude).
-    ``rotate`` ("entropy", "nm" or a :class:`RotateOptions`) learns DenoiseRotator rotations per decoder
-    layer before pruning it (``rotate_steps`` Adam steps, ``rotate_blocks`` diagonal blocks of R1, scored
-    by ``rotate_importance``'s scores, by default the method's own); the rotated layers are then pruned
-    true-sequentially unless ``true_sequential=False`` is given."""
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
-    if method in NEEDS_CALIBRATION and calib is None:
-        raise ValueError(f"{method} needs calibration token ids (calib=[N, L] tensor)")
-    if isinstance(rotate, str) and rotate != "none":
-        rotate = RotateOptions(rotate, rotate_steps, rotate_blocks, damp=options.get("damp", 0.01),
-                               importance=rotate_importance)
-    elif rotate == "none":
-        rotate = None
-    if rotate is not None:
-        if method not in NEEDS_CALIBRATION and rotate.importance in NEEDS_CALIBRATION:  # before any layer changes
-            raise ValueError(f"rotate importance {rotate.importance!r} needs calibration statistics, which "
-                             f"{method} pruning does not collect")
-        options["rotate"] = rotate
-        if method in NEEDS_CALIBRATION:
-            options.setdefault("true_sequential", True)
-    return METHODS[method](model, calib, pattern=pattern, sparsity=sparsity, **options)
+    ``calib`` is a ``[N, L]`` tensor of token ids (see :func:`calibration_windows`) for the calibrated methods;
+    ``inputs`` reuses first-block inputs from :func:`~.statistics.capture_inputs` (a search's trials)."""
+    config = as_config(config, pattern, sparsity, **fields)
+    if config.method not in NEEDS_CALIBRATION:
+        return prune_from_statistics(model, config)
+    if calib is None:
+        raise ValueError(f"{config.method} needs calibration token ids (calib=[N, L] tensor)")
+    return prune_sequential(model, calib, config, inputs)
 
 
 __all__ = [
@@ -56,20 +41,21 @@ __all__ = [
     "DEFAULT_EVAL",
     "METHODS",
     "CalibrationError",
+    "DenseStatistics",
     "Hessian",
     "InputNorms",
+    "PruneConfig",
     "PruneResult",
     "ROTATE_OBJECTIVES",
     "RotateOptions",
     "UnsupportedModel",
     "calibration_windows",
+    "collect_statistics",
     "find_decoder_layers",
-    "magnitude",
     "magnitude_mask",
     "prune",
-    "prune_layerwise",
-    "sparsegpt",
+    "prune_from_statistics",
+    "prune_sequential",
     "sparsegpt_prune",
-    "wanda",
     "wanda_mask",
 ]

@@ -28,6 +28,7 @@ from ..errors import SparseRuntimeError
 from ..format.codec import parse_pattern
 from ..models.architecture import decoder_linears, find_decoder_layers
 from .statistics import InputNorms, capture_inputs, run_layer
+from .wanda import scores as wanda_scores
 
 STRATEGIES = ("uniform", "atp", "owl", "alphapruning")
 ATP_STEP = 0.002  # the ATP paper's beta grid
@@ -91,6 +92,17 @@ class Allocation:
         extra = f", beta {self.params['beta']:.4f}" if self.params.get("beta") is not None else ""
         rows.append(f"{self.strategy}{extra}: parameter-weighted mean {self.mean():.4f} (target {self.sparsity})")
         return "\n".join(rows)
+
+
+def block_of(name: str, path: str) -> int | None:
+    """The decoder block a linear named ``name`` sits in (``path``: the decoder layers'); None outside them."""
+    return int(name[len(path) + 1:].split(".", 1)[0]) if name.startswith(path + ".") else None
+
+
+def check_blocks(allocation: Allocation | None, layers) -> None:
+    if allocation is not None and len(allocation.rates) != len(layers):
+        raise AllocationError(f"the allocation has {len(allocation.rates)} block rates, the model {len(layers)} "
+                              "blocks")
 
 
 def weighted_mean(rates: Sequence[float], sizes: Sequence[int] | None = None) -> float:
@@ -248,7 +260,7 @@ def block_linears(model, pattern: str = "unstructured", targets=None, ignore=("l
     chosen, _ = decoder_linears(model, pattern, targets, ignore)
     blocks = [{} for _ in layers]
     for name, mod in chosen.items():
-        blocks[int(name[len(path) + 1:].split(".")[0])][name] = mod
+        blocks[block_of(name, path)][name] = mod
     return blocks
 
 
@@ -273,7 +285,7 @@ def owl_lods(model, blocks: list[dict], calib: torch.Tensor, device, m: float = 
             for h in handles:
                 h.remove()
         if blocks[i]:
-            scores = torch.cat([(mod.weight.float().abs() * stats[n].sq.sqrt()).flatten()
+            scores = torch.cat([wanda_scores(mod.weight.float(), stats[n].sq).flatten()
                                 for n, mod in blocks[i].items()])
             lods.append(outlier_ratio(scores, m))
         else:

@@ -22,11 +22,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .allocation import ATP_STEP, Allocation, allocate, atp_betas
 from ..data.perplexity import perplexity
 from ..models.architecture import find_decoder_layers
-from . import NEEDS_CALIBRATION, prune
-from .layerwise import PruneResult
+from . import prune
+from .allocation import ATP_STEP, Allocation, allocate, atp_betas
+from .config import PruneConfig
+from .dense_statistics import collect_statistics, prune_from_statistics
+from .methods import NEEDS_CALIBRATION
+from .result import PruneResult
 from .statistics import capture_inputs
 
 REUSED = ("calibration windows", "tokenised validation windows", "first-block inputs and per-block forward kwargs",
@@ -51,36 +54,39 @@ class BetaSearch:
 
 
 @torch.no_grad()
-def search_beta(model, method: str, sparsity: float, calib: torch.Tensor | None, val: torch.Tensor, *,
-                pattern: str = "unstructured", step: float = ATP_STEP, betas=None, patience: int | None = None,
-                device=None, targets=None, ignore=("lm_head",), progress: bool = False, log=None,
-                statistics: str = "dense", **options) -> BetaSearch:
-    """Prune ``model`` with ATP at every beta of the grid (``betas``, default ``step, 2 step, ...`` up to the
-    legal limit) and leave it pruned with the beta whose perplexity on ``val`` ([n, seqlen] token ids, BOS
-    already in place) is lowest. ``patience`` stops after that many trials in a row worse than the best (the
-    curve is usually unimodal in beta); None runs the whole grid. ``log(str)`` gets one line per trial.
-    ``statistics``: "dense" (trials share the dense model's statistics) or "sequential" (see the module doc)."""
+def search_beta(model, config: PruneConfig, calib: torch.Tensor | None, val: torch.Tensor, *, step: float = ATP_STEP,
+                betas=None, patience: int | None = None, log=None, statistics: str = "dense") -> BetaSearch:
+    """Prune ``model`` as ``config`` says (its ``sparsity`` is the target mean, for N:M ``1 - N/M``) with ATP at
+    every beta of the grid (``betas``, default ``step, 2 step, ...`` up to the legal limit) and leave it pruned
+    with the beta whose perplexity on ``val`` ([n, seqlen] token ids, BOS already in place) is lowest.
+    ``patience`` stops after that many trials in a row worse than the best (the curve is usually unimodal in
+    beta); None runs the whole grid. ``log(str)`` gets one line per trial. ``statistics``: "dense" (trials share
+    the dense model's statistics) or "sequential" (see the module doc)."""
 
     if statistics not in STATISTICS:
         raise ValueError(f"statistics must be one of {', '.join(STATISTICS)}, got {statistics!r}")
     t0 = time.perf_counter()
     layers, path = find_decoder_layers(model)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    grid = list(betas) if betas is not None else atp_betas(sparsity, len(layers), step)
-    store = torch.device("cpu") if options.get("offload") else device
+    device = config.torch_device()
+    grid = list(betas) if betas is not None else atp_betas(config.sparsity, len(layers), step)
+    store = torch.device("cpu") if config.offload else device
     inputs = None if calib is None else capture_inputs(model, layers, path, calib, device, store)
     dense = {k: v.clone() for k, v in layers.state_dict().items()}
     eval_device = next(model.parameters()).device
-    if method not in NEEDS_CALIBRATION:
+    shared = None
+    if config.method not in NEEDS_CALIBRATION:
         statistics = "sequential"  # no statistics to share: every trial is a plain prune
-    shared = {"dense_stats": {}} if statistics == "dense" else {}
-    trial_options = {k: v for k, v in options.items() if not (shared and k == "record_errors")}
+    elif statistics == "dense":
+        shared = collect_statistics(model, calib, config.replace(record_errors=False), inputs)
     best, trials, worse = None, [], 0
     for beta in grid:
         t = time.perf_counter()
-        alloc = allocate(model, "atp", sparsity, pattern=pattern, beta=beta, targets=targets, ignore=ignore)
-        res = prune(model, method, pattern, sparsity, calib=calib, allocation=alloc, inputs=inputs, device=device,
-                    targets=targets, ignore=ignore, progress=progress, **shared, **trial_options)
+        alloc = allocate(model, "atp", config.sparsity, pattern=config.pattern, beta=beta, targets=config.targets,
+                         ignore=config.ignore)
+        if shared is not None:
+            res = prune_from_statistics(model, config.replace(allocation=alloc, record_errors=False), shared)
+        else:
+            res = prune(model, config, calib=calib, inputs=inputs, allocation=alloc)
         ppl = perplexity(model, val.reshape(-1), seqlen=val.shape[1], device=eval_device, progress=False).ppl
         trials.append({"beta": beta, "validation_ppl": round(ppl, 4), "seconds": round(time.perf_counter() - t, 1)})
         if log:
@@ -94,10 +100,9 @@ def search_beta(model, method: str, sparsity: float, calib: torch.Tensor | None,
         if patience is not None and worse >= patience:
             break
     _, alloc, res, weights = best
-    if shared:  # trials ranked betas on dense statistics; the result is the real layer-by-layer prune
+    if shared is not None:  # trials ranked betas on dense statistics; the result is the real layer-by-layer prune
         del shared
-        res = prune(model, method, pattern, sparsity, calib=calib, allocation=alloc, inputs=inputs, device=device,
-                    targets=targets, ignore=ignore, progress=progress, **options)
+        res = prune(model, config, calib=calib, inputs=inputs, allocation=alloc)
     else:
         layers.load_state_dict(weights)
     search = BetaSearch(alloc, res, trials, time.perf_counter() - t0, statistics)

@@ -37,7 +37,9 @@ from torch import nn
 from ..data.perplexity import perplexity
 from ..errors import SparseRuntimeError
 from ..models.architecture import find_decoder_layers
-from . import prune
+from .allocation import block_of
+from .config import PruneConfig
+from .dense_statistics import collect_statistics, prune_from_statistics
 
 BYTES_24 = 9 / 16  # a 2:4 fp16 weight's bytes over the dense weight's
 PLAN_FORMAT = "sparse_runtime.plan"
@@ -58,7 +60,7 @@ class LinearCost:
 
 
 @dataclass
-class Plan:
+class DeploymentPlan:
     strategy: str
     sparse: list[str]  # run 2:4
     dense: list[str]  # stay dense
@@ -81,7 +83,7 @@ class Plan:
         return path
 
     @classmethod
-    def load(cls, path) -> Plan:
+    def load(cls, path) -> DeploymentPlan:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"plan file {path} not found")
@@ -126,7 +128,7 @@ def linear_costs(model: nn.Module, errors: dict[str, float]) -> tuple[list[Linea
         if not isinstance(mod, nn.Linear):
             continue
         if name in errors:
-            costs.append(LinearCost(name, int(name[len(path) + 1:].split(".")[0]), mod.weight.numel(), errors[name]))
+            costs.append(LinearCost(name, block_of(name, path), mod.weight.numel(), errors[name]))
         else:
             other += mod.weight.numel()
     if not costs:
@@ -142,7 +144,8 @@ def predicted_speedup(costs: list[LinearCost], sparse: set[str], other: int = 0,
     return dense / planned
 
 
-def _fill(costs, order, fraction, speedup, other, ratio, strategy, target, info=None, not_above=False) -> Plan:
+def _fill(costs, order, fraction, speedup, other, ratio, strategy, target, info=None,
+          not_above=False) -> DeploymentPlan:
     """Take linears in ``order`` as 2:4 until the target fraction (of weights) or speedup is met; with
     ``not_above`` stop instead before the linear that would pass the target speedup."""
     total = sum(c.params for c in costs)
@@ -155,8 +158,9 @@ def _fill(costs, order, fraction, speedup, other, ratio, strategy, target, info=
             break
         sparse.add(c.name)
         kept += c.params
-    return Plan(strategy, [c.name for c in costs if c.name in sparse], [c.name for c in costs if c.name not in sparse],
-                kept / total, predicted_speedup(costs, sparse, other, ratio), target, info or {})
+    return DeploymentPlan(strategy, [c.name for c in costs if c.name in sparse],
+                          [c.name for c in costs if c.name not in sparse], kept / total,
+                          predicted_speedup(costs, sparse, other, ratio), target, info or {})
 
 
 def _check_target(costs, fraction, speedup, other, ratio) -> dict:
@@ -174,7 +178,7 @@ def _check_target(costs, fraction, speedup, other, ratio) -> dict:
 
 
 def choose(costs: list[LinearCost], *, fraction: float | None = None, speedup: float | None = None, other: int = 0,
-           depth_weight: float = 1.0, ratio=None) -> Plan:
+           depth_weight: float = 1.0, ratio=None) -> DeploymentPlan:
     """The plan: linears by squared error x depth weight per byte saved, lowest first, until the target."""
     target = _check_target(costs, fraction, speedup, other, ratio)
     last = max(c.block for c in costs)
@@ -190,7 +194,7 @@ def choose(costs: list[LinearCost], *, fraction: float | None = None, speedup: f
 
 
 def naive(costs: list[LinearCost], strategy: str, *, fraction: float | None = None, speedup: float | None = None,
-          other: int = 0, seed: int = 0, ratio=None, not_above: bool = False) -> Plan:
+          other: int = 0, seed: int = 0, ratio=None, not_above: bool = False) -> DeploymentPlan:
     """A baseline plan: ``all`` 2:4, ``first_dense`` (linears 2:4 from the deepest block up, in model order
     within a block, so the first blocks stay dense) or ``random`` (a seeded random order), filled to the same
     target (``all`` ignores it). ``not_above`` keeps a speedup target as a ceiling (within one linear), so a
@@ -212,20 +216,23 @@ def naive(costs: list[LinearCost], strategy: str, *, fraction: float | None = No
 @torch.no_grad()
 def search_depth_weight(model: nn.Module, costs: list[LinearCost], calib: torch.Tensor, val: torch.Tensor, *,
                         fraction: float | None = None, speedup: float | None = None, other: int = 0,
-                        method: str = "wanda", weights=DEPTH_WEIGHTS, device=None, ratio=None, log=None) -> Plan:
+                        method: str = "wanda", weights=DEPTH_WEIGHTS, device=None, ratio=None,
+                        log=None) -> DeploymentPlan:
     """The :func:`choose` plan at each depth weight, each pruned 2:4 by ``method`` from the dense model's
     statistics (gathered once) and scored by perplexity on ``val`` ([n, seqlen] held-out token ids); the
     lowest wins and carries its trials in ``info["search"]``. ``model`` must be dense and is left dense."""
 
     layers, _ = find_decoder_layers(model)
     dense = {k: v.clone() for k, v in layers.state_dict().items()}
-    stats, trials, scored, best = {}, [], {}, None
+    config = PruneConfig(method, "2:4", device=device, progress=False)
+    stats, trials, scored, best = None, [], {}, None
     for w in weights:
         plan = choose(costs, fraction=fraction, speedup=speedup, other=other, depth_weight=w, ratio=ratio)
         key = tuple(plan.sparse)
         if key not in scored:  # neighbouring weights often give the same plan
-            prune(model, method, "2:4", calib=calib, targets=plan.sparse, dense_stats=stats, device=device,
-                  progress=False)
+            if stats is None:  # gathered once, only if some plan is scored
+                stats = collect_statistics(model, calib, config)
+            prune_from_statistics(model, config.replace(targets=plan.sparse), stats)
             scored[key] = perplexity(model, val.reshape(-1), seqlen=val.shape[1], progress=False).ppl
             layers.load_state_dict(dense)
         trials.append({"depth_weight": w, "validation_ppl": round(scored[key], 4), "speedup": round(plan.speedup, 4)})

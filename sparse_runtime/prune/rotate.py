@@ -25,39 +25,22 @@ factor. Objectives:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from ..format.codec import parse_pattern
 from ..models.architecture import READERS, WRITERS, find_decoder_layers
+from ..models.residual_rotation import (check_layer, fold_norms, head_blocks, head_geometry, rotate_inputs,
+                                        rotate_model, rotate_outputs)
+from . import magnitude, wanda
+from .config import OBJECTIVES, RotateOptions  # noqa: F401  (OBJECTIVES: the rotation benchmark reads it here)
+from .methods import METHODS
+from .sparsegpt import damped_inverse, saliency
 from .statistics import LayerInputs
-from ..models.residual_rotation import check_layer, fold_norms, head_blocks, head_geometry, left, right, rotate_model
 
-OBJECTIVES = ("entropy", "nm")
-IMPORTANCE = ("magnitude", "wanda", "sparsegpt")
+IMPORTANCE = tuple(METHODS)
 _TINY = 1e-30
-
-
-@dataclass
-class RotateOptions:
-    objective: str = "nm"
-    steps: int = 100
-    blocks: int = 1  # diagonal blocks of Q1; 1 = a full d x d rotation
-    lr: float = 0.01
-    clip: float = 1.0
-    damp: float = 0.01  # SparseGPT's damping, for H^-1
-    dtype: torch.dtype | None = None  # of the weight x rotation product while learning (None: learning_dtype)
-    importance: str | None = None  # whose scores the objective sees; None: the pruning method's own
-
-    def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown rotation objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
-        if self.steps < 0 or self.blocks < 1:
-            raise ValueError(f"need rotate steps >= 0 and blocks >= 1, got {self.steps} and {self.blocks}")
-        if self.importance not in (None, *IMPORTANCE):
-            raise ValueError(f"unknown rotation importance {self.importance!r}; choose from {', '.join(IMPORTANCE)}")
 
 
 def _diag_blocks(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,9 +55,8 @@ def _rotated_diag(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def _saliency_diag(hinv: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
     """``diag(U)^2`` for ``R^T H^-1 R = U^T U`` (upper Cholesky), ``R`` block-diagonal from ``q [k, b, b]`` (None:
-    ``I``): SparseGPT's denominator. It prunes columns in order, updating only later ones, so column ``j`` costs
-    ``w_j^2 / [(H_{j:, j:})^-1]_00 = w_j^2 / U_jj^2``: between ``diag(H^-1)`` (first column) and ``1 / diag(H)``
-    (last), which ``diag(R^T H^-1 R)`` alone would misstate for all but the first."""
+    ``I``): what :func:`~.sparsegpt.saliency` divides by. ``U_jj^2`` lies between ``[H^-1]_jj`` (first column) and
+    ``1 / H_jj`` (last), which ``diag(R^T H^-1 R)`` alone would misstate for all but the first."""
     if q is not None:  # block by block: k blocks cost 4 d^3 / k, not the 4 d^3 of a dense block_diag product
         k, b, _ = q.shape
         d = k * b
@@ -85,15 +67,14 @@ def _saliency_diag(hinv: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
 
 
 def _inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
-    h = h.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
-    return torch.cholesky_inverse(torch.linalg.cholesky(h)).float()
+    return damped_inverse(h, damp, dtype=torch.float64).inverse.float()
 
 
 class _Importance:
-    """Per input, what its rotation turns into the scale of ``W'^2`` (and how): None for magnitude."""
+    """The method's own scores (:func:`~.magnitude.scores`, :func:`~.wanda.scores`, :func:`~.sparsegpt.saliency`) of
+    rotated weights, squared where they are not already; per input, what its rotation turns into the method's
+    statistic: ``diag(R^T H R)`` for Wanda (``H`` is a multiple of its squared input norms), ``diag(U)^2`` for
+    SparseGPT; none for magnitude."""
 
     def __init__(self, method: str, inputs: LayerInputs | None, blocks: int, n_heads: int, hd: int, damp: float):
         if method not in IMPORTANCE:
@@ -121,11 +102,11 @@ class _Importance:
                 "o": self.rotated(self.mats["o"], q2_heads), "down": self.down}
 
     def score(self, w, scale):
-        s = w.pow(2)
         if scale is None:
-            return s
-        scale = scale.clamp_min(_TINY).unsqueeze(0)
-        return s / scale if self.divide else s * scale
+            return magnitude.scores(w, squared=True)
+        if self.divide:
+            return saliency(w, scale.clamp_min(_TINY))
+        return wanda.scores(w, scale.clamp_min(_TINY), squared=True)
 
 
 def _entropy(s: torch.Tensor, dim: int) -> torch.Tensor:
@@ -218,12 +199,12 @@ def learn_rotation(layer, inputs: LayerInputs | None, method: str, pattern: str,
 
     def loss_of(q1, q2):
         low = q1.to(stacked.dtype)
-        rot = (stacked @ low[0] if opts.blocks == 1 else right(stacked, low)).float()
+        rot = (stacked @ low[0] if opts.blocks == 1 else rotate_inputs(stacked, low)).float()
         wq, wk, wv, wg, wu, wo_t, wd_t = rot.split(sizes)
         q2h = head_blocks(q2, n_heads)
         sc = importance.scales(q1, q2h) or {}
-        mats = {"q": (wq, "attn"), "k": (wk, "attn"), "v": (left(wv, q2), "attn"), "gate": (wg, "mlp"),
-                "up": (wu, "mlp"), "o": (right(wo_t.T, q2h), "o"), "down": (wd_t.T, "down")}
+        mats = {"q": (wq, "attn"), "k": (wk, "attn"), "v": (rotate_outputs(wv, q2), "attn"), "gate": (wg, "mlp"),
+                "up": (wu, "mlp"), "o": (rotate_inputs(wo_t.T, q2h), "o"), "down": (wd_t.T, "down")}
         return sum(objective(n, importance.score(w, sc.get(key))) for n, (w, key) in mats.items())
 
     history, best = [], None

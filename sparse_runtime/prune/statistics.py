@@ -2,16 +2,29 @@
 
 The statistics a method accumulates over calibration tokens (Wanda's input norms, SparseGPT's Hessian), the
 capture of the first decoder layer's inputs, and the runs of one decoder layer that feed linears' inputs into
-those statistics. The sequential pruning driver (:mod:`.layerwise`), the rotation learner, the allocation
-strategies and the searches all collect through these functions."""
+those statistics. The sequential pruning driver (:mod:`.sequential`), the dense-statistics driver of the searches
+(:mod:`.dense_statistics`), the rotation learner and the allocation strategies all collect through these functions."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..models.architecture import INPUTS, UnsupportedModel
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pruning method as the drivers run it: the statistics it accumulates per distinct linear input
+    (``statistics(in_features, device)``, with ``.add(x [tokens, in])``; None: it needs no calibration), and
+    ``prune_linear(linear, stats, pattern, sparsity, config) -> keep mask [out, in]``, which writes the pruned
+    weight into ``linear`` (pattern and sparsity are the decoder block's: they differ under an allocation)."""
+    name: str
+    statistics: type | None
+    prune_linear: Callable[[nn.Linear, object, str, float, object], torch.Tensor]
 
 
 class InputNorms:
@@ -89,6 +102,27 @@ def capture_inputs(model, layers, path, calib: torch.Tensor, device, store) -> t
     return inps, kwargs
 
 
+@contextmanager
+def forward_session(model, device) -> Iterator[None]:
+    """The model's KV cache off while its layers are run on calibration windows (restored after), and the
+    device's peak-memory counter reset for :func:`peak_bytes`."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if config is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if config is not None:
+            config.use_cache = use_cache
+
+
+def peak_bytes(device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def run_layer(layer, inps, kwargs, device, store=None) -> list:
     outs = []
     for x in inps:
@@ -104,7 +138,7 @@ class _Tapped(Exception):
 
 
 def run_collecting(layer, taps: dict, inps, kwargs, device, store=None) -> list:
-    """:func:`_run` with each tapped linear's inputs added to its statistics (``taps``: {module: stats}).
+    """:func:`run_layer` with each tapped linear's inputs added to its statistics (``taps``: {module: stats}).
     Without ``store`` (no outputs wanted) each forward stops as soon as every tapped linear has been reached:
     a true-sequential prune's statistics for q/k/v need only the norm, not the whole layer."""
     seen = set()

@@ -1,0 +1,162 @@
+"""What a prune is asked to do: :class:`PruneConfig` (method, pattern, sparsity, which linears, where, and the
+methods' and rotations' options), validated once when it is built, before any model is touched."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..format.codec import parse_pattern
+from .allocation import Allocation
+from .methods import METHODS, NEEDS_CALIBRATION
+from .sparsegpt import check_blocksize, check_refit
+
+OBJECTIVES = ("entropy", "nm")
+PER = ("row", "matrix")
+
+
+def check_sparsity(pattern: str, sparsity: float) -> None:
+    parse_pattern(pattern)
+    try:
+        inside = not isinstance(sparsity, bool) and 0.0 < sparsity < 1.0
+    except TypeError:
+        inside = False
+    if not inside:
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+
+
+@dataclass
+class RotateOptions:
+    objective: str = "nm"
+    steps: int = 100
+    blocks: int = 1  # diagonal blocks of Q1; 1 = a full d x d rotation
+    lr: float = 0.01
+    clip: float = 1.0
+    damp: float = 0.01  # SparseGPT's damping, for H^-1
+    dtype: torch.dtype | None = None  # of the weight x rotation product while learning (None: learning_dtype)
+    importance: str | None = None  # whose scores the objective sees; None: the pruning method's own
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown rotation objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
+        if self.steps < 0 or self.blocks < 1:
+            raise ValueError(f"need rotate steps >= 0 and blocks >= 1, got {self.steps} and {self.blocks}")
+        if self.importance not in (None, *METHODS):
+            raise ValueError(f"unknown rotation importance {self.importance!r}; choose from {', '.join(METHODS)}")
+
+
+def _names(value, field: str):
+    if value is not None and (isinstance(value, str) or not isinstance(value, Sequence)
+                              or not all(isinstance(n, str) for n in value)):
+        raise ValueError(f"{field} takes a list of linear names or globs, not {value!r}")
+
+
+@dataclass
+class PruneConfig:
+    """One prune. ``targets``/``ignore``: linears to prune / to leave (globs or trailing names; default every
+    linear in the decoder layers but lm_head). ``device`` runs the layers (default CUDA when there is one);
+    ``offload`` keeps the calibration activations on the CPU. ``true_sequential`` calibrates each group of a
+    layer's linears on the outputs of the groups pruned before it (None: on for SparseGPT and rotated prunes,
+    off for Wanda, as their papers). ``record_errors`` measures ||WX - W_hat X|| / ||WX|| per linear.
+    ``rotate`` ("entropy", "nm" or a :class:`RotateOptions`) learns DenoiseRotator rotations per decoder layer
+    before pruning it; a name takes ``rotate_steps`` Adam steps, ``rotate_blocks`` diagonal blocks of R1 and
+    ``rotate_importance``'s scores (default the method's own). ``allocation`` (an
+    :class:`~.allocation.Allocation` of the same pattern) gives each decoder block its own rate.
+    ``blocksize``, ``damp`` (also the rotation's), ``refit``: SparseGPT's; ``per``: magnitude's, unstructured."""
+
+    method: str = "sparsegpt"
+    pattern: str = "2:4"
+    sparsity: float = 0.5
+    targets: Sequence[str] | None = None
+    ignore: Sequence[str] = ("lm_head",)
+    device: str | torch.device | None = None
+    true_sequential: bool | None = None
+    offload: bool = False
+    record_errors: bool = False
+    progress: bool = True
+    rotate: str | RotateOptions | None = None
+    rotate_steps: int = 100
+    rotate_blocks: int = 1
+    rotate_importance: str | None = None
+    allocation: Allocation | None = None
+    blocksize: int = 128
+    damp: float = 0.01
+    refit: int = 0
+    per: str = "matrix"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; choose from {', '.join(METHODS)}")
+        check_sparsity(self.pattern, self.sparsity)
+        _names(self.targets, "targets")
+        _names(self.ignore, "ignore")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"device {self.device!r}: {e}") from None
+        for field in ("offload", "record_errors", "progress"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}")
+        if self.true_sequential not in (None, True, False):
+            raise ValueError(f"true_sequential must be True, False or None, got {self.true_sequential!r}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not self.damp >= 0:
+            raise ValueError(f"damp must be a number >= 0, got {self.damp!r}")
+        check_refit(self.refit)
+        if self.refit and self.method != "sparsegpt":
+            raise ValueError(f"refit re-solves SparseGPT's kept weights: {self.method} does not take it")
+        if self.method == "sparsegpt":  # the other methods have no column blocks
+            check_blocksize(self.blocksize, self.pattern)
+        if self.per not in PER:
+            raise ValueError(f"per must be 'row' or 'matrix', got {self.per!r}")
+        if self.rotate == "none":
+            self.rotate = None
+        elif isinstance(self.rotate, str):
+            self.rotate = RotateOptions(self.rotate, self.rotate_steps, self.rotate_blocks, damp=self.damp,
+                                        importance=self.rotate_importance)
+        elif self.rotate is not None and not isinstance(self.rotate, RotateOptions):
+            raise ValueError(f"rotate takes 'none', {', '.join(map(repr, OBJECTIVES))} or a RotateOptions, "
+                             f"not {self.rotate!r}")
+        if (self.rotate is not None and self.method not in NEEDS_CALIBRATION
+                and self.rotate.importance in NEEDS_CALIBRATION):
+            raise ValueError(f"rotate importance {self.rotate.importance!r} needs calibration statistics, which "
+                             f"{self.method} pruning does not collect")
+        if self.allocation is not None:
+            if not isinstance(self.allocation, Allocation):
+                raise ValueError(f"allocation takes an Allocation (see allocation.allocate), not {self.allocation!r}")
+            if self.allocation.pattern != self.pattern:
+                raise ValueError(f"the allocation is for pattern {self.allocation.pattern!r}, the prune for "
+                                 f"{self.pattern!r}")
+
+    @property
+    def sequential(self) -> bool:
+        """Whether each group of a layer's linears is calibrated on the groups pruned before it."""
+        if self.true_sequential is not None:
+            return self.true_sequential
+        return self.method == "sparsegpt" or self.rotate is not None
+
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def block(self, i: int | None) -> tuple[str, float]:
+        """``(pattern, sparsity)`` for decoder block ``i`` (None: a linear outside the blocks, the uniform rate)."""
+        if self.allocation is None or i is None:
+            return self.pattern, self.sparsity
+        return self.allocation.block(i)
+
+    def replace(self, **fields) -> PruneConfig:
+        """A copy with ``fields`` changed, validated again."""
+        return dataclasses.replace(self, **fields)
+
+
+def as_config(config: PruneConfig | str, pattern: str | None = None, sparsity: float | None = None,
+              **fields) -> PruneConfig:
+    """``config`` itself (with ``fields`` replaced), or a new one for the method named ``config``."""
+    given = {k: v for k, v in (("pattern", pattern), ("sparsity", sparsity)) if v is not None} | fields
+    if isinstance(config, PruneConfig):
+        return config.replace(**given) if given else config
+    if not isinstance(config, str):
+        raise ValueError(f"give a PruneConfig or a method name ({', '.join(METHODS)}), not {config!r}")
+    return PruneConfig(config, **given)
