@@ -46,6 +46,7 @@ PLAIN_TRANSFORMERS = r"""
 import json, sys
 import torch
 from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[4]))  # the parent's: bit-equal logits need the same reduction order
 try:
     AutoModelForCausalLM.from_pretrained(sys.argv[1])
     refused = None
@@ -66,7 +67,7 @@ def test_plain_transformers_without_sparse_runtime_refuses_or_loads_through_it(s
     path = save_pretrained(model, tmp_path / "ckpt")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_MODULES_CACHE": str(tmp_path / "modules")}
     subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(path), json.dumps(IDS.tolist()),
-                    str(tmp_path / "out.pt")], env=env, stdin=subprocess.DEVNULL, capture_output=True, check=True)
+                    str(tmp_path / "out.pt"), str(torch.get_num_threads())], env=env, stdin=subprocess.DEVNULL, capture_output=True, check=True)
     got = torch.load(tmp_path / "out.pt")
     assert not got["imported_first"] and "trust_remote_code=True" in got["refused"]
     assert got["sparse"] == 35 and torch.equal(got["logits"], _logits(model))
