@@ -1,0 +1,1 @@
+"""Torch-facing wrappers of the compiled and Triton kernels."""
