@@ -162,7 +162,9 @@ rule link
 CPU_X86 = platform.machine().lower() in ("x86_64", "amd64")
 CPU_SOURCES = {"_cpu24": [("cpu24_ext.cpp", "torch"), ("cpu24_scalar.cpp", "")]
                + ([("cpu24_avx2.cpp", "-mavx2 -mfma"),
-                   ("cpu24_avx512.cpp", "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma")] if CPU_X86 else [])}
+                   ("cpu24_avx512.cpp", "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma"),
+                   ("cpu24_avx512bf16.cpp", "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma")]
+                  if CPU_X86 else [])}
 
 
 def cpu_config():

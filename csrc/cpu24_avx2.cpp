@@ -103,6 +103,55 @@ void tile(const Cpu24Problem& p, int64_t n0, int64_t m0) {
   }
 }
 
+// Decompression (prefill), 8 columns (one meta byte, 4 values) at a time, by table: for each meta byte, which
+// value lane (0..3) lands in each output column, lane 4 (zero) for the dropped columns. fp32 uses vpermps on
+// 32-bit lanes, bf16 pshufb on bytes (0x80 writes a zero byte).
+struct SpreadLut {
+  alignas(32) int32_t lane[256][8];
+  alignas(16) uint8_t byte[256][16];
+};
+
+constexpr SpreadLut make_spread() {
+  SpreadLut t{};
+  for (int b = 0; b < 256; ++b)
+    for (int c = 0; c < 8; ++c) {
+      const int g = c / 4, nib = (b >> (4 * g)) & 15, i0 = nib & 3, i1 = nib >> 2;
+      const int lane = c % 4 == i0 ? 2 * g : c % 4 == i1 ? 2 * g + 1 : 4;
+      t.lane[b][c] = lane;
+      t.byte[b][2 * c] = static_cast<uint8_t>(lane < 4 ? 2 * lane : 0x80);
+      t.byte[b][2 * c + 1] = static_cast<uint8_t>(lane < 4 ? 2 * lane + 1 : 0x80);
+    }
+  return t;
+}
+
+constexpr SpreadLut kSpread = make_spread();
+
+void decompress_f32(const float* values, const uint8_t* meta, float* dense, int64_t rows, int64_t k) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* v = values + r * (k / 2);
+    const uint8_t* mt = meta + r * (k / 8);
+    float* out = dense + r * k;
+    for (int64_t b = 0; b < k / 8; ++b) {
+      const __m256 four = _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(v + 4 * b), 0);
+      const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSpread.lane[mt[b]]));
+      _mm256_storeu_ps(out + 8 * b, _mm256_permutevar8x32_ps(four, sel));
+    }
+  }
+}
+
+void decompress_bf16(const uint16_t* values, const uint8_t* meta, uint16_t* dense, int64_t rows, int64_t k) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* v = values + r * (k / 2);
+    const uint8_t* mt = meta + r * (k / 8);
+    uint16_t* out = dense + r * k;
+    for (int64_t b = 0; b < k / 8; ++b) {
+      const __m128i four = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + 4 * b));
+      const __m128i sel = _mm_load_si128(reinterpret_cast<const __m128i*>(kSpread.byte[mt[b]]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 8 * b), _mm_shuffle_epi8(four, sel));
+    }
+  }
+}
+
 template <bool BF16, int R>
 void all_of_x(const Cpu24Problem& p, int64_t n0) {
   for (int64_t m0 = 0; m0 < p.m; m0 += kMaxMT) {
@@ -123,6 +172,14 @@ void rows(const Cpu24Problem& p, int64_t row0, int64_t row1) {
 void sr_cpu24_avx2(const Cpu24Problem& p, int64_t row0, int64_t row1) {
   if (p.bf16) rows<true>(p, row0, row1);
   else rows<false>(p, row0, row1);
+}
+
+void sr_cpu24_decompress_avx2(const void* values, const uint8_t* meta, void* dense, int64_t rows, int64_t k,
+                              int elem_bytes) {
+  if (elem_bytes == 4)
+    decompress_f32(static_cast<const float*>(values), meta, static_cast<float*>(dense), rows, k);
+  else
+    decompress_bf16(static_cast<const uint16_t*>(values), meta, static_cast<uint16_t*>(dense), rows, k);
 }
 
 float sr_sum_avx2(const float* a, int64_t n) {

@@ -109,6 +109,58 @@ void tile(const Cpu24Problem& p, int64_t n0, int64_t m0) {
   }
 }
 
+// Decompression (prefill): a meta byte's 8 columns keep 4 values; kKept[byte] has their column bits, so
+// vexpandps drops consecutive values into the kept lanes and zeroes the rest.
+struct KeptLut {
+  uint8_t bits[256];
+};
+
+constexpr KeptLut make_kept() {
+  KeptLut t{};
+  for (int b = 0; b < 256; ++b)
+    t.bits[b] = static_cast<uint8_t>((1 << (b & 3)) | (1 << ((b >> 2) & 3)) | (1 << (4 + ((b >> 4) & 3))) |
+                                     (1 << (4 + ((b >> 6) & 3))));
+  return t;
+}
+
+constexpr KeptLut kKept = make_kept();
+
+void decompress_f32(const float* values, const uint8_t* meta, float* dense, int64_t rows, int64_t k) {
+  const int64_t steps = k / 16;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* v = values + r * (k / 2);
+    const uint8_t* mt = meta + r * (k / 8);
+    float* out = dense + r * k;
+    for (int64_t s = 0; s < steps; ++s) {
+      const auto mask = static_cast<__mmask16>(kKept.bits[mt[2 * s]] | (kKept.bits[mt[2 * s + 1]] << 8));
+      _mm512_storeu_ps(out + 16 * s, _mm512_maskz_expandloadu_ps(mask, v + 8 * s));
+    }
+    if (k % 16)  // 8 columns left; expandloadu reads only the 4 values the mask asks for
+      _mm512_mask_storeu_ps(out + 16 * steps, 0xFF, _mm512_maskz_expandloadu_ps(kKept.bits[mt[2 * steps]], v + 8 * steps));
+  }
+}
+
+void decompress_bf16(const uint16_t* values, const uint8_t* meta, uint16_t* dense, int64_t rows, int64_t k) {
+  // vpexpandw needs AVX512-VBMI2: widen to 32-bit lanes, expand, narrow back.
+  const int64_t steps = k / 16;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* v = values + r * (k / 2);
+    const uint8_t* mt = meta + r * (k / 8);
+    uint16_t* out = dense + r * k;
+    for (int64_t s = 0; s < steps; ++s) {
+      const auto mask = static_cast<__mmask16>(kKept.bits[mt[2 * s]] | (kKept.bits[mt[2 * s + 1]] << 8));
+      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 8 * s)));
+      const __m512i e = _mm512_maskz_expand_epi32(mask, _mm512_castsi256_si512(w));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * s), _mm512_cvtepi32_epi16(e));
+    }
+    if (k % 16) {
+      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + 8 * steps)));
+      const __m512i e = _mm512_maskz_expand_epi32(kKept.bits[mt[2 * steps]], _mm512_castsi256_si512(w));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * steps), _mm256_castsi256_si128(_mm512_cvtepi32_epi16(e)));
+    }
+  }
+}
+
 template <bool BF16, int R>
 void all_of_x(const Cpu24Problem& p, int64_t n0) {
   for (int64_t m0 = 0; m0 < p.m; m0 += kMaxMT) {
@@ -133,6 +185,14 @@ void rows(const Cpu24Problem& p, int64_t row0, int64_t row1) {
 void sr_cpu24_avx512(const Cpu24Problem& p, int64_t row0, int64_t row1) {
   if (p.bf16) rows<true>(p, row0, row1);
   else rows<false>(p, row0, row1);
+}
+
+void sr_cpu24_decompress_avx512(const void* values, const uint8_t* meta, void* dense, int64_t rows, int64_t k,
+                                int elem_bytes) {
+  if (elem_bytes == 4)
+    decompress_f32(static_cast<const float*>(values), meta, static_cast<float*>(dense), rows, k);
+  else
+    decompress_bf16(static_cast<const uint16_t*>(values), meta, static_cast<uint16_t*>(dense), rows, k);
 }
 
 float sr_sum_avx512(const float* a, int64_t n) {

@@ -1,9 +1,10 @@
 // sparse_runtime._cpu24: y = x @ W^T + b on the CPU with W in the canonical 2:4 format, fp32 or bf16.
 //
 // M <= 16 (decode): the SIMD kernels stream values + meta once (17/32 of the dense fp32 bytes) and rebuild the
-// kept x entries in registers. M > 16 (prefill): decompress panels of W into a cache-sized dense buffer and run
-// torch's GEMM on each, so prefill costs what dense does plus a small decompression. Built without -m flags: the
-// ISA kernels are in their own TUs (cpu24.h) and are picked here at run time. Threads: torch's pool.
+// kept x entries in registers; beyond that while x is small (see stream()). Otherwise (prefill): decompress panels
+// of W into a dense buffer and run torch's GEMM on each, so prefill costs what dense does plus the decompression.
+// Built without -m flags: the ISA kernels are in their own TUs (cpu24.h) and are picked here at run time.
+// Threads: torch's pool.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -15,17 +16,20 @@
 
 namespace {
 
-constexpr int64_t kDecodeMaxM = 16;
-constexpr int64_t kRowAlign = 8;                   // thread chunks start on a multiple of the kernels' row tiles
-constexpr int64_t kMinChunkBytes = 64 * 1024;      // of weights per thread chunk: below, a fork costs more
-constexpr int64_t kPanelBytes = 1024 * 1024;       // dense prefill panel: about one core's L2
+constexpr int64_t kDecodeMaxM = 16;                   // always streamed (decode)
+constexpr int64_t kStreamMaxXBytes = 8 * 1024 * 1024;  // beyond decode, stream while fp32 x fits in an L3 share
+constexpr int64_t kRowAlign = 8;                       // thread chunks start on a multiple of the row tiles
+constexpr int64_t kMinChunkBytes = 64 * 1024;          // of weights per thread chunk: below, a fork costs more
+constexpr int64_t kPanelBytes = 16 * 1024 * 1024;      // dense prefill panel (see prefill)
 
 using Kernel = void (*)(const Cpu24Problem&, int64_t, int64_t);
 using SumFn = float (*)(const float*, int64_t);
+using DecompressFn = void (*)(const void*, const uint8_t*, void*, int64_t, int64_t, int);
 
 struct Isa {
   const char* name;
   Kernel kernel;
+  DecompressFn decompress;
   SumFn sum;
   bool (*runs_here)();
 };
@@ -44,11 +48,19 @@ bool has_avx512() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
 }
 
-const Isa kIsas[] = {{"scalar", sr_cpu24_scalar, sr_sum_scalar, always},
-                     {"avx2", sr_cpu24_avx2, sr_sum_avx2, has_avx2},
-                     {"avx512", sr_cpu24_avx512, sr_sum_avx512, has_avx512}};
+bool has_avx512bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+
+bool has_native_bf16() { return has_avx512bf16(); }  // torch's bf16 GEMM (oneDNN) runs at twice the fp32 rate
+
+const Isa kIsas[] = {{"scalar", sr_cpu24_scalar, sr_cpu24_decompress_scalar, sr_sum_scalar, always},
+                     {"avx2", sr_cpu24_avx2, sr_cpu24_decompress_avx2, sr_sum_avx2, has_avx2},
+                     {"avx512", sr_cpu24_avx512, sr_cpu24_decompress_avx512, sr_sum_avx512, has_avx512},
+                     // bf16 weights: x stays bf16, vdpbf16ps; fp32 weights: the avx512 kernel
+                     {"avx512bf16", sr_cpu24_avx512bf16, sr_cpu24_decompress_avx512, sr_sum_avx512, has_avx512bf16}};
 #else
-const Isa kIsas[] = {{"scalar", sr_cpu24_scalar, sr_sum_scalar, always}};
+bool has_native_bf16() { return false; }
+
+const Isa kIsas[] = {{"scalar", sr_cpu24_scalar, sr_cpu24_decompress_scalar, sr_sum_scalar, always}};
 #endif
 
 std::vector<std::string> isas() {
@@ -100,7 +112,8 @@ void decode(const Isa& isa, const at::Tensor& x, const at::Tensor& values, const
   const at::Tensor x32 = bf16 ? x.to(at::kFloat) : x;
   const at::Tensor b32 = bias ? (bf16 ? bias->to(at::kFloat) : *bias) : at::Tensor();
   at::Tensor y32 = bf16 || !y.is_contiguous() ? at::empty(y.sizes(), x32.options()) : y;
-  const Cpu24Problem p{x32.data_ptr<float>(), values.data_ptr(), meta.data_ptr<uint8_t>(),
+  const Cpu24Problem p{x32.data_ptr<float>(), bf16 ? static_cast<const uint16_t*>(x.data_ptr()) : nullptr,
+                       values.data_ptr(), meta.data_ptr<uint8_t>(),
                        bias ? b32.data_ptr<float>() : nullptr, y32.data_ptr<float>(),
                        x.size(0), values.size(0), x.size(1), bf16};
   const int64_t row_bytes = p.k / 2 * values.element_size() + p.k / 8;
@@ -112,8 +125,11 @@ void decode(const Isa& isa, const at::Tensor& x, const at::Tensor& values, const
   if (!y32.is_same(y)) y.copy_(y32);
 }
 
-void prefill(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+void prefill(const Isa& isa, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
              const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  // Panels one after the other, each decompressed by all threads and multiplied by torch's threaded GEMM. (One
+  // panel per thread with a serial GEMM inside parallel_for was measured far slower: the GEMM opens nested
+  // thread teams.) A panel is a few MB: few GEMM calls (each re-packs x), and glibc reuses the block.
   const int64_t n = values.size(0), k = x.size(1), elem = values.element_size();
   const int64_t panel_rows = std::min(n, std::max<int64_t>(16, kPanelBytes / (k * elem) / 16 * 16));
   const at::Tensor dense = at::empty({panel_rows, k}, values.options());
@@ -122,15 +138,26 @@ void prefill(const at::Tensor& x, const at::Tensor& values, const at::Tensor& me
   auto* dbytes = static_cast<uint8_t*>(dense.data_ptr());
   for (int64_t n0 = 0; n0 < n; n0 += panel_rows) {
     const int64_t rows = std::min(panel_rows, n - n0);
-    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-      sr_cpu24_decompress(vbytes + (n0 + r0) * (k / 2) * elem, mbytes + (n0 + r0) * (k / 8),
-                          dbytes + r0 * k * elem, r1 - r0, k, static_cast<int>(elem));
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      isa.decompress(vbytes + (n0 + r0) * (k / 2) * elem, mbytes + (n0 + r0) * (k / 8), dbytes + r0 * k * elem,
+                     r1 - r0, k, static_cast<int>(elem));
     });
     const at::Tensor w = dense.narrow(0, 0, rows).t();
     at::Tensor out = y.narrow(1, n0, rows);
     if (bias) at::addmm_out(out, bias->narrow(0, n0, rows), x, w);
     else at::mm_out(out, x, w);
   }
+}
+
+// Streaming beats decompress + GEMM while x stays in cache: its compute per row of x matches a dense GEMM's on
+// 2:4 (half the multiplies, plus a permute each), and it reads W once, compressed. Each tile of 4 weight rows
+// rereads all of x, so a large x (prefill with large K) makes it L3-bound; bf16 GEMMs on CPUs with AVX512-BF16
+// run twice the fp32 rate, which the streaming kernel does not reach beyond decode.
+bool stream(const at::Tensor& x, bool bf16) {
+  const int64_t m = x.size(0);
+  if (m <= kDecodeMaxM) return true;
+  if (bf16 && has_native_bf16()) return false;
+  return m * x.size(1) * 4 <= kStreamMaxXBytes;
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
@@ -148,8 +175,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
     y = at::empty({x.size(0), values.size(0)}, x.options());
   }
   if (x.size(0) == 0 || values.size(0) == 0) return y.zero_();
-  if (x.size(0) <= kDecodeMaxM) decode(isa, x, values, meta, bias, y);
-  else prefill(x, values, meta, bias, y);
+  if (stream(x, x.scalar_type() == at::kBFloat16)) decode(isa, x, values, meta, bias, y);
+  else prefill(isa, x, values, meta, bias, y);
   return y;
 }
 

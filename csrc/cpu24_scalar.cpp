@@ -78,8 +78,8 @@ float sr_sum_scalar(const float* a, int64_t n) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-void sr_cpu24_decompress(const void* values, const uint8_t* meta, void* dense, int64_t rows, int64_t k,
-                         int elem_bytes) {
+void sr_cpu24_decompress_scalar(const void* values, const uint8_t* meta, void* dense, int64_t rows, int64_t k,
+                                int elem_bytes) {
   if (elem_bytes == 4)
     decompress_rows(static_cast<const float*>(values), meta, static_cast<float*>(dense), rows, k);
   else

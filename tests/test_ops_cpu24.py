@@ -13,7 +13,7 @@ if cpu24.unavailable_reason() is not None:
     pytest.skip(f"sparse_runtime._cpu24 is not built: {cpu24.unavailable_reason()}", allow_module_level=True)
 
 ISAS = [pytest.param(i, marks=pytest.mark.skipif(i not in cpu24.isas(), reason=f"this CPU or build has no {i}"))
-        for i in ("scalar", "avx2", "avx512")]
+        for i in ("scalar", "avx2", "avx512", "avx512bf16")]
 DTYPES = [torch.float32, torch.bfloat16]
 MS = list(range(1, 34)) + [64, 512]  # 1..16 decode (all row-tile remainders), 17.. prefill
 # Odd N leaves row tiles over; K % 32 = 8, 16, 24, 0 (every masked tail); 203 x 512 splits over 2 threads.
@@ -97,17 +97,18 @@ def test_non_contiguous_inputs(isa, dtype):
     check_close(y1, x1, w, bias)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_prefill_several_panels(dtype, threads):
-    """W larger than one dense panel (about 1 MiB): the panels must tile N exactly, the last one partial."""
+@pytest.mark.parametrize("dtype, m, n", [(torch.float32, 520, 1040), (torch.bfloat16, 17, 2100)], ids=["f32", "bf16"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_prefill_several_panels(isa, dtype, m, n, threads):
+    """The decompress + GEMM path (fp32: x over 8 MiB; bf16: M > 16 where the CPU has AVX512-BF16) with W over
+    one 16 MiB dense panel: the panels must tile N exactly, the last one partial."""
     gen = torch.Generator().manual_seed(3)
-    n, k = 1100, 512
+    k = 4096
     values, meta, w = sparse_weight(n, k, dtype, gen)
     bias = torch.randn(n, generator=gen).to(dtype)
-    x = torch.randn(20, k, generator=gen).to(dtype)
-    out = torch.full((20, n), float("nan"), dtype=dtype)
-    check_close(cpu24.linear(x, values, meta, bias, out=out), x, w, bias)
-    check_close(cpu24.linear(x, values, meta), x, w, None)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    check_close(cpu24.linear(x, values, meta, bias, isa=isa, out=out), x, w, bias)
 
 
 def test_isas_match_the_cpu():
@@ -118,7 +119,9 @@ def test_isas_match_the_cpu():
         pytest.skip("no /proc/cpuinfo flags to compare with")
     flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo.read_text(), re.M).group(1).split())
     assert ("avx2" in found) == ({"avx2", "fma"} <= flags)
-    assert ("avx512" in found) == ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags)
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}
+    assert ("avx512" in found) == (avx512 <= flags)
+    assert ("avx512bf16" in found) == (avx512 | {"avx512_bf16"} <= flags)
 
 
 def test_unknown_isa_is_refused():

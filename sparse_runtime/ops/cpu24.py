@@ -2,9 +2,10 @@
 
 ``linear(x, values, meta, bias)`` is ``x @ W^T + bias`` with ``W [N, K]`` in the canonical 2:4 format
 (:mod:`sparse_runtime.format`: ``values [N, K/2]``, ``meta [N, K/8]`` uint8), fp32 or bf16 storage (x, values,
-bias and the output share it), fp32 accumulation, ``K % 8 == 0``. Up to 16 rows of x it streams the compressed
-weight once (decode: 17/32 of the dense fp32 bytes); more rows decompress cache-sized panels of W for torch's GEMM
-(prefill). The kernel's ISA (AVX-512, AVX2, scalar) is picked at run time; threads are torch's.
+bias and the output share it), fp32 accumulation, ``K % 8 == 0``. Up to 16 rows of x (decode), and beyond while
+x is small, it streams the compressed weight once (17/32 of the dense fp32 bytes); larger inputs decompress
+panels of W for torch's GEMM (prefill). The kernel's ISA (``avx512bf16``, ``avx512``, ``avx2``, ``scalar``) is
+picked at run time; threads are torch's.
 
 The canonical tensors are used as they are: no CPU layout is derived. Under ``torch.compile`` the call is the
 custom op ``torch.ops.sparse_runtime.cpu24_linear``; eager calls skip the op dispatch. This is the only module
