@@ -6,8 +6,10 @@ links to them).
 The cuSPARSELt extension ``sparse_runtime._C`` and the mma.sp decode kernel ``sparse_runtime._decode24``
 (``csrc/``) are built with nvcc + ninja when the CUDA
 toolkit and cuSPARSELt (the ``nvidia-cusparselt-cu13``/``-cu12`` wheel, or ``CUSPARSELT_HOME``) are found;
-otherwise the pure-Python package installs and the reason is printed. ``SPARSE_RUNTIME_NO_EXT=1`` skips it,
-``SPARSE_RUNTIME_REQUIRE_EXT=1`` turns a skip or a failed build into an error (for CI).
+otherwise the pure-Python package installs and the reason is printed. The CPU extension ``sparse_runtime._cpu24``
+(2:4 linear with AVX-512/AVX2 kernels) needs only a C++ compiler, ninja, pybind11 and torch, and is built or
+skipped on its own. ``SPARSE_RUNTIME_NO_EXT=1`` skips them all, ``SPARSE_RUNTIME_REQUIRE_EXT=1`` turns a skip or
+a failed build into an error (for CI).
 """
 import os
 import subprocess
@@ -19,20 +21,28 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "csrc"))
-from build_config import build_ninja, config
+from build_config import CPU_SOURCES, build_ninja, build_ninja_cpu, config, cpu_config
 
 
 class NinjaBuildExt(build_ext):
-    """Builds ``sparse_runtime._C`` from a generated build.ninja (not torch's CUDAExtension, which the CPU
-    build of torch cannot build)."""
+    """Builds the extensions from generated build.ninja files (not torch's CUDAExtension, which the CPU build of
+    torch cannot build). The CUDA extensions and the CPU one are configured, skipped and built apart."""
 
     def run(self):
         cfg, why = config()
+        cpu_cfg, cpu_why = cpu_config()
         if cfg is None:
-            self._skip(why)
-            return
-        self._cfg = cfg
-        super().run()
+            self._skip("the CUDA extension sparse_runtime._C", why)
+        if cpu_cfg is None:
+            self._skip("the CPU extension sparse_runtime._cpu24", cpu_why)
+        self._cfg, self._cpu_cfg = cfg, cpu_cfg
+        self.extensions = [e for e in self.extensions if (cpu_cfg if self._is_cpu(e) else cfg) is not None]
+        if self.extensions:
+            super().run()
+
+    @staticmethod
+    def _is_cpu(ext):
+        return ext.name.rsplit(".", 1)[-1] in CPU_SOURCES
 
     def build_extension(self, ext):
         output = Path(self.get_ext_fullpath(ext.name)).resolve()
@@ -41,15 +51,20 @@ class NinjaBuildExt(build_ext):
         build_dir = ROOT / "build" / f"sparse_runtime{name}"
         build_dir.mkdir(parents=True, exist_ok=True)
         output.parent.mkdir(parents=True, exist_ok=True)
-        (build_dir / "build.ninja").write_text(build_ninja(self._cfg, build_dir, output, name))
+        if self._is_cpu(ext):
+            text, cfg, what = build_ninja_cpu(self._cpu_cfg, build_dir, output, name), self._cpu_cfg, "CPU"
+        else:
+            text, cfg, what = build_ninja(self._cfg, build_dir, output, name), self._cfg, "CUDA"
+        (build_dir / "build.ninja").write_text(text)
         jobs = os.environ.get("MAX_JOBS", "2")
         try:
-            subprocess.run([self._cfg["ninja"], "-C", str(build_dir), "-j", jobs], check=True)
+            subprocess.run([cfg["ninja"], "-C", str(build_dir), "-j", jobs], check=True)
         except subprocess.CalledProcessError as e:
-            self._skip(f"the build failed ({e}); see the compiler output above")
+            self._skip(f"the {what} extension {ext.name}", f"the build failed ({e}); see the compiler output above")
 
-    def _skip(self, why):
-        msg = f"sparse_runtime: not building the CUDA extension sparse_runtime._C: {why}"
+    @staticmethod
+    def _skip(what, why):
+        msg = f"sparse_runtime: not building {what}: {why}"
         if os.environ.get("SPARSE_RUNTIME_REQUIRE_EXT", "") not in ("", "0"):
             raise RuntimeError(msg)
         print(msg, file=sys.stderr)
@@ -71,7 +86,8 @@ setup(
         "numpy",
     ],
     ext_modules=[Extension("sparse_runtime._C", sources=["csrc/cusparselt_ext.cpp", "csrc/decompress24.cu"]),
-                 Extension("sparse_runtime._decode24", sources=["csrc/decode24_ext.cpp", "csrc/decode24.cu"])],
+                 Extension("sparse_runtime._decode24", sources=["csrc/decode24_ext.cpp", "csrc/decode24.cu"]),
+                 Extension("sparse_runtime._cpu24", sources=[f"csrc/{src}" for src, _ in CPU_SOURCES["_cpu24"]])],
     cmdclass={"build_ext": NinjaBuildExt},
     entry_points={"console_scripts": ["sparse-runtime=sparse_runtime.cli:main"]},
 )

@@ -1,9 +1,12 @@
 """Where the CUDA toolkit, cuSPARSELt, pybind11 and ninja are, and the build.ninja of each extension.
 
 Used by setup.py and by tests/test_build_ext.py (which checks the extension exists wherever it can be built).
+The CPU extension ``_cpu24`` has its own config (``cpu_config``/``build_ninja_cpu``): it needs only a C++
+compiler, ninja, pybind11 and torch, so it builds where CUDA is missing.
 """
 import glob
 import os
+import platform
 import re
 import shutil
 import site
@@ -145,6 +148,73 @@ rule cxx
   deps = gcc
 rule nvcc
   command = $nvcc -MD -MF $out.d $nvflags -c $in -o $out
+  depfile = $out.d
+  deps = gcc
+rule link
+  command = $cxx $in -o $out $ldflags
+
+{builds}
+"""
+
+
+# The CPU extension: (source, extra flags). The ISA kernels get their own -m flags and include no torch headers
+# (csrc/cpu24.h); the torch-facing TU has no -m flags and picks a kernel at run time.
+CPU_X86 = platform.machine().lower() in ("x86_64", "amd64")
+CPU_SOURCES = {"_cpu24": [("cpu24_ext.cpp", "torch"), ("cpu24_scalar.cpp", "")]
+               + ([("cpu24_avx2.cpp", "-mavx2 -mfma"),
+                   ("cpu24_avx512.cpp", "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma"),
+                   ("cpu24_avx512bf16.cpp", "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma")]
+                  if CPU_X86 else [])}
+
+
+def cpu_config():
+    """Everything the CPU extension build needs, or the reason it cannot happen."""
+    if os.environ.get("SPARSE_RUNTIME_NO_EXT", "") not in ("", "0"):
+        return None, "SPARSE_RUNTIME_NO_EXT is set"
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None:
+        return None, f"no C++ compiler ({os.environ.get('CXX', 'c++')}) found; set CXX"
+    ninja = _ninja()
+    if ninja is None:
+        return None, "ninja not found; pip install ninja"
+    try:
+        import pybind11
+    except ImportError:
+        return None, "pybind11 not found; pip install pybind11"
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as e:
+        return None, f"torch is not importable in the build environment ({e}); install with --no-build-isolation"
+    return {"cxx": cxx, "ninja": ninja, "pybind_inc": pybind11.get_include(),
+            "torch_inc": cpp_extension.include_paths(), "torch_lib": cpp_extension.library_paths(),
+            "cxx11_abi": int(torch._C._GLIBCXX_USE_CXX11_ABI)}, None
+
+
+def build_ninja_cpu(cfg, build_dir: Path, output: Path, ext: str = "_cpu24") -> str:
+    py_inc = sysconfig.get_paths()["include"]
+    # torch's bundled pybind11 first: the one its tensor casters were written against.
+    incs = " ".join(f"-I{p}" for p in [ROOT / "csrc", *cfg["torch_inc"], py_inc, cfg["pybind_inc"]])
+    libs = " ".join(f"-L{p}" for p in cfg["torch_lib"])
+    rpath = ",".join(f"-rpath,{p}" for p in cfg["torch_lib"])
+    x86 = " -DSR_CPU24_X86" if CPU_X86 else ""
+    objs = [(f"{build_dir}/{Path(src).stem}.o", src, flags) for src, flags in CPU_SOURCES[ext]]
+    lines = []
+    for obj, src, flags in objs:
+        if flags == "torch":  # torch 2.13's headers are C++20 (they warn under C++17); the kernels are C++17
+            lines.append(f"build {obj}: cxx {ROOT}/csrc/{src}\n  flags = -O2 -std=c++20 $torchflags")
+        else:
+            lines.append(f"build {obj}: cxx {ROOT}/csrc/{src}\n  flags = -O3 -std=c++17 {flags}".rstrip())
+    lines.append(f"build {output}: link {' '.join(o for o, _, _ in objs)}")
+    builds = "\n".join(lines)
+    return f"""ninja_required_version = 1.3
+cxx = {cfg["cxx"]}
+cflags = -fPIC -fvisibility=hidden -Wall -D_GLIBCXX_USE_CXX11_ABI={cfg["cxx11_abi"]}{x86} {incs}
+torchflags = -DTORCH_API_INCLUDE_EXTENSION_H
+ldflags = -shared {libs} -lc10 -ltorch -ltorch_cpu -ltorch_python '-Wl,{rpath}'
+
+rule cxx
+  command = $cxx -MMD -MF $out.d $cflags $flags -c $in -o $out
   depfile = $out.d
   deps = gcc
 rule link

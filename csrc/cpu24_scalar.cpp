@@ -1,0 +1,87 @@
+// Portable 2:4 kernels (no SIMD intrinsics): the fallback ISA, the reference the SIMD paths are tested against,
+// and the panel decompression of the prefill path. No torch headers (see cpu24.h).
+#include <cstring>
+
+#include "cpu24.h"
+
+namespace {
+
+constexpr int kMaxM = 8;  // rows of x per pass over a weight row; the pass rereads the row from cache
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <bool BF16>
+inline float value_at(const void* values, int64_t i) {
+  if constexpr (BF16) return bf16_to_float(static_cast<const uint16_t*>(values)[i]);
+  else return static_cast<const float*>(values)[i];
+}
+
+template <bool BF16>
+void rows_scalar(const Cpu24Problem& p, int64_t row0, int64_t row1) {
+  const int64_t k = p.k, nvals = k / 2, nbytes = k / 8;
+  for (int64_t n = row0; n < row1; ++n) {
+    const uint8_t* meta = p.meta + n * nbytes;
+    const int64_t vbase = n * nvals;
+    for (int64_t m0 = 0; m0 < p.m; m0 += kMaxM) {
+      const int64_t mt = p.m - m0 < kMaxM ? p.m - m0 : kMaxM;
+      float acc[kMaxM] = {};
+      const float* x = p.x + m0 * k;
+      for (int64_t b = 0; b < nbytes; ++b) {
+        const unsigned byte = meta[b];
+        for (int t = 0; t < 4; ++t) {
+          // value 4b+t sits in group 2b + t/2, i.e. columns 8b + 4*(t/2) .. +3; its 2-bit index picks one
+          const int64_t col = 8 * b + 4 * (t >> 1) + ((byte >> (2 * t)) & 3);
+          const float v = value_at<BF16>(p.values, vbase + 4 * b + t);
+          for (int64_t i = 0; i < mt; ++i) acc[i] += v * x[i * k + col];
+        }
+      }
+      const float bias = p.bias ? p.bias[n] : 0.0f;
+      for (int64_t i = 0; i < mt; ++i) p.y[(m0 + i) * p.n + n] = acc[i] + bias;
+    }
+  }
+}
+
+template <typename T>
+void decompress_rows(const T* values, const uint8_t* meta, T* dense, int64_t rows, int64_t k) {
+  const int64_t nvals = k / 2, nbytes = k / 8;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* out = dense + r * k;
+    std::memset(out, 0, sizeof(T) * k);
+    const T* v = values + r * nvals;
+    const uint8_t* mt = meta + r * nbytes;
+    for (int64_t b = 0; b < nbytes; ++b) {
+      const unsigned byte = mt[b];
+      for (int t = 0; t < 4; ++t) out[8 * b + 4 * (t >> 1) + ((byte >> (2 * t)) & 3)] = v[4 * b + t];
+    }
+  }
+}
+
+}  // namespace
+
+void sr_cpu24_scalar(const Cpu24Problem& p, int64_t row0, int64_t row1) {
+  if (p.bf16) rows_scalar<true>(p, row0, row1);
+  else rows_scalar<false>(p, row0, row1);
+}
+
+float sr_sum_scalar(const float* a, int64_t n) {
+  // Independent partial sums, so the loop is not bound by one add's latency.
+  float s[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) s[j] += a[i + j];
+  for (; i < n; ++i) s[0] += a[i];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+void sr_cpu24_decompress_scalar(const void* values, const uint8_t* meta, void* dense, int64_t rows, int64_t k,
+                                int elem_bytes) {
+  if (elem_bytes == 4)
+    decompress_rows(static_cast<const float*>(values), meta, static_cast<float*>(dense), rows, k);
+  else
+    decompress_rows(static_cast<const uint16_t*>(values), meta, static_cast<uint16_t*>(dense), rows, k);
+}

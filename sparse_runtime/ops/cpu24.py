@@ -1,0 +1,123 @@
+"""2:4 sparse linear on the CPU: the wrapper of the extension :mod:`sparse_runtime._cpu24` (``csrc/cpu24_*.cpp``).
+
+``linear(x, values, meta, bias)`` is ``x @ W^T + bias`` with ``W [N, K]`` in the canonical 2:4 format
+(:mod:`sparse_runtime.format`: ``values [N, K/2]``, ``meta [N, K/8]`` uint8), fp32 or bf16 storage (x, values,
+bias and the output share it), fp32 accumulation, ``K % 8 == 0``. Up to 16 rows of x (decode), and beyond while
+x is small, it streams the compressed weight once (17/32 of the dense fp32 bytes); larger inputs decompress
+panels of W for torch's GEMM (prefill). The kernel's ISA (``avx512bf16``, ``avx512``, ``avx2``, ``scalar``) is
+picked at run time; threads are torch's.
+
+The canonical tensors are used as they are: no CPU layout is derived. Under ``torch.compile`` the call is the
+custom op ``torch.ops.sparse_runtime.cpu24_linear``; eager calls skip the op dispatch. This is the only module
+that imports the extension.
+"""
+import math
+from typing import Optional
+
+import torch
+
+from ..errors import BackendUnavailable, ShapeError
+
+try:
+    from .. import _cpu24 as _E
+    _IMPORT_ERROR = None
+except ImportError as e:  # a pure-Python install: no C++ compiler or torch at build time
+    _E = None
+    _IMPORT_ERROR = f"the extension sparse_runtime._cpu24 is not built or does not load ({e})"
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available() -> bool:
+    return _E is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the extension cannot run here, or None."""
+    return _IMPORT_ERROR
+
+
+def isas() -> list[str]:
+    """The kernel ISAs this CPU runs, worst to best (``[]`` without the extension)."""
+    return list(_E.isas()) if _E is not None else []
+
+
+def read_bandwidth_probe(buffer: torch.Tensor) -> float:
+    """Sum of a contiguous fp32 CPU ``buffer``, read with torch's threads and the best ISA: time it for the
+    machine's read bandwidth as the kernels see it."""
+    _require()
+    return _E.read_bandwidth_probe(buffer)
+
+
+def _require():
+    if _E is None:
+        raise BackendUnavailable(_IMPORT_ERROR)
+
+
+def _check(x, values, meta, bias) -> tuple[int, int]:
+    """``(N, K)``, or a clear error for inputs the kernel cannot take."""
+    for name, t in (("x", x), ("values", values), ("meta", meta), ("bias", bias)):
+        if t is not None and t.device.type != "cpu":
+            raise BackendUnavailable(f"cpu24.linear runs on CPU tensors only; {name} is on {t.device}")
+    if values.dtype not in DTYPES:
+        raise TypeError(f"cpu24.linear: values dtype {values.dtype} is not supported; supported: torch.float32, "
+                        "torch.bfloat16")
+    for name, t in (("x", x), ("bias", bias)):
+        if t is not None and t.dtype != values.dtype:
+            raise TypeError(f"cpu24.linear: {name} is {t.dtype} but values is {values.dtype}; x, values and bias "
+                            "share one dtype (torch.float32 or torch.bfloat16)")
+    if meta.dtype != torch.uint8:
+        raise TypeError(f"cpu24.linear: meta must be torch.uint8, got {meta.dtype}")
+    if values.dim() != 2:
+        raise ShapeError(f"cpu24.linear: values must be 2-D [N, K/2], got shape {tuple(values.shape)}")
+    n, k = values.shape[0], values.shape[1] * 2
+    if k % 8:
+        raise ShapeError(f"cpu24.linear: in_features K={k} (values [N, K/2] = {tuple(values.shape)}) must be a "
+                         "multiple of 8")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ShapeError(f"cpu24.linear: x {tuple(x.shape)} must end in K={k}, the weight's in_features "
+                         f"(values {tuple(values.shape)})")
+    if tuple(meta.shape) != (n, k // 8):
+        raise ShapeError(f"cpu24.linear: meta must be [N, K/8] = {[n, k // 8]}, got {list(meta.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ShapeError(f"cpu24.linear: bias must be [N] = [{n}], got {list(bias.shape)}")
+    return n, k
+
+
+def _run(x, values, meta, bias, isa, out=None):
+    n, k = _check(x, values, meta, bias)
+    _require()
+    shape = (*x.shape[:-1], n)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype)  # owns its storage, as a custom op's output must
+    elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device.type != "cpu" or not out.is_contiguous():
+        raise ShapeError(f"cpu24.linear: out must be a contiguous CPU {x.dtype} tensor of shape {list(shape)}, "
+                         f"got {out.dtype} {list(out.shape)} on {out.device}")
+    m = math.prod(x.shape[:-1])
+    _E.linear(x.reshape(m, k).contiguous(), values.contiguous(), meta.contiguous(),  # copies only if strided
+              None if bias is None else bias.contiguous(), isa, out.view(m, n))
+    return out
+
+
+@torch.library.custom_op("sparse_runtime::cpu24_linear", mutates_args=())
+def cpu24_linear(values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor], x: torch.Tensor,
+                 isa: str = "") -> torch.Tensor:
+    """The op form of :func:`linear`, for ``torch.compile`` graphs."""
+    return _run(x, values, meta, bias, isa)
+
+
+@cpu24_linear.register_fake
+def _(values, meta, bias, x, isa=""):
+    n, _ = _check(x, values, meta, bias)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           isa: str = "", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x [..., K] @ W^T (+ bias) -> [..., N]``; W as canonical 2:4 ``values``/``meta``.
+
+    ``isa``: ``""`` for the best this CPU runs, else one of :func:`isas` (the others raise ValueError).
+    ``out``: a contiguous ``[..., N]`` tensor of x's dtype to write into (eager only)."""
+    if torch.compiler.is_compiling() and out is None:
+        return cpu24_linear(values, meta, bias, x, isa)
+    return _run(x, values, meta, bias, isa, out)

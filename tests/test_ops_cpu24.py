@@ -1,0 +1,219 @@
+"""sparse_runtime.ops.cpu24: the CPU 2:4 linear against float64 references, on every ISA this CPU runs."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_runtime.errors import BackendUnavailable, ShapeError
+from sparse_runtime.format import compress_nm, decompress_nm
+from sparse_runtime.ops import cpu24
+
+if cpu24.unavailable_reason() is not None:
+    pytest.skip(f"sparse_runtime._cpu24 is not built: {cpu24.unavailable_reason()}", allow_module_level=True)
+
+ISAS = [pytest.param(i, marks=pytest.mark.skipif(i not in cpu24.isas(), reason=f"this CPU or build has no {i}"))
+        for i in ("scalar", "avx2", "avx512", "avx512bf16")]
+DTYPES = [torch.float32, torch.bfloat16]
+MS = list(range(1, 34)) + [64, 512]  # 1..16 decode (all row-tile remainders), 17.. prefill
+# Odd N leaves row tiles over; K % 32 = 8, 16, 24, 0 (every masked tail); 203 x 512 splits over 2 threads.
+SHAPES = [(7, 72), (33, 208), (5, 88), (97, 1000), (203, 512), (16, 64)]
+
+
+def sparse_weight(n, k, dtype, gen):
+    """A random 2:4 weight: (values, meta, dense float64 W)."""
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    keep = torch.rand(n, k // 4, 4, generator=gen).argsort(-1)[..., :2]  # every pair of 4 shows up
+    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).view(n, k)
+    values, meta = compress_nm(w, mask, 2, 4)
+    return values, meta, decompress_nm(values, meta, 2, 4, k).double()
+
+
+def check_close(y, x, w, bias):
+    """y against float64 x @ W^T + bias, with a bound per dtype: fp32 accumulation error, plus bf16 rounding."""
+    x64 = x.double().reshape(-1, x.shape[-1])
+    ref = x64 @ w.T + (0 if bias is None else bias.double())
+    scale = x64.abs() @ w.abs().T + (0 if bias is None else bias.double().abs())
+    y64 = y.double().reshape(ref.shape)
+    assert torch.isfinite(y64).all(), "non-finite output (an element left unwritten?)"
+    tol = 1e-5 * scale + (2.0 ** -8 * ref.abs() if y.dtype == torch.bfloat16 else 0)
+    bad = (y64 - ref).abs() > tol
+    assert not bad.any(), f"{int(bad.sum())} wrong; first at {bad.nonzero()[0].tolist()}: " \
+                          f"{y64[bad][0].item()} vs {ref[bad][0].item()}"
+
+
+@pytest.fixture(params=[1, 2], ids=lambda t: f"{t}thr")
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("isa", ISAS)
+def test_matches_float64(isa, dtype, threads):
+    gen = torch.Generator().manual_seed(1000 * threads + DTYPES.index(dtype))
+    for case, (n, k) in enumerate(SHAPES):
+        values, meta, w = sparse_weight(n, k, dtype, gen)
+        bias = torch.randn(n, generator=gen).to(dtype)
+        for m in MS:
+            b = bias if (m + case) % 2 else None
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            if m % 3 == 0:  # every third call writes into a NaN-poisoned out: each element must be written
+                out = torch.full((m, n), float("nan"), dtype=dtype)
+                assert cpu24.linear(x, values, meta, b, isa=isa, out=out) is out
+                y = out
+            else:
+                y = cpu24.linear(x, values, meta, b, isa=isa)
+            assert y.shape == (m, n) and y.dtype == dtype
+            check_close(y, x, w, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("isa", ISAS)
+def test_non_contiguous_inputs(isa, dtype):
+    gen = torch.Generator().manual_seed(7)
+    n, k = 33, 200
+    values, meta, w = sparse_weight(n, k, dtype, gen)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    for m in (1, 5, 16, 40):
+        xt = torch.randn(k, m, generator=gen).to(dtype).t()  # a transposed view
+        xs = torch.randn(m, k + 24, generator=gen).to(dtype)[:, 8:k + 8]  # a column slice: row stride K + 24
+        x3 = torch.randn(2, m, k, generator=gen).to(dtype).transpose(0, 1)  # [m, 2, K], leading dims kept
+        for x in (xt, xs, x3):
+            assert m == 1 or not x.is_contiguous()  # a [1, K] transpose is contiguous by stride rules
+            y = cpu24.linear(x, values, meta, bias, isa=isa)
+            assert y.shape == (*x.shape[:-1], n)
+            check_close(y, x, w, bias)
+    # strided weight tensors too (made contiguous per call: correct, not fast)
+    wide_v = torch.cat([values, values], 1)[:, : k // 2]
+    wide_m = torch.cat([meta, meta], 1)[:, : k // 8]
+    x = torch.randn(3, k, generator=gen).to(dtype)
+    check_close(cpu24.linear(x, wide_v, wide_m, bias[::1], isa=isa), x, w, bias)
+    x1 = torch.randn(k, generator=gen).to(dtype)  # a 1-D x gives [N]
+    y1 = cpu24.linear(x1, values, meta, bias, isa=isa)
+    assert y1.shape == (n,)
+    check_close(y1, x1, w, bias)
+
+
+@pytest.mark.parametrize("dtype, m, n", [(torch.float32, 520, 1040), (torch.bfloat16, 17, 2100)], ids=["f32", "bf16"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_prefill_several_panels(isa, dtype, m, n, threads):
+    """The decompress + GEMM path (fp32: x over 8 MiB; bf16: M > 16 where the CPU has AVX512-BF16) with W over
+    one 16 MiB dense panel: the panels must tile N exactly, the last one partial."""
+    gen = torch.Generator().manual_seed(3)
+    k = 4096
+    values, meta, w = sparse_weight(n, k, dtype, gen)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    check_close(cpu24.linear(x, values, meta, bias, isa=isa, out=out), x, w, bias)
+
+
+def test_isas_match_the_cpu():
+    found = cpu24.isas()
+    assert found[0] == "scalar" and len(set(found)) == len(found)
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or "flags" not in cpuinfo.read_text():
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo.read_text(), re.M).group(1).split())
+    assert ("avx2" in found) == ({"avx2", "fma"} <= flags)
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}
+    assert ("avx512" in found) == (avx512 <= flags)
+    assert ("avx512bf16" in found) == (avx512 | {"avx512_bf16"} <= flags)
+
+
+def test_unknown_isa_is_refused():
+    values, meta, _ = sparse_weight(8, 64, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="isa 'avx9'.*available: scalar"):
+        cpu24.linear(torch.randn(1, 64), values, meta, isa="avx9")
+
+
+def test_read_bandwidth_probe(threads):
+    buf = torch.ones((1 << 20) + 3)
+    assert cpu24.read_bandwidth_probe(buf) == buf.numel()
+
+
+# -- bad inputs -------------------------------------------------------------------------------------------
+@pytest.fixture
+def weight():
+    values, meta, _ = sparse_weight(9, 72, torch.float32, torch.Generator().manual_seed(1))
+    return values, meta
+
+
+def test_wrong_dtypes(weight):
+    values, meta = weight
+    x = torch.randn(2, 72)
+    with pytest.raises(TypeError, match="supported: torch.float32, torch.bfloat16"):
+        cpu24.linear(x.half(), values.half(), meta)
+    with pytest.raises(TypeError, match="x is torch.bfloat16 but values is torch.float32"):
+        cpu24.linear(x.bfloat16(), values, meta)
+    with pytest.raises(TypeError, match="bias is torch.float64"):
+        cpu24.linear(x, values, meta, torch.zeros(9, dtype=torch.float64))
+    with pytest.raises(TypeError, match="meta must be torch.uint8"):
+        cpu24.linear(x, values, meta.to(torch.int32))
+
+
+def test_wrong_shapes(weight):
+    values, meta = weight
+    x = torch.randn(2, 72)
+    with pytest.raises(ShapeError, match=r"x \(2, 64\) must end in K=72"):
+        cpu24.linear(torch.randn(2, 64), values, meta)
+    with pytest.raises(ShapeError, match=r"meta must be \[N, K/8\] = \[9, 9\], got \[9, 10\]"):
+        cpu24.linear(x, values, torch.zeros(9, 10, dtype=torch.uint8))
+    with pytest.raises(ShapeError, match=r"meta must be \[N, K/8\]"):
+        cpu24.linear(x, values, meta[:8])
+    with pytest.raises(ShapeError, match=r"bias must be \[N\] = \[9\], got \[8\]"):
+        cpu24.linear(x, values, meta, torch.zeros(8))
+    with pytest.raises(ShapeError, match="K=1004 .* must be a multiple of 8"):
+        cpu24.linear(torch.randn(1, 1004), torch.zeros(9, 502), torch.zeros(9, 126, dtype=torch.uint8))
+    with pytest.raises(ShapeError, match="values must be 2-D"):
+        cpu24.linear(x, values.flatten(), meta)
+    with pytest.raises(ShapeError, match="out must be a contiguous"):
+        cpu24.linear(x, values, meta, out=torch.empty(2, 8))
+    with pytest.raises(ShapeError, match="out must be a contiguous"):
+        cpu24.linear(x, values, meta, out=torch.empty(9, 2).t())
+
+
+def test_non_cpu_tensors(weight):
+    values, meta = weight
+    x = torch.randn(2, 72)
+    for args in ((x.to("meta"), values, meta), (x, values.to("meta"), meta), (x, values, meta.to("meta"))):
+        with pytest.raises(BackendUnavailable, match="CPU tensors only; .* is on meta"):
+            cpu24.linear(*args)
+    with pytest.raises(BackendUnavailable, match="bias is on meta"):
+        cpu24.linear(x, values, meta, torch.zeros(9, device="meta"))
+
+
+# -- torch.library / torch.compile ------------------------------------------------------------------------
+def test_custom_op_opcheck(weight):
+    values, meta = weight
+    args = (values, meta, torch.randn(9), torch.randn(3, 72))
+    torch.library.opcheck(torch.ops.sparse_runtime.cpu24_linear.default, args)
+    torch.library.opcheck(torch.ops.sparse_runtime.cpu24_linear.default, (values, meta, None, torch.randn(2, 4, 72)))
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, values, meta, bias):
+        super().__init__()
+        self.register_buffer("values", values)
+        self.register_buffer("meta", meta)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):
+        return torch.relu(cpu24.linear(x * 2, self.values, self.meta, self.bias)) - 1
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here")
+def test_torch_compile_inductor(weight):
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    values, meta = weight
+    mod = _Tiny(values, meta, torch.randn(9))
+    compiled = torch.compile(mod, backend="inductor", fullgraph=True)
+    for m in (1, 20):
+        x = torch.randn(m, 72)
+        y, code = run_and_get_code(compiled, x)
+        assert "sparse_runtime.cpu24_linear" in "".join(code)  # the op sits in the compiled graph
+        torch.testing.assert_close(y, mod(x), rtol=1e-5, atol=1e-5)
