@@ -9,15 +9,16 @@ from sparse_runtime.format.codec import FLOAT_DTYPES, dtype_name
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 PATTERNS = ("2:4", "1:4", "4:8", "unstructured")
-# backend -> (dtypes, patterns it refuses, the most rows per call or None, whether it runs on CUDA only)
+# backend -> (dtypes, patterns it refuses, the most rows per call or None, the one device type it runs on or None)
 REFUSES = {
-    "reference": ((), (), None, False),
-    "decompressed": ((), (), None, False),
-    "triton": ((F64,), ("1:4", "4:8", "unstructured"), None, True),
-    "cusparselt": ((F32, F64), ("1:4", "4:8", "unstructured"), None, True),
-    "torch": ((F32, F64), ("1:4", "4:8", "unstructured"), None, True),
-    "mmasp": ((F32, F64), ("1:4", "4:8", "unstructured"), 16, True),
-    "dispatch": ((), ("1:4", "4:8", "unstructured"), None, True),
+    "reference": ((), (), None, None),
+    "decompressed": ((), (), None, None),
+    "cpu": ((F16, F64), ("1:4", "4:8", "unstructured"), None, "cpu"),
+    "triton": ((F64,), ("1:4", "4:8", "unstructured"), None, "cuda"),
+    "cusparselt": ((F32, F64), ("1:4", "4:8", "unstructured"), None, "cuda"),
+    "torch": ((F32, F64), ("1:4", "4:8", "unstructured"), None, "cuda"),
+    "mmasp": ((F32, F64), ("1:4", "4:8", "unstructured"), 16, "cuda"),
+    "dispatch": ((), ("1:4", "4:8", "unstructured"), None, "cuda"),
 }
 
 
@@ -44,8 +45,9 @@ def _refused(why: str | None) -> bool:
 def test_dtypes_and_patterns(case, kind):
     backend, dtypes, patterns, *_ = case
     refused = dtypes if kind == "dtype" else patterns
+    taken = next(d for d in (F16, F32) if d not in dtypes)  # a dtype it takes, for the pattern checks
     for item in FLOAT_DTYPES if kind == "dtype" else PATTERNS:
-        why = backend.unsupported(_layer(**{kind: item}))
+        why = backend.unsupported(_layer(**{kind: item}) if kind == "dtype" else _layer(taken, item))
         if item in refused:
             assert why == backend.capabilities.refusal(**{kind: item})
             assert why.startswith(f"unsupported {kind} {dtype_name(item) if kind == 'dtype' else item}; supported: ")
@@ -56,7 +58,7 @@ def test_dtypes_and_patterns(case, kind):
 def test_rows_per_call(case):
     backend, _, _, max_m, _ = case
     caps = backend.capabilities
-    layer = _layer()
+    layer = _layer(next(d for d in (F16, F32) if d not in case[1]))
     if max_m is None:
         assert not _refused(backend.unsupported(layer, m=1 << 20))
         return
@@ -66,11 +68,11 @@ def test_rows_per_call(case):
 
 
 def test_devices(case):
-    backend, *_, cuda_only = case
+    backend, *_, only = case
     meta = torch.device("meta")  # no backend runs there; one without a device limit still passes the table
-    if cuda_only:
+    if only:
         assert backend.unavailable(meta) == backend.capabilities.refusal(device=meta) == \
-            "runs on CUDA devices, not meta"
+            f"runs on {only.upper()} devices, not meta"
     else:
         assert backend.unavailable(meta) is None
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparse_runtime.errors import BackendUnavailable, ShapeError
-from sparse_runtime.format import compress_nm, decompress_nm
+from sparse_runtime.format.codec import compress_nm, decompress_nm
 from sparse_runtime.ops import cpu24
 
 if cpu24.unavailable_reason() is not None:

@@ -85,7 +85,7 @@ _TRIED: set[str] = set()
 # Modules that register backends; a failing import makes that backend unavailable, not the package. The
 # backend named "torch" lives in torch_semi: a submodule named torch would, once imported, replace the torch
 # library in this package's namespace (importing a submodule binds it as an attribute of its package).
-_MODULES = ("reference", "decompressed", "triton", "cusparselt", "torch_semi", "mmasp", "dispatch")
+_MODULES = ("reference", "decompressed", "cpu", "triton", "cusparselt", "torch_semi", "mmasp", "dispatch")
 
 
 def register(backend: Backend) -> Backend:

@@ -1,7 +1,7 @@
 """2:4 sparse linear on the CPU: the wrapper of the extension :mod:`sparse_runtime._cpu24` (``csrc/cpu24_*.cpp``).
 
 ``linear(x, values, meta, bias)`` is ``x @ W^T + bias`` with ``W [N, K]`` in the canonical 2:4 format
-(:mod:`sparse_runtime.format`: ``values [N, K/2]``, ``meta [N, K/8]`` uint8), fp32 or bf16 storage (x, values,
+(:mod:`sparse_runtime.format.codec`: ``values [N, K/2]``, ``meta [N, K/8]`` uint8), fp32 or bf16 storage (x, values,
 bias and the output share it), fp32 accumulation, ``K % 8 == 0``. Up to 16 rows of x (decode), and beyond while
 x is small, it streams the compressed weight once (17/32 of the dense fp32 bytes); larger inputs decompress
 panels of W for torch's GEMM (prefill). The kernel's ISA (``avx512bf16``, ``avx512``, ``avx2``, ``scalar``) is
@@ -26,6 +26,7 @@ except ImportError as e:  # a pure-Python install: no C++ compiler or torch at b
     _IMPORT_ERROR = f"the extension sparse_runtime._cpu24 is not built or does not load ({e})"
 
 DTYPES = (torch.float32, torch.bfloat16)
+K_MULTIPLE = 8  # in_features: whole meta bytes per row
 
 
 def available() -> bool:
@@ -71,7 +72,7 @@ def _check(x, values, meta, bias) -> tuple[int, int]:
     if values.dim() != 2:
         raise ShapeError(f"cpu24.linear: values must be 2-D [N, K/2], got shape {tuple(values.shape)}")
     n, k = values.shape[0], values.shape[1] * 2
-    if k % 8:
+    if k % K_MULTIPLE:
         raise ShapeError(f"cpu24.linear: in_features K={k} (values [N, K/2] = {tuple(values.shape)}) must be a "
                          "multiple of 8")
     if x.dim() == 0 or x.shape[-1] != k:
