@@ -4,9 +4,9 @@ The Triton kernels in ``kernels/`` install as the subpackage ``sparse_runtime.ke
 links to them).
 
 The cuSPARSELt extension ``sparse_runtime._C`` and the mma.sp decode kernel ``sparse_runtime._decode24``
-(``csrc/``) are built with nvcc + ninja when the CUDA
-toolkit and cuSPARSELt (the ``nvidia-cusparselt-cu13``/``-cu12`` wheel, or ``CUSPARSELT_HOME``) are found;
-otherwise the pure-Python package installs and the reason is printed. ``SPARSE_RUNTIME_NO_EXT=1`` skips it,
+(``csrc/``) are built with nvcc + ninja when the CUDA toolkit is found (``_C`` also needs cuSPARSELt: the
+``nvidia-cusparselt-cu13``/``-cu12`` wheel, or ``CUSPARSELT_HOME``); what cannot be built is skipped, the
+pure-Python package installs and the reason is printed. ``SPARSE_RUNTIME_NO_EXT=1`` skips it,
 ``SPARSE_RUNTIME_REQUIRE_EXT=1`` turns a skip or a failed build into an error (for CI).
 """
 import os
@@ -19,17 +19,17 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "csrc"))
-from build_config import build_ninja, config
+from build_config import build_ninja, config, unbuildable
 
 
 class NinjaBuildExt(build_ext):
-    """Builds ``sparse_runtime._C`` from a generated build.ninja (not torch's CUDAExtension, which the CPU
-    build of torch cannot build)."""
+    """Builds ``sparse_runtime._C`` and ``sparse_runtime._decode24`` from generated build.ninja files (not torch's
+    CUDAExtension, which the CPU build of torch cannot build); each one that cannot be built is skipped alone."""
 
     def run(self):
         cfg, why = config()
         if cfg is None:
-            self._skip(why)
+            self._skip("the CUDA extensions", why)
             return
         self._cfg = cfg
         super().run()
@@ -38,6 +38,10 @@ class NinjaBuildExt(build_ext):
         output = Path(self.get_ext_fullpath(ext.name)).resolve()
         # A fixed folder in the tree (ignored by git), so reinstalls rebuild only what changed.
         name = ext.name.rsplit(".", 1)[-1]
+        why = unbuildable(self._cfg, name)
+        if why:
+            self._skip(ext.name, why)
+            return
         build_dir = ROOT / "build" / f"sparse_runtime{name}"
         build_dir.mkdir(parents=True, exist_ok=True)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -46,10 +50,10 @@ class NinjaBuildExt(build_ext):
         try:
             subprocess.run([self._cfg["ninja"], "-C", str(build_dir), "-j", jobs], check=True)
         except subprocess.CalledProcessError as e:
-            self._skip(f"the build failed ({e}); see the compiler output above")
+            self._skip(ext.name, f"the build failed ({e}); see the compiler output above")
 
-    def _skip(self, why):
-        msg = f"sparse_runtime: not building the CUDA extension sparse_runtime._C: {why}"
+    def _skip(self, what, why):
+        msg = f"sparse_runtime: not building {what}: {why}"
         if os.environ.get("SPARSE_RUNTIME_REQUIRE_EXT", "") not in ("", "0"):
             raise RuntimeError(msg)
         print(msg, file=sys.stderr)
@@ -70,8 +74,11 @@ setup(
         "tqdm",
         "numpy",
     ],
-    ext_modules=[Extension("sparse_runtime._C", sources=["csrc/cusparselt_ext.cpp", "csrc/decompress24.cu"]),
-                 Extension("sparse_runtime._decode24", sources=["csrc/decode24_ext.cpp", "csrc/decode24.cu"])],
+    # optional: an extension that cannot be built here is skipped (NinjaBuildExt says why), not copied in place
+    ext_modules=[Extension("sparse_runtime._C", sources=["csrc/cusparselt_ext.cpp", "csrc/decompress24.cu"],
+                           optional=True),
+                 Extension("sparse_runtime._decode24", sources=["csrc/decode24_ext.cpp", "csrc/decode24.cu"],
+                           optional=True)],
     cmdclass={"build_ext": NinjaBuildExt},
     entry_points={"console_scripts": ["sparse-runtime=sparse_runtime.cli:main"]},
 )
