@@ -195,8 +195,19 @@ step_setup() {
     # by `info` below; the Triton backends run without them).
     MAX_JOBS=${MAX_JOBS:-16} within "$PYTHON" -m pip install --no-deps --no-build-isolation -e . \
         || MAX_JOBS=${MAX_JOBS:-16} within "$PYTHON" setup.py build_ext --inplace
-    "$PYTHON" -m sparse_runtime info
     nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+    "$PYTHON" -m sparse_runtime info
+    # the step's result: both extensions load (else it names the one that does not, and the steps after run on)
+    "$PYTHON" -c "
+import importlib, sys
+missing = []
+for ext in ('sparse_runtime._C', 'sparse_runtime._decode24'):
+    try:
+        importlib.import_module(ext)
+    except ImportError as e:
+        missing.append(f'{ext}: {e}')
+print(*(missing or ['both extensions load']), sep='\n')
+sys.exit(1 if missing else 0)"
 }
 
 step_tests() {
@@ -294,7 +305,8 @@ collect() {  # $OUT: the summary, the result JSONs as they are, everything else 
     tmp=$(mktemp "$WORK/logs.XXXX")
     tar czf "$tmp" -C "$WORK" logs $(cd "$WORK" && compgen -G "results/*.png") 2>/dev/null
     mv "$tmp" "$OUT/logs.tar.gz"
-    summary >"$WORK/summary.tmp" && mv "$WORK/summary.tmp" "$OUT/gpu_check.txt"
+    summary >"$WORK/summary.tmp"  # (its exit status is its last test's, not a failure)
+    mv "$WORK/summary.tmp" "$OUT/gpu_check.txt"
 }
 
 summary() {

@@ -80,6 +80,15 @@ def test_a_failed_or_stopped_step_does_not_stop_the_next(stub):
     assert (Path(stub["OUT"]) / "engine_llama3_8b.json").exists()
 
 
+def test_named_steps_run_after_setup_alone(stub):
+    """`gpu_check.sh STEP ...`: setup, then the steps named, those the default leaves out too."""
+    res = gpu_check("--dry-run", "decode", "rotation", **stub)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert list(steps_table(Path(stub["OUT"]))) == ["setup", "decode", "rotation"]
+    assert sorted(p.name for p in Path(stub["OUT"]).iterdir()) == [
+        "gpu_check.txt", "kernels-DRY_RUN-20260101T000000.json", "logs.tar.gz", "rotation.json"]
+
+
 def test_step_limits_over_the_budget_are_refused(stub):
     res = gpu_check("--dry-run", **stub, GPU_CHECK_STEPS="setup:100 tests:381")
     assert res.returncode == 2 and "481 s, over the budget of 480 s" in res.stderr
