@@ -142,9 +142,7 @@ EOF
 }
 
 wheel_file() {  # the wheel of NAME==VERSION in $GPU_DIR/whl, by the wheel file-name rule (- . -> _)
-    local name=${1%%==*} version=${1#*==}
-    compgen -G "$GPU_DIR/whl/$(tr '.-' '__' <<<"$name")-${version}-*.whl" \
-        || compgen -G "$GPU_DIR/whl/$(tr '.-' '__' <<<"$name" | tr 'A-Z' 'a-z')-${version}-*.whl"
+    compgen -G "$GPU_DIR/whl/$(tr '.-' '__' <<<"${1%%==*}")-${1#*==}-*.whl"
 }
 
 check_carry() {  # the stub or real .gpu/ holds a wheel per pinned name and the test data
@@ -213,7 +211,7 @@ sys.exit(1 if missing else 0)"
 step_tests() {
     # Correctness of every GPU backend, and of the GPU paths of the engine, checkpoints and rotation, against float64
     # references; Triton pinned to one config per schedule, so a cold cache compiles a handful of kernels. The
-    # timing-sensitive tests (timers, dispatch decisions) run alone afterwards, with SERIAL_S of the step's time.
+    # timing-sensitive tests (timers, dispatch decisions) run alone afterwards, in the step's last SERIAL_S (40) s.
     export SPARSE_RUNTIME_TRITON_CONFIGS=pinned SPARSE_RUNTIME_TEST_LOG=$WORK/logs/test_gpu.jsonl
     local serial=(tests/test_timing.py tests/test_dispatch.py tests/test_bench_kernels.py) leave=() parallel=() mod
     for mod in $SERVER_IMPORTS; do
@@ -224,11 +222,13 @@ step_tests() {
         fi
     done
     "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "${TEST_WORKERS:-8}")  # compiles on several cores
-    local serial_s=${SERIAL_S:-40}
+    local serial_s=${SERIAL_S:-40} rc
     STEP_END=$(($(date +%s) + $(remaining) - serial_s)) within "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu -rfEs \
         "${parallel[@]}" --junitxml="$WORK/logs/junit_gpu.xml" tests "${leave[@]}" "${serial[@]/#/--ignore=}"
+    rc=$?
     within "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu -rfEs --junitxml="$WORK/logs/junit_gpu_serial.xml" \
-        "${serial[@]}"
+        "${serial[@]}" || rc=$?
+    return $rc
 }
 
 step_decode() {
