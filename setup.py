@@ -4,9 +4,9 @@ The Triton kernels in ``kernels/`` install as the subpackage ``sparse_runtime.ke
 links to them).
 
 The cuSPARSELt extension ``sparse_runtime._C`` and the mma.sp decode kernel ``sparse_runtime._decode24``
-(``csrc/``) are built with nvcc + ninja when the CUDA
-toolkit and cuSPARSELt (the ``nvidia-cusparselt-cu13``/``-cu12`` wheel, or ``CUSPARSELT_HOME``) are found;
-otherwise the pure-Python package installs and the reason is printed. The CPU extension ``sparse_runtime._cpu24``
+(``csrc/``) are built with nvcc + ninja when the CUDA toolkit is found (``_C`` also needs cuSPARSELt: the
+``nvidia-cusparselt-cu13``/``-cu12`` wheel, or ``CUSPARSELT_HOME``); what cannot be built is skipped, the
+pure-Python package installs and the reason is printed. The CPU extension ``sparse_runtime._cpu24``
 (2:4 linear with AVX-512/AVX2 kernels) needs only a C++ compiler, ninja, pybind11 and torch, and is built or
 skipped on its own. ``SPARSE_RUNTIME_NO_EXT=1`` skips them all, ``SPARSE_RUNTIME_REQUIRE_EXT=1`` turns a skip or
 a failed build into an error (for CI).
@@ -21,7 +21,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "csrc"))
-from build_config import CPU_SOURCES, build_ninja, build_ninja_cpu, config, cpu_config
+from build_config import CPU_SOURCES, build_ninja, build_ninja_cpu, config, cpu_config, unbuildable
 
 
 class NinjaBuildExt(build_ext):
@@ -32,7 +32,7 @@ class NinjaBuildExt(build_ext):
         cfg, why = config()
         cpu_cfg, cpu_why = cpu_config()
         if cfg is None:
-            self._skip("the CUDA extension sparse_runtime._C", why)
+            self._skip("the CUDA extensions", why)
         if cpu_cfg is None:
             self._skip("the CPU extension sparse_runtime._cpu24", cpu_why)
         self._cfg, self._cpu_cfg = cfg, cpu_cfg
@@ -54,6 +54,10 @@ class NinjaBuildExt(build_ext):
         if self._is_cpu(ext):
             text, cfg, what = build_ninja_cpu(self._cpu_cfg, build_dir, output, name), self._cpu_cfg, "CPU"
         else:
+            why = unbuildable(self._cfg, name)  # _C needs cuSPARSELt, _decode24 only the toolkit
+            if why:
+                self._skip(f"the CUDA extension {ext.name}", why)
+                return
             text, cfg, what = build_ninja(self._cfg, build_dir, output, name), self._cfg, "CUDA"
         (build_dir / "build.ninja").write_text(text)
         jobs = os.environ.get("MAX_JOBS", "2")
@@ -85,9 +89,13 @@ setup(
         "tqdm",
         "numpy",
     ],
-    ext_modules=[Extension("sparse_runtime._C", sources=["csrc/cusparselt_ext.cpp", "csrc/decompress24.cu"]),
-                 Extension("sparse_runtime._decode24", sources=["csrc/decode24_ext.cpp", "csrc/decode24.cu"]),
-                 Extension("sparse_runtime._cpu24", sources=[f"csrc/{src}" for src, _ in CPU_SOURCES["_cpu24"]])],
+    # optional: an extension that cannot be built here is skipped (NinjaBuildExt says why), not copied in place
+    ext_modules=[Extension("sparse_runtime._C", sources=["csrc/cusparselt_ext.cpp", "csrc/decompress24.cu"],
+                           optional=True),
+                 Extension("sparse_runtime._decode24", sources=["csrc/decode24_ext.cpp", "csrc/decode24.cu"],
+                           optional=True),
+                 Extension("sparse_runtime._cpu24", sources=[f"csrc/{src}" for src, _ in CPU_SOURCES["_cpu24"]],
+                           optional=True)],
     cmdclass={"build_ext": NinjaBuildExt},
     entry_points={"console_scripts": ["sparse-runtime=sparse_runtime.cli:main"]},
 )

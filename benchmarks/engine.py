@@ -31,7 +31,9 @@ import torch
 
 from sparse_runtime.data.calibration import DEFAULT_EVAL
 from sparse_runtime.models.sources import load_model
+from sparse_runtime.nn.linear import SparseLinear
 from sparse_runtime.nn.sparsify import sparsify
+from sparse_runtime.ops.triton_launch import bucket_rows
 from sparse_runtime.serving.engine import Engine, Request, SamplingParams
 
 from .common import RESULTS, metadata, module_command, module_env, write_json
@@ -122,10 +124,24 @@ def read_bandwidth(device: str, median, repeats: int, nbytes: int = 1 << 30) -> 
     return nbytes / median(buf.sum, repeats)
 
 
+def warm_up(model, rows) -> None:
+    """One eager call of every SparseLinear per M specialisation of each of ``rows``' buckets, before the engine
+    captures its CUDA graphs (where compiling, autotuning, plan searches and dispatch measurements fail or are
+    skipped): Triton compiles and autotunes, cuSPARSELt searches, the dispatcher measures."""
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    with torch.inference_mode():
+        for m in sorted({r for n in rows for r in bucket_rows(n)}):
+            for layer in layers:
+                layer(torch.zeros(m, layer.in_features, dtype=layer.weight_values.dtype,
+                                  device=layer.weight_values.device))
+
+
 def measure(model, tok, ids, args, median, dense: bool) -> dict:
     n, rep = args.tokens, args.repeats
     slots, ctx = max(args.batches + [args.prefill_batch]), len(ids) + n + 1
     engines = {}
+    if args.device.startswith("cuda"):  # the decode graphs run max_batch rows: each batch's engine, or slots
+        warm_up(model, {*args.batches, slots})
 
     def engine_for(batch):
         """One engine for every batch size, except under CUDA graphs, which always run max_batch rows."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -270,7 +271,8 @@ def bench_shape(shape, dtype_name, ms_list, providers, copy_gbps, l2_bytes, log=
                 rots = rot_sets[block][:copies]
             try:
                 fns = _layer_fns(provider, weights[:copies], xs, rots)
-                fns[0]()  # autotune outside the timing
+                for f in fns:  # one eager call per layer at this M before any capture: Triton compiles and
+                    f()  # autotunes, cuSPARSELt searches, the dispatcher measures (all fail inside a capture)
                 try:
                     times[provider], timers[provider] = cycle_time_us(fns), "graph"
                 except Exception as e:  # noqa: BLE001 -- will not capture: time the same pass eagerly
@@ -316,6 +318,7 @@ def run(args) -> int:
     import triton
 
     from sparse_runtime import backends
+    from sparse_runtime.ops.triton_plan import CONFIGS_ENV
 
     try:
         wanted = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
@@ -331,6 +334,7 @@ def run(args) -> int:
         **metadata("cuda"), "cuda": torch.version.cuda, "copy_bandwidth_GBps": copy_gbps,
         "l2_bytes": l2_bytes, "timer": "timing.cycle_time_us: CUDA graph of a pass over copies > 3x L2, no flush, "
                                        "median of replays per call",
+        "triton_configs": os.environ.get(CONFIGS_ENV) or "full",  # pinned: one config per schedule, no autotuning
         "settings": {"shapes": shapes, "ms": ms_list, "dtypes": dtypes, "providers": providers},
     }
     stem = f"kernels-{props.name.replace(' ', '_')}-{meta['date'][:19].replace('-', '').replace(':', '')}"

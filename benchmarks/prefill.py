@@ -1,6 +1,6 @@
 """Prefill GEMMs at Llama-3-8B shapes: dense cuBLAS vs PyTorch's cuSPARSELt path vs ours vs dispatch.
 
-    python -m benchmarks.prefill [--dtype float16] [--m 512 2048 8192] [--out benchmarks/results]
+    python -m benchmarks.prefill [--dtype float16] [--m 512 2048 8192] [--shapes 4096x4096,...] [--out DIR]
 
 GPU time: after warm-up (plans built, algorithms searched), 50 calls back to back between two CUDA events,
 no synchronisation between calls (the median of 3 such batches, per call; at these sizes the device, not the
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .common import RESULTS, metadata, write_json
+from .kernels import parse_shapes
 
 HELP = "prefill GEMMs at Llama-3-8B shapes: dense cuBLAS vs PyTorch's cuSPARSELt vs ours vs dispatch"
 SHAPES = {"q/o 4096x4096": (4096, 4096), "gate/up 14336x4096": (14336, 4096), "down 4096x14336": (4096, 14336)}
@@ -62,6 +63,8 @@ def runners(n: int, k: int, dtype) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--m", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES.values()),
+                   help="comma-separated NxK (out x in features); default: the Llama-3-8B ones above")
     p.add_argument("--out", type=Path, default=RESULTS)
 
 
@@ -74,10 +77,21 @@ def run(args) -> int:
 
     from sparse_runtime.ops.timing import time_us
 
+    try:
+        shapes = parse_shapes(args.shapes)
+    except ValueError as e:
+        print(f"bench prefill: {e}", file=sys.stderr)
+        return 2
     dtype = getattr(torch, args.dtype)
     gpu = torch.cuda.get_device_name()
+    meta = {**metadata("cuda"), "dtype": args.dtype,
+            "timer": "time_us: 3 batches of 50 back-to-back calls between two CUDA events, median per call"}
+    stamp = meta["date"][:19].replace("-", "").replace(":", "")
+    base = args.out / f"prefill-{gpu.replace(' ', '_')}-{stamp}"
+    labels = {shape: label for label, shape in SHAPES.items()}
     rows = []
-    for label, (n, k) in SHAPES.items():
+    for n, k in shapes:
+        label = labels.get((n, k), f"{n}x{k}")
         run = runners(n, k, dtype)
         for m in args.m:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -96,12 +110,7 @@ def run(args) -> int:
                     row[f"{name}_speedup"] = round(row["dense_us"] / row[f"{name}_us"], 3)
             rows.append(row)
             print(" ".join(f"{key}={val}" for key, val in row.items()), flush=True)
-
-    meta = {**metadata("cuda"), "dtype": args.dtype,
-            "timer": "time_us: 3 batches of 50 back-to-back calls between two CUDA events, median per call"}
-    stamp = meta["date"][:19].replace("-", "").replace(":", "")
-    base = args.out / f"prefill-{gpu.replace(' ', '_')}-{stamp}"
-    write_json(base.with_suffix(".json"), {**meta, "rows": rows}, indent=1)
+            write_json(base.with_suffix(".json"), {**meta, "rows": rows}, indent=1)  # a cut-off run keeps its rows
     plot(rows, f"{gpu}, {args.dtype}, {meta['date'][:10]}", base.with_suffix(".png"))
     print(f"wrote {base}.json and {base}.png")
     return 0

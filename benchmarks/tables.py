@@ -118,8 +118,10 @@ def decode() -> str:
         return gpu_pending("the decode kernels (`python -m benchmarks.kernels`)")
     rows = [row for row in r["rows"] if row["dtype"] == "fp16"]
     shapes = list(dict.fromkeys((row["N"], row["K"]) for row in rows))
-    lines = [f"fp16, speedup over dense cuBLAS (median of CUDA-event timings) and, for `triton`, the share of the "
-             f"measured copy bandwidth ({r['copy_bandwidth_GBps']:.0f} GB/s); {r['device']}, torch {r['torch']}, "
+    bandwidth = r["copy_bandwidth_GBps"] * 1e9
+    lines = [f"fp16, speedup over dense cuBLAS (median of CUDA-event timings) and, for `triton`, its time beside the "
+             f"floor its bytes set (weight values and metadata, x, y at the measured copy bandwidth, "
+             f"{r['copy_bandwidth_GBps']:.0f} GB/s); {r['device']}, torch {r['torch']}, "
              f"triton {r['triton']}, {r['date'][:10]}. Bound at decode: {DECODE_BOUND:.2f}x.", "",
              "| M | " + " | ".join(f"{n}x{k}" for n, k in shapes) + " |", "|---" * (len(shapes) + 1) + "|"]
     for m in sorted({row["M"] for row in rows}):
@@ -127,7 +129,8 @@ def decode() -> str:
         for n, k in shapes:
             at = {row["provider"]: row for row in rows if (row["N"], row["K"], row["M"]) == (n, k, m)}
             t, d = at.get("triton"), at.get("dispatch")
-            cell = f"{t['speedup_vs_dense']:.2f}x ({t['pct_copy_bw']:.0f}%)" if t else "-"
+            cell = (f"{t['speedup_vs_dense']:.2f}x ({t['ms'] * 1e3:.1f} us, floor {t['bytes'] / bandwidth * 1e6:.1f} us)"
+                    if t else "-")
             cells.append(cell + (f", auto {d['speedup_vs_dense']:.2f}x" if d else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

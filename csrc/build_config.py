@@ -10,6 +10,7 @@ import platform
 import re
 import shutil
 import site
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -18,13 +19,38 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("80", "86", "89", "90")  # Ampere, Ada, Hopper: every arch with 2:4 sparse tensor cores we target
 
 
-def _cuda_home():
-    """The toolkit folder: $CUDA_HOME/$CUDA_PATH, /usr/local/cuda, else the newest /usr/local/cuda-X.Y.
+def _nvcc_toolkit():
+    """Where the ``nvcc`` on PATH says its toolkit is. It may be a wrapper script (``exec
+    /usr/local/cuda-X.Y/bin/nvcc``), so its own folder says nothing: ask it (``--dryrun`` prints
+    ``TOP=<toolkit>/bin/..``), else follow its links, else the versioned folder its ``--version`` names."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return []
 
-    ``nvcc`` on PATH may be a wrapper script, so its location says nothing about the toolkit's."""
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    def run(*args):
+        try:
+            out = subprocess.run([nvcc, *args], capture_output=True, text=True, timeout=30, check=False)
+            return out.stdout + out.stderr
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dry = run("--dryrun", "-x", "cu", "-E", os.devnull)
+    found = [Path(top).resolve() for top in re.findall(r"^#\$ TOP=(\S+)", dry, re.M)]
+    found.append(Path(nvcc).resolve().parent.parent)
+    version = re.search(r"release (\d+)\.(\d+)", run("--version"))
+    if version:
+        found.append(Path(f"/usr/local/cuda-{version[1]}.{version[2]}"))
+    return found
+
+
+def _cuda_home():
+    """The toolkit folder: $CUDA_HOME/$CUDA_PATH, the one of the ``nvcc`` on PATH, /usr/local/cuda, the newest
+    /usr/local/cuda-X.Y, else the pip wheels' (``nvidia/cu13``, CUDA 13; ``nvidia/cuda_nvcc``, CUDA 12); the first
+    that holds bin/nvcc and include/cuda_runtime.h."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), *_nvcc_toolkit(), "/usr/local/cuda"]
     cands += sorted(glob.glob("/usr/local/cuda-*"), key=lambda p: [int(x) for x in re.findall(r"\d+", p)],
                     reverse=True)
+    cands += [d / "nvidia" / sub for d in _site_dirs() for sub in ("cu13", "cuda_nvcc")]
     for c in cands:
         if c and (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda_runtime.h").exists():
             return Path(c)
@@ -88,18 +114,13 @@ def _ninja():
 
 
 def config():
-    """Everything the build needs, or the reason it cannot happen."""
+    """Everything the build needs, or the reason it cannot happen. cuSPARSELt is needed by ``_C`` only:
+    without it ``cfg["cslt"]`` says why, and :func:`unbuildable` skips ``_C`` alone."""
     if os.environ.get("SPARSE_RUNTIME_NO_EXT", "") not in ("", "0"):
         return None, "SPARSE_RUNTIME_NO_EXT is set"
     cuda = _cuda_home()
     if cuda is None:
-        return None, "no CUDA toolkit (nvcc) found; set CUDA_HOME"
-    cslt = _cusparselt(cuda)
-    if cslt is None:
-        return None, "cuSPARSELt not found; pip install nvidia-cusparselt-cu13 (or set CUSPARSELT_HOME)"
-    extra_inc = _cusparse_include(cslt[0], cuda)
-    if extra_inc is None:
-        return None, "this cuSPARSELt needs cusparse.h; pip install nvidia-cusparse-cu12/cu13"
+        return None, "no CUDA toolkit (nvcc with include/cuda_runtime.h) found; set CUDA_HOME"
     cudart = _cudart_static(cuda)
     if cudart is None:
         return None, f"libcudart_static.a not found under {cuda}"
@@ -110,8 +131,17 @@ def config():
         import pybind11
     except ImportError:
         return None, "pybind11 not found; pip install pybind11"
-    return {"cuda": cuda, "cslt_inc": cslt[0], "cslt_lib": cslt[1], "extra_inc": extra_inc, "cudart": cudart,
-            "ninja": ninja, "pybind_inc": pybind11.get_include()}, None
+    cfg = {"cuda": cuda, "cudart": cudart, "ninja": ninja, "pybind_inc": pybind11.get_include(),
+           "cslt_inc": None, "cslt_lib": None, "extra_inc": [], "cslt": None}
+    cslt = _cusparselt(cuda)
+    extra_inc = None if cslt is None else _cusparse_include(cslt[0], cuda)
+    if cslt is None:
+        cfg["cslt"] = "cuSPARSELt not found; pip install nvidia-cusparselt-cu13 (or set CUSPARSELT_HOME)"
+    elif extra_inc is None:
+        cfg["cslt"] = "this cuSPARSELt needs cusparse.h; pip install nvidia-cusparse-cu12/cu13"
+    else:
+        cfg.update(cslt_inc=cslt[0], cslt_lib=cslt[1], extra_inc=extra_inc)
+    return cfg, None
 
 
 # Extension -> (C++ sources, CUDA sources, links cuSPARSELt). _decode24 is the mma.sp decode kernel, apart from
@@ -120,10 +150,16 @@ EXTENSIONS = {"_C": (["cusparselt_ext.cpp"], ["decompress24.cu"], True),
               "_decode24": (["decode24_ext.cpp"], ["decode24.cu"], False)}
 
 
+def unbuildable(cfg, ext: str) -> str | None:
+    """Why extension ``ext`` cannot be built with ``cfg`` (a :func:`config`), or None."""
+    return cfg["cslt"] if EXTENSIONS[ext][2] else None
+
+
 def build_ninja(cfg, build_dir: Path, output: Path, ext: str = "_C") -> str:
     py_inc = sysconfig.get_paths()["include"]
+    cslt_incs = [cfg["cslt_inc"], *cfg["extra_inc"]] if EXTENSIONS[ext][2] else []  # _C alone needs cuSPARSELt
     incs = " ".join(f"-I{p}" for p in [ROOT / "csrc", py_inc, cfg["pybind_inc"], cfg["cuda"] / "include",
-                                         cfg["cslt_inc"], *cfg["extra_inc"]])
+                                         *cslt_incs])
     gencode = " ".join(f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS)
     gencode += f" -gencode=arch=compute_{ARCHS[-1]},code=compute_{ARCHS[-1]}"  # PTX for newer GPUs
     lib = cfg["cslt_lib"]
@@ -140,7 +176,7 @@ cxx = {os.environ.get("CXX", "c++")}
 nvcc = {cfg["cuda"] / "bin" / "nvcc"}
 cflags = -O2 -std=c++17 -fPIC -fvisibility=hidden -Wall {incs}
 nvflags = -O2 -std=c++17 --threads 0 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden {gencode} {incs}
-ldflags = -shared {f"-L{lib} -l:libcusparseLt.so.0 " if links_cslt else ""}{cfg["cudart"]} -ldl -lrt -lpthread '-Wl,{rpath}'
+ldflags = -shared {f"-L{lib} -l:libcusparseLt.so.0 " if links_cslt else ""}{cfg["cudart"]} -ldl -lrt -lpthread {f"'-Wl,{rpath}'" if links_cslt else ""}
 
 rule cxx
   command = $cxx -MMD -MF $out.d $cflags -c $in -o $out

@@ -215,16 +215,30 @@ decode24_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ met
 }
 
 template <typename T, int NT>
+size_t smem_bytes(int split_chunks) {  // the CTA's x slice: NT * 8 token rows of the K slice, padded
+  return static_cast<size_t>(NT * 8) * (split_chunks * K_CHUNK + X_PAD) * sizeof(T);
+}
+static_assert(2 * 8 * (SR_DECODE24_MAX_KS + X_PAD) * 2 <= 48 * 1024,
+              "the largest x slice must fit the dynamic shared memory a launch gets without opting in");
+
+template <typename T, int NT>
 void launch(const Decode24Args& a, cudaStream_t stream) {
-  const int ks = a.split_chunks * K_CHUNK;
-  const size_t smem = static_cast<size_t>(NT * 8) * (ks + X_PAD) * sizeof(T);
   const int tiles = (a.n + 15) / 16;
   const int chunks = a.k / K_CHUNK;
   dim3 grid((tiles + WARPS - 1) / WARPS, (chunks + a.split_chunks - 1) / a.split_chunks);
-  decode24_kernel<T, NT><<<grid, WARPS * 32, smem, stream>>>(
+  decode24_kernel<T, NT><<<grid, WARPS * 32, smem_bytes<T, NT>(a.split_chunks), stream>>>(
       static_cast<const uint4*>(a.vals), static_cast<const uint32_t*>(a.meta), static_cast<const T*>(a.x),
       static_cast<const T*>(a.bias), static_cast<T*>(a.y), static_cast<float*>(a.ws), static_cast<int*>(a.counters),
       a.m, a.n, a.k, a.split_chunks);
+}
+
+template <typename T, int NT>
+int ctas_per_sm(int split_chunks) {
+  int blocks = 0;
+  sr_check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode24_kernel<T, NT>, WARPS * 32,
+                                                              smem_bytes<T, NT>(split_chunks)),
+                "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  return blocks;
 }
 
 template <typename T>
@@ -233,18 +247,37 @@ void launch_nt(const Decode24Args& a, cudaStream_t stream) {
   else launch<T, 2>(a, stream);
 }
 
+template <typename T>
+int ctas_per_sm_nt(int m, int split_chunks) {  // the variant launch_nt picks for M
+  return m <= 8 ? ctas_per_sm<T, 1>(split_chunks) : ctas_per_sm<T, 2>(split_chunks);
+}
+
+void check_m(int m) {
+  if (m < 1 || m > 16) throw_error("decode24: M must be in 1..16, got " + std::to_string(m));
+}
+
+void check_split(int split_chunks) {
+  if (split_chunks < 1 || split_chunks * K_CHUNK > SR_DECODE24_MAX_KS) {
+    throw_error("decode24: split_chunks " + std::to_string(split_chunks) + " out of range");
+  }
+}
+
 }  // namespace
 
 void sr_decode24(const Decode24Args& a, bool bf16, cudaStream_t stream) {
-  if (a.m < 1 || a.m > 16) throw_error("decode24: M must be in 1..16, got " + std::to_string(a.m));
+  check_m(a.m);
   if (a.n < 1 || a.k < K_CHUNK || a.k % K_CHUNK) {
     throw_error("decode24: needs N >= 1 and K a positive multiple of 64, got N=" + std::to_string(a.n) +
                 " K=" + std::to_string(a.k));
   }
-  if (a.split_chunks < 1 || a.split_chunks * K_CHUNK > SR_DECODE24_MAX_KS) {
-    throw_error("decode24: split_chunks " + std::to_string(a.split_chunks) + " out of range");
-  }
+  check_split(a.split_chunks);
   if (bf16) launch_nt<__nv_bfloat16>(a, stream);
   else launch_nt<__half>(a, stream);
   sr_check_cuda(cudaGetLastError(), "decode24 kernel launch");
+}
+
+int sr_decode24_ctas_per_sm(int m, int split_chunks, bool bf16) {
+  check_m(m);
+  check_split(split_chunks);
+  return bf16 ? ctas_per_sm_nt<__nv_bfloat16>(m, split_chunks) : ctas_per_sm_nt<__half>(m, split_chunks);
 }

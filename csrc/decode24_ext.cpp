@@ -14,18 +14,37 @@ namespace py = pybind11;
 
 namespace {
 
-void decode24(int device, uintptr_t vals, uintptr_t meta, uintptr_t x, uintptr_t bias, uintptr_t y, uintptr_t ws,
-              uintptr_t counters, int m, int n, int k, int split_chunks, const std::string& dtype, uintptr_t stream) {
+bool is_bf16(const std::string& dtype) {
   if (dtype != "float16" && dtype != "bfloat16") throw_error("decode24 takes float16 or bfloat16, got " + dtype);
+  return dtype == "bfloat16";
+}
+
+// Runs fn with `device` current, restoring the caller's device after.
+template <typename F>
+auto on_device(int device, F fn) {
   int current = 0;
   sr_check_cuda(cudaGetDevice(&current), "cudaGetDevice");
   if (current != device) sr_check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  struct Restore {
+    int current, device;
+    ~Restore() { if (current != device) cudaSetDevice(current); }
+  } restore{current, device};
+  return fn();
+}
+
+void decode24(int device, uintptr_t vals, uintptr_t meta, uintptr_t x, uintptr_t bias, uintptr_t y, uintptr_t ws,
+              uintptr_t counters, int m, int n, int k, int split_chunks, const std::string& dtype, uintptr_t stream) {
+  const bool bf16 = is_bf16(dtype);
   const Decode24Args args{reinterpret_cast<const void*>(vals), reinterpret_cast<const void*>(meta),
                           reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(bias),
                           reinterpret_cast<void*>(y), reinterpret_cast<void*>(ws), reinterpret_cast<void*>(counters),
                           m, n, k, split_chunks};
-  sr_decode24(args, dtype == "bfloat16", reinterpret_cast<cudaStream_t>(stream));
-  if (current != device) cudaSetDevice(current);
+  on_device(device, [&] { sr_decode24(args, bf16, reinterpret_cast<cudaStream_t>(stream)); });
+}
+
+int ctas_per_sm(int device, int m, int split_chunks, const std::string& dtype) {
+  const bool bf16 = is_bf16(dtype);
+  return on_device(device, [&] { return sr_decode24_ctas_per_sm(m, split_chunks, bf16); });
 }
 
 }  // namespace
@@ -38,4 +57,7 @@ PYBIND11_MODULE(_decode24, m) {
         py::arg("y"), py::arg("ws"), py::arg("counters"), py::arg("m"), py::arg("n"), py::arg("k"),
         py::arg("split_chunks"), py::arg("dtype"), py::arg("stream"),
         "y[M, N] = x[M, K] @ W^T (+ bias) from the mma.sp fragment layout (sparse_runtime/mmasp_layout.py)");
+  m.def("ctas_per_sm", &ctas_per_sm, py::arg("device"), py::arg("m"), py::arg("split_chunks"), py::arg("dtype"),
+        "CTAs per SM a launch of M rows with split_chunks 64-column chunks per CTA keeps resident on the device "
+        "(cudaOccupancyMaxActiveBlocksPerMultiprocessor of the kernel variant M selects)");
 }

@@ -94,3 +94,42 @@ def test_version_gate_decodes_both_encodings(defines, version):
     out = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", f"-I{ROOT / 'csrc'}", "-x", "c++", "-"], input=src,
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
+
+
+def _fake_toolkit(root: Path) -> Path:
+    """A toolkit folder whose nvcc answers --dryrun as nvcc does (``#$ TOP=<toolkit>/bin/..`` on stderr)."""
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime.h").write_text("")
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f'#!/bin/sh\ncase "$*" in *--dryrun*) echo "#$ TOP={root}/bin/.." >&2;; esac\n')
+    nvcc.chmod(0o755)
+    return root
+
+
+def test_cuda_home_behind_a_wrapper_script(monkeypatch, tmp_path):
+    """The nvcc on PATH may be a script that execs the real one elsewhere: its toolkit is found all the same,
+    ahead of /usr/local/cuda."""
+    toolkit = _fake_toolkit(tmp_path / "cuda-real")
+    wrapper = tmp_path / "wrap" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    assert build_config._cuda_home() == toolkit
+    (toolkit / "include" / "cuda_runtime.h").unlink()  # not a toolkit without its headers
+    assert build_config._cuda_home() != toolkit
+
+
+def test_decode24_builds_without_cusparselt(monkeypatch, tmp_path):
+    """Only _C links cuSPARSELt: without it _C is skipped with the reason and _decode24 still builds."""
+    if CFG is None:
+        pytest.skip(WHY)
+    monkeypatch.setattr(build_config, "_cusparselt", lambda cuda: None)
+    cfg, why = build_config.config()
+    assert why is None and "cuSPARSELt not found" in build_config.unbuildable(cfg, "_C")
+    assert build_config.unbuildable(cfg, "_decode24") is None
+    text = build_config.build_ninja(cfg, tmp_path, tmp_path / "_decode24.so", "_decode24")
+    assert "decode24.cu" in text and "cusparseLt" not in text and "None" not in text

@@ -1,5 +1,6 @@
 """cuSPARSELt wrapper: pure logic on CPU; numerics, the bias epilogue, plan cache, overhead and graphs on a GPU."""
 import time
+import weakref
 
 import pytest
 import torch
@@ -40,15 +41,59 @@ def fake_capture(monkeypatch):
     return state
 
 
-def test_workspace_is_never_shared_from_a_capture(fake_capture):
+def test_captures_leave_no_workspace_behind(fake_capture):
+    """Each capture's workspace is a temporary of that graph (its pool keeps the memory): none is kept here, however
+    many graphs are captured, and none comes from the shared table, so replacing an outgrown one frees it."""
     fake_capture["capturing"] = True
-    cs._workspace(0, 7, 64)  # first use inside a capture: that graph's own, not the shared table's
-    assert cs._WORKSPACES == {} and len(cs._RETIRED) == 1
+    captured = []
+    for _ in range(5):  # five captures of a call that needs a workspace
+        ws = cs._workspace(0, 7, 64)
+        assert ws.numel() == 64
+        captured.append(weakref.ref(ws))
+        del ws
+    assert all(ref() is None for ref in captured)  # freed with the call (the graph's pool holds the memory)
+    assert cs._WORKSPACES == {} and cs._RETIRED == []
     fake_capture["capturing"] = False
-    eager = cs._workspace(0, 7, 64)
-    assert cs._WORKSPACES[(0, 7)].data_ptr() == eager
+    small = cs._workspace(0, 7, 64)
+    assert cs._WORKSPACES[(0, 7)] is small and cs._workspace(0, 7, 32) is small  # eager calls share it
+    outgrown = weakref.ref(small)
+    del small
+    big = cs._workspace(0, 7, 128)
+    assert cs._WORKSPACES[(0, 7)] is big and outgrown() is None  # replaced and freed: only its stream used it
     fake_capture["capturing"] = True
-    assert cs._workspace(0, 7, 32) == eager  # big enough: captures reuse the one made outside
+    assert cs._workspace(0, 7, 32) is not big  # a capture never takes the shared one
+    assert cs._workspace(0, 7, 0) is None
+
+
+def test_search_times_device_time_in_graphs(fake_capture, monkeypatch):
+    """The manual search times each (algorithm, split-K) with timing.device_time_us (CUDA graphs, L2 flushed),
+    skips the ones the library refuses, and keeps the fastest; each candidate's workspace is its own."""
+    cost = {(-1, -1): 9.0, (0, 1): 7.0, (0, 2): 5.0, (0, 4): 6.0, (1, 1): 8.0, (1, 4): 4.0}
+    launched = []
+
+    class Plan:
+        max_alg_id = 1
+
+        def __init__(self, *args):
+            self.key, self.workspace_size = args[-2:], 256
+            if self.key == (1, 2):
+                raise RuntimeError("CUSPARSE_STATUS_NOT_SUPPORTED")
+
+        def matmul(self, *args):
+            launched.append((self.key, args[3]))
+
+    def device_time(fn, calls, replays):
+        fn()  # the call the graphs would capture
+        return cost[launched[-1][0]]
+
+    monkeypatch.setattr(cs, "_C", type("C", (), {"Plan": Plan}))
+    monkeypatch.setattr(cs, "device_time_us", device_time)
+    monkeypatch.delenv("SPARSE_RUNTIME_CSLT_SEARCH", raising=False)
+    w = type("W", (), dict(index=0, npad=64, kpad=64, dtype_name="float16", bias_ptr=0, packed_ptr=0,
+                           device=torch.device("cpu"), dtype=torch.float16))()
+    assert cs._search(w, 8) == {"alg_id": 1, "split_k": 4, "us": 4.0}
+    assert {key for key, _ in launched} == set(cost) and all(ws for _, ws in launched)
+    assert cs._WORKSPACES == {}  # the candidates' workspaces were their own
 
 
 def test_plan_made_in_a_capture_is_searched_at_the_next_eager_call(fake_capture, monkeypatch):

@@ -59,11 +59,11 @@ def test_matches_float64_reference(gpu, m, n, k, bias, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("split_chunks", [1, 2, 3, 16])
+@pytest.mark.parametrize("split_chunks", [1, 2, 3, 16, L.MAX_SPLIT_COLUMNS // L.K_CHUNK])
 def test_every_split_gives_the_same_sums(gpu, split_chunks):
     """Splits of K (one CTA column, uneven last splits, the most columns a CTA takes) all match the reference;
     a split is deterministic: the same bits on every call."""
-    n, k, m = 200, 1024, 11
+    n, k, m = 200, 2048, 11
     sw, b = weight(n, k, torch.float16, True, seed=split_chunks)
     vals, meta = L.fragment_layout(sw.values, sw.meta, k)
     w = mmasp.MmaspWeight(vals.to(gpu), meta.to(gpu), n, k, torch.float16, b.to(gpu), split_chunks)
@@ -103,3 +103,19 @@ def test_refuses_bad_calls(gpu):
     with pytest.raises(ShapeError, match="multiple of 64"):
         mmasp.MmaspWeight.from_canonical(torch.zeros(16, 48, dtype=torch.float16, device=gpu),
                                          torch.zeros(16, 12, dtype=torch.uint8, device=gpu), 96)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_llama3_8b_grids_fit_one_wave_at_the_kernels_occupancy(gpu, dtype):
+    """The split comes from the extension's occupancy: every Llama-3-8B shape's grid is resident at once (both
+    variants), unless even the largest K slice needs a second wave (14336x4096 on 108 SMs)."""
+    sms = torch.cuda.get_device_properties(gpu).multi_processor_count
+    for n, k in [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]:
+        per = mmasp.split_columns(n, k, gpu, dtype)
+        ctas_n, split = L.grid(n, k, per)
+        occupancy = [mmasp._D.ctas_per_sm(torch.cuda.current_device(), m, per, str(dtype)[6:]) for m in (1, 16)]
+        assert min(occupancy) >= 1, occupancy
+        assert ctas_n * split <= min(occupancy) * sms or per * L.K_CHUNK == L.MAX_SPLIT_COLUMNS, (n, k, occupancy)
+    with pytest.raises(RuntimeError, match="split_chunks"):
+        mmasp._D.ctas_per_sm(torch.cuda.current_device(), 1, L.MAX_SPLIT_COLUMNS // L.K_CHUNK + 1, "float16")

@@ -90,17 +90,54 @@ def test_constants_match_the_cuda_header():
     assert int(re.search(r"#define SR_DECODE24_WARPS (\d+)", header).group(1)) == L.WARPS
     assert int(re.search(r"#define SR_DECODE24_MAX_KS (\d+)", header).group(1)) == L.MAX_SPLIT_COLUMNS
     assert f"K_CHUNK = {L.K_CHUNK};" in CU
-    assert f"a.m > {L.DECODE_MAX_M})" in CU  # the kernel's M limit is the project's decode limit
+    assert f"m > {L.DECODE_MAX_M})" in CU  # the kernel's M limit is the project's decode limit
 
 
-@pytest.mark.parametrize("sms", [132, 108])
-@pytest.mark.parametrize("n, k", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (48, 64)])
-def test_split_fills_the_gpu(n, k, sms):
-    per = L.split_columns(n, k, sms)
+LLAMA3_8B = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+
+
+def smem_limited(ctas_by_registers, smem_per_sm):
+    """An occupancy like cudaOccupancyMaxActiveBlocksPerMultiprocessor's: registers cap it, and so does the x
+    slice of the M > 8 variant (16 rows x (columns + 8) halves) in the SM's shared memory."""
+    return lambda per: min(ctas_by_registers, smem_per_sm // (16 * (per * L.K_CHUNK + 8) * 2))
+
+
+@pytest.mark.parametrize("sms, occupancy", [(132, lambda per: 3), (132, smem_limited(3, 228 << 10)),
+                                            (108, lambda per: 3), (108, smem_limited(3, 164 << 10)),
+                                            (132, lambda per: 2), (132, lambda per: 1)])
+@pytest.mark.parametrize("n, k", [*LLAMA3_8B, (48, 64), (128256, 4096)])
+def test_split_fills_one_wave(n, k, sms, occupancy):
+    per = L.split_columns(n, k, sms, occupancy)
     ctas_n, split = L.grid(n, k, per)
     assert 1 <= per * L.K_CHUNK <= L.MAX_SPLIT_COLUMNS and (split - 1) * per < k // L.K_CHUNK <= split * per
+    most = min(k // L.K_CHUNK, L.MAX_SPLIT_COLUMNS // L.K_CHUNK)
+    # one wave at the given occupancy, unless even the largest slice needs a second
+    one_wave = ctas_n * split <= occupancy(per) * sms
+    assert one_wave or per == most
     # aimed at 2 CTAs (16 warps) per SM; whole chunks per CTA round that down, never below 1.5 CTAs (12 warps),
-    # unless each CTA already takes the fewest columns or the most it can hold
-    assert ctas_n * split >= 1.5 * sms or per == 1 or per * L.K_CHUNK == L.MAX_SPLIT_COLUMNS
-    if (n, k) == (4096, 4096):
-        assert ctas_n * split >= sms * 1.9
+    # unless each CTA already takes the fewest columns or the most it can hold, or one chunk less would need a
+    # second wave
+    assert ctas_n * split >= 1.5 * sms or per in (1, most) or \
+        ctas_n * L.grid(n, k, per - 1)[1] > occupancy(per - 1) * sms
+
+
+def test_llama3_8b_shapes_run_in_one_wave_on_h100():
+    """Every Llama-3-8B linear at M <= 16 in one wave on 132 SMs where the M > 8 variant keeps 3 CTAs per SM (80
+    registers a thread): the old 1024-column cap gave 448 CTAs (1.13 waves) on 14336x4096 and 4096x14336."""
+    for n, k in LLAMA3_8B:
+        ctas_n, split = L.grid(n, k, L.split_columns(n, k, 132, lambda per: 3))
+        assert ctas_n * split <= 3 * 132, (n, k, ctas_n * split)
+        assert ctas_n * split >= 1.5 * 132  # and still about 2 CTAs per SM or more
+
+
+def test_a100_needs_a_second_wave_only_where_no_slice_fits():
+    """108 SMs x 3: 14336x4096 has 112 CTAs along N, so even the largest slice (3 along K) makes 336 > 324."""
+    per = L.split_columns(14336, 4096, 108, lambda per: 3)
+    assert per * L.K_CHUNK == L.MAX_SPLIT_COLUMNS and L.grid(14336, 4096, per) == (112, 3)
+
+
+def test_the_slice_grows_only_as_far_as_one_wave_needs():
+    """4096x4096 on 132 SMs at 1 CTA per SM: 8 chunks a CTA (the 2-per-SM aim) make 256 CTAs; 16 make 128, the
+    most CTAs one wave holds (and larger slices would only leave SMs idle)."""
+    per = L.split_columns(4096, 4096, 132, lambda per: 1)
+    assert per == 16 and L.grid(4096, 4096, per) == (32, 4)

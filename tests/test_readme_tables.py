@@ -45,5 +45,5 @@ def test_gpu_tables_render_what_the_benchmarks_write(tmp_path, monkeypatch):
                   "cusparselt_us": 62.5, "cusparselt_host_us": 9.0, "cusparselt_speedup": 1.6,
                   "cusparselt_call_host_us": 6.0}]}))
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
-    assert "| 1 | 1.60x (" in tables.decode() and "auto 1.54x" in tables.decode()
+    assert "| 1 | 1.60x (12.5 us, floor 6.3 us)" in tables.decode() and "auto 1.54x" in tables.decode()
     assert "| q/o 4096x4096 | 2048 | - | 1.60x (9 us) | - | 6.0 us |" in tables.prefill()

@@ -14,8 +14,13 @@ many distinct prompt lengths; an evicted plan is rebuilt in ~50-200 us from the 
 
 Search results are cached in memory and in a JSON file (in :func:`sparse_runtime.ops.caches.cache_dir`), keyed
 by GPU name and library versions. ``SPARSE_RUNTIME_CSLT_SEARCH`` picks
-``manual`` (default: time every algorithm id x split-K with CUDA events), ``library``
-(``cusparseLtMatmulSearch``) or ``off`` (the library's default algorithm).
+``manual`` (default: every algorithm id x split-K, each timed as :func:`sparse_runtime.ops.timing.device_time_us`
+does: device time of CUDA graphs of calls with L2 flushed between them, as a served model runs a layer), ``library``
+(``cusparseLtMatmulSearch``, its pick timed the same way) or ``off`` (the library's default algorithm).
+
+Workspaces: one per (device, stream) for eager calls, replaced (and freed) when a plan needs more; a call inside
+a CUDA graph capture takes a temporary from the graph's own memory pool instead, so no graph holds a pointer
+into the shared table and no capture leaves anything behind here.
 
 The pure helpers (padding, buckets, keys, the LRU, the cache file) need neither a GPU nor the extension.
 """
@@ -29,7 +34,7 @@ from .caches import LRU, DiskCache, device_key, m_bucket
 from .devices import cuda_unavailable, raw_stream
 from ..errors import BackendUnavailable, ShapeError
 from ..format.codec import cdiv, dtype_name, unsupported_dtype
-from .timing import time_us
+from .timing import device_time_us
 
 try:
     from .. import _C
@@ -169,7 +174,9 @@ class CusparseLtWeight:
 _PLANS = LRU(int(os.environ.get("SPARSE_RUNTIME_PLAN_CACHE", "1024")))
 _TUNED = DiskCache("cusparselt_search.json")
 _WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
-_RETIRED: list = []  # outgrown workspaces and replaced plans stay alive: a captured CUDA graph may still use them
+# Plans replaced after the capture that made them with the default algorithm (at most one per plan key: the
+# eager search that replaces one is cached): that graph launches with the descriptors they hold.
+_RETIRED: list = []
 _PROVISIONAL: set = set()  # plan keys built with the default algorithm during a capture: searched at the next eager call
 _SECTIONS: dict[int, str] = {}
 
@@ -185,24 +192,30 @@ def _new_workspace(index: int, nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{index}")
 
 
-def _workspace(index: int, stream: int, nbytes: int) -> int:
-    """A workspace of ``nbytes`` for launches on ``stream``, shared across calls.
+def _workspace(index: int, stream: int, nbytes: int) -> torch.Tensor | None:
+    """A workspace of ``nbytes`` (None for 0) for a launch on ``stream``; the caller holds it until the launch
+    is queued.
 
-    Inside a graph capture an allocation comes from that graph's private pool, so one too small is not
-    grown in the shared table: the capture gets its own, kept alive with the graph's other leftovers."""
+    Eager calls share one per (device, stream); one too small is replaced, and the old one freed: only launches
+    on that stream used it, and the caching allocator reuses its memory in stream order. Inside a graph capture
+    the workspace is a temporary from the graph's private pool, like any intermediate of the graph: the graph
+    keeps that memory for its replays, and nothing here keeps the capture's."""
+    if not nbytes:
+        return None
+    if _capturing():
+        return _new_workspace(index, nbytes)
     ws = _WORKSPACES.get((index, stream))
     if ws is None or ws.numel() < nbytes:
-        if _capturing():
-            _RETIRED.append(ws := _new_workspace(index, nbytes))
-            return ws.data_ptr()
-        if ws is not None:
-            _RETIRED.append(ws)
         ws = _WORKSPACES[(index, stream)] = _new_workspace(index, nbytes)
-    return ws.data_ptr()
+    return ws
 
 
 def _capturing() -> bool:
     return torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def _search(w: CusparseLtWeight, mpad: int) -> dict:
@@ -210,26 +223,27 @@ def _search(w: CusparseLtWeight, mpad: int) -> dict:
     mode = os.environ.get("SPARSE_RUNTIME_CSLT_SEARCH", "manual")
     x = torch.randn(mpad, w.kpad, device=w.device).to(w.dtype)
     out = torch.empty(mpad, w.npad, dtype=w.dtype, device=w.device)
-    stream = raw_stream(w.index)
 
     def build(alg_id, split_k):
         return _C.Plan(w.index, mpad, w.npad, w.kpad, w.dtype_name, w.bias_ptr, alg_id, split_k)
 
-    def run(plan):
-        ws = _workspace(w.index, stream, plan.workspace_size) if plan.workspace_size else 0
-        return lambda: plan.matmul(w.packed_ptr, x.data_ptr(), out.data_ptr(), ws, stream)
+    def timed(plan) -> float:
+        """Device time of one call: graphs of calls with L2 flushed; the candidate's own workspace, freed after."""
+        ws = _new_workspace(w.index, plan.workspace_size) if plan.workspace_size else None
+        return device_time_us(lambda: plan.matmul(w.packed_ptr, x.data_ptr(), out.data_ptr(), _ptr(ws),
+                                                  raw_stream(w.index)), calls=4, replays=5)
 
     default = build(-1, -1)
     if mode == "library":
-        ws = _workspace(w.index, stream, default.workspace_size) if default.workspace_size else 0
-        alg_id, split_k = default.search(w.packed_ptr, x.data_ptr(), out.data_ptr(), ws, stream)
-        return {"alg_id": alg_id, "split_k": split_k, "us": time_us(run(build(alg_id, split_k)))}
-    best = {"alg_id": -1, "split_k": -1, "us": time_us(run(default))}
+        ws = _new_workspace(w.index, default.workspace_size) if default.workspace_size else None
+        alg_id, split_k = default.search(w.packed_ptr, x.data_ptr(), out.data_ptr(), _ptr(ws), raw_stream(w.index))
+        return {"alg_id": alg_id, "split_k": split_k, "us": timed(build(alg_id, split_k))}
+    best = {"alg_id": -1, "split_k": -1, "us": timed(default)}
     for alg_id in range(default.max_alg_id + 1):
         for split_k in (1, 2, 4):
             try:
-                us = time_us(run(build(alg_id, split_k)), warmup=1, iters=5)
-            except RuntimeError:  # NOT_SUPPORTED for this shape/config
+                us = timed(build(alg_id, split_k))
+            except RuntimeError:  # NOT_SUPPORTED for this shape/config (raised by the eager warm-up calls)
                 continue
             if us < best["us"]:
                 best = {"alg_id": alg_id, "split_k": split_k, "us": us}
@@ -259,7 +273,7 @@ def get_plan(w: CusparseLtWeight, mpad: int):
         plan = _C.Plan(w.index, mpad, w.npad, w.kpad, w.dtype_name, w.bias_ptr, alg_id, split_k)
         _PLANS.put(key, plan)
         (_PROVISIONAL.add if capturing and alg_id == -1 else _PROVISIONAL.discard)(key)
-        if plan.workspace_size and not capturing:  # sized now, outside any capture
+        if not capturing:  # sized now, outside any capture
             _workspace(w.index, raw_stream(w.index), plan.workspace_size)
     return plan
 
@@ -277,8 +291,8 @@ def linear(x: torch.Tensor, w: CusparseLtWeight) -> torch.Tensor:
             w.last = (mpad, plan)
     out = torch.empty(mpad, w.npad, dtype=w.dtype, device=w.device)
     stream = raw_stream(w.index)
-    ws = _workspace(w.index, stream, plan.workspace_size) if plan.workspace_size else 0
-    plan.matmul(w.packed_ptr, x.data_ptr(), out.data_ptr(), ws, stream)
+    ws = _workspace(w.index, stream, plan.workspace_size)
+    plan.matmul(w.packed_ptr, x.data_ptr(), out.data_ptr(), _ptr(ws), stream)
     if mpad != m or w.npad != w.n:
         out = out[:m, :w.n]
     return out

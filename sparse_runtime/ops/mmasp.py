@@ -2,9 +2,10 @@
 
 Over the extension :mod:`sparse_runtime._decode24` (``csrc/decode24.cu``), which takes device pointers and
 the stream as ints. The layout is derived once, at load time, by :mod:`sparse_runtime.ops.mmasp_layout`; the
-split over K depends on the shape and the GPU's SM count only, so it, the grid and the per-CTA-column counters
-are fixed at prepare time, outside any CUDA graph capture. The counters return to zero after every launch;
-two streams running the same layer at once would race on them (nothing here does that).
+split over K depends on the shape, the GPU's SM count and the kernel's occupancy on it only (not on M), so it,
+the grid and the per-CTA-column counters are fixed at prepare time, outside any CUDA graph capture. The counters
+return to zero after every launch; two streams running the same layer at once would race on them (nothing here
+does that).
 """
 from __future__ import annotations
 
@@ -55,9 +56,21 @@ class MmaspWeight:
             raise ShapeError(why)
         vals, meta_w = layout.fragment_layout(values.cpu(), meta.cpu(), k)  # a gather, once per load
         vals, meta_w = vals.to(values.device), meta_w.to(values.device)
-        sms = torch.cuda.get_device_properties(values.device).multi_processor_count if values.is_cuda else 132
         bias = None if bias is None else bias.to(values.dtype).contiguous()
-        return cls(vals, meta_w, n, k, values.dtype, bias, layout.split_columns(n, k, sms))
+        return cls(vals, meta_w, n, k, values.dtype, bias, split_columns(n, k, values.device, values.dtype))
+
+
+def split_columns(n: int, k: int, device: torch.device, dtype: torch.dtype) -> int:
+    """:func:`mmasp_layout.split_columns` with the device's SM count and the kernel's occupancy on it (the
+    smaller of its two variants, M <= 8 and M > 8, so that every M gets the same split); off a GPU or without
+    the extension, an H100's 132 SMs at the 2 CTAs per SM the split aims for."""
+    if not device.type == "cuda" or _D is None:
+        return layout.split_columns(n, k, 132, lambda per: 2)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = torch.cuda.get_device_properties(index).multi_processor_count
+    name = dtype_name(dtype)
+    return layout.split_columns(n, k, sms, lambda per: min(_D.ctas_per_sm(index, m, per, name)
+                                                            for m in (1, layout.DECODE_MAX_M)))
 
 
 def linear(x: torch.Tensor, w: MmaspWeight) -> torch.Tensor:

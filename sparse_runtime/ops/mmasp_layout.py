@@ -33,7 +33,7 @@ ROW_TILE = 16  # output features per MMA (W is the A operand)
 K_STEP = 32  # input columns per MMA
 K_CHUNK = 64  # two k-steps: one metadata word per lane
 WARPS = 8  # warps (row tiles) per CTA: csrc/decode24.h SR_DECODE24_WARPS
-MAX_SPLIT_COLUMNS = 1024  # csrc/decode24.h SR_DECODE24_MAX_KS: a CTA's x slice lives in shared memory
+MAX_SPLIT_COLUMNS = 1472  # csrc/decode24.h SR_DECODE24_MAX_KS: a CTA's x slice lives in shared memory (48 KB)
 PAD_META = 0x44  # a padded row's groups: kept indices 0 and 1 (valid, increasing), values 0
 
 
@@ -44,15 +44,23 @@ def unsupported_shape(n: int, k: int) -> str | None:
     return None
 
 
-def split_columns(n: int, k: int, sms: int) -> int:
-    """64-column chunks per CTA along K: enough CTAs for 2 per SM (16 warps), at most MAX_SPLIT_COLUMNS columns.
+def split_columns(n: int, k: int, sms: int, ctas_per_sm) -> int:
+    """64-column chunks per CTA along K: enough CTAs for 2 per SM (16 warps), in one wave where the kernel's
+    occupancy allows it.
 
-    Depends on the shape and the GPU only, not on M, so every M of a layer (and every captured graph) gets the
-    same grid and the same summation order."""
+    ``ctas_per_sm(split_chunks)``: CTAs one SM keeps resident at that K slice (the extension's
+    ``ctas_per_sm``, the smaller of its two variants). From the slice that gives 2 CTAs per SM, slices grow (fewer
+    CTAs) until the grid fits ``ctas_per_sm * sms`` slots, up to ``MAX_SPLIT_COLUMNS`` columns; where even that
+    needs a second wave, the largest slice (fewest CTAs). Depends on the shape and the GPU only, not on M, so
+    every M of a layer (and every captured graph) gets the same grid and the same summation order."""
     chunks = k // K_CHUNK
     ctas_n = cdiv(cdiv(n, ROW_TILE), WARPS)
-    want = max(1, cdiv(2 * sms, ctas_n))
-    return max(1, min(cdiv(chunks, want), MAX_SPLIT_COLUMNS // K_CHUNK))
+    most = min(chunks, MAX_SPLIT_COLUMNS // K_CHUNK)
+    start = min(cdiv(chunks, max(1, cdiv(2 * sms, ctas_n))), most)
+    for per in range(start, most + 1):
+        if ctas_n * cdiv(chunks, per) <= ctas_per_sm(per) * sms:
+            return per
+    return most
 
 
 def grid(n: int, k: int, split_chunks: int) -> tuple[int, int]:
