@@ -30,6 +30,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import cpu_kernels
 from .common import RESULTS, metadata, write_json
 
 HELP = "time sparse matmul backends against dense cuBLAS over Llama-3-8B shapes (needs CUDA)"
@@ -296,25 +297,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in LLAMA3_8B),
                    help="comma-separated NxK (out x in features); default: Llama-3-8B linears")
     p.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)), help="comma-separated M (tokens) to sweep")
-    p.add_argument("--dtypes", default=",".join(DTYPES), help="fp16, bf16 or both")
+    p.add_argument("--dtypes", default=None, help="fp16, bf16 or both (default fp16); on a machine without a GPU the "
+                   "CPU kernels' fp32, bf16 or both (default fp32; benchmarks.cpu_kernels)")
     p.add_argument("--providers", default=None,
                    help="comma-separated subset of: dense, any available backend, " + ", ".join(ROTATION_PROVIDERS))
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG (default benchmarks/results)")
 
 
 def run(args) -> int:
+    import torch
+
+    gpu = torch.cuda.is_available()
     try:
         shapes = parse_shapes(args.shapes)
         ms_list = parse_ints(args.ms)
-        dtypes = parse_choices(args.dtypes, DTYPES, "--dtypes")
+        allowed = DTYPES if gpu else tuple(cpu_kernels.DTYPES)
+        dtypes = parse_choices(args.dtypes or allowed[0], allowed, "--dtypes")
     except ValueError as e:
         print(f"bench kernels: {e}", file=sys.stderr)
         return 2
-    import torch
-
-    if not torch.cuda.is_available():
-        print("bench kernels: needs a CUDA GPU (none found); nothing was measured", file=sys.stderr)
-        return 2
+    if not gpu:  # the same sweep on the CPU kernels, against the CPU's dense paths
+        print("bench kernels: no CUDA GPU here; timing the CPU kernels (benchmarks.cpu_kernels)", file=sys.stderr)
+        for dtype in dtypes:
+            cpu_kernels.measure(shapes, ms_list, dtype, out=args.out / f"cpu_kernels_{dtype}.json")
+        return 0
     import triton
 
     from sparse_runtime import backends

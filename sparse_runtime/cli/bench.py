@@ -10,9 +10,10 @@ import argparse
 import importlib
 import sys
 
-HELP = ("benchmarks from a source checkout: 'bench kernels' times sparse matmuls against dense cuBLAS over M, "
+HELP = ("benchmarks from a source checkout: 'bench kernels' times sparse matmuls against dense ones over M (GPU or CPU), "
         "'bench prefill' compares the cuSPARSELt paths at large M")
-SUITES = {"kernels": "decode-size sparse matmuls against dense cuBLAS over M (GPU); --help for its options",
+SUITES = {"kernels": "decode-size sparse matmuls against the dense paths over M (cuBLAS on a GPU; without one, the "
+                      "CPU kernels against MKL/oneDNN and inductor); --help for its options",
           "prefill": "large-M GEMMs: dense vs torch vs cusparselt vs dispatch (GPU); --help for its options"}
 TAKES_REST = True  # the arguments after the suite's name belong to the suite's own parser
 

@@ -1,0 +1,263 @@
+"""2:4 against dense linears on the CPU, per layer: the kernels of ``sparse_runtime.ops.cpu24`` against the dense
+paths a user has (torch's ``F.linear`` on MKL/oneDNN, and the inductor-compiled frozen linear the engine uses).
+
+What it counts first: a decode call reads the weight once, so it is bound by memory bandwidth. Dense fp32 reads
+4 bytes per weight; 2:4 reads half the values plus 2 bits per kept value, 17/32 of that, so the bound on the
+speedup is 32/17 = 1.88x. Every timed pass runs a stack of distinct layers whose bytes exceed the last-level
+cache several times (the CPUs these runs see range from 32 MiB to 480 MiB of L3), as a model's decode step does,
+so the numbers are memory numbers, not cache numbers; the machine's read bandwidth is measured in the same run
+with the same threads, and each row reports the bytes it read per second against it.
+
+    python -m benchmarks.cpu_kernels                       # SmolLM2-135M and Llama-3-8B shapes, fp32
+    python -m benchmarks.cpu_kernels --shapes 4096x4096 --ms 1,8 --compiled none
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .common import RESULTS, metadata, write_json
+
+HELP = "2:4 CPU kernels vs dense F.linear and the inductor-compiled linear, per layer over M (CPU)"
+SMOLLM2 = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down (N x K)
+LLAMA3_8B = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+DEFAULT_MS = (1, 2, 4, 8, 16, 64, 512)
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def llc_bytes() -> int:
+    """The last-level cache of this CPU (sysfs), 32 MiB where it cannot be read."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    best = 0
+    for index in base.glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+            level = int((index / "level").read_text())
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
+        if level >= 2:
+            best = max(best, int(size.rstrip("KMG")) * scale)
+    return best or 32 << 20
+
+
+def weight_bytes(provider: str, n: int, k: int, elem: int) -> int:
+    """Bytes of the weight one call reads: dense N*K elements; 2:4 N*K/2 values and N*K/8 bytes of indices."""
+    return n * k * elem if provider != "cpu24" else n * (k // 2) * elem + n * (k // 8)
+
+
+def call_bytes(provider: str, m: int, n: int, k: int, elem: int) -> int:
+    """Everything one call moves: the weight, x read, y written, the bias."""
+    return weight_bytes(provider, n, k, elem) + (m * k + m * n + n) * elem
+
+
+def stack_size(layer_bytes: int, llc: int, budget: int) -> int:
+    """Distinct layers per timed pass: at least 4x the last-level cache, at least 2, within ``budget`` bytes (at
+    most 2048: a tiny layer measures the Python around a call anyway)."""
+    return max(2, min(math.ceil(4 * llc / layer_bytes), budget // layer_bytes, 2048))
+
+
+def read_bandwidth_gbps(llc: int, repeats: int = 7) -> float:
+    """Median read bandwidth over a buffer of 8x the last-level cache (at least 1 GiB), with torch's threads and
+    the kernels' own vector loads (``cpu24.read_bandwidth_probe``)."""
+    import torch
+
+    from sparse_runtime.ops import cpu24
+
+    buf = torch.ones(max(8 * llc, 1 << 30) // 4)
+    cpu24.read_bandwidth_probe(buf)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        cpu24.read_bandwidth_probe(buf)
+        times.append(time.perf_counter() - t0)
+    return buf.numel() * 4 / statistics.median(times) / 1e9
+
+
+def time_pass(calls, min_seconds: float = 0.3, min_passes: int = 5) -> float:
+    """Median seconds of one pass over ``calls`` (one warm-up pass first)."""
+    for c in calls:
+        c()
+    times, start = [], time.perf_counter()
+    while len(times) < min_passes or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        for c in calls:
+            c()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def compiled_stack(dense):
+    """The engine's compiled CPU path over a whole stack of dense linears, one graph: inductor with frozen
+    weights and its C++ GEMM template (``serving.engine.CPU_COMPILE``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from sparse_runtime.serving.engine import CPU_COMPILE
+
+    fn = torch.compile(lambda x: [F.linear(x, w, b) for w, b in dense], dynamic=False)
+
+    def call(x):
+        with torch._inductor.config.patch(CPU_COMPILE), torch.no_grad():
+            return fn(x)
+    return call
+
+
+def bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, bandwidth, log=print):
+    """Rows of one weight shape, yielded per M: each provider's median time per layer, the bytes it moved per
+    second and their share of the read bandwidth, and its speedup over the best dense path at that M."""
+    import torch
+    import torch.nn.functional as F
+
+    from sparse_runtime.format.codec import SparseWeight
+    from sparse_runtime.format.masks import pattern_mask
+    from sparse_runtime.ops import cpu24
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    layers = stack_size(weight_bytes("cpu24", n, k, elem), llc, budget // 3)
+    gen = torch.Generator().manual_seed(0)
+    dense, sparse = [], []
+    for _ in range(layers):
+        w = torch.randn(n, k, generator=gen).to(dtype)
+        mask = pattern_mask(w.float().abs(), "2:4")
+        sw = SparseWeight.compress(w * mask, mask)
+        dense.append((w * mask, torch.randn(n, generator=gen).to(dtype)))
+        sparse.append((sw.values, sw.meta, dense[-1][1]))
+        del w, mask, sw
+    for m in ms:
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        calls = {"dense": [lambda w=w, b=b: F.linear(x, w, b) for w, b in dense],
+                 "cpu24": [lambda v=v, mt=mt, b=b: cpu24.linear(x, v, mt, b) for v, mt, b in sparse]}
+        if m in compiled_ms:
+            stack = compiled_stack(dense)
+            calls["compiled"] = [lambda: stack(x)]
+        with torch.no_grad():
+            times = {p: time_pass(c) / layers for p, c in calls.items()}
+        best_dense = min(t for p, t in times.items() if p != "cpu24")
+        rows = []
+        for provider, t in times.items():
+            nbytes = call_bytes(provider, m, n, k, elem)
+            rows.append({"shape": f"{n}x{k}", "n": n, "k": k, "m": m, "dtype": str(dtype).removeprefix("torch."),
+                         "provider": provider, "layers_per_pass": layers, "us": round(t * 1e6, 2),
+                         "bytes": nbytes, "gbps": round(nbytes / t / 1e9, 2),
+                         "bandwidth_fraction": round(nbytes / t / 1e9 / bandwidth, 3),
+                         "speedup_vs_best_dense": round(best_dense / t, 3)})
+        log(f"{n}x{k} M={m:<4} " + "  ".join(f"{p} {t * 1e6:9.1f} us" for p, t in times.items())
+            + f"  2:4 {best_dense / times['cpu24']:.2f}x the best dense")
+        yield rows
+
+
+def plot(path: Path, report: dict) -> Path:
+    """Speedup of the 2:4 kernel over the best dense path against M, one line per shape, the byte bound drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if r["provider"] == "cpu24"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        pts = sorted((r["m"], r["speedup_vs_best_dense"]) for r in rows if r["shape"] == shape)
+        ax.plot(*zip(*pts), marker="o", label=shape)
+    ax.axhline(32 / 17, ls="--", c="gray", lw=1, label="byte bound 32/17 (decode)")
+    ax.axhline(1.0, ls=":", c="black", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (rows of x per call)")
+    ax.set_ylabel("2:4 speedup over the best dense path")
+    ax.set_title(f"2:4 CPU kernel vs dense, {report['dtype']}, per layer (stacks > 4x LLC)\n{report['device']}, "
+                 f"read bandwidth {report['read_bandwidth_gbps']:.1f} GB/s, {report['date'][:10]}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    named = {"smollm2": SMOLLM2, "llama3-8b": LLAMA3_8B}
+    out = []
+    for part in text.split(","):
+        if part in named:
+            out += named[part]
+            continue
+        try:
+            n, k = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes: {part!r} is not NxK or one of {', '.join(named)}") from None
+        if n <= 0 or k <= 0 or k % 8:
+            raise SystemExit(f"--shapes: {part!r} needs positive N and K a multiple of 8")
+        out.append((n, k))
+    return out
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{name}: expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise SystemExit(f"{name}: every value must be >= 1")
+    return vals
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", default="smollm2,llama3-8b", help="NxK,... or the names smollm2, llama3-8b")
+    p.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)), help="comma-separated M to sweep")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--compiled", default="1,8",
+                   help="M values at which to time the inductor-compiled dense linear too ('none': never); each is "
+                        "a compilation per shape")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--memory-budget-gib", type=float, default=6.0, help="most GiB of weights a shape may hold")
+    p.add_argument("--out", type=Path, default=None, help="the JSON (default benchmarks/results/cpu_kernels_DTYPE.json; "
+                   "the PNG beside it)")
+
+
+def measure(shapes, ms, dtype_name: str = "fp32", compiled_ms=(1, 8), out: Path | None = None,
+            budget_gib: float = 6.0, log=print) -> dict:
+    """The report of every (shape, M), written to ``out`` (JSON, after every M) and ``out`` .png."""
+    import torch
+
+    from sparse_runtime.ops import cpu24
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    out = out or RESULTS / f"cpu_kernels_{dtype_name}.json"
+    llc, budget = llc_bytes(), int(budget_gib * (1 << 30))
+    bandwidth = read_bandwidth_gbps(llc)
+    report = {**metadata("cpu"), "kind": "cpu_kernels", "dtype": dtype_name, "best_isa": cpu24.isas()[-1],
+              "llc_bytes": llc, "read_bandwidth_gbps": round(bandwidth, 2),
+              "timer": "median of >= 5 passes over a stack of distinct layers >= 4x the LLC, per layer", "rows": []}
+    log(f"{report['device']}, best ISA {report['best_isa']}, LLC {llc >> 20} MiB, read bandwidth {bandwidth:.1f} GB/s")
+    for n, k in shapes:
+        for rows in bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, bandwidth, log):
+            report["rows"] += rows
+            write_json(out, report)  # after every M: a run cut short keeps what it measured
+    log(f"wrote {out} and {plot(out.with_suffix('.png'), report)}")
+    return report
+
+
+def run(args) -> int:
+    import torch
+
+    from sparse_runtime.ops import cpu24
+
+    if not cpu24.available():
+        print(f"cpu_kernels: {cpu24.unavailable_reason()}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    measure(_shapes(args.shapes), _ints(args.ms, "--ms"), args.dtype,
+            [] if args.compiled == "none" else _ints(args.compiled, "--compiled"), args.out, args.memory_budget_gib)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_kernels", description=HELP)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
