@@ -15,6 +15,7 @@ namespace {
 
 constexpr int kMaxMT = 2;  // rows of x per pass over a tile of weight rows (the tile is reread from cache)
 constexpr int kRows = 4;   // output rows per tile; 8 accumulators + 4 regrouped x of the 16 ymm
+constexpr int kWideRows = 8;  // output rows per tile when M == 1
 
 inline __m256i step_selectors(uint32_t w) {
   const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
@@ -163,6 +164,8 @@ void all_of_x(const Cpu24Problem& p, int64_t n0) {
 template <bool BF16>
 void rows(const Cpu24Problem& p, int64_t row0, int64_t row1) {
   int64_t n = row0;
+  if (p.m == 1)  // bound by reading W: 8 weight rows per tile keep more loads in flight
+    for (; n + kWideRows <= row1; n += kWideRows) tile<BF16, 1, kWideRows>(p, n, 0);
   for (; n + kRows <= row1; n += kRows) all_of_x<BF16, kRows>(p, n);
   for (; n < row1; ++n) all_of_x<BF16, 1>(p, n);
 }

@@ -20,6 +20,7 @@ namespace {
 
 constexpr int kMaxMT = 4;  // rows of x per pass over a tile of weight rows (the tile is reread from L1/L2)
 constexpr int kRows = 4;   // output rows per tile: 16 accumulators + 8 x registers of the 32 zmm
+constexpr int kWideRows = 8;  // output rows per tile when M <= 2
 
 // 16-bit lane j holds kept value j of the step: group j/2, columns 4*(j/2)..+3. Its 2-bit index is bits
 // 2*(j%8)..+1 of 16-bit word j/8 of the step's 8 meta bytes read as one little-endian qword.
@@ -119,6 +120,11 @@ void sr_cpu24_avx512bf16(const Cpu24Problem& p, int64_t row0, int64_t row1) {
     return;
   }
   int64_t n = row0;
+  // One or two rows of x are bound by reading W: 8 weight rows per tile keep more loads in flight.
+  if (p.m == 1)
+    for (; n + kWideRows <= row1; n += kWideRows) tile<1, kWideRows>(p, n, 0);
+  if (p.m == 2)
+    for (; n + kWideRows <= row1; n += kWideRows) tile<2, kWideRows>(p, n, 0);
   for (; n + kRows <= row1; n += kRows) all_of_x<kRows>(p, n);
   for (; n < row1; ++n) all_of_x<1>(p, n);
 }
