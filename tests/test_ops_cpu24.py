@@ -188,8 +188,10 @@ def test_wrong_shapes(weight):
         cpu24.linear(x, values, meta[:8])
     with pytest.raises(ShapeError, match=r"bias must be \[N\] = \[9\], got \[8\]"):
         cpu24.linear(x, values, meta, torch.zeros(8))
-    with pytest.raises(ShapeError, match="K=1004 .* must be a multiple of 8"):
+    with pytest.raises(ShapeError, match="K=1004 .* must be a positive multiple of 8"):
         cpu24.linear(torch.randn(1, 1004), torch.zeros(9, 502), torch.zeros(9, 126, dtype=torch.uint8))
+    with pytest.raises(ShapeError, match="K=0 .* positive multiple of 8"):
+        cpu24.linear(torch.randn(1, 0), torch.zeros(9, 0), torch.zeros(9, 0, dtype=torch.uint8))
     with pytest.raises(ShapeError, match="values must be 2-D"):
         cpu24.linear(x, values.flatten(), meta)
     with pytest.raises(ShapeError, match="out must be a contiguous"):
