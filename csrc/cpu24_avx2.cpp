@@ -15,6 +15,8 @@ namespace {
 
 constexpr int kMaxMT = 2;  // rows of x per pass over a tile of weight rows (the tile is reread from cache)
 constexpr int kRows = 4;   // output rows per tile; 8 accumulators + 4 regrouped x of the 16 ymm
+constexpr int64_t kXBlockBytes = 512 * 1024;  // x rows per pass over W: half an L2
+constexpr int kWideRows = 8;  // output rows per tile when M == 1
 
 inline __m256i step_selectors(uint32_t w) {
   const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
@@ -163,8 +165,22 @@ void all_of_x(const Cpu24Problem& p, int64_t n0) {
 template <bool BF16>
 void rows(const Cpu24Problem& p, int64_t row0, int64_t row1) {
   int64_t n = row0;
-  for (; n + kRows <= row1; n += kRows) all_of_x<BF16, kRows>(p, n);
-  for (; n < row1; ++n) all_of_x<BF16, 1>(p, n);
+  if (p.m == 1)  // bound by reading W: 8 weight rows per tile keep more loads in flight
+    for (; n + kWideRows <= row1; n += kWideRows) tile<BF16, 1, kWideRows>(p, n, 0);
+  // Many rows of x: blocks of them that stay in L2 while the chunk's weight rows pass over each. W is then read
+  // once per block (from memory, a small cost at that M); unblocked, each tile of weight rows would reread all
+  // of x from L3, which bounds large M.
+  const int64_t bytes = p.k * 4, fit = kXBlockBytes / bytes / kMaxMT * kMaxMT;
+  const int64_t mb = fit > kMaxMT ? fit : kMaxMT, start = n;
+  for (int64_t m0 = 0; m0 < p.m; m0 += mb) {
+    Cpu24Problem b = p;
+    b.x = p.x + m0 * p.k;
+    b.x16 = p.x16 ? p.x16 + m0 * p.k : nullptr;
+    b.y = p.y + m0 * p.n;
+    b.m = p.m - m0 < mb ? p.m - m0 : mb;
+    for (n = start; n + kRows <= row1; n += kRows) all_of_x<BF16, kRows>(b, n);
+    for (; n < row1; ++n) all_of_x<BF16, 1>(b, n);
+  }
 }
 
 }  // namespace

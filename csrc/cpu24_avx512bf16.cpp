@@ -20,6 +20,8 @@ namespace {
 
 constexpr int kMaxMT = 4;  // rows of x per pass over a tile of weight rows (the tile is reread from L1/L2)
 constexpr int kRows = 4;   // output rows per tile: 16 accumulators + 8 x registers of the 32 zmm
+constexpr int64_t kXBlockBytes = 512 * 1024;  // x rows per pass over W: half an L2
+constexpr int kWideRows = 8;  // output rows per tile when M <= 2
 
 // 16-bit lane j holds kept value j of the step: group j/2, columns 4*(j/2)..+3. Its 2-bit index is bits
 // 2*(j%8)..+1 of 16-bit word j/8 of the step's 8 meta bytes read as one little-endian qword.
@@ -119,6 +121,23 @@ void sr_cpu24_avx512bf16(const Cpu24Problem& p, int64_t row0, int64_t row1) {
     return;
   }
   int64_t n = row0;
-  for (; n + kRows <= row1; n += kRows) all_of_x<kRows>(p, n);
-  for (; n < row1; ++n) all_of_x<1>(p, n);
+  // One or two rows of x are bound by reading W: 8 weight rows per tile keep more loads in flight.
+  if (p.m == 1)
+    for (; n + kWideRows <= row1; n += kWideRows) tile<1, kWideRows>(p, n, 0);
+  if (p.m == 2)
+    for (; n + kWideRows <= row1; n += kWideRows) tile<2, kWideRows>(p, n, 0);
+  // Many rows of x: blocks of them that stay in L2 while the chunk's weight rows pass over each. W is then read
+  // once per block (from memory, a small cost at that M); unblocked, each tile of weight rows would reread all
+  // of x from L3, which bounds large M.
+  const int64_t bytes = p.k * 2, fit = kXBlockBytes / bytes / kMaxMT * kMaxMT;
+  const int64_t mb = fit > kMaxMT ? fit : kMaxMT, start = n;
+  for (int64_t m0 = 0; m0 < p.m; m0 += mb) {
+    Cpu24Problem b = p;
+    b.x = p.x + m0 * p.k;
+    b.x16 = p.x16 ? p.x16 + m0 * p.k : nullptr;
+    b.y = p.y + m0 * p.n;
+    b.m = p.m - m0 < mb ? p.m - m0 : mb;
+    for (n = start; n + kRows <= row1; n += kRows) all_of_x<kRows>(b, n);
+    for (; n < row1; ++n) all_of_x<1>(b, n);
+  }
 }

@@ -95,9 +95,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   TORCH_CHECK_TYPE(meta.scalar_type() == at::kByte, "cpu24: meta must be uint8");
   TORCH_CHECK_VALUE(x.dim() == 2 && values.dim() == 2 && meta.dim() == 2, "cpu24: x, values, meta must be 2-D");
   const int64_t k = x.size(1), n = values.size(0);
-  TORCH_CHECK_VALUE(k % 8 == 0 && values.size(1) * 2 == k && meta.size(0) == n && meta.size(1) * 8 == k,
+  TORCH_CHECK_VALUE(k > 0 && k % 8 == 0 && values.size(1) * 2 == k && meta.size(0) == n && meta.size(1) * 8 == k,
                     "cpu24: shapes do not match: x ", x.sizes(), ", values ", values.sizes(), ", meta ",
-                    meta.sizes(), " (need K % 8 == 0, values [N, K/2], meta [N, K/8])");
+                    meta.sizes(), " (need K > 0, K % 8 == 0, values [N, K/2], meta [N, K/8])");
   if (bias) {
     TORCH_CHECK(bias->device().is_cpu() && bias->is_contiguous(), "cpu24: bias must be a contiguous CPU tensor");
     TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "cpu24: bias and values dtypes differ");
@@ -129,7 +129,8 @@ void prefill(const Isa& isa, const at::Tensor& x, const at::Tensor& values, cons
              const std::optional<at::Tensor>& bias, at::Tensor& y) {
   // Panels one after the other, each decompressed by all threads and multiplied by torch's threaded GEMM. (One
   // panel per thread with a serial GEMM inside parallel_for was measured far slower: the GEMM opens nested
-  // thread teams.) A panel is a few MB: few GEMM calls (each re-packs x), and glibc reuses the block.
+  // thread teams.) 16 MiB panels: few GEMM calls (each re-packs x), L3-resident, and below glibc's mmap
+  // threshold, so later calls reuse the block instead of faulting fresh pages in.
   const int64_t n = values.size(0), k = x.size(1), elem = values.element_size();
   const int64_t panel_rows = std::min(n, std::max<int64_t>(16, kPanelBytes / (k * elem) / 16 * 16));
   const at::Tensor dense = at::empty({panel_rows, k}, values.options());
@@ -149,10 +150,10 @@ void prefill(const Isa& isa, const at::Tensor& x, const at::Tensor& values, cons
   }
 }
 
-// Streaming beats decompress + GEMM while x stays in cache: its compute per row of x matches a dense GEMM's on
-// 2:4 (half the multiplies, plus a permute each), and it reads W once, compressed. Each tile of 4 weight rows
-// rereads all of x, so a large x (prefill with large K) makes it L3-bound; bf16 GEMMs on CPUs with AVX512-BF16
-// run twice the fp32 rate, which the streaming kernel does not reach beyond decode.
+// Streaming beats decompress + GEMM while x is small: its compute per row of x matches a dense GEMM's on 2:4
+// (half the multiplies, plus a permute each; measured on Zen 4) and it reads W compressed. The kernels keep a
+// block of x rows in L2 and reread W once per block, so a large x (large M * K) rereads W too often. bf16 GEMMs
+// on CPUs with AVX512-BF16 run at twice the fp32 rate, which the streaming kernel does not reach beyond decode.
 bool stream(const at::Tensor& x, bool bf16) {
   const int64_t m = x.size(0);
   if (m <= kDecodeMaxM) return true;
@@ -194,7 +195,7 @@ double read_bandwidth_probe(const at::Tensor& buffer) {
 }  // namespace
 
 PYBIND11_MODULE(_cpu24, m) {
-  m.doc() = "2:4 sparse linear on the CPU (AVX-512 / AVX2 / scalar, picked at run time)";
+  m.doc() = "2:4 sparse linear on the CPU (AVX-512 BF16 / AVX-512 / AVX2 / scalar, picked at run time)";
   m.def("linear", &linear, py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias") = py::none(),
         py::arg("isa") = "", py::arg("out") = py::none(),
         "y[M, N] = x[M, K] @ W^T (+ bias), W as canonical 2:4 values [N, K/2] + meta [N, K/8]; fp32 or bf16. "

@@ -1,5 +1,6 @@
 """sparse_runtime.ops.cpu24: the CPU 2:4 linear against float64 references, on every ISA this CPU runs."""
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ if cpu24.unavailable_reason() is not None:
 ISAS = [pytest.param(i, marks=pytest.mark.skipif(i not in cpu24.isas(), reason=f"this CPU or build has no {i}"))
         for i in ("scalar", "avx2", "avx512", "avx512bf16")]
 DTYPES = [torch.float32, torch.bfloat16]
+ROOT = Path(__file__).resolve().parents[1]
 MS = list(range(1, 34)) + [64, 512]  # 1..16 decode (all row-tile remainders), 17.. prefill
 # Odd N leaves row tiles over; K % 32 = 8, 16, 24, 0 (every masked tail); 203 x 512 splits over 2 threads.
 SHAPES = [(7, 72), (33, 208), (5, 88), (97, 1000), (203, 512), (16, 64)]
@@ -135,6 +137,26 @@ def test_read_bandwidth_probe(threads):
     assert cpu24.read_bandwidth_probe(buf) == buf.numel()
 
 
+def test_build_keeps_isa_code_apart(tmp_path):
+    """Each ISA's TU gets its own -m flags and includes no torch header (an inline function instantiated with
+    AVX-512 code must not become the copy other TUs link to); the torch-facing TU has no -m flags."""
+    sys.path.insert(0, str(ROOT / "csrc"))
+    import build_config
+    cfg, why = build_config.cpu_config()
+    if cfg is None:
+        pytest.skip(why)
+    text = build_config.build_ninja_cpu(cfg, tmp_path, tmp_path / "_cpu24.so")
+    for src, flags in build_config.CPU_SOURCES["_cpu24"]:
+        rule = text[text.index(f"csrc/{src}"):].split("\n")[1]
+        if flags == "torch":
+            assert not re.search(r"\s-m", rule), rule
+        else:
+            assert rule.endswith(flags)
+            code = (ROOT / "csrc" / src).read_text()
+            assert not re.search(r"#include [<\"](torch|ATen|c10|pybind11)", code), src
+    assert "-lc10 -ltorch -ltorch_cpu -ltorch_python" in text and "-Wl,-rpath," in text
+
+
 # -- bad inputs -------------------------------------------------------------------------------------------
 @pytest.fixture
 def weight():
@@ -166,8 +188,10 @@ def test_wrong_shapes(weight):
         cpu24.linear(x, values, meta[:8])
     with pytest.raises(ShapeError, match=r"bias must be \[N\] = \[9\], got \[8\]"):
         cpu24.linear(x, values, meta, torch.zeros(8))
-    with pytest.raises(ShapeError, match="K=1004 .* must be a multiple of 8"):
+    with pytest.raises(ShapeError, match="K=1004 .* must be a positive multiple of 8"):
         cpu24.linear(torch.randn(1, 1004), torch.zeros(9, 502), torch.zeros(9, 126, dtype=torch.uint8))
+    with pytest.raises(ShapeError, match="K=0 .* positive multiple of 8"):
+        cpu24.linear(torch.randn(1, 0), torch.zeros(9, 0), torch.zeros(9, 0, dtype=torch.uint8))
     with pytest.raises(ShapeError, match="values must be 2-D"):
         cpu24.linear(x, values.flatten(), meta)
     with pytest.raises(ShapeError, match="out must be a contiguous"):

@@ -72,9 +72,9 @@ def _check(x, values, meta, bias) -> tuple[int, int]:
     if values.dim() != 2:
         raise ShapeError(f"cpu24.linear: values must be 2-D [N, K/2], got shape {tuple(values.shape)}")
     n, k = values.shape[0], values.shape[1] * 2
-    if k % K_MULTIPLE:
+    if k == 0 or k % K_MULTIPLE:
         raise ShapeError(f"cpu24.linear: in_features K={k} (values [N, K/2] = {tuple(values.shape)}) must be a "
-                         "multiple of 8")
+                         "positive multiple of 8")
     if x.dim() == 0 or x.shape[-1] != k:
         raise ShapeError(f"cpu24.linear: x {tuple(x.shape)} must end in K={k}, the weight's in_features "
                          f"(values {tuple(values.shape)})")
