@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from sparse_runtime import SparseLinear
+from sparse_runtime.ops import cpu24
 from sparse_runtime.errors import BackendUnavailable, MaskError, ShapeError
 from sparse_runtime.format.masks import nm_mask
 
@@ -18,7 +19,7 @@ def _linear(k=24, n=10, bias=True, dtype=torch.float32):
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_masked_dense_bitwise(dtype, bias):
     lin = _linear(bias=bias, dtype=dtype)
-    layer = SparseLinear.from_linear(lin)
+    layer = SparseLinear.from_linear(lin, backend="reference")  # the format is exact: bit for bit
     mask = nm_mask(lin.weight.abs())
     x = torch.randn(2, 3, 24, dtype=dtype)
     ref = nn.functional.linear(x, lin.weight * mask, lin.bias)
@@ -101,7 +102,9 @@ def test_unknown_or_unavailable_backend_is_a_clear_error():
 
 def test_auto_backend_works_on_cpu():
     layer = SparseLinear.from_linear(_linear(), backend="auto")
-    assert layer.active_backend == "decompressed"
+    assert layer.active_backend == ("cpu" if cpu24.available() else "decompressed")
+    fp16 = SparseLinear.from_linear(_linear(dtype=torch.float16), backend="auto")
+    assert fp16.active_backend == "decompressed"  # no CPU kernel takes fp16
 
 
 def test_decompressed_backend_caches_lazily_and_matches_reference_bitwise():
