@@ -51,6 +51,7 @@ demo: $(STAMP)
 		--nsamples $(NSAMPLES) --seqlen $(SEQLEN) --rotate $(ROTATE) --rotate-steps $(ROTATE_STEPS) --out $(CKPT)
 	$(PY) -m sparse_runtime eval --model $(CKPT) --seqlen 512 --max-tokens 20480
 	$(PY) -m sparse_runtime generate --model $(CKPT) --no-chat --prompt "The capital of France is" --max-new-tokens 32
+	$(PY) -m benchmarks.decode_speed --dense smollm2-135m --sparse $(CKPT)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -180,8 +180,10 @@ def measure(model, tok, ids, args, median, dense: bool) -> dict:
         out["prefill_tokens_per_s"] = args.prefill_batch * len(ids) / median(engine_run(args.prefill_batch, 1, ids), rep)
     d = out["decode_tokens_per_s"]
     out["engine_b1_vs_hf"] = d["engine_b1"] / d["hf_generate_b1"]
-    if dense:  # batch-1 decode reads every weight once per token (a short sequence's KV cache is negligible);
-        # a 2:4 layer's bytes read depend on its backend (the CPU's decompressed one reads dense weights)
+    out["backends"] = sorted({m.active_backend for m in model.modules() if isinstance(m, SparseLinear)})
+    if dense or set(out["backends"]) <= {"cpu"}:  # batch-1 decode reads every weight once per token (a short
+        # sequence's KV cache is negligible); the cpu kernels read what the layer holds, the compressed weight
+        # (the decompressed backend reads a dense copy it does not count)
         out["read_bytes_per_s"] = read_bandwidth(args.device, median, rep)
         out["engine_b1_bytes_per_s"] = out["model_bytes"] * d["engine_b1"]
         out["b1_bound_tokens_per_s"] = out["read_bytes_per_s"] / out["model_bytes"]

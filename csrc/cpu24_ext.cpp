@@ -163,8 +163,10 @@ bool stream(const at::Tensor& x, bool bf16) {
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                   const std::optional<at::Tensor>& bias, const std::string& isa_name,
-                  const std::optional<at::Tensor>& out) {
+                  const std::optional<at::Tensor>& out, const std::string& path) {
   check_inputs(x, values, meta, bias);
+  TORCH_CHECK_VALUE(path.empty() || path == "stream" || path == "panels",
+                    "cpu24: path must be '', 'stream' or 'panels', got '", path, "'");
   const Isa& isa = pick(isa_name);
   at::Tensor y;
   if (out) {
@@ -176,7 +178,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
     y = at::empty({x.size(0), values.size(0)}, x.options());
   }
   if (x.size(0) == 0 || values.size(0) == 0) return y.zero_();
-  if (stream(x, x.scalar_type() == at::kBFloat16)) decode(isa, x, values, meta, bias, y);
+  if (path.empty() ? stream(x, x.scalar_type() == at::kBFloat16) : path == "stream") decode(isa, x, values, meta, bias, y);
   else prefill(isa, x, values, meta, bias, y);
   return y;
 }
@@ -192,14 +194,35 @@ double read_bandwidth_probe(const at::Tensor& buffer) {
       [](double u, double v) { return u + v; });
 }
 
+// The op torch.compile graphs call (sparse_runtime::cpu24_linear): registered here, in C++, so that inductor's
+// compiled decode step reaches the kernel through the dispatcher with no Python in between (a Python custom op
+// costs ~25 us per call, more than the kernel at decode sizes). x [..., K]; its fake lives in ops/cpu24.py.
+at::Tensor linear_op(const at::Tensor& values, const at::Tensor& meta, const std::optional<at::Tensor>& bias,
+                     const at::Tensor& x, c10::string_view isa, c10::string_view path) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "cpu24_linear: x must have at least one dimension");
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  at::Tensor y = linear(x2, values.contiguous(), meta.contiguous(),
+                        bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, std::string(isa),
+                        std::nullopt, std::string(path));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = values.size(0);
+  return y.view(shape);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sparse_runtime, m) {
+  m.def("cpu24_linear(Tensor values, Tensor meta, Tensor? bias, Tensor x, str isa=\"\", str path=\"\") -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparse_runtime, CPU, m) { m.impl("cpu24_linear", &linear_op); }
 
 PYBIND11_MODULE(_cpu24, m) {
   m.doc() = "2:4 sparse linear on the CPU (AVX-512 BF16 / AVX-512 / AVX2 / scalar, picked at run time)";
   m.def("linear", &linear, py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias") = py::none(),
-        py::arg("isa") = "", py::arg("out") = py::none(),
+        py::arg("isa") = "", py::arg("out") = py::none(), py::arg("path") = "",
         "y[M, N] = x[M, K] @ W^T (+ bias), W as canonical 2:4 values [N, K/2] + meta [N, K/8]; fp32 or bf16. "
-        "isa '' picks the best this CPU runs.");
+        "isa '' picks the best this CPU runs; path 'stream' or 'panels' forces one, '' picks by the size of x.");
   m.def("isas", &isas, "ISAs built in and runnable on this CPU, worst to best");
   m.def("read_bandwidth_probe", &read_bandwidth_probe, py::arg("buffer"),
         "sum of an fp32 buffer with torch's threads and the best ISA (a streaming read, for bandwidth)");

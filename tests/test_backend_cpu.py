@@ -75,3 +75,47 @@ def test_holds_no_dense_weight(backend, dense_copy):
 
 def test_unavailable_off_the_cpu():
     assert backends.get("cpu").unavailable(torch.device("meta")) == "runs on CPU devices, not meta"
+
+
+def test_beyond_decode_the_faster_path_is_measured_once_per_bucket(monkeypatch):
+    from sparse_runtime.backends import cpu as backend
+
+    layer, ref = _layers(24, 64, True, torch.float32)
+    real, calls = cpu24.linear, []
+
+    def recording(*args, path="", **kwargs):
+        calls.append(path)
+        return real(*args, path=path, **kwargs)
+
+    now = [0]
+
+    def timer():  # a "stream" call lasts 5 ticks, a "panels" call 1: panels must win
+        now[0] += {"stream": 5, "panels": 1}[calls[-1]] if calls else 0
+        return now[0]
+
+    monkeypatch.setattr(backend.cpu24, "linear", recording)
+    monkeypatch.setattr(backend, "_CHOSEN", {})
+    assert backend.choose_path(layer, layer.bias.detach(), torch.randn(40, 64), timer=timer) == "panels"
+    assert backend._CHOSEN == {(24, 64, torch.float32, 64): "panels"}
+    assert calls == ["stream"] * 4 + ["panels"] * 4  # a warm-up and 3 timed calls each
+    x = torch.randn(2, 25, 64)  # 50 rows: the same bucket, so no new measurement
+    del calls[:]
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert calls == ["panels"]
+    layer(torch.randn(8, 64))  # decode: always streamed, never measured
+    assert calls == ["panels", ""]
+
+
+@pytest.mark.parametrize("path", cpu24.PATHS)
+@pytest.mark.parametrize("m", [17, 40, 130])
+def test_both_paths_beyond_decode_match_reference(path, m):
+    layer, ref = _layers(33, 72, True, torch.float32)
+    x = torch.randn(m, 72)
+    y = cpu24.linear(x, layer.weight_values, layer.weight_meta, layer.bias.detach(), path=path)
+    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bad_path_is_refused():
+    layer, _ = _layers(16, 64, False, torch.float32)
+    with pytest.raises(ValueError, match="path must be"):
+        cpu24.linear(torch.randn(20, 64), layer.weight_values, layer.weight_meta, path="dense")

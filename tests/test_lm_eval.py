@@ -1,7 +1,8 @@
 """lm-evaluation-harness scores the real server (its local-completions model: echo + logprobs over HTTP on
 loopback) exactly as it scores the same checkpoint in process (its hf model), on local tasks: a rolling
-perplexity and a multiple choice. The checkpoint is stories260K made to predict EOS right after EOS_PROMPT,
-so that both tasks hold a request whose next token is EOS.
+perplexity and a multiple choice. The checkpoints are stories260K made to predict EOS right after EOS_PROMPT,
+and SmolLM2-135M-Instruct, whose next token after a finished chat answer is EOS, so that both tasks hold a
+request whose next token is EOS.
 
 lm-eval runs in subprocesses from its own folder (`make setup` installs it into .venv/lmeval), so that its
 dependencies (datasets, pandas, pyarrow...) never reach the project's imports."""
@@ -14,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from conftest import TEXT
+from sparse_runtime.models.sources import load_model, resolve
 from test_engine import EOS_PROMPT, eos_model  # noqa: F401  (fixture: stories260K predicting EOS after EOS_PROMPT)
 from test_server import serve
 
@@ -28,14 +32,35 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow,
 WINDOW = 96
 
 
-def write_tasks(folder: Path) -> list[str]:
+# SmolLM2-135M-Instruct answers this and stops: its next token is EOS (<|im_end|>); the case lm-eval users hit
+SMOL_EOS_PROMPT = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\nHello! How can I help you today?"
+
+
+@pytest.fixture(params=["stories260k", "smollm2"])
+def case(request, tmp_path):
+    """(model, tokenizer, its folder, a prompt after which its next token is EOS, whether its tokenizer adds BOS)."""
+    if request.param == "stories260k":
+        model, tok, _, _ = request.getfixturevalue("eos_model")
+        ckpt = tmp_path / "ckpt"
+        model.save_pretrained(ckpt)
+        tok.save_pretrained(ckpt)
+        return model, tok, ckpt, EOS_PROMPT, True
+    folder = resolve("smollm2-135m")
+    model, tok = load_model(folder)
+    with torch.no_grad():
+        nxt = int(model(torch.tensor([tok(SMOL_EOS_PROMPT).input_ids])).logits[0, -1].argmax())
+    assert nxt == tok.eos_token_id
+    return model, tok, folder, SMOL_EOS_PROMPT, False
+
+
+def write_tasks(folder: Path, eos_prompt: str) -> list[str]:
     """Two local tasks (jsonl data, YAML configs) made from the first TinyStories validation stories."""
     stories = (TEXT / "tinystories_valid_head.txt").read_text().splitlines()
-    docs = [{"text": s} for s in stories[:2]] + [{"text": EOS_PROMPT}]
+    docs = [{"text": s} for s in stories[:2]] + [{"text": eos_prompt}]
     # Multiple choice: a sentence's first words, its next word among the other sentences' next words
     cut = [s.split()[:9] for s in stories[2:6]]
     items = [{"context": " ".join(w[:-1]), "choices": [c[-1] for c in cut], "gold": i} for i, w in enumerate(cut)]
-    head = EOS_PROMPT.split()
+    head = eos_prompt.split()
     items.append({"context": " ".join(head[:-1]), "choices": ["big", head[-1], "dog"], "gold": 1})
     tasks = {"sr_ppl": (docs, {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
                                "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity",
@@ -89,19 +114,17 @@ def results(run: subprocess.Popen, out: Path, tasks: list[str]) -> tuple[dict, d
     return json.loads(res.read_text())["results"], samples
 
 
-def test_local_completions_scores_as_hf(eos_model, tmp_path):
+def test_local_completions_scores_as_hf(case, tmp_path):
     """The same metrics, and the same log-likelihood and greediness for every request (relative 1e-5)."""
-    model, tok, _, _ = eos_model
-    ckpt = tmp_path / "ckpt"
-    model.save_pretrained(ckpt)
-    tok.save_pretrained(ckpt)
-    tasks = write_tasks(tmp_path)
-    # Both add BOS, as the server does to a text prompt. local-completions sends token ids (its default; as text they
-    # would be re-tokenized with a BOS added, shifting the positions it scores). hf runs beside the server.
-    hf_args = f"pretrained={ckpt},dtype=float32,add_bos_token=True,max_length={WINDOW}"
+    model, tok, ckpt, eos_prompt, bos = case
+    tasks = write_tasks(tmp_path, eos_prompt)
+    # Both add BOS where the tokenizer does, as the server does to a text prompt. local-completions sends token ids
+    # (its default; as text they would be re-tokenized with a BOS added, shifting the positions it scores). hf runs
+    # beside the server.
+    hf_args = f"pretrained={ckpt},dtype=float32,add_bos_token={bos},max_length={WINDOW}"
     with lm_eval(tmp_path, tasks, "hf", hf_args) as hf_run, serve((model, tok)) as url:
         api_args = f"model=stories260K,base_url={url}/v1/completions,tokenizer={ckpt},tokenizer_backend=huggingface," \
-                   f"add_bos_token=True,max_length={WINDOW + 2},num_concurrent=4"
+                   f"add_bos_token={bos},max_length={WINDOW + 2},num_concurrent=4"
         with lm_eval(tmp_path, tasks, "local-completions", api_args) as api_run:
             served = results(api_run, tmp_path / "local-completions", tasks)
         hf = results(hf_run, tmp_path / "hf", tasks)

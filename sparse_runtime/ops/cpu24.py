@@ -27,6 +27,7 @@ except ImportError as e:  # a pure-Python install: no C++ compiler or torch at b
 
 DTYPES = (torch.float32, torch.bfloat16)
 K_MULTIPLE = 8  # in_features: whole meta bytes per row
+PATHS = ("stream", "panels")  # beyond decode: stream the compressed weight, or decompress panels for torch's GEMM
 
 
 def available() -> bool:
@@ -85,7 +86,7 @@ def _check(x, values, meta, bias) -> tuple[int, int]:
     return n, k
 
 
-def _run(x, values, meta, bias, isa, out=None):
+def _run(x, values, meta, bias, isa, out=None, path=""):
     n, k = _check(x, values, meta, bias)
     _require()
     shape = (*x.shape[:-1], n)
@@ -96,29 +97,24 @@ def _run(x, values, meta, bias, isa, out=None):
                          f"got {out.dtype} {list(out.shape)} on {out.device}")
     m = math.prod(x.shape[:-1])
     _E.linear(x.reshape(m, k).contiguous(), values.contiguous(), meta.contiguous(),  # copies only if strided
-              None if bias is None else bias.contiguous(), isa, out.view(m, n))
+              None if bias is None else bias.contiguous(), isa, out.view(m, n), path)
     return out
 
 
-@torch.library.custom_op("sparse_runtime::cpu24_linear", mutates_args=())
-def cpu24_linear(values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor], x: torch.Tensor,
-                 isa: str = "") -> torch.Tensor:
-    """The op form of :func:`linear`, for ``torch.compile`` graphs."""
-    return _run(x, values, meta, bias, isa)
-
-
-@cpu24_linear.register_fake
-def _(values, meta, bias, x, isa=""):
-    n, _ = _check(x, values, meta, bias)
-    return x.new_empty((*x.shape[:-1], n))
+if _E is not None:  # the extension defines the op in C++ (no Python per call under torch.compile); its fake:
+    @torch.library.register_fake("sparse_runtime::cpu24_linear")
+    def _(values, meta, bias, x, isa="", path=""):
+        n, _ = _check(x, values, meta, bias)
+        return x.new_empty((*x.shape[:-1], n))
 
 
 def linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           isa: str = "", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+           isa: str = "", out: Optional[torch.Tensor] = None, path: str = "") -> torch.Tensor:
     """``x [..., K] @ W^T (+ bias) -> [..., N]``; W as canonical 2:4 ``values``/``meta``.
 
     ``isa``: ``""`` for the best this CPU runs, else one of :func:`isas` (the others raise ValueError).
-    ``out``: a contiguous ``[..., N]`` tensor of x's dtype to write into (eager only)."""
+    ``out``: a contiguous ``[..., N]`` tensor of x's dtype to write into (eager only).
+    ``path``: one of :data:`PATHS` to force how more than 16 rows run (``""``: by the size of x)."""
     if torch.compiler.is_compiling() and out is None:
-        return cpu24_linear(values, meta, bias, x, isa)
-    return _run(x, values, meta, bias, isa, out)
+        return torch.ops.sparse_runtime.cpu24_linear(values, meta, bias, x, isa, path)
+    return _run(x, values, meta, bias, isa, out, path)

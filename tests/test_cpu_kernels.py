@@ -1,0 +1,50 @@
+"""benchmarks/cpu_kernels.py: its byte model against the bytes the layers really hold, the stack sizing, and one
+tiny end-to-end run whose report has a row per provider and M."""
+import json
+
+import pytest
+import torch
+
+from benchmarks import cpu_kernels as bench
+from sparse_runtime import SparseLinear
+from sparse_runtime.ops import cpu24
+
+pytestmark = pytest.mark.skipif(not cpu24.available(), reason=str(cpu24.unavailable_reason()))
+
+
+@pytest.mark.parametrize("n, k", [(64, 128), (33, 72), (576, 1536)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_bytes_are_what_the_layers_hold(n, k, dtype):
+    dense = torch.nn.Linear(k, n, bias=False).to(dtype)
+    sparse = SparseLinear.from_linear(dense, backend="cpu")
+    elem = dtype.itemsize
+    assert bench.weight_bytes("dense", n, k, elem) == dense.weight.nbytes
+    assert bench.weight_bytes("cpu24", n, k, elem) == sparse.weight_values.nbytes + sparse.weight_meta.nbytes
+    assert bench.weight_bytes("cpu24", n, k, 4) * 32 == bench.weight_bytes("dense", n, k, 4) * 17  # the 17/32
+
+
+def test_stacks_exceed_the_last_level_cache_within_the_budget():
+    llc = 32 << 20
+    assert bench.stack_size(10 << 20, llc, 1 << 40) * (10 << 20) >= 4 * llc
+    assert bench.stack_size(10 << 20, llc, 50 << 20) == 5  # the budget caps it
+    assert bench.stack_size(1 << 30, llc, 1 << 40) == 2  # at least two distinct layers
+    assert bench.llc_bytes() >= 1 << 20
+
+
+def test_a_tiny_run_reports_every_provider_and_m(tmp_path):
+    out = tmp_path / "r.json"
+    bench.measure([(32, 64)], [1, 20], "fp32", compiled_ms=(), out=out, budget_gib=0.01, log=lambda *a: None)
+    r = json.loads(out.read_text())
+    assert {(x["m"], x["provider"]) for x in r["rows"]} == {(m, p) for m in (1, 20) for p in ("dense", "cpu24")}
+    assert r["read_bandwidth_gbps"] > 0 and r["cpu"] and r["threads"] >= 1 and out.with_suffix(".png").exists()
+    for x in r["rows"]:
+        assert x["bytes"] == bench.call_bytes(x["provider"], x["m"], 32, 64, 4)
+        assert x["gbps"] == pytest.approx(x["bytes"] / (x["us"] * 1e-6) / 1e9, rel=0.02)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(SystemExit, match="multiple of 8"):
+        bench._shapes("64x36")
+    with pytest.raises(SystemExit, match="NxK"):
+        bench._shapes("64-36")
+    assert bench._shapes("smollm2")[0] == (576, 576)
