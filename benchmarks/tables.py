@@ -565,6 +565,10 @@ def cpu_kernels() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bold_if(value: float, win: bool) -> str:
+    return f"**{value:.1f}**" if win else f"{value:.1f}"
+
+
 def headline() -> str:
     """Quality, speed and memory of the 2:4 model, each against its dense original and its bound."""
     rot, e, mem = (_load(f"{n}.json") for n in ("rotation_quality", "engine", "memory"))
@@ -590,7 +594,7 @@ def headline() -> str:
         + (f"; target <= {target:g}: {'met' if best['perplexity'] <= target else 'missed'}" if target else "")
         + f" | {where}, {date_span(rot)} |",
         f"| speed: decode tokens/s of {e['model']} ({e['dtype']}), engine at batch 1 | {b1(dense):.1f} | "
-        + (f"**{b1(sparse):.1f}** ({b1(sparse) / b1(dense):.2f}x, on the `cpu` kernels; eager engine "
+        + (f"{_bold_if(b1(sparse), b1(sparse) > b1(dense))} ({b1(sparse) / b1(dense):.2f}x, on the `cpu` kernels; eager engine "
            f"{eager(sparse):.1f} vs {eager(dense):.1f}, {eager(sparse) / eager(dense):.2f}x) | "
            f"{dense['b1_bound_tokens_per_s']:.1f} / {sparse['b1_bound_tokens_per_s']:.1f} tok/s (the CPU's read "
            f"bandwidth over the dense / 2:4 model's bytes; embeddings and lm_head stay dense)"

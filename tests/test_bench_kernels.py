@@ -90,9 +90,15 @@ def test_json_plot_and_table(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
-def test_cli_without_cuda_exits_cleanly(capsys):
-    assert main(["bench", "kernels", "--shapes", "4096x4096", "--ms", "1"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
+def test_cli_without_cuda_times_the_cpu_kernels(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bench kernels times it")
+    assert main(["bench", "kernels", "--shapes", "32x64", "--ms", "2", "--out", str(tmp_path)]) == 0
+    assert "timing the CPU kernels" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "cpu_kernels_fp32.json").read_text())["rows"]
+    assert {(x["shape"], x["m"], x["provider"]) for x in rows} == {("32x64", 2, "dense"), ("32x64", 2, "cpu24")}
+    assert main(["bench", "kernels", "--dtypes", "fp16", "--shapes", "32x64"]) == 2  # no CPU kernel takes fp16
+    assert "fp16" in capsys.readouterr().err
     assert main(["bench", "kernels", "--shapes", "4096"]) == 2
     assert "NxK" in capsys.readouterr().err
     assert main(["bench"]) == 2
