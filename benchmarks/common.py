@@ -106,6 +106,30 @@ def build_config():
     return sys.modules["build_config"]
 
 
+def parse_shapes(text: str, k_multiple: int = 4) -> list[tuple[int, int]]:
+    """``"4096x4096,1024x4096"`` -> ``[(N, K), ...]``; K must be a multiple of ``k_multiple`` (the kernels' group)."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            n, k = (int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"shape {item!r} is not NxK (out_features x in_features), e.g. 4096x4096") from None
+        if n <= 0 or k <= 0 or k % k_multiple:
+            raise ValueError(f"shape {item!r}: N and K must be positive and K a multiple of {k_multiple}")
+        shapes.append((n, k))
+    return shapes
+
+
+def parse_ints(text: str, name: str = "--ms") -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated integers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise ValueError(f"{name}: values must be positive, got {text!r}")
+    return values
+
+
 def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     """The quality protocol's arguments, defaulting to :data:`CALIBRATION` and :data:`EVALUATION`."""
     from sparse_runtime.data.calibration import DEFAULT_CALIB, DEFAULT_EVAL, SAMPLINGS

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import RESULTS, metadata, write_json
+from .common import RESULTS, metadata, parse_ints, parse_shapes, write_json
 
 HELP = "2:4 CPU kernels vs dense F.linear and the inductor-compiled linear, per layer over M (CPU)"
 SMOLLM2 = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down (N x K)
@@ -180,31 +180,10 @@ def plot(path: Path, report: dict) -> Path:
     return path
 
 
-def _shapes(text: str) -> list[tuple[int, int]]:
+def parse_named_shapes(text: str) -> list[tuple[int, int]]:
+    """NxK,... where a part may also name a model's set: ``smollm2``, ``llama3-8b``."""
     named = {"smollm2": SMOLLM2, "llama3-8b": LLAMA3_8B}
-    out = []
-    for part in text.split(","):
-        if part in named:
-            out += named[part]
-            continue
-        try:
-            n, k = (int(v) for v in part.lower().split("x"))
-        except ValueError:
-            raise SystemExit(f"--shapes: {part!r} is not NxK or one of {', '.join(named)}") from None
-        if n <= 0 or k <= 0 or k % 8:
-            raise SystemExit(f"--shapes: {part!r} needs positive N and K a multiple of 8")
-        out.append((n, k))
-    return out
-
-
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"{name}: expected comma-separated integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise SystemExit(f"{name}: every value must be >= 1")
-    return vals
+    return [s for part in text.split(",") for s in named.get(part.strip()) or parse_shapes(part, k_multiple=8)]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -253,8 +232,13 @@ def run(args) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    measure(_shapes(args.shapes), _ints(args.ms, "--ms"), args.dtype,
-            [] if args.compiled == "none" else _ints(args.compiled, "--compiled"), args.out, args.memory_budget_gib)
+    try:
+        shapes, ms = parse_named_shapes(args.shapes), parse_ints(args.ms)
+        compiled = [] if args.compiled == "none" else parse_ints(args.compiled, "--compiled")
+    except ValueError as e:
+        print(f"cpu_kernels: {e}", file=sys.stderr)
+        return 2
+    measure(shapes, ms, args.dtype, compiled, args.out, args.memory_budget_gib)
     return 0
 
 

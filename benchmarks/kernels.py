@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from . import cpu_kernels
-from .common import RESULTS, metadata, write_json
+from .common import RESULTS, metadata, parse_ints, parse_shapes, write_json
 
 HELP = "time sparse matmul backends against dense cuBLAS over Llama-3-8B shapes (needs CUDA)"
 DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192)
@@ -51,30 +51,6 @@ FUSED_FULL_MAX_M = 16
 
 
 # -- pure logic (unit-tested on the CPU) --------------------------------------------------------------------
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """``"4096x4096,1024x4096"`` -> ``[(N, K), ...]``; K must be a multiple of 4."""
-    shapes = []
-    for item in text.split(","):
-        try:
-            n, k = (int(v) for v in item.strip().lower().split("x"))
-        except ValueError:
-            raise ValueError(f"shape {item!r} is not NxK (out_features x in_features), e.g. 4096x4096") from None
-        if n <= 0 or k <= 0 or k % 4:
-            raise ValueError(f"shape {item!r}: N and K must be positive and K a multiple of 4")
-        shapes.append((n, k))
-    return shapes
-
-
-def parse_ints(text: str, name: str = "--ms") -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{name}: expected comma-separated integers, got {text!r}") from None
-    if any(v <= 0 for v in values):
-        raise ValueError(f"{name}: values must be positive, got {text!r}")
-    return values
-
-
 def parse_choices(text: str, allowed, name: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in values if v not in allowed]
@@ -309,7 +285,7 @@ def run(args) -> int:
 
     gpu = torch.cuda.is_available()
     try:
-        shapes = parse_shapes(args.shapes)
+        shapes = parse_shapes(args.shapes, k_multiple=4 if gpu else 8)  # the CPU kernels take whole meta bytes
         ms_list = parse_ints(args.ms)
         allowed = DTYPES if gpu else tuple(cpu_kernels.DTYPES)
         dtypes = parse_choices(args.dtypes or allowed[0], allowed, "--dtypes")

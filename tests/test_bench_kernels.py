@@ -14,18 +14,18 @@ from sparse24_cases import random_mask, random_rotation
 
 
 def test_parse_shapes():
-    assert kb.parse_shapes("4096x4096, 1024X4096") == [(4096, 4096), (1024, 4096)]
+    assert common.parse_shapes("4096x4096, 1024X4096") == [(4096, 4096), (1024, 4096)]
     for bad, match in [("4096", "NxK"), ("ax3", "NxK"), ("40x42", "multiple of 4"), ("0x8", "positive")]:
         with pytest.raises(ValueError, match=match):
-            kb.parse_shapes(bad)
+            common.parse_shapes(bad)
 
 
 def test_parse_ints_and_choices():
-    assert kb.parse_ints("1,16,8192") == [1, 16, 8192]
+    assert common.parse_ints("1,16,8192") == [1, 16, 8192]
     with pytest.raises(ValueError, match="integers"):
-        kb.parse_ints("1,x")
+        common.parse_ints("1,x")
     with pytest.raises(ValueError, match="positive"):
-        kb.parse_ints("0")
+        common.parse_ints("0")
     assert kb.parse_choices("fp16", kb.DTYPES, "--dtypes") == ["fp16"]
     with pytest.raises(ValueError, match="unknown fp8"):
         kb.parse_choices("fp16,fp8", kb.DTYPES, "--dtypes")

@@ -43,8 +43,8 @@ def test_a_tiny_run_reports_every_provider_and_m(tmp_path):
 
 
 def test_bad_shapes_are_refused():
-    with pytest.raises(SystemExit, match="multiple of 8"):
-        bench._shapes("64x36")
-    with pytest.raises(SystemExit, match="NxK"):
-        bench._shapes("64-36")
-    assert bench._shapes("smollm2")[0] == (576, 576)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        bench.parse_named_shapes("64x36")
+    with pytest.raises(ValueError, match="NxK"):
+        bench.parse_named_shapes("64-36")
+    assert bench.parse_named_shapes("smollm2,8x16")[0] == (576, 576) and bench.parse_named_shapes("8x16") == [(8, 16)]
