@@ -46,8 +46,10 @@ def test_ct_written_checkpoint_loads_with_identical_logits(pruned, ct_ckpt, tmp_
 
 
 def test_load_model_and_auto_backend(pruned, ct_ckpt):
-    model, tok = load_model(ct_ckpt)  # auto backend (decompressed on the CPU): same numbers as reference
-    assert torch.equal(_logits(model), _logits(pruned))
+    model, tok = load_model(ct_ckpt)  # auto: the cpu kernels where built (fp32 sums in another order), else decompressed
+    torch.testing.assert_close(_logits(model), _logits(pruned), rtol=1e-5, atol=1e-5)
+    exact, _ = load_model(ct_ckpt, backend="decompressed")  # the dense weight itself: the same numbers, bit for bit
+    assert torch.equal(_logits(exact), _logits(pruned))
     assert tok("Once upon").input_ids
 
 
@@ -56,7 +58,7 @@ def test_export_is_read_back_bit_exactly_by_compressed_tensors(stories_dir, tmp_
     from compressed_tensors.compressors import ModelCompressor
 
     model = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
-    sparsify(model)
+    sparsify(model, backend="reference")  # compared bit for bit with compressed-tensors' dense decompression
     out = export_compressed_tensors(model, tmp_path / "export")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["sparsity_config"]["format"] == "sparse-24-bitmask"
@@ -72,7 +74,7 @@ def test_export_is_read_back_bit_exactly_by_compressed_tensors(stories_dir, tmp_
     compressor.decompress(str(out), target)
     assert torch.equal(_logits(target), _logits(model))
     # and the export loads back here
-    assert torch.equal(_logits(load_pretrained(out)), _logits(model))
+    assert torch.equal(_logits(load_pretrained(out, backend="reference")), _logits(model))
 
 
 def test_cli_export(stories_dir, tmp_path):
@@ -141,7 +143,8 @@ def test_non_24_mask_loads_on_reference_with_a_warning(pruned, ct_ckpt, stories_
 
     ref = copy.deepcopy(pruned)
     ref.get_submodule(name).weight.data = w * mask
-    assert torch.equal(_logits(model), _logits(ref))
+    # the 2:4 layers run on auto (the cpu kernels where built: fp32 sums in another order than the dense GEMM)
+    torch.testing.assert_close(_logits(model), _logits(ref), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("edit_qc, match", [
