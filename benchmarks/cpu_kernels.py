@@ -69,17 +69,13 @@ def read_bandwidth_gbps(llc: int, repeats: int = 7) -> float:
 
     from sparse_runtime.ops import cpu24
 
-    buf = torch.ones(max(8 * llc, 1 << 30) // 4)
-    best = 0.0
-    for read in (buf.sum, lambda: cpu24.read_bandwidth_probe(buf)):
-        read()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            read()
-            times.append(time.perf_counter() - t0)
-        best = max(best, buf.numel() * 4 / statistics.median(times) / 1e9)
-    return best
+    from .engine import timer
+
+    buf, median = torch.ones(max(8 * llc, 1 << 30) // 4), timer("cpu")
+    reads = (buf.sum, lambda: cpu24.read_bandwidth_probe(buf))
+    for read in reads:
+        read()  # warm-up
+    return max(buf.numel() * 4 / median(read, repeats) for read in reads) / 1e9
 
 
 def time_pass(calls, min_seconds: float = 0.3, min_passes: int = 5) -> float:

@@ -113,6 +113,18 @@ def _ninja():
         return None
 
 
+def _build_tools():
+    """``({"ninja", "pybind_inc"}, None)``, what every extension build needs, or ``(None, why)``."""
+    ninja = _ninja()
+    if ninja is None:
+        return None, "ninja not found; pip install ninja"
+    try:
+        import pybind11
+    except ImportError:
+        return None, "pybind11 not found; pip install pybind11"
+    return {"ninja": ninja, "pybind_inc": pybind11.get_include()}, None
+
+
 def config():
     """Everything the build needs, or the reason it cannot happen. cuSPARSELt is needed by ``_C`` only:
     without it ``cfg["cslt"]`` says why, and :func:`unbuildable` skips ``_C`` alone."""
@@ -124,14 +136,10 @@ def config():
     cudart = _cudart_static(cuda)
     if cudart is None:
         return None, f"libcudart_static.a not found under {cuda}"
-    ninja = _ninja()
-    if ninja is None:
-        return None, "ninja not found; pip install ninja"
-    try:
-        import pybind11
-    except ImportError:
-        return None, "pybind11 not found; pip install pybind11"
-    cfg = {"cuda": cuda, "cudart": cudart, "ninja": ninja, "pybind_inc": pybind11.get_include(),
+    tools, why = _build_tools()
+    if tools is None:
+        return None, why
+    cfg = {"cuda": cuda, "cudart": cudart, **tools,
            "cslt_inc": None, "cslt_lib": None, "extra_inc": [], "cslt": None}
     cslt = _cusparselt(cuda)
     extra_inc = None if cslt is None else _cusparse_include(cslt[0], cuda)
@@ -210,19 +218,15 @@ def cpu_config():
     cxx = shutil.which(os.environ.get("CXX", "c++"))
     if cxx is None:
         return None, f"no C++ compiler ({os.environ.get('CXX', 'c++')}) found; set CXX"
-    ninja = _ninja()
-    if ninja is None:
-        return None, "ninja not found; pip install ninja"
-    try:
-        import pybind11
-    except ImportError:
-        return None, "pybind11 not found; pip install pybind11"
+    tools, why = _build_tools()
+    if tools is None:
+        return None, why
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError as e:
         return None, f"torch is not importable in the build environment ({e}); install with --no-build-isolation"
-    return {"cxx": cxx, "ninja": ninja, "pybind_inc": pybind11.get_include(),
+    return {"cxx": cxx, **tools,
             "torch_inc": cpp_extension.include_paths(), "torch_lib": cpp_extension.library_paths(),
             "cxx11_abi": int(torch._C._GLIBCXX_USE_CXX11_ABI)}, None
 
