@@ -1,0 +1,103 @@
+"""Quantized values for the canonical format: the schemes and their arithmetic.
+
+A quantized sparse weight keeps the pattern's ``meta`` unchanged and replaces ``values`` by integer or fp8
+codes plus ``scales`` in the layer's dtype (symmetric: no zero points). ``W ~= code * scale``, where a code's
+scale is that of its output row and, for grouped schemes, of its group of ``group_size`` consecutive input
+columns of the dense weight (so a 2:4 group of 128 columns holds 64 kept codes).
+
+``int8``  codes int8 in [-127, 127], one scale per output row.
+``int4``  codes in [-7, 7], one scale per row and group of ``group_size`` (default 128) input columns.
+``fp8``   codes float8_e4m3fn (finite, |code| <= 448), one scale per output row.
+
+This module owns the arithmetic (scales, rounding, dequantization) that the front-end's quantizers, the
+codec and every backend use, so fake-quantizing a dense weight and dequantizing its stored codes give the
+same bits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ShapeError
+
+SCHEMES = ("int8", "int4", "fp8")
+DEFAULT_GROUP_SIZE = 128  # int4's group along the input dimension
+_QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """``name`` in :data:`SCHEMES`; ``group_size`` input columns per scale (None: one scale per row)."""
+
+    name: str
+    group_size: int | None = None
+
+    def __post_init__(self):
+        if self.name not in SCHEMES:
+            raise ValueError(f"unknown quantization scheme {self.name!r}; supported: {', '.join(SCHEMES)}")
+        if self.group_size is not None and (self.group_size <= 0 or self.group_size % 8):
+            raise ValueError(f"group_size must be a positive multiple of 8, got {self.group_size}")
+
+    @classmethod
+    def parse(cls, name: str, group_size: int | None = None) -> "QuantScheme":
+        """The scheme a user names: int4 defaults to groups of 128, int8 and fp8 to per-channel scales."""
+        if name == "int4" and group_size is None:
+            group_size = DEFAULT_GROUP_SIZE
+        return cls(name, group_size)
+
+    @property
+    def qmax(self) -> float:
+        return _QMAX[self.name]
+
+    def groups(self, in_features: int) -> int:
+        """Scales per output row for a weight with ``in_features`` columns (checks the grouping fits)."""
+        if self.group_size is None:
+            return 1
+        if in_features % self.group_size:
+            raise ShapeError(f"in_features={in_features} is not divisible by the {self.name} group size {self.group_size}")
+        return in_features // self.group_size
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.name, "group_size": self.group_size}
+
+
+def _grouped(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """[N, C] -> [N, groups, C/groups]: dense or N:M-compressed, since N:M keeps the same number of values in
+    every group of dense columns, in column order."""
+    return w.reshape(w.shape[0], groups, -1)
+
+
+def absmax_scales(weight: torch.Tensor, scheme: QuantScheme, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric round-to-nearest scales [N, groups] in ``weight``'s dtype from the (kept) entries' absmax.
+
+    An all-zero group gets scale 1 (any scale codes it exactly), so scales are always finite and positive."""
+    w = weight if mask is None else weight * mask
+    amax = _grouped(w.abs().float(), scheme.groups(w.shape[1])).amax(-1)
+    scales = (amax / scheme.qmax).to(weight.dtype)
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
+
+
+def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Codes of ``weight`` [N, C] (dense or compressed) under ``scales`` [N, groups]: int8 for int8 and int4
+    (int4 in [-7, 7]; packing is the codec's), float8_e4m3fn for fp8."""
+    x = _grouped(weight.float(), scales.shape[1]) / scales.float().unsqueeze(-1)
+    if scheme.name == "fp8":
+        return x.clamp(-scheme.qmax, scheme.qmax).reshape(weight.shape).to(torch.float8_e4m3fn)
+    return x.round().clamp(-scheme.qmax, scheme.qmax).reshape(weight.shape).to(torch.int8)
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``code * scale`` in the scales' dtype; ``codes`` [N, C] dense or compressed, as in :func:`quantize_codes`."""
+    c = _grouped(codes.to(scales.dtype), scales.shape[1])
+    return (c * scales.unsqueeze(-1)).reshape(codes.shape)
+
+
+def fake_quantize(weight: torch.Tensor, scheme: QuantScheme, scales: torch.Tensor | None = None,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``dequantize(quantize(weight))`` in ``weight``'s dtype (masked entries stay zero): what a quantized
+    layer computes with, bit for bit."""
+    if scales is None:
+        scales = absmax_scales(weight, scheme, mask)
+    w = weight if mask is None else weight * mask
+    return dequantize_codes(quantize_codes(w, scales, scheme), scales)
