@@ -13,11 +13,6 @@
 
 namespace {
 
-constexpr int kMaxMT = 2;  // rows of x per pass over a tile of weight rows (the tile is reread from cache)
-constexpr int kRows = 4;   // output rows per tile; 8 accumulators + 4 regrouped x of the 16 ymm
-constexpr int64_t kXBlockBytes = 512 * 1024;  // x rows per pass over W: half an L2
-constexpr int kWideRows = 8;  // output rows per tile when M == 1
-
 inline __m256i step_selectors(uint32_t w) {
   const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), shift);
@@ -55,15 +50,16 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// y[m0 .. m0+MT, rows n0 + r * stride for r < R] over all of K.
 template <bool BF16, int MT, int R>
-void tile(const Cpu24Problem& p, int64_t n0, int64_t m0) {
+void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {
   const int64_t k = p.k, nvals = k / 2, nbytes = k / 8, steps = k / 16;
   const float* x = p.x + m0 * k;
   const uint8_t* meta[R];
   int64_t vrow[R];
   for (int r = 0; r < R; ++r) {
-    meta[r] = p.meta + (n0 + r) * nbytes;
-    vrow[r] = (n0 + r) * nvals;
+    meta[r] = p.meta + (n0 + r * stride) * nbytes;
+    vrow[r] = (n0 + r * stride) * nvals;
   }
   __m256 acc[MT][R];
   for (int i = 0; i < MT; ++i)
@@ -100,8 +96,9 @@ void tile(const Cpu24Problem& p, int64_t n0, int64_t m0) {
   }
 
   for (int r = 0; r < R; ++r) {
-    const float bias = p.bias ? p.bias[n0 + r] : 0.0f;
-    for (int i = 0; i < MT; ++i) p.y[(m0 + i) * p.n + n0 + r] = hsum(acc[i][r]) + bias;
+    const int64_t n = n0 + r * stride;
+    const float bias = p.bias ? p.bias[n] : 0.0f;
+    for (int i = 0; i < MT; ++i) p.y[(m0 + i) * p.n + n] = hsum(acc[i][r]) + bias;
   }
 }
 
@@ -154,40 +151,25 @@ void decompress_bf16(const uint16_t* values, const uint8_t* meta, uint16_t* dens
   }
 }
 
-template <bool BF16, int R>
-void all_of_x(const Cpu24Problem& p, int64_t n0) {
-  for (int64_t m0 = 0; m0 < p.m; m0 += kMaxMT) {
-    if (p.m - m0 == 1) tile<BF16, 1, R>(p, n0, m0);
-    else tile<BF16, kMaxMT, R>(p, n0, m0);
-  }
-}
-
 template <bool BF16>
-void rows(const Cpu24Problem& p, int64_t row0, int64_t row1) {
-  int64_t n = row0;
-  if (p.m == 1)  // bound by reading W: 8 weight rows per tile keep more loads in flight
-    for (; n + kWideRows <= row1; n += kWideRows) tile<BF16, 1, kWideRows>(p, n, 0);
-  // Many rows of x: blocks of them that stay in L2 while the chunk's weight rows pass over each. W is then read
-  // once per block (from memory, a small cost at that M); unblocked, each tile of weight rows would reread all
-  // of x from L3, which bounds large M.
-  const int64_t bytes = p.k * 4, fit = kXBlockBytes / bytes / kMaxMT * kMaxMT;
-  const int64_t mb = fit > kMaxMT ? fit : kMaxMT, start = n;
-  for (int64_t m0 = 0; m0 < p.m; m0 += mb) {
-    Cpu24Problem b = p;
-    b.x = p.x + m0 * p.k;
-    b.x16 = p.x16 ? p.x16 + m0 * p.k : nullptr;
-    b.y = p.y + m0 * p.n;
-    b.m = p.m - m0 < mb ? p.m - m0 : mb;
-    for (n = start; n + kRows <= row1; n += kRows) all_of_x<BF16, kRows>(b, n);
-    for (; n < row1; ++n) all_of_x<BF16, 1>(b, n);
+struct Kernel {
+  static constexpr int kMaxMT = 2;  // rows of x per tile (the tile's weight rows are reread from cache for each)
+  static constexpr int kRows = 4;   // weight rows per tile: 8 accumulators + 4 regrouped x of the 16 ymm
+  static constexpr int kWideRows = 8, kWideMaxM = 1;
+  static constexpr int kXElemBytes = 4;
+  template <int MT, int R>
+  static void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {
+    ::tile<BF16, MT, R>(p, n0, m0, stride);
   }
-}
+};
+
+#include "cpu24_rows.h"
 
 }  // namespace
 
 void sr_cpu24_avx2(const Cpu24Problem& p, int64_t row0, int64_t row1) {
-  if (p.bf16) rows<true>(p, row0, row1);
-  else rows<false>(p, row0, row1);
+  if (p.bf16) schedule_rows<Kernel<true>>(p, row0, row1);
+  else schedule_rows<Kernel<false>>(p, row0, row1);
 }
 
 void sr_cpu24_decompress_avx2(const void* values, const uint8_t* meta, void* dense, int64_t rows, int64_t k,

@@ -18,10 +18,6 @@
 
 namespace {
 
-constexpr int kMaxMT = 4;  // rows of x per pass over a tile of weight rows (the tile is reread from L1/L2)
-constexpr int kRows = 4;   // output rows per tile: 16 accumulators + 8 x registers of the 32 zmm
-constexpr int64_t kXBlockBytes = 512 * 1024;  // x rows per pass over W: half an L2
-constexpr int kWideRows = 8;  // output rows per tile when M <= 2
 
 // 16-bit lane j holds kept value j of the step: group j/2, columns 4*(j/2)..+3. Its 2-bit index is bits
 // 2*(j%8)..+1 of 16-bit word j/8 of the step's 8 meta bytes read as one little-endian qword.
@@ -45,16 +41,17 @@ inline __m512 dot(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
 }
 
+// y[m0 .. m0+MT, rows n0 + r * stride for r < R] over all of K.
 template <int MT, int R>
-void tile(const Cpu24Problem& p, int64_t n0, int64_t m0) {
+void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {
   const int64_t k = p.k, nvals = k / 2, nbytes = k / 8, steps = k / 64;
   const uint16_t* x = p.x16 + m0 * k;
   const auto* values = static_cast<const uint16_t*>(p.values);
   const uint8_t* meta[R];
   const uint16_t* vrow[R];
   for (int r = 0; r < R; ++r) {
-    meta[r] = p.meta + (n0 + r) * nbytes;
-    vrow[r] = values + (n0 + r) * nvals;
+    meta[r] = p.meta + (n0 + r * stride) * nbytes;
+    vrow[r] = values + (n0 + r * stride) * nvals;
   }
   __m512 acc[MT][R];
   for (int i = 0; i < MT; ++i)
@@ -96,22 +93,24 @@ void tile(const Cpu24Problem& p, int64_t n0, int64_t m0) {
   }
 
   for (int r = 0; r < R; ++r) {
-    const float bias = p.bias ? p.bias[n0 + r] : 0.0f;
-    for (int i = 0; i < MT; ++i) p.y[(m0 + i) * p.n + n0 + r] = _mm512_reduce_add_ps(acc[i][r]) + bias;
+    const int64_t n = n0 + r * stride;
+    const float bias = p.bias ? p.bias[n] : 0.0f;
+    for (int i = 0; i < MT; ++i) p.y[(m0 + i) * p.n + n] = _mm512_reduce_add_ps(acc[i][r]) + bias;
   }
 }
 
-template <int R>
-void all_of_x(const Cpu24Problem& p, int64_t n0) {
-  for (int64_t m0 = 0; m0 < p.m; m0 += kMaxMT) {
-    switch (p.m - m0 < kMaxMT ? p.m - m0 : kMaxMT) {
-      case 1: tile<1, R>(p, n0, m0); break;
-      case 2: tile<2, R>(p, n0, m0); break;
-      case 3: tile<3, R>(p, n0, m0); break;
-      default: tile<kMaxMT, R>(p, n0, m0); break;
-    }
+struct Kernel {
+  static constexpr int kMaxMT = 4;  // rows of x per tile (the tile's weight rows are reread from L1 for each)
+  static constexpr int kRows = 4;   // weight rows per tile: 16 accumulators + 8 x registers of the 32 zmm
+  static constexpr int kWideRows = 8, kWideMaxM = 2;
+  static constexpr int kXElemBytes = 2;
+  template <int MT, int R>
+  static void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {
+    ::tile<MT, R>(p, n0, m0, stride);
   }
-}
+};
+
+#include "cpu24_rows.h"
 
 }  // namespace
 
@@ -120,24 +119,5 @@ void sr_cpu24_avx512bf16(const Cpu24Problem& p, int64_t row0, int64_t row1) {
     sr_cpu24_avx512(p, row0, row1);
     return;
   }
-  int64_t n = row0;
-  // One or two rows of x are bound by reading W: 8 weight rows per tile keep more loads in flight.
-  if (p.m == 1)
-    for (; n + kWideRows <= row1; n += kWideRows) tile<1, kWideRows>(p, n, 0);
-  if (p.m == 2)
-    for (; n + kWideRows <= row1; n += kWideRows) tile<2, kWideRows>(p, n, 0);
-  // Many rows of x: blocks of them that stay in L2 while the chunk's weight rows pass over each. W is then read
-  // once per block (from memory, a small cost at that M); unblocked, each tile of weight rows would reread all
-  // of x from L3, which bounds large M.
-  const int64_t bytes = p.k * 2, fit = kXBlockBytes / bytes / kMaxMT * kMaxMT;
-  const int64_t mb = fit > kMaxMT ? fit : kMaxMT, start = n;
-  for (int64_t m0 = 0; m0 < p.m; m0 += mb) {
-    Cpu24Problem b = p;
-    b.x = p.x + m0 * p.k;
-    b.x16 = p.x16 ? p.x16 + m0 * p.k : nullptr;
-    b.y = p.y + m0 * p.n;
-    b.m = p.m - m0 < mb ? p.m - m0 : mb;
-    for (n = start; n + kRows <= row1; n += kRows) all_of_x<kRows>(b, n);
-    for (; n < row1; ++n) all_of_x<1>(b, n);
-  }
+  schedule_rows<Kernel>(p, row0, row1);
 }
