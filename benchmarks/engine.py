@@ -132,7 +132,7 @@ def warm_up(model, rows) -> None:
     with torch.inference_mode():
         for m in sorted({r for n in rows for r in bucket_rows(n)}):
             for layer in layers:
-                layer(torch.zeros(m, layer.in_features, dtype=layer.weight_values.dtype,
+                layer(torch.zeros(m, layer.in_features, dtype=layer.dtype,
                                   device=layer.weight_values.device))
 
 

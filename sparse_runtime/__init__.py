@@ -1,7 +1,8 @@
 """sparse_runtime: run N:M-pruned (chiefly 2:4) language models faster on NVIDIA GPUs."""
 from .models.checkpoint import save_pretrained
-from .errors import BackendUnavailable, CheckpointError, MaskError, ShapeError, SparseRuntimeError
+from .errors import BackendUnavailable, CheckpointError, MaskError, QuantError, ShapeError, SparseRuntimeError
 from .format.codec import SparseWeight
+from .format.quant import QuantScheme
 from .nn.linear import SparseLinear
 from .format.masks import nm_mask, unstructured_mask, validate_nm
 from .models.sources import load_model, load_pretrained
@@ -16,5 +17,5 @@ _register_hf_quantizer()  # AutoModelForCausalLM.from_pretrained(sparse checkpoi
 __all__ = [
     "SparseLinear", "SparseWeight", "sparsify", "SparsifyReport", "save_pretrained", "load_pretrained",
     "load_model", "nm_mask", "unstructured_mask", "validate_nm", "BackendUnavailable", "CheckpointError",
-    "MaskError", "ShapeError", "SparseRuntimeError",
+    "MaskError", "QuantError", "QuantScheme", "ShapeError", "SparseRuntimeError",
 ]

@@ -19,3 +19,8 @@ class CheckpointError(SparseRuntimeError, ValueError):
 
 class BackendUnavailable(SparseRuntimeError, RuntimeError):
     """A requested backend cannot run here (no GPU, no library, unsupported layer)."""
+
+
+class QuantError(SparseRuntimeError, ValueError):
+    """Quantized values are invalid (codes outside their scheme, scales not finite and positive) or a scheme
+    cannot apply to the weight."""

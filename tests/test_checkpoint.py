@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import random
@@ -13,6 +14,7 @@ from sparse_runtime import SparseLinear, load_pretrained, save_pretrained, spars
 from sparse_runtime.models.checkpoint import SPARSE_CONFIG
 from sparse_runtime.models.tensor_files import INDEX, WEIGHTS
 from sparse_runtime.errors import CheckpointError
+from sparse_runtime.format.quant import QuantScheme, fake_quantize
 
 from helpers import masked_dense_copy, tiny_model, write_shards
 
@@ -315,3 +317,75 @@ def test_checkpoint_on_gpu_matches_the_cpu_reference(stories, saved, backend, dt
     err = (out - ref).norm() / ref.norm()
     assert err < (2e-2 if dtype == torch.bfloat16 else 4e-3), err
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+# -- quantized values -------------------------------------------------------------------------------------
+QUANT = {"int8": QuantScheme.parse("int8"), "int4": QuantScheme.parse("int4", 32), "fp8": QuantScheme.parse("fp8")}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # torch.equal has no fp8 kernel
+
+
+def _save_quantized(stories, path, scheme):
+    model, tok = stories
+    sparse = copy.deepcopy(model)
+    sparsify(sparse, quant=QUANT[scheme])
+    return sparse, save_pretrained(sparse, path, tokenizer=tok)
+
+
+@pytest.mark.parametrize("scheme", sorted(QUANT))
+def test_quantized_checkpoint_round_trip(stories, tmp_path, scheme):
+    model, tok = stories
+    sparse, path = _save_quantized(stories, tmp_path / "ckpt", scheme)
+    quant = QUANT[scheme]
+    entry = json.loads((path / SPARSE_CONFIG).read_text())["layers"][Q]
+    assert entry["quant"] == {"scheme": scheme, "group_size": quant.group_size} and entry["sparsity"] == 0.5
+    tensors = load_file(path / WEIGHTS)
+    assert tensors[f"{Q}.weight_values"].dtype == quant.code_dtype
+    assert tensors[f"{Q}.weight_scales"].shape == (64, quant.groups(64))
+    loaded = load_pretrained(path)
+    want = sparse.state_dict()
+    for k, t in loaded.state_dict().items():  # every tensor bit-identical, codes in their own dtype
+        assert t.dtype == want[k].dtype and torch.equal(_bits(t), _bits(want[k])), k
+    dense = copy.deepcopy(model)  # the dense model computing with fake_quantize(W * mask)
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, SparseLinear)}
+    assert len(layers) == (30 if scheme == "int4" else 35)  # int4 g32 skips the 172-wide down_proj
+    for name, layer in layers.items():
+        assert layer.quant == quant
+        lin = dense.get_submodule(name)
+        lin.weight.data = fake_quantize(lin.weight.detach(), quant, mask=layer.sparse_weight.mask())
+    ids = tok("Once upon a time there was a", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out, mem, ref = loaded(ids).logits, sparse(ids).logits, dense(ids).logits
+    assert torch.equal(out, mem)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    bf16 = load_pretrained(path, dtype=torch.bfloat16).get_submodule(Q)  # scales move, codes stay
+    assert bf16.weight_scales.dtype == torch.bfloat16 and bf16.weight_values.dtype == quant.code_dtype
+    assert torch.equal(_bits(bf16.weight_values), _bits(want[f"{Q}.weight_values"]))
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{Q}.weight_scales": t[f"{Q}.weight_scales"][:, :1].contiguous()})),
+     rf"{Q}.weight_scales.*shape \[64, 1\], the model needs \[64, 2\]"),
+    (lambda p: _edit_tensors(p, lambda t: t[f"{Q}.weight_scales"].__setitem__((3, 1), float("nan"))),
+     f"{Q}.weight_scales.*NaN"),
+    (lambda p: _edit_tensors(p, lambda t: t[f"{Q}.weight_scales"].__setitem__((3, 1), 0.0)),
+     f"{Q}.scales: row 3, group 1 has scale 0.0; scales must be > 0"),
+    (lambda p: _edit_tensors(p, lambda t: t[f"{Q}.weight_values"].__setitem__((0, 0), 0)),
+     f"{Q}.values: row 0, column 0 holds a code outside the int4 range"),
+    (lambda p: _edit_tensors(p, lambda t: t.pop(f"{Q}.weight_scales")), f"missing.*{Q}.weight_scales"),
+    (lambda p: _edit_config(p, lambda c: c["layers"][Q]["quant"].update(scheme="int8")),
+     rf"{Q}.weight_values.*shape \[64, 16\], the model needs \[64, 32\]"),
+    (lambda p: _edit_config(p, lambda c: c["layers"][Q]["quant"].update(group_size=64)),
+     rf"{Q}.weight_scales.*shape \[64, 2\], the model needs \[64, 1\]"),
+    (lambda p: _edit_config(p, lambda c: c["layers"][Q].pop("quant")), "unexpected"),
+    (lambda p: _edit_config(p, lambda c: c["layers"][Q]["quant"].update(scheme="int3")),
+     f"layer {Q} has a bad quant entry .*unknown quantization scheme 'int3'"),
+    (lambda p: _edit_config(p, lambda c: c["layers"][Q].update(quant="int4")), "bad quant entry"),
+])
+def test_corrupt_quantized_checkpoints_give_clear_errors(stories, tmp_path, corrupt, match):
+    _, path = _save_quantized(stories, tmp_path / "ckpt", "int4")
+    corrupt(path)
+    with pytest.raises(CheckpointError, match=match):
+        load_pretrained(path)

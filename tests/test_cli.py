@@ -21,9 +21,10 @@ def test_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["backends"]["reference"] == "available"
     assert info["versions"]["torch"]
-    assert info["capabilities"]["mmasp"] == {"dtypes": "float16, bfloat16", "patterns": "2:4", "devices": "cuda",
-                                             "auto": "none", "max_m": "16"}
+    assert info["capabilities"]["mmasp"] == {"dtypes": "float16, bfloat16", "patterns": "2:4", "quant": "none",
+                                             "devices": "cuda", "auto": "none", "max_m": "16"}
     assert info["capabilities"]["reference"]["dtypes"] == "-"
+    assert info["capabilities"]["reference"]["quant"] == "int8, int4, fp8"
 
 
 def test_info_text_prints_the_capability_tables(capsys):
@@ -33,7 +34,7 @@ def test_info_text_prints_the_capability_tables(capsys):
     lines = capsys.readouterr().out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("what each backend takes"))
     header = lines[start + 1].split()
-    assert header == ["backend", "dtypes", "patterns", "devices", "auto", "max_m"]
+    assert header == ["backend", "dtypes", "patterns", "quant", "devices", "auto", "max_m"]
     rows = {line.split()[0]: line for line in lines[start + 2:start + 2 + len(backends.names())]}
     assert set(rows) == set(backends.names())
     assert rows["mmasp"].split()[-1] == "16" and "float16, bfloat16" in rows["mmasp"]

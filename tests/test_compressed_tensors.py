@@ -10,6 +10,7 @@ from sparse_runtime import SparseLinear, load_model, load_pretrained, save_pretr
 from sparse_runtime.cli import main
 from sparse_runtime.models.compressed_tensors import export_compressed_tensors, load_compressed_tensors
 from sparse_runtime.errors import CheckpointError
+from sparse_runtime.format.quant import QuantScheme
 
 from ct_helpers import import_ct, prune_24_dense, write_ct_checkpoint
 
@@ -101,6 +102,10 @@ def test_export_refuses_non_24_and_rotation(tmp_path):
     with pytest.raises(CheckpointError, match=r"up_proj: has a rotation"):
         export_compressed_tensors(model, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+    model = tiny_model("llama")
+    sparsify(model, quant=QuantScheme.parse("fp8"))
+    with pytest.raises(CheckpointError, match=r"q_proj: has fp8 values; sparse-24-bitmask holds full-precision"):
+        export_compressed_tensors(model, tmp_path / "c")
 
 
 def _rewrite(src, dst, edit_tensors=None, edit_qc=None):

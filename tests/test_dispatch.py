@@ -9,6 +9,7 @@ from sparse_runtime import SparseLinear, backends
 
 from sparse_runtime.ops import caches
 from sparse_runtime.backends import dispatch as dp
+from sparse_runtime.format.quant import QuantScheme
 from sparse_runtime.ops.timing import device_time_us
 
 
@@ -124,11 +125,14 @@ def test_auto_runs_dispatch_on_a_gpu_and_decompressed_on_the_cpu(monkeypatch):
     for name in backends.names():
         monkeypatch.setattr(backends.get(name), "unavailable", lambda device: None)
     cpu = SparseLinear(64, 32, dtype=torch.float16)
-    gpu = type("Layer", (), dict(pattern="2:4", in_features=64, out_features=32, bias=None,
+    gpu = type("Layer", (), dict(pattern="2:4", in_features=64, out_features=32, bias=None, quant=None,
+                                 dtype=torch.float16,
                                  weight_values=type("W", (), dict(device=torch.device("cuda"), dtype=torch.float16))))
     assert backends.resolve("auto", gpu).name == "dispatch"
     assert backends.resolve("auto", cpu).name == "decompressed"
-    gpu.pattern = "4:8"  # no sparse CUDA kernel takes it: the dense fallback that runs everywhere
+    gpu.quant = QuantScheme.parse("int8")  # quantized values: only the dequantizing backends take them
+    assert backends.resolve("auto", gpu).name == "reference"
+    gpu.pattern, gpu.quant = "4:8", None  # no sparse CUDA kernel takes it: the dense fallback that runs everywhere
     assert backends.resolve("auto", gpu).name == "reference"
 
 

@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_runtime import SparseLinear
+from sparse_runtime import SparseLinear, backends
 from sparse_runtime.ops import cpu24
 from sparse_runtime.errors import BackendUnavailable, MaskError, ShapeError
 from sparse_runtime.format.masks import nm_mask
+from sparse_runtime.format.quant import QuantScheme, fake_quantize
 
 
 def _linear(k=24, n=10, bias=True, dtype=torch.float32):
@@ -149,3 +150,61 @@ def test_rotation_in_front(block):
     assert "rotation" in layer.state_dict()
     with pytest.raises(ShapeError, match="block-diagonal"):
         layer.set_rotation(torch.eye(16))
+
+
+# -- quantized values ---------------------------------------------------------------------------------------
+QUANT = [QuantScheme.parse("int8"), QuantScheme.parse("int4", 32), QuantScheme.parse("fp8")]
+
+
+@pytest.mark.parametrize("quant", QUANT, ids=lambda s: s.name)
+def test_quantized_layer_runs_on_auto_and_matches_the_float64_reference(quant):
+    lin = _linear(k=64, n=12)
+    mask = nm_mask(lin.weight.abs())
+    layer = SparseLinear.from_linear(lin, mask, quant=quant)
+    assert layer.active_backend == "decompressed"  # the CPU kernel refuses quantized values
+    fq = fake_quantize(lin.weight.detach(), quant, mask=mask)
+    assert torch.equal(layer.dense_weight(), fq) and layer.weight_values.dtype == quant.code_dtype
+    x = torch.randn(5, 64)
+    ref = x.double() @ fq.double().T + lin.bias.double()
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(SparseLinear.from_linear(lin, mask, quant=quant, backend="reference")(x), layer(x))
+    assert layer.sparsity == 0.5 and "quant=" + quant.name in repr(layer)
+
+
+@pytest.mark.parametrize("quant", QUANT, ids=lambda s: s.name)
+def test_quantized_state_dict_round_trips(quant):
+    layer = SparseLinear.from_linear(_linear(k=64), quant=quant)
+    sd = layer.state_dict()
+    assert set(sd) == {"weight_values", "weight_meta", "weight_scales", "bias"}
+    fresh = SparseLinear(64, 10, quant=quant)
+    fresh.sparse_weight.validate()  # a fresh layer holds a valid all-zero weight
+    fresh.load_state_dict(sd)
+    x = torch.randn(4, 64)
+    assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("quant", QUANT, ids=lambda s: s.name)
+def test_a_dtype_move_converts_the_scales_never_the_codes(quant):
+    layer = SparseLinear.from_linear(_linear(k=64), quant=quant)
+    codes, scales = layer.weight_values.clone(), layer.weight_scales.clone()
+    layer.to(torch.bfloat16)
+    assert layer.dtype == layer.weight_scales.dtype == layer.bias.dtype == torch.bfloat16
+    assert layer.weight_values.dtype == quant.code_dtype and torch.equal(layer.weight_values, codes)
+    assert torch.equal(layer.weight_scales, scales.bfloat16())
+    layer(torch.randn(2, 64, dtype=torch.bfloat16))
+    layer.float()
+    assert torch.equal(layer.weight_values, codes) and layer.weight_scales.dtype == torch.float32
+
+
+def test_every_other_backend_refuses_quantized_layers_by_name():
+    lin = _linear(k=64)
+    for name in backends.names():
+        backend = backends.get(name)
+        layer = SparseLinear.from_linear(lin, quant=QuantScheme.parse("int8"), backend="reference")
+        if name in ("reference", "decompressed"):
+            assert backend.unsupported(layer) is None
+            continue
+        assert backend.unsupported(layer) == "unsupported quantization int8; supported: none"
+        if backend.unavailable(layer.weight_values.device) is None:  # the ones that could run here otherwise
+            with pytest.raises(BackendUnavailable, match="cannot run .* int8 values.*unsupported quantization int8"):
+                SparseLinear.from_linear(lin, quant=QuantScheme.parse("int8"), backend=name)

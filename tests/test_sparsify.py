@@ -7,6 +7,7 @@ from torch import nn
 from sparse_runtime import SparseLinear, sparsify
 from sparse_runtime.errors import ShapeError
 from sparse_runtime.format.masks import nm_mask
+from sparse_runtime.format.quant import QuantScheme, absmax_scales, fake_quantize
 
 from helpers import masked_dense_copy, tiny_model
 
@@ -78,3 +79,53 @@ def test_sparsifying_tied_lm_head_unties_config():
     sparsify(model, targets=["lm_head"], ignore=())
     assert model.config.tie_word_embeddings is False
     assert isinstance(model.lm_head, SparseLinear)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_quantized_sparsify_keeps_front_end_fake_quantized_weights_exactly(scheme):
+    """The front-end fake-quantizes each pruned weight under its scales and hands both over: the stored layer
+    dequantizes to exactly that weight. Layers without scales get absmax scales."""
+    quant = QuantScheme.parse(scheme, 32 if scheme == "int4" else None)
+    model = tiny_model("llama")
+    layers = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "up_proj"))}
+    masks, scales, want = {}, {}, {}
+    for name, lin in layers.items():
+        w = lin.weight.detach() * 1.5  # not absmax-scaled: scales from elsewhere must be honoured
+        masks[name] = nm_mask(w.abs())
+        scales[name] = absmax_scales(w, quant, masks[name])
+        lin.weight.data = want[name] = fake_quantize(w, quant, scales[name], masks[name])
+    gate_w, gate_mask = model.model.layers[0].mlp.gate_proj.weight.detach().clone(), nm_mask(torch.rand(128, 64))
+    report = sparsify(model, {**masks, "model.layers.0.mlp.gate_proj": gate_mask}, quant=quant, scales=scales)
+    assert {r.quant for r in report.replaced} == {scheme} and len(report.replaced) == len(layers) + 1
+    for name in layers:
+        layer = model.get_submodule(name)
+        assert layer.quant == quant and torch.equal(layer.dense_weight(), want[name])
+        assert torch.equal(layer.weight_scales, scales[name])
+    gate = model.model.layers[0].mlp.gate_proj
+    assert torch.equal(gate.weight_scales, absmax_scales(gate_w, quant, gate_mask))
+    assert torch.equal(gate.dense_weight(), fake_quantize(gate_w, quant, mask=gate_mask))
+
+
+def test_quantized_sparsify_bad_scales():
+    model = tiny_model("llama")
+    name = "model.layers.0.self_attn.q_proj"
+    with pytest.raises(ValueError, match="scales given without a quantization scheme"):
+        sparsify(model, scales={name: torch.ones(64, 1)})
+    int8 = QuantScheme.parse("int8")
+    with pytest.raises(KeyError, match="scales names 'model.nope'"):
+        sparsify(model, quant=int8, scales={"model.nope": torch.ones(64, 1)})
+    with pytest.raises(ValueError, match="scales name 'lm_head', which is not among the layers replaced"):
+        sparsify(model, quant=int8, scales={"lm_head": torch.ones(128, 1)})
+    with pytest.raises(ShapeError, match=r"q_proj.scales: shape \(64, 2\), expected \(64, 1\)"):
+        sparsify(model, quant=int8, scales={name: torch.ones(64, 2)})
+
+
+def test_quantized_sparsify_skips_layers_the_groups_do_not_fit(stories_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    report = sparsify(model, quant=QuantScheme.parse("int4", 32))
+    assert dict(report.skipped)["model.layers.0.mlp.down_proj"] == \
+        "in_features=172 is not divisible by 32 (2:4, int4 groups of 32)"
+    with pytest.raises(ShapeError, match="in_features=172 is not divisible by 32"):
+        sparsify(model, targets=["down_proj"], quant=QuantScheme.parse("int4", 32))

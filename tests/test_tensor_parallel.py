@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparse_runtime import SparseLinear, load_pretrained, save_pretrained, sparsify
 from sparse_runtime.cli import main
+from sparse_runtime.format.quant import QuantScheme
 from sparse_runtime.serving.generate import stream_generate
 from sparse_runtime.serving.tensor_parallel import (ROW, TensorParallelError, load_tensor_parallel, shard_plan,
                                             sparse_bytes, start)
@@ -149,6 +150,10 @@ def test_a_boundary_inside_a_metadata_byte_is_refused(tmp_path):
 def test_other_inputs_are_refused(tmp_path, stories_dir, monkeypatch):
     with pytest.raises(TensorParallelError, match="no sparse_config.json"):
         load_tensor_parallel(stories_dir, rank=0, world=2)
+    quantized = tiny_model("llama")
+    sparsify(quantized, quant=QuantScheme.parse("int8"))
+    with pytest.raises(TensorParallelError, match=r"q_proj: layers with quantized values \(int8\) cannot be sharded"):
+        load_tensor_parallel(save_pretrained(quantized, tmp_path / "q"), rank=0, world=2)
     bert = tiny_model("bert")
     sparsify(bert)
     with pytest.raises(TensorParallelError, match="Llama-style decoders"):

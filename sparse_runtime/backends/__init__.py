@@ -5,7 +5,9 @@ A backend turns the canonical compressed weight into whatever layout it runs
 layer (``forward``). Backends register themselves by name; ``"auto"`` takes
 the highest-priority one that is available on the layer's device and supports
 the layer, and ``reference`` (decompress + ``F.linear``) supports everything,
-so ``auto`` never fails where ``reference`` works.
+so ``auto`` never fails where ``reference`` works. Layers with quantized values run only where a
+backend's table lists their scheme (``reference`` and ``decompressed``, which dequantize); every other
+backend refuses them, so ``auto`` falls back and ``sparse-runtime info`` says why.
 """
 from __future__ import annotations
 
@@ -29,11 +31,12 @@ class Capabilities:
     devices: tuple[str, ...] | None = None  # device types it runs on (None: any)
     auto_devices: tuple[str, ...] = ()  # device types on which "auto" may pick it
     max_m: int | None = None  # the most rows of x per call (decode kernels)
+    quant: tuple[str, ...] = ()  # quantization schemes of the values it takes (none: full-precision only)
 
     def refusal(self, dtype: torch.dtype | None = None, pattern: str | None = None, m: int | None = None,
-                device: torch.device | None = None) -> str | None:
-        """Why a layer of ``dtype`` and ``pattern``, a call of ``m`` rows, or a ``device`` is outside this table,
-        or None: the one place these refusals are worded."""
+                device: torch.device | None = None, quant: str | None = None) -> str | None:
+        """Why a layer of ``dtype`` and ``pattern`` (with values quantized by the scheme named ``quant``), a call
+        of ``m`` rows, or a ``device`` is outside this table, or None: the one place these refusals are worded."""
         if m is not None and self.max_m is not None and m > self.max_m:
             return f"takes M <= {self.max_m} rows per call, got M={m}"
         if device is not None and self.devices is not None and device.type not in self.devices:
@@ -42,6 +45,8 @@ class Capabilities:
             why = unsupported_pattern(pattern, self.patterns)
             if why:
                 return why
+        if quant is not None and quant not in self.quant:
+            return f"unsupported quantization {quant}; supported: {', '.join(self.quant) or 'none'}"
         if dtype is not None and self.dtypes is not None:
             return unsupported_dtype(dtype, self.dtypes)
         return None
@@ -50,7 +55,7 @@ class Capabilities:
         """The row ``sparse-runtime info`` prints: each field as text (``-`` for no limit)."""
         def text(v, fmt=str):
             return "-" if v is None else ", ".join(map(fmt, v)) or "none"
-        return {"dtypes": text(self.dtypes, dtype_name), "patterns": text(self.patterns),
+        return {"dtypes": text(self.dtypes, dtype_name), "patterns": text(self.patterns), "quant": text(self.quant),
                 "devices": text(self.devices), "auto": text(self.auto_devices),
                 "max_m": "-" if self.max_m is None else str(self.max_m)}
 
@@ -69,7 +74,8 @@ class Backend:
 
     def unsupported(self, layer, m: int | None = None) -> str | None:
         """Why this backend cannot run ``layer`` (pattern, dtype, shape), or a call of ``m`` rows of it; or None."""
-        return self.capabilities.refusal(dtype=layer.weight_values.dtype, pattern=layer.pattern, m=m)
+        quant = None if layer.quant is None else layer.quant.name
+        return self.capabilities.refusal(dtype=layer.dtype, pattern=layer.pattern, m=m, quant=quant)
 
     def prepare(self, layer):
         """Derive this backend's layout from the layer's canonical tensors."""

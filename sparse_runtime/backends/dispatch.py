@@ -149,7 +149,7 @@ class DispatchBackend(Backend):
         return [name for name, (backend, _) in st.candidates.items() if fits(backend, bucket)]
 
     def _measure(self, layer, st: _State, bucket: int) -> dict[str, float]:
-        x = torch.randn(bucket, layer.in_features, device=layer.weight_values.device).to(layer.weight_values.dtype)
+        x = torch.randn(bucket, layer.in_features, device=layer.weight_values.device).to(layer.dtype)
         runs = {name: (lambda n=name: self._run(n, layer, st, x)) for name in (*self._names(st, bucket), DENSE)}
         timings = _time_all(runs, device_time_us)
         # A candidate that will not capture is timed eagerly, host overhead included: never less than its
@@ -162,7 +162,7 @@ class DispatchBackend(Backend):
         device = layer.weight_values.device
         _TIMINGS.bind(_section(device))
         rot = None if layer.rotation is None else tuple(layer.rotation.shape)
-        key = entry_key(shape_key(layer.out_features, layer.in_features, layer.weight_values.dtype,
+        key = entry_key(shape_key(layer.out_features, layer.in_features, layer.dtype,
                                   layer.bias is not None, rot), bucket)
         timings = _TIMINGS.get(key)
         names = self._names(st, bucket)

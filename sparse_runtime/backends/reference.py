@@ -1,9 +1,10 @@
 """The reference backend: decompress to dense on every call, then ``F.linear``.
 
-Runs everywhere and takes every pattern and dtype. It keeps only the compressed
+Runs everywhere and takes every pattern, dtype and quantization scheme (it dequantizes the values). It keeps only the compressed
 weight resident, and its output is bit-for-bit that of the masked dense layer."""
 import torch.nn.functional as F
 
+from ..format.quant import SCHEMES
 from ..format.rotation import apply_rotation
 from . import Backend, Capabilities, register
 
@@ -11,7 +12,7 @@ from . import Backend, Capabilities, register
 class ReferenceBackend(Backend):
     name = "reference"
     priority = 0
-    capabilities = Capabilities(auto_devices=("cpu", "cuda", "mps", "xpu"))
+    capabilities = Capabilities(auto_devices=("cpu", "cuda", "mps", "xpu"), quant=SCHEMES)
 
     def forward(self, layer, state, x):
         if layer.rotation is not None:

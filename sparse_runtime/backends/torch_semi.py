@@ -50,7 +50,7 @@ class TorchSemiBackend(Backend):
 
     def prepare(self, layer):
         n, k = layer.out_features, layer.in_features
-        _, npad, kpad = padded_shape(1, n, k, layer.weight_values.dtype)
+        _, npad, kpad = padded_shape(1, n, k, layer.dtype)
         w = F.pad(layer.dense_weight(), (0, kpad - k, 0, npad - n))
         bias = None if layer.bias is None else F.pad(layer.bias.detach(), (0, npad - n))
         return torch._cslt_compress(w), bias, npad, kpad

@@ -27,8 +27,15 @@ load time and never stored; the Triton kernels read them as they are.
     ``meta [N, ceil(K/8)]`` uint8: the mask as a little-endian bitmap (column
     ``k`` of a row is bit ``k % 8`` of byte ``k // 8``).
 
+Quantized values (N:M only; see :mod:`sparse_runtime.format.quant`)
+    ``values`` holds the kept values' codes (int8 ``[N, C]``, int4 packed
+    ``[N, C/2]`` uint8, fp8 e4m3 ``[N, C]``, ``C`` kept values per row) and
+    ``scales [N, groups]`` their scales in the layer's dtype; ``meta`` is as
+    above. ``to_dense()`` dequantizes, then decompresses.
+
 Every decompression is exact: ``decompress(compress(W, mask)) == W * mask``
-bit for bit, for any floating dtype.
+bit for bit, for any floating dtype; with quantization,
+``compress(W, mask, quant=s).to_dense() == fake_quantize(W, s, mask=mask)``.
 """
 from __future__ import annotations
 
@@ -36,7 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import MaskError, ShapeError
+from ..errors import MaskError, QuantError, ShapeError
+from . import quant as q
+from .quant import QuantScheme
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the format stores
 
@@ -214,51 +223,104 @@ def decompress_unstructured(values: torch.Tensor, meta: torch.Tensor, in_feature
 
 @dataclass
 class SparseWeight:
-    """A weight in the canonical format: ``pattern``, dense ``shape``, ``values`` and ``meta``."""
+    """A weight in the canonical format: ``pattern``, dense ``shape``, ``values`` and ``meta``; quantized, also
+    ``scales`` and their scheme ``quant`` (``values`` then holds codes)."""
 
     pattern: str
     shape: tuple[int, int]
     values: torch.Tensor
     meta: torch.Tensor
+    scales: torch.Tensor | None = None
+    quant: QuantScheme | None = None
 
     @classmethod
-    def compress(cls, weight: torch.Tensor, mask: torch.Tensor | None = None, pattern: str = "2:4", name: str = "weight"):
+    def compress(cls, weight: torch.Tensor, mask: torch.Tensor | None = None, pattern: str = "2:4",
+                 name: str = "weight", quant: QuantScheme | None = None, scales: torch.Tensor | None = None):
+        """``weight`` under ``mask``; with ``quant``, its kept values quantized under ``scales`` (default: the
+        absmax of the kept entries, :func:`~sparse_runtime.format.quant.absmax_scales`)."""
         nm = parse_pattern(pattern)
+        if quant is None and scales is not None:
+            raise QuantError(f"{name}: scales given without a quantization scheme")
         if nm is None:
             values, meta = compress_unstructured(weight, mask, name)
         else:
             values, meta = compress_nm(weight, mask, *nm, name=name)
-        return cls(pattern, tuple(weight.shape), values, meta)
+        if quant is None:
+            return cls(pattern, tuple(weight.shape), values, meta)
+        expected_shapes(pattern, tuple(weight.shape), quant=quant)  # refuses what cannot be quantized
+        if scales is None:
+            scales = q.absmax_scales(weight, quant, mask)
+        if scales.dtype != weight.dtype:
+            raise TypeError(f"{name}.scales: dtype {dtype_name(scales.dtype)}, expected the weight's "
+                            f"{dtype_name(weight.dtype)}")
+        sw = cls(pattern, tuple(weight.shape), values, meta, scales.to(weight.device), quant)
+        sw._check_scales(name)  # before they code anything
+        sw.values = q.encode(values, sw.scales, quant)
+        return sw
 
-    def to_dense(self) -> torch.Tensor:
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weight computes in: the values', or the scales' when quantized."""
+        return self.values.dtype if self.quant is None else self.scales.dtype
+
+    @property
+    def nnz(self) -> int:
+        """Kept entries (kept zeros included)."""
         nm = parse_pattern(self.pattern)
         if nm is None:
-            return decompress_unstructured(self.values, self.meta, self.shape[1])
-        return decompress_nm(self.values, self.meta, *nm, self.shape[1])
+            return self.values.numel()
+        rows, k = self.shape
+        return rows * k * nm[0] // nm[1]
+
+    def to_dense(self) -> torch.Tensor:
+        values = self.values if self.quant is None else q.decode(self.values, self.scales, self.quant)
+        nm = parse_pattern(self.pattern)
+        if nm is None:
+            return decompress_unstructured(values, self.meta, self.shape[1])
+        return decompress_nm(values, self.meta, *nm, self.shape[1])
 
     def mask(self) -> torch.Tensor:
         """The boolean mask of kept positions (kept zeros included)."""
         nm = parse_pattern(self.pattern)
         if nm is None:
             return unpack_bits(self.meta, self.shape[1])
-        ones = SparseWeight(self.pattern, self.shape, torch.ones_like(self.values, dtype=torch.uint8), self.meta)
-        return ones.to_dense().bool()
+        ones = torch.ones(expected_shapes(self.pattern, self.shape)["values"], dtype=torch.uint8,
+                          device=self.meta.device)
+        return SparseWeight(self.pattern, self.shape, ones, self.meta).to_dense().bool()
+
+    def _check_scales(self, name: str) -> None:
+        want = expected_shapes(self.pattern, self.shape, quant=self.quant)["scales"]
+        if tuple(self.scales.shape) != want:
+            raise ShapeError(f"{name}.scales: shape {tuple(self.scales.shape)}, expected {want} for "
+                             f"{self.quant.name} (group_size={self.quant.group_size}) {list(self.shape)}")
+        why = unsupported_dtype(self.scales.dtype, FLOAT_DTYPES)
+        if why:
+            raise TypeError(f"{name}.scales: {why}")
+        q.check_scales(self.scales, name)
 
     def validate(self, name: str = "weight") -> None:
-        """Check tensor shapes, dtypes and index ranges against ``pattern`` and ``shape``.
+        """Check tensor shapes, dtypes and index ranges against ``pattern`` and ``shape`` (and codes and scales
+        against ``quant``).
 
         Run on every checkpoint load: a corrupt ``meta`` would otherwise decode
         to silently wrong weights."""
         rows, k = self.shape
-        expected = expected_shapes(self.pattern, self.shape, nnz=self.values.numel())
+        if (self.scales is None) != (self.quant is None):
+            raise QuantError(f"{name}: scales and a quantization scheme go together (scales "
+                             f"{'missing' if self.scales is None else 'given'}, scheme {self.quant})")
+        expected = expected_shapes(self.pattern, self.shape, nnz=self.values.numel(), quant=self.quant)
         for tname, t in (("values", self.values), ("meta", self.meta)):
             if tuple(t.shape) != expected[tname]:
                 raise ShapeError(f"{name}.{tname}: shape {tuple(t.shape)}, expected {expected[tname]} for {self.pattern} {list(self.shape)}")
         if self.meta.dtype != torch.uint8:
             raise TypeError(f"{name}.meta: dtype {self.meta.dtype}, expected torch.uint8")
-        why = unsupported_dtype(self.values.dtype, FLOAT_DTYPES)
-        if why:
-            raise TypeError(f"{name}.values: {why}")
+        if self.quant is None:
+            why = unsupported_dtype(self.values.dtype, FLOAT_DTYPES)
+            if why:
+                raise TypeError(f"{name}.values: {why}")
+        else:
+            self._check_scales(name)
+            q.check_codes(self.values, self.quant, name)
         nm = parse_pattern(self.pattern)
         if nm is None:
             nnz = int(unpack_bits(self.meta, k).sum())
@@ -279,18 +341,28 @@ class SparseWeight:
             raise ShapeError(f"{name}.meta: row {bad[0]}, group {bad[1]} has indices that are not strictly increasing")
 
     def nbytes(self) -> int:
-        return self.values.numel() * self.values.element_size() + self.meta.numel()
+        scales = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
+        return self.values.numel() * self.values.element_size() + self.meta.numel() + scales
 
 
-def expected_shapes(pattern: str, shape: tuple[int, int], nnz: int | None = None) -> dict[str, tuple]:
-    """Tensor shapes the format prescribes; ``nnz`` is needed for unstructured only."""
+def expected_shapes(pattern: str, shape: tuple[int, int], nnz: int | None = None,
+                    quant: QuantScheme | None = None) -> dict[str, tuple]:
+    """Tensor shapes the format prescribes; ``nnz`` is needed for unstructured only. With ``quant``,
+    ``values`` is the stored codes' shape and ``scales`` is added; refuses what cannot be quantized."""
     rows, k = shape
     nm = parse_pattern(pattern)
     if nm is None:
+        if quant is not None:
+            raise QuantError(f"quantized values need an N:M pattern; {pattern} weights cannot be quantized")
         return {"values": (nnz,), "meta": (rows, cdiv(k, 8))}
     n, m = nm
     if k % m:
         raise ShapeError(f"in_features={k} is not divisible by the group size {m} of pattern {pattern}")
-    if (n, m) == (2, 4):
-        return {"values": (rows, k // 2), "meta": (rows, cdiv(k, 8))}
-    return {"values": (rows, k * n // m), "meta": (rows, k * n // m)}
+    kept = k * n // m
+    shapes = {"values": (rows, kept), "meta": (rows, cdiv(k, 8) if (n, m) == (2, 4) else kept)}
+    if quant is None:
+        return shapes
+    if quant.group_size is not None and quant.group_size % m:
+        raise ShapeError(f"{quant.name} group_size {quant.group_size} is not a multiple of the pattern's "
+                         f"group of {m} columns ({pattern})")
+    return {**shapes, "values": (rows, quant.stored_columns(kept)), "scales": (rows, quant.groups(k))}

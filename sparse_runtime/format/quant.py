@@ -9,9 +9,13 @@ columns of the dense weight (so a 2:4 group of 128 columns holds 64 kept codes).
 ``int4``  codes in [-7, 7], one scale per row and group of ``group_size`` (default 128) input columns.
 ``fp8``   codes float8_e4m3fn (finite, |code| <= 448), one scale per output row.
 
-This module owns the arithmetic (scales, rounding, dequantization) that the front-end's quantizers, the
-codec and every backend use, so fake-quantizing a dense weight and dequantizing its stored codes give the
-same bits.
+Stored (a :class:`~sparse_runtime.format.codec.SparseWeight`'s ``values``): int8 and fp8 codes as they are,
+``[N, C]`` for ``C`` kept values per row; int4 codes two per byte, ``[N, C/2]`` uint8, kept value ``2i`` in
+the low nibble of byte ``i`` and ``2i+1`` in the high nibble, each as ``code + 8`` (offset binary, 1..15).
+
+This module owns the arithmetic (scales, rounding, dequantization) and the stored form of the codes, which
+the front-end's quantizers, the codec and every backend use, so fake-quantizing a dense weight and
+dequantizing its stored codes give the same bits.
 """
 from __future__ import annotations
 
@@ -19,11 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ShapeError
+from ..errors import QuantError, ShapeError
 
 SCHEMES = ("int8", "int4", "fp8")
 DEFAULT_GROUP_SIZE = 128  # int4's group along the input dimension
 _QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
+CODE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}  # as stored
+_INT4_OFFSET = 8  # a stored int4 nibble is code + 8
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,19 @@ class QuantScheme:
         if in_features % self.group_size:
             raise ShapeError(f"in_features={in_features} is not divisible by the {self.name} group size {self.group_size}")
         return in_features // self.group_size
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """The dtype of the stored codes."""
+        return CODE_DTYPES[self.name]
+
+    def stored_columns(self, kept: int) -> int:
+        """Columns of the stored codes for ``kept`` values per row (int4 packs two per byte)."""
+        if self.name != "int4":
+            return kept
+        if kept % 2:
+            raise ShapeError(f"int4 packs two codes per byte: needs an even number of kept values per row, got {kept}")
+        return kept // 2
 
     def to_dict(self) -> dict:
         return {"scheme": self.name, "group_size": self.group_size}
@@ -101,3 +120,53 @@ def fake_quantize(weight: torch.Tensor, scheme: QuantScheme, scales: torch.Tenso
         scales = absmax_scales(weight, scheme, mask)
     w = weight if mask is None else weight * mask
     return dequantize_codes(quantize_codes(w, scales, scheme), scales)
+
+
+# -- the stored form ----------------------------------------------------------------------------------
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes [N, C] (int8 in [-7, 7], C even) -> [N, C/2] uint8, see the module docstring."""
+    u = (codes + _INT4_OFFSET).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[N, C/2] uint8 -> int4 codes [N, C] int8: the inverse of :func:`pack_int4`."""
+    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    return nibbles.to(torch.int8) - _INT4_OFFSET
+
+
+def encode(values: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """The stored codes of ``values`` [N, C] under ``scales``."""
+    codes = quantize_codes(values, scales, scheme)
+    return pack_int4(codes) if scheme.name == "int4" else codes
+
+
+def decode(stored: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """The values [N, C], in the scales' dtype, of stored codes: the inverse of :func:`encode` up to rounding."""
+    return dequantize_codes(unpack_int4(stored) if scheme.name == "int4" else stored, scales)
+
+
+def check_codes(stored: torch.Tensor, scheme: QuantScheme, name: str = "weight") -> None:
+    """Refuse stored codes that would dequantize to wrong weights: a wrong dtype, or codes outside the scheme
+    (int8 -128, an int4 nibble 0, an fp8 NaN). Shapes are the codec's (``expected_shapes``)."""
+    if stored.dtype != scheme.code_dtype:
+        raise TypeError(f"{name}.values: dtype {stored.dtype}, expected {scheme.code_dtype} for {scheme.name} codes")
+    if scheme.name == "int8":
+        bad = stored == -128
+    elif scheme.name == "int4":
+        bad = ((stored & 0xF) == 0) | ((stored >> 4) == 0)
+    else:
+        bad = (stored.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn's NaN, its only non-finite code
+    if bad.any():
+        r, c = bad.nonzero()[0].tolist()
+        raise QuantError(f"{name}.values: row {r}, column {c} holds a code outside the {scheme.name} range")
+
+
+def check_scales(scales: torch.Tensor, name: str = "weight") -> None:
+    """Refuse scales that are not finite or not positive."""
+    if not torch.isfinite(scales).all():
+        r, g = (~torch.isfinite(scales)).nonzero()[0].tolist()
+        raise QuantError(f"{name}.scales: row {r}, group {g} has scale {float(scales[r, g])}; scales must be finite")
+    if not (scales > 0).all():
+        r, g = (scales <= 0).nonzero()[0].tolist()
+        raise QuantError(f"{name}.scales: row {r}, group {g} has scale {float(scales[r, g])}; scales must be > 0")

@@ -4,11 +4,13 @@ and the pruning front-end alike."""
 from __future__ import annotations
 
 import fnmatch
+import math
 
 from torch import nn
 
 from ..errors import ShapeError, SparseRuntimeError
 from ..format.codec import parse_pattern
+from ..format.quant import QuantScheme
 
 # where transformers families keep their decoder layers
 LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers", "transformer.h",
@@ -34,14 +36,19 @@ def matches(name: str, patterns) -> bool:
 
 
 def select_linears(model: nn.Module, pattern: str, targets=None, ignore=("lm_head",), within: str | None = None,
-                   keep=(), explicit: bool | None = None) -> tuple[dict[str, nn.Linear], list[tuple[str, str]]]:
+                   keep=(), explicit: bool | None = None,
+                   quant: QuantScheme | None = None) -> tuple[dict[str, nn.Linear], list[tuple[str, str]]]:
     """``({name: nn.Linear}, [(name, reason)])``: the linears ``pattern`` applies to, and those passed over.
 
     ``targets`` (globs or trailing name components; default every ``nn.Linear``, or those under ``within.``)
-    minus ``ignore`` (names in ``keep`` are never ignored). A linear whose in_features the pattern cannot
-    group is skipped with the reason, or raises :class:`ShapeError` when the caller chose layers explicitly
-    (default: when ``targets`` is given)."""
+    minus ``ignore`` (names in ``keep`` are never ignored). A linear whose in_features the pattern (or the
+    groups of a grouped ``quant`` scheme) cannot group is skipped with the reason, or raises
+    :class:`ShapeError` when the caller chose layers explicitly (default: when ``targets`` is given)."""
     group = parse_pattern(pattern)
+    m = group[1] if group else 1
+    grouping = pattern
+    if quant is not None and quant.group_size:
+        m, grouping = math.lcm(m, quant.group_size), f"{pattern}, {quant.name} groups of {quant.group_size}"
     explicit = targets is not None if explicit is None else explicit
     chosen, skipped = {}, []
     for name, mod in model.named_modules():
@@ -54,9 +61,8 @@ def select_linears(model: nn.Module, pattern: str, targets=None, ignore=("lm_hea
         if matches(name, ignore) and name not in keep:
             skipped.append((name, "ignored"))
             continue
-        m = group[1] if group else 1
         if mod.in_features % m:
-            why = f"in_features={mod.in_features} is not divisible by {m} ({pattern})"
+            why = f"in_features={mod.in_features} is not divisible by {m} ({grouping})"
             if explicit:
                 raise ShapeError(f"{name}: {why}")
             skipped.append((name, why))

@@ -6,10 +6,11 @@ A checkpoint is a folder holding
     transformers refuses it or, with ``trust_remote_code=True``, loads it through sparse_runtime;
   * tokenizer files;
   * ``model.safetensors``: canonical compressed tensors (``*.weight_values``,
-    ``*.weight_meta``) for sparse layers, plain tensors for everything else;
+    ``*.weight_meta``, and ``*.weight_scales`` for quantized values) for sparse
+    layers, plain tensors for everything else;
   * ``sparse_config.json``: the format version and, per sparse layer, its
-    pattern, shape, dtype, sparsity, bias and rotation, which loading checks
-    the tensors against.
+    pattern, shape, dtype, sparsity, bias, rotation and (if quantized) ``quant``
+    (``{"scheme", "group_size"}``), which loading checks the tensors against.
 Saving writes a temporary sibling folder and swaps it into place (``saving``), so an
 interrupted save never leaves a half-written checkpoint, or none, where a good one was.
 """
@@ -24,7 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..format.codec import FLOAT_DTYPES
+from ..format.codec import FLOAT_DTYPES, dtype_name
+from ..format.quant import QuantScheme
 from ..nn.linear import SparseLinear
 from . import hf_config
 from .architecture import UnsupportedModel, find_decoder_layers
@@ -44,10 +46,11 @@ def _layer_entry(layer: SparseLinear) -> dict:
         "in_features": layer.in_features,
         "out_features": layer.out_features,
         "bias": layer.bias is not None,
-        "dtype": str(layer.weight_values.dtype).removeprefix("torch."),
-        "nnz": layer.weight_values.numel(),
+        "dtype": dtype_name(layer.dtype),
+        "nnz": layer.sparse_weight.nnz,
         "sparsity": round(layer.sparsity, 6),
         "rotation": None if layer.rotation is None else list(layer.rotation.shape),
+        **({} if layer.quant is None else {"quant": layer.quant.to_dict()}),
     }
 
 
@@ -60,7 +63,7 @@ def save_pretrained(model: nn.Module, out_dir, tokenizer=None, extra_config: dic
     dups = tied_duplicates(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in dups}
     for k, v in tensors.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
+        if v.dtype in FLOAT_DTYPES and not torch.isfinite(v).all():  # codes: checked by the codec
             raise ValueError(f"save_pretrained: tensor {k} has NaN/Inf values")
     sparse_config = {
         "format": FORMAT_NAME,
@@ -153,4 +156,16 @@ def _layer(where: Path, name: str, entry: dict) -> SparseLayer:
         raise CheckpointError(f"{name}: unsupported dtype {entry['dtype']!r}")
     rotation = tuple(entry["rotation"]) if entry.get("rotation") else None
     return SparseLayer(entry["pattern"], entry["in_features"], entry["out_features"], bool(entry["bias"]),
-                       getattr(torch, entry["dtype"]), entry["nnz"], rotation)
+                       getattr(torch, entry["dtype"]), entry["nnz"], rotation, _quant(where, name, entry))
+
+
+def _quant(where: Path, name: str, entry: dict) -> QuantScheme | None:
+    quant = entry.get("quant")
+    if quant is None:
+        return None
+    try:
+        if not isinstance(quant, dict) or set(quant) != {"scheme", "group_size"}:
+            raise ValueError(f"expected {{\"scheme\": ..., \"group_size\": ...}}, got {quant!r}")
+        return QuantScheme(quant["scheme"], quant["group_size"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: layer {name} has a bad quant entry ({e})") from None

@@ -227,6 +227,8 @@ def export_compressed_tensors(model: nn.Module, out_dir, tokenizer=None) -> Path
             raise CheckpointError(f"{name}: pattern {mod.pattern}; {SPARSE24} holds 2:4 layers only")
         if mod.rotation is not None:
             raise CheckpointError(f"{name}: has a rotation, which {SPARSE24} cannot express")
+        if mod.quant is not None:
+            raise CheckpointError(f"{name}: has {mod.quant.name} values; {SPARSE24} holds full-precision values only")
         sw = mod.sparse_weight
         tensors[f"{name}.compressed"] = sw.values.detach().cpu().contiguous()
         tensors[f"{name}.bitmask"] = pack_bits(sw.mask()).cpu()

@@ -62,7 +62,7 @@ class SparseRuntimeHfQuantizer(HfQuantizer):
         # The sparse tensors are loaded after transformers is done; keep its load report to what it owns.
         sparse = [k.rsplit(".", 1)[0] for f in files for k in _keys(f) if k.endswith(_SPARSE_SUFFIXES)]
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
-            r"\.(compressed|bitmask|shape|weight_values|weight_meta|rotation)$"}
+            r"\.(compressed|bitmask|shape|weight_values|weight_meta|weight_scales|rotation)$"}
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {
             re.escape(p) + r"\.weight$" for p in sparse}
 

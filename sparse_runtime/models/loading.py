@@ -19,6 +19,8 @@ from torch import nn
 from transformers import AutoConfig
 
 from ..errors import CheckpointError, SparseRuntimeError
+from ..format.codec import FLOAT_DTYPES
+from ..format.quant import QuantScheme
 from ..nn.linear import SparseLinear
 from .architecture import find_decoder_layers
 from .residual_rotation import install_boundaries
@@ -36,6 +38,7 @@ class SparseLayer:
     dtype: torch.dtype
     nnz: int
     rotation: tuple[int, ...] | None = None
+    quant: QuantScheme | None = None  # the values' quantization
 
 
 class Source:
@@ -69,7 +72,7 @@ class Source:
 def build(source: Source, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto") -> nn.Module:
     """The model of ``source``, every tensor placed at ``device`` (floating ones in ``dtype``, default: as stored)."""
     files = source.files
-    stored = {files.dtype(k) for k in files.keys() if files.dtype(k).is_floating_point}
+    stored = {files.dtype(k) for k in files.keys() if files.dtype(k) in FLOAT_DTYPES}  # not fp8 codes
     load_dtype = stored.pop() if len(stored) == 1 else torch.float32
     model = build_skeleton(source.config, load_dtype)
 
@@ -94,7 +97,7 @@ def build(source: Source, device="cpu", dtype: torch.dtype | None = None, backen
     if unexpected:
         raise CheckpointError(f"{tensors.where(unexpected[0])}: unexpected, the model has no such tensor"
                               f"{f' ({len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
-    sparse = {f"{n}.{p}" for n in layers for p in ("weight_values", "weight_meta")}
+    sparse = {f"{n}.{p}" for n in layers for p in ("weight_values", "weight_meta", "weight_scales")}
     for k in tensors.keys():  # every header against the model before the first byte of data is read
         check_tensor(tensors.where(k), tensors.shape(k), tensors.dtype(k), expected[k], exact=k in sparse)
     del expected
@@ -131,7 +134,7 @@ def _check_layer(where: Path, name: str, spec: SparseLayer, module) -> None:
 def _meta_layer(name: str, spec: SparseLayer) -> SparseLinear:
     try:
         layer = SparseLinear(spec.in_features, spec.out_features, bias=spec.bias, pattern=spec.pattern,
-                             nnz=spec.nnz, backend="reference", device="meta", dtype=spec.dtype)
+                             nnz=spec.nnz, backend="reference", device="meta", dtype=spec.dtype, quant=spec.quant)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{name}: {e}") from None
     if spec.rotation:

@@ -20,6 +20,7 @@ except ImportError:  # older transformers
     from transformers.modeling_utils import no_init_weights
 
 from ..errors import CheckpointError
+from ..format.codec import FLOAT_DTYPES
 
 
 def model_class(config):
@@ -58,11 +59,12 @@ def build_skeleton(config, dtype) -> nn.Module:
 
 def replace_placeholder(model: nn.Module, key: str, t: torch.Tensor, device, dtype: torch.dtype | None) -> None:
     """Put stored tensor ``t`` where state-dict key ``key`` lives: on ``device``, floating tensors in ``dtype``
-    (default: the skeleton's), replacing the meta placeholder without copying it."""
+    (default: the skeleton's), replacing the meta placeholder without copying it. Quantization codes (fp8 is
+    floating to torch) keep their dtype."""
     owner, _, attr = key.rpartition(".")
     mod = model.get_submodule(owner)
     old = getattr(mod, attr)
-    if t.is_floating_point():
+    if t.dtype in FLOAT_DTYPES and old.dtype in FLOAT_DTYPES:
         t = t.to(device=device, dtype=dtype or old.dtype)
     else:
         t = t.to(device=device)
@@ -103,8 +105,9 @@ def check_tensor(where: str, shape, dtype: torch.dtype, want: torch.Tensor, exac
 
 def check_finite(where: str, t: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
     """``t``, after checking it holds no NaN/Inf. In chunks: the check's mask stays a small heap block that the
-    next chunk reuses (a mask the tensor's size, freed among kept tensors, strands heap pages)."""
-    if t.is_floating_point():
+    next chunk reuses (a mask the tensor's size, freed among kept tensors, strands heap pages). Quantization
+    codes are the codec's to check (``SparseWeight.validate``)."""
+    if t.dtype in FLOAT_DTYPES:
         flat = t.reshape(-1)
         for i in range(0, flat.numel(), chunk):
             if not torch.isfinite(flat[i:i + chunk]).all():

@@ -9,6 +9,7 @@ from ..errors import ShapeError
 from ..format.codec import (FLOAT_DTYPES, SparseWeight, check_weight, expected_shapes, is_24, parse_pattern,
                             unsupported_dtype)
 from ..format.masks import pattern_mask
+from ..format.quant import QuantScheme, encode
 from ..format.rotation import check_rotation
 
 
@@ -19,6 +20,11 @@ class SparseLinear(nn.Module):
     the canonical format (see :mod:`sparse_runtime.format.codec`), ``bias``, and an
     optional ``rotation``. Backend layouts are derived from them on first use
     and again after every device or dtype move; they are never saved.
+
+    Quantized (``quant``, a :class:`~sparse_runtime.format.quant.QuantScheme`): ``weight_values`` holds the
+    codes and ``weight_scales`` their scales; the layer computes in the scales' dtype (:attr:`dtype`), and a
+    dtype move converts the scales, never the codes. The scheme is not in the state dict: a layer loads the
+    state of one built with the same scheme.
     """
 
     def __init__(
@@ -31,6 +37,7 @@ class SparseLinear(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        quant: QuantScheme | None = None,
     ):
         super().__init__()
         dtype = dtype or torch.get_default_dtype()
@@ -40,8 +47,13 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features, self.pattern = in_features, out_features, pattern
         if parse_pattern(pattern) is None and nnz is None:
             nnz = in_features * out_features // 2
-        shapes = expected_shapes(pattern, (out_features, in_features), nnz=nnz)
-        self.register_buffer("weight_values", torch.zeros(shapes["values"], device=device, dtype=dtype))
+        shape = (out_features, in_features)
+        shapes = expected_shapes(pattern, shape, nnz=nnz, quant=quant)
+        values = torch.zeros(expected_shapes(pattern, shape, nnz=nnz)["values"], device=device, dtype=dtype)
+        scales = None if quant is None else torch.ones(shapes["scales"], device=device, dtype=dtype)
+        self.quant = quant
+        self.register_buffer("weight_values", values if quant is None else encode(values, scales, quant))
+        self.register_buffer("weight_scales", scales)
         self.register_buffer("weight_meta", torch.zeros(shapes["meta"], device=device, dtype=torch.uint8))
         if is_24(pattern):  # a valid all-zero weight: indices (0, 1) in every group
             self.weight_meta.fill_(0x44)
@@ -62,8 +74,12 @@ class SparseLinear(nn.Module):
         pattern: str = "2:4",
         sparsity: float = 0.5,
         name: str = "linear",
+        quant: QuantScheme | None = None,
+        scales: torch.Tensor | None = None,
     ) -> "SparseLinear":
-        """Compress ``linear`` under ``mask`` (default: magnitude mask for ``pattern``)."""
+        """Compress ``linear`` under ``mask`` (default: magnitude mask for ``pattern``); with ``quant``, its kept
+        values quantized under ``scales`` ([out, groups] in the weight's dtype; default: absmax of the kept
+        entries). A weight already fake-quantized under ``scales`` keeps its values exactly."""
         weight = linear.weight.detach()
         check_weight(weight, name)
         nm = parse_pattern(pattern)
@@ -72,7 +88,7 @@ class SparseLinear(nn.Module):
                              f"{nm[1]} of pattern {pattern}")
         if mask is None:
             mask = pattern_mask(weight.abs(), pattern, sparsity)
-        sw = SparseWeight.compress(weight, mask, pattern, name=name)
+        sw = SparseWeight.compress(weight, mask, pattern, name=name, quant=quant, scales=scales)
         layer = cls.from_sparse_weight(sw, linear.bias, backend=backend)
         layer._resolve()  # fail now, not at the first forward, if the backend cannot run it
         return layer
@@ -80,10 +96,12 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_sparse_weight(cls, sw: SparseWeight, bias: torch.Tensor | None = None, backend: str = "auto"):
         rows, k = sw.shape
-        layer = cls(k, rows, bias=bias is not None, pattern=sw.pattern, nnz=sw.values.numel(),
-                    backend=backend, device=sw.values.device, dtype=sw.values.dtype)
+        layer = cls(k, rows, bias=bias is not None, pattern=sw.pattern, nnz=sw.nnz, backend=backend,
+                    device=sw.values.device, dtype=sw.dtype, quant=sw.quant)
         layer.weight_values.copy_(sw.values)
         layer.weight_meta.copy_(sw.meta)
+        if sw.quant is not None:
+            layer.weight_scales.copy_(sw.scales)
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
         return layer
@@ -91,7 +109,13 @@ class SparseLinear(nn.Module):
     # -- views of the weight ------------------------------------------------------------------------
     @property
     def sparse_weight(self) -> SparseWeight:
-        return SparseWeight(self.pattern, (self.out_features, self.in_features), self.weight_values, self.weight_meta)
+        return SparseWeight(self.pattern, (self.out_features, self.in_features), self.weight_values, self.weight_meta,
+                            self.weight_scales, self.quant)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the layer computes in (its inputs' dtype): the values', or the scales' when quantized."""
+        return self.weight_values.dtype if self.quant is None else self.weight_scales.dtype
 
     def dense_weight(self) -> torch.Tensor:
         """The decompressed ``[out_features, in_features]`` weight (zeros where pruned)."""
@@ -104,7 +128,7 @@ class SparseLinear(nn.Module):
 
     @property
     def sparsity(self) -> float:
-        return 1.0 - self.weight_values.numel() / (self.in_features * self.out_features)
+        return 1.0 - self.sparse_weight.nnz / (self.in_features * self.out_features)
 
     def nbytes(self) -> int:
         extra = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
@@ -114,7 +138,7 @@ class SparseLinear(nn.Module):
         """Put an orthogonal ``R`` ([K, K] or blocks [K/b, b, b]) in front: ``y = (x @ R) @ W^T + b``."""
         if rotation is not None:
             check_rotation(rotation, self.in_features)
-            rotation = rotation.to(device=self.weight_values.device, dtype=self.weight_values.dtype)
+            rotation = rotation.to(device=self.weight_values.device, dtype=self.dtype)
         self.rotation = rotation
         self._runner = None
 
@@ -124,15 +148,15 @@ class SparseLinear(nn.Module):
         self._resolve()
 
     def describe(self) -> str:
-        return (f"SparseLinear({self.in_features}->{self.out_features}, {self.pattern}, "
-                f"{self.weight_values.dtype}, {self.weight_values.device})")
+        quant = "" if self.quant is None else f", {self.quant.name} values"
+        return (f"SparseLinear({self.in_features}->{self.out_features}, {self.pattern}{quant}, "
+                f"{self.dtype}, {self.weight_values.device})")
 
     # -- execution ----------------------------------------------------------------------------------
     def _resolve(self):
         if self._runner is None:
             backend = backends.resolve(self.backend, self)
-            w = self.weight_values
-            self._runner = (backend, backend.prepare(self), w.dtype, w.device)
+            self._runner = (backend, backend.prepare(self), self.dtype, self.weight_values.device)
         return self._runner
 
     @property
@@ -142,7 +166,15 @@ class SparseLinear(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # A device or dtype move invalidates every derived layout.
         self._runner = None
-        return super()._apply(fn, *args, **kwargs)
+        codes = None if self.quant is None else self.quant.code_dtype
+        if codes is None or not codes.is_floating_point:
+            return super()._apply(fn, *args, **kwargs)
+        # fp8 codes are floating to torch, so a dtype move would convert them; as bytes they only change device
+        self._buffers["weight_values"] = self.weight_values.view(torch.uint8)
+        try:
+            return super()._apply(fn, *args, **kwargs)
+        finally:
+            self._buffers["weight_values"] = self.weight_values.view(codes)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._runner = None
@@ -158,11 +190,12 @@ class SparseLinear(nn.Module):
     def _refuse(self, x: torch.Tensor):
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"{self.describe()}: input has last dimension {x.shape[-1]}, expected {self.in_features}")
-        if x.dtype != self.weight_values.dtype:
-            raise TypeError(f"{self.describe()}: input dtype {x.dtype} does not match weight dtype {self.weight_values.dtype}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{self.describe()}: input dtype {x.dtype} does not match weight dtype {self.dtype}")
         raise RuntimeError(f"{self.describe()}: input is on {x.device}, weights on {self.weight_values.device}")
 
     def extra_repr(self) -> str:
         rot = "" if self.rotation is None else f", rotation={list(self.rotation.shape)}"
+        quant = "" if self.quant is None else f", quant={self.quant.name}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"pattern={self.pattern}, backend={self.backend}{rot}")
+                f"pattern={self.pattern}{quant}, backend={self.backend}{rot}")

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ShapeError
 from ..format.codec import parse_pattern
+from ..format.quant import QuantScheme
 from ..models.architecture import select_linears
 from .linear import SparseLinear
 
@@ -24,6 +25,7 @@ class LayerReport:
     backend: str
     dense_bytes: int
     sparse_bytes: int
+    quant: str | None = None  # the values' quantization scheme
 
 
 @dataclass
@@ -80,6 +82,8 @@ def sparsify(
     pattern: str = "2:4",
     sparsity: float = 0.5,
     progress: bool | None = None,
+    quant: QuantScheme | None = None,
+    scales: Mapping[str, torch.Tensor] | None = None,
 ) -> SparsifyReport:
     """Swap selected ``nn.Linear`` modules for :class:`SparseLinear`; return what changed.
 
@@ -89,21 +93,32 @@ def sparsify(
     ``nn.Linear``) minus ``ignore`` are replaced. A default-selected layer whose
     in_features the pattern cannot group is skipped with the reason; a layer
     the caller named explicitly (in ``masks`` or ``targets``) raises instead.
+
+    ``quant`` stores every replaced layer's kept values quantized under that scheme, with the scales of
+    ``scales`` (module name -> ``[out, groups]`` in the weight's dtype, from the pruning front-end: a weight
+    it fake-quantized under them keeps its values exactly) or, for a layer it omits, absmax scales.
     """
     parse_pattern(pattern)
     masks = {} if masks is None else masks  # a Mapping; PackedMasks unpacks one layer at a time
+    scales = {} if scales is None else scales
+    if scales and quant is None:
+        raise ValueError("sparsify: scales given without a quantization scheme (quant=)")
     modules = dict(model.named_modules())
-    for name in masks:
-        if name not in modules:
-            raise KeyError(f"masks names {name!r}, which is not a module of the model")
-        if not isinstance(modules[name], nn.Linear):
-            raise TypeError(f"masks names {name!r}, a {type(modules[name]).__name__}, not an nn.Linear")
+    for what, names in (("masks", masks), ("scales", scales)):
+        for name in names:
+            if name not in modules:
+                raise KeyError(f"{what} names {name!r}, which is not a module of the model")
+            if not isinstance(modules[name], nn.Linear):
+                raise TypeError(f"{what} names {name!r}, a {type(modules[name]).__name__}, not an nn.Linear")
     if targets is None and masks:
         targets = list(masks)
 
     report = SparsifyReport()
     chosen, report.skipped = select_linears(model, pattern, targets, ignore, keep=masks,
-                                            explicit=targets is not None or bool(masks))
+                                            explicit=targets is not None or bool(masks), quant=quant)
+    unused = [n for n in scales if n not in chosen]
+    if unused:
+        raise ValueError(f"sparsify: scales name {unused[0]!r}, which is not among the layers replaced")
     for name in tqdm(chosen, desc="sparsify", unit="layer", disable=progress is False or not chosen,
                      leave=False):
         linear = modules[name]
@@ -111,10 +126,11 @@ def sparsify(
         parent = modules[parent_name] if parent_name else model
         _untie(model, name, linear)
         layer = SparseLinear.from_linear(linear, masks.get(name), backend=backend, pattern=pattern,
-                                         sparsity=sparsity, name=name)
+                                         sparsity=sparsity, name=name, quant=quant, scales=scales.get(name))
         setattr(parent, child, layer)
         w = linear.weight
         dense = w.numel() * w.element_size() + (0 if linear.bias is None else linear.bias.numel() * w.element_size())
         report.replaced.append(LayerReport(name, linear.in_features, linear.out_features, pattern,
-                                           layer.active_backend, dense, layer.nbytes()))
+                                           layer.active_backend, dense, layer.nbytes(),
+                                           None if quant is None else quant.name))
     return report

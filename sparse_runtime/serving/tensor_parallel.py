@@ -86,6 +86,9 @@ def _local_entry(name: str, entry: dict, span: tuple[int, int]) -> dict:
                                   f"{entry.get('pattern')!r}")
     if entry.get("rotation"):
         raise TensorParallelError(f"{name}: layers with an input rotation cannot be sharded")
+    if entry.get("quant"):
+        raise TensorParallelError(f"{name}: layers with quantized values ({entry['quant'].get('scheme')}) "
+                                  "cannot be sharded yet")
     size = span[1] - span[0]
     dim = "in_features" if name.rpartition(".")[2] in ROW else "out_features"
     local = {**entry, dim: size}
