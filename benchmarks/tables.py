@@ -610,11 +610,34 @@ def headline() -> str:
     ]) + "\n"
 
 
+@measured_by("recovery")
+def recovery(r: dict) -> str:
+    cal, ev, tr = r["calibration"], r["eval"], r["training"]
+    dense = r["perplexity"]["dense"]
+    lines = [f"Recovery of {r['model']} at 2:4, masks frozen: WikiText-2 raw test perplexity (seqlen {ev['seqlen']}, "
+             f"{ev['tokens']:,} tokens) and TinyStories before and after, each row one run; training windows of "
+             f"{tr['seqlen']} tokens x {tr['batch']} per step from {tr['file']} ({tr['documents']}), AdamW lr "
+             f"{tr['lr']:g} with warm-up and cosine decay; starting points calibrated on {cal['nsamples']} x "
+             f"{cal['seqlen']} tokens (seed {cal['seed']}); {r['device']}, torch {r['torch']}, {date_span(r)}. "
+             f"Dense: **{dense['wikitext2']:.2f}** (TinyStories {dense['tinystories']:.2f}).", "",
+             "| start | loss | tokens | training time | tokens/s | WikiText-2 before -> after | TinyStories before "
+             "-> after | target |", "|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"].values():
+        t = r["targets"][row["start"]]
+        lines.append(f"| {row['start']} | {row['loss']} | {row['tokens']:,} | {row['seconds'] / 60:.1f} min | "
+                     f"{row['tokens_per_s']:,} | {row['before']['wikitext2']:.2f} -> **{row['after']['wikitext2']:.2f}**"
+                     f" | {row['before']['tinystories']:.2f} -> {row['after']['tinystories']:.2f} | <= {t['ppl']:g} "
+                     f"within {t['seconds'] / 60:g} min: {'met' if row['target_met'] else 'missed'} |")
+    lines += ["", "The curve of each run (its own evaluations, with the training time at each point): "
+              "`benchmarks/results/recovery.png`."]
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {"headline": headline, "cpu_kernels": cpu_kernels, "tp_memory": tp_memory, "prune_quality": prune_quality, "memory": memory, "gemma3_bos": gemma3_bos,
           "engine": engine, "serve_load": serve_load, "prune_speed": prune_speed,
           "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources, "decode_issue": decode_issue,
           "mmasp_issue": mmasp_issue, "host_overhead": host_overhead,
-          "rotation_quality": rotation_quality, "allocation_quality": allocation_quality}
+          "rotation_quality": rotation_quality, "allocation_quality": allocation_quality, "recovery": recovery}
 
 
 def render(text: str) -> str:

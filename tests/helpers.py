@@ -17,6 +17,19 @@ def tiny_model(family: str, seed: int = 0):
     return getattr(transformers, f"{cls}ForCausalLM")(cfg).eval()
 
 
+def random_rotations(model, blocks: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    cfg, layers = model.config, model.model.layers
+    d, hd = cfg.hidden_size, layers[0].self_attn.head_dim
+
+    def orth(*shape):
+        return torch.linalg.qr(torch.randn(*shape, generator=gen, dtype=torch.float64))[0].float()
+
+    q1s = [orth(d, d) if blocks == 1 else orth(blocks, d // blocks, d // blocks) for _ in layers]
+    r2s = [orth(cfg.num_key_value_heads, hd, hd) for _ in layers]
+    return q1s, r2s
+
+
 def masked_dense_copy(model, sparse_model):
     """A copy of ``model`` whose linears hold exactly the decompressed weights of ``sparse_model``."""
     import copy

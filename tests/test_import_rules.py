@@ -27,7 +27,9 @@ ALLOWED = {
     "data": set(),
     "serving": {"format", "ops", "backends", "nn", "models", "data"},
     "prune": {"format", "models", "data", "nn"},
-    "cli": {"format", "ops", "backends", "nn", "models", "data", "serving", "prune"},
+    # recovery trains SparseLinear's kept values (nn), loads, walks and saves models (models), reads the text (data)
+    "recover": {"format", "models", "data", "nn"},
+    "cli": {"format", "ops", "backends", "nn", "models", "data", "serving", "prune", "recover"},
 }
 EXTENSIONS = {"sparse_runtime._C": "sparse_runtime.ops.cusparselt",
               "sparse_runtime._decode24": "sparse_runtime.ops.mmasp",

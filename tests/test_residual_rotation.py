@@ -4,23 +4,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from helpers import tiny_model
+from helpers import random_rotations, tiny_model
 from sparse_runtime import SparseLinear, load_pretrained, save_pretrained, sparsify
 from sparse_runtime.models.sources import load_model
 from sparse_runtime.models.residual_rotation import BUFFER, UnsupportedArchitecture, check_layer, rotate_model
-
-
-def random_rotations(model, blocks: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    cfg, layers = model.config, model.model.layers
-    d, hd = cfg.hidden_size, layers[0].self_attn.head_dim
-
-    def orth(*shape):
-        return torch.linalg.qr(torch.randn(*shape, generator=gen, dtype=torch.float64))[0].float()
-
-    q1s = [orth(d, d) if blocks == 1 else orth(blocks, d // blocks, d // blocks) for _ in layers]
-    r2s = [orth(cfg.num_key_value_heads, hd, hd) for _ in layers]
-    return q1s, r2s
 
 
 def relative_error(a, b):

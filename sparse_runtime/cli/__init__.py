@@ -17,6 +17,7 @@ COMMANDS = {
     "info": "info",
     "generate": "generate",
     "prune": "prune",
+    "recover": "recover",
     "plan": "plan",
     "eval": "evaluate",
     "bench": "bench",

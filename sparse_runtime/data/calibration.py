@@ -108,16 +108,20 @@ def calibration_windows(tokenizer, path=DEFAULT_CALIB, nsamples: int = 128, seql
 
 
 def validation_windows(tokenizer, path=DEFAULT_CALIB, nwindows: int = 16, seqlen: int = 512,
-                       exclude: set[int] = frozenset(), bos: str = "auto") -> torch.Tensor:
+                       exclude: set[int] = frozenset(), bos: str = "auto",
+                       used: set[int] | None = None) -> torch.Tensor:
     """``[nwindows, seqlen]`` token ids from the documents of ``path`` NOT in ``exclude`` (in file order,
     joined with EOS and cut into consecutive windows, BOS per window as :func:`calibration_windows`): a
-    held-out text to tune allocation hyper-parameters on, disjoint from the calibration documents."""
+    held-out text to tune allocation hyper-parameters on, disjoint from the calibration documents. ``used``, a
+    set, receives the indices (in the file) of the documents the windows were cut from."""
     if nwindows < 1 or seqlen < 2:
         raise ValueError(f"need nwindows >= 1 and seqlen >= 2, got {nwindows} and {seqlen}")
     mode = bos_mode(tokenizer, bos)
     lead = [tokenizer.bos_token_id] if mode == "window" else []
-    texts = [t for i, t in enumerate(read_texts(path)) if i not in exclude]
-    windows = _cut_windows(tokenizer, texts, mode, nwindows, seqlen - len(lead), path, set())
+    texts = read_texts(path)
+    keep = [i for i in range(len(texts)) if i not in exclude]
+    windows = _cut_windows(tokenizer, [texts[i] for i in keep], mode, nwindows, seqlen - len(lead), path,
+                           set() if used is None else used, keep)
     return torch.tensor([lead + w for w in windows], dtype=torch.long).view(-1, seqlen)
 
 

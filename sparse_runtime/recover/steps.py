@@ -1,0 +1,38 @@
+"""One optimizer step as both recovery drivers take it: AdamW on the trainable tensors at the step's learning rate
+(:func:`~.config.lr_at`), gradients clipped, the forward under bf16 autocast where the device multiplies bf16
+natively (master weights stay float32)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .config import RecoverConfig, lr_at
+
+
+def compute_device(config: RecoverConfig) -> torch.device:
+    return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def autocast(device: torch.device, config: RecoverConfig):
+    """bf16 autocast on a device with native bf16 matmuls (CUDA Ampere and newer), unless ``config.autocast``
+    says otherwise; a null context elsewhere."""
+    on = config.autocast
+    if on is None:
+        on = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def optimizer(params, config: RecoverConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay)
+
+
+def take_step(opt: torch.optim.Optimizer, params, config: RecoverConfig, step: int, steps: int) -> float:
+    """Clip, set the learning rate of ``step`` of ``steps``, step, zero the gradients; returns the gradient norm."""
+    norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], config.clip)
+    lr = lr_at(config, step, steps)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
