@@ -9,12 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from ..format.codec import parse_pattern
+from ..format.quant import SCHEMES, QuantScheme
 from .allocation import Allocation
-from .methods import METHODS, NEEDS_CALIBRATION
+from .methods import ALL_METHODS, METHODS, NEEDS_CALIBRATION, QUANTIZERS
 from .sparsegpt import check_blocksize, check_refit
 
 OBJECTIVES = ("entropy", "nm")
 PER = ("row", "matrix")
+SWEEPS = ("sparsegpt", "gptq")  # the methods that run SparseGPT's column sweep: column blocks, true-sequential
 
 
 def check_sparsity(pattern: str, sparsity: float) -> None:
@@ -64,7 +66,14 @@ class PruneConfig:
     before pruning it; a name takes ``rotate_steps`` Adam steps, ``rotate_blocks`` diagonal blocks of R1 and
     ``rotate_importance``'s scores (default the method's own). ``allocation`` (an
     :class:`~.allocation.Allocation` of the same pattern) gives each decoder block its own rate.
-    ``blocksize``, ``damp`` (also the rotation's), ``refit``: SparseGPT's; ``per``: magnitude's, unstructured."""
+    ``blocksize``, ``damp`` (also the rotation's), ``refit``: SparseGPT's; ``per``: magnitude's, unstructured.
+
+    ``quantize`` (int8, int4 or fp8; see :mod:`sparse_runtime.format.quant`) also puts every pruned weight on that
+    scheme's grid, ``group_size`` input columns per scale (int4's default 128; int8 and fp8 one scale per row): the
+    weights hold ``code * scale`` and the result carries the scales. Magnitude and Wanda round to nearest after
+    masking, SparseGPT quantizes in its sweep. Method ``gptq`` quantizes without pruning (the dense baseline of
+    the same scheme; ``pattern`` and ``sparsity`` then only steer a rotation's objective, learned on SparseGPT's
+    scores unless ``rotate_importance`` says otherwise)."""
 
     method: str = "sparsegpt"
     pattern: str = "2:4"
@@ -85,10 +94,12 @@ class PruneConfig:
     damp: float = 0.01
     refit: int = 0
     per: str = "matrix"
+    quantize: str | None = None
+    group_size: int | None = None
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown pruning method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.method not in ALL_METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; choose from {', '.join(ALL_METHODS)}")
         check_sparsity(self.pattern, self.sparsity)
         _names(self.targets, "targets")
         _names(self.ignore, "ignore")
@@ -107,8 +118,9 @@ class PruneConfig:
         check_refit(self.refit)
         if self.refit and self.method != "sparsegpt":
             raise ValueError(f"refit re-solves SparseGPT's kept weights: {self.method} does not take it")
-        if self.method == "sparsegpt":  # the other methods have no column blocks
-            check_blocksize(self.blocksize, self.pattern)
+        self._check_quantize()
+        if self.method in SWEEPS:  # the other methods have no column blocks
+            check_blocksize(self.blocksize, self.pattern, self.quant)
         if self.per not in PER:
             raise ValueError(f"per must be 'row' or 'matrix', got {self.per!r}")
         if self.rotate == "none":
@@ -119,7 +131,9 @@ class PruneConfig:
         elif self.rotate is not None and not isinstance(self.rotate, RotateOptions):
             raise ValueError(f"rotate takes 'none', {', '.join(map(repr, OBJECTIVES))} or a RotateOptions, "
                              f"not {self.rotate!r}")
-        if (self.rotate is not None and self.method not in NEEDS_CALIBRATION
+        if self.rotate is not None and self.method in QUANTIZERS and self.rotate.importance is None:
+            self.rotate = dataclasses.replace(self.rotate, importance="sparsegpt")  # GPTQ's sweep is SparseGPT's
+        if (self.rotate is not None and ALL_METHODS[self.method].statistics is None
                 and self.rotate.importance in NEEDS_CALIBRATION):
             raise ValueError(f"rotate importance {self.rotate.importance!r} needs calibration statistics, which "
                              f"{self.method} pruning does not collect")
@@ -129,13 +143,38 @@ class PruneConfig:
             if self.allocation.pattern != self.pattern:
                 raise ValueError(f"the allocation is for pattern {self.allocation.pattern!r}, the prune for "
                                  f"{self.pattern!r}")
+            if self.method in QUANTIZERS:
+                raise ValueError(f"an allocation sets sparsities: {self.method} prunes nothing")
+
+    def _check_quantize(self) -> None:
+        if self.quantize is None:
+            if self.group_size is not None:
+                raise ValueError("group_size belongs to quantize: give quantize='int4' (or int8, fp8) with it")
+            if self.method in QUANTIZERS:
+                raise ValueError(f"{self.method} quantizes without pruning: it needs quantize "
+                                 f"({', '.join(SCHEMES)})")
+            return
+        if self.quantize not in SCHEMES:
+            raise ValueError(f"unknown quantization scheme {self.quantize!r}; choose from {', '.join(SCHEMES)}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)):
+            raise ValueError(f"group_size takes a number of input columns, not {self.group_size!r}")
+        scheme = QuantScheme.parse(self.quantize, self.group_size)  # refuses a group that is not a multiple of 8
+        nm = parse_pattern(self.pattern)
+        if scheme.group_size and nm and scheme.group_size % nm[1] and self.method not in QUANTIZERS:
+            raise ValueError(f"group_size {scheme.group_size} must be a multiple of the pattern's group size "
+                             f"{nm[1]} (a scale's columns hold whole {self.pattern} groups)")
 
     @property
     def sequential(self) -> bool:
         """Whether each group of a layer's linears is calibrated on the groups pruned before it."""
         if self.true_sequential is not None:
             return self.true_sequential
-        return self.method == "sparsegpt" or self.rotate is not None
+        return self.method in SWEEPS or self.rotate is not None
+
+    @property
+    def quant(self) -> QuantScheme | None:
+        """The quantization scheme ``quantize`` and ``group_size`` name (None: full precision)."""
+        return None if self.quantize is None else QuantScheme.parse(self.quantize, self.group_size)
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -158,5 +197,5 @@ def as_config(config: PruneConfig | str, pattern: str | None = None, sparsity: f
     if isinstance(config, PruneConfig):
         return config.replace(**given) if given else config
     if not isinstance(config, str):
-        raise ValueError(f"give a PruneConfig or a method name ({', '.join(METHODS)}), not {config!r}")
+        raise ValueError(f"give a PruneConfig or a method name ({', '.join(ALL_METHODS)}), not {config!r}")
     return PruneConfig(config, **given)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..format.masks import pattern_mask
-from .statistics import InputNorms, Method
+from .quantize import round_to_nearest
+from .statistics import InputNorms, Method, Pruned
 
 
 def scores(weight: torch.Tensor, sq_norms: torch.Tensor, squared: bool = False) -> torch.Tensor:
@@ -21,10 +22,10 @@ def wanda_mask(weight: torch.Tensor, sq_norms: torch.Tensor, pattern: str = "2:4
     return pattern_mask(scores(weight.detach().float(), sq_norms.to(weight.device)), pattern, sparsity, per="row")
 
 
-def prune_linear(linear, stats: InputNorms, pattern: str, sparsity: float, config) -> torch.Tensor:
+def prune_linear(linear, stats: InputNorms, pattern: str, sparsity: float, config) -> Pruned:
     mask = wanda_mask(linear.weight, stats.sq, pattern, sparsity)
     linear.weight.mul_(mask)
-    return mask
+    return Pruned(mask, round_to_nearest(linear, mask, config.quant))
 
 
 WANDA = Method("wanda", InputNorms, prune_linear)
