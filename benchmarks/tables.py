@@ -344,10 +344,18 @@ def engine(r: dict) -> str:
                      f"({gb(v['read_bytes_per_s'])}: at most {v['b1_bound_tokens_per_s']:.1f} tok/s at batch 1)")
         if "engine_b8_vs_b1" in v:
             text += f"; batch 8 vs batch 1 {ok(v['engine_b8_vs_b1'], 4)}"
+        if "baseline_memory_bytes" in v:
+            above = v["peak_memory_bytes"] - v["baseline_memory_bytes"]
+            text += (f"; peak {_gib(above)} above the process's baseline, {above / v['model_bytes']:.1f}x the "
+                     f"model's {_gib(v['model_bytes'])}")
+        if "first_decode_call_s" in v:
+            text += f"; first decode call (compiling) {v['first_decode_call_s']:.0f} s"
         lines.append(text + ".")
     if "sparse_b1_vs_dense" in r:
         lines.append(f"2:4 vs dense: batch-1 decode {r['sparse_b1_vs_dense']:.2f}x, peak memory "
                      f"{r['sparse_peak_vs_dense']:.2f}x of dense.")
+    if "sparse_b1_vs_dense_max_autotune" in r:
+        lines.append(f"2:4 vs dense-max-autotune: batch-1 decode {r['sparse_b1_vs_dense_max_autotune']:.2f}x.")
     return "\n".join(lines) + "\n"
 
 
