@@ -3,7 +3,7 @@ methods' and rotations' options), validated once when it is built, before any mo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +64,11 @@ class PruneConfig:
     before pruning it; a name takes ``rotate_steps`` Adam steps, ``rotate_blocks`` diagonal blocks of R1 and
     ``rotate_importance``'s scores (default the method's own). ``allocation`` (an
     :class:`~.allocation.Allocation` of the same pattern) gives each decoder block its own rate.
-    ``blocksize``, ``damp`` (also the rotation's), ``refit``: SparseGPT's; ``per``: magnitude's, unstructured."""
+    ``blocksize``, ``damp`` (also the rotation's), ``refit``: SparseGPT's; ``per``: magnitude's, unstructured.
+    ``prior`` (linear name -> keep mask of an earlier prune of the same weights) and ``toward`` (an N:M pattern,
+    with ``pattern="unstructured"`` at a sparsity of at most ``1 - N/M``) are a gradual schedule's: a weight
+    ``prior`` pruned stays pruned, and no group of M loses more than M - N, so a later N:M prune completes the
+    mask (see :func:`~sparse_runtime.format.masks.steer`)."""
 
     method: str = "sparsegpt"
     pattern: str = "2:4"
@@ -85,6 +89,8 @@ class PruneConfig:
     damp: float = 0.01
     refit: int = 0
     per: str = "matrix"
+    prior: Mapping[str, torch.Tensor] | None = None
+    toward: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -107,8 +113,18 @@ class PruneConfig:
         check_refit(self.refit)
         if self.refit and self.method != "sparsegpt":
             raise ValueError(f"refit re-solves SparseGPT's kept weights: {self.method} does not take it")
+        if self.toward is not None:
+            nm = parse_pattern(self.toward)
+            if nm is None or parse_pattern(self.pattern) is not None or not self.sparsity <= 1 - nm[0] / nm[1]:
+                raise ValueError(f"toward takes an N:M pattern beside pattern 'unstructured' at a sparsity of at "
+                                 f"most 1 - N/M; got toward={self.toward!r}, pattern={self.pattern!r}, "
+                                 f"sparsity={self.sparsity}")
+            if self.allocation is not None:
+                raise ValueError("toward prunes every block to the same sparsity: it takes no allocation")
+        if self.prior is not None and not isinstance(self.prior, Mapping):
+            raise ValueError(f"prior takes a mapping of linear names to keep masks, not {type(self.prior).__name__}")
         if self.method == "sparsegpt":  # the other methods have no column blocks
-            check_blocksize(self.blocksize, self.pattern)
+            check_blocksize(self.blocksize, self.toward or self.pattern)
         if self.per not in PER:
             raise ValueError(f"per must be 'row' or 'matrix', got {self.per!r}")
         if self.rotate == "none":
@@ -119,6 +135,9 @@ class PruneConfig:
         elif self.rotate is not None and not isinstance(self.rotate, RotateOptions):
             raise ValueError(f"rotate takes 'none', {', '.join(map(repr, OBJECTIVES))} or a RotateOptions, "
                              f"not {self.rotate!r}")
+        if self.rotate is not None and (self.prior is not None or self.toward is not None):
+            raise ValueError("a rotation moves the weights into new coordinates: it does not combine with an "
+                             "earlier prune's masks (prior) or a gradual schedule (toward)")
         if (self.rotate is not None and self.method not in NEEDS_CALIBRATION
                 and self.rotate.importance in NEEDS_CALIBRATION):
             raise ValueError(f"rotate importance {self.rotate.importance!r} needs calibration statistics, which "

@@ -72,7 +72,9 @@ def prune_sequential(model, calib: torch.Tensor, config: PruneConfig, inputs=Non
                     run_collecting(layer, {names[k]: st for k, st in stats.items()}, inps, kwargs[i], device)
                     for g in sets:
                         for n in g:
-                            result.masks[n] = method.prune_linear(names[n], stats[g[0]], pattern, sparsity, config)
+                            prior = None if config.prior is None else config.prior.get(n)
+                            result.masks[n] = method.prune_linear(names[n], stats[g[0]], pattern, sparsity, config,
+                                                                  prior)
                             result.patterns[n] = pattern
                     del stats
                 outs = _run_recording_errors(layer, inps, kwargs[i], device, store, names, dense, result.errors)

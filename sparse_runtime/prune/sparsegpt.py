@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 
 from ..format.codec import parse_pattern
+from ..format.masks import check_prior, steer
 from .statistics import Hessian, Method
 
 
@@ -62,16 +63,19 @@ def saliency(weight: torch.Tensor, u_sq: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5,
-                    blocksize: int = 128, damp: float = 0.01, refit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    blocksize: int = 128, damp: float = 0.01, refit: int = 0, prior: torch.Tensor | None = None,
+                    toward: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pruned weight in weight's dtype, keep mask)`` for one matrix ``[out, in]`` and its Hessian ``[in, in]``.
 
     ``refit`` > 0 then re-solves the kept weights on SparseGPT's mask (:func:`refit_masked`, that many
     conjugate-gradient steps): SparseGPT freezes each column once it is passed, so its kept weights are not the
-    least-squares optimum for the mask it chose."""
+    least-squares optimum for the mask it chose. ``prior``, ``toward``: each choice (a block's, a group's) is
+    steered as :func:`~sparse_runtime.format.masks.steer` says."""
     check_refit(refit)
-    check_blocksize(blocksize, pattern)
+    check_blocksize(blocksize, toward or pattern)
     nm = parse_pattern(pattern)
     W = weight.detach().float().clone()
+    prior = None if prior is None else prior.to(W.device, torch.bool)  # once, not per group
     W0 = W.clone() if refit else None
     cols = W.shape[1]
     Hinv, dead, Hd = damped_inverse(H, damp, device=W.device, upper=True, keep_damped=bool(refit))
@@ -83,7 +87,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4",
         d = torch.diag(Hinv1)
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
         if nm is None:  # adaptive mask: the block's lowest w^2 / [H^-1]_cc^2 across all its rows
-            score = saliency(W1, d.pow(2))
+            score = steer(saliency(W1, d.pow(2)), None if prior is None else prior[:, i1:i2], toward)
             k = int(score.numel() * sparsity)
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
             if k:
@@ -94,6 +98,8 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4",
         for i in range(i2 - i1):
             if nm and i % m == 0:  # choose this group's pruned entries from the already-updated weights
                 score = saliency(W1[:, i:i + m], d[i:i + m].pow(2))
+                if prior is not None:
+                    score = steer(score, prior[:, i1 + i:i1 + i + m])
                 mask1.scatter_(1, i + torch.topk(score, m - n, dim=1, largest=False).indices, True)
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0)
@@ -104,6 +110,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4",
         W[:, i1:i2] = Q1
         pruned[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after the block
+    check_prior(~pruned, prior)
     if refit:
         W = refit_masked(W0, Hd, ~pruned, W, refit)
     return W.to(weight.dtype), ~pruned
@@ -137,8 +144,9 @@ def refit_masked(w0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, w: torch
     return torch.where((error(x) < error(start)).unsqueeze(1), x, start)
 
 
-def prune_linear(linear, stats: Hessian, pattern: str, sparsity: float, config) -> torch.Tensor:
-    w, mask = sparsegpt_prune(linear.weight, stats.H, pattern, sparsity, config.blocksize, config.damp, config.refit)
+def prune_linear(linear, stats: Hessian, pattern: str, sparsity: float, config, prior=None) -> torch.Tensor:
+    w, mask = sparsegpt_prune(linear.weight, stats.H, pattern, sparsity, config.blocksize, config.damp, config.refit,
+                              prior, config.toward)
     linear.weight.copy_(w)
     return mask
 

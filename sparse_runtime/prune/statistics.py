@@ -21,11 +21,12 @@ from ..models.layer_walk import capture_inputs, forward_session, peak_bytes, run
 class Method:
     """A pruning method as the drivers run it: the statistics it accumulates per distinct linear input
     (``statistics(in_features, device)``, with ``.add(x [tokens, in])``; None: it needs no calibration), and
-    ``prune_linear(linear, stats, pattern, sparsity, config) -> keep mask [out, in]``, which writes the pruned
-    weight into ``linear`` (pattern and sparsity are the decoder block's: they differ under an allocation)."""
+    ``prune_linear(linear, stats, pattern, sparsity, config, prior) -> keep mask [out, in]``, which writes the
+    pruned weight into ``linear`` (pattern and sparsity are the decoder block's: they differ under an allocation;
+    ``prior``, the linear's keep mask from ``config.prior`` or None, what stays pruned)."""
     name: str
     statistics: type | None
-    prune_linear: Callable[[nn.Linear, object, str, float, object], torch.Tensor]
+    prune_linear: Callable[[nn.Linear, object, str, float, object, torch.Tensor | None], torch.Tensor]
 
 
 class InputNorms:
