@@ -10,8 +10,10 @@ cancel. Runs are greedy with EOS ignored, so each makes exactly N tokens; each t
 tokens with max_tokens 1; prefill tokens/s = --prefill-batch such prompts / their time. Peak memory is
 the peak RSS of a fresh process per variant (CPU; baseline beside it) or torch's peak allocation (CUDA) while the
 variant loads and runs. The bound at batch 1 is the machine's read bandwidth (a sum over 1 GiB) over the
-model's bytes, since each token reads every weight once. The 2:4 variant sparsifies every decoder linear by
-magnitude (speed does not depend on which weights are kept). Targets (issue 11): engine batch 1 >= 1.5x
+model's bytes, since each token reads every weight once. The 2:4 variant is a checkpoint (--sparse, or every
+decoder linear sparsified by magnitude and saved first: speed does not depend on which weights are kept), loaded
+as a user serving it would. ``dense-max-autotune`` (CPU) compiles the dense model with frozen, prepacked weights
+(``Engine(compile="max-autotune")``), the fastest dense decode inductor offers. Targets (issue 11): engine batch 1 >= 1.5x
 ``generate``; batch 8 aggregate >= 4x batch 1; on a GPU, 2:4 batch 1 >= 1.5x dense and peak memory below
 dense. Writes benchmarks/results/engine.json.
 """
@@ -32,6 +34,7 @@ import torch
 from sparse_runtime.data.calibration import DEFAULT_EVAL
 from sparse_runtime.models.sources import load_model
 from sparse_runtime.nn.linear import SparseLinear
+from sparse_runtime.models.checkpoint import save_pretrained
 from sparse_runtime.nn.sparsify import sparsify
 from sparse_runtime.ops.triton_launch import bucket_rows
 from sparse_runtime.serving.engine import Engine, Request, SamplingParams
@@ -50,8 +53,8 @@ class NullTokenizer:
         return ""
 
 
-def build(args):
-    """(model, tokenizer, prompt ids) of the dense model."""
+def build(args, path=None):
+    """(model, tokenizer, prompt ids) of the dense model, or of the checkpoint at ``path``."""
     if args.config == "llama3-8b":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -65,7 +68,7 @@ def build(args):
         model.eval()
         g = torch.Generator().manual_seed(0)
         return model, NullTokenizer(), torch.randint(0, LLAMA3_8B["vocab_size"], (args.prompt_tokens,), generator=g).tolist()
-    model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    model, tok = load_model(path or args.model, device=args.device, dtype=getattr(torch, args.dtype))
     text = Path(args.prompt_file).read_text(encoding="utf-8")
     ids = tok(text[: 20 * args.prompt_tokens])["input_ids"][: args.prompt_tokens]
     return model, tok, ids
@@ -136,8 +139,9 @@ def warm_up(model, rows) -> None:
                                   device=layer.weight_values.device))
 
 
-def measure(model, tok, ids, args, median, dense: bool) -> dict:
+def measure(model, tok, ids, args, median, dense: bool, compile=None) -> dict:
     n, rep = args.tokens, args.repeats
+    compile = args.compile if compile is None else compile
     slots, ctx = max(args.batches + [args.prefill_batch]), len(ids) + n + 1
     engines = {}
     if args.device.startswith("cuda"):  # the decode graphs run max_batch rows: each batch's engine, or slots
@@ -145,9 +149,9 @@ def measure(model, tok, ids, args, median, dense: bool) -> dict:
 
     def engine_for(batch):
         """One engine for every batch size, except under CUDA graphs, which always run max_batch rows."""
-        key = batch if args.compile and args.device.startswith("cuda") else slots
+        key = batch if compile and args.device.startswith("cuda") else slots
         if key not in engines:
-            engines[key] = Engine(model, tok, max_batch=key, max_seq_len=ctx, compile=args.compile)
+            engines[key] = Engine(model, tok, max_batch=key, max_seq_len=ctx, compile=compile)
         return engines[key]
 
     def engine_run(batch, tokens, prompt, engine=None):
@@ -166,7 +170,7 @@ def measure(model, tok, ids, args, median, dense: bool) -> dict:
     out = {"decode_tokens_per_s": {}, "model_bytes": model_bytes(model)}
     with torch.inference_mode():
         out["decode_tokens_per_s"]["hf_generate_b1"] = rate(hf, 1)
-        if args.compile:  # the eager engine too, to show what compiling buys
+        if compile:  # the eager engine too, to show what compiling buys
             eager = Engine(model, tok, max_batch=1, max_seq_len=ctx)
             out["decode_tokens_per_s"]["engine_eager_b1"] = rate(lambda bb, t: engine_run(bb, t, short, eager), 1)
         t0 = time.perf_counter()
@@ -199,7 +203,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on the CPU")
     ap.add_argument("--backend", default="auto", help="SparseLinear backend of the 2:4 variant")
-    ap.add_argument("--variants", nargs="+", default=["dense", "2:4"], choices=("dense", "2:4"))
+    ap.add_argument("--variants", nargs="+", default=["dense", "2:4"], choices=("dense", "2:4", "dense-max-autotune"))
+    ap.add_argument("--sparse", help="the 2:4 variant's checkpoint (default: --model sparsified by magnitude, saved "
+                                     "to a temporary folder)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=17, help="tokens per sequence in the decode runs")
     ap.add_argument("--decode-prompt-tokens", type=int, default=16)
@@ -229,14 +235,26 @@ def main(argv=None) -> int:
     if args.part:  # one variant in this fresh process, so its peak memory is its own
         (variant,) = args.variants
         baseline = reset_peak(args.device)
-        model, tok, ids = build(args)
-        if variant == "2:4":
+        model, tok, ids = build(args, args.sparse if variant == "2:4" else None)
+        if variant == "2:4" and not args.sparse:  # --config: random weights, no checkpoint
             sparsify(model, backend=args.backend, progress=False)
-        res = measure(model, tok, ids, args, median, dense=variant == "dense")
+        if variant == "2:4" and args.backend != "auto":
+            for m in model.modules():
+                if isinstance(m, SparseLinear):
+                    m.set_backend(args.backend)
+        res = measure(model, tok, ids, args, median, dense=variant != "2:4",
+                      compile="max-autotune" if variant == "dense-max-autotune" else None)
         res["peak_memory_bytes"], res["baseline_memory_bytes"] = peak_bytes(args.device), baseline
         write_json(args.part, res)
         return 0
     argv = sys.argv[1:] if argv is None else list(argv)
+    tmp = tempfile.TemporaryDirectory(prefix="engine-2of4-")
+    if "2:4" in args.variants and not args.sparse and not args.config:
+        model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+        sparsify(model, progress=False)
+        save_pretrained(model, tmp.name, tokenizer=tok)
+        del model
+        argv += ["--sparse", tmp.name]
     for variant in args.variants:
         print(f"{variant}:", flush=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as part:
@@ -248,6 +266,9 @@ def main(argv=None) -> int:
     if "dense" in v and "2:4" in v:
         report["sparse_b1_vs_dense"] = v["2:4"]["decode_tokens_per_s"]["engine_b1"] / v["dense"]["decode_tokens_per_s"]["engine_b1"]
         report["sparse_peak_vs_dense"] = v["2:4"]["peak_memory_bytes"] / v["dense"]["peak_memory_bytes"]
+    if "dense-max-autotune" in v and "2:4" in v:
+        report["sparse_b1_vs_dense_max_autotune"] = (v["2:4"]["decode_tokens_per_s"]["engine_b1"]
+                                                     / v["dense-max-autotune"]["decode_tokens_per_s"]["engine_b1"])
     out = write_json(args.out, report)
     plot(report, out.with_suffix(".png"))
     return 0

@@ -2,6 +2,7 @@
 never take more than M - N of a group, the last step is exactly the target pattern (2:4, unstructured 50%), the
 recovery budget is shared out over the steps, the command line end to end, and bad input is a clear error."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,10 +12,12 @@ from sparse_runtime.cli import main
 from sparse_runtime.data.calibration import DEFAULT_CALIB, calibration_windows
 from sparse_runtime.errors import MaskError
 from sparse_runtime.format.masks import pattern_mask, validate_nm
+from sparse_runtime.format.quant import fake_quantize
 from sparse_runtime.gradual import phase_steps, prune_gradually, run, sparsities, step_configs
 from sparse_runtime.models.checkpoint import read_sparse_config
 from sparse_runtime.models.sources import load_model
 from sparse_runtime.prune import PruneConfig
+from sparse_runtime.prune.methods import METHODS
 from sparse_runtime.prune.magnitude import magnitude_mask
 from sparse_runtime.prune.sparsegpt import sparsegpt_prune
 from sparse_runtime.prune.wanda import wanda_mask
@@ -71,6 +74,25 @@ def test_each_method_prunes_a_superset_that_can_still_become_n_m(method):
     assert (groups_keep(loose) < 2).any()
     with pytest.raises(MaskError, match="would come back"):
         step(torch.randn(16, 64, generator=g), "2:4", 0.5, loose, None)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_a_prior_holds_when_the_prune_also_quantizes(method):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 64, generator=g)
+    x = torch.randn(256, 64, generator=g) * torch.rand(64, generator=g)
+    stats = SimpleNamespace(H=2 * x.T @ x / len(x), sq=x.pow(2).sum(0))
+    prior = magnitude_mask(w, "unstructured", 0.3, "row", None, "2:4")
+    config = PruneConfig(method, "2:4", quantize="int4", group_size=16, blocksize=16)
+    linear = torch.nn.Linear(64, 16, bias=False).requires_grad_(False)
+    linear.weight.copy_(w * prior)
+    keep, scales = METHODS[method].prune_linear(linear, stats, "2:4", 0.5, config, prior)
+    validate_nm(keep)
+    assert not (keep & ~prior).any()
+    assert torch.equal(fake_quantize(linear.weight, config.quant, scales, keep), linear.weight)
+    loose = magnitude_mask(torch.randn(16, 64, generator=g), "unstructured", 0.45)
+    with pytest.raises(MaskError, match="would come back"):
+        METHODS[method].prune_linear(linear, stats, "2:4", 0.5, config, loose)
 
 
 def test_a_step_below_the_last_sparsity_is_refused():
@@ -135,7 +157,8 @@ def test_the_teacher_must_be_another_model(stories):
     with pytest.raises(ValueError, match="separate copy"):
         prune_gradually(model, model, PruneConfig("magnitude", "2:4"), RECOVERY, windows, 2)
     for config, message in [(PruneConfig("magnitude", "2:4", rotate="nm"), "no rotation"),
-                            (PruneConfig("magnitude", "unstructured", 0.5, toward="2:4"), "sets prior and toward")]:
+                            (PruneConfig("magnitude", "unstructured", 0.5, toward="2:4"), "sets prior and toward"),
+                            (PruneConfig("wanda", "2:4", quantize="int8"), "off a quantization grid")]:
         with pytest.raises(ValueError, match=message):
             step_configs(config, 2)
     for recovery, message in [(RECOVERY.replace(tokens=128), "need at least one each"),
@@ -145,9 +168,10 @@ def test_the_teacher_must_be_another_model(stories):
             phase_steps(recovery, 2)
     for fields, message in [({"pattern": "2:4", "toward": "2:4"}, "toward takes an N:M pattern beside"),
                             ({"pattern": "unstructured", "sparsity": 0.6, "toward": "2:4"}, "at most 1 - N/M"),
-                            ({"prior": [1]}, "prior takes a mapping")]:
+                            ({"prior": [1]}, "prior takes a mapping"),
+                            ({"method": "gptq", "quantize": "int8", "prior": {}}, "gptq prunes nothing")]:
         with pytest.raises(ValueError, match=message):
-            PruneConfig("magnitude", **fields)
+            PruneConfig(**{"method": "magnitude", **fields})
     with pytest.raises(ValueError, match="number of pruning steps >= 1"):
         sparsities(0.5, 0)
 
@@ -190,6 +214,7 @@ def test_prune_and_recover_from_the_command_line(stories_dir, tmp_path, capsys, 
     (["--recover-tokens", "0"], "tokens must be a positive integer"),
     (["--schedule", "gradual", "--steps", "4", "--recover-tokens", "512"], "need at least one each"),
     (["--recover-tokens", "256", "--rotate", "nm"], "no --rotate"),
+    (["--recover-tokens", "256", "--quantize", "int8"], "off the --quantize grid"),
 ])
 def test_bad_schedules_are_refused_before_any_work(stories_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

@@ -5,7 +5,8 @@ import argparse
 import json
 import sys
 
-HELP = "prune a model (magnitude, Wanda, SparseGPT) to 2:4 / N:M / unstructured and save a sparse checkpoint"
+HELP = ("prune a model (magnitude, Wanda, SparseGPT) to 2:4 / N:M / unstructured, optionally quantized (int8, "
+        "int4, fp8), and save a sparse checkpoint")
 
 
 def add_calibration_arguments(p) -> None:
@@ -35,6 +36,7 @@ def calibration_from_args(args, tok, model, used=None):
 
 
 def add_arguments(p) -> None:
+    from ..format.quant import SCHEMES
     from ..prune import METHODS, ROTATE_OBJECTIVES
     from ..prune.allocation import STRATEGIES
     from ..prune.atp_search import STATISTICS as BETA_STATISTICS
@@ -90,6 +92,12 @@ def add_arguments(p) -> None:
     p.add_argument("--rotate-importance", choices=["magnitude", "wanda", "sparsegpt"],
                    help="whose scores the rotation objective sees (default: the pruning method's own; "
                         "wanda suits sparsegpt at 2:4, see README)")
+    p.add_argument("--quantize", choices=SCHEMES, default=None,
+                   help="also quantize the kept weights: int8 or fp8 (one scale per output row) or int4 (one per "
+                        "row and --group-size input columns); magnitude and Wanda round to nearest after masking, "
+                        "SparseGPT quantizes in its sweep (default: none, full precision)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="input columns per scale (int4 default 128; it must divide every pruned layer's in_features)")
     add_schedule_arguments(p)
     p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU")
     p.add_argument("--errors", action="store_true", help="report ||WX - W_hat X|| / ||WX|| per linear")
@@ -146,6 +154,9 @@ def _recovery(args):
     if args.rotate != "none" or args.allocation != "uniform" or args.plan is not None:
         raise ValueError("--recover-tokens prunes every block alike in fixed coordinates: it takes no --rotate, "
                          "--allocation or --plan (prune, then `sparse-runtime recover` the checkpoint)")
+    if args.quantize is not None:
+        raise ValueError("--recover-tokens trains the kept weights in full precision after pruning, off the "
+                         "--quantize grid: quantize without recovery")
     fields = {k.removeprefix("recover_"): v for k, v in given.items()
               if k not in ("teacher", "recover_data") and v is not None}
     recovery = RecoverConfig(tokens=args.recover_tokens, device=args.device, **fields)
@@ -173,17 +184,21 @@ def _config(args):
                        true_sequential=args.true_sequential, offload=args.offload, record_errors=args.errors,
                        rotate=args.rotate, rotate_steps=args.rotate_steps, rotate_blocks=args.rotate_blocks,
                        rotate_importance=args.rotate_importance, blocksize=args.blocksize, damp=args.damp,
-                       refit=args.refit, per=args.per)
+                       refit=args.refit, per=args.per, quantize=args.quantize, group_size=args.group_size)
 
 
 def _sparsify(model, result, backend):
-    """SparseLinear for every pruned linear, each with the pattern it was pruned to (mixed N:M differ)."""
+    """SparseLinear for every pruned linear, each with the pattern it was pruned to (mixed N:M differ); a quantized
+    prune's weights are stored as codes under the prune's own scales (its weights are already on that grid)."""
     from ..nn.sparsify import SparsifyReport, sparsify
 
     report = SparsifyReport()
     for pattern in sorted(set(result.patterns.values())):
-        part = sparsify(model, masks={n: result.masks[n] for n, p in result.patterns.items() if p == pattern},
-                        pattern=pattern, backend=backend)
+        names = [n for n, p in result.patterns.items() if p == pattern]
+        quantized = {} if result.quant is None else {"quant": result.quant,
+                                                     "scales": {n: result.scales[n] for n in names}}
+        part = sparsify(model, masks={n: result.masks[n] for n in names}, pattern=pattern, backend=backend,
+                        **quantized)
         report.replaced += part.replaced
         report.skipped += part.skipped
     return report
@@ -270,7 +285,8 @@ def run(args) -> int:
     scheduled, recovered = ({}, {}) if gradual is None else (
         {"schedule": {"kind": args.schedule, **gradual.schedule()}}, {"recovery": gradual.summary()})
     save_pretrained(model, args.out, tokenizer=tok, extra_config={"pruning": {
-        k: info[k] for k in ("method", "pattern", "sparsity", "calibration", "model", "allocation", "plan")} | {
+        k: info[k] for k in ("method", "pattern", "sparsity", "calibration", "model", "allocation", "plan",
+                             "quantization")} | {
         "rotation": None if config.rotate is None else
         {"objective": config.rotate.objective, "steps": config.rotate.steps, "blocks": config.rotate.blocks},
         **scheduled}, **recovered})
@@ -288,7 +304,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        print(f"{args.method} {args.pattern}: pruned {len(result.masks)} linears in {result.seconds:.1f} s "
+        quantized = "" if result.quant is None else f" + {result.quant.name}"
+        print(f"{args.method} {args.pattern}{quantized}: pruned {len(result.masks)} linears in {result.seconds:.1f} s "
               f"(achieved sparsity {info['achieved_sparsity']:.3f})", file=sys.stderr)
         if gradual is not None:
             held = gradual.summary()["held_out_ppl"]

@@ -28,7 +28,11 @@ def add_arguments(p) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model's name)")
     p.add_argument("--sparsify", default=None, metavar="PATTERN", help="magnitude-prune to PATTERN (e.g. 2:4) first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step: CUDA graphs on CUDA, inductor on the CPU (the first requests wait for it)")
+    p.add_argument("--compile", nargs="?", const="default", choices=("default", "max-autotune"),
+                   help="compile the decode step: CUDA graphs on CUDA, inductor on the CPU (the first requests wait "
+                        "for it; cached across processes). --compile max-autotune (CPU): prepack dense weights for "
+                        "inductor's GEMM template, faster dense decode for a second copy of each dense weight and "
+                        "minutes of compiling in every process")
 
 
 def run(args) -> int:
@@ -55,7 +59,8 @@ def run(args) -> int:
     model, tok = load_from_args(args)
     if args.sparsify:
         print(sparsify(model, pattern=args.sparsify, backend=args.backend), file=sys.stderr)
-    engine = Engine(model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, compile=args.compile)
+    engine = Engine(model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                    compile={None: False, "default": True}.get(args.compile, args.compile))
     if tp:  # rank 0 serves; the others replay its model calls on their shards (tensor_parallel.follow)
         import torch.distributed as dist
 

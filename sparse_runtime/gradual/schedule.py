@@ -35,6 +35,10 @@ def step_configs(config: PruneConfig, steps: int) -> list[PruneConfig]:
                          "and no allocation")
     if config.prior is not None or config.toward is not None:
         raise ValueError("a gradual schedule sets prior and toward itself, step by step")
+    if config.quant is not None:
+        raise ValueError("a gradual schedule recovers in full precision after every step, the last included, which "
+                         "moves the kept weights off a quantization grid: prune with quantize in one shot, without "
+                         "recovery")
     nm = parse_pattern(config.pattern)
     target = 1 - nm[0] / nm[1] if nm else config.sparsity
     out = []

@@ -1,7 +1,9 @@
 """Pruning front-end: magnitude, Wanda and SparseGPT for 2:4, N:M and unstructured sparsity.
 
 ``prune(model, config, calib=...)`` zeroes pruned weights in place (SparseGPT also updates the kept ones) and
-returns the keep masks, ready for :func:`sparse_runtime.nn.sparsify`. A :class:`PruneConfig` says what to do; the
+returns the keep masks, ready for :func:`sparse_runtime.nn.sparsify`; with ``config.quantize`` the kept weights
+are also put on the scheme's grid and the result carries the scales (:mod:`.quantize`; ``gptq`` quantizes
+without pruning). A :class:`PruneConfig` says what to do; the
 calibrated methods run on the sequential driver (:mod:`.sequential`), magnitude and the searches' trials on
 :mod:`.dense_statistics`."""
 from __future__ import annotations
@@ -12,7 +14,7 @@ from .config import OBJECTIVES as ROTATE_OBJECTIVES
 from .config import PruneConfig, RotateOptions, as_config
 from .dense_statistics import DenseStatistics, collect_statistics, prune_from_statistics
 from .magnitude import magnitude_mask
-from .methods import METHODS, NEEDS_CALIBRATION
+from .methods import ALL_METHODS, METHODS, QUANTIZERS
 from .result import PruneResult
 from .sequential import prune_sequential
 from .sparsegpt import sparsegpt_prune
@@ -22,14 +24,15 @@ from .wanda import wanda_mask
 
 def prune(model, config: PruneConfig | str = "sparsegpt", pattern: str | None = None, sparsity: float | None = None,
           calib=None, *, inputs=None, **fields) -> PruneResult:
-    """Prune ``model`` in place as ``config`` says: a :class:`PruneConfig`, or a method name (in :data:`METHODS`)
-    whose config is built from ``pattern``, ``sparsity`` and ``fields`` (any :class:`PruneConfig` field:
-    ``prune(model, "wanda", "2:4", calib=calib)``); given with a config, they replace its fields.
+    """Prune ``model`` in place as ``config`` says: a :class:`PruneConfig`, or a method name (in :data:`METHODS`,
+    or :data:`QUANTIZERS`' ``gptq``, which quantizes only) whose config is built from ``pattern``, ``sparsity`` and
+    ``fields`` (any :class:`PruneConfig` field: ``prune(model, "wanda", "2:4", calib=calib)``); given with a
+    config, they replace its fields.
 
     ``calib`` is a ``[N, L]`` tensor of token ids (see :func:`calibration_windows`) for the calibrated methods;
     ``inputs`` reuses first-block inputs from :func:`~.statistics.capture_inputs` (a search's trials)."""
     config = as_config(config, pattern, sparsity, **fields)
-    if config.method not in NEEDS_CALIBRATION:
+    if ALL_METHODS[config.method].statistics is None:
         return prune_from_statistics(model, config)
     if calib is None:
         raise ValueError(f"{config.method} needs calibration token ids (calib=[N, L] tensor)")
@@ -40,6 +43,7 @@ __all__ = [
     "DEFAULT_CALIB",
     "DEFAULT_EVAL",
     "METHODS",
+    "QUANTIZERS",
     "CalibrationError",
     "DenseStatistics",
     "Hessian",

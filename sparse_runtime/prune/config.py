@@ -9,12 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from ..format.codec import parse_pattern
+from ..format.quant import SCHEMES, QuantScheme
 from .allocation import Allocation
-from .methods import METHODS, NEEDS_CALIBRATION
+from .methods import ALL_METHODS, METHODS, NEEDS_CALIBRATION, QUANTIZERS
 from .sparsegpt import check_blocksize, check_refit
 
 OBJECTIVES = ("entropy", "nm")
 PER = ("row", "matrix")
+SWEEPS = ("sparsegpt", "gptq")  # the methods that run SparseGPT's column sweep: column blocks, true-sequential
 
 
 def check_sparsity(pattern: str, sparsity: float) -> None:
@@ -68,7 +70,14 @@ class PruneConfig:
     ``prior`` (linear name -> keep mask of an earlier prune of the same weights) and ``toward`` (an N:M pattern,
     with ``pattern="unstructured"`` at a sparsity of at most ``1 - N/M``) are a gradual schedule's: a weight
     ``prior`` pruned stays pruned, and no group of M loses more than M - N, so a later N:M prune completes the
-    mask (see :func:`~sparse_runtime.format.masks.steer`)."""
+    mask (see :func:`~sparse_runtime.format.masks.steer`); neither goes with ``gptq``, which prunes nothing.
+
+    ``quantize`` (int8, int4 or fp8; see :mod:`sparse_runtime.format.quant`) also puts every pruned weight on that
+    scheme's grid, ``group_size`` input columns per scale (int4's default 128; int8 and fp8 one scale per row): the
+    weights hold ``code * scale`` and the result carries the scales. Magnitude and Wanda round to nearest after
+    masking, SparseGPT quantizes in its sweep. Method ``gptq`` quantizes without pruning (the dense baseline of
+    the same scheme; ``pattern`` and ``sparsity`` then only steer a rotation's objective, learned on SparseGPT's
+    scores unless ``rotate_importance`` says otherwise)."""
 
     method: str = "sparsegpt"
     pattern: str = "2:4"
@@ -91,10 +100,12 @@ class PruneConfig:
     per: str = "matrix"
     prior: Mapping[str, torch.Tensor] | None = None
     toward: str | None = None
+    quantize: str | None = None
+    group_size: int | None = None
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown pruning method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.method not in ALL_METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; choose from {', '.join(ALL_METHODS)}")
         check_sparsity(self.pattern, self.sparsity)
         _names(self.targets, "targets")
         _names(self.ignore, "ignore")
@@ -123,8 +134,11 @@ class PruneConfig:
                 raise ValueError("toward prunes every block to the same sparsity: it takes no allocation")
         if self.prior is not None and not isinstance(self.prior, Mapping):
             raise ValueError(f"prior takes a mapping of linear names to keep masks, not {type(self.prior).__name__}")
-        if self.method == "sparsegpt":  # the other methods have no column blocks
-            check_blocksize(self.blocksize, self.toward or self.pattern)
+        if self.method in QUANTIZERS and (self.prior is not None or self.toward is not None):
+            raise ValueError(f"prior and toward steer a prune's mask: {self.method} prunes nothing")
+        self._check_quantize()
+        if self.method in SWEEPS:  # the other methods have no column blocks
+            check_blocksize(self.blocksize, self.toward or self.pattern, self.quant)
         if self.per not in PER:
             raise ValueError(f"per must be 'row' or 'matrix', got {self.per!r}")
         if self.rotate == "none":
@@ -138,7 +152,9 @@ class PruneConfig:
         if self.rotate is not None and (self.prior is not None or self.toward is not None):
             raise ValueError("a rotation moves the weights into new coordinates: it does not combine with an "
                              "earlier prune's masks (prior) or a gradual schedule (toward)")
-        if (self.rotate is not None and self.method not in NEEDS_CALIBRATION
+        if self.rotate is not None and self.method in QUANTIZERS and self.rotate.importance is None:
+            self.rotate = dataclasses.replace(self.rotate, importance="sparsegpt")  # GPTQ's sweep is SparseGPT's
+        if (self.rotate is not None and ALL_METHODS[self.method].statistics is None
                 and self.rotate.importance in NEEDS_CALIBRATION):
             raise ValueError(f"rotate importance {self.rotate.importance!r} needs calibration statistics, which "
                              f"{self.method} pruning does not collect")
@@ -148,13 +164,38 @@ class PruneConfig:
             if self.allocation.pattern != self.pattern:
                 raise ValueError(f"the allocation is for pattern {self.allocation.pattern!r}, the prune for "
                                  f"{self.pattern!r}")
+            if self.method in QUANTIZERS:
+                raise ValueError(f"an allocation sets sparsities: {self.method} prunes nothing")
+
+    def _check_quantize(self) -> None:
+        if self.quantize is None:
+            if self.group_size is not None:
+                raise ValueError("group_size belongs to quantize: give quantize='int4' (or int8, fp8) with it")
+            if self.method in QUANTIZERS:
+                raise ValueError(f"{self.method} quantizes without pruning: it needs quantize "
+                                 f"({', '.join(SCHEMES)})")
+            return
+        if self.quantize not in SCHEMES:
+            raise ValueError(f"unknown quantization scheme {self.quantize!r}; choose from {', '.join(SCHEMES)}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)):
+            raise ValueError(f"group_size takes a number of input columns, not {self.group_size!r}")
+        scheme = QuantScheme.parse(self.quantize, self.group_size)  # refuses a group that is not a multiple of 8
+        nm = parse_pattern(self.pattern)
+        if scheme.group_size and nm and scheme.group_size % nm[1] and self.method not in QUANTIZERS:
+            raise ValueError(f"group_size {scheme.group_size} must be a multiple of the pattern's group size "
+                             f"{nm[1]} (a scale's columns hold whole {self.pattern} groups)")
 
     @property
     def sequential(self) -> bool:
         """Whether each group of a layer's linears is calibrated on the groups pruned before it."""
         if self.true_sequential is not None:
             return self.true_sequential
-        return self.method == "sparsegpt" or self.rotate is not None
+        return self.method in SWEEPS or self.rotate is not None
+
+    @property
+    def quant(self) -> QuantScheme | None:
+        """The quantization scheme ``quantize`` and ``group_size`` name (None: full precision)."""
+        return None if self.quantize is None else QuantScheme.parse(self.quantize, self.group_size)
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -177,5 +218,5 @@ def as_config(config: PruneConfig | str, pattern: str | None = None, sparsity: f
     if isinstance(config, PruneConfig):
         return config.replace(**given) if given else config
     if not isinstance(config, str):
-        raise ValueError(f"give a PruneConfig or a method name ({', '.join(METHODS)}), not {config!r}")
+        raise ValueError(f"give a PruneConfig or a method name ({', '.join(ALL_METHODS)}), not {config!r}")
     return PruneConfig(config, **given)

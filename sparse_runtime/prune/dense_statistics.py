@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from ..models.architecture import decoder_linears, find_decoder_layers
 from .allocation import block_of, check_blocks
 from .config import PruneConfig
-from .methods import METHODS
+from .methods import ALL_METHODS
+from .quantize import check_groups
 from .result import PruneResult
 from .rotate import rotate_by_weights
 from .statistics import capture_inputs, collect_dense, forward_session, peak_bytes
@@ -46,7 +47,7 @@ def collect_statistics(model, calib: torch.Tensor, config: PruneConfig, inputs=N
     """``config.method``'s statistics of every decoder linear ``config.pattern`` can take (less ``ignore``), from
     one layer-by-layer pass of the dense model on ``calib`` [N, L]; the model is not changed. ``inputs`` reuses
     first-block inputs from :func:`~.statistics.capture_inputs`."""
-    method = METHODS[config.method]
+    method = ALL_METHODS[config.method]
     if method.statistics is None:
         raise ValueError(f"{config.method} prunes from the weights alone: it has no statistics to collect")
     _check_reusable(config)
@@ -77,10 +78,11 @@ def prune_from_statistics(model, config: PruneConfig, statistics: DenseStatistic
     """Prune ``model`` in place: every linear ``config`` chooses, at its decoder block's rate, from
     ``statistics`` (:func:`collect_statistics`, same method, pattern and ignore), or for magnitude from the
     weights alone (``config.rotate`` then first learns and folds rotations from the weights); no forward."""
-    method = METHODS[config.method]
+    method = ALL_METHODS[config.method]
     layers, path = find_decoder_layers(model)
     chosen, skipped = decoder_linears(model, config.pattern, config.targets, config.ignore)
     check_blocks(config.allocation, layers)
+    check_groups(config.quant, chosen)
     t0 = time.perf_counter()
     if method.statistics is None:
         if statistics is not None:
@@ -102,8 +104,7 @@ def prune_from_statistics(model, config: PruneConfig, statistics: DenseStatistic
             raise ValueError(f"the dense statistics have none for {name}; collect them with the same pattern and "
                              "ignore")
         stats = None if statistics is None else statistics.stats[name]
-        result.masks[name] = method.prune_linear(linear, stats, pattern, sparsity, config,
-                                                 None if config.prior is None else config.prior.get(name))
-        result.patterns[name] = pattern
+        prior = None if config.prior is None else config.prior.get(name)
+        result.record(name, method.prune_linear(linear, stats, pattern, sparsity, config, prior), pattern)
     result.seconds = time.perf_counter() - t0
     return result

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..format.masks import pattern_mask
-from .statistics import Method
+from .quantize import round_to_nearest
+from .statistics import Method, Pruned
 
 
 def scores(weight: torch.Tensor, squared: bool = False) -> torch.Tensor:
@@ -19,10 +20,10 @@ def magnitude_mask(weight: torch.Tensor, pattern: str = "2:4", sparsity: float =
     return pattern_mask(scores(weight.detach()), pattern, sparsity, per, prior, toward)
 
 
-def prune_linear(linear, stats, pattern: str, sparsity: float, config, prior=None) -> torch.Tensor:
+def prune_linear(linear, stats, pattern: str, sparsity: float, config, prior=None) -> Pruned:
     mask = magnitude_mask(linear.weight, pattern, sparsity, config.per, prior, config.toward)
     linear.weight.mul_(mask)
-    return mask
+    return Pruned(mask, round_to_nearest(linear, mask, config.quant))
 
 
 MAGNITUDE = Method("magnitude", None, prune_linear)

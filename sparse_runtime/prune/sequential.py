@@ -18,7 +18,8 @@ from ..models.residual_rotation import (UnsupportedArchitecture, check_layer, fo
                                         set_boundary, transpose)
 from .allocation import check_blocks
 from .config import PruneConfig
-from .methods import METHODS
+from .methods import ALL_METHODS
+from .quantize import check_groups
 from .result import PruneResult
 from .rotate import learn_rotation
 from .statistics import (capture_inputs, forward_session, input_groups, layer_inputs, peak_bytes, run_collecting,
@@ -32,12 +33,13 @@ def prune_sequential(model, calib: torch.Tensor, config: PruneConfig, inputs=Non
     layer's statistics, scored by the method's importance, and folds them in (see
     :mod:`sparse_runtime.models.residual_rotation`); the rotated layer is then pruned with fresh statistics.
     ``inputs`` reuses first-block inputs from :func:`~.statistics.capture_inputs` (a search's trials)."""
-    method = METHODS[config.method]
+    method = ALL_METHODS[config.method]
     if method.statistics is None:
         raise ValueError(f"{config.method} needs no calibration: prune it with prune()")
     layers, path = find_decoder_layers(model)
     chosen, skipped = decoder_linears(model, config.pattern, config.targets, config.ignore)
     check_blocks(config.allocation, layers)
+    check_groups(config.quant, chosen)
     device = config.torch_device()
     store = torch.device("cpu") if config.offload else device
     result = PruneResult.start(config, skipped, *calib.shape)
@@ -73,9 +75,8 @@ def prune_sequential(model, calib: torch.Tensor, config: PruneConfig, inputs=Non
                     for g in sets:
                         for n in g:
                             prior = None if config.prior is None else config.prior.get(n)
-                            result.masks[n] = method.prune_linear(names[n], stats[g[0]], pattern, sparsity, config,
-                                                                  prior)
-                            result.patterns[n] = pattern
+                            result.record(n, method.prune_linear(names[n], stats[g[0]], pattern, sparsity, config,
+                                                                 prior), pattern)
                     del stats
                 outs = _run_recording_errors(layer, inps, kwargs[i], device, store, names, dense, result.errors)
                 del dense

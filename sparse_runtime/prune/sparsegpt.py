@@ -1,13 +1,16 @@
-"""SparseGPT (Frantar & Alistarh 2023): prune column by column with OBS updates from the inverse Hessian."""
+"""SparseGPT (Frantar & Alistarh 2023): prune column by column with OBS updates from the inverse Hessian, and
+optionally quantize the kept weights in the same sweep (the paper's joint 2:4 + 4-bit)."""
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
 
+from ..errors import ShapeError
 from ..format.codec import parse_pattern
 from ..format.masks import check_prior, steer
-from .statistics import Hessian, Method
+from ..format.quant import QuantScheme, absmax_scales, fake_quantize
+from .statistics import Hessian, Method, Pruned
 
 
 def check_refit(refit) -> None:
@@ -15,12 +18,17 @@ def check_refit(refit) -> None:
         raise ValueError(f"refit takes a number of conjugate-gradient steps >= 0, not {refit!r}")
 
 
-def check_blocksize(blocksize, pattern: str) -> None:
+def check_blocksize(blocksize, pattern: str, quant: QuantScheme | None = None) -> None:
+    """A column block holds whole N:M groups and whole quantization groups (a group's scale is set from the
+    group's updated weights when the sweep enters it, so a group must not straddle a lazy block update)."""
     nm = parse_pattern(pattern)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"blocksize takes a number of columns >= 1, not {blocksize!r}")
     if nm and blocksize % nm[1]:
         raise ValueError(f"blocksize {blocksize} must be a multiple of the group size {nm[1]}")
+    if quant is not None and quant.group_size and blocksize % quant.group_size:
+        raise ValueError(f"blocksize {blocksize} must be a multiple of the {quant.name} group size "
+                         f"{quant.group_size}")
 
 
 class DampedInverse(NamedTuple):
@@ -61,6 +69,12 @@ def saliency(weight: torch.Tensor, u_sq: torch.Tensor) -> torch.Tensor:
     return weight.pow(2) / u_sq.unsqueeze(0)
 
 
+class Solved(NamedTuple):
+    weight: torch.Tensor  # in the input weight's dtype: pruned, and on the grid when quantized
+    keep: torch.Tensor  # [out, in] bool (all True for a dense quantizer)
+    scales: torch.Tensor | None  # [out, groups] in the weight's dtype, when quantized
+
+
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5,
                     blocksize: int = 128, damp: float = 0.01, refit: int = 0, prior: torch.Tensor | None = None,
@@ -71,38 +85,108 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4",
     conjugate-gradient steps): SparseGPT freezes each column once it is passed, so its kept weights are not the
     least-squares optimum for the mask it chose. ``prior``, ``toward``: each choice (a block's, a group's) is
     steered as :func:`~sparse_runtime.format.masks.steer` says."""
+    solved = sparsegpt_solve(weight, H, pattern, sparsity, blocksize, damp, refit, prior=prior, toward=toward)
+    return solved.weight, solved.keep
+
+
+@torch.no_grad()
+def sparsegpt_solve(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5,
+                    blocksize: int = 128, damp: float = 0.01, refit: int = 0, quant: QuantScheme | None = None,
+                    keep: torch.Tensor | None = None, prior: torch.Tensor | None = None,
+                    toward: str | None = None) -> Solved:
+    """SparseGPT's prune of one matrix, optionally quantized jointly (the paper's 2:4 + 4-bit): each kept column is
+    rounded to ``quant``'s grid as the sweep passes it and its rounding error, like the pruned weights' error, is
+    spread over the later columns. ``keep`` fixes the mask instead of choosing one (``pattern`` and ``sparsity``
+    unused); all True with ``quant`` is GPTQ, the dense quantizer of the same sweep. ``prior``, ``toward``: each
+    choice (a block's, a group's, a quantization group's provisional one) is steered as
+    :func:`~sparse_runtime.format.masks.steer` says; a mask that would restore a weight ``prior`` pruned is refused.
+
+    With ``refit`` and ``quant``, the sweep prunes only, the kept weights are re-solved in full precision, and a
+    second sweep with the mask fixed quantizes them (the refit would undo a joint sweep's rounding)."""
     check_refit(refit)
-    check_blocksize(blocksize, toward or pattern)
-    nm = parse_pattern(pattern)
+    check_blocksize(blocksize, (toward or pattern) if keep is None else "unstructured", quant)
     W = weight.detach().float().clone()
+    if quant is not None:
+        quant.groups(W.shape[1])
+    if keep is not None and keep.shape != W.shape:
+        raise ShapeError(f"keep mask {tuple(keep.shape)} does not match the weight {tuple(W.shape)}")
     prior = None if prior is None else prior.to(W.device, torch.bool)  # once, not per group
     W0 = W.clone() if refit else None
-    cols = W.shape[1]
     Hinv, dead, Hd = damped_inverse(H, damp, device=W.device, upper=True, keep_damped=bool(refit))
     W[:, dead] = 0  # inputs never active: prune freely
-    pruned = torch.zeros_like(W, dtype=torch.bool)
+    joint = None if refit else quant
+    if keep is None:
+        W, pruned, scales = _sweep(W, Hinv, blocksize, weight.dtype, choose=(parse_pattern(pattern), sparsity),
+                                   quant=joint, prior=prior, toward=toward)
+    else:
+        W, pruned, scales = _sweep(W, Hinv, blocksize, weight.dtype, pruned=~keep.to(W.device, torch.bool),
+                                   quant=joint)
+    check_prior(~pruned, prior)
+    if refit:
+        W = refit_masked(W0, Hd, ~pruned, W, refit)
+        if quant is not None:
+            W, _, scales = _sweep(W, Hinv, blocksize, weight.dtype, pruned=pruned, quant=quant)
+    return Solved(W.to(weight.dtype), ~pruned, scales)
+
+
+def _nm_pruned(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The ``m - n`` lowest scores of every ``m`` consecutive columns of ``score`` ``[out, k * m]``, as a bool mask."""
+    groups = score.reshape(score.shape[0], -1, m)
+    low = torch.topk(groups, m - n, dim=-1, largest=False).indices
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, low, True).reshape(score.shape)
+
+
+def _sweep(W, Hinv, blocksize, dtype, choose=None, pruned=None, quant=None, prior=None, toward=None):
+    """SparseGPT's left-to-right pass over the columns of ``W`` (fp32, changed in place) with the upper Cholesky
+    factor ``Hinv`` of ``H^-1``: each column is pruned and, with ``quant``, rounded to the grid, and its error is
+    spread over the later columns. The mask is ``pruned`` (fixed), or chosen on the way when ``choose`` =
+    ``(nm, sparsity)``: per block of columns across all rows (unstructured), or per group of ``m`` columns from the
+    already-updated weights (N:M), each choice steered by ``prior`` and ``toward`` (:func:`steer`).
+    ``(W, pruned, scales [out, groups] in dtype or None)``.
+
+    A quantization group's scale is fixed when the sweep reaches its first column, from the absmax of the current
+    weights of the group's kept entries: where the mask is not chosen yet, as it would be chosen from those
+    weights now (N:M groups), or every entry (unstructured columns past the current block; only a per-row scale
+    spans past a block). Later updates that outgrow the scale are clipped to the grid's end."""
+    rows, cols = W.shape
+    nm, sparsity = choose or (None, None)
+    if choose is not None:
+        pruned = torch.zeros_like(W, dtype=torch.bool)
+    span = (quant.group_size or cols) if quant is not None else None
+    per_row = None if quant is None else QuantScheme(quant.name)  # one group's slice: one scale per row
+    scales = None if quant is None else torch.empty(rows, cols // span, dtype=dtype, device=W.device)
+    u_sq = Hinv.diagonal().pow(2)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        if nm is None:  # adaptive mask: the block's lowest w^2 / [H^-1]_cc^2 across all its rows
+        mask1 = pruned[:, i1:i2].clone()
+        if choose is not None and nm is None:  # adaptive mask: the block's lowest w^2 / [H^-1]_cc^2 across all rows
             score = steer(saliency(W1, d.pow(2)), None if prior is None else prior[:, i1:i2], toward)
             k = int(score.numel() * sparsity)
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
             if k:
                 mask1.view(-1)[torch.topk(score.view(-1), k, largest=False).indices] = True
-        else:
-            n, m = nm
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
-            if nm and i % m == 0:  # choose this group's pruned entries from the already-updated weights
-                score = saliency(W1[:, i:i + m], d[i:i + m].pow(2))
-                if prior is not None:
-                    score = steer(score, prior[:, i1 + i:i1 + i + m])
-                mask1.scatter_(1, i + torch.topk(score, m - n, dim=1, largest=False).indices, True)
+            if choose is not None and nm and i % nm[1] == 0:  # this group's pruned entries, from the updated weights
+                score = saliency(W1[:, i:i + nm[1]], d[i:i + nm[1]].pow(2))
+                mask1[:, i:i + nm[1]] = _nm_pruned(_steered(score, prior, i1 + i), *nm)
+            c = i1 + i
+            if quant is not None and c % span == 0:
+                inside = c + span <= i2  # else a per-row scale at column 0, before any update
+                cur = W1[:, i:i + span] if inside else W[:, c:c + span]
+                if choose is not None and nm:
+                    drop = _nm_pruned(_steered(saliency(cur, u_sq[c:c + span]), prior, c), *nm)
+                else:
+                    drop = mask1[:, i:i + span]
+                    if not inside:
+                        drop = torch.cat([drop, pruned[:, i2:c + span]], 1)  # fixed, or not chosen yet (False)
+                scales[:, c // span] = absmax_scales(cur.to(dtype), per_row, ~drop)[:, 0]
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0)
+            if quant is not None:
+                g = c // span
+                q = fake_quantize(q.unsqueeze(1), quant, scales[:, g:g + 1])[:, 0].float()
             Q1[:, i] = q
             err = (w - q) / d[i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
@@ -110,10 +194,12 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4",
         W[:, i1:i2] = Q1
         pruned[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after the block
-    check_prior(~pruned, prior)
-    if refit:
-        W = refit_masked(W0, Hd, ~pruned, W, refit)
-    return W.to(weight.dtype), ~pruned
+    return W, pruned, scales
+
+
+def _steered(score: torch.Tensor, prior: torch.Tensor | None, first: int) -> torch.Tensor:
+    """``score`` of the columns from ``first`` on, with the entries ``prior`` pruned there lowest."""
+    return score if prior is None else steer(score, prior[:, first:first + score.shape[1]])
 
 
 @torch.no_grad()
@@ -144,11 +230,11 @@ def refit_masked(w0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, w: torch
     return torch.where((error(x) < error(start)).unsqueeze(1), x, start)
 
 
-def prune_linear(linear, stats: Hessian, pattern: str, sparsity: float, config, prior=None) -> torch.Tensor:
-    w, mask = sparsegpt_prune(linear.weight, stats.H, pattern, sparsity, config.blocksize, config.damp, config.refit,
-                              prior, config.toward)
-    linear.weight.copy_(w)
-    return mask
+def prune_linear(linear, stats: Hessian, pattern: str, sparsity: float, config, prior=None) -> Pruned:
+    solved = sparsegpt_solve(linear.weight, stats.H, pattern, sparsity, config.blocksize, config.damp, config.refit,
+                             config.quant, prior=prior, toward=config.toward)
+    linear.weight.copy_(solved.weight)
+    return Pruned(solved.keep, solved.scales)
 
 
 SPARSEGPT = Method("sparsegpt", Hessian, prune_linear)

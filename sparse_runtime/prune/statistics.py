@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -17,16 +18,24 @@ from ..models.architecture import INPUTS, UnsupportedModel
 from ..models.layer_walk import capture_inputs, forward_session, peak_bytes, run_layer  # noqa: F401  (re-exported)
 
 
+class Pruned(NamedTuple):
+    """What a method did to one linear: its keep mask ``[out, in]`` (None: a dense quantizer prunes nothing) and,
+    when the config quantizes, the scales ``[out, groups]`` its weight now sits on the grid of (else None)."""
+    keep: torch.Tensor | None
+    scales: torch.Tensor | None = None
+
+
 @dataclass(frozen=True)
 class Method:
     """A pruning method as the drivers run it: the statistics it accumulates per distinct linear input
     (``statistics(in_features, device)``, with ``.add(x [tokens, in])``; None: it needs no calibration), and
-    ``prune_linear(linear, stats, pattern, sparsity, config, prior) -> keep mask [out, in]``, which writes the
-    pruned weight into ``linear`` (pattern and sparsity are the decoder block's: they differ under an allocation;
-    ``prior``, the linear's keep mask from ``config.prior`` or None, what stays pruned)."""
+    ``prune_linear(linear, stats, pattern, sparsity, config, prior) -> Pruned``, which writes the pruned (and, with
+    ``config.quant``, fake-quantized) weight into ``linear`` (pattern and sparsity are the decoder block's: they
+    differ under an allocation; ``prior``, the linear's keep mask from ``config.prior`` or None, what stays
+    pruned)."""
     name: str
     statistics: type | None
-    prune_linear: Callable[[nn.Linear, object, str, float, object, torch.Tensor | None], torch.Tensor]
+    prune_linear: Callable[[nn.Linear, object, str, float, object, torch.Tensor | None], Pruned]
 
 
 class InputNorms:

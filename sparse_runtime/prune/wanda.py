@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..format.masks import pattern_mask
-from .statistics import InputNorms, Method
+from .quantize import round_to_nearest
+from .statistics import InputNorms, Method, Pruned
 
 
 def scores(weight: torch.Tensor, sq_norms: torch.Tensor, squared: bool = False) -> torch.Tensor:
@@ -23,10 +24,10 @@ def wanda_mask(weight: torch.Tensor, sq_norms: torch.Tensor, pattern: str = "2:4
                         prior, toward)
 
 
-def prune_linear(linear, stats: InputNorms, pattern: str, sparsity: float, config, prior=None) -> torch.Tensor:
+def prune_linear(linear, stats: InputNorms, pattern: str, sparsity: float, config, prior=None) -> Pruned:
     mask = wanda_mask(linear.weight, stats.sq, pattern, sparsity, prior, config.toward)
     linear.weight.mul_(mask)
-    return mask
+    return Pruned(mask, round_to_nearest(linear, mask, config.quant))
 
 
 WANDA = Method("wanda", InputNorms, prune_linear)

@@ -165,7 +165,16 @@ class StaticCache:
         return 0
 
 
-CPU_COMPILE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# Inductor settings of the compiled CPU decode step, per ``Engine(compile=...)`` mode.
+# True: the graph as inductor compiles it, every weight read where the model holds it (one copy: the sparse
+#   kernel's compressed layout for 2:4 layers, the parameter for dense ones), and the compiled step cached across
+#   processes by inductor's FX graph cache, so a warm start skips code generation.
+# "max-autotune": weights frozen into the graph and prepacked for inductor's C++ GEMM template, which streams
+#   dense weights faster at decode's few rows, at the cost of a prepacked copy of every dense weight beside the
+#   model's and no cross-process cache (mkldnn-packed constants cannot be pickled): every new process compiles
+#   and autotunes again, for minutes.
+CPU_COMPILE = {True: {}, "max-autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}}
+COMPILE_MODES = (False, True, "max-autotune")
 
 
 class Engine:
@@ -176,9 +185,11 @@ class Engine:
     list of requests to completion; ``start`` runs ``step`` in a background thread (the server)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_seq_len: int | None = None,
-                 compile: bool = False, static: bool = False):
+                 compile: bool | str = False, static: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         cfg = model.config
         self.max_seq_len = min(context_length(model) or 2048, max_seq_len or 2048)
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
@@ -202,8 +213,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         # compile: on CUDA the decode step is captured as CUDA graphs, which need one shape, so decode always
-        # runs max_batch rows over the whole cache (static). On the CPU, dynamic shapes, and frozen weights for
-        # inductor's C++ GEMM template: at decode's few rows it streams them much faster than MKL's GEMV.
+        # runs max_batch rows over the whole cache (static). On the CPU, dynamic shapes and CPU_COMPILE[compile].
         self._static = static or (compile and self.device.type == "cuda")
         self._decode_logits = self._logits_eager
         if compile and self.device.type == "cuda":
@@ -211,8 +221,10 @@ class Engine:
         elif compile:
             compiled = torch.compile(self._logits_eager, dynamic=True)
 
+            settings = CPU_COMPILE[compile]
+
             def decode_logits(*args):  # any call may recompile; torch.compile(options=) does not reach freezing
-                with torch._inductor.config.patch(CPU_COMPILE):
+                with torch._inductor.config.patch(settings):
                     return compiled(*args)
             self._decode_logits = decode_logits
 

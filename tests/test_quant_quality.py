@@ -1,0 +1,41 @@
+"""benchmarks.quant_quality's run specs and the prunes they map to; bad specs are clear errors."""
+import argparse
+
+import pytest
+
+from benchmarks import quant_quality as bench
+
+
+def _args(**kw):
+    return argparse.Namespace(**{"device": "cpu", "ignore": ["lm_head"], "progress": False, "group_size": 64,
+                                 "refit": 50, "rotate_steps": 100, **kw})
+
+
+def test_default_runs_cover_dense_and_2_4_in_every_precision_with_and_without_rotation():
+    runs = [bench.parse_run(r) for r in bench.DEFAULT_RUNS]
+    assert len(runs) == 11 and {"prune": "dense", "quant": "fp32", "rotation": "none"} in runs
+    assert {(r["prune"], r["quant"]) for r in runs if r["rotation"] == "nm"} == {
+        ("dense", "int8"), ("dense", "int4"), ("2:4", "fp32"), ("2:4", "int8"), ("2:4", "int4")}
+
+
+def test_runs_map_to_gptq_for_dense_and_sparsegpt_with_the_best_rotation_for_2_4():
+    assert bench.run_config(bench.parse_run("dense/fp32/none"), _args()) is None
+    dense = bench.run_config(bench.parse_run("dense/int4/nm"), _args())
+    assert dense.method == "gptq" and dense.refit == 0 and dense.quant.group_size == 64
+    assert dense.rotate.importance == "sparsegpt" and dense.rotate.steps == 100 and dense.rotate.blocks == 1
+    sparse = bench.run_config(bench.parse_run("2:4/int8/none"), _args())
+    assert (sparse.method, sparse.refit, sparse.rotate, sparse.quant.group_size) == ("sparsegpt", 50, None, None)
+    assert bench.run_config(bench.parse_run("2:4/fp32/nm"), _args()).quant is None
+
+
+@pytest.mark.parametrize("spec,message", [("2:4/int4", "want PRUNE/QUANT/ROTATION"), ("4:8/int4/none", "want PRUNE"),
+                                          ("2:4/int3/none", "want PRUNE"), ("2:4/int4/spin", "want PRUNE"),
+                                          ("dense/fp32/nm", "function-preserving")])
+def test_bad_run_specs_are_refused(spec, message):
+    with pytest.raises(SystemExit, match=message):
+        bench.parse_run(spec)
+
+
+def test_an_int4_group_that_does_not_fit_the_blocks_is_refused_before_any_model_loads():
+    with pytest.raises(ValueError, match="blocksize 128 must be a multiple of the int4 group size 192"):
+        bench.run_config(bench.parse_run("2:4/int4/none"), _args(group_size=192))
