@@ -1,12 +1,15 @@
 """Recovery fine-tuning of SmolLM2-135M 2:4 (masks frozen) under the quality protocol: starting from Wanda 2:4 and
 from the best rotated SparseGPT 2:4 (2:4-aware rotation, 100 steps per layer, LS refit 50), recovered with logit KD
-and SquareHead, the rotated one also block-wise at the rotated KD run's wall time. One run per row; its curve is
-the run's own evaluations every --eval-every tokens (WikiText-2 under the protocol and held-out C4), with the
-training time and tokens/s beside each point; TinyStories perplexity before and after. Writes
+and SquareHead, the rotated one also block-wise at the rotated KD run's wall time; and Wanda 2:4 reached gradually
+(``wanda/gradual``: --gradual-steps prunes at rising sparsities, each followed by its share of the same KD budget,
+see sparse_runtime.gradual), compared with one-shot Wanda + KD at equal tokens (``wanda/kd``). One run per row; its
+curve is the run's own evaluations every --eval-every tokens (WikiText-2 under the protocol and held-out C4), with
+the training time and tokens/s beside each point; TinyStories perplexity before and after. Writes
 benchmarks/results/recovery.json after every row, and a PNG of perplexity against training tokens.
 
-    python -m benchmarks.recovery                  # 5 rows, 200k tokens each, evaluated every 25k (a GPU run)
+    python -m benchmarks.recovery                  # 6 rows, 200k tokens each, evaluated every 25k (a GPU run)
     python -m benchmarks.recovery --rows wanda/kd --lr 5e-5
+    python -m benchmarks.recovery --rows wanda/kd wanda/gradual --gradual-steps 4   # gradual vs one-shot
     python -m benchmarks.recovery --smoke          # stories260K, a few hundred tokens per row, written to /tmp
     python -m benchmarks.recovery --replot
 """
@@ -22,15 +25,19 @@ import torch
 from sparse_runtime.cli import main as cli
 from sparse_runtime.data.calibration import DEFAULT_CALIB
 from sparse_runtime.data.perplexity import perplexity
+from sparse_runtime.gradual import prune_gradually
 from sparse_runtime.models.architecture import find_decoder_layers
 from sparse_runtime.models.sources import load_model
-from sparse_runtime.recover import RecoverConfig, recover
+from sparse_runtime.prune import PruneConfig
+from sparse_runtime.recover import RecoverConfig, recover, recovery_windows
 
-from .common import RESULTS, add_protocol_arguments, finish_plot, metadata, write_json
+from .common import RESULTS, add_protocol_arguments, calibration, finish_plot, metadata, protocol_report, write_json
 
 # the starting points: `sparse-runtime prune` flags beside the protocol's calibration
 STARTS = {"wanda": ["--method", "wanda"], "rotated": ["--method", "sparsegpt", "--rotate", "nm", "--refit", "50"]}
-ROWS = ("wanda/kd", "wanda/squarehead", "rotated/kd", "rotated/squarehead", "rotated/block")
+# the starting points a gradual schedule reaches (a rotated start's coordinates would change at every step)
+GRADUAL = {"wanda": PruneConfig("wanda", "2:4")}
+ROWS = ("wanda/kd", "wanda/squarehead", "rotated/kd", "rotated/squarehead", "rotated/block", "wanda/gradual")
 # issue 33's targets (not measurements): WikiText-2 perplexity within a training time
 TARGETS = {"rotated": {"ppl": 42.0, "seconds": 30 * 60}, "wanda": {"ppl": 80.0, "seconds": 15 * 60}}
 TINYSTORIES = DEFAULT_CALIB.parent / "tinystories_valid_head.txt"
@@ -72,6 +79,27 @@ def start_checkpoint(args, name: str, work: Path) -> Path:
     return out
 
 
+def gradual_row(args, start: str, teacher: str, device: str, evaluate, both) -> dict:
+    """``start``'s pattern reached in --gradual-steps prunes, each followed by its share of --tokens of KD from the
+    dense model, on the windows a one-shot run would read (:func:`sparse_runtime.gradual.prune_gradually`)."""
+    model, tok = load_model(args.model, device="cpu")
+    dense = load_model(teacher, device="cpu")[0]
+    calib = calibration(args, model, tok)
+    recovery = RecoverConfig(tokens=args.tokens, seqlen=args.train_seqlen, batch=args.batch, lr=args.lr,
+                             eval_every=args.eval_every, device=device)
+    windows = recovery_windows(tok, args.calib, recovery.steps * recovery.batch, recovery.seqlen,
+                               recovery.eval_windows, {**protocol_report(args, calib, tok)["calibration"],
+                                                       "file": args.calib}, forbid=[TINYSTORIES, args.eval_data])
+    res = prune_gradually(model, dense, GRADUAL[start].replace(device=device), recovery, windows, args.gradual_steps,
+                          calib=calib, evaluate=evaluate)
+    curve = [{"tokens": e["tokens"], "seconds": round(e["seconds"], 1), "prune_step": e["prune_step"],
+              "wikitext2": e["wikitext2"], "c4_held_out": round(e["ppl"], 3)} for e in res.curve()]
+    return {"start": start, "loss": "kd", "schedule": res.schedule(), "tokens": res.tokens,
+            "steps": sum(r.steps for r in res.recoveries), "seconds": round(res.seconds, 1),
+            "tokens_per_s": round(res.tokens / res.seconds) if res.seconds else None, "lr": args.lr,
+            "before": None, "after": both(model), "curve": curve, "windows": windows.info}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_arguments(p)
@@ -83,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="windows per step (default: 4)")
     p.add_argument("--lr", type=float, default=RecoverConfig.lr, help="AdamW peak learning rate")
     p.add_argument("--rotate-steps", default="100", help="rotation steps per layer of the rotated start")
+    p.add_argument("--gradual-steps", type=int, default=4,
+                   help="pruning steps of the gradual rows, the --tokens shared out over them (default: 4)")
     p.add_argument("--start", nargs="*", default=[], metavar="NAME=CKPT",
                    help="reuse starting checkpoints (wanda=DIR rotated=DIR) instead of pruning them")
     p.add_argument("--work", default=None, help="folder for the starting points and recovered checkpoints "
@@ -128,8 +158,24 @@ def main(argv=None) -> int:
                                 "lr": args.lr, "documents": "not the calibration's, not the held-out ones"},
                    "targets": TARGETS, "perplexity": {"dense": both(dense)}, "smoke": args.smoke})
     del dense
+    def evaluate(model):  # each point of a curve
+        return {"wikitext2": ppl(model, wikitext)}
+
     for key in args.rows:
         start, loss = key.split("/")
+        if loss == "gradual":
+            row = report["rows"][key] = gradual_row(args, start, teacher, device, evaluate, both)
+            oneshot = report["rows"].get(f"{start}/kd")
+            if oneshot and oneshot["tokens"] == row["tokens"]:
+                row["oneshot_kd"] = {"after": oneshot["after"], "seconds": oneshot["seconds"]}
+            row["target_met"] = any(c["wikitext2"] <= TARGETS[start]["ppl"]
+                                    and c["seconds"] <= TARGETS[start]["seconds"] for c in row["curve"])
+            write_json(out, report)
+            print(f"{key} ({args.gradual_steps} steps): WikiText-2 {row['after']['wikitext2']:.2f}, TinyStories "
+                  f"{row['after']['tinystories']:.2f}, {row['tokens']:,} tokens in {row['seconds'] / 60:.1f} min"
+                  + (f"; one-shot + KD at equal tokens: WikiText-2 {row['oneshot_kd']['after']['wikitext2']:.2f}"
+                     if "oneshot_kd" in row else ""), flush=True)
+            continue
         ckpt = start_checkpoint(args, start, work)
         tokens = args.tokens
         if loss == "block":  # the tokens block-wise training covers in the rotated KD run's wall time
@@ -144,7 +190,7 @@ def main(argv=None) -> int:
         res = recover(ckpt, teacher, data=args.calib, out=work / f"{start}-{loss}", loss=loss, tokens=tokens,
                       seqlen=args.train_seqlen, batch=args.batch, lr=args.lr, eval_every=args.eval_every,
                       device=device, forbid=[TINYSTORIES, args.eval_data],
-                      evaluate=lambda m: {"wikitext2": ppl(m, wikitext)})
+                      evaluate=evaluate)
         after = both(load_model(res.out, device=device)[0])
         curve = [{"tokens": e["tokens"], "seconds": round(e["seconds"], 1), "wikitext2": e["wikitext2"],
                   "c4_held_out": round(e["ppl"], 3),

@@ -98,10 +98,70 @@ def add_arguments(p) -> None:
                         "SparseGPT quantizes in its sweep (default: none, full precision)")
     p.add_argument("--group-size", type=int, default=None,
                    help="input columns per scale (int4 default 128; it must divide every pruned layer's in_features)")
+    add_schedule_arguments(p)
     p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU")
     p.add_argument("--errors", action="store_true", help="report ||WX - W_hat X|| / ||WX|| per linear")
     p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
     p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
+
+
+def add_schedule_arguments(p) -> None:
+    from ..recover.config import LOSSES, RecoverConfig
+
+    d = RecoverConfig()
+    p.add_argument("--schedule", choices=["oneshot", "gradual"], default="oneshot",
+                   help="oneshot: prune once; gradual: --steps K prunes, at sparsities rising on a cubic schedule to "
+                        "the target (N:M: never more than M-N of a group; the last step at N:M exactly), each "
+                        "followed by --recover-tokens/K tokens of recovery, a pruned weight never coming back "
+                        "(default: oneshot)")
+    p.add_argument("--steps", type=int, default=None, help="gradual: pruning steps K")
+    p.add_argument("--recover-tokens", type=int, default=None, metavar="N",
+                   help="recover after pruning: fine-tune the kept weights by distillation from the dense model, "
+                        "masks frozen, N tokens in all (oneshot: one phase after the prune; gradual: shared out "
+                        "over the steps)")
+    p.add_argument("--teacher", default=None, help="the dense teacher of the recovery (default: --model)")
+    p.add_argument("--recover-loss", choices=[x for x in LOSSES if x != "block"], default=None,
+                   help=f"recovery loss (default: {d.loss}; see `recover --help`)")
+    p.add_argument("--recover-lr", type=float, default=None, help=f"recovery AdamW peak lr (default: {d.lr:g})")
+    p.add_argument("--recover-seqlen", type=int, default=None,
+                   help=f"recovery window length (default: {d.seqlen})")
+    p.add_argument("--recover-batch", type=int, default=None, help=f"recovery windows per step (default: {d.batch})")
+    p.add_argument("--recover-data", default=None,
+                   help="recovery training text (default: the shared C4 sample, less the calibration documents)")
+
+
+def _recovery(args):
+    """The recovery the schedule flags ask for (None: none), their contradictions refused before the model loads."""
+    from ..gradual import phase_steps
+    from ..recover import RecoverConfig
+
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps takes a number of pruning steps >= 1, not {args.steps}")
+    if args.schedule == "gradual":
+        if args.steps is None:
+            raise ValueError("--schedule gradual needs --steps K")
+        if args.recover_tokens is None:
+            raise ValueError("--schedule gradual needs --recover-tokens N: each pruning step is followed by "
+                             "N/K tokens of recovery")
+    elif args.steps is not None:
+        raise ValueError("--steps belongs to --schedule gradual")
+    given = {k: getattr(args, k) for k in ("teacher", "recover_loss", "recover_lr", "recover_seqlen",
+                                           "recover_batch", "recover_data")}
+    if args.recover_tokens is None:
+        if any(v is not None for v in given.values()):
+            raise ValueError("--teacher and --recover-* belong to a recovery: give --recover-tokens N")
+        return None
+    if args.rotate != "none" or args.allocation != "uniform" or args.plan is not None:
+        raise ValueError("--recover-tokens prunes every block alike in fixed coordinates: it takes no --rotate, "
+                         "--allocation or --plan (prune, then `sparse-runtime recover` the checkpoint)")
+    if args.quantize is not None:
+        raise ValueError("--recover-tokens trains the kept weights in full precision after pruning, off the "
+                         "--quantize grid: quantize without recovery")
+    fields = {k.removeprefix("recover_"): v for k, v in given.items()
+              if k not in ("teacher", "recover_data") and v is not None}
+    recovery = RecoverConfig(tokens=args.recover_tokens, device=args.device, **fields)
+    phase_steps(recovery, args.steps or 1)
+    return recovery
 
 
 def _config(args):
@@ -144,6 +204,26 @@ def _sparsify(model, result, backend):
     return report
 
 
+def _prune_and_recover(args, model, tok, config, recovery, calib, calibration, dtype):
+    """Prune on ``args.schedule`` with recovery phases toward the dense teacher (:mod:`sparse_runtime.gradual`)."""
+    from ..data.calibration import DEFAULT_CALIB, context_length
+    from ..gradual import prune_gradually
+    from ..models.sources import load_model
+    from ..recover import recovery_windows
+    from ..recover.teacher import check_vocabulary
+
+    teacher, teacher_tok = load_model(args.teacher or args.model, device="cpu", dtype=dtype)
+    check_vocabulary(model, teacher, tok, teacher_tok)
+    context = context_length(model)
+    if context and recovery.seqlen > context:
+        print(f"recovery seqlen {recovery.seqlen} clipped to the model's context {context}", file=sys.stderr)
+        recovery = recovery.replace(seqlen=context)
+    windows = recovery_windows(tok, args.recover_data or DEFAULT_CALIB, recovery.steps * recovery.batch,
+                               recovery.seqlen, recovery.eval_windows, calibration)
+    return prune_gradually(model, teacher, config, recovery, windows, args.steps or 1, calib=calib,
+                           backend=args.backend)
+
+
 def run(args) -> int:
     from ..models.checkpoint import save_pretrained
     from ..format.codec import parse_pattern
@@ -153,6 +233,7 @@ def run(args) -> int:
     from .common import device_dtype
 
     config = _config(args)
+    recovery = _recovery(args)
     plan = None
     if args.plan is not None:
         from ..prune.plan import DeploymentPlan
@@ -187,20 +268,31 @@ def run(args) -> int:
         allocation = allocate(model, args.allocation, target, pattern=args.pattern, calib=calib, beta=args.beta,
                               lam=args.owl_lambda, m=args.owl_m, eps=args.alpha_eps, targets=config.targets,
                               device=device)
-    if result is None:
-        result = prune(model, config, calib=calib, allocation=allocation)
-    report = _sparsify(model, result, args.backend)
-    info = {**result.to_dict(), "model": str(args.model), "calibration": None if calib is None else
-            {"file": str(args.calib or DEFAULT_CALIB), "nsamples": calib.shape[0], "seqlen": calib.shape[1],
-             "seed": args.seed, "sampling": args.calib_sampling, "bos": bos_mode(tok, args.bos)}}
+    calibration = None if calib is None else {
+        "file": str(args.calib or DEFAULT_CALIB), "nsamples": calib.shape[0], "seqlen": calib.shape[1],
+        "seed": args.seed, "sampling": args.calib_sampling, "bos": bos_mode(tok, args.bos)}
+    gradual = None
+    if recovery is not None:
+        gradual = _prune_and_recover(args, model, tok, config, recovery, calib, calibration, dtype)
+        result, report = gradual.prune, gradual.report
+    else:
+        if result is None:
+            result = prune(model, config, calib=calib, allocation=allocation)
+        report = _sparsify(model, result, args.backend)
+    info = {**result.to_dict(), "model": str(args.model), "calibration": calibration}
     info["plan"] = None if plan is None else {"file": str(args.plan), "strategy": plan.strategy,
                                               "fraction": plan.fraction, "predicted_speedup": plan.speedup}
+    scheduled, recovered = ({}, {}) if gradual is None else (
+        {"schedule": {"kind": args.schedule, **gradual.schedule()}}, {"recovery": gradual.summary()})
     save_pretrained(model, args.out, tokenizer=tok, extra_config={"pruning": {
         k: info[k] for k in ("method", "pattern", "sparsity", "calibration", "model", "allocation", "plan",
                              "quantization")} | {
         "rotation": None if config.rotate is None else
-        {"objective": config.rotate.objective, "steps": config.rotate.steps, "blocks": config.rotate.blocks}}})
+        {"objective": config.rotate.objective, "steps": config.rotate.steps, "blocks": config.rotate.blocks},
+        **scheduled}, **recovered})
     info["out"] = str(args.out)
+    if gradual is not None:
+        info["recovery"] = gradual.to_dict()
     info["compression"] = {k: v for k, v in report.to_dict().items() if k != "replaced"}
     if allocation is not None:
         from ..prune.allocation import plot_rates
@@ -215,6 +307,11 @@ def run(args) -> int:
         quantized = "" if result.quant is None else f" + {result.quant.name}"
         print(f"{args.method} {args.pattern}{quantized}: pruned {len(result.masks)} linears in {result.seconds:.1f} s "
               f"(achieved sparsity {info['achieved_sparsity']:.3f})", file=sys.stderr)
+        if gradual is not None:
+            held = gradual.summary()["held_out_ppl"]
+            print(f"{args.schedule} in {len(gradual.steps)} step(s), {gradual.tokens:,} recovery tokens in "
+                  f"{gradual.seconds:.1f} s; held-out perplexity after the first step {held['first_step']:.2f}, "
+                  f"at the end {held['after']:.2f}", file=sys.stderr)
         for name, why in result.skipped:
             print(f"  skipped {name}: {why}", file=sys.stderr)
         print(report, file=sys.stderr)

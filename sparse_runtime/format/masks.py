@@ -39,12 +39,44 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per: str = "row") -
     return mask.view(scores.shape)
 
 
-def pattern_mask(scores: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5, per: str = "row") -> torch.Tensor:
-    """One entry point for every pattern: N:M groups, or unstructured at ``sparsity``."""
+def pattern_mask(scores: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5, per: str = "row",
+                 prior: torch.Tensor | None = None, toward: str | None = None) -> torch.Tensor:
+    """One entry point for every pattern: N:M groups, or unstructured at ``sparsity``; ``prior`` and ``toward``
+    constrain the choice as :func:`steer` says (a gradual schedule's steps)."""
     nm = parse_pattern(pattern)
-    if nm is None:
-        return unstructured_mask(scores, sparsity, per)
-    return nm_mask(scores, *nm)
+    steered = steer(scores, prior, toward)
+    mask = unstructured_mask(steered, sparsity, per) if nm is None else nm_mask(steered, *nm)
+    check_prior(mask, prior)
+    return mask
+
+
+def steer(scores: torch.Tensor, prior: torch.Tensor | None = None, toward: str | None = None) -> torch.Tensor:
+    """``scores`` for a mask chosen around an earlier one. Entries ``prior`` (an earlier keep mask) pruned score
+    -inf, so a choice of the lowest scores drops them first; with ``toward`` (an N:M pattern), the N best of each
+    group of M along the last dim score +inf, so an unstructured choice of at most ``1 - N/M`` drops no more than
+    M - N of a group and a later N:M choice can complete it without restoring a pruned weight."""
+    if prior is None and toward is None:
+        return scores
+    scores = scores.float()
+    if prior is not None:
+        scores = scores.masked_fill(~prior.to(scores.device, torch.bool), float("-inf"))
+    if toward is not None:
+        nm = parse_pattern(toward)
+        if nm is None:
+            raise ValueError(f"toward takes an N:M pattern, not {toward!r}")
+        scores = scores.masked_fill(nm_mask(scores, *nm), float("inf"))
+    return scores
+
+
+def check_prior(mask: torch.Tensor, prior: torch.Tensor | None, name: str = "mask") -> None:
+    """Raise :class:`MaskError` if ``mask`` keeps a weight the keep mask ``prior`` pruned (an earlier step of a
+    gradual schedule pruned more than this one may: a lower sparsity, or more than M - N of a group of M)."""
+    if prior is None:
+        return
+    back = mask & ~prior.to(mask.device, torch.bool)
+    if back.any():
+        raise MaskError(f"{name}: {int(back.sum())} weight(s) an earlier mask pruned would come back; each step "
+                        "must prune a superset of the last (a higher sparsity, the same pattern's groups)")
 
 
 def validate_nm(mask: torch.Tensor, n: int = 2, m: int = 4, name: str = "mask") -> None:

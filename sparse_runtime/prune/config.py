@@ -3,7 +3,7 @@ methods' and rotations' options), validated once when it is built, before any mo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +67,10 @@ class PruneConfig:
     ``rotate_importance``'s scores (default the method's own). ``allocation`` (an
     :class:`~.allocation.Allocation` of the same pattern) gives each decoder block its own rate.
     ``blocksize``, ``damp`` (also the rotation's), ``refit``: SparseGPT's; ``per``: magnitude's, unstructured.
+    ``prior`` (linear name -> keep mask of an earlier prune of the same weights) and ``toward`` (an N:M pattern,
+    with ``pattern="unstructured"`` at a sparsity of at most ``1 - N/M``) are a gradual schedule's: a weight
+    ``prior`` pruned stays pruned, and no group of M loses more than M - N, so a later N:M prune completes the
+    mask (see :func:`~sparse_runtime.format.masks.steer`); neither goes with ``gptq``, which prunes nothing.
 
     ``quantize`` (int8, int4 or fp8; see :mod:`sparse_runtime.format.quant`) also puts every pruned weight on that
     scheme's grid, ``group_size`` input columns per scale (int4's default 128; int8 and fp8 one scale per row): the
@@ -94,6 +98,8 @@ class PruneConfig:
     damp: float = 0.01
     refit: int = 0
     per: str = "matrix"
+    prior: Mapping[str, torch.Tensor] | None = None
+    toward: str | None = None
     quantize: str | None = None
     group_size: int | None = None
 
@@ -118,9 +124,21 @@ class PruneConfig:
         check_refit(self.refit)
         if self.refit and self.method != "sparsegpt":
             raise ValueError(f"refit re-solves SparseGPT's kept weights: {self.method} does not take it")
+        if self.toward is not None:
+            nm = parse_pattern(self.toward)
+            if nm is None or parse_pattern(self.pattern) is not None or not self.sparsity <= 1 - nm[0] / nm[1]:
+                raise ValueError(f"toward takes an N:M pattern beside pattern 'unstructured' at a sparsity of at "
+                                 f"most 1 - N/M; got toward={self.toward!r}, pattern={self.pattern!r}, "
+                                 f"sparsity={self.sparsity}")
+            if self.allocation is not None:
+                raise ValueError("toward prunes every block to the same sparsity: it takes no allocation")
+        if self.prior is not None and not isinstance(self.prior, Mapping):
+            raise ValueError(f"prior takes a mapping of linear names to keep masks, not {type(self.prior).__name__}")
+        if self.method in QUANTIZERS and (self.prior is not None or self.toward is not None):
+            raise ValueError(f"prior and toward steer a prune's mask: {self.method} prunes nothing")
         self._check_quantize()
         if self.method in SWEEPS:  # the other methods have no column blocks
-            check_blocksize(self.blocksize, self.pattern, self.quant)
+            check_blocksize(self.blocksize, self.toward or self.pattern, self.quant)
         if self.per not in PER:
             raise ValueError(f"per must be 'row' or 'matrix', got {self.per!r}")
         if self.rotate == "none":
@@ -131,6 +149,9 @@ class PruneConfig:
         elif self.rotate is not None and not isinstance(self.rotate, RotateOptions):
             raise ValueError(f"rotate takes 'none', {', '.join(map(repr, OBJECTIVES))} or a RotateOptions, "
                              f"not {self.rotate!r}")
+        if self.rotate is not None and (self.prior is not None or self.toward is not None):
+            raise ValueError("a rotation moves the weights into new coordinates: it does not combine with an "
+                             "earlier prune's masks (prior) or a gradual schedule (toward)")
         if self.rotate is not None and self.method in QUANTIZERS and self.rotate.importance is None:
             self.rotate = dataclasses.replace(self.rotate, importance="sparsegpt")  # GPTQ's sweep is SparseGPT's
         if (self.rotate is not None and ALL_METHODS[self.method].statistics is None

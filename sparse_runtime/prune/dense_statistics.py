@@ -104,6 +104,7 @@ def prune_from_statistics(model, config: PruneConfig, statistics: DenseStatistic
             raise ValueError(f"the dense statistics have none for {name}; collect them with the same pattern and "
                              "ignore")
         stats = None if statistics is None else statistics.stats[name]
-        result.record(name, method.prune_linear(linear, stats, pattern, sparsity, config), pattern)
+        prior = None if config.prior is None else config.prior.get(name)
+        result.record(name, method.prune_linear(linear, stats, pattern, sparsity, config, prior), pattern)
     result.seconds = time.perf_counter() - t0
     return result

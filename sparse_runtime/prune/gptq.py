@@ -9,8 +9,9 @@ from .sparsegpt import sparsegpt_solve
 from .statistics import Hessian, Method, Pruned
 
 
-def quantize_linear(linear, stats: Hessian, pattern: str, sparsity: float, config) -> Pruned:
-    """Fake-quantize ``linear``'s weight with ``config.quant`` (pattern and sparsity unused: nothing is pruned)."""
+def quantize_linear(linear, stats: Hessian, pattern: str, sparsity: float, config, prior=None) -> Pruned:
+    """Fake-quantize ``linear``'s weight with ``config.quant`` (pattern, sparsity and ``prior`` unused: nothing is
+    pruned, and :class:`~.config.PruneConfig` refuses a prior for gptq)."""
     solved = sparsegpt_solve(linear.weight, stats.H, blocksize=config.blocksize, damp=config.damp,
                              quant=config.quant, keep=torch.ones_like(linear.weight, dtype=torch.bool))
     linear.weight.copy_(solved.weight)

@@ -74,8 +74,9 @@ def prune_sequential(model, calib: torch.Tensor, config: PruneConfig, inputs=Non
                     run_collecting(layer, {names[k]: st for k, st in stats.items()}, inps, kwargs[i], device)
                     for g in sets:
                         for n in g:
-                            result.record(n, method.prune_linear(names[n], stats[g[0]], pattern, sparsity, config),
-                                          pattern)
+                            prior = None if config.prior is None else config.prior.get(n)
+                            result.record(n, method.prune_linear(names[n], stats[g[0]], pattern, sparsity, config,
+                                                                 prior), pattern)
                     del stats
                 outs = _run_recording_errors(layer, inps, kwargs[i], device, store, names, dense, result.errors)
                 del dense

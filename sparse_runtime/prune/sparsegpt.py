@@ -8,6 +8,7 @@ import torch
 
 from ..errors import ShapeError
 from ..format.codec import parse_pattern
+from ..format.masks import check_prior, steer
 from ..format.quant import QuantScheme, absmax_scales, fake_quantize
 from .statistics import Hessian, Method, Pruned
 
@@ -76,44 +77,51 @@ class Solved(NamedTuple):
 
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5,
-                    blocksize: int = 128, damp: float = 0.01, refit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    blocksize: int = 128, damp: float = 0.01, refit: int = 0, prior: torch.Tensor | None = None,
+                    toward: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pruned weight in weight's dtype, keep mask)`` for one matrix ``[out, in]`` and its Hessian ``[in, in]``.
 
     ``refit`` > 0 then re-solves the kept weights on SparseGPT's mask (:func:`refit_masked`, that many
     conjugate-gradient steps): SparseGPT freezes each column once it is passed, so its kept weights are not the
-    least-squares optimum for the mask it chose."""
-    solved = sparsegpt_solve(weight, H, pattern, sparsity, blocksize, damp, refit)
+    least-squares optimum for the mask it chose. ``prior``, ``toward``: each choice (a block's, a group's) is
+    steered as :func:`~sparse_runtime.format.masks.steer` says."""
+    solved = sparsegpt_solve(weight, H, pattern, sparsity, blocksize, damp, refit, prior=prior, toward=toward)
     return solved.weight, solved.keep
 
 
 @torch.no_grad()
 def sparsegpt_solve(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5,
                     blocksize: int = 128, damp: float = 0.01, refit: int = 0, quant: QuantScheme | None = None,
-                    keep: torch.Tensor | None = None) -> Solved:
+                    keep: torch.Tensor | None = None, prior: torch.Tensor | None = None,
+                    toward: str | None = None) -> Solved:
     """SparseGPT's prune of one matrix, optionally quantized jointly (the paper's 2:4 + 4-bit): each kept column is
     rounded to ``quant``'s grid as the sweep passes it and its rounding error, like the pruned weights' error, is
     spread over the later columns. ``keep`` fixes the mask instead of choosing one (``pattern`` and ``sparsity``
-    unused); all True with ``quant`` is GPTQ, the dense quantizer of the same sweep.
+    unused); all True with ``quant`` is GPTQ, the dense quantizer of the same sweep. ``prior``, ``toward``: each
+    choice (a block's, a group's, a quantization group's provisional one) is steered as
+    :func:`~sparse_runtime.format.masks.steer` says; a mask that would restore a weight ``prior`` pruned is refused.
 
     With ``refit`` and ``quant``, the sweep prunes only, the kept weights are re-solved in full precision, and a
     second sweep with the mask fixed quantizes them (the refit would undo a joint sweep's rounding)."""
     check_refit(refit)
-    check_blocksize(blocksize, pattern if keep is None else "unstructured", quant)
+    check_blocksize(blocksize, (toward or pattern) if keep is None else "unstructured", quant)
     W = weight.detach().float().clone()
     if quant is not None:
         quant.groups(W.shape[1])
     if keep is not None and keep.shape != W.shape:
         raise ShapeError(f"keep mask {tuple(keep.shape)} does not match the weight {tuple(W.shape)}")
+    prior = None if prior is None else prior.to(W.device, torch.bool)  # once, not per group
     W0 = W.clone() if refit else None
     Hinv, dead, Hd = damped_inverse(H, damp, device=W.device, upper=True, keep_damped=bool(refit))
     W[:, dead] = 0  # inputs never active: prune freely
     joint = None if refit else quant
     if keep is None:
         W, pruned, scales = _sweep(W, Hinv, blocksize, weight.dtype, choose=(parse_pattern(pattern), sparsity),
-                                   quant=joint)
+                                   quant=joint, prior=prior, toward=toward)
     else:
         W, pruned, scales = _sweep(W, Hinv, blocksize, weight.dtype, pruned=~keep.to(W.device, torch.bool),
                                    quant=joint)
+    check_prior(~pruned, prior)
     if refit:
         W = refit_masked(W0, Hd, ~pruned, W, refit)
         if quant is not None:
@@ -128,12 +136,13 @@ def _nm_pruned(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, low, True).reshape(score.shape)
 
 
-def _sweep(W, Hinv, blocksize, dtype, choose=None, pruned=None, quant=None):
+def _sweep(W, Hinv, blocksize, dtype, choose=None, pruned=None, quant=None, prior=None, toward=None):
     """SparseGPT's left-to-right pass over the columns of ``W`` (fp32, changed in place) with the upper Cholesky
     factor ``Hinv`` of ``H^-1``: each column is pruned and, with ``quant``, rounded to the grid, and its error is
     spread over the later columns. The mask is ``pruned`` (fixed), or chosen on the way when ``choose`` =
     ``(nm, sparsity)``: per block of columns across all rows (unstructured), or per group of ``m`` columns from the
-    already-updated weights (N:M). ``(W, pruned, scales [out, groups] in dtype or None)``.
+    already-updated weights (N:M), each choice steered by ``prior`` and ``toward`` (:func:`steer`).
+    ``(W, pruned, scales [out, groups] in dtype or None)``.
 
     A quantization group's scale is fixed when the sweep reaches its first column, from the absmax of the current
     weights of the group's kept entries: where the mask is not chosen yet, as it would be chosen from those
@@ -154,19 +163,20 @@ def _sweep(W, Hinv, blocksize, dtype, choose=None, pruned=None, quant=None):
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
         mask1 = pruned[:, i1:i2].clone()
         if choose is not None and nm is None:  # adaptive mask: the block's lowest w^2 / [H^-1]_cc^2 across all rows
-            score = saliency(W1, d.pow(2))
+            score = steer(saliency(W1, d.pow(2)), None if prior is None else prior[:, i1:i2], toward)
             k = int(score.numel() * sparsity)
             if k:
                 mask1.view(-1)[torch.topk(score.view(-1), k, largest=False).indices] = True
         for i in range(i2 - i1):
             if choose is not None and nm and i % nm[1] == 0:  # this group's pruned entries, from the updated weights
-                mask1[:, i:i + nm[1]] = _nm_pruned(saliency(W1[:, i:i + nm[1]], d[i:i + nm[1]].pow(2)), *nm)
+                score = saliency(W1[:, i:i + nm[1]], d[i:i + nm[1]].pow(2))
+                mask1[:, i:i + nm[1]] = _nm_pruned(_steered(score, prior, i1 + i), *nm)
             c = i1 + i
             if quant is not None and c % span == 0:
                 inside = c + span <= i2  # else a per-row scale at column 0, before any update
                 cur = W1[:, i:i + span] if inside else W[:, c:c + span]
                 if choose is not None and nm:
-                    drop = _nm_pruned(saliency(cur, u_sq[c:c + span]), *nm)
+                    drop = _nm_pruned(_steered(saliency(cur, u_sq[c:c + span]), prior, c), *nm)
                 else:
                     drop = mask1[:, i:i + span]
                     if not inside:
@@ -185,6 +195,11 @@ def _sweep(W, Hinv, blocksize, dtype, choose=None, pruned=None, quant=None):
         pruned[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after the block
     return W, pruned, scales
+
+
+def _steered(score: torch.Tensor, prior: torch.Tensor | None, first: int) -> torch.Tensor:
+    """``score`` of the columns from ``first`` on, with the entries ``prior`` pruned there lowest."""
+    return score if prior is None else steer(score, prior[:, first:first + score.shape[1]])
 
 
 @torch.no_grad()
@@ -215,9 +230,9 @@ def refit_masked(w0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, w: torch
     return torch.where((error(x) < error(start)).unsqueeze(1), x, start)
 
 
-def prune_linear(linear, stats: Hessian, pattern: str, sparsity: float, config) -> Pruned:
+def prune_linear(linear, stats: Hessian, pattern: str, sparsity: float, config, prior=None) -> Pruned:
     solved = sparsegpt_solve(linear.weight, stats.H, pattern, sparsity, config.blocksize, config.damp, config.refit,
-                             config.quant)
+                             config.quant, prior=prior, toward=config.toward)
     linear.weight.copy_(solved.weight)
     return Pruned(solved.keep, solved.scales)
 

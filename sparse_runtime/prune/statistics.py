@@ -29,12 +29,13 @@ class Pruned(NamedTuple):
 class Method:
     """A pruning method as the drivers run it: the statistics it accumulates per distinct linear input
     (``statistics(in_features, device)``, with ``.add(x [tokens, in])``; None: it needs no calibration), and
-    ``prune_linear(linear, stats, pattern, sparsity, config) -> Pruned``, which writes the pruned (and, with
+    ``prune_linear(linear, stats, pattern, sparsity, config, prior) -> Pruned``, which writes the pruned (and, with
     ``config.quant``, fake-quantized) weight into ``linear`` (pattern and sparsity are the decoder block's: they
-    differ under an allocation)."""
+    differ under an allocation; ``prior``, the linear's keep mask from ``config.prior`` or None, what stays
+    pruned)."""
     name: str
     statistics: type | None
-    prune_linear: Callable[[nn.Linear, object, str, float, object], Pruned]
+    prune_linear: Callable[[nn.Linear, object, str, float, object, torch.Tensor | None], Pruned]
 
 
 class InputNorms:

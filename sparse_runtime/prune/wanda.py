@@ -16,14 +16,16 @@ def scores(weight: torch.Tensor, sq_norms: torch.Tensor, squared: bool = False) 
     return weight.abs() * sq_norms.sqrt().unsqueeze(0)
 
 
-def wanda_mask(weight: torch.Tensor, sq_norms: torch.Tensor, pattern: str = "2:4",
-               sparsity: float = 0.5) -> torch.Tensor:
-    """Mask from Wanda scores; N:M groups run along the input dim, unstructured is per output row."""
-    return pattern_mask(scores(weight.detach().float(), sq_norms.to(weight.device)), pattern, sparsity, per="row")
+def wanda_mask(weight: torch.Tensor, sq_norms: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5,
+               prior: torch.Tensor | None = None, toward: str | None = None) -> torch.Tensor:
+    """Mask from Wanda scores; N:M groups run along the input dim, unstructured is per output row (``prior``,
+    ``toward``: see :func:`~sparse_runtime.format.masks.steer`)."""
+    return pattern_mask(scores(weight.detach().float(), sq_norms.to(weight.device)), pattern, sparsity, "row",
+                        prior, toward)
 
 
-def prune_linear(linear, stats: InputNorms, pattern: str, sparsity: float, config) -> Pruned:
-    mask = wanda_mask(linear.weight, stats.sq, pattern, sparsity)
+def prune_linear(linear, stats: InputNorms, pattern: str, sparsity: float, config, prior=None) -> Pruned:
+    mask = wanda_mask(linear.weight, stats.sq, pattern, sparsity, prior, config.toward)
     linear.weight.mul_(mask)
     return Pruned(mask, round_to_nearest(linear, mask, config.quant))
 
