@@ -8,8 +8,14 @@ cache several times (the CPUs these runs see range from 32 MiB to 480 MiB of L3)
 so the numbers are memory numbers, not cache numbers; the machine's read bandwidth is measured in the same run
 with the same threads, and each row reports the bytes it read per second against it.
 
+Quantized values (``--quant int8,int4``) add the 2:4 kernel on int8 codes (``cpu24-int8``, per-row scales) and
+int4 codes (``cpu24-int4``, groups of 128 columns, or the largest of 64/32 that divides K), and torch's dense
+weight-only int8 kernel ``torch._weight_int8pack_mm`` (``dense-int8``: int8 [N, K], per-row scales) as their
+baseline; their bytes are the codes, the 2:4 indices and the scales.
+
     python -m benchmarks.cpu_kernels                       # SmolLM2-135M and Llama-3-8B shapes, fp32
     python -m benchmarks.cpu_kernels --shapes 4096x4096 --ms 1,8 --compiled none
+    python -m benchmarks.cpu_kernels --quant int8,int4 --compiled none
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ SMOLLM2 = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/u
 LLAMA3_8B = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 DEFAULT_MS = (1, 2, 4, 8, 16, 64, 512)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+QUANT = ("int8", "int4")  # --quant: the 2:4 kernel's provider "cpu24-<scheme>" each, and "dense-int8" with them
+INT4_GROUPS = (128, 64, 32)  # the first that divides K (whole SIMD steps: the kernels' fast path)
 
 
 def llc_bytes() -> int:
@@ -45,9 +53,27 @@ def llc_bytes() -> int:
     return best or 32 << 20
 
 
+def int4_group(k: int) -> int | None:
+    """The int4 group size a shape runs: the first of :data:`INT4_GROUPS` that divides K (None: none does)."""
+    return next((g for g in INT4_GROUPS if k % g == 0), None)
+
+
 def weight_bytes(provider: str, n: int, k: int, elem: int) -> int:
-    """Bytes of the weight one call reads: dense N*K elements; 2:4 N*K/2 values and N*K/8 bytes of indices."""
-    return n * k * elem if provider != "cpu24" else n * (k // 2) * elem + n * (k // 8)
+    """Bytes of the weight one call reads: dense N*K elements (``dense-int8``: N*K int8 codes and N scales); 2:4
+    N*K/2 values and N*K/8 bytes of indices, its quantized providers their codes (int8 N*K/2 bytes, int4 N*K/4)
+    instead of the values plus their scales (N per row, N*K/group for int4), in the compute dtype."""
+    if provider in ("dense", "compiled"):
+        return n * k * elem
+    if provider == "dense-int8":
+        return n * k + n * elem
+    meta = n * (k // 8)
+    if provider == "cpu24":
+        return n * (k // 2) * elem + meta
+    if provider == "cpu24-int8":
+        return n * (k // 2) + meta + n * elem
+    if provider == "cpu24-int4":
+        return n * (k // 4) + meta + n * (k // int4_group(k)) * elem
+    raise ValueError(f"unknown provider {provider!r}")
 
 
 def call_bytes(provider: str, m: int, n: int, k: int, elem: int) -> int:
@@ -108,47 +134,70 @@ def compiled_stack(dense):
     return call
 
 
-def bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, bandwidth, log=print):
+def bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, bandwidth, log=print, quant=()):
     """Rows of one weight shape, yielded per M: each provider's median time per layer, the bytes it moved per
-    second and their share of the read bandwidth, and its speedup over the best dense path at that M."""
+    second and their share of the read bandwidth, and its speedup over the best full-precision dense path at
+    that M. ``quant``: schemes of :data:`QUANT` to time too."""
     import torch
     import torch.nn.functional as F
 
     from sparse_runtime.format.codec import SparseWeight
     from sparse_runtime.format.masks import pattern_mask
+    from sparse_runtime.format.quant import QuantScheme, absmax_scales, quantize_codes
     from sparse_runtime.nn.linear import SparseLinear
 
     elem = torch.empty((), dtype=dtype).element_size()
-    layers = stack_size(weight_bytes("cpu24", n, k, elem), llc, budget // 3)
+    schemes = [q for q in quant if q != "int4" or int4_group(k)]
+    if len(schemes) < len(quant):
+        log(f"{n}x{k}: no int4 group of {'/'.join(map(str, INT4_GROUPS))} columns divides K={k}; int4 skipped")
+    stored = ["cpu24", *(f"cpu24-{q}" for q in schemes), *(["dense-int8"] if quant else [])]
+    held = sum(weight_bytes(p, n, k, elem) for p in ["dense", *stored])  # what one layer holds across providers
+    smallest = min(weight_bytes(p, n, k, elem) for p in stored)
+    layers = stack_size(smallest, llc, budget * smallest // held)  # the smallest weights' stack exceeds the LLC too
     gen = torch.Generator().manual_seed(0)
-    dense, sparse = [], []
+    dense, sparse, quantized, int8_dense = [], [], {q: [] for q in schemes}, []
     for _ in range(layers):
         w = torch.randn(n, k, generator=gen).to(dtype)
         mask = pattern_mask(w.float().abs(), "2:4")
         sw = SparseWeight.compress(w * mask, mask)
         dense.append((w * mask, torch.randn(n, generator=gen).to(dtype)))
         sparse.append(SparseLinear.from_sparse_weight(sw, dense[-1][1], backend="cpu"))
+        for q in schemes:
+            scheme = QuantScheme.parse(q, int4_group(k) if q == "int4" else None)
+            qw = SparseWeight.compress(w * mask, mask, quant=scheme)
+            quantized[q].append(SparseLinear.from_sparse_weight(qw, dense[-1][1], backend="cpu"))
+        if quant:  # torch's weight-only int8: per-row scales of the same masked weight
+            scheme = QuantScheme.parse("int8")
+            scales = absmax_scales(w * mask, scheme)
+            int8_dense.append((quantize_codes(w * mask, scales, scheme), scales[:, 0].contiguous(), dense[-1][1]))
         del w, mask, sw
     for m in ms:
         x = torch.randn(m, k, generator=gen).to(dtype)
         calls = {"dense": [lambda w=w, b=b: F.linear(x, w, b) for w, b in dense],
                  "cpu24": [lambda layer=layer: layer(x) for layer in sparse]}  # what auto runs: the cpu backend
+        for q, stack in quantized.items():
+            calls[f"cpu24-{q}"] = [lambda layer=layer: layer(x) for layer in stack]
+        if int8_dense:
+            calls["dense-int8"] = [lambda c=c, sc=sc, b=b: torch._weight_int8pack_mm(x, c, sc) + b
+                                   for c, sc, b in int8_dense]
         if m in compiled_ms:
             stack = compiled_stack(dense)
             calls["compiled"] = [lambda: stack(x)]
         with torch.no_grad():
             times = {p: time_pass(c) / layers for p, c in calls.items()}
-        best_dense = min(t for p, t in times.items() if p != "cpu24")
+        best_dense = min(t for p, t in times.items() if p in ("dense", "compiled"))
         rows = []
         for provider, t in times.items():
             nbytes = call_bytes(provider, m, n, k, elem)
+            group = {"group_size": int4_group(k)} if provider == "cpu24-int4" else {}
             rows.append({"shape": f"{n}x{k}", "n": n, "k": k, "m": m, "dtype": str(dtype).removeprefix("torch."),
-                         "provider": provider, "layers_per_pass": layers, "us": round(t * 1e6, 2),
+                         "provider": provider, **group, "layers_per_pass": layers, "us": round(t * 1e6, 2),
                          "bytes": nbytes, "gbps": round(nbytes / t / 1e9, 2),
                          "bandwidth_fraction": round(nbytes / t / 1e9 / bandwidth, 3),
                          "speedup_vs_best_dense": round(best_dense / t, 3)})
         log(f"{n}x{k} M={m:<4} " + "  ".join(f"{p} {t * 1e6:9.1f} us" for p, t in times.items())
-            + f"  2:4 {best_dense / times['cpu24']:.2f}x the best dense")
+            + f"  2:4 {best_dense / times['cpu24']:.2f}x the best dense"
+            + (f", int8 2:4 {times['dense-int8'] / times['cpu24-int8']:.2f}x dense int8" if "cpu24-int8" in times else ""))
         yield rows
 
 
@@ -182,6 +231,15 @@ def parse_named_shapes(text: str) -> list[tuple[int, int]]:
     return [s for part in text.split(",") for s in named.get(part.strip()) or parse_shapes(part, k_multiple=8)]
 
 
+def parse_quant(text: str) -> tuple[str, ...]:
+    """``int8,int4`` -> the schemes, each of :data:`QUANT` ('' : none)."""
+    schemes = tuple(dict.fromkeys(q.strip() for q in text.split(",") if q.strip()))
+    bad = [q for q in schemes if q not in QUANT]
+    if bad:
+        raise ValueError(f"--quant: unknown scheme(s) {', '.join(bad)}; choose from {', '.join(QUANT)}")
+    return schemes
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", default="smollm2,llama3-8b", help="NxK,... or the names smollm2, llama3-8b")
     p.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)), help="comma-separated M to sweep")
@@ -189,6 +247,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compiled", default="1,8",
                    help="M values at which to time the inductor-compiled dense linear too ('none': never); each is "
                         "a compilation per shape")
+    p.add_argument("--quant", default="", help=f"comma-separated schemes of {', '.join(QUANT)} to time the 2:4 kernel "
+                   "on quantized codes too, with torch's dense weight-only int8 kernel as their baseline")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--memory-budget-gib", type=float, default=6.0, help="most GiB of weights a shape may hold")
     p.add_argument("--out", type=Path, default=None, help="the JSON (default benchmarks/results/cpu_kernels_DTYPE.json; "
@@ -196,8 +256,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def measure(shapes, ms, dtype_name: str = "fp32", compiled_ms=(1, 8), out: Path | None = None,
-            budget_gib: float = 6.0, log=print) -> dict:
-    """The report of every (shape, M), written to ``out`` (JSON, after every M) and ``out`` .png."""
+            budget_gib: float = 6.0, log=print, quant=()) -> dict:
+    """The report of every (shape, M), written to ``out`` (JSON, after every M) and ``out`` .png; ``quant``: the
+    schemes of :data:`QUANT` to time too."""
     import torch
 
     from sparse_runtime.ops import cpu24
@@ -211,7 +272,7 @@ def measure(shapes, ms, dtype_name: str = "fp32", compiled_ms=(1, 8), out: Path 
               "timer": "median of >= 5 passes over a stack of distinct layers >= 4x the LLC, per layer", "rows": []}
     log(f"{report['device']}, best ISA {report['best_isa']}, LLC {llc >> 20} MiB, read bandwidth {bandwidth:.1f} GB/s")
     for n, k in shapes:
-        for rows in bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, bandwidth, log):
+        for rows in bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, bandwidth, log, quant):
             report["rows"] += rows
             write_json(out, report)  # after every M: a run cut short keeps what it measured
     log(f"wrote {out} and {plot(out.with_suffix('.png'), report)}")
@@ -231,10 +292,11 @@ def run(args) -> int:
     try:
         shapes, ms = parse_named_shapes(args.shapes), parse_ints(args.ms)
         compiled = [] if args.compiled == "none" else parse_ints(args.compiled, "--compiled")
+        quant = parse_quant(args.quant)
     except ValueError as e:
         print(f"cpu_kernels: {e}", file=sys.stderr)
         return 2
-    measure(shapes, ms, args.dtype, compiled, args.out, args.memory_budget_gib)
+    measure(shapes, ms, args.dtype, compiled, args.out, args.memory_budget_gib, quant=quant)
     return 0
 
 

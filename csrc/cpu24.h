@@ -1,5 +1,6 @@
 // Raw-pointer CPU kernels of sparse_runtime._cpu24: y = x @ W^T + b with W in the canonical 2:4 format
-// (sparse_runtime/format.py): values [N, K/2], meta [N, K/8] uint8, 2 bits per kept value.
+// (sparse_runtime/format/codec.py): values [N, K/2] (or quantized codes, see Cpu24Values), meta [N, K/8] uint8,
+// 2 bits per kept value.
 //
 // Each ISA lives in its own translation unit compiled with its own -m flags (cpu24_scalar.cpp, cpu24_avx2.cpp,
 // cpu24_avx512.cpp, cpu24_avx512bf16.cpp). Those TUs include no torch (or other library) headers and keep everything but the entry
@@ -9,27 +10,49 @@
 
 #include <cstdint>
 
+// What `values` holds. Quantized codes (docs/format.md) come with fp32 scales: W = code * scale.
+enum class Cpu24Values : uint8_t {
+  f32,   // [N, K/2] fp32
+  bf16,  // [N, K/2] bf16 as raw uint16
+  int8,  // [N, K/2] int8 codes
+  int4,  // [N, K/4] uint8, two codes per byte: kept value 2i in the low nibble of byte i, each stored as code + 8
+};
+
+// static: each TU keeps its own copy (see above)
+static constexpr bool cpu24_quantized(Cpu24Values v) { return v == Cpu24Values::int8 || v == Cpu24Values::int4; }
+
+// Grouped scales (group < K): the SIMD kernels need groups of a multiple of this many dense columns (whole
+// AVX-512 steps); the caller runs other groups on the scalar kernel.
+constexpr int64_t kCpu24SimdGroup = 32;
+
 struct Cpu24Problem {
   const float* x;         // [M, K] fp32, contiguous (bf16 inputs are widened once by the caller)
-  const uint16_t* x16;    // [M, K] bf16 as raw uint16 when bf16 is set (the avx512bf16 kernel reads x as is)
-  const void* values;     // [N, K/2] fp32, or bf16 as raw uint16 when bf16 is set
+  const uint16_t* x16;    // [M, K] bf16 as raw uint16 for bf16 values (the avx512bf16 kernel reads x as is)
+  const void* values;     // see Cpu24Values
   const uint8_t* meta;    // [N, K/8]
   const float* bias;      // [N] fp32, or nullptr
   float* y;               // [M, N] fp32, contiguous
   int64_t m, n, k;        // K % 8 == 0
-  bool bf16;
+  Cpu24Values kind;
+  const float* scales;    // quantized: [N, K / group] fp32 (bf16 scales are widened by the caller); else nullptr
+  int64_t group;          // dense columns per scale, a multiple of 8 dividing K (K: one scale per row)
 };
 
 // Output rows [row0, row1) for every row of x; values and meta are read once per call.
 void sr_cpu24_scalar(const Cpu24Problem& p, int64_t row0, int64_t row1);
 void sr_cpu24_avx2(const Cpu24Problem& p, int64_t row0, int64_t row1);
 void sr_cpu24_avx512(const Cpu24Problem& p, int64_t row0, int64_t row1);
-void sr_cpu24_avx512bf16(const Cpu24Problem& p, int64_t row0, int64_t row1);  // fp32 weights: sr_cpu24_avx512
+void sr_cpu24_avx512bf16(const Cpu24Problem& p, int64_t row0, int64_t row1);  // others: sr_cpu24_avx512
 
 // Sum of a[0..n): a streaming read, for measuring the machine's read bandwidth.
 float sr_sum_scalar(const float* a, int64_t n);
 float sr_sum_avx2(const float* a, int64_t n);
 float sr_sum_avx512(const float* a, int64_t n);
+
+// Rows [row0, row1) of quantized values (p.values, p.scales) as float values [row1 - row0, K/2], the layout the
+// decompression below reads: fp32 (elem_bytes 4) or bf16 (2; code * scale rounded to nearest even, as torch
+// rounds the dequantized weight).
+void sr_cpu24_dequantize(const Cpu24Problem& p, int64_t row0, int64_t row1, void* out, int elem_bytes);
 
 // `rows` rows of W (values/meta pointing at the first) to dense [rows, K] (elem_bytes 4: fp32, 2: bf16), for the
 // prefill GEMM.

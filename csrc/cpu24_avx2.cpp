@@ -4,7 +4,8 @@
 // A step covers 16 input columns of an output row: 8 kept values (one ymm) and 2 meta bytes. Kept values 2g and
 // 2g+1 come from group g (columns 4g..4g+3). With x's 16 columns regrouped once per step as A = [g0 | g2] and
 // B = [g1 | g3] (128-bit halves), vpermilps picks within each half by the raw 2-bit index (it reads only bits
-// 1:0 of each lane, so no masking), and a fixed blend takes lanes 2,3,6,7 (groups 1 and 3) from B.
+// 1:0 of each lane, so no masking), and a fixed blend takes lanes 2,3,6,7 (groups 1 and 3) from B. int8 and
+// int4 codes are widened to fp32 in registers (the scales are applied to sums, not to codes).
 #include <immintrin.h>
 
 #include <cstring>
@@ -18,24 +19,49 @@ inline __m256i step_selectors(uint32_t w) {
   return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), shift);
 }
 
-template <bool BF16>
+// int4: lane j takes nibble j of the step's 4 code bytes read as one little-endian word (byte j/2, the low
+// nibble for even j), as code = nibble - 8.
+inline __m256 int4_codes(uint32_t w) {
+  const __m256i shift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i nibbles = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)), shift),
+                                           _mm256_set1_epi32(15));
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(nibbles, _mm256_set1_epi32(8)));
+}
+
+// The step's 8 values from kept value i on, as fp32 (codes as they are: the scales come later).
+template <Cpu24Values V>
 inline __m256 load_values(const void* values, int64_t i) {
-  if constexpr (BF16) {
+  if constexpr (V == Cpu24Values::bf16) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + i));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bf16 is fp32's top half
-  } else {
+  } else if constexpr (V == Cpu24Values::f32) {
     return _mm256_loadu_ps(static_cast<const float*>(values) + i);
+  } else if constexpr (V == Cpu24Values::int8) {
+    const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + i));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+  } else {
+    uint32_t w;
+    std::memcpy(&w, static_cast<const uint8_t*>(values) + i / 2, 4);
+    return int4_codes(w);
   }
 }
 
 // The 4 values of a half step (K % 16 == 8), upper lanes zero.
-template <bool BF16>
+template <Cpu24Values V>
 inline __m256 load_values_half(const void* values, int64_t i) {
-  if constexpr (BF16) {
+  if constexpr (V == Cpu24Values::bf16) {
     const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + i));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else {
+  } else if constexpr (V == Cpu24Values::f32) {
     return _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(static_cast<const float*>(values) + i), 0);
+  } else if constexpr (V == Cpu24Values::int8) {
+    int32_t w;
+    std::memcpy(&w, static_cast<const int8_t*>(values) + i, 4);
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi32_si128(w)));
+  } else {
+    uint16_t w;
+    std::memcpy(&w, static_cast<const uint8_t*>(values) + i / 2, 2);
+    return _mm256_blend_ps(int4_codes(w), _mm256_setzero_ps(), 0xF0);  // a zero nibble is code -8: clear those
   }
 }
 
@@ -50,9 +76,12 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// y[m0 .. m0+MT, rows n0 + r * stride for r < R] over all of K.
-template <bool BF16, int MT, int R>
+// y[m0 .. m0+MT, rows n0 + r * stride for r < R] over all of K. Quantized values: per-row scales multiply the
+// row's sum at the end; grouped scales (p.group < K, a multiple of 32 columns, so whole steps) multiply each
+// group's sum into a second set of accumulators when the group ends.
+template <Cpu24Values V, int MT, int R>
 void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {
+  constexpr bool kQuant = cpu24_quantized(V);
   const int64_t k = p.k, nvals = k / 2, nbytes = k / 8, steps = k / 16;
   const float* x = p.x + m0 * k;
   const uint8_t* meta[R];
@@ -62,43 +91,70 @@ void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {
     vrow[r] = (n0 + r * stride) * nvals;
   }
   __m256 acc[MT][R];
-  for (int i = 0; i < MT; ++i)
-    for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+  const auto zero_acc = [&] {
+    for (int i = 0; i < MT; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+  };
+  const auto run_steps = [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      __m256 a[MT], b[MT];
+      for (int i = 0; i < MT; ++i) {
+        const __m256 lo = _mm256_loadu_ps(x + i * k + 16 * s), hi = _mm256_loadu_ps(x + i * k + 16 * s + 8);
+        a[i] = _mm256_permute2f128_ps(lo, hi, 0x20);  // columns 0..3 | 8..11
+        b[i] = _mm256_permute2f128_ps(lo, hi, 0x31);  // columns 4..7 | 12..15
+      }
+      for (int r = 0; r < R; ++r) {
+        uint16_t w;
+        std::memcpy(&w, meta[r] + 2 * s, 2);
+        const __m256i sel = step_selectors(w);
+        const __m256 v = load_values<V>(p.values, vrow[r] + 8 * s);
+        for (int i = 0; i < MT; ++i) acc[i][r] = _mm256_fmadd_ps(gather_x(a[i], b[i], sel), v, acc[i][r]);
+      }
+    }
+  };
+  zero_acc();
 
-  for (int64_t s = 0; s < steps; ++s) {
-    __m256 a[MT], b[MT];
-    for (int i = 0; i < MT; ++i) {
-      const __m256 lo = _mm256_loadu_ps(x + i * k + 16 * s), hi = _mm256_loadu_ps(x + i * k + 16 * s + 8);
-      a[i] = _mm256_permute2f128_ps(lo, hi, 0x20);  // columns 0..3 | 8..11
-      b[i] = _mm256_permute2f128_ps(lo, hi, 0x31);  // columns 4..7 | 12..15
+  const bool grouped = kQuant && p.group < k;
+  if (!grouped) {
+    run_steps(0, steps);
+    if (k % 16) {  // 8 columns left: groups 0 and 1 only, the upper halves are zero
+      __m256 a[MT], b[MT];
+      for (int i = 0; i < MT; ++i) {
+        const __m256 lo = _mm256_loadu_ps(x + i * k + 16 * steps), zero = _mm256_setzero_ps();
+        a[i] = _mm256_permute2f128_ps(lo, zero, 0x20);
+        b[i] = _mm256_permute2f128_ps(lo, zero, 0x31);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i sel = step_selectors(meta[r][2 * steps]);
+        const __m256 v = load_values_half<V>(p.values, vrow[r] + 8 * steps);
+        for (int i = 0; i < MT; ++i) acc[i][r] = _mm256_fmadd_ps(gather_x(a[i], b[i], sel), v, acc[i][r]);
+      }
     }
-    for (int r = 0; r < R; ++r) {
-      uint16_t w;
-      std::memcpy(&w, meta[r] + 2 * s, 2);
-      const __m256i sel = step_selectors(w);
-      const __m256 v = load_values<BF16>(p.values, vrow[r] + 8 * s);
-      for (int i = 0; i < MT; ++i) acc[i][r] = _mm256_fmadd_ps(gather_x(a[i], b[i], sel), v, acc[i][r]);
+  } else if constexpr (kQuant) {
+    const int64_t group_steps = p.group / 16, groups = k / p.group;
+    __m256 total[MT][R];
+    for (int i = 0; i < MT; ++i)
+      for (int r = 0; r < R; ++r) total[i][r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      if (g) zero_acc();
+      run_steps(g * group_steps, (g + 1) * group_steps);
+      for (int r = 0; r < R; ++r) {
+        const __m256 scale = _mm256_set1_ps(p.scales[(n0 + r * stride) * groups + g]);
+        for (int i = 0; i < MT; ++i) total[i][r] = _mm256_fmadd_ps(acc[i][r], scale, total[i][r]);
+      }
     }
-  }
-
-  if (k % 16) {  // 8 columns left: groups 0 and 1 only, the upper halves are zero
-    __m256 a[MT], b[MT];
-    for (int i = 0; i < MT; ++i) {
-      const __m256 lo = _mm256_loadu_ps(x + i * k + 16 * steps), zero = _mm256_setzero_ps();
-      a[i] = _mm256_permute2f128_ps(lo, zero, 0x20);
-      b[i] = _mm256_permute2f128_ps(lo, zero, 0x31);
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256i sel = step_selectors(meta[r][2 * steps]);
-      const __m256 v = load_values_half<BF16>(p.values, vrow[r] + 8 * steps);
-      for (int i = 0; i < MT; ++i) acc[i][r] = _mm256_fmadd_ps(gather_x(a[i], b[i], sel), v, acc[i][r]);
-    }
+    for (int i = 0; i < MT; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = total[i][r];
   }
 
   for (int r = 0; r < R; ++r) {
     const int64_t n = n0 + r * stride;
     const float bias = p.bias ? p.bias[n] : 0.0f;
-    for (int i = 0; i < MT; ++i) p.y[(m0 + i) * p.n + n] = hsum(acc[i][r]) + bias;
+    const float scale = kQuant && !grouped ? p.scales[n] : 1.0f;
+    for (int i = 0; i < MT; ++i) {
+      const float sum = hsum(acc[i][r]);
+      p.y[(m0 + i) * p.n + n] = (kQuant ? sum * scale : sum) + bias;
+    }
   }
 }
 
@@ -151,15 +207,18 @@ void decompress_bf16(const uint16_t* values, const uint8_t* meta, uint16_t* dens
   }
 }
 
-template <bool BF16>
+template <Cpu24Values V>
 struct Kernel {
+  // int4 may hold a second set of accumulators (grouped scales): half the weight rows per tile.
+  static constexpr bool kInt4 = V == Cpu24Values::int4;
   static constexpr int kMaxMT = 2;  // rows of x per tile (the tile's weight rows are reread from cache for each)
-  static constexpr int kRows = 4;   // weight rows per tile: 8 accumulators + 4 regrouped x of the 16 ymm
-  static constexpr int kWideRows = 8, kWideMaxM = 1;
+  // weight rows per tile: kMaxMT * kRows accumulators (int4: and as many totals) + 4 regrouped x of the 16 ymm
+  static constexpr int kRows = kInt4 ? 2 : 4;
+  static constexpr int kWideRows = kInt4 ? 4 : 8, kWideMaxM = 1;
   static constexpr int kXElemBytes = 4;
   template <int MT, int R>
   static void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {
-    ::tile<BF16, MT, R>(p, n0, m0, stride);
+    ::tile<V, MT, R>(p, n0, m0, stride);
   }
 };
 
@@ -168,8 +227,12 @@ struct Kernel {
 }  // namespace
 
 void sr_cpu24_avx2(const Cpu24Problem& p, int64_t row0, int64_t row1) {
-  if (p.bf16) schedule_rows<Kernel<true>>(p, row0, row1);
-  else schedule_rows<Kernel<false>>(p, row0, row1);
+  switch (p.kind) {
+    case Cpu24Values::f32: return schedule_rows<Kernel<Cpu24Values::f32>>(p, row0, row1);
+    case Cpu24Values::bf16: return schedule_rows<Kernel<Cpu24Values::bf16>>(p, row0, row1);
+    case Cpu24Values::int8: return schedule_rows<Kernel<Cpu24Values::int8>>(p, row0, row1);
+    case Cpu24Values::int4: return schedule_rows<Kernel<Cpu24Values::int4>>(p, row0, row1);
+  }
 }
 
 void sr_cpu24_decompress_avx2(const void* values, const uint8_t* meta, void* dense, int64_t rows, int64_t k,

@@ -1,5 +1,5 @@
 // AVX-512 BF16 2:4 kernel for bf16 weights (built with the AVX-512 flags plus -mavx512bf16; run only where the
-// CPU has them). fp32 weights go to the AVX-512 kernel. No torch headers, everything but the entry point in an
+// CPU has them). fp32 weights and quantized codes go to the AVX-512 kernel. No torch headers, everything but the entry point in an
 // anonymous namespace (see cpu24.h).
 //
 // A step covers 64 input columns of an output row: 32 kept bf16 values (one zmm) and 8 meta bytes. x stays bf16:
@@ -115,7 +115,7 @@ struct Kernel {
 }  // namespace
 
 void sr_cpu24_avx512bf16(const Cpu24Problem& p, int64_t row0, int64_t row1) {
-  if (!p.bf16 || p.x16 == nullptr) {
+  if (p.kind != Cpu24Values::bf16 || p.x16 == nullptr) {
     sr_cpu24_avx512(p, row0, row1);
     return;
   }

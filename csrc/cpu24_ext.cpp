@@ -1,4 +1,5 @@
-// sparse_runtime._cpu24: y = x @ W^T + b on the CPU with W in the canonical 2:4 format, fp32 or bf16.
+// sparse_runtime._cpu24: y = x @ W^T + b on the CPU with W in the canonical 2:4 format, fp32 or bf16, or its
+// values quantized (int8, int4 codes with scales in x's dtype; dequantized in registers, or into the panels).
 //
 // M <= 16 (decode): the SIMD kernels stream values + meta once (17/32 of the dense fp32 bytes) and rebuild the
 // kept x entries in registers; beyond that while x is small (see stream()). Otherwise (prefill): decompress panels
@@ -84,69 +85,129 @@ const Isa& pick(const std::string& name) {
   return kIsas[0];  // unreachable
 }
 
+// What `values` holds: float values in x's dtype, int8 codes, or int4 codes packed in uint8 (docs/format.md).
+Cpu24Values values_kind(const at::Tensor& values) {
+  switch (values.scalar_type()) {
+    case at::kFloat: return Cpu24Values::f32;
+    case at::kBFloat16: return Cpu24Values::bf16;
+    case at::kChar: return Cpu24Values::int8;
+    case at::kByte: return Cpu24Values::int4;
+    default: TORCH_CHECK_TYPE(false, "cpu24: values must be float32, bfloat16, int8 or uint8 (int4), got ",
+                              values.scalar_type());
+  }
+  return Cpu24Values::f32;  // unreachable
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-                  const std::optional<at::Tensor>& bias) {
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scales) {
   // The Python wrapper gives the friendly errors; these keep a direct call from reading out of bounds.
   for (const at::Tensor* t : {&x, &values, &meta})
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "cpu24: tensors must be contiguous CPU tensors");
-  TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
-                   "cpu24: values must be float32 or bfloat16, got ", values.scalar_type());
-  TORCH_CHECK_TYPE(x.scalar_type() == values.scalar_type(), "cpu24: x and values dtypes differ");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                   "cpu24: x must be float32 or bfloat16, got ", x.scalar_type());
+  const Cpu24Values kind = values_kind(values);
+  const bool quant = cpu24_quantized(kind);
+  TORCH_CHECK_TYPE(quant || x.scalar_type() == values.scalar_type(), "cpu24: x and values dtypes differ");
   TORCH_CHECK_TYPE(meta.scalar_type() == at::kByte, "cpu24: meta must be uint8");
   TORCH_CHECK_VALUE(x.dim() == 2 && values.dim() == 2 && meta.dim() == 2, "cpu24: x, values, meta must be 2-D");
   const int64_t k = x.size(1), n = values.size(0);
-  TORCH_CHECK_VALUE(k > 0 && k % 8 == 0 && values.size(1) * 2 == k && meta.size(0) == n && meta.size(1) * 8 == k,
+  TORCH_CHECK_VALUE(k > 0 && k % 8 == 0 && values.size(1) * (kind == Cpu24Values::int4 ? 4 : 2) == k &&
+                        meta.size(0) == n && meta.size(1) * 8 == k,
                     "cpu24: shapes do not match: x ", x.sizes(), ", values ", values.sizes(), ", meta ",
-                    meta.sizes(), " (need K > 0, K % 8 == 0, values [N, K/2], meta [N, K/8])");
+                    meta.sizes(), " (need K > 0, K % 8 == 0, values [N, K/2] (int4 [N, K/4]), meta [N, K/8])");
   if (bias) {
     TORCH_CHECK(bias->device().is_cpu() && bias->is_contiguous(), "cpu24: bias must be a contiguous CPU tensor");
-    TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "cpu24: bias and values dtypes differ");
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "cpu24: bias and x dtypes differ");
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, "cpu24: bias must be [N]");
+  }
+  TORCH_CHECK_VALUE(quant == scales.has_value(), "cpu24: int8/int4 codes need scales, float values take none");
+  if (scales) {
+    TORCH_CHECK(scales->device().is_cpu() && scales->is_contiguous(), "cpu24: scales must be a contiguous CPU tensor");
+    TORCH_CHECK_TYPE(scales->scalar_type() == x.scalar_type(), "cpu24: scales and x dtypes differ");
+    const int64_t groups = scales->dim() == 2 ? scales->size(1) : 0;
+    TORCH_CHECK_VALUE(scales->dim() == 2 && scales->size(0) == n && groups > 0 && k % groups == 0 &&
+                          (k / groups) % 8 == 0,
+                      "cpu24: scales must be [N, groups] with groups of a multiple of 8 columns dividing K, got ",
+                      scales->sizes());
   }
 }
 
+// The weight's part of a problem: values, meta, scales (fp32) and their kind; the caller adds x, y and bias.
+Cpu24Problem weight_problem(const at::Tensor& values, const at::Tensor& meta, const at::Tensor& scales32,
+                            int64_t k) {
+  Cpu24Problem p{};
+  p.values = values.data_ptr();
+  p.meta = meta.data_ptr<uint8_t>();
+  p.n = values.size(0);
+  p.k = k;
+  p.kind = values_kind(values);
+  p.scales = scales32.defined() ? scales32.data_ptr<float>() : nullptr;
+  p.group = scales32.defined() ? k / scales32.size(1) : k;
+  return p;
+}
+
+at::Tensor widened(const std::optional<at::Tensor>& t) {
+  return t ? t->to(at::kFloat).contiguous() : at::Tensor();  // no copy when fp32 already
+}
+
 void decode(const Isa& isa, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-            const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  const bool bf16 = values.scalar_type() == at::kBFloat16;
-  // The kernels take fp32 x, bias and y: widening M*K inputs and narrowing M*N outputs is cheap next to N*K.
-  const at::Tensor x32 = bf16 ? x.to(at::kFloat) : x;
-  const at::Tensor b32 = bias ? (bf16 ? bias->to(at::kFloat) : *bias) : at::Tensor();
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scales, at::Tensor& y) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  // The kernels take fp32 x, bias, scales and y: widening M*K inputs and narrowing M*N outputs is cheap next to
+  // N*K.
+  const at::Tensor x32 = bf16 ? x.to(at::kFloat) : x, b32 = widened(bias), s32 = widened(scales);
   at::Tensor y32 = bf16 || !y.is_contiguous() ? at::empty(y.sizes(), x32.options()) : y;
-  const Cpu24Problem p{x32.data_ptr<float>(), bf16 ? static_cast<const uint16_t*>(x.data_ptr()) : nullptr,
-                       values.data_ptr(), meta.data_ptr<uint8_t>(),
-                       bias ? b32.data_ptr<float>() : nullptr, y32.data_ptr<float>(),
-                       x.size(0), values.size(0), x.size(1), bf16};
-  const int64_t row_bytes = p.k / 2 * values.element_size() + p.k / 8;
+  Cpu24Problem p = weight_problem(values, meta, s32, x.size(1));
+  p.x = x32.data_ptr<float>();
+  p.x16 = p.kind == Cpu24Values::bf16 ? static_cast<const uint16_t*>(x.data_ptr()) : nullptr;
+  p.bias = bias ? b32.data_ptr<float>() : nullptr;
+  p.y = y32.data_ptr<float>();
+  p.m = x.size(0);
+  // Groups that are not whole SIMD steps run on the scalar kernel (correct, not fast).
+  const Kernel kernel = p.group < p.k && p.group % kCpu24SimdGroup ? sr_cpu24_scalar : isa.kernel;
+  const int64_t row_bytes = values.size(1) * values.element_size() + p.k / 8;
   const int64_t blocks = (p.n + kRowAlign - 1) / kRowAlign;
   const int64_t grain = std::max<int64_t>(1, kMinChunkBytes / (row_bytes * kRowAlign));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    isa.kernel(p, b0 * kRowAlign, std::min(b1 * kRowAlign, p.n));
+    kernel(p, b0 * kRowAlign, std::min(b1 * kRowAlign, p.n));
   });
   if (!y32.is_same(y)) y.copy_(y32);
 }
 
 void prefill(const Isa& isa, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-             const std::optional<at::Tensor>& bias, at::Tensor& y) {
+             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scales, at::Tensor& y) {
   // Panels one after the other, each decompressed by all threads and multiplied by torch's threaded GEMM. (One
   // panel per thread with a serial GEMM inside parallel_for was measured far slower: the GEMM opens nested
   // thread teams.) 16 MiB panels: few GEMM calls (each re-packs x), L3-resident, and below glibc's mmap
-  // threshold, so later calls reuse the block instead of faulting fresh pages in.
-  const int64_t n = values.size(0), k = x.size(1), elem = values.element_size();
+  // threshold, so later calls reuse the block instead of faulting fresh pages in. Quantized codes: each
+  // thread's rows are dequantized into `compressed` (x's dtype) first, then decompressed from there.
+  const int64_t n = values.size(0), k = x.size(1), elem = x.element_size();
+  const at::Tensor s32 = widened(scales);  // held: the problem points into it
+  const Cpu24Problem w = weight_problem(values, meta, s32, k);
+  const bool quant = cpu24_quantized(w.kind);
   const int64_t panel_rows = std::min(n, std::max<int64_t>(16, kPanelBytes / (k * elem) / 16 * 16));
-  const at::Tensor dense = at::empty({panel_rows, k}, values.options());
+  const at::Tensor dense = at::empty({panel_rows, k}, x.options());
+  const at::Tensor compressed = quant ? at::empty({panel_rows, k / 2}, x.options()) : at::Tensor();
   const auto* vbytes = static_cast<const uint8_t*>(values.data_ptr());
   const uint8_t* mbytes = meta.data_ptr<uint8_t>();
   auto* dbytes = static_cast<uint8_t*>(dense.data_ptr());
+  auto* cbytes = quant ? static_cast<uint8_t*>(compressed.data_ptr()) : nullptr;
   for (int64_t n0 = 0; n0 < n; n0 += panel_rows) {
     const int64_t rows = std::min(panel_rows, n - n0);
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      isa.decompress(vbytes + (n0 + r0) * (k / 2) * elem, mbytes + (n0 + r0) * (k / 8), dbytes + r0 * k * elem,
-                     r1 - r0, k, static_cast<int>(elem));
+      const uint8_t* src;
+      if (quant) {
+        sr_cpu24_dequantize(w, n0 + r0, n0 + r1, cbytes + r0 * (k / 2) * elem, static_cast<int>(elem));
+        src = cbytes + r0 * (k / 2) * elem;
+      } else {
+        src = vbytes + (n0 + r0) * (k / 2) * elem;
+      }
+      isa.decompress(src, mbytes + (n0 + r0) * (k / 8), dbytes + r0 * k * elem, r1 - r0, k, static_cast<int>(elem));
     });
-    const at::Tensor w = dense.narrow(0, 0, rows).t();
+    const at::Tensor wt = dense.narrow(0, 0, rows).t();
     at::Tensor out = y.narrow(1, n0, rows);
-    if (bias) at::addmm_out(out, bias->narrow(0, n0, rows), x, w);
-    else at::mm_out(out, x, w);
+    if (bias) at::addmm_out(out, bias->narrow(0, n0, rows), x, wt);
+    else at::mm_out(out, x, wt);
   }
 }
 
@@ -163,8 +224,9 @@ bool stream(const at::Tensor& x, bool bf16) {
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                   const std::optional<at::Tensor>& bias, const std::string& isa_name,
-                  const std::optional<at::Tensor>& out, const std::string& path) {
-  check_inputs(x, values, meta, bias);
+                  const std::optional<at::Tensor>& out, const std::string& path,
+                  const std::optional<at::Tensor>& scales) {
+  check_inputs(x, values, meta, bias, scales);
   TORCH_CHECK_VALUE(path.empty() || path == "stream" || path == "panels",
                     "cpu24: path must be '', 'stream' or 'panels', got '", path, "'");
   const Isa& isa = pick(isa_name);
@@ -178,8 +240,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
     y = at::empty({x.size(0), values.size(0)}, x.options());
   }
   if (x.size(0) == 0 || values.size(0) == 0) return y.zero_();
-  if (path.empty() ? stream(x, x.scalar_type() == at::kBFloat16) : path == "stream") decode(isa, x, values, meta, bias, y);
-  else prefill(isa, x, values, meta, bias, y);
+  if (path.empty() ? stream(x, x.scalar_type() == at::kBFloat16) : path == "stream")
+    decode(isa, x, values, meta, bias, scales, y);
+  else
+    prefill(isa, x, values, meta, bias, scales, y);
   return y;
 }
 
@@ -198,12 +262,14 @@ double read_bandwidth_probe(const at::Tensor& buffer) {
 // compiled decode step reaches the kernel through the dispatcher with no Python in between (a Python custom op
 // costs ~25 us per call, more than the kernel at decode sizes). x [..., K]; its fake lives in ops/cpu24.py.
 at::Tensor linear_op(const at::Tensor& values, const at::Tensor& meta, const std::optional<at::Tensor>& bias,
-                     const at::Tensor& x, c10::string_view isa, c10::string_view path) {
+                     const at::Tensor& x, c10::string_view isa, c10::string_view path,
+                     const std::optional<at::Tensor>& scales) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "cpu24_linear: x must have at least one dimension");
   const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
   at::Tensor y = linear(x2, values.contiguous(), meta.contiguous(),
                         bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, std::string(isa),
-                        std::nullopt, std::string(path));
+                        std::nullopt, std::string(path),
+                        scales ? std::optional<at::Tensor>(scales->contiguous()) : std::nullopt);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = values.size(0);
   return y.view(shape);
@@ -212,7 +278,8 @@ at::Tensor linear_op(const at::Tensor& values, const at::Tensor& meta, const std
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparse_runtime, m) {
-  m.def("cpu24_linear(Tensor values, Tensor meta, Tensor? bias, Tensor x, str isa=\"\", str path=\"\") -> Tensor");
+  m.def("cpu24_linear(Tensor values, Tensor meta, Tensor? bias, Tensor x, str isa=\"\", str path=\"\", "
+        "Tensor? scales=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparse_runtime, CPU, m) { m.impl("cpu24_linear", &linear_op); }
@@ -220,9 +287,11 @@ TORCH_LIBRARY_IMPL(sparse_runtime, CPU, m) { m.impl("cpu24_linear", &linear_op);
 PYBIND11_MODULE(_cpu24, m) {
   m.doc() = "2:4 sparse linear on the CPU (AVX-512 BF16 / AVX-512 / AVX2 / scalar, picked at run time)";
   m.def("linear", &linear, py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias") = py::none(),
-        py::arg("isa") = "", py::arg("out") = py::none(), py::arg("path") = "",
+        py::arg("isa") = "", py::arg("out") = py::none(), py::arg("path") = "", py::arg("scales") = py::none(),
         "y[M, N] = x[M, K] @ W^T (+ bias), W as canonical 2:4 values [N, K/2] + meta [N, K/8]; fp32 or bf16. "
-        "isa '' picks the best this CPU runs; path 'stream' or 'panels' forces one, '' picks by the size of x.");
+        "Quantized: values int8 codes [N, K/2] or int4 codes packed in uint8 [N, K/4], scales [N, groups] in x's "
+        "dtype. isa '' picks the best this CPU runs; path 'stream' or 'panels' forces one, '' picks by the size "
+        "of x.");
   m.def("isas", &isas, "ISAs built in and runnable on this CPU, worst to best");
   m.def("read_bandwidth_probe", &read_bandwidth_probe, py::arg("buffer"),
         "sum of an fp32 buffer with torch's threads and the best ISA (a streaming read, for bandwidth)");

@@ -1,5 +1,6 @@
 // Portable 2:4 kernels (no SIMD intrinsics): the fallback ISA, the reference the SIMD paths are tested against,
-// and the panel decompression of the prefill path. No torch headers (see cpu24.h).
+// the kernel of int4 groups the SIMD kernels do not take (see kCpu24SimdGroup), and the panel decompression
+// and dequantization of the prefill path. No torch headers (see cpu24.h).
 #include <cstring>
 
 #include "cpu24.h"
@@ -15,15 +16,23 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-template <bool BF16>
+template <Cpu24Values V>
 inline float value_at(const void* values, int64_t i) {
-  if constexpr (BF16) return bf16_to_float(static_cast<const uint16_t*>(values)[i]);
-  else return static_cast<const float*>(values)[i];
+  if constexpr (V == Cpu24Values::bf16) return bf16_to_float(static_cast<const uint16_t*>(values)[i]);
+  else if constexpr (V == Cpu24Values::f32) return static_cast<const float*>(values)[i];
+  else if constexpr (V == Cpu24Values::int8) return static_cast<const int8_t*>(values)[i];
+  else {
+    const unsigned byte = static_cast<const uint8_t*>(values)[i >> 1];
+    return static_cast<float>(static_cast<int>(i & 1 ? byte >> 4 : byte & 15) - 8);
+  }
 }
 
-template <bool BF16>
+// Quantized: the codes of each group of p.group columns accumulate on their own, then scaled into the row's sum.
+template <Cpu24Values V>
 void rows_scalar(const Cpu24Problem& p, int64_t row0, int64_t row1) {
+  constexpr bool kQuant = cpu24_quantized(V);
   const int64_t k = p.k, nvals = k / 2, nbytes = k / 8;
+  const int64_t group_bytes = kQuant ? p.group / 8 : nbytes, groups = nbytes / group_bytes;
   for (int64_t n = row0; n < row1; ++n) {
     const uint8_t* meta = p.meta + n * nbytes;
     const int64_t vbase = n * nvals;
@@ -31,17 +40,41 @@ void rows_scalar(const Cpu24Problem& p, int64_t row0, int64_t row1) {
       const int64_t mt = p.m - m0 < kMaxM ? p.m - m0 : kMaxM;
       float acc[kMaxM] = {};
       const float* x = p.x + m0 * k;
-      for (int64_t b = 0; b < nbytes; ++b) {
-        const unsigned byte = meta[b];
-        for (int t = 0; t < 4; ++t) {
-          // value 4b+t sits in group 2b + t/2, i.e. columns 8b + 4*(t/2) .. +3; its 2-bit index picks one
-          const int64_t col = 8 * b + 4 * (t >> 1) + ((byte >> (2 * t)) & 3);
-          const float v = value_at<BF16>(p.values, vbase + 4 * b + t);
-          for (int64_t i = 0; i < mt; ++i) acc[i] += v * x[i * k + col];
+      for (int64_t g = 0; g < groups; ++g) {
+        float gacc[kMaxM] = {};
+        for (int64_t b = g * group_bytes; b < (g + 1) * group_bytes; ++b) {
+          const unsigned byte = meta[b];
+          for (int t = 0; t < 4; ++t) {
+            // value 4b+t sits in group 2b + t/2, i.e. columns 8b + 4*(t/2) .. +3; its 2-bit index picks one
+            const int64_t col = 8 * b + 4 * (t >> 1) + ((byte >> (2 * t)) & 3);
+            const float v = value_at<V>(p.values, vbase + 4 * b + t);
+            for (int64_t i = 0; i < mt; ++i) gacc[i] += v * x[i * k + col];
+          }
         }
+        const float scale = kQuant ? p.scales[n * groups + g] : 1.0f;
+        for (int64_t i = 0; i < mt; ++i) acc[i] += kQuant ? gacc[i] * scale : gacc[i];
       }
       const float bias = p.bias ? p.bias[n] : 0.0f;
       for (int64_t i = 0; i < mt; ++i) p.y[(m0 + i) * p.n + n] = acc[i] + bias;
+    }
+  }
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite inputs)
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+template <Cpu24Values V, typename T>
+void dequantize_rows(const Cpu24Problem& p, int64_t row0, int64_t row1, T* out) {
+  const int64_t nvals = p.k / 2, per_group = p.group / 2, groups = p.k / p.group;
+  for (int64_t n = row0; n < row1; ++n) {
+    T* o = out + (n - row0) * nvals;
+    for (int64_t j = 0; j < nvals; ++j) {
+      const float v = value_at<V>(p.values, n * nvals + j) * p.scales[n * groups + j / per_group];
+      if constexpr (sizeof(T) == 4) o[j] = v;
+      else o[j] = float_to_bf16(v);
     }
   }
 }
@@ -64,8 +97,25 @@ void decompress_rows(const T* values, const uint8_t* meta, T* dense, int64_t row
 }  // namespace
 
 void sr_cpu24_scalar(const Cpu24Problem& p, int64_t row0, int64_t row1) {
-  if (p.bf16) rows_scalar<true>(p, row0, row1);
-  else rows_scalar<false>(p, row0, row1);
+  switch (p.kind) {
+    case Cpu24Values::f32: return rows_scalar<Cpu24Values::f32>(p, row0, row1);
+    case Cpu24Values::bf16: return rows_scalar<Cpu24Values::bf16>(p, row0, row1);
+    case Cpu24Values::int8: return rows_scalar<Cpu24Values::int8>(p, row0, row1);
+    case Cpu24Values::int4: return rows_scalar<Cpu24Values::int4>(p, row0, row1);
+  }
+}
+
+void sr_cpu24_dequantize(const Cpu24Problem& p, int64_t row0, int64_t row1, void* out, int elem_bytes) {
+  const bool int8 = p.kind == Cpu24Values::int8;
+  if (elem_bytes == 4) {
+    auto* o = static_cast<float*>(out);
+    if (int8) dequantize_rows<Cpu24Values::int8>(p, row0, row1, o);
+    else dequantize_rows<Cpu24Values::int4>(p, row0, row1, o);
+  } else {
+    auto* o = static_cast<uint16_t*>(out);
+    if (int8) dequantize_rows<Cpu24Values::int8>(p, row0, row1, o);
+    else dequantize_rows<Cpu24Values::int4>(p, row0, row1, o);
+  }
 }
 
 float sr_sum_scalar(const float* a, int64_t n) {

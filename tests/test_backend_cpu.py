@@ -5,15 +5,20 @@ import torch
 from torch import nn
 
 from sparse_runtime import SparseLinear, backends
+from sparse_runtime.format.quant import QuantScheme
 from sparse_runtime.ops import cpu24
 
 pytestmark = pytest.mark.skipif(not cpu24.available(), reason=str(cpu24.unavailable_reason()))
 
 
-def _layers(n, k, bias, dtype, backend="cpu"):
+def _layers(n, k, bias, dtype, backend="cpu", quant=None):
     torch.manual_seed(0)
     dense = nn.Linear(k, n, bias=bias).to(dtype)
-    return SparseLinear.from_linear(dense, backend=backend), SparseLinear.from_linear(dense, backend="reference")
+    return (SparseLinear.from_linear(dense, backend=backend, quant=quant),
+            SparseLinear.from_linear(dense, backend="reference", quant=quant))
+
+
+QUANT = [QuantScheme.parse("int8"), QuantScheme.parse("int4", 32), QuantScheme.parse("int4")]
 
 
 def test_auto_picks_cpu_for_24_fp32_and_bf16():
@@ -22,12 +27,22 @@ def test_auto_picks_cpu_for_24_fp32_and_bf16():
         assert layer.active_backend == "cpu"
 
 
-@pytest.mark.parametrize("pattern, dtype, k, why", [("4:8", torch.float32, 64, "pattern"),
-                                                     ("2:4", torch.float16, 64, "dtype"),
-                                                     ("2:4", torch.float32, 36, "multiple of 8")])
-def test_auto_leaves_what_it_cannot_run_to_decompressed(pattern, dtype, k, why):
+@pytest.mark.parametrize("quant", QUANT[:2], ids=lambda q: q.name)
+def test_auto_picks_cpu_for_int8_and_int4_values(quant):
+    for dtype in (torch.float32, torch.bfloat16):
+        layer, _ = _layers(24, 64, True, dtype, backend="auto", quant=quant)
+        assert layer.active_backend == "cpu"
+    assert backends.get("cpu").capabilities.table()["quant"] == "int8, int4"  # what `sparse-runtime info` prints
+
+
+@pytest.mark.parametrize("pattern, dtype, k, quant, why", [("4:8", torch.float32, 64, None, "pattern"),
+                                                            ("2:4", torch.float16, 64, None, "dtype"),
+                                                            ("2:4", torch.float32, 36, None, "multiple of 8"),
+                                                            ("2:4", torch.float32, 64, "fp8", "quantization fp8")])
+def test_auto_leaves_what_it_cannot_run_to_decompressed(pattern, dtype, k, quant, why):
     dense = nn.Linear(k, 16).to(dtype)
-    layer = SparseLinear.from_linear(dense, backend="auto", pattern=pattern)
+    layer = SparseLinear.from_linear(dense, backend="auto", pattern=pattern,
+                                     quant=quant and QuantScheme.parse(quant))
     assert layer.active_backend == "decompressed"
     assert why in backends.get("cpu").unsupported(layer)
 
@@ -42,9 +57,23 @@ def test_matches_reference(shape, bias, dtype):
     torch.testing.assert_close(layer(x), ref(x), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 128), (3, 5, 128), (40, 128)])
+@pytest.mark.parametrize("quant", QUANT, ids=["int8", "int4-g32", "int4-g128"])
+def test_quantized_matches_reference(quant, shape, dtype):
+    """Through SparseLinear: the codes and scales as the layer stores them, against the reference backend (which
+    dequantizes in the layer's dtype), decode and beyond."""
+    layer, ref = _layers(33, 128, True, dtype, quant=quant)
+    assert layer.active_backend == "cpu"
+    x = torch.randn(*shape, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(layer(x), ref(x), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("quant", [None, *QUANT[:2]], ids=["float", "int8", "int4"])
 @pytest.mark.parametrize("block", [None, 8])
-def test_rotation_is_applied_first(block):
-    layer, ref = _layers(16, 64, True, torch.float32)
+def test_rotation_is_applied_first(block, quant):
+    layer, ref = _layers(16, 64, True, torch.float32, quant=quant)
     q = torch.linalg.qr(torch.randn(64 // (block or 64), block or 64, block or 64, dtype=torch.float64))[0]
     rot = (q[0] if block is None else q).float()
     layer.set_rotation(rot)
@@ -96,7 +125,7 @@ def test_beyond_decode_the_faster_path_is_measured_once_per_bucket(monkeypatch):
     monkeypatch.setattr(backend.cpu24, "linear", recording)
     monkeypatch.setattr(backend, "_CHOSEN", {})
     assert backend.choose_path(layer, layer.bias.detach(), torch.randn(40, 64), timer=timer) == "panels"
-    assert backend._CHOSEN == {(24, 64, torch.float32, 64): "panels"}
+    assert backend._CHOSEN == {(24, 64, torch.float32, None, 64): "panels"}
     assert calls == ["stream"] * 4 + ["panels"] * 4  # a warm-up and 3 timed calls each
     x = torch.randn(2, 25, 64)  # 50 rows: the same bucket, so no new measurement
     del calls[:]

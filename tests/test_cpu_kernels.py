@@ -7,6 +7,7 @@ import torch
 
 from benchmarks import cpu_kernels as bench
 from sparse_runtime import SparseLinear
+from sparse_runtime.format.quant import QuantScheme
 from sparse_runtime.ops import cpu24
 
 pytestmark = pytest.mark.skipif(not cpu24.available(), reason=str(cpu24.unavailable_reason()))
@@ -21,6 +22,19 @@ def test_weight_bytes_are_what_the_layers_hold(n, k, dtype):
     assert bench.weight_bytes("dense", n, k, elem) == dense.weight.nbytes
     assert bench.weight_bytes("cpu24", n, k, elem) == sparse.weight_values.nbytes + sparse.weight_meta.nbytes
     assert bench.weight_bytes("cpu24", n, k, 4) * 32 == bench.weight_bytes("dense", n, k, 4) * 17  # the 17/32
+
+
+@pytest.mark.parametrize("n, k", [(64, 128), (33, 96), (576, 576)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_weight_bytes_are_codes_meta_and_scales(n, k, dtype):
+    dense = torch.nn.Linear(k, n, bias=False).to(dtype)
+    for scheme in bench.QUANT:
+        q = QuantScheme.parse(scheme, bench.int4_group(k) if scheme == "int4" else None)
+        layer = SparseLinear.from_linear(dense, backend="cpu", quant=q)
+        held = layer.weight_values.nbytes + layer.weight_meta.nbytes + layer.weight_scales.nbytes
+        assert bench.weight_bytes(f"cpu24-{scheme}", n, k, dtype.itemsize) == held
+    assert bench.weight_bytes("dense-int8", n, k, dtype.itemsize) == n * k + n * dtype.itemsize
+    assert bench.int4_group(576) == 64 and bench.int4_group(72) is None
 
 
 def test_stacks_exceed_the_last_level_cache_within_the_budget():
@@ -40,6 +54,19 @@ def test_a_tiny_run_reports_every_provider_and_m(tmp_path):
     for x in r["rows"]:
         assert x["bytes"] == bench.call_bytes(x["provider"], x["m"], 32, 64, 4)
         assert x["gbps"] == pytest.approx(x["bytes"] / (x["us"] * 1e-6) / 1e9, rel=0.02)
+
+
+def test_a_tiny_quantized_run_reports_the_quantized_providers(tmp_path):
+    out = tmp_path / "q.json"
+    bench.measure([(32, 64)], [1], "bf16", compiled_ms=(), out=out, budget_gib=0.01, log=lambda *a: None,
+                  quant=bench.parse_quant("int8,int4"))
+    rows = json.loads(out.read_text())["rows"]
+    assert {x["provider"] for x in rows} == {"dense", "cpu24", "cpu24-int8", "cpu24-int4", "dense-int8"}
+    for x in rows:
+        assert x["bytes"] == bench.call_bytes(x["provider"], 1, 32, 64, 2)
+    assert next(x for x in rows if x["provider"] == "cpu24-int4")["group_size"] == 64
+    with pytest.raises(ValueError, match="unknown scheme.*fp8"):
+        bench.parse_quant("int8,fp8")
 
 
 def test_bad_shapes_are_refused():

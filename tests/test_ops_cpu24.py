@@ -8,6 +8,7 @@ import torch
 
 from sparse_runtime.errors import BackendUnavailable, ShapeError
 from sparse_runtime.format.codec import compress_nm, decompress_nm
+from sparse_runtime.format.quant import pack_int4
 from sparse_runtime.ops import cpu24
 
 if cpu24.unavailable_reason() is not None:
@@ -31,14 +32,15 @@ def sparse_weight(n, k, dtype, gen):
     return values, meta, decompress_nm(values, meta, 2, 4, k).double()
 
 
-def check_close(y, x, w, bias):
-    """y against float64 x @ W^T + bias, with a bound per dtype: fp32 accumulation error, plus bf16 rounding."""
+def check_close(y, x, w, bias, w_rounding=0.0):
+    """y against float64 x @ W^T + bias, with a bound per dtype: fp32 accumulation error, plus bf16 rounding (of
+    the output, and by ``w_rounding`` relative of the weight where a path rounds it)."""
     x64 = x.double().reshape(-1, x.shape[-1])
     ref = x64 @ w.T + (0 if bias is None else bias.double())
     scale = x64.abs() @ w.abs().T + (0 if bias is None else bias.double().abs())
     y64 = y.double().reshape(ref.shape)
     assert torch.isfinite(y64).all(), "non-finite output (an element left unwritten?)"
-    tol = 1e-5 * scale + (2.0 ** -8 * ref.abs() if y.dtype == torch.bfloat16 else 0)
+    tol = (1e-5 + w_rounding) * scale + (2.0 ** -8 * ref.abs() if y.dtype == torch.bfloat16 else 0)
     bad = (y64 - ref).abs() > tol
     assert not bad.any(), f"{int(bad.sum())} wrong; first at {bad.nonzero()[0].tolist()}: " \
                           f"{y64[bad][0].item()} vs {ref[bad][0].item()}"
@@ -111,6 +113,66 @@ def test_prefill_several_panels(isa, dtype, m, n, threads):
     x = torch.randn(m, k, generator=gen).to(dtype)
     out = torch.full((m, n), float("nan"), dtype=dtype)
     check_close(cpu24.linear(x, values, meta, bias, isa=isa, out=out), x, w, bias)
+
+
+# -- quantized values ---------------------------------------------------------------------------------------
+def quant_weight(n, k, scheme, group, dtype, gen):
+    """A random 2:4 weight with int8/int4 codes over their whole range and random scales per row (``group`` K) or
+    per group of ``group`` columns: (stored codes, meta, scales [N, K/group], dense float64 W = code * scale)."""
+    _, meta, _ = sparse_weight(n, k, torch.float32, gen)
+    qmax = {"int8": 127, "int4": 7}[scheme]
+    codes = torch.randint(-qmax, qmax + 1, (n, k // 2), generator=gen, dtype=torch.int8)
+    scales = ((torch.rand(n, k // group, generator=gen) + 0.5) / qmax).to(dtype)
+    values = codes.double() * scales.double().repeat_interleave(group // 2, 1)
+    stored = pack_int4(codes) if scheme == "int4" else codes
+    return stored, meta, scales, decompress_nm(values, meta, 2, 4, k)
+
+
+# (N, K, group): odd N, K % 64 != 0 with every masked tail (int8 and per-row int4), groups of 32/64/128 columns,
+# one group per row, groups the SIMD kernels leave to the scalar one (24, 40), and N*K that 2 threads split.
+QUANT_SHAPES = {"int8": [(7, 72, 72), (33, 208, 208), (5, 88, 88), (97, 1000, 1000), (1031, 512, 512)],
+                "int4": [(7, 96, 32), (33, 320, 64), (97, 384, 128), (5, 128, 128), (9, 72, 72), (11, 1000, 1000),
+                         (13, 120, 24), (3, 160, 40), (1031, 1024, 128)]}
+QUANT_MS = list(range(1, 18)) + [33, 64]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantized_matches_float64(isa, dtype, scheme, threads):
+    """Codes dequantized in registers (streaming) and into the panels (prefill: bf16 rounds the weight) against
+    float64 code * scale; every third call writes into a NaN-poisoned out."""
+    gen = torch.Generator().manual_seed(100 * threads + 10 * DTYPES.index(dtype) + len(scheme))
+    for case, (n, k, group) in enumerate(QUANT_SHAPES[scheme]):
+        codes, meta, scales, w = quant_weight(n, k, scheme, group, dtype, gen)
+        bias = torch.randn(n, generator=gen).to(dtype)
+        for m in QUANT_MS:
+            b = bias if (m + case) % 2 else None
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            for path in ("",) if m <= 16 else cpu24.PATHS:
+                out = torch.full((m, n), float("nan"), dtype=dtype) if m % 3 == 0 else None
+                y = cpu24.linear(x, codes, meta, b, isa=isa, out=out, path=path, scales=scales)
+                assert y.shape == (m, n) and y.dtype == dtype and (out is None or y is out)
+                rounding = 2.0 ** -9 if dtype == torch.bfloat16 and path == "panels" else 0.0
+                check_close(y, x, w, b, rounding)
+
+
+@pytest.mark.parametrize("scheme, group", [("int8", 200), ("int4", 40)])
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantized_non_contiguous_inputs(isa, scheme, group):
+    gen = torch.Generator().manual_seed(8)
+    n, k = 33, 200
+    codes, meta, scales, w = quant_weight(n, k, scheme, group, torch.float32, gen)
+    bias = torch.randn(n, generator=gen)
+    for m in (1, 5, 40):
+        xt = torch.randn(k, m, generator=gen).t()
+        xs = torch.randn(m, k + 24, generator=gen)[:, 8:k + 8]
+        for x in (xt, xs):
+            check_close(cpu24.linear(x, codes, meta, bias, isa=isa, scales=scales), x, w, bias)
+    x = torch.randn(3, k, generator=gen)  # strided scales and codes: made contiguous per call
+    wide_s = torch.cat([scales, scales], 1)[:, :scales.shape[1]]
+    wide_c = torch.cat([codes, codes], 1)[:, :codes.shape[1]]
+    check_close(cpu24.linear(x, wide_c, meta, bias, isa=isa, scales=wide_s), x, w, bias)
 
 
 def test_isas_match_the_cpu():
@@ -210,6 +272,48 @@ def test_non_cpu_tensors(weight):
         cpu24.linear(x, values, meta, torch.zeros(9, device="meta"))
 
 
+@pytest.fixture
+def qweight():
+    codes, meta, scales, _ = quant_weight(9, 128, "int4", 64, torch.float32, torch.Generator().manual_seed(2))
+    return codes, meta, scales
+
+
+def test_quantized_bad_inputs(qweight, weight):
+    codes, meta, scales = qweight
+    x = torch.randn(2, 128)
+    with pytest.raises(TypeError, match=r"uint8 codes but no scales"):
+        cpu24.linear(x, codes, meta)
+    with pytest.raises(TypeError, match=r"int8 codes \(int8\) or packed int4 codes \(uint8\), got torch.float32"):
+        cpu24.linear(torch.randn(2, 72), weight[0], weight[1], scales=torch.ones(9, 1))
+    with pytest.raises(TypeError, match=r"int8 codes .* got torch.int32"):
+        cpu24.linear(x, codes.int(), meta, scales=scales)
+    with pytest.raises(TypeError, match=r"scales dtype torch.float16 is not supported"):
+        cpu24.linear(x, codes, meta, scales=scales.half())
+    with pytest.raises(TypeError, match=r"x is torch.bfloat16 but scales is torch.float32"):
+        cpu24.linear(x.bfloat16(), codes, meta, scales=scales)
+    with pytest.raises(TypeError, match=r"bias is torch.bfloat16 but scales is torch.float32"):
+        cpu24.linear(x, codes, meta, torch.zeros(9, dtype=torch.bfloat16), scales=scales)
+    with pytest.raises(ShapeError, match=r"x \(2, 64\) must end in K=128"):  # int4: K = 4 * codes' columns
+        cpu24.linear(torch.randn(2, 64), codes, meta, scales=scales)
+    for bad in (scales[:8], scales[:, :1].flatten(), torch.ones(9, 3), torch.ones(9, 32), torch.ones(9, 0)):
+        with pytest.raises(ShapeError, match=r"scales must be \[N, groups\] = \[9, groups\]"):
+            cpu24.linear(x, codes, meta, scales=bad)
+    with pytest.raises(BackendUnavailable, match="scales is on meta"):
+        cpu24.linear(x, codes, meta, scales=scales.to("meta"))
+
+
+def test_the_op_refuses_bad_quantized_inputs_itself(qweight):
+    """Past the wrapper (a direct op call), the C++ checks keep the kernel in bounds."""
+    codes, meta, scales = qweight
+    op, x = torch.ops.sparse_runtime.cpu24_linear, torch.randn(2, 128)
+    with pytest.raises(ValueError, match="int8/int4 codes need scales"):
+        op(codes, meta, None, x)
+    with pytest.raises(ValueError, match=r"scales must be \[N, groups\]"):
+        op(codes, meta, None, x, "", "", torch.ones(9, 3))
+    with pytest.raises(TypeError, match="scales and x dtypes differ"):
+        op(codes, meta, None, x, "", "", scales.bfloat16())
+
+
 # -- torch.library / torch.compile ------------------------------------------------------------------------
 def test_custom_op_opcheck(weight):
     values, meta = weight
@@ -218,26 +322,34 @@ def test_custom_op_opcheck(weight):
     torch.library.opcheck(torch.ops.sparse_runtime.cpu24_linear.default, (values, meta, None, torch.randn(2, 4, 72)))
 
 
+def test_custom_op_opcheck_quantized(qweight):
+    codes, meta, scales = qweight
+    args = (codes, meta, torch.randn(9), torch.randn(3, 128), "", "", scales)
+    torch.library.opcheck(torch.ops.sparse_runtime.cpu24_linear.default, args)
+
+
 class _Tiny(torch.nn.Module):
-    def __init__(self, values, meta, bias):
+    def __init__(self, values, meta, bias, scales=None):
         super().__init__()
         self.register_buffer("values", values)
         self.register_buffer("meta", meta)
         self.register_buffer("bias", bias)
+        self.register_buffer("scales", scales)
 
     def forward(self, x):
-        return torch.relu(cpu24.linear(x * 2, self.values, self.meta, self.bias)) - 1
+        return torch.relu(cpu24.linear(x * 2, self.values, self.meta, self.bias, scales=self.scales)) - 1
 
 
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here")
-def test_torch_compile_inductor(weight):
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int4"])
+def test_torch_compile_inductor(weight, qweight, quantized):
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
     values, meta = weight
-    mod = _Tiny(values, meta, torch.randn(9))
+    mod = _Tiny(*qweight[:2], torch.randn(9), qweight[2]) if quantized else _Tiny(values, meta, torch.randn(9))
     compiled = torch.compile(mod, backend="inductor", fullgraph=True)
     for m in (1, 20):
-        x = torch.randn(m, 72)
+        x = torch.randn(m, 128 if quantized else 72)
         y, code = run_and_get_code(compiled, x)
         assert "sparse_runtime.cpu24_linear" in "".join(code)  # the op sits in the compiled graph
         torch.testing.assert_close(y, mod(x), rtol=1e-5, atol=1e-5)
