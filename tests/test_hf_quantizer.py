@@ -14,7 +14,7 @@ from sparse_runtime import SparseLinear, load_pretrained, save_pretrained, spars
 from sparse_runtime.errors import CheckpointError
 from sparse_runtime.models.hf_quantizer import SparseRuntimeQuantConfig
 
-from ct_helpers import import_ct, prune_24_dense, write_ct_checkpoint
+from ct_helpers import ct_quantize, import_ct, prune_24_dense, write_ct_checkpoint
 
 IDS = torch.tensor([[1, 403, 407, 261, 378, 10, 300, 95, 5, 42]])
 
@@ -82,6 +82,19 @@ def test_compressed_tensors_checkpoint(stories_dir, tmp_path):
     torch.testing.assert_close(_logits(loaded), _logits(pruned), rtol=1e-5, atol=1e-5)
 
 
+def test_quantized_compressed_tensors_checkpoint(stories_dir, tmp_path):
+    """marlin-24 q/o projections beside sparse-24-bitmask ones, in one folder: transformers hands it over whole."""
+    pruned = prune_24_dense(AutoModelForCausalLM.from_pretrained(stories_dir).eval())
+    weights = {"num_bits": 4, "type": "int", "strategy": "channel", "symmetric": True}
+    ct_quantize(pruned, weights, ("re:.*q_proj$", "re:.*o_proj$"), float16_scales=True)
+    with pytest.warns(DeprecationWarning):
+        path = write_ct_checkpoint(pruned, tmp_path / "ct")
+    loaded, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    _check(loaded, load_pretrained(path))
+    assert sum(getattr(m, "quant", None) is not None for m in loaded.modules()) == 10
+    assert not info["unexpected_keys"] and not info["missing_keys"]  # its load report leaves the 2:4 tensors to us
+
+
 def test_corrupt_checkpoint_raises_instead_of_random_weights(stories_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
     sparsify(model)
@@ -97,9 +110,10 @@ def test_quantized_compressed_tensors_24_is_refused(stories_dir, tmp_path):
     pruned = prune_24_dense(AutoModelForCausalLM.from_pretrained(stories_dir).eval())
     path = write_ct_checkpoint(pruned, tmp_path / "ct")
     cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"]["format"] = "marlin-24"
+    cfg["quantization_config"].update(format="marlin-24", config_groups={"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "channel", "symmetric": False}}})
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="format marlin-24 is not supported"):
+    with pytest.raises(CheckpointError, match="asymmetric weights .* are not supported"):
         AutoModelForCausalLM.from_pretrained(path)
 
 

@@ -1,7 +1,7 @@
 """``sparse-runtime export``: write a sparse checkpoint in another ecosystem's format."""
 from __future__ import annotations
 
-HELP = "write a sparse checkpoint as a compressed-tensors sparse-24-bitmask folder"
+HELP = "write a sparse checkpoint as a compressed-tensors folder (sparse-24-bitmask; int4/int8 as marlin-24)"
 
 
 def add_arguments(p) -> None:
@@ -16,5 +16,5 @@ def run(args) -> int:
 
     model, tok = load_model(args.model, device="cpu", backend="reference")
     out = export_compressed_tensors(model, args.out, tokenizer=tok)
-    print(f"wrote {out} ({args.format}, sparse-24-bitmask)")
+    print(f"wrote {out} ({args.format})")
     return 0

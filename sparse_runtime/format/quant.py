@@ -5,13 +5,17 @@ codes plus ``scales`` in the layer's dtype (symmetric: no zero points). ``W ~= c
 scale is that of its output row and, for grouped schemes, of its group of ``group_size`` consecutive input
 columns of the dense weight (so a 2:4 group of 128 columns holds 64 kept codes).
 
-``int8``  codes int8 in [-127, 127], one scale per output row.
-``int4``  codes in [-7, 7], one scale per row and group of ``group_size`` (default 128) input columns.
+``int8``  codes int8, one scale per output row.
+``int4``  codes in [-8, 7], one scale per row and group of ``group_size`` (default 128) input columns.
 ``fp8``   codes float8_e4m3fn (finite, |code| <= 448), one scale per output row.
+
+This project's quantizer codes symmetrically, int8 in [-127, 127] and int4 in [-7, 7]; stored codes may use the
+whole two's-complement range, which dequantizes just as exactly (compressed-tensors' quantizer divides by
+absmax / 7.5, so a group whose largest weight is negative codes it -8).
 
 Stored (a :class:`~sparse_runtime.format.codec.SparseWeight`'s ``values``): int8 and fp8 codes as they are,
 ``[N, C]`` for ``C`` kept values per row; int4 codes two per byte, ``[N, C/2]`` uint8, kept value ``2i`` in
-the low nibble of byte ``i`` and ``2i+1`` in the high nibble, each as ``code + 8`` (offset binary, 1..15).
+the low nibble of byte ``i`` and ``2i+1`` in the high nibble, each as ``code + 8`` (offset binary, 0..15).
 
 This module owns the arithmetic (scales, rounding, dequantization) and the stored form of the codes, which
 the front-end's quantizers, the codec and every backend use, so fake-quantizing a dense weight and
@@ -124,7 +128,7 @@ def fake_quantize(weight: torch.Tensor, scheme: QuantScheme, scales: torch.Tenso
 
 # -- the stored form ----------------------------------------------------------------------------------
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """int4 codes [N, C] (int8 in [-7, 7], C even) -> [N, C/2] uint8, see the module docstring."""
+    """int4 codes [N, C] (int8 in [-8, 7], C even) -> [N, C/2] uint8, see the module docstring."""
     u = (codes + _INT4_OFFSET).to(torch.uint8)
     return u[:, 0::2] | (u[:, 1::2] << 4)
 
@@ -135,28 +139,34 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return nibbles.to(torch.int8) - _INT4_OFFSET
 
 
+def store_codes(codes: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Codes [N, C] (int8 for int8 and int4, float8_e4m3fn for fp8) in their stored form."""
+    return pack_int4(codes) if scheme.name == "int4" else codes
+
+
+def stored_codes(stored: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """The codes [N, C] of stored codes: the inverse of :func:`store_codes`."""
+    return unpack_int4(stored) if scheme.name == "int4" else stored
+
+
 def encode(values: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """The stored codes of ``values`` [N, C] under ``scales``."""
-    codes = quantize_codes(values, scales, scheme)
-    return pack_int4(codes) if scheme.name == "int4" else codes
+    return store_codes(quantize_codes(values, scales, scheme), scheme)
 
 
 def decode(stored: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """The values [N, C], in the scales' dtype, of stored codes: the inverse of :func:`encode` up to rounding."""
-    return dequantize_codes(unpack_int4(stored) if scheme.name == "int4" else stored, scales)
+    return dequantize_codes(stored_codes(stored, scheme), scales)
 
 
 def check_codes(stored: torch.Tensor, scheme: QuantScheme, name: str = "weight") -> None:
-    """Refuse stored codes that would dequantize to wrong weights: a wrong dtype, or codes outside the scheme
-    (int8 -128, an int4 nibble 0, an fp8 NaN). Shapes are the codec's (``expected_shapes``)."""
+    """Refuse stored codes that would dequantize to wrong weights: a wrong dtype, or an fp8 NaN (every int8 and
+    int4 bit pattern is a code). Shapes are the codec's (``expected_shapes``)."""
     if stored.dtype != scheme.code_dtype:
         raise TypeError(f"{name}.values: dtype {stored.dtype}, expected {scheme.code_dtype} for {scheme.name} codes")
-    if scheme.name == "int8":
-        bad = stored == -128
-    elif scheme.name == "int4":
-        bad = ((stored & 0xF) == 0) | ((stored >> 4) == 0)
-    else:
-        bad = (stored.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn's NaN, its only non-finite code
+    if scheme.name != "fp8":
+        return
+    bad = (stored.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn's NaN, its only non-finite code
     if bad.any():
         r, c = bad.nonzero()[0].tolist()
         raise QuantError(f"{name}.values: row {r}, column {c} holds a code outside the {scheme.name} range")

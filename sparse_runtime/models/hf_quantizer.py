@@ -3,8 +3,8 @@
 transformers picks a quantizer from ``config.json``'s ``quantization_config.quant_method``. This module
 (registered on ``import sparse_runtime``) adds one for this project's checkpoints (``quant_method:
 "sparse_runtime"``, written by :func:`sparse_runtime.save_pretrained`) and takes over ``"compressed-tensors"``
-configs whose format is ``sparse-24-bitmask`` (compressed-tensors 0.15+ no longer decompresses those, and
-without it transformers fills the linears with random weights). Every other compressed-tensors config goes to
+configs whose format is ``sparse-24-bitmask`` or ``marlin-24`` (compressed-tensors 0.15+ no longer decompresses
+those, and without it transformers fills the linears with random weights). Every other compressed-tensors config goes to
 transformers' own integration unchanged.
 
 The quantizer lets transformers build the model and load what it recognises, then rebuilds the checkpoint
@@ -46,7 +46,7 @@ class SparseRuntimeQuantConfig(QuantizationConfigMixin):
         return self.to_dict()
 
 
-_SPARSE_SUFFIXES = (".weight_values", ".compressed")
+_SPARSE_SUFFIXES = (".weight_values", ".compressed", ".weight_packed")
 
 
 def _keys(file) -> list[str]:
@@ -62,7 +62,8 @@ class SparseRuntimeHfQuantizer(HfQuantizer):
         # The sparse tensors are loaded after transformers is done; keep its load report to what it owns.
         sparse = [k.rsplit(".", 1)[0] for f in files for k in _keys(f) if k.endswith(_SPARSE_SUFFIXES)]
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
-            r"\.(compressed|bitmask|shape|weight_values|weight_meta|weight_scales|rotation)$"}
+            r"\.(compressed|bitmask|shape|weight_scale|weight_packed|meta|scale_packed|weight_values|weight_meta|"
+            r"weight_scales|rotation)$"}
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {
             re.escape(p) + r"\.weight$" for p in sparse}
 

@@ -71,9 +71,7 @@ class Source:
 
 def build(source: Source, device="cpu", dtype: torch.dtype | None = None, backend: str = "auto") -> nn.Module:
     """The model of ``source``, every tensor placed at ``device`` (floating ones in ``dtype``, default: as stored)."""
-    files = source.files
-    stored = {files.dtype(k) for k in files.keys() if files.dtype(k) in FLOAT_DTYPES}  # not fp8 codes
-    load_dtype = stored.pop() if len(stored) == 1 else torch.float32
+    load_dtype = skeleton_dtype(source.files)
     model = build_skeleton(source.config, load_dtype)
 
     modules = dict(model.named_modules())
@@ -116,6 +114,12 @@ def build(source: Source, device="cpu", dtype: torch.dtype | None = None, backen
                 raise CheckpointError(f"{source.path}: {e}") from None
             mod.set_backend(source.backend(name, backend))
     return model.eval()
+
+
+def skeleton_dtype(files) -> torch.dtype:
+    """The dtype a folder's model is built in: its floating tensors' (not fp8 codes), float32 when they differ."""
+    stored = {files.dtype(k) for k in files.keys() if files.dtype(k) in FLOAT_DTYPES}
+    return stored.pop() if len(stored) == 1 else torch.float32
 
 
 def _check_layer(where: Path, name: str, spec: SparseLayer, module) -> None:
