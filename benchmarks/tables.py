@@ -355,7 +355,7 @@ def engine(r: dict) -> str:
         lines.append(f"2:4 vs dense: batch-1 decode {r['sparse_b1_vs_dense']:.2f}x, peak memory "
                      f"{r['sparse_peak_vs_dense']:.2f}x of dense.")
     if "sparse_b1_vs_dense_max_autotune" in r:
-        lines.append(f"2:4 vs dense-max-autotune: batch-1 decode {r['sparse_b1_vs_dense_max_autotune']:.2f}x.")
+        lines.append(f"2:4 vs dense, both max-autotune: batch-1 decode {r['sparse_b1_vs_dense_max_autotune']:.2f}x.")
     return "\n".join(lines) + "\n"
 
 
@@ -570,6 +570,28 @@ def cpu_kernels() -> str:
                 extra = f"; lowest share of the read bandwidth {frac:.0%} (target 80%: {'met' if frac >= 0.8 else 'missed'})"
             lines.append(f"- Llama-3-8B shapes at M = {m}: {lo:.2f}x to {hi:.2f}x the best dense path, target {what}: "
                          f"met by {met} of {len(rows)}{extra}.")
+    quant = [(shape, m) for (shape, m, provider) in cells if provider == "cpu24-int8"]
+    if quant:
+        us = lambda shape, m, p: cells[shape, m, p]["us"] if (shape, m, p) in cells else None  # noqa: E731
+        lines += ["", "Quantized values (`--quant`), decode sizes: the 2:4 kernel on int8 codes (per-row scales) and int4 "
+                  "codes (grouped scales), against dense fp32 (the best dense path) and torch's weight-only int8 kernel "
+                  "(`torch._weight_int8pack_mm`; with fp32 activations, as here, it is far slower than its bf16 path).", "",
+                  "| N x K | M | best dense fp32 us | dense int8 us | 2:4 fp32 us | 2:4 int8 us | 2:4 int4 us | "
+                  "2:4 int8 vs dense fp32 | 2:4 int8 vs dense int8 |", "|---|---|---|---|---|---|---|---|---|"]
+        for shape, m in quant:
+            x8 = cells[shape, m, "cpu24-int8"]
+            best = x8["us"] * x8["speedup_vs_best_dense"]
+            i4 = us(shape, m, "cpu24-int4")
+            lines.append(f"| {shape} | {m} | {best:.1f} | {us(shape, m, 'dense-int8'):.1f} | {us(shape, m, 'cpu24'):.1f} | "
+                         f"{x8['us']:.1f} | {'-' if i4 is None else f'{i4:.1f}'} | {best / x8['us']:.2f}x | "
+                         f"{us(shape, m, 'dense-int8') / x8['us']:.2f}x |")
+        rows = [cells[shape, 1, "cpu24-int8"] for shape in llama if (shape, 1, "cpu24-int8") in cells]
+        if rows:
+            fp32 = [x["speedup_vs_best_dense"] for x in rows]
+            int8 = [cells[x["shape"], 1, "dense-int8"]["us"] / x["us"] for x in rows]
+            lines += ["", f"- Llama-3-8B shapes at M = 1, 2:4 + int8: {min(fp32):.2f}x to {max(fp32):.2f}x dense fp32 "
+                      f"(target 4x: met by {sum(v >= 4 for v in fp32)} of {len(rows)}), {min(int8):.2f}x to "
+                      f"{max(int8):.2f}x dense int8 (target 1.4x: met by {sum(v >= 1.4 for v in int8)} of {len(rows)})."]
     return "\n".join(lines) + "\n"
 
 
@@ -641,11 +663,34 @@ def recovery(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+QUANT_TARGETS = {"int8": 0.01, "int4": 0.10}  # issue 32: 2:4 + scheme within this of 2:4 fp32 (same rotation)
+
+
+@measured_by("quant_quality")
+def quant_quality(r: dict) -> str:
+    cal, ev, runs = r["calibration"], r["eval"], r["runs"]
+    lines = [f"WikiText-2 raw test perplexity of {r['model']} (seqlen {ev['seqlen']}, {ev['tokens']:,} tokens), "
+             f"calibration {cal['nsamples']} x {cal['seqlen']} tokens (seed {cal['seed']}); int4 groups of "
+             f"{r['group_size']} input columns; 2:4 rows SparseGPT with LS refit {r['refit']}, dense rows GPTQ; "
+             f"{r['device']}, torch {r['torch']}, {date_span(r)}.", "",
+             "| run | method | perplexity | vs 2:4 fp32 (same rotation) | time | target |", "|---|---|---|---|---|---|"]
+    for spec, x in runs.items():
+        base = runs.get(f"2:4/fp32/{x['rotation']}")
+        rel = x["perplexity"] / base["perplexity"] - 1 if base and x["prune"] == "2:4" else None
+        limit = QUANT_TARGETS.get(x["quant"]) if rel is not None else None
+        target = f"within {limit:.0%}: {'met' if rel <= limit else 'missed'}" if limit is not None else ""
+        lines.append(f"| {spec} | {x['method'] or '-'} | {x['perplexity']:.2f} | "
+                     f"{'' if rel is None or x['quant'] == 'fp32' else f'{rel:+.1%}'} | "
+                     f"{x['seconds'] / 60:.1f} min ({x['threads']} threads, {x['cpu']}) | {target} |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {"headline": headline, "cpu_kernels": cpu_kernels, "tp_memory": tp_memory, "prune_quality": prune_quality, "memory": memory, "gemma3_bos": gemma3_bos,
           "engine": engine, "serve_load": serve_load, "prune_speed": prune_speed,
           "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources, "decode_issue": decode_issue,
           "mmasp_issue": mmasp_issue, "host_overhead": host_overhead,
-          "rotation_quality": rotation_quality, "allocation_quality": allocation_quality, "recovery": recovery}
+          "rotation_quality": rotation_quality, "allocation_quality": allocation_quality, "recovery": recovery,
+          "quant_quality": quant_quality}
 
 
 def render(text: str) -> str:
