@@ -186,6 +186,8 @@ def test_empty_prompt_and_bad_batch(stories):
         Engine(model, tok, 1).add(Request([], SamplingParams()))
     with pytest.raises(ValueError, match="max_batch"):
         Engine(model, tok, 0)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        Engine(model, tok, 1, compile="max_autotune")  # the mode is spelled with a hyphen
 
 
 @pytest.mark.parametrize("backend", ["reference", "decompressed"])
