@@ -247,11 +247,13 @@ def build_ninja_cpu(cfg, build_dir: Path, output: Path, ext: str = "_cpu24") -> 
             lines.append(f"build {obj}: cxx {ROOT}/csrc/{src}\n  flags = -O3 -std=c++17 {flags}".rstrip())
     lines.append(f"build {output}: link {' '.join(o for o, _, _ in objs)}")
     builds = "\n".join(lines)
+    # -fopenmp: at::parallel_for is header code that runs on the calling thread alone unless compiled with OpenMP.
+    # The libgomp.so.1 it links is the one torch has already loaded (same soname; rpath to torch's lib first).
     return f"""ninja_required_version = 1.3
 cxx = {cfg["cxx"]}
 cflags = -fPIC -fvisibility=hidden -Wall -D_GLIBCXX_USE_CXX11_ABI={cfg["cxx11_abi"]}{x86} {incs}
-torchflags = -DTORCH_API_INCLUDE_EXTENSION_H
-ldflags = -shared {libs} -lc10 -ltorch -ltorch_cpu -ltorch_python '-Wl,{rpath}'
+torchflags = -DTORCH_API_INCLUDE_EXTENSION_H -fopenmp
+ldflags = -shared -fopenmp {libs} -lc10 -ltorch -ltorch_cpu -ltorch_python '-Wl,{rpath}'
 
 rule cxx
   command = $cxx -MMD -MF $out.d $cflags $flags -c $in -o $out

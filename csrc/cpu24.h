@@ -44,6 +44,28 @@ void sr_cpu24_avx2(const Cpu24Problem& p, int64_t row0, int64_t row1);
 void sr_cpu24_avx512(const Cpu24Problem& p, int64_t row0, int64_t row1);
 void sr_cpu24_avx512bf16(const Cpu24Problem& p, int64_t row0, int64_t row1);  // others: sr_cpu24_avx512
 
+// The sparse GEMM of prefill (cpu24_gemm.h): weight rows [0, rows) of a chunk against all of x, packed.
+constexpr int64_t kCpu24GemmKc = 64;  // columns of K per slice: 64 x 64 fp32 of packed x = 16 KiB, half an L1
+struct Cpu24Gemm {
+  const float* xp;       // x packed: [ceil(M / block)][K][block] fp32, rows past M zero (block: sr_cpu24_gemm_block_*)
+  const float* values;   // [rows, K/2] fp32 kept values (other kinds widened or dequantized by the caller)
+  const uint8_t* meta;   // [rows, K/8]
+  const float* bias;     // [rows] or nullptr
+  float* y;              // y[i * ldy + r] for row i of x, weight row r
+  float* work;           // ceil(M / block) * block * rows floats
+  float* vpack;          // rows * kCpu24GemmKc / 2 floats: a slice of the values, packed tile by tile
+  uint8_t* mpack;        // rows * kCpu24GemmKc / 8 bytes: its meta
+  int64_t m, k, rows, ldy;
+};
+
+void sr_cpu24_gemm_scalar(const Cpu24Gemm& g);
+void sr_cpu24_gemm_avx2(const Cpu24Gemm& g);
+void sr_cpu24_gemm_avx512(const Cpu24Gemm& g);
+// Rows of x per packed block of each ISA's GEMM.
+int64_t sr_cpu24_gemm_block_scalar();
+int64_t sr_cpu24_gemm_block_avx2();
+int64_t sr_cpu24_gemm_block_avx512();
+
 // Sum of a[0..n): a streaming read, for measuring the machine's read bandwidth.
 float sr_sum_scalar(const float* a, int64_t n);
 float sr_sum_avx2(const float* a, int64_t n);

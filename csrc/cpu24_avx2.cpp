@@ -224,7 +224,22 @@ struct Kernel {
 
 #include "cpu24_rows.h"
 
+struct Vec {
+  using T = __m256;
+  static constexpr int kLanes = 8, kVecs = 2, kRows = 6;  // 12 accumulators of the 16 ymm
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T set1(float f) { return _mm256_set1_ps(f); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+};
+
+#include "cpu24_gemm.h"
+
 }  // namespace
+
+void sr_cpu24_gemm_avx2(const Cpu24Gemm& g) { gemm_rows<Vec>(g); }
+int64_t sr_cpu24_gemm_block_avx2() { return Vec::kLanes * Vec::kVecs; }
 
 void sr_cpu24_avx2(const Cpu24Problem& p, int64_t row0, int64_t row1) {
   switch (p.kind) {

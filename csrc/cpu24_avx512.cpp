@@ -233,7 +233,22 @@ struct Kernel {
 
 #include "cpu24_rows.h"
 
+struct Vec {
+  using T = __m512;
+  static constexpr int kLanes = 16, kVecs = 4, kRows = 6;  // 24 accumulators of the 32 zmm
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T set1(float f) { return _mm512_set1_ps(f); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+};
+
+#include "cpu24_gemm.h"
+
 }  // namespace
+
+void sr_cpu24_gemm_avx512(const Cpu24Gemm& g) { gemm_rows<Vec>(g); }
+int64_t sr_cpu24_gemm_block_avx512() { return Vec::kLanes * Vec::kVecs; }
 
 void sr_cpu24_avx512(const Cpu24Problem& p, int64_t row0, int64_t row1) {
   switch (p.kind) {

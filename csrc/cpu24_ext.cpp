@@ -2,14 +2,16 @@
 // values quantized (int8, int4 codes with scales in x's dtype; dequantized in registers, or into the panels).
 //
 // M <= 16 (decode): the SIMD kernels stream values + meta once (17/32 of the dense fp32 bytes) and rebuild the
-// kept x entries in registers; beyond that while x is small (see stream()). Otherwise (prefill): decompress panels
-// of W into a dense buffer and run torch's GEMM on each, so prefill costs what dense does plus the decompression.
+// kept x entries in registers; beyond that while x is small (see default_path()). Otherwise (prefill): a sparse
+// GEMM on the kept values (cpu24_gemm.h), or, for bf16 where the CPU multiplies bf16 natively, panels of W
+// decompressed into a dense buffer for torch's GEMM.
 // Built without -m flags: the ISA kernels are in their own TUs (cpu24.h) and are picked here at run time.
 // Threads: torch's pool.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -18,19 +20,22 @@
 namespace {
 
 constexpr int64_t kDecodeMaxM = 16;                   // always streamed (decode)
-constexpr int64_t kStreamMaxXBytes = 8 * 1024 * 1024;  // beyond decode, stream while fp32 x fits in an L3 share
 constexpr int64_t kRowAlign = 8;                       // thread chunks start on a multiple of the row tiles
 constexpr int64_t kMinChunkBytes = 64 * 1024;          // of weights per thread chunk: below, a fork costs more
 constexpr int64_t kPanelBytes = 16 * 1024 * 1024;      // dense prefill panel (see prefill)
+constexpr int64_t kGemmRows = 48;                      // weight rows per sparse-GEMM task: outputs [M, 96] in L2
 
 using Kernel = void (*)(const Cpu24Problem&, int64_t, int64_t);
 using SumFn = float (*)(const float*, int64_t);
 using DecompressFn = void (*)(const void*, const uint8_t*, void*, int64_t, int64_t, int);
+using GemmFn = void (*)(const Cpu24Gemm&);
 
 struct Isa {
   const char* name;
   Kernel kernel;
   DecompressFn decompress;
+  GemmFn gemm;
+  int64_t (*gemm_block)();
   SumFn sum;
   bool (*runs_here)();
 };
@@ -53,15 +58,18 @@ bool has_avx512bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf1
 
 bool has_native_bf16() { return has_avx512bf16(); }  // torch's bf16 GEMM (oneDNN) runs at twice the fp32 rate
 
-const Isa kIsas[] = {{"scalar", sr_cpu24_scalar, sr_cpu24_decompress_scalar, sr_sum_scalar, always},
-                     {"avx2", sr_cpu24_avx2, sr_cpu24_decompress_avx2, sr_sum_avx2, has_avx2},
-                     {"avx512", sr_cpu24_avx512, sr_cpu24_decompress_avx512, sr_sum_avx512, has_avx512},
-                     // bf16 weights: x stays bf16, vdpbf16ps; fp32 weights: the avx512 kernel
-                     {"avx512bf16", sr_cpu24_avx512bf16, sr_cpu24_decompress_avx512, sr_sum_avx512, has_avx512bf16}};
+#define SR_ISA(kernel, isa) kernel, sr_cpu24_decompress_##isa, sr_cpu24_gemm_##isa, sr_cpu24_gemm_block_##isa, sr_sum_##isa
+const Isa kIsas[] = {{"scalar", SR_ISA(sr_cpu24_scalar, scalar), always},
+                     {"avx2", SR_ISA(sr_cpu24_avx2, avx2), has_avx2},
+                     {"avx512", SR_ISA(sr_cpu24_avx512, avx512), has_avx512},
+                     // bf16 weights: x stays bf16, vdpbf16ps; otherwise the avx512 kernels
+                     {"avx512bf16", SR_ISA(sr_cpu24_avx512bf16, avx512), has_avx512bf16}};
+#undef SR_ISA
 #else
 bool has_native_bf16() { return false; }
 
-const Isa kIsas[] = {{"scalar", sr_cpu24_scalar, sr_cpu24_decompress_scalar, sr_sum_scalar, always}};
+const Isa kIsas[] = {{"scalar", sr_cpu24_scalar, sr_cpu24_decompress_scalar, sr_cpu24_gemm_scalar,
+                      sr_cpu24_gemm_block_scalar, sr_sum_scalar, always}};
 #endif
 
 std::vector<std::string> isas() {
@@ -211,15 +219,74 @@ void prefill(const Isa& isa, const at::Tensor& x, const at::Tensor& values, cons
   }
 }
 
-// Streaming beats decompress + GEMM while x is small: its compute per row of x matches a dense GEMM's on 2:4
-// (half the multiplies, plus a permute each; measured on Zen 4) and it reads W compressed. The kernels keep a
-// block of x rows in L2 and reread W once per block, so a large x (large M * K) rereads W too often. bf16 GEMMs
-// on CPUs with AVX512-BF16 run at twice the fp32 rate, which the streaming kernel does not reach beyond decode.
-bool stream(const at::Tensor& x, bool bf16) {
+// x [M, K] as the GEMM's blocks of `block` rows, transposed: xp[b][c][i] = x[b * block + i, c], zero past M.
+at::Tensor pack_x(const at::Tensor& x32, int64_t block) {
+  const int64_t m = x32.size(0), k = x32.size(1), blocks = (m + block - 1) / block;
+  at::Tensor xp = at::empty({blocks, k, block}, x32.options());
+  const float* xs = x32.data_ptr<float>();
+  float* xd = xp.data_ptr<float>();
+  constexpr int64_t kCols = 16;  // per task: 16 columns of a block, a 64-byte run of each row of x
+  const int64_t col_tasks = (k + kCols - 1) / kCols;
+  at::parallel_for(0, blocks * col_tasks, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / col_tasks, c0 = (t % col_tasks) * kCols, c1 = std::min(k, c0 + kCols);
+      for (int64_t i = 0; i < block; ++i) {
+        const int64_t row = b * block + i;
+        for (int64_t c = c0; c < c1; ++c) xd[(b * k + c) * block + i] = row < m ? xs[row * k + c] : 0.0f;
+      }
+    }
+  });
+  return xp;
+}
+
+// Prefill on the kept values (cpu24_gemm.h): chunks of kGemmRows weight rows per task, all of x packed once.
+void sparse_gemm(const Isa& isa, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scales, at::Tensor& y) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const at::Tensor x32 = bf16 ? x.to(at::kFloat) : x, b32 = widened(bias), s32 = widened(scales);
+  at::Tensor y32 = bf16 || !y.is_contiguous() ? at::empty(y.sizes(), x32.options()) : y;
+  const int64_t m = x.size(0), k = x.size(1), n = values.size(0), block = isa.gemm_block();
+  const int64_t work_floats = (m + block - 1) / block * block * kGemmRows;
+  const at::Tensor xp = pack_x(x32, block);
+  const Cpu24Problem w = weight_problem(values, meta, s32, k);
+  const int64_t tasks = (n + kGemmRows - 1) / kGemmRows;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> work(work_floats), vpack(kGemmRows * kCpu24GemmKc / 2),
+        wide(w.kind == Cpu24Values::f32 ? 0 : kGemmRows * k / 2);
+    std::vector<uint8_t> mpack(kGemmRows * kCpu24GemmKc / 8);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kGemmRows, rows = std::min(kGemmRows, n - n0);
+      const float* vals = static_cast<const float*>(w.values) + n0 * (k / 2);
+      if (w.kind == Cpu24Values::bf16) {  // bf16 is fp32's top half
+        const uint16_t* h = static_cast<const uint16_t*>(w.values) + n0 * (k / 2);
+        auto* bits = reinterpret_cast<uint32_t*>(wide.data());
+        for (int64_t i = 0; i < rows * (k / 2); ++i) bits[i] = static_cast<uint32_t>(h[i]) << 16;
+        vals = wide.data();
+      } else if (cpu24_quantized(w.kind)) {
+        sr_cpu24_dequantize(w, n0, n0 + rows, wide.data(), 4);
+        vals = wide.data();
+      }
+      const Cpu24Gemm g{xp.data_ptr<float>(), vals, w.meta + n0 * (k / 8), bias ? b32.data_ptr<float>() + n0 : nullptr,
+                        y32.data_ptr<float>() + n0, work.data(), vpack.data(), mpack.data(), m, k, rows, n};
+      isa.gemm(g);
+    }
+  });
+  if (!y32.is_same(y)) y.copy_(y32);
+}
+
+// Beyond decode, streaming still wins while x is a few blocks of rows (its compute per row of x matches a dense
+// GEMM's on 2:4: half the multiplies, plus a permute each); from there the sparse GEMM (half the multiplies, no
+// permute) does. bf16 GEMMs on CPUs with AVX512-BF16 run at twice the fp32 rate: those get torch's GEMM on
+// decompressed panels. Measured on Zen 4, 2 threads, fp32 (benchmarks/cpu_kernels.py): M = 64 streams 1.4x
+// dense, the GEMM 1.1x; M = 512 streams 0.7-1.1x dense, the GEMM 1.1-1.5x. The cpu backend times the paths
+// per shape instead where it can (backends/cpu.py); this is the choice inside compiled graphs.
+constexpr int64_t kStreamMaxM = 64;
+
+const char* default_path(const at::Tensor& x) {
   const int64_t m = x.size(0);
-  if (m <= kDecodeMaxM) return true;
-  if (bf16 && has_native_bf16()) return false;
-  return m * x.size(1) * 4 <= kStreamMaxXBytes;
+  if (m <= kDecodeMaxM) return "stream";
+  if (x.scalar_type() == at::kBFloat16 && has_native_bf16()) return "panels";
+  return m <= kStreamMaxM ? "stream" : "gemm";
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
@@ -227,8 +294,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
                   const std::optional<at::Tensor>& out, const std::string& path,
                   const std::optional<at::Tensor>& scales) {
   check_inputs(x, values, meta, bias, scales);
-  TORCH_CHECK_VALUE(path.empty() || path == "stream" || path == "panels",
-                    "cpu24: path must be '', 'stream' or 'panels', got '", path, "'");
+  TORCH_CHECK_VALUE(path.empty() || path == "stream" || path == "panels" || path == "gemm",
+                    "cpu24: path must be '', 'stream', 'panels' or 'gemm', got '", path, "'");
   const Isa& isa = pick(isa_name);
   at::Tensor y;
   if (out) {
@@ -240,8 +307,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
     y = at::empty({x.size(0), values.size(0)}, x.options());
   }
   if (x.size(0) == 0 || values.size(0) == 0) return y.zero_();
-  if (path.empty() ? stream(x, x.scalar_type() == at::kBFloat16) : path == "stream")
+  const std::string how = path.empty() ? default_path(x) : path;
+  if (how == "stream")
     decode(isa, x, values, meta, bias, scales, y);
+  else if (how == "gemm")
+    sparse_gemm(isa, x, values, meta, bias, scales, y);
   else
     prefill(isa, x, values, meta, bias, scales, y);
   return y;
@@ -256,6 +326,18 @@ double read_bandwidth_probe(const at::Tensor& buffer) {
       int64_t{0}, buffer.numel(), int64_t{1} << 16, 0.0,
       [&](int64_t i0, int64_t i1, double acc) { return acc + sum(a + i0, i1 - i0); },
       [](double u, double v) { return u + v; });
+}
+
+// How many threads at::parallel_for runs here: the kernels' parallelism, which silently becomes 1 when this TU is
+// built without OpenMP (the loop is header code).
+int64_t parallel_for_threads() {
+  std::atomic<int64_t> most{0};
+  at::parallel_for(0, 1 << 10, 1, [&](int64_t, int64_t) {
+    const int64_t id = at::get_thread_num() + 1;
+    for (int64_t seen = most.load(); id > seen && !most.compare_exchange_weak(seen, id);) {
+    }
+  });
+  return most.load();
 }
 
 // The op torch.compile graphs call (sparse_runtime::cpu24_linear): registered here, in C++, so that inductor's
@@ -290,8 +372,9 @@ PYBIND11_MODULE(_cpu24, m) {
         py::arg("isa") = "", py::arg("out") = py::none(), py::arg("path") = "", py::arg("scales") = py::none(),
         "y[M, N] = x[M, K] @ W^T (+ bias), W as canonical 2:4 values [N, K/2] + meta [N, K/8]; fp32 or bf16. "
         "Quantized: values int8 codes [N, K/2] or int4 codes packed in uint8 [N, K/4], scales [N, groups] in x's "
-        "dtype. isa '' picks the best this CPU runs; path 'stream' or 'panels' forces one, '' picks by the size "
-        "of x.");
+        "dtype. isa '' picks the best this CPU runs; path 'stream', 'gemm' or 'panels' forces one, '' picks by "
+        "the size of x.");
+  m.def("parallel_for_threads", &parallel_for_threads, "threads the kernels' at::parallel_for runs (torch's count)");
   m.def("isas", &isas, "ISAs built in and runnable on this CPU, worst to best");
   m.def("read_bandwidth_probe", &read_bandwidth_probe, py::arg("buffer"),
         "sum of an fp32 buffer with torch's threads and the best ISA (a streaming read, for bandwidth)");

@@ -94,7 +94,22 @@ void decompress_rows(const T* values, const uint8_t* meta, T* dense, int64_t row
   }
 }
 
+struct Vec {
+  using T = float;
+  static constexpr int kLanes = 1, kVecs = 4, kRows = 4;
+  static T zero() { return 0.0f; }
+  static T load(const float* p) { return *p; }
+  static void store(float* p, T v) { *p = v; }
+  static T set1(float f) { return f; }
+  static T fma(T a, T b, T c) { return a * b + c; }
+};
+
+#include "cpu24_gemm.h"
+
 }  // namespace
+
+void sr_cpu24_gemm_scalar(const Cpu24Gemm& g) { gemm_rows<Vec>(g); }
+int64_t sr_cpu24_gemm_block_scalar() { return Vec::kLanes * Vec::kVecs; }
 
 void sr_cpu24_scalar(const Cpu24Problem& p, int64_t row0, int64_t row1) {
   switch (p.kind) {

@@ -118,15 +118,15 @@ def test_beyond_decode_the_faster_path_is_measured_once_per_bucket(monkeypatch):
 
     now = [0]
 
-    def timer():  # a "stream" call lasts 5 ticks, a "panels" call 1: panels must win
-        now[0] += {"stream": 5, "panels": 1}[calls[-1]] if calls else 0
+    def timer():  # a "stream" call lasts 5 ticks, a "gemm" call 3, a "panels" call 1: panels must win
+        now[0] += {"stream": 5, "gemm": 3, "panels": 1}[calls[-1]] if calls else 0
         return now[0]
 
     monkeypatch.setattr(backend.cpu24, "linear", recording)
     monkeypatch.setattr(backend, "_CHOSEN", {})
     assert backend.choose_path(layer, layer.bias.detach(), torch.randn(40, 64), timer=timer) == "panels"
     assert backend._CHOSEN == {(24, 64, torch.float32, None, 64): "panels"}
-    assert calls == ["stream"] * 4 + ["panels"] * 4  # a warm-up and 3 timed calls each
+    assert calls == ["stream"] * 4 + ["gemm"] * 4 + ["panels"] * 4  # a warm-up and 3 timed calls each
     x = torch.randn(2, 25, 64)  # 50 rows: the same bucket, so no new measurement
     del calls[:]
     torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
@@ -137,7 +137,7 @@ def test_beyond_decode_the_faster_path_is_measured_once_per_bucket(monkeypatch):
 
 @pytest.mark.parametrize("path", cpu24.PATHS)
 @pytest.mark.parametrize("m", [17, 40, 130])
-def test_both_paths_beyond_decode_match_reference(path, m):
+def test_every_path_beyond_decode_matches_reference(path, m):
     layer, ref = _layers(33, 72, True, torch.float32)
     x = torch.randn(m, 72)
     y = cpu24.linear(x, layer.weight_values, layer.weight_meta, layer.bias.detach(), path=path)

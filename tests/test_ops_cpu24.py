@@ -64,14 +64,15 @@ def test_matches_float64(isa, dtype, threads):
         for m in MS:
             b = bias if (m + case) % 2 else None
             x = torch.randn(m, k, generator=gen).to(dtype)
-            if m % 3 == 0:  # every third call writes into a NaN-poisoned out: each element must be written
-                out = torch.full((m, n), float("nan"), dtype=dtype)
-                assert cpu24.linear(x, values, meta, b, isa=isa, out=out) is out
-                y = out
-            else:
-                y = cpu24.linear(x, values, meta, b, isa=isa)
-            assert y.shape == (m, n) and y.dtype == dtype
-            check_close(y, x, w, b)
+            for path in ("",) if m <= 16 else ("",) + cpu24.PATHS:  # beyond decode: the default and each path
+                if m % 3 == 0:  # every third call writes into a NaN-poisoned out: each element must be written
+                    out = torch.full((m, n), float("nan"), dtype=dtype)
+                    assert cpu24.linear(x, values, meta, b, isa=isa, out=out, path=path) is out
+                    y = out
+                else:
+                    y = cpu24.linear(x, values, meta, b, isa=isa, path=path)
+                assert y.shape == (m, n) and y.dtype == dtype
+                check_close(y, x, w, b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -101,18 +102,19 @@ def test_non_contiguous_inputs(isa, dtype):
     check_close(y1, x1, w, bias)
 
 
+@pytest.mark.parametrize("path", ["panels", "gemm"])
 @pytest.mark.parametrize("dtype, m, n", [(torch.float32, 520, 1040), (torch.bfloat16, 17, 2100)], ids=["f32", "bf16"])
 @pytest.mark.parametrize("isa", ISAS)
-def test_prefill_several_panels(isa, dtype, m, n, threads):
-    """The decompress + GEMM path (fp32: x over 8 MiB; bf16: M > 16 where the CPU has AVX512-BF16) with W over
-    one 16 MiB dense panel: the panels must tile N exactly, the last one partial."""
+def test_prefill_several_panels(isa, dtype, m, n, path, threads):
+    """The prefill paths with W over one 16 MiB dense panel (decompress + GEMM: the panels must tile N exactly, the
+    last one partial) and over many sparse-GEMM tasks and blocks of x rows (the last of each partial)."""
     gen = torch.Generator().manual_seed(3)
     k = 4096
     values, meta, w = sparse_weight(n, k, dtype, gen)
     bias = torch.randn(n, generator=gen).to(dtype)
     x = torch.randn(m, k, generator=gen).to(dtype)
     out = torch.full((m, n), float("nan"), dtype=dtype)
-    check_close(cpu24.linear(x, values, meta, bias, isa=isa, out=out), x, w, bias)
+    check_close(cpu24.linear(x, values, meta, bias, isa=isa, out=out, path=path), x, w, bias)
 
 
 # -- quantized values ---------------------------------------------------------------------------------------
@@ -192,6 +194,11 @@ def test_unknown_isa_is_refused():
     values, meta, _ = sparse_weight(8, 64, torch.float32, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="isa 'avx9'.*available: scalar"):
         cpu24.linear(torch.randn(1, 64), values, meta, isa="avx9")
+
+
+def test_kernels_use_torchs_threads(threads):
+    """The kernels' at::parallel_for runs on torch's threads (built without OpenMP it silently runs on one)."""
+    assert cpu24.parallel_for_threads() == threads
 
 
 def test_read_bandwidth_probe(threads):

@@ -2,8 +2,9 @@
 
 What ``auto`` runs on the CPU for 2:4 fp32/bf16 layers, their values full-precision or int8/int4 codes,
 wherever the extension is built: decode (up to 16 rows) streams the compressed weight once, 17/32 of the dense
-fp32 bytes (int8 codes: 5/32, int4: 3/32 plus the scales), dequantizing in registers. Beyond 16 rows the kernel can keep streaming
-or decompress cache-sized panels for torch's GEMM; which is faster depends on the shape and the CPU, so the
+fp32 bytes (int8 codes: 5/32, int4: 3/32 plus the scales), dequantizing in registers. Beyond 16 rows the kernel can keep streaming,
+run a sparse GEMM on the kept values, or decompress cache-sized panels for torch's GEMM; which is faster depends on
+the shape and the CPU, so the
 first call of each (shape, dtype, M bucket) times both and later calls run the faster (per process). It holds
 only the compressed weight, never a dense copy. Other patterns, dtypes and fp8 values, and a CPU without the
 extension, fall back to ``decompressed`` (``sparse-runtime info`` says why)."""

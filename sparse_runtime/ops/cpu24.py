@@ -3,14 +3,15 @@
 ``linear(x, values, meta, bias)`` is ``x @ W^T + bias`` with ``W [N, K]`` in the canonical 2:4 format
 (:mod:`sparse_runtime.format.codec`: ``values [N, K/2]``, ``meta [N, K/8]`` uint8), fp32 or bf16 storage (x,
 values, bias and the output share it), fp32 accumulation, ``K % 8 == 0``. Up to 16 rows of x (decode), and
-beyond while x is small, it streams the compressed weight once (17/32 of the dense fp32 bytes); larger inputs
-decompress panels of W for torch's GEMM (prefill). The kernel's ISA (``avx512bf16``, ``avx512``, ``avx2``,
+beyond while x is small, it streams the compressed weight once (17/32 of the dense fp32 bytes); larger inputs run
+a sparse GEMM on the kept values (half a dense GEMM's multiplies), or, for bf16 on CPUs that multiply bf16
+natively, decompress panels of W for torch's GEMM (prefill). The kernel's ISA (``avx512bf16``, ``avx512``, ``avx2``,
 ``scalar``) is picked at run time; threads are torch's.
 
 Quantized values (:mod:`sparse_runtime.format.quant`, schemes :data:`QUANT_CODES`): ``values`` holds int8 codes
 ``[N, K/2]`` or int4 codes packed two per byte ``[N, K/4]`` uint8, and ``scales [N, groups]`` in x's dtype (one
 per row, or per group of ``K/groups`` input columns) come with them. Streaming widens the codes to fp32 in
-registers and scales each row's (or group's) sum; prefill dequantizes into the panels. Groups must be a
+registers and scales each row's (or group's) sum; prefill dequantizes (a chunk of rows at a time). Groups must be a
 multiple of 32 columns for the SIMD kernels; other groups (multiples of 8) run on the scalar kernel.
 
 The canonical tensors are used as they are: no CPU layout is derived. Under ``torch.compile`` the call is the
@@ -35,7 +36,8 @@ except ImportError as e:  # a pure-Python install: no C++ compiler or torch at b
 DTYPES = (torch.float32, torch.bfloat16)
 QUANT_CODES = {s: CODE_DTYPES[s] for s in ("int8", "int4")}  # the schemes the kernels dequantize: their code dtypes
 K_MULTIPLE = 8  # in_features: whole meta bytes per row
-PATHS = ("stream", "panels")  # beyond decode: stream the compressed weight, or decompress panels for torch's GEMM
+# beyond decode: stream the compressed weight, the sparse GEMM on the kept values, or panels for torch's GEMM
+PATHS = ("stream", "gemm", "panels")
 
 
 def available() -> bool:
@@ -57,6 +59,12 @@ def read_bandwidth_probe(buffer: torch.Tensor) -> float:
     machine's read bandwidth as the kernels see it."""
     _require()
     return _E.read_bandwidth_probe(buffer)
+
+
+def parallel_for_threads() -> int:
+    """Threads the kernels split their work over: torch's count, unless the extension was built without OpenMP."""
+    _require()
+    return _E.parallel_for_threads()
 
 
 def _require():
