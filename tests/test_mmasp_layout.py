@@ -1,4 +1,4 @@
-"""The mma.sp fragment layout and the CPU emulator of csrc/decode24.cu against float64 dense products."""
+"""The mma.sp fragment layout and the CPU emulator of csrc/mmasp.cu against float64 dense products."""
 import math
 import re
 from pathlib import Path
@@ -11,7 +11,7 @@ from sparse_runtime.format.codec import SparseWeight
 from sparse_runtime.format.masks import nm_mask
 
 ROOT = Path(__file__).resolve().parents[1]
-CU = (ROOT / "csrc" / "decode24.cu").read_text()
+CU = (ROOT / "csrc" / "mmasp.cu").read_text()
 
 
 def case(m, n, k, dtype, seed, bias=True):
@@ -82,13 +82,13 @@ def test_every_mirrored_expression_is_in_the_emulator():
     assert len(tags) >= 6
     for tag in tags:
         for expr in tag.split(", "):
-            assert expr.strip() in src, f"decode24.cu mirrors {expr!r}, which mmasp_layout.py does not state"
+            assert expr.strip() in src, f"mmasp.cu mirrors {expr!r}, which mmasp_layout.py does not state"
 
 
 def test_constants_match_the_cuda_header():
-    header = (ROOT / "csrc" / "decode24.h").read_text()
-    assert int(re.search(r"#define SR_DECODE24_WARPS (\d+)", header).group(1)) == L.WARPS
-    assert int(re.search(r"#define SR_DECODE24_MAX_KS (\d+)", header).group(1)) == L.MAX_SPLIT_COLUMNS
+    header = (ROOT / "csrc" / "mmasp.h").read_text()
+    assert int(re.search(r"#define SR_MMASP_WARPS (\d+)", header).group(1)) == L.WARPS
+    assert int(re.search(r"#define SR_MMASP_MAX_KS (\d+)", header).group(1)) == L.MAX_SPLIT_COLUMNS
     assert f"K_CHUNK = {L.K_CHUNK};" in CU
     assert f"m > {L.DECODE_MAX_M})" in CU  # the kernel's M limit is the project's decode limit
 

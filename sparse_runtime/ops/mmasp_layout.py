@@ -1,4 +1,4 @@
-"""The operand layout of the ``mmasp`` decode kernel (``csrc/decode24.cu``), derived from the canonical 2:4
+"""The operand layout of the ``mmasp`` decode kernel (``csrc/mmasp.cu``), derived from the canonical 2:4
 tensors at load time, and a CPU emulator of how the kernel reads it.
 
 The kernel runs one ``mma.sp.m16n8k32`` per 16 output features x 32 input columns x 8 tokens, with W as the
@@ -27,13 +27,13 @@ from __future__ import annotations
 import torch
 
 from ..format.codec import cdiv
-from .caches import DECODE_MAX_M  # the kernel takes two n-tiles of 8 tokens (csrc/decode24.cu checks it)
+from .caches import DECODE_MAX_M  # the kernel takes two n-tiles of 8 tokens (csrc/mmasp.cu checks it)
 
 ROW_TILE = 16  # output features per MMA (W is the A operand)
 K_STEP = 32  # input columns per MMA
 K_CHUNK = 64  # two k-steps: one metadata word per lane
-WARPS = 8  # warps (row tiles) per CTA: csrc/decode24.h SR_DECODE24_WARPS
-MAX_SPLIT_COLUMNS = 1472  # csrc/decode24.h SR_DECODE24_MAX_KS: a CTA's x slice lives in shared memory (48 KB)
+WARPS = 8  # warps (row tiles) per CTA: csrc/mmasp.h SR_MMASP_WARPS
+MAX_SPLIT_COLUMNS = 1472  # csrc/mmasp.h SR_MMASP_MAX_KS: a CTA's x slice lives in shared memory (48 KB)
 PAD_META = 0x44  # a padded row's groups: kept indices 0 and 1 (valid, increasing), values 0
 
 
@@ -153,7 +153,7 @@ def mma_sp(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, e: torch.Tensor,
 
 def emulate(x: torch.Tensor, vals: torch.Tensor, meta: torch.Tensor, n: int, k: int, bias: torch.Tensor | None,
             split_chunks: int) -> torch.Tensor:
-    """What the kernel computes, lane by lane, in float64: ``y [M, n]``. Follows decode24_kernel's loops: CTA
+    """What the kernel computes, lane by lane, in float64: ``y [M, n]``. Follows mmasp_kernel's loops: CTA
     columns over K (``split_chunks`` chunks each), warps over 16-row tiles, chunks, the two k-steps of a chunk
     (selector h), n-tiles; then the split-order reduction of the partials."""
     m = x.shape[0]
