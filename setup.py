@@ -3,7 +3,7 @@
 The Triton kernels in ``kernels/`` install as the subpackage ``sparse_runtime.kernels`` (``sparse_runtime/kernels``
 links to them).
 
-The cuSPARSELt extension ``sparse_runtime._C`` and the mma.sp decode kernel ``sparse_runtime._decode24``
+The cuSPARSELt extension ``sparse_runtime._C`` and the mma.sp decode kernel ``sparse_runtime._mmasp``
 (``csrc/``) are built with nvcc + ninja when the CUDA toolkit is found (``_C`` also needs cuSPARSELt: the
 ``nvidia-cusparselt-cu13``/``-cu12`` wheel, or ``CUSPARSELT_HOME``); what cannot be built is skipped, the
 pure-Python package installs and the reason is printed. The CPU extension ``sparse_runtime._cpu24``
@@ -54,7 +54,7 @@ class NinjaBuildExt(build_ext):
         if self._is_cpu(ext):
             text, cfg, what = build_ninja_cpu(self._cpu_cfg, build_dir, output, name), self._cpu_cfg, "CPU"
         else:
-            why = unbuildable(self._cfg, name)  # _C needs cuSPARSELt, _decode24 only the toolkit
+            why = unbuildable(self._cfg, name)  # _C needs cuSPARSELt, _mmasp only the toolkit
             if why:
                 self._skip(f"the CUDA extension {ext.name}", why)
                 return
@@ -92,7 +92,7 @@ setup(
     # optional: an extension that cannot be built here is skipped (NinjaBuildExt says why), not copied in place
     ext_modules=[Extension("sparse_runtime._C", sources=["csrc/cusparselt_ext.cpp", "csrc/decompress24.cu"],
                            optional=True),
-                 Extension("sparse_runtime._decode24", sources=["csrc/decode24_ext.cpp", "csrc/decode24.cu"],
+                 Extension("sparse_runtime._mmasp", sources=["csrc/mmasp_ext.cpp", "csrc/mmasp.cu"],
                            optional=True),
                  Extension("sparse_runtime._cpu24", sources=[f"csrc/{src}" for src, _ in CPU_SOURCES["_cpu24"]],
                            optional=True)],

@@ -199,7 +199,7 @@ step_setup() {
     "$PYTHON" -c "
 import importlib, sys
 missing = []
-for ext in ('sparse_runtime._C', 'sparse_runtime._decode24'):
+for ext in ('sparse_runtime._C', 'sparse_runtime._mmasp'):
     try:
         importlib.import_module(ext)
     except ImportError as e:

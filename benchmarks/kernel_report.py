@@ -1,6 +1,6 @@
 """The compiler's view of the Triton 2:4 kernel, with no GPU needed: registers, spills, shared memory and
 the SASS instruction mix of every autotune config, compiled ahead of time for Hopper (sm_90) and Ampere (sm_80);
-and the same for the CUDA mma.sp decode kernel (csrc/decode24.cu, compiled with nvcc; ``--mmasp``: only it).
+and the same for the CUDA mma.sp decode kernel (csrc/mmasp.cu, compiled with nvcc; ``--mmasp``: only it).
 
     python -m benchmarks.kernel_report [--arch 90] [--dtype fp16] [--only REGEX] [--mmasp] [--out benchmarks/results/kernel_report.json]
 
@@ -161,8 +161,8 @@ def report_row(arch: int, label: str, const: dict, warps: int, stages: int, cfg,
     return row
 
 
-# -- the mma.sp decode kernel (csrc/decode24.cu) -------------------------------------------------------------
-MMASP_SOURCES = ("csrc/decode24.cu", "csrc/decode24.h")
+# -- the mma.sp decode kernel (csrc/mmasp.cu) ----------------------------------------------------------------
+MMASP_SOURCES = ("csrc/mmasp.cu", "csrc/mmasp.h")
 MMASP_STEP_BYTES = 16 * 16 * 2 + 16 * 16 * 2 // 8  # one mma.sp's A: 16 rows x 16 kept values + their 2-bit indices
 
 
@@ -181,20 +181,20 @@ def _nvcc() -> str:
 
 
 def mmasp_rows(arch: int) -> list[dict]:
-    """nvcc -cubin of decode24.cu for ``sm_{arch}``: per instantiation (dtype, n-tiles) its registers, static
+    """nvcc -cubin of mmasp.cu for ``sm_{arch}``: per instantiation (dtype, n-tiles) its registers, static
     shared memory, SASS families and steady-state loop, and the issue rate it needs (loop instructions of one
     warp per weight byte that warp streams: each warp has its own rows, so the CTA's warp count cancels)."""
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "decode24.cubin"
+        cubin = Path(tmp) / "mmasp.cubin"
         subprocess.run([_nvcc(), "-O2", "-std=c++17", f"-I{root / 'csrc'}", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                        "-cubin", "-o", str(cubin), str(root / "csrc" / "decode24.cu")], check=True)
+                        "-cubin", "-o", str(cubin), str(root / "csrc" / "mmasp.cu")], check=True)
         res = subprocess.run([nvidia_bin("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
         sass = subprocess.run([nvidia_bin("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
     usage = dict(re.findall(r"Function (\S+):\s*\n\s*(.*)", res))
     rows = []
     for name, body in re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, re.S):
-        if "decode24_kernel" not in name:
+        if "mmasp_kernel" not in name:
             continue
         dtype = "bf16" if "bfloat16" in name else "fp16"
         nt = int(re.search(r"Li(\d)E", name).group(1))
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="compile only the variants whose label matches this regex (e.g. 'decode', "
                                   "'^decode [^+]*$': without rotation); the other rows of the report are kept")
     p.add_argument("--stale", action="store_true", help="compile only rows from another version of the kernel")
-    p.add_argument("--mmasp", action="store_true", help="compile only the mma.sp kernel (csrc/decode24.cu) with "
+    p.add_argument("--mmasp", action="store_true", help="compile only the mma.sp kernel (csrc/mmasp.cu) with "
                                                        "nvcc; the Triton rows are kept")
     p.add_argument("--out", type=Path, help="default: benchmarks/results/kernel_report[_DTYPE].json (fp16 unsuffixed)")
     args = p.parse_args(argv)

@@ -502,7 +502,7 @@ def mmasp_issue() -> str:
         return "_not generated: run `python -m benchmarks.kernel_report --mmasp`_\n"
     current = r.get("mmasp_kernel")
     devices = list(dict.fromkeys(d for x in rows for d in x.get("needed_issue_per_clock_per_sm", {})))
-    lines = [f"The CUDA kernel `csrc/decode24.cu` (nvcc, kernel {current}, compiled {rows[0]['compiled'][:10]}), "
+    lines = [f"The CUDA kernel `csrc/mmasp.cu` (nvcc, kernel {current}, compiled {rows[0]['compiled'][:10]}), "
              f"the same measure as above: instructions in the steady-state loop of one warp per weight byte that "
              f"warp streams (each warp owns its 16 rows), and the rate needed for {r['bandwidth_share']:.0%} of "
              f"the bandwidth; target <= {ISSUE_TARGET:g}."

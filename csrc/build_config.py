@@ -152,10 +152,10 @@ def config():
     return cfg, None
 
 
-# Extension -> (C++ sources, CUDA sources, links cuSPARSELt). _decode24 is the mma.sp decode kernel, apart from
+# Extension -> (C++ sources, CUDA sources, links cuSPARSELt). _mmasp is the mma.sp decode kernel, apart from
 # _C so that it needs nothing but the CUDA runtime.
 EXTENSIONS = {"_C": (["cusparselt_ext.cpp"], ["decompress24.cu"], True),
-              "_decode24": (["decode24_ext.cpp"], ["decode24.cu"], False)}
+              "_mmasp": (["mmasp_ext.cpp"], ["mmasp.cu"], False)}
 
 
 def unbuildable(cfg, ext: str) -> str | None:

@@ -1,6 +1,14 @@
-"""Small shared builders for tests: tiny random models of several transformers families."""
+"""Small shared builders for tests: tiny random models of several transformers families; a reconstruction
+error to compare pruned weights by."""
 import torch
 import transformers
+
+
+def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) -> float:
+    """||W X - W_hat X||_F / ||W X||_F for inputs ``x`` [tokens, in_features]."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    ref = x @ weight.float().T
+    return ((ref - x @ pruned.float().T).norm() / ref.norm()).item()
 
 
 def tiny_model(family: str, seed: int = 0):

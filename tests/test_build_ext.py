@@ -123,13 +123,13 @@ def test_cuda_home_behind_a_wrapper_script(monkeypatch, tmp_path):
     assert build_config._cuda_home() != toolkit
 
 
-def test_decode24_builds_without_cusparselt(monkeypatch, tmp_path):
-    """Only _C links cuSPARSELt: without it _C is skipped with the reason and _decode24 still builds."""
+def test_mmasp_builds_without_cusparselt(monkeypatch, tmp_path):
+    """Only _C links cuSPARSELt: without it _C is skipped with the reason and _mmasp still builds."""
     if CFG is None:
         pytest.skip(WHY)
     monkeypatch.setattr(build_config, "_cusparselt", lambda cuda: None)
     cfg, why = build_config.config()
     assert why is None and "cuSPARSELt not found" in build_config.unbuildable(cfg, "_C")
-    assert build_config.unbuildable(cfg, "_decode24") is None
-    text = build_config.build_ninja(cfg, tmp_path, tmp_path / "_decode24.so", "_decode24")
-    assert "decode24.cu" in text and "cusparseLt" not in text and "None" not in text
+    assert build_config.unbuildable(cfg, "_mmasp") is None
+    text = build_config.build_ninja(cfg, tmp_path, tmp_path / "_mmasp.so", "_mmasp")
+    assert "mmasp.cu" in text and "cusparseLt" not in text and "None" not in text

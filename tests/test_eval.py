@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_runtime.data.perplexity import perplexity, reconstruction_error
+from sparse_runtime.data.perplexity import perplexity
 from sparse_runtime.models.sources import load_model
 
 from conftest import TEXT
+from helpers import reconstruction_error
 
 
 class _Uniform(nn.Module):

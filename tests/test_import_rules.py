@@ -35,7 +35,7 @@ ALLOWED = {
     "cli": {"format", "ops", "backends", "nn", "models", "data", "serving", "prune", "recover", "gradual"},
 }
 EXTENSIONS = {"sparse_runtime._C": "sparse_runtime.ops.cusparselt",
-              "sparse_runtime._decode24": "sparse_runtime.ops.mmasp",
+              "sparse_runtime._mmasp": "sparse_runtime.ops.mmasp",
               "sparse_runtime._cpu24": "sparse_runtime.ops.cpu24"}
 OPTIONAL = {"triton", "matplotlib", "uvicorn", "starlette", "openai", "httpx", "gguf"}
 

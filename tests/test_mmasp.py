@@ -1,4 +1,4 @@
-"""The mma.sp decode kernel (csrc/decode24.cu via sparse_runtime.ops.mmasp) on a GPU, against float64 references.
+"""The mma.sp decode kernel (csrc/mmasp.cu via sparse_runtime.ops.mmasp) on a GPU, against float64 references.
 
 Every test runs on fresh random data and poisons the memory the outputs will take (NaN) first, so an element
 the kernel does not write shows."""

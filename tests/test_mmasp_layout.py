@@ -1,4 +1,4 @@
-"""The mma.sp fragment layout and the CPU emulator of csrc/decode24.cu against float64 dense products."""
+"""The mma.sp fragment layout and the CPU emulator of csrc/mmasp.cu against float64 dense products."""
 import math
 import re
 from pathlib import Path
@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import mmasp_emulator
 from sparse_runtime.ops import mmasp_layout as L
 from sparse_runtime.format.codec import SparseWeight
 from sparse_runtime.format.masks import nm_mask
 
 ROOT = Path(__file__).resolve().parents[1]
-CU = (ROOT / "csrc" / "decode24.cu").read_text()
+CU = (ROOT / "csrc" / "mmasp.cu").read_text()
 
 
 def case(m, n, k, dtype, seed, bias=True):
@@ -36,7 +37,7 @@ def test_emulator_matches_float64_reference(m, n, k, split_chunks, dtype):
     sw, x, b, ref = case(m, n, k, dtype, seed=m * 1000 + n)
     vals, meta = L.fragment_layout(sw.values, sw.meta, k)
     assert vals.shape == (math.ceil(n / 16), k // 32, 32, 4) and meta.shape == (math.ceil(n / 16), k // 64, 32)
-    y = L.emulate(x, vals, meta, n, k, b, split_chunks)
+    y = mmasp_emulator.emulate(x, vals, meta, n, k, b, split_chunks)
     assert y.shape == (m, n)
     # float64 throughout: a misplaced value, index or token is an O(1) error, rounding is ~1e-13
     assert (y - ref).abs().max().item() <= 1e-9 * (1 + ref.abs().max().item())
@@ -49,7 +50,7 @@ def test_a_wrong_selector_is_caught():
     vals, meta = L.fragment_layout(sw.values, sw.meta, 128)
     lane = torch.arange(32)
     swapped = meta[..., lane ^ 2]
-    y = L.emulate(x, vals, swapped, 32, 128, b, 1)
+    y = mmasp_emulator.emulate(x, vals, swapped, 32, 128, b, 1)
     assert (y - ref).abs().max().item() > 1e-2
 
 
@@ -71,24 +72,24 @@ def test_layout_refuses_what_the_kernel_cannot_take():
     with pytest.raises(ValueError, match="16-bit values"):
         L.fragment_layout(torch.zeros(16, 32), torch.zeros(16, 8, dtype=torch.uint8), 64)
     with pytest.raises(ValueError, match="M must be"):
-        L.emulate(torch.zeros(17, 64, dtype=torch.float16), *L.fragment_layout(
+        mmasp_emulator.emulate(torch.zeros(17, 64, dtype=torch.float16), *L.fragment_layout(
             torch.zeros(16, 32, dtype=torch.float16), torch.full((16, 8), 0x44, dtype=torch.uint8), 64), 16, 64, None, 1)
 
 
 def test_every_mirrored_expression_is_in_the_emulator():
     """The CUDA source tags its index arithmetic with '// mirror: expr[, expr]'; the emulator must state each."""
-    src = Path(L.__file__).read_text()
+    src = Path(mmasp_emulator.__file__).read_text()
     tags = re.findall(r"// mirror: (.+)", CU)
     assert len(tags) >= 6
     for tag in tags:
         for expr in tag.split(", "):
-            assert expr.strip() in src, f"decode24.cu mirrors {expr!r}, which mmasp_layout.py does not state"
+            assert expr.strip() in src, f"mmasp.cu mirrors {expr!r}, which mmasp_emulator.py does not state"
 
 
 def test_constants_match_the_cuda_header():
-    header = (ROOT / "csrc" / "decode24.h").read_text()
-    assert int(re.search(r"#define SR_DECODE24_WARPS (\d+)", header).group(1)) == L.WARPS
-    assert int(re.search(r"#define SR_DECODE24_MAX_KS (\d+)", header).group(1)) == L.MAX_SPLIT_COLUMNS
+    header = (ROOT / "csrc" / "mmasp.h").read_text()
+    assert int(re.search(r"#define SR_MMASP_WARPS (\d+)", header).group(1)) == L.WARPS
+    assert int(re.search(r"#define SR_MMASP_MAX_KS (\d+)", header).group(1)) == L.MAX_SPLIT_COLUMNS
     assert f"K_CHUNK = {L.K_CHUNK};" in CU
     assert f"m > {L.DECODE_MAX_M})" in CU  # the kernel's M limit is the project's decode limit
 

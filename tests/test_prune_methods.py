@@ -3,13 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_runtime.data.perplexity import reconstruction_error
 from sparse_runtime.format.masks import sparsity, validate_nm
 from sparse_runtime.models.sources import load_model
 from sparse_runtime.prune import Hessian, InputNorms, magnitude_mask, sparsegpt_prune, wanda_mask
 from sparse_runtime.prune.sparsegpt import refit_masked
 
 from conftest import TEXT
+from helpers import reconstruction_error
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Never picked by ``auto`` on its own (it cannot run prefill): the ``dispatch`` backend times it as a candidate
 for the M buckets up to its ``max_m`` and runs it where it is fastest. By name it runs any layer it supports and
-refuses larger M per call. See :mod:`sparse_runtime.ops.mmasp` and ``csrc/decode24.cu``."""
+refuses larger M per call. See :mod:`sparse_runtime.ops.mmasp` and ``csrc/mmasp.cu``."""
 from ..ops import mmasp
 from ..errors import ShapeError
 from ..ops.mmasp_layout import DECODE_MAX_M, unsupported_shape

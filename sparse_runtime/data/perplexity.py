@@ -1,4 +1,4 @@
-"""Quality checks: perplexity over non-overlapping windows, and per-linear reconstruction error."""
+"""Quality checks: perplexity over non-overlapping windows."""
 from __future__ import annotations
 
 import math
@@ -83,10 +83,3 @@ def perplexity(model, tokenizer_or_ids, text: str | Path | None = None, seqlen: 
         nll += F.cross_entropy(logits[skip:], targets[skip:], reduction="sum").item()
         count += len(targets) - skip
     return Perplexity(math.exp(nll / count), seqlen, count, len(starts), mode)
-
-
-def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) -> float:
-    """||W X - W_hat X||_F / ||W X||_F for inputs ``x`` [tokens, in_features]."""
-    x = x.reshape(-1, x.shape[-1]).float()
-    ref = x @ weight.float().T
-    return ((ref - x @ pruned.float().T).norm() / ref.norm()).item()

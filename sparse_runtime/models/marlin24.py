@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 
-BITS = (4, 8)
 GROUP_SIZE = 128  # the only group size the Marlin 2:4 kernel takes (else one scale per row)
 _TILE_ROWS, _TILE_OUTPUTS = 16, 64  # kept rows x outputs per tile
 _TILE = _TILE_ROWS * _TILE_OUTPUTS

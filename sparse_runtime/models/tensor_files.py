@@ -161,9 +161,6 @@ class TensorFiles:
     def read(self, name: str) -> torch.Tensor:
         return self.files[name].read(name)
 
-    def read_all(self) -> dict[str, torch.Tensor]:
-        return {k: self.read(k) for k in self.files}
-
 
 class TensorDict:
     """Tensors already in memory (one tensor-parallel rank's slices) behind the :class:`TensorFiles` interface,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 CACHE_ENV = "SPARSE_RUNTIME_CACHE"
 # M up to here is decode: Triton's split-K decode schedule (16-row tiles), the mma.sp kernel (two n-tiles of 8
-# tokens; csrc/decode24.cu checks it) and the dispatcher's decode buckets
+# tokens; csrc/mmasp.cu checks it) and the dispatcher's decode buckets
 DECODE_MAX_M = 16
 
 

@@ -100,8 +100,6 @@ def _require(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
-
-
 # -- compression --------------------------------------------------------------------------------------
 def expand_canonical(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
     """Canonical 2:4 ``values``/``meta`` -> the dense ``[N, k]`` weight, by one CUDA kernel."""

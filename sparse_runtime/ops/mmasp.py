@@ -1,6 +1,6 @@
 """The ``mma.sp`` decode kernel from Python: the prepared weight and the call.
 
-Over the extension :mod:`sparse_runtime._decode24` (``csrc/decode24.cu``), which takes device pointers and
+Over the extension :mod:`sparse_runtime._mmasp` (``csrc/mmasp.cu``), which takes device pointers and
 the stream as ints. The layout is derived once, at load time, by :mod:`sparse_runtime.ops.mmasp_layout`; the
 split over K depends on the shape, the GPU's SM count and the kernel's occupancy on it only (not on M), so it,
 the grid and the per-CTA-column counters are fixed at prepare time, outside any CUDA graph capture. The counters
@@ -17,11 +17,11 @@ from ..errors import BackendUnavailable, ShapeError
 from ..format.codec import dtype_name, unsupported_dtype
 
 try:
-    from .. import _decode24 as _D
+    from .. import _mmasp as _D
     _IMPORT_ERROR = None
 except ImportError as e:  # the pure-Python install: no nvcc at build time
     _D = None
-    _IMPORT_ERROR = f"the extension sparse_runtime._decode24 is not built or does not load ({e})"
+    _IMPORT_ERROR = f"the extension sparse_runtime._mmasp is not built or does not load ({e})"
 
 DTYPES = (torch.float16, torch.bfloat16)  # what the kernel takes, by dtype_name
 
@@ -89,7 +89,7 @@ def linear(x: torch.Tensor, w: MmaspWeight) -> torch.Tensor:
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     y = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
     ws = torch.empty(w.split, m, w.n, dtype=torch.float32, device=x.device) if w.split > 1 else y
-    _D.decode24(index, w.vals.data_ptr(), w.meta.data_ptr(), x.data_ptr(),
-                0 if w.bias is None else w.bias.data_ptr(), y.data_ptr(), ws.data_ptr(), w.counters.data_ptr(),
-                m, w.n, w.k, w.split_chunks, dtype_name(x.dtype), raw_stream(index))
+    _D.linear(index, w.vals.data_ptr(), w.meta.data_ptr(), x.data_ptr(),
+              0 if w.bias is None else w.bias.data_ptr(), y.data_ptr(), ws.data_ptr(), w.counters.data_ptr(),
+              m, w.n, w.k, w.split_chunks, dtype_name(x.dtype), raw_stream(index))
     return y

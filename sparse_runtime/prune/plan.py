@@ -7,7 +7,7 @@ The 2:4 kernels run at exactly 50% sparsity, so a layer-wise allocation becomes 
   that (half the values plus 2-bit in-group indices, fp16). The predicted model speedup is the bytes of every
   linear a decode step reads (the decoder's and ``lm_head``) dense, over the same under the plan. No GPU has
   measured a per-shape kernel table for this project yet (``benchmarks/results`` has none), so the byte
-  model is all there is; :func:`choose` takes ``ratio`` per linear to plug measured ones in.
+  model is all there is.
 * **Damage**: each linear's measured 2:4 reconstruction error ``e = ||WX - W_hat X|| / ||WX||`` (from
   pruning the whole model 2:4 with ``record_errors``), squared, times a depth factor
   ``exp(depth_weight (L - 1 - i) / (L - 1))`` for block i: an early block's error passes through more blocks
@@ -136,15 +136,14 @@ def linear_costs(model: nn.Module, errors: dict[str, float]) -> tuple[list[Linea
     return costs, other
 
 
-def predicted_speedup(costs: list[LinearCost], sparse: set[str], other: int = 0, ratio=None) -> float:
-    """Dense bytes over the plan's bytes; ``ratio(cost)`` is a 2:4 linear's time over dense (default 9/16)."""
-    ratio = ratio or (lambda c: BYTES_24)
+def predicted_speedup(costs: list[LinearCost], sparse: set[str], other: int = 0) -> float:
+    """Dense bytes over the plan's bytes (a 2:4 linear's are ``BYTES_24`` of its dense ones)."""
     dense = sum(c.params for c in costs) + other
-    planned = other + sum(c.params * (ratio(c) if c.name in sparse else 1.0) for c in costs)
+    planned = other + sum(c.params * (BYTES_24 if c.name in sparse else 1.0) for c in costs)
     return dense / planned
 
 
-def _fill(costs, order, fraction, speedup, other, ratio, strategy, target, info=None,
+def _fill(costs, order, fraction, speedup, other, strategy, target, info=None,
           not_above=False) -> DeploymentPlan:
     """Take linears in ``order`` as 2:4 until the target fraction (of weights) or speedup is met; with
     ``not_above`` stop instead before the linear that would pass the target speedup."""
@@ -152,25 +151,25 @@ def _fill(costs, order, fraction, speedup, other, ratio, strategy, target, info=
     sparse, kept = set(), 0
     for c in order:
         if (fraction is not None and kept >= fraction * total - 1e-9) or (
-                speedup is not None and predicted_speedup(costs, sparse, other, ratio) >= speedup - 1e-12):
+                speedup is not None and predicted_speedup(costs, sparse, other) >= speedup - 1e-12):
             break
-        if not_above and speedup is not None and predicted_speedup(costs, sparse | {c.name}, other, ratio) > speedup:
+        if not_above and speedup is not None and predicted_speedup(costs, sparse | {c.name}, other) > speedup:
             break
         sparse.add(c.name)
         kept += c.params
     return DeploymentPlan(strategy, [c.name for c in costs if c.name in sparse],
                           [c.name for c in costs if c.name not in sparse], kept / total,
-                          predicted_speedup(costs, sparse, other, ratio), target, info or {})
+                          predicted_speedup(costs, sparse, other), target, info or {})
 
 
-def _check_target(costs, fraction, speedup, other, ratio) -> dict:
+def _check_target(costs, fraction, speedup, other) -> dict:
     if (fraction is None) == (speedup is None):
         raise PlanError("give exactly one target: a fraction of linear weights at 2:4, or a decode speedup")
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise PlanError(f"target fraction must be in (0, 1], got {fraction}")
         return {"fraction": fraction}
-    best = predicted_speedup(costs, {c.name for c in costs}, other, ratio)
+    best = predicted_speedup(costs, {c.name for c in costs}, other)
     if not 1 < speedup <= best + 1e-12:
         raise PlanError(f"target speedup {speedup} is out of reach: the byte model allows (1, {best:.4f}] for this "
                         "model (every decoder linear 2:4, lm_head dense)")
@@ -178,23 +177,21 @@ def _check_target(costs, fraction, speedup, other, ratio) -> dict:
 
 
 def choose(costs: list[LinearCost], *, fraction: float | None = None, speedup: float | None = None, other: int = 0,
-           depth_weight: float = 1.0, ratio=None) -> DeploymentPlan:
+           depth_weight: float = 1.0) -> DeploymentPlan:
     """The plan: linears by squared error x depth weight per byte saved, lowest first, until the target."""
-    target = _check_target(costs, fraction, speedup, other, ratio)
+    target = _check_target(costs, fraction, speedup, other)
     last = max(c.block for c in costs)
-    ratio_of = ratio or (lambda c: BYTES_24)
 
     def damage(c):
         depth = math.exp(depth_weight * (last - c.block) / max(last, 1))
-        return c.error ** 2 * depth / (c.params * (1 - ratio_of(c)))
+        return c.error ** 2 * depth / (c.params * (1 - BYTES_24))
 
-    return _fill(costs, sorted(costs, key=damage), fraction, speedup, other, ratio, "error_depth", target,
-                 {"depth_weight": depth_weight, "cost_model": "decode bytes: 2:4 = 9/16 of dense" if ratio is None
-                  else "measured per-linear ratio"})
+    return _fill(costs, sorted(costs, key=damage), fraction, speedup, other, "error_depth", target,
+                 {"depth_weight": depth_weight, "cost_model": "decode bytes: 2:4 = 9/16 of dense"})
 
 
 def naive(costs: list[LinearCost], strategy: str, *, fraction: float | None = None, speedup: float | None = None,
-          other: int = 0, seed: int = 0, ratio=None, not_above: bool = False) -> DeploymentPlan:
+          other: int = 0, seed: int = 0, not_above: bool = False) -> DeploymentPlan:
     """A baseline plan: ``all`` 2:4, ``first_dense`` (linears 2:4 from the deepest block up, in model order
     within a block, so the first blocks stay dense) or ``random`` (a seeded random order), filled to the same
     target (``all`` ignores it). ``not_above`` keeps a speedup target as a ceiling (within one linear), so a
@@ -202,22 +199,21 @@ def naive(costs: list[LinearCost], strategy: str, *, fraction: float | None = No
     if strategy not in NAIVE:
         raise PlanError(f"unknown naive plan {strategy!r}; choose from {', '.join(NAIVE)}")
     if strategy == "all":
-        return _fill(costs, costs, 1.0, None, other, ratio, "all", {"fraction": 1.0})
-    target = _check_target(costs, fraction, speedup, other, ratio)
+        return _fill(costs, costs, 1.0, None, other, "all", {"fraction": 1.0})
+    target = _check_target(costs, fraction, speedup, other)
     if strategy == "first_dense":
         order = sorted(costs, key=lambda c: -c.block)  # stable: model order within a block
     else:
         order = list(costs)
         random.Random(seed).shuffle(order)
-    return _fill(costs, order, fraction, speedup, other, ratio, strategy, target,
+    return _fill(costs, order, fraction, speedup, other, strategy, target,
                  {"seed": seed} if strategy == "random" else {}, not_above)
 
 
 @torch.no_grad()
 def search_depth_weight(model: nn.Module, costs: list[LinearCost], calib: torch.Tensor, val: torch.Tensor, *,
                         fraction: float | None = None, speedup: float | None = None, other: int = 0,
-                        method: str = "wanda", weights=DEPTH_WEIGHTS, device=None, ratio=None,
-                        log=None) -> DeploymentPlan:
+                        method: str = "wanda", weights=DEPTH_WEIGHTS, device=None, log=None) -> DeploymentPlan:
     """The :func:`choose` plan at each depth weight, each pruned 2:4 by ``method`` from the dense model's
     statistics (gathered once) and scored by perplexity on ``val`` ([n, seqlen] held-out token ids); the
     lowest wins and carries its trials in ``info["search"]``. ``model`` must be dense and is left dense."""
@@ -227,7 +223,7 @@ def search_depth_weight(model: nn.Module, costs: list[LinearCost], calib: torch.
     config = PruneConfig(method, "2:4", device=device, progress=False)
     stats, trials, scored, best = None, [], {}, None
     for w in weights:
-        plan = choose(costs, fraction=fraction, speedup=speedup, other=other, depth_weight=w, ratio=ratio)
+        plan = choose(costs, fraction=fraction, speedup=speedup, other=other, depth_weight=w)
         key = tuple(plan.sparse)
         if key not in scored:  # neighbouring weights often give the same plan
             if stats is None:  # gathered once, only if some plan is scored

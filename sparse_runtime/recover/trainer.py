@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -120,16 +121,9 @@ def _train(student, teacher, windows, config, device, bases, log, extra) -> Reco
 def _loss(student, teacher, ids, config, device, s_out, t_out, bases) -> torch.Tensor:
     with autocast(device, config):
         if teacher is not None:
-            with torch.no_grad():
-                if t_out is not None:
-                    with t_out.recording() as t_states:
-                        t_logits = teacher(input_ids=ids, use_cache=False).logits
-                else:
-                    t_logits = teacher(input_ids=ids, use_cache=False).logits
-        if s_out is not None:
-            with s_out.recording() as s_states:
-                logits = student(input_ids=ids, use_cache=False).logits
-        else:
+            with torch.no_grad(), nullcontext() if t_out is None else t_out.recording() as t_states:
+                t_logits = teacher(input_ids=ids, use_cache=False).logits
+        with nullcontext() if s_out is None else s_out.recording() as s_states:
             logits = student(input_ids=ids, use_cache=False).logits
     if config.loss == "ce":
         return losses.ce(logits, ids)

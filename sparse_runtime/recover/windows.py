@@ -27,7 +27,6 @@ class TrainingTextError(SparseRuntimeError, ValueError):
 class Windows:
     train: torch.Tensor  # [N, L] token ids
     held_out: torch.Tensor  # [E, L]
-    excluded: int = 0  # calibration documents left out
     info: dict = field(default_factory=dict)
 
     def rows(self, step: int, size: int, seed: int) -> torch.Tensor:
@@ -98,4 +97,4 @@ def recovery_windows(tokenizer, path=DEFAULT_CALIB, nwindows: int = 1, seqlen: i
                       f"{nwindows} and revisits them ({-(-nwindows // len(train))} epochs)", stacklevel=2)
     info = {"file": str(path), "seqlen": seqlen, "train_windows": len(train), "held_out_windows": len(ev),
             "calibration_documents_excluded": len(exclude), "held_out_documents": len(held)}
-    return Windows(train, ev, len(exclude), info)
+    return Windows(train, ev, info)

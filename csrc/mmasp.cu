@@ -20,12 +20,12 @@
 
 #include <cstdint>
 
-#include "decode24.h"
+#include "mmasp.h"
 #include "sr_common.h"
 
 namespace {
 
-constexpr int WARPS = SR_DECODE24_WARPS;
+constexpr int WARPS = SR_MMASP_WARPS;
 constexpr int K_CHUNK = 64;  // two k-steps of 32: one metadata word per lane
 constexpr int X_PAD = 8;     // halves of padding per shared x row: ldmatrix rows land in distinct banks
 
@@ -94,9 +94,9 @@ constexpr int STAGES = 4;
 
 template <typename T, int NT>
 __global__ void __launch_bounds__(WARPS * 32)
-decode24_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
-                const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters,
-                int m, int n, int k, int split_chunks) {
+mmasp_kernel(const uint4* __restrict__ vals, const uint32_t* __restrict__ meta, const T* __restrict__ x,
+             const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws, int* __restrict__ counters,
+             int m, int n, int k, int split_chunks) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -218,15 +218,15 @@ template <typename T, int NT>
 size_t smem_bytes(int split_chunks) {  // the CTA's x slice: NT * 8 token rows of the K slice, padded
   return static_cast<size_t>(NT * 8) * (split_chunks * K_CHUNK + X_PAD) * sizeof(T);
 }
-static_assert(2 * 8 * (SR_DECODE24_MAX_KS + X_PAD) * 2 <= 48 * 1024,
+static_assert(2 * 8 * (SR_MMASP_MAX_KS + X_PAD) * 2 <= 48 * 1024,
               "the largest x slice must fit the dynamic shared memory a launch gets without opting in");
 
 template <typename T, int NT>
-void launch(const Decode24Args& a, cudaStream_t stream) {
+void launch(const MmaspArgs& a, cudaStream_t stream) {
   const int tiles = (a.n + 15) / 16;
   const int chunks = a.k / K_CHUNK;
   dim3 grid((tiles + WARPS - 1) / WARPS, (chunks + a.split_chunks - 1) / a.split_chunks);
-  decode24_kernel<T, NT><<<grid, WARPS * 32, smem_bytes<T, NT>(a.split_chunks), stream>>>(
+  mmasp_kernel<T, NT><<<grid, WARPS * 32, smem_bytes<T, NT>(a.split_chunks), stream>>>(
       static_cast<const uint4*>(a.vals), static_cast<const uint32_t*>(a.meta), static_cast<const T*>(a.x),
       static_cast<const T*>(a.bias), static_cast<T*>(a.y), static_cast<float*>(a.ws), static_cast<int*>(a.counters),
       a.m, a.n, a.k, a.split_chunks);
@@ -235,14 +235,14 @@ void launch(const Decode24Args& a, cudaStream_t stream) {
 template <typename T, int NT>
 int ctas_per_sm(int split_chunks) {
   int blocks = 0;
-  sr_check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode24_kernel<T, NT>, WARPS * 32,
+  sr_check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, mmasp_kernel<T, NT>, WARPS * 32,
                                                               smem_bytes<T, NT>(split_chunks)),
                 "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   return blocks;
 }
 
 template <typename T>
-void launch_nt(const Decode24Args& a, cudaStream_t stream) {
+void launch_nt(const MmaspArgs& a, cudaStream_t stream) {
   if (a.m <= 8) launch<T, 1>(a, stream);  // one n-tile: the second would multiply zeros
   else launch<T, 2>(a, stream);
 }
@@ -253,30 +253,30 @@ int ctas_per_sm_nt(int m, int split_chunks) {  // the variant launch_nt picks fo
 }
 
 void check_m(int m) {
-  if (m < 1 || m > 16) throw_error("decode24: M must be in 1..16, got " + std::to_string(m));
+  if (m < 1 || m > 16) throw_error("mmasp: M must be in 1..16, got " + std::to_string(m));
 }
 
 void check_split(int split_chunks) {
-  if (split_chunks < 1 || split_chunks * K_CHUNK > SR_DECODE24_MAX_KS) {
-    throw_error("decode24: split_chunks " + std::to_string(split_chunks) + " out of range");
+  if (split_chunks < 1 || split_chunks * K_CHUNK > SR_MMASP_MAX_KS) {
+    throw_error("mmasp: split_chunks " + std::to_string(split_chunks) + " out of range");
   }
 }
 
 }  // namespace
 
-void sr_decode24(const Decode24Args& a, bool bf16, cudaStream_t stream) {
+void sr_mmasp(const MmaspArgs& a, bool bf16, cudaStream_t stream) {
   check_m(a.m);
   if (a.n < 1 || a.k < K_CHUNK || a.k % K_CHUNK) {
-    throw_error("decode24: needs N >= 1 and K a positive multiple of 64, got N=" + std::to_string(a.n) +
+    throw_error("mmasp: needs N >= 1 and K a positive multiple of 64, got N=" + std::to_string(a.n) +
                 " K=" + std::to_string(a.k));
   }
   check_split(a.split_chunks);
   if (bf16) launch_nt<__nv_bfloat16>(a, stream);
   else launch_nt<__half>(a, stream);
-  sr_check_cuda(cudaGetLastError(), "decode24 kernel launch");
+  sr_check_cuda(cudaGetLastError(), "mmasp kernel launch");
 }
 
-int sr_decode24_ctas_per_sm(int m, int split_chunks, bool bf16) {
+int sr_mmasp_ctas_per_sm(int m, int split_chunks, bool bf16) {
   check_m(m);
   check_split(split_chunks);
   return bf16 ? ctas_per_sm_nt<__nv_bfloat16>(m, split_chunks) : ctas_per_sm_nt<__half>(m, split_chunks);
