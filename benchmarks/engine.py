@@ -15,7 +15,10 @@ decoder linear sparsified by magnitude and saved first: speed does not depend on
 as a user serving it would. A ``-max-autotune`` variant (CPU) compiles with frozen weights, the dense ones prepacked
 for inductor's GEMM template (``Engine(compile="max-autotune")``): the fastest dense decode inductor offers. Targets (issue 11): engine batch 1 >= 1.5x
 ``generate``; batch 8 aggregate >= 4x batch 1; on a GPU, 2:4 batch 1 >= 1.5x dense and peak memory below
-dense. Writes benchmarks/results/engine.json.
+dense. ``dense-int8`` holds every linear, the embedding and the lm_head as int8 codes (weight-only,
+``nn.int8_dense.quantize_dense``); ``2:4-int8`` is a checkpoint (--sparse-int8, or magnitude 2:4 with int8 values and
+an int8 head, saved first). Target (issue 32): 2:4-int8 batch 1 >= 3x dense and faster than dense-int8.
+Writes benchmarks/results/engine.json.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ from pathlib import Path
 import torch
 
 from sparse_runtime.data.calibration import DEFAULT_EVAL
+from sparse_runtime.format.quant import QuantScheme
+from sparse_runtime.nn.int8_dense import quantize_dense
 from sparse_runtime.models.sources import load_model
 from sparse_runtime.nn.linear import SparseLinear
 from sparse_runtime.models.checkpoint import save_pretrained
@@ -43,6 +48,9 @@ from .common import RESULTS, metadata, module_command, module_env, write_json
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+
+
+INT8 = {"quant": QuantScheme("int8"), "head": "int8"}  # the 2:4-int8 variant's sparsify options
 
 
 class NullTokenizer:
@@ -203,9 +211,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on the CPU")
     ap.add_argument("--backend", default="auto", help="SparseLinear backend of the 2:4 variant")
-    ap.add_argument("--variants", nargs="+", default=["dense", "2:4"], choices=("dense", "2:4", "dense-max-autotune", "2:4-max-autotune"))
+    ap.add_argument("--variants", nargs="+", default=["dense", "2:4"], choices=("dense", "2:4", "dense-max-autotune", "2:4-max-autotune", "dense-int8", "2:4-int8"))
     ap.add_argument("--sparse", help="the 2:4 variant's checkpoint (default: --model sparsified by magnitude, saved "
                                      "to a temporary folder)")
+    ap.add_argument("--sparse-int8", help="the 2:4-int8 variant's checkpoint (default: --model sparsified by "
+                                          "magnitude, int8 values and head, saved to a temporary folder)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=17, help="tokens per sequence in the decode runs")
     ap.add_argument("--decode-prompt-tokens", type=int, default=16)
@@ -235,10 +245,13 @@ def main(argv=None) -> int:
     if args.part:  # one variant in this fresh process, so its peak memory is its own
         (variant,) = args.variants
         baseline = reset_peak(args.device)
-        sparse = variant.startswith("2:4")
-        model, tok, ids = build(args, args.sparse if sparse else None)
-        if sparse and not args.sparse:  # --config: random weights, no checkpoint
-            sparsify(model, backend=args.backend, progress=False)
+        sparse, int8 = variant.startswith("2:4"), variant.endswith("-int8")
+        path = (args.sparse_int8 if int8 else args.sparse) if sparse else None
+        model, tok, ids = build(args, path)
+        if sparse and not path:  # --config: random weights, no checkpoint
+            sparsify(model, backend=args.backend, progress=False, **(INT8 if int8 else {}))
+        if variant == "dense-int8":
+            quantize_dense(model)
         if sparse and args.backend != "auto":
             for m in model.modules():
                 if isinstance(m, SparseLinear):
@@ -250,12 +263,19 @@ def main(argv=None) -> int:
         return 0
     argv = sys.argv[1:] if argv is None else list(argv)
     tmp = tempfile.TemporaryDirectory(prefix="engine-2of4-")
-    if any(v.startswith("2:4") for v in args.variants) and not args.sparse and not args.config:
+    if any(v.startswith("2:4") and not v.endswith("-int8") for v in args.variants) and not args.sparse and not args.config:
         model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
         sparsify(model, progress=False)
         save_pretrained(model, tmp.name, tokenizer=tok)
         del model
         argv += ["--sparse", tmp.name]
+    tmp_int8 = tempfile.TemporaryDirectory(prefix="engine-2of4-int8-")
+    if "2:4-int8" in args.variants and not args.sparse_int8 and not args.config:
+        model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+        sparsify(model, progress=False, **INT8)
+        save_pretrained(model, tmp_int8.name, tokenizer=tok)
+        del model
+        argv += ["--sparse-int8", tmp_int8.name]
     for variant in args.variants:
         print(f"{variant}:", flush=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as part:
@@ -270,6 +290,10 @@ def main(argv=None) -> int:
     if "dense-max-autotune" in v and "2:4-max-autotune" in v:
         report["sparse_b1_vs_dense_max_autotune"] = (v["2:4-max-autotune"]["decode_tokens_per_s"]["engine_b1"]
                                                      / v["dense-max-autotune"]["decode_tokens_per_s"]["engine_b1"])
+    for base in ("dense", "dense-int8"):
+        if "2:4-int8" in v and base in v:
+            report[f"sparse_int8_b1_vs_{base.replace('-', '_')}"] = (
+                v["2:4-int8"]["decode_tokens_per_s"]["engine_b1"] / v[base]["decode_tokens_per_s"]["engine_b1"])
     out = write_json(args.out, report)
     plot(report, out.with_suffix(".png"))
     return 0

@@ -389,3 +389,85 @@ def test_corrupt_quantized_checkpoints_give_clear_errors(stories, tmp_path, corr
     corrupt(path)
     with pytest.raises(CheckpointError, match=match):
         load_pretrained(path)
+
+
+# -- int8 embedding and lm_head (nn.int8_dense) ------------------------------------------------------------
+E = "model.embed_tokens"
+
+
+def _save_int8_head(stories, path):
+    model, tok = stories
+    sparse = copy.deepcopy(model)
+    sparsify(sparse, quant=QUANT["int8"], head="int8")
+    return sparse, save_pretrained(sparse, path, tokenizer=tok)
+
+
+def test_int8_head_checkpoint_round_trip(stories, tmp_path):
+    model, tok = stories
+    sparse, path = _save_int8_head(stories, tmp_path / "ckpt")
+    entries = json.loads((path / SPARSE_CONFIG).read_text())["dense_quantized"]
+    int8 = {"scheme": "int8", "group_size": None}
+    assert entries == {E: {"kind": "embedding", "num_embeddings": 512, "embedding_dim": 64, "padding_idx": None,
+                           "dtype": "float32", "quant": int8},
+                       "lm_head": {"kind": "linear", "in_features": 64, "out_features": 512, "bias": False,
+                                   "tied_to": E, "dtype": "float32", "quant": int8}}
+    tensors = load_file(path / WEIGHTS)
+    assert tensors[f"{E}.weight_codes"].dtype == torch.int8 and tensors[f"{E}.weight_scales"].shape == (512, 1)
+    assert not [k for k in tensors if k.startswith("lm_head.") or k == f"{E}.weight"]  # one int8 tensor, no dense
+    loaded = load_pretrained(path)
+    want = sparse.state_dict()
+    assert sorted(loaded.state_dict()) == sorted(want)
+    for k, t in loaded.state_dict().items():
+        assert t.dtype == want[k].dtype and torch.equal(t, want[k]), k
+    assert loaded.lm_head.tied is loaded.model.embed_tokens  # re-tied: the head reads the embedding's codes
+    ids = tok("Once upon a time there was a", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, sparse(ids).logits)
+    bf16 = load_pretrained(path, dtype=torch.bfloat16)  # scales move, codes stay
+    assert bf16.lm_head.scales.dtype == torch.bfloat16 and bf16.lm_head.codes.dtype == torch.int8
+
+
+def test_dense_int8_checkpoint_round_trip(stories, tmp_path):
+    from sparse_runtime.nn.int8_dense import Int8Linear, quantize_dense
+
+    model, tok = stories
+    dense = copy.deepcopy(model)
+    quantize_dense(dense)
+    loaded = load_pretrained(save_pretrained(dense, tmp_path / "ckpt", tokenizer=tok))
+    assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == 36
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, dense(ids).logits)
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda p: _edit_tensors(p, lambda t: t[f"{E}.weight_scales"].__setitem__((7, 0), float("inf"))),
+     f"{E}.weight_scales.*NaN/Inf"),
+    (lambda p: _edit_tensors(p, lambda t: t[f"{E}.weight_scales"].__setitem__((7, 0), -1.0)),
+     f"{E}.scales: row 7, group 0 has scale -1.0; scales must be > 0"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{E}.weight_scales": t[f"{E}.weight_scales"].half()})),
+     f"{E}.weight_scales.*dtype float16, the model needs float32"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{E}.weight_scales": t[f"{E}.weight_scales"].view(-1)})),
+     rf"{E}.weight_scales.*shape \[512\], the model needs \[512, 1\]"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{E}.weight_codes": t[f"{E}.weight_codes"].view(torch.uint8)})),
+     f"{E}.weight_codes.*dtype uint8, the model needs int8"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{E}.weight_codes": t[f"{E}.weight_codes"][:, :32].contiguous()})),
+     rf"{E}.weight_codes.*shape \[512, 32\], the model needs \[512, 64\]"),
+    (lambda p: _edit_config(p, lambda c: c["dense_quantized"][E].update(embedding_dim=32)),
+     r"lm_head: Int8Linear\(64->512\) cannot read an embedding of shape \[512, 32\]"),
+    (lambda p: _edit_config(p, lambda c: (c["dense_quantized"][E].update(embedding_dim=32),
+                                          c["dense_quantized"]["lm_head"].update(in_features=32))),
+     f"{E}: checkpoint says 512x32, but the config builds 512x64"),
+    (lambda p: _edit_config(p, lambda c: c["dense_quantized"]["lm_head"].update(tied_to="model.norm")),
+     "lm_head is tied to 'model.norm', which is no int8 embedding"),
+    (lambda p: _edit_config(p, lambda c: c["dense_quantized"][E].update(kind="conv")), "has kind 'conv'"),
+    (lambda p: _edit_config(p, lambda c: c["dense_quantized"][E]["quant"].update(scheme="int4")),
+     "dense modules take int8, one scale per row"),
+    (lambda p: _edit_config(p, lambda c: c["dense_quantized"][E].pop("dtype")), rf"{E} lacks \['dtype'\]"),
+    (lambda p: _edit_config(p, lambda c: c["dense_quantized"].pop(E)), "lm_head is tied to"),
+])
+def test_corrupt_int8_head_checkpoints_give_clear_errors(stories, tmp_path, corrupt, match):
+    _, path = _save_int8_head(stories, tmp_path / "ckpt")
+    corrupt(path)
+    with pytest.raises(CheckpointError, match=match):
+        load_pretrained(path)

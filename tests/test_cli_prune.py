@@ -8,6 +8,7 @@ from sparse_runtime import SparseLinear, load_pretrained
 from sparse_runtime.models.checkpoint import read_sparse_config
 from sparse_runtime.cli import main
 from sparse_runtime.format.masks import validate_nm
+from sparse_runtime.nn.int8_dense import Int8Embedding
 from sparse_runtime.models.sources import load_model
 from sparse_runtime.prune import calibration_windows, prune
 
@@ -73,6 +74,22 @@ def test_bad_input_is_a_clear_error_and_leaves_no_checkpoint(stories_dir, tmp_pa
     err = capsys.readouterr().err
     assert "sparse-runtime prune: error:" in err and message in err, err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt")]
+
+
+def test_quantize_head_writes_one_int8_tensor_for_the_tied_pair(stories_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert _prune(stories_dir, out, "--method", "magnitude", "--quantize", "int8", "--quantize-head", "int8",
+                  "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    head = {h["name"]: h for h in info["compression"]["head"]}
+    assert head["lm_head"]["tied_to"] == "model.embed_tokens" and head["model.embed_tokens"]["int8_bytes"] > 0
+    model = load_pretrained(out)
+    assert isinstance(model.model.embed_tokens, Int8Embedding) and model.lm_head.tied is model.model.embed_tokens
+    assert set(read_sparse_config(out)["dense_quantized"]) == {"model.embed_tokens", "lm_head"}
+    with pytest.raises(SystemExit):
+        _prune(stories_dir, tmp_path / "bad", "--method", "magnitude", "--quantize-head", "int4")
+    assert "argument --quantize-head: invalid choice: 'int4'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_sparsegpt_checkpoint_matches_pruning_in_python(stories_dir, tmp_path, capsys):

@@ -40,6 +40,16 @@ def test_project_checkpoint(stories_dir, tmp_path):
     _check(AutoModelForCausalLM.from_pretrained(path), model)
 
 
+def test_int8_head_checkpoint(stories_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
+    sparsify(model, head="int8")
+    path = save_pretrained(model, tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert loaded.lm_head.tied is loaded.model.embed_tokens
+    assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == 35
+    assert torch.equal(_logits(loaded), _logits(model))
+
+
 # A process that never imports sparse_runtime: plain from_pretrained must refuse the checkpoint (never random
 # linears), and with trust_remote_code=True load it through sparse_runtime.
 PLAIN_TRANSFORMERS = r"""

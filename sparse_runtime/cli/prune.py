@@ -37,6 +37,7 @@ def calibration_from_args(args, tok, model, used=None):
 
 def add_arguments(p) -> None:
     from ..format.quant import SCHEMES
+    from ..nn.int8_dense import HEAD_SCHEMES
     from ..prune import METHODS, ROTATE_OBJECTIVES
     from ..prune.allocation import STRATEGIES
     from ..prune.atp_search import STATISTICS as BETA_STATISTICS
@@ -98,6 +99,9 @@ def add_arguments(p) -> None:
                         "SparseGPT quantizes in its sweep (default: none, full precision)")
     p.add_argument("--group-size", type=int, default=None,
                    help="input columns per scale (int4 default 128; it must divide every pruned layer's in_features)")
+    p.add_argument("--quantize-head", choices=HEAD_SCHEMES, default=None,
+                   help="also hold the embedding and the lm_head (left dense) as int8 codes, one scale per row; a "
+                        "tied pair stays one tensor (default: none, as loaded)")
     add_schedule_arguments(p)
     p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU")
     p.add_argument("--errors", action="store_true", help="report ||WX - W_hat X|| / ||WX|| per linear")
@@ -228,6 +232,7 @@ def run(args) -> int:
     from ..models.checkpoint import save_pretrained
     from ..format.codec import parse_pattern
     from ..models.sources import load_model
+    from ..nn.int8_dense import quantize_head
     from ..prune import DEFAULT_CALIB, prune
     from ..data.calibration import bos_mode
     from .common import device_dtype
@@ -279,6 +284,8 @@ def run(args) -> int:
         if result is None:
             result = prune(model, config, calib=calib, allocation=allocation)
         report = _sparsify(model, result, args.backend)
+    if args.quantize_head is not None:
+        report.head = quantize_head(model, args.quantize_head)
     info = {**result.to_dict(), "model": str(args.model), "calibration": calibration}
     info["plan"] = None if plan is None else {"file": str(args.plan), "strategy": plan.strategy,
                                               "fraction": plan.fraction, "predicted_speedup": plan.speedup}

@@ -10,7 +10,9 @@ A checkpoint is a folder holding
     layers, plain tensors for everything else;
   * ``sparse_config.json``: the format version and, per sparse layer, its
     pattern, shape, dtype, sparsity, bias, rotation and (if quantized) ``quant``
-    (``{"scheme", "group_size"}``), which loading checks the tensors against.
+    (``{"scheme", "group_size"}``), which loading checks the tensors against; and under ``dense_quantized``,
+    per module held as dense int8 codes (``nn.int8_dense``: the embedding and lm_head with ``head="int8"``),
+    its kind, shape, bias, dtype, ``quant`` and, for a head that reads its embedding's codes, ``tied_to``.
 Saving writes a temporary sibling folder and swaps it into place (``saving``), so an
 interrupted save never leaves a half-written checkpoint, or none, where a good one was.
 """
@@ -27,6 +29,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..format.codec import FLOAT_DTYPES, dtype_name
 from ..format.quant import QuantScheme
+from ..nn.int8_dense import INT8_MODULES, SCHEME as INT8, Int8Embedding, Int8Linear
 from ..nn.linear import SparseLinear
 from . import hf_config
 from .architecture import UnsupportedModel, find_decoder_layers
@@ -54,12 +57,27 @@ def _layer_entry(layer: SparseLinear) -> dict:
     }
 
 
+def _int8_entry(module, names: dict[int, str]) -> dict:
+    common = {"dtype": dtype_name(module.weight_scales.dtype if isinstance(module, Int8Embedding) else
+                                  module.scales.dtype), "quant": INT8.to_dict()}
+    if isinstance(module, Int8Embedding):
+        return {"kind": "embedding", "num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
+                "padding_idx": module.padding_idx, **common}
+    if module.tied is not None and id(module.tied) not in names:
+        raise ValueError("save_pretrained: an Int8Linear reads an embedding that is not a module of the model")
+    return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
+            "bias": module.bias is not None, "tied_to": None if module.tied is None else names[id(module.tied)],
+            **common}
+
+
 def save_pretrained(model: nn.Module, out_dir, tokenizer=None, extra_config: dict | None = None) -> Path:
     """Write ``model`` (with its SparseLinear layers compressed) to ``out_dir`` atomically."""
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError("save_pretrained needs a transformers model (with a .config)")
     layers = {n: _layer_entry(m) for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    int8 = {n: m for n, m in model.named_modules() if isinstance(m, INT8_MODULES)}
+    names = {id(m): n for n, m in int8.items()}
     dups = tied_duplicates(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in dups}
     for k, v in tensors.items():
@@ -70,6 +88,7 @@ def save_pretrained(model: nn.Module, out_dir, tokenizer=None, extra_config: dic
         "format_version": FORMAT_VERSION,
         "layers": layers,
         "tied": sorted(dups),
+        **({"dense_quantized": {n: _int8_entry(m, names) for n, m in int8.items()}} if int8 else {}),
         **_residual_rotations(model),
         **(extra_config or {}),
     }
@@ -146,17 +165,58 @@ class SparseCheckpoint(Source):
     def sparse_layers(self, modules) -> dict[str, SparseLayer]:
         return {name: _layer(self.where, name, entry) for name, entry in self.sparse_config["layers"].items()}
 
+    def int8_modules(self) -> dict[str, nn.Module]:
+        entries = self.sparse_config.get("dense_quantized", {})
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+            raise CheckpointError(f"{self.where}: dense_quantized must map module names to entries")
+        built = {}
+        # embeddings first: a tied head reads one
+        for name, entry in sorted(entries.items(), key=lambda item: item[1].get("kind") != "embedding"):
+            built[name] = _int8_module(self.where, name, entry, built)
+        return built
 
-def _layer(where: Path, name: str, entry: dict) -> SparseLayer:
-    need = ("pattern", "in_features", "out_features", "bias", "dtype", "nnz")
+
+def _check_entry(where: Path, name: str, entry: dict, need: tuple[str, ...]) -> torch.dtype:
+    """The entry's dtype, after checking it has the keys ``need`` and names a supported dtype."""
     missing = [k for k in need if k not in entry]
     if missing:
         raise CheckpointError(f"{where}: layer {name} lacks {missing}")
     if entry["dtype"] not in {str(d).removeprefix("torch.") for d in FLOAT_DTYPES}:
         raise CheckpointError(f"{name}: unsupported dtype {entry['dtype']!r}")
+    return getattr(torch, entry["dtype"])
+
+
+def _layer(where: Path, name: str, entry: dict) -> SparseLayer:
+    dtype = _check_entry(where, name, entry, ("pattern", "in_features", "out_features", "bias", "dtype", "nnz"))
     rotation = tuple(entry["rotation"]) if entry.get("rotation") else None
     return SparseLayer(entry["pattern"], entry["in_features"], entry["out_features"], bool(entry["bias"]),
-                       getattr(torch, entry["dtype"]), entry["nnz"], rotation, _quant(where, name, entry))
+                       dtype, entry["nnz"], rotation, _quant(where, name, entry))
+
+
+_INT8_KEYS = {"embedding": ("num_embeddings", "embedding_dim", "dtype", "quant"),
+              "linear": ("in_features", "out_features", "bias", "dtype", "quant")}
+
+
+def _int8_module(where: Path, name: str, entry: dict, built: dict[str, nn.Module]) -> nn.Module:
+    """The meta-device module a ``dense_quantized`` entry describes (``built``: the entries built before it)."""
+    kind = entry.get("kind")
+    if kind not in _INT8_KEYS:
+        raise CheckpointError(f"{where}: {name} has kind {kind!r}; expected one of {', '.join(_INT8_KEYS)}")
+    dtype = _check_entry(where, name, entry, _INT8_KEYS[kind])
+    if _quant(where, name, entry) != INT8:
+        raise CheckpointError(f"{where}: {name} has quant {entry['quant']!r}; dense modules take int8, one scale "
+                              f"per row")
+    tied = entry.get("tied_to")
+    if kind == "linear" and tied is not None and not isinstance(built.get(tied), Int8Embedding):
+        raise CheckpointError(f"{where}: {name} is tied to {tied!r}, which is no int8 embedding of this checkpoint")
+    try:
+        if kind == "embedding":
+            return Int8Embedding(entry["num_embeddings"], entry["embedding_dim"], entry.get("padding_idx"),
+                                 device="meta", dtype=dtype)
+        return Int8Linear(entry["in_features"], entry["out_features"], bool(entry["bias"]), device="meta",
+                          dtype=dtype, tied=built.get(tied))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{name}: {e}") from None
 
 
 def _quant(where: Path, name: str, entry: dict) -> QuantScheme | None:

@@ -22,8 +22,10 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import compressed_tensors as ct
 from ..errors import CheckpointError
+from ..nn.int8_dense import INT8_MODULES
 from ..nn.linear import SparseLinear
 from . import hf_config
+from .checkpoint import SPARSE_CONFIG, read_sparse_config
 from .sources import load_pretrained
 from .residual_rotation import boundaries, install_boundaries
 from .architecture import UnsupportedModel, find_decoder_layers
@@ -46,7 +48,7 @@ class SparseRuntimeQuantConfig(QuantizationConfigMixin):
         return self.to_dict()
 
 
-_SPARSE_SUFFIXES = (".weight_values", ".compressed", ".weight_packed")
+_SPARSE_SUFFIXES = (".weight_values", ".compressed", ".weight_packed", ".weight_codes")
 
 
 def _keys(file) -> list[str]:
@@ -61,9 +63,10 @@ class SparseRuntimeHfQuantizer(HfQuantizer):
         self._folder = Path(files[0]).parent if files else None
         # The sparse tensors are loaded after transformers is done; keep its load report to what it owns.
         sparse = [k.rsplit(".", 1)[0] for f in files for k in _keys(f) if k.endswith(_SPARSE_SUFFIXES)]
+        sparse += _tied_int8_heads(self._folder)
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
             r"\.(compressed|bitmask|shape|weight_scale|weight_packed|meta|scale_packed|weight_values|weight_meta|"
-            r"weight_scales|rotation)$"}
+            r"weight_scales|weight_codes|rotation)$"}
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {
             re.escape(p) + r"\.weight$" for p in sparse}
 
@@ -75,7 +78,7 @@ class SparseRuntimeHfQuantizer(HfQuantizer):
         src = load_pretrained(self._folder, device=param.device, dtype=param.dtype)
         modules = dict(model.named_modules())
         for name, mod in src.named_modules():
-            if isinstance(mod, SparseLinear):
+            if isinstance(mod, (SparseLinear, *INT8_MODULES)):
                 parent, _, child = name.rpartition(".")
                 setattr(modules[parent] if parent else model, child, mod)
         _copy_residual_rotations(src, model)
@@ -89,6 +92,14 @@ class SparseRuntimeHfQuantizer(HfQuantizer):
     def is_serializable(self) -> bool:
         # transformers' save_pretrained would write the SparseLinear buffers without sparse_config.json.
         return False
+
+
+def _tied_int8_heads(folder) -> list[str]:
+    """The int8 heads that read their embedding's codes: they store no tensor of their own."""
+    if folder is None or not (folder / SPARSE_CONFIG).is_file():
+        return []
+    entries = read_sparse_config(folder).get("dense_quantized", {})
+    return [n for n, e in entries.items() if isinstance(e, dict) and e.get("tied_to")]
 
 
 def _copy_residual_rotations(src, model) -> None:

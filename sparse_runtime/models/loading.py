@@ -21,6 +21,7 @@ from transformers import AutoConfig
 from ..errors import CheckpointError, SparseRuntimeError
 from ..format.codec import FLOAT_DTYPES
 from ..format.quant import QuantScheme
+from ..nn.int8_dense import INT8_MODULES
 from ..nn.linear import SparseLinear
 from .architecture import find_decoder_layers
 from .residual_rotation import install_boundaries
@@ -61,6 +62,10 @@ class Source:
         """The linears of the skeleton (``modules``: its named modules) that are stored sparse."""
         return {}
 
+    def int8_modules(self) -> dict[str, nn.Module]:
+        """Module name -> the meta-device int8 module (``nn.int8_dense``) that replaces the skeleton's."""
+        return {}
+
     def backend(self, name: str, backend: str) -> str:
         """The backend layer ``name`` runs on when ``backend`` was asked for."""
         return backend
@@ -80,6 +85,11 @@ def build(source: Source, device="cpu", dtype: torch.dtype | None = None, backen
         _check_layer(source.where, name, spec, modules.get(name))
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, _meta_layer(name, spec))
+    int8 = source.int8_modules()
+    for name, mod in int8.items():
+        _check_int8(source.where, name, mod, modules.get(name))
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, mod)
     _install_residual_rotations(model, source, load_dtype)
     if source.tie:  # on the skeleton too, so that the tied keys are known before any tensor is read
         model.tie_weights()
@@ -96,6 +106,7 @@ def build(source: Source, device="cpu", dtype: torch.dtype | None = None, backen
         raise CheckpointError(f"{tensors.where(unexpected[0])}: unexpected, the model has no such tensor"
                               f"{f' ({len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
     sparse = {f"{n}.{p}" for n in layers for p in ("weight_values", "weight_meta", "weight_scales")}
+    sparse |= {f"{n}.{p}" for n in int8 for p in ("weight_codes", "weight_scales")}
     for k in tensors.keys():  # every header against the model before the first byte of data is read
         check_tensor(tensors.where(k), tensors.shape(k), tensors.dtype(k), expected[k], exact=k in sparse)
     del expected
@@ -113,6 +124,11 @@ def build(source: Source, device="cpu", dtype: torch.dtype | None = None, backen
             except SparseRuntimeError as e:
                 raise CheckpointError(f"{source.path}: {e}") from None
             mod.set_backend(source.backend(name, backend))
+        elif isinstance(mod, INT8_MODULES):
+            try:
+                mod.validate(name)
+            except SparseRuntimeError as e:
+                raise CheckpointError(f"{source.path}: {e}") from None
     return model.eval()
 
 
@@ -133,6 +149,19 @@ def _check_layer(where: Path, name: str, spec: SparseLayer, module) -> None:
             f"{module.out_features}x{module.in_features}")
     if (module.bias is not None) != spec.bias:
         raise CheckpointError(f"{name}: checkpoint bias={spec.bias} disagrees with the config's layer")
+
+
+def _check_int8(where: Path, name: str, new: nn.Module, module) -> None:
+    if module is None:
+        raise CheckpointError(f"{where}: {name} is not a module of the model its config builds")
+    if not isinstance(module, new.DENSE):
+        raise CheckpointError(f"{where}: {name} is a {type(module).__name__} in the model, not "
+                              f"{new.DENSE.__name__}")
+    if tuple(module.weight.shape) != new.shape:
+        raise CheckpointError(f"{name}: checkpoint says {new.shape[0]}x{new.shape[1]}, but the config builds "
+                              f"{module.weight.shape[0]}x{module.weight.shape[1]}")
+    if isinstance(module, nn.Linear) and (module.bias is not None) != (new.bias is not None):
+        raise CheckpointError(f"{name}: checkpoint bias={new.bias is not None} disagrees with the config's layer")
 
 
 def _meta_layer(name: str, spec: SparseLayer) -> SparseLinear:

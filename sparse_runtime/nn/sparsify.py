@@ -13,6 +13,7 @@ from ..errors import ShapeError
 from ..format.codec import parse_pattern
 from ..format.quant import QuantScheme
 from ..models.architecture import select_linears
+from .int8_dense import Int8Report, check_head, quantize_head
 from .linear import SparseLinear
 
 
@@ -32,6 +33,7 @@ class LayerReport:
 class SparsifyReport:
     replaced: list[LayerReport] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    head: list[Int8Report] = field(default_factory=list)  # the embedding and lm_head held as int8 (head=)
 
     @property
     def dense_bytes(self) -> int:
@@ -52,6 +54,7 @@ class SparsifyReport:
             "dense_bytes": self.dense_bytes,
             "sparse_bytes": self.sparse_bytes,
             "saved_bytes": self.saved_bytes,
+            **({"head": [vars(r) for r in self.head]} if self.head else {}),
         }
 
     def __str__(self) -> str:
@@ -59,6 +62,8 @@ class SparsifyReport:
         lines = [f"replaced {len(self.replaced)} linear layers: {self.dense_bytes * mb:.2f} MiB dense -> "
                  f"{self.sparse_bytes * mb:.2f} MiB compressed (saved {self.saved_bytes * mb:.2f} MiB)"]
         lines += [f"skipped {name}: {why}" for name, why in self.skipped]
+        lines += [f"{r.name}: int8, tied to {r.tied_to}" if r.tied_to else
+                  f"{r.name}: int8, {r.dense_bytes * mb:.2f} MiB -> {r.int8_bytes * mb:.2f} MiB" for r in self.head]
         return "\n".join(lines)
 
 
@@ -84,6 +89,7 @@ def sparsify(
     progress: bool | None = None,
     quant: QuantScheme | None = None,
     scales: Mapping[str, torch.Tensor] | None = None,
+    head: str | None = None,
 ) -> SparsifyReport:
     """Swap selected ``nn.Linear`` modules for :class:`SparseLinear`; return what changed.
 
@@ -97,8 +103,13 @@ def sparsify(
     ``quant`` stores every replaced layer's kept values quantized under that scheme, with the scales of
     ``scales`` (module name -> ``[out, groups]`` in the weight's dtype, from the pruning front-end: a weight
     it fake-quantized under them keeps its values exactly) or, for a layer it omits, absmax scales.
+
+    ``head="int8"`` also holds the input embedding and the lm_head (left dense) as int8 codes, one scale per row
+    (:func:`~sparse_runtime.nn.int8_dense.quantize_head`; a tied pair stays one tensor).
     """
     parse_pattern(pattern)
+    if head is not None:
+        check_head(head)
     masks = {} if masks is None else masks  # a Mapping; PackedMasks unpacks one layer at a time
     scales = {} if scales is None else scales
     if scales and quant is None:
@@ -133,4 +144,6 @@ def sparsify(
         report.replaced.append(LayerReport(name, linear.in_features, linear.out_features, pattern,
                                            layer.active_backend, dense, layer.nbytes(),
                                            None if quant is None else quant.name))
+    if head is not None:
+        report.head = quantize_head(model, head)
     return report
