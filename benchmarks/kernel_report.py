@@ -13,6 +13,13 @@ What to read in it: decode is memory-bound, so the weight stream must go through
 cp.async/TMA), nothing may spill to local memory (LDL/STL), and registers must leave room for enough warps
 per SM to keep bytes in flight. The specialisation matches Llama-3-8B shapes: N, K and the strides are
 multiples of 16, as Triton sees them at run time.
+
+Quantized weights (the kernel's ``QUANT``: int8 and fp8 codes with a scale per row, int4 codes with a scale per
+group of 128 or 32 columns) are reported for every decode config in the fp16 report, labelled ``+int8``,
+``+fp8``, ``+int4 g128``, ``+int4 g32``: the dequantization's registers and instructions, and the issue rate per
+byte of codes and scales streamed, which is 1/2 (int8, fp8) or 1/4 (int4) of the fp16 weight's. (bf16 dequantizes
+the same way but for the final conversion; the tile schedule dequantizes once per BLOCK_M rows of x, and
+``tests/test_kernels_sparse24.py`` compiles a few quantized tile variants.)
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 
 from .common import RESULTS, build_config, now, write_json
-PTRS = ["x_ptr", "values_ptr", "meta_ptr", "rot_ptr", "bias_ptr", "out_ptr", "ws_ptr", "lock_ptr"]
+PTRS = ["x_ptr", "values_ptr", "meta_ptr", "scales_ptr", "rot_ptr", "bias_ptr", "out_ptr", "ws_ptr", "lock_ptr"]
 INTS = ["M", "N", "K", "M_BUCKET", "stride_xm", "stride_vn", "stride_mn", "stride_om"]
 DIV16 = {"N", "K", "stride_xm", "stride_vn", "stride_mn", "stride_om"}
 # SASS opcode families worth counting: the memory path (widths, cp.async, TMA, spills) and the math.
@@ -53,7 +60,11 @@ def compile_variant(fn, dtype: str, arch: int, const: dict, warps: int, stages: 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = {a: "*" + {"meta_ptr": "i32", "ws_ptr": "fp32", "lock_ptr": "i32"}.get(a, dtype) for a in PTRS}
+    from sparse_runtime.kernels import sparse24 as k
+
+    codes = {k.Q_INT8.value: "i8", k.Q_FP8.value: "u8", k.Q_INT4.value: "u8"}.get(const.get("QUANT", 0), dtype)
+    sig = {a: "*" + {"meta_ptr": "i32", "ws_ptr": "fp32", "lock_ptr": "i32", "values_ptr": codes}.get(a, dtype)
+           for a in PTRS}
     sig.update({a: "i32" for a in INTS})
     sig.update({c: "constexpr" for c in const})
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in PTRS + sorted(div16)}
@@ -97,10 +108,15 @@ def main_loop(sass: str) -> dict | None:
     return {"instructions": len(body), "ops": dict(Counter(o.split(".")[0] for o in body).most_common())}
 
 
-def weight_bytes_per_iteration(const: dict, esize: int) -> int:
-    """Weight bytes one K-loop iteration of a CTA streams: BN x BK/2 values and BN x BK/32 int32 meta words."""
+def weight_bytes_per_iteration(const: dict, esize: int, cfg) -> int:
+    """Weight bytes one K-loop iteration of a CTA streams: BN x BK/2 values (or codes, and their scales) and
+    BN x BK/32 int32 meta words."""
+    from sparse_runtime.ops.triton_plan import scale_columns, value_bytes
+
     bn, bk = const["BLOCK_N"], const["BLOCK_K"]
-    return bn * bk // 2 * esize + bn * (bk // 32) * 4
+    quant, qgroup = const.get("QUANT", 0), const.get("QGROUP", 0)
+    scales = esize * bn * scale_columns(cfg, quant, qgroup) if qgroup else 0  # per-row scales load once
+    return int(bn * bk // 2 * value_bytes(esize, quant)) + bn * (bk // 32) * 4 + scales
 
 
 def issue_rate(loop: dict, warps: int, nbytes: int, arch: int) -> dict:
@@ -112,18 +128,31 @@ def issue_rate(loop: dict, warps: int, nbytes: int, arch: int) -> dict:
                                               for name, (a, bw, sms, clock) in ISSUE_DEVICES.items() if a == arch}}
 
 
+def quant_variants():
+    """(label suffix, QUANT, QGROUP) of the quantized weights reported: per-row int8 and fp8, int4 in the default
+    groups of 128 columns and in groups of 32 (several groups per K tile: the scale broadcast)."""
+    from sparse_runtime.kernels import sparse24 as k
+
+    return (("+int8", k.Q_INT8.value, 0), ("+fp8", k.Q_FP8.value, 0), ("+int4 g128", k.Q_INT4.value, 128),
+            ("+int4 g32", k.Q_INT4.value, 32))
+
+
 def variants(arch: int, dtype: str):
-    """(label, constexprs, warps, stages, config) for every autotune config of both schedules, plus the fused rotation."""
+    """(label, constexprs, warps, stages, config) for every autotune config of both schedules, plus the fused
+    rotation and (fp16 decode) the quantized weights."""
     from sparse_runtime.kernels import sparse24 as k
     from sparse_runtime.ops import triton_plan
 
-    base = dict(HAS_BIAS=False, ROT=k.ROT_NONE.value, ROT_B=1, DOT_PREC="tf32", BLOCK_J=32, GROUP_M=8)
+    base = dict(HAS_BIAS=False, ROT=k.ROT_NONE.value, ROT_B=1, DOT_PREC="tf32", BLOCK_J=32, GROUP_M=8,
+                QUANT=k.Q_NONE.value, QGROUP=0)
     for schedule, configs, swap in (("decode", k.GPU_DECODE_CONFIGS, True), ("tiles", k.GPU_TILE_CONFIGS, False)):
         for c in configs:
             kw = c.kwargs
             const = {**base, **{x: kw[x] for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}, "SWAP_AB": swap}
             label = f"{schedule} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
             yield label, const, c.num_warps, c.num_stages, c
+            for suffix, quant, qgroup in quant_variants() if schedule == "decode" and dtype == "fp16" else ():
+                yield f"{label} {suffix}", {**const, "QUANT": quant, "QGROUP": qgroup}, c.num_warps, c.num_stages, c
             if kw["BLOCK_K"] <= triton_plan.ROT_TILE_MAX_K:  # R's tile is [BK, BK] for any block size dividing BK
                 b = kw["BLOCK_K"]
                 rotated = {**const, "ROT": k.ROT_TILE.value, "ROT_B": b}
@@ -147,7 +176,7 @@ def report_row(arch: int, label: str, const: dict, warps: int, stages: int, cfg,
     from sparse_runtime.ops.triton_plan import SMEM_LIMIT, smem_estimate
 
     # reachable: the launch's prune (ops.triton_plan.within_shared_memory) keeps it on this arch
-    est = smem_estimate(cfg, const["ROT"], ESIZE[dtype])
+    est = smem_estimate(cfg, const["ROT"], ESIZE[dtype], const["QUANT"], const["QGROUP"])
     row = {"arch": arch, "config": label, "smem_estimate": est, "smem_limit": SMEM_LIMIT[arch],
            "reachable": est <= SMEM_LIMIT[arch], "kernel": kernel_version(),
            "compiled": now()}
@@ -157,7 +186,8 @@ def report_row(arch: int, label: str, const: dict, warps: int, stages: int, cfg,
     except Exception as e:  # a config the compiler rejects is a finding, not a crash
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     if label.startswith("decode") and row.get("main_loop"):
-        row.update(issue_rate(row["main_loop"], warps, weight_bytes_per_iteration(const, ESIZE[dtype]), arch))
+        row["weight_bytes_per_iteration"] = weight_bytes_per_iteration(const, ESIZE[dtype], cfg)
+        row.update(issue_rate(row["main_loop"], warps, row["weight_bytes_per_iteration"], arch))
     return row
 
 

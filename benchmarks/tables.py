@@ -209,7 +209,8 @@ def decode_issue() -> str:
                  for d in devices]
         top = ", ".join(f"{k} {v}" for k, v in list(loop["ops"].items())[:4])
         _, bn, bk = (int(v) for v in x["config"].split()[1].split("x"))
-        nbytes = bn * bk // 2 * {"fp32": 4}.get(r["dtype"], 2) + bn * (bk // 32) * 4  # values + int32 meta words
+        # values + int32 meta words (rows from before the report stored it; quantized rows store theirs)
+        nbytes = x.get("weight_bytes_per_iteration", bn * bk // 2 * {"fp32": 4}.get(r["dtype"], 2) + bn * (bk // 32) * 4)
         lines.append(f"| sm_{x['arch']} | {x['config']} | {loop['instructions']} | {nbytes:,} | "
                      f"{x['warp_instructions_per_weight_byte']:.3f} | " + " | ".join(cells) + f" | {top} |")
     lines.append("")

@@ -58,6 +58,15 @@ ways (``triton_plan.split_k``: resident in half the L2, else under 10% of the we
 
 Everything accumulates in fp32; the rotated X is rounded to the input dtype,
 as the unfused ``(x @ R)`` would be.
+
+Quantized values (``QUANT``, the codes of ``sparse_runtime.format.quant``): ``values`` holds codes instead,
+int8 ``[N, K/2]``, fp8 e4m3 ``[N, K/2]`` read as bytes (sm_80 has no e4m3 type), or int4 ``[N, K/4]`` uint8
+with one byte per 2:4 group (its first kept value in the low nibble, each stored as code + 8); ``scales``
+(in x's dtype) are ``[N]`` (``QGROUP = 0``: one per output row) or ``[N, K/QGROUP]`` (one per row and group of
+``QGROUP`` dense columns, a power of two, so a K tile holds whole groups or lies in one). Each code is
+dequantized in registers, ``code * scale`` in fp32 rounded to x's dtype (bit for bit the weight that
+``format.quant.dequantize_codes`` gives), before the dots: the weight streams 1/2 (int8, fp8) or 1/4 (int4)
+of its bytes plus the scales.
 """
 import triton
 import triton.language as tl
@@ -66,6 +75,11 @@ import triton.language as tl
 ROT_NONE = tl.constexpr(0)  # no rotation
 ROT_TILE = tl.constexpr(1)  # the K tile holds whole diagonal blocks of R: one dot against R's masked diagonal
 ROT_ROWS = tl.constexpr(2)  # wider blocks, or a full R: a loop over the rows of R in the blocks the tile meets
+# QUANT (constexpr): what ``values`` holds.
+Q_NONE = tl.constexpr(0)  # the weight's values, in x's dtype
+Q_INT8 = tl.constexpr(1)  # int8 codes [N, K/2]
+Q_FP8 = tl.constexpr(2)  # float8_e4m3fn codes [N, K/2], as uint8
+Q_INT4 = tl.constexpr(3)  # int4 codes [N, K/4] uint8, a 2:4 group per byte
 
 
 def _configs(blocks, warps, stages, swap_ab):
@@ -119,6 +133,35 @@ def _rotate_part(acc, x_rows, rot_ptr, mask_m, kj, kx, K, ROT_B: tl.constexpr, D
 
 
 @triton.jit
+def _e4m3_to_f32(c):
+    """float8_e4m3fn bytes -> fp32, exactly: the 7 bits under the sign, shifted to fp16's exponent and mantissa,
+    are the value times 2^-8 (subnormals included; NaN codes are refused at load time)."""
+    h = ((c & 0x7F).to(tl.uint16) << 7) | ((c & 0x80).to(tl.uint16) << 8)
+    return h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+
+@triton.jit
+def _codes_to_f32(c, QUANT: tl.constexpr):
+    if QUANT == Q_FP8:
+        return _e4m3_to_f32(c)
+    return c.to(tl.float32)
+
+
+@triton.jit
+def _tile_scales(s_rows, s_row, k0, mask_n, K, QGROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 scale of each (row, 2:4 group) of the tile, [BLOCK_N, BLOCK_K/4] or broadcastable to it."""
+    if QGROUP == 0:  # one per row, loaded once
+        return s_row[:, None]
+    elif QGROUP >= BLOCK_K:  # the tile lies in one group
+        return tl.load(s_rows + k0 // QGROUP, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    else:  # the tile holds BLOCK_K / QGROUP whole groups of QGROUP / 4 2:4 groups each
+        kq = k0 // QGROUP + tl.arange(0, BLOCK_K // QGROUP)
+        s = tl.load(s_rows[:, None] + kq[None, :], mask=mask_n[:, None] & (kq[None, :] < K // QGROUP), other=0.0)
+        s = tl.broadcast_to(s.to(tl.float32)[:, :, None], (BLOCK_N, BLOCK_K // QGROUP, QGROUP // 4))
+        return tl.reshape(s, (BLOCK_N, BLOCK_K // 4))
+
+
+@triton.jit
 def _add_bias(acc, bias_ptr, offs_n, mask_n, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -127,20 +170,21 @@ def _add_bias(acc, bias_ptr, offs_n, mask_n, HAS_BIAS: tl.constexpr):
 
 @triton.jit
 def sparse24_matmul_kernel(
-    x_ptr, values_ptr, meta_ptr, rot_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+    x_ptr, values_ptr, meta_ptr, scales_ptr, rot_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
     M, N, K, M_BUCKET,
     stride_xm, stride_vn, stride_mn, stride_om,
     HAS_BIAS: tl.constexpr, ROT: tl.constexpr, ROT_B: tl.constexpr,
     DOT_PREC: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr = 32,
-    GROUP_M: tl.constexpr = 8,
+    GROUP_M: tl.constexpr = 8, QUANT: tl.constexpr = 0, QGROUP: tl.constexpr = 0,
 ):
     """One (M tile, N tile) x one K slice of the grid's ``S = num_programs(1)`` (whole K tiles each).
     ``S > 1``: write fp32 partials to ``ws [S, M, N]``; ``lock`` holds a zeroed int32 counter per (M, N) tile.
 
     ``DOT_PREC``: "ieee" for fp32 inputs (no TF32 rounding), the backend default otherwise.
     ``SWAP_AB``: accumulate ``Y^T = W X^T`` so the wide W tile is the MMA's M side (wgmma
-    needs M >= 64; X's 16 rows become its N side)."""
+    needs M >= 64; X's 16 rows become its N side).
+    ``QUANT``, ``QGROUP``: codes and their scales (module docstring); ``scales_ptr`` is unused for ``Q_NONE``."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Grouped order: GROUP_M consecutive M tiles share each N tile while it is in L2.
@@ -163,6 +207,13 @@ def sparse24_matmul_kernel(
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     v_rows = values_ptr + offs_n[:, None] * stride_vn
     m_rows = meta_ptr + offs_n[:, None] * stride_mn
+    s_rows = scales_ptr + offs_n
+    s_row = None
+    if QGROUP != 0:
+        s_rows = scales_ptr + offs_n * (K // QGROUP)
+    elif QUANT != Q_NONE:
+        s_row = tl.load(s_rows, mask=mask_n, other=0.0).to(tl.float32)
+    wdt = x_ptr.dtype.element_ty  # the dtype the dots take W in
 
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -187,9 +238,22 @@ def sparse24_matmul_kernel(
             xt = xr.to(x_ptr.dtype.element_ty)
         x0, x1, x2, x3 = _split4(xt, BLOCK_M, BLOCK_K)
 
-        kv = k0 // 2 + offs_kv
-        v = tl.load(v_rows + kv[None, :], mask=mask_n[:, None] & (kv[None, :] < K // 2), other=0.0)
-        v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_K // 4, 2)))  # first / second kept value per group
+        if QUANT == Q_INT4:  # a byte per 2:4 group: first kept value in the low nibble, second in the high
+            kg = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+            c = tl.load(v_rows + kg[None, :], mask=mask_n[:, None] & (kg[None, :] < K // 4), other=0)
+            s = _tile_scales(s_rows, s_row, k0, mask_n, K, QGROUP, BLOCK_N, BLOCK_K)
+            # (nibble - 8) * s as one rounding of nibble * s - 8 s: the same fp32 value, one FMA
+            off = -8.0 * s
+            v0 = tl.fma((c & 0xF).to(tl.float32), s, off).to(wdt)
+            v1 = tl.fma((c >> 4).to(tl.float32), s, off).to(wdt)
+        else:
+            kv = k0 // 2 + offs_kv
+            v = tl.load(v_rows + kv[None, :], mask=mask_n[:, None] & (kv[None, :] < K // 2), other=0)
+            v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_K // 4, 2)))  # first / second kept value per group
+            if QUANT != Q_NONE:
+                s = _tile_scales(s_rows, s_row, k0, mask_n, K, QGROUP, BLOCK_N, BLOCK_K)
+                v0 = (_codes_to_f32(v0, QUANT) * s).to(wdt)
+                v1 = (_codes_to_f32(v1, QUANT) * s).to(wdt)
         kw = k0 // 32 + offs_w
         word = tl.load(m_rows + kw[None, :], mask=mask_n[:, None] & (kw[None, :] < tl.cdiv(K, 32)), other=0)
         # Each word holds 8 groups; expand in registers rather than loading it 8 times.

@@ -2,6 +2,7 @@
 import torch
 
 from sparse_runtime.format.codec import SparseWeight
+from sparse_runtime.format.quant import QuantScheme
 from sparse_runtime.format.rotation import apply_rotation
 from sparse_runtime.ops.triton_ops import prepare_sparse24
 
@@ -20,6 +21,15 @@ def random_layer(n, k, dtype, seed, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
     sw = SparseWeight.compress(w, random_mask(n, k, gen).to(device))
+    return (sw, *prepare_sparse24(sw.values, sw.meta))
+
+
+def random_quantized_layer(n, k, scheme, group, dtype, seed, device="cpu"):
+    """(SparseWeight, codes, meta32) of a random 2:4 [n, k] weight quantized by ``scheme`` (``group`` columns per
+    scale, None: the scheme's default); its ``to_dense()`` is the dequantized weight."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
+    sw = SparseWeight.compress(w, random_mask(n, k, gen).to(device), quant=QuantScheme.parse(scheme, group))
     return (sw, *prepare_sparse24(sw.values, sw.meta))
 
 

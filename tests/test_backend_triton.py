@@ -5,14 +5,15 @@ from torch import nn
 
 from sparse_runtime import SparseLinear, backends
 from sparse_runtime.errors import BackendUnavailable
+from sparse_runtime.format.quant import QuantScheme
 from sparse_runtime.format.rotation import apply_rotation
 from sparse24_cases import TOL, random_rotation
 
 
-def make_layer(k, n, dtype, bias=True, seed=0, device="cpu"):
+def make_layer(k, n, dtype, bias=True, seed=0, device="cpu", quant=None):
     torch.manual_seed(seed)
     lin = nn.Linear(k, n, bias=bias).to(device=device, dtype=dtype)
-    return SparseLinear.from_linear(lin, backend="triton")
+    return SparseLinear.from_linear(lin, backend="triton", quant=quant)
 
 
 def assert_matches_reference(layer, x):
@@ -60,6 +61,20 @@ def test_rejects_unsupported_layers(make, match):
 def test_matches_reference(lead, dtype, bias):
     layer = make_layer(44, 40, dtype, bias, seed=len(lead) * 10 + lead[0])
     assert_matches_reference(layer, torch.randn(*lead, 44).to(dtype))
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("fp8", None)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantized_layers_match_reference(scheme, group, dtype):
+    layer = make_layer(96, 37, dtype, seed=3, quant=QuantScheme.parse(scheme, group))
+    assert backends.get("triton").unsupported(layer) is None
+    assert_matches_reference(layer, torch.randn(2, 3, 96).to(dtype))
+
+
+def test_refuses_quantization_groups_it_cannot_tile():
+    layer = SparseLinear.from_linear(nn.Linear(96, 8), quant=QuantScheme("int4", 24), backend="reference")
+    with pytest.raises(BackendUnavailable, match="power of two"):
+        layer.set_backend("triton")
 
 
 @pytest.mark.parametrize("block", [None, 4, 32])

@@ -130,7 +130,9 @@ def test_auto_runs_dispatch_on_a_gpu_and_decompressed_on_the_cpu(monkeypatch):
                                  weight_values=type("W", (), dict(device=torch.device("cuda"), dtype=torch.float16))))
     assert backends.resolve("auto", gpu).name == "dispatch"
     assert backends.resolve("auto", cpu).name == "decompressed"
-    gpu.quant = QuantScheme.parse("int8")  # quantized values: only the dequantizing backends take them
+    gpu.quant = QuantScheme.parse("int8")  # quantized values: the Triton kernel dequantizes them, dispatch refuses
+    assert backends.resolve("auto", gpu).name == "triton"
+    monkeypatch.setattr(backends.get("triton"), "unavailable", lambda device: "no GPU")  # then the fallback that dequantizes
     assert backends.resolve("auto", gpu).name == "reference"
     gpu.pattern, gpu.quant = "4:8", None  # no sparse CUDA kernel takes it: the dense fallback that runs everywhere
     assert backends.resolve("auto", gpu).name == "reference"

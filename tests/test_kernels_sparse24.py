@@ -149,11 +149,17 @@ AOT = r"""
 from benchmarks.kernel_report import compile_variant
 from sparse_runtime.kernels import sparse24 as k
 
-for dtype, arch, (bm, bn, bk), swap, rot, rot_b in [
-        ("fp16", 90, (16, 64, 128), True, k.ROT_NONE, 1), ("bf16", 80, (16, 128, 128), True, k.ROT_TILE, 128),
-        ("fp16", 90, (64, 128, 64), False, k.ROT_ROWS, 4096), ("bf16", 90, (128, 128, 64), False, k.ROT_TILE, 32)]:
+for dtype, arch, (bm, bn, bk), swap, rot, rot_b, quant, qgroup in [
+        ("fp16", 90, (16, 64, 128), True, k.ROT_NONE, 1, k.Q_NONE, 0),
+        ("bf16", 80, (16, 128, 128), True, k.ROT_TILE, 128, k.Q_NONE, 0),
+        ("fp16", 90, (64, 128, 64), False, k.ROT_ROWS, 4096, k.Q_NONE, 0),
+        ("bf16", 90, (128, 128, 64), False, k.ROT_TILE, 32, k.Q_NONE, 0),
+        # quantized: the tile schedule (the report compiles the decode ones) and sm_80's e4m3 bytes
+        ("bf16", 80, (64, 128, 64), False, k.ROT_NONE, 1, k.Q_INT4, 32),
+        ("fp16", 90, (128, 128, 128), False, k.ROT_TILE, 128, k.Q_INT8, 0),
+        ("fp16", 80, (16, 64, 128), True, k.ROT_NONE, 1, k.Q_FP8, 0)]:
     const = dict(HAS_BIAS=True, ROT=rot.value, ROT_B=rot_b, DOT_PREC="tf32", SWAP_AB=swap,
-                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=32, GROUP_M=8)
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_J=32, GROUP_M=8, QUANT=quant.value, QGROUP=qgroup)
     # div16=(): the integer arguments unspecialised, the general case (odd K, ragged N)
     compile_variant(k.sparse24_matmul_kernel, dtype, arch, const, 8 if bm == 128 else 4, 3, div16=())
 print("compiled")
@@ -189,7 +195,7 @@ def test_kernel_report_covers_every_config_and_each_fits():
             for label, (const, cfg) in expected.items():
                 r = got[label]
                 assert "error" not in r, (arch, label, r.get("error"))
-                est = smem_estimate(cfg, const["ROT"], kernel_report.ESIZE[dtype])
+                est = smem_estimate(cfg, const["ROT"], kernel_report.ESIZE[dtype], const["QUANT"], const["QGROUP"])
                 assert r["smem_estimate"] == est, f"{label}: stale estimate in {path.name}"
                 assert r["shared"] <= est, f"sm_{arch} {label}: compiler {r['shared']} B > estimate {est} B"
                 if est <= SMEM_LIMIT[arch]:

@@ -82,7 +82,7 @@ def test_a_direct_launch_computes_what_kernel_grid_does(split):
 
     def args(out):
         ws, locks = torch.empty(split, m, n), torch.zeros(2, dtype=torch.int32)  # 2 N tiles of 32
-        return x, values, meta, x, bias, out, ws, locks, m, n, k, 8, k, k // 2, (k + 31) // 32, n
+        return x, values, meta, x, x, bias, out, ws, locks, m, n, k, 8, k, k // 2, (k + 31) // 32, n
 
     grid = (2, split)
     expected = torch.full((m, n), float("nan"))
@@ -96,7 +96,7 @@ def test_a_direct_launch_computes_what_kernel_grid_does(split):
 def test_bucket_rows_reach_every_specialisation_of_the_bucket():
     def spec(m):
         x = torch.empty(m, 4)
-        return specialisation((x, None, None, x, x, None, None, None, m))
+        return specialisation((x, None, None, None, x, x, None, None, None, m))
 
     for bucket in [1 << i for i in range(14)]:
         rows = bucket_rows(bucket)

@@ -6,7 +6,7 @@ import torch
 from sparse_runtime.ops import triton_launch, triton_ops, triton_plan
 from sparse_runtime.errors import ShapeError
 from sparse_runtime.format.codec import unpack_meta_24
-from sparse24_cases import assert_close, random_layer, random_rotation, reference
+from sparse24_cases import assert_close, random_layer, random_quantized_layer, random_rotation, reference
 
 
 def test_meta_int32_layout_matches_the_format():
@@ -44,6 +44,69 @@ def test_clear_errors(layer, mutate, error, match):
     args = mutate({"x": torch.randn(3, 44), "values": values, "meta": meta, "bias": bias})
     with pytest.raises(error, match=match):
         triton_ops.sparse24_matmul(**args)
+
+
+# -- quantized values: codes and scales, dequantized in registers ------------------------------------------------
+# (scheme, group, K): odd N; K a multiple of the group, and not of the interpreter's K tile (64) where the group allows
+QUANT_CASES = [("int8", None, 96), ("int4", 32, 96), ("int4", 64, 192), ("int4", 128, 384), ("fp8", None, 160)]
+
+
+@pytest.mark.parametrize("scheme,group,k", QUANT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 16, 33])  # 33: the tile (prefill) schedule
+@pytest.mark.parametrize("bias", [False, True])
+def test_quantized_matches_the_dequantized_weight(scheme, group, k, dtype, m, bias):
+    n = 37
+    seed = 1000 * k + 10 * m + bias
+    sw, codes, meta = random_quantized_layer(n, k, scheme, group, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    y = triton_ops.sparse24_matmul(x, codes, meta, b, out=torch.full((m, n), float("nan"), dtype=dtype),
+                                   scales=sw.scales)
+    assert_close(y, *reference(x, sw, b), dtype)  # reference: float64 from sw.to_dense(), the dequantized weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantized_paths_agree(dtype):
+    """The prepared layer, the functional API and the custom op run one launch path: the same bits."""
+    sw, codes, meta = random_quantized_layer(21, 96, "int4", 32, dtype, seed=7)
+    x, bias = torch.randn(3, 96).to(dtype), torch.randn(21).to(dtype)
+    rot = random_rotation(96, 32, dtype, seed=8)
+    y = triton_ops.sparse24_matmul(x, codes, meta, bias, scales=sw.scales)
+    assert torch.equal(torch.ops.sparse_runtime.sparse24_matmul(x, codes, meta, bias, None, sw.scales), y)
+    assert torch.equal(triton_ops.Sparse24Layer(sw.values, sw.meta, sw.scales)(x, bias), y)
+    yr = triton_ops.rotate_sparse24_matmul(x, rot, codes, meta, bias, scales=sw.scales)
+    assert_close(yr, *reference(x, sw, bias, rotation=rot), dtype)
+    assert torch.equal(triton_ops.Sparse24Layer(sw.values, sw.meta, sw.scales)(x, bias, rot), yr)
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    sw, codes, meta = random_quantized_layer(40, 96, "int4", 32, torch.float16, seed=22)
+    return codes, meta, sw.scales
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda a: {**a, "scales": a["scales"][:39]}, ShapeError, r"scales must be \[N, groups\] = \[40"),
+    (lambda a: {**a, "scales": a["scales"][:, :2]}, ShapeError, r"groups of 48 columns"),  # K=96 over 2 groups
+    (lambda a: {**a, "scales": a["scales"].flatten()}, ShapeError, "scales must be"),
+    (lambda a: {**a, "scales": a["scales"].float()}, TypeError, "scales dtype torch.float32 != x dtype"),
+    (lambda a: {**a, "scales": None}, TypeError, "codes need their scales"),
+    (lambda a: {**a, "values": a["values"].view(torch.int8)}, ShapeError, "expected \\[\\.\\.\\., 48\\]"),
+    (lambda a: {**a, "values": torch.zeros(40, 48, dtype=torch.float16)}, TypeError, "scales given for torch.float16"),
+])
+def test_quantized_clear_errors(quantized, mutate, error, match):
+    codes, meta, scales = quantized
+    args = mutate({"x": torch.randn(3, 96, dtype=torch.float16), "values": codes, "meta": meta, "scales": scales})
+    with pytest.raises(error, match=match):
+        triton_ops.sparse24_matmul(**args)
+
+
+def test_group_refusal():
+    assert triton_ops.group_refusal(96, 1) is None and triton_ops.group_refusal(96, 3) is None  # a row; 32 columns
+    assert "power of two" in triton_ops.group_refusal(96, 4)  # 24 columns
+    assert "power of two" in triton_ops.group_refusal(96, 24)  # 4 columns: under 8
 
 
 def test_rotation_errors(layer):
@@ -219,7 +282,8 @@ class InterpretedCompiled:
         kernel = triton_plan.kernels().sparse24_matmul_kernel
         assert len(params) == len(kernel.arg_names)
         self.log.append(("direct", blocks(self.constexprs)))
-        kernel[grid_0, grid_1, grid_2](*params[:16], **self.constexprs)
+        runtime = kernel.arg_names.index("HAS_BIAS")
+        kernel[grid_0, grid_1, grid_2](*params[:runtime], **self.constexprs)
 
     def launch_metadata(self, grid, stream, *args):
         return None

@@ -6,8 +6,9 @@ layer (``forward``). Backends register themselves by name; ``"auto"`` takes
 the highest-priority one that is available on the layer's device and supports
 the layer, and ``reference`` (decompress + ``F.linear``) supports everything,
 so ``auto`` never fails where ``reference`` works. Layers with quantized values run only where a
-backend's table lists their scheme (``reference`` and ``decompressed``, which dequantize); every other
-backend refuses them, so ``auto`` falls back and ``sparse-runtime info`` says why.
+backend's table lists their scheme (``reference`` and ``decompressed``, which dequantize once per call or
+at load; ``cpu`` and ``triton``, which dequantize in registers); the others refuse them, so ``auto`` falls
+back and ``sparse-runtime info`` says why.
 """
 from __future__ import annotations
 

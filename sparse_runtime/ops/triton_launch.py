@@ -33,10 +33,11 @@ from ..format.codec import cdiv
 from .triton_plan import LaunchPlan, kernels, uncompiled
 
 
-def launch(plan: LaunchPlan, x, values, meta, bias, rotation, out, locks=None) -> None:
+def launch(plan: LaunchPlan, x, values, meta, bias, rotation, out, locks=None, scales=None) -> None:
     """``out [M, N] = (x [M, K] @ R) @ W^T + bias`` by ``plan``: operands checked and contiguous, so the row
     strides are the widths (a stride read is a quarter microsecond of host time each). ``locks``: split-K counters
-    (``triton_ops.decode_locks``); None: the plan's own."""
+    (``triton_ops.decode_locks``); None: the plan's own. ``scales``: those of quantized ``values`` (codes in the
+    kernel's layout, as the plan's ``QUANT`` says)."""
     m, k = x.shape
     n = values.shape[0]
     if plan.rotate_first:
@@ -49,8 +50,8 @@ def launch(plan: LaunchPlan, x, values, meta, bias, rotation, out, locks=None) -
             locks = checked_locks(locks, x.device, plan.lock_tiles)
     else:
         ws = locks = out  # placeholders: an unsplit launch never touches them
-    args = (x, values, meta, x if rotation is None else rotation, out if bias is None else bias, out, ws, locks,
-            m, n, k, plan.m_bucket, k, k // 2, (k + 31) // 32, n)
+    args = (x, values, meta, x if scales is None else scales, x if rotation is None else rotation,
+            out if bias is None else bias, out, ws, locks, m, n, k, plan.m_bucket, k, values.shape[1], (k + 31) // 32, n)
     if plan.device is not None and plan.device != torch.cuda.current_device():
         with torch.cuda.device(plan.device):
             _launch_compiled(plan, args)
@@ -65,14 +66,14 @@ def _launch_compiled(plan: LaunchPlan, args: tuple) -> None:
         _compile(plan, args)
         return
     bm, tiles_n, split = plan.grid
-    run(cdiv(args[8], bm) * tiles_n, split, plan.stream(), *args)
+    run(cdiv(args[_M], bm) * tiles_n, split, plan.stream(), *args)
 
 
 def _compile(plan: LaunchPlan, args: tuple) -> None:
     """Run ``args`` through Triton, which compiles: the autotuner the first time the plan runs, its choice after
     that; keep the compiled kernel's launch for the next call of this specialisation. Never inside a capture: the
     autotuner's benchmark launches would be captured, and compiling there fails."""
-    x, m = args[0], args[8]
+    x, m = args[0], args[_M]
     if triton_plan.capturing(x.device):  # through the module: tests fake a capture there
         raise RuntimeError(uncompiled(m, plan.m_bucket, "no compiled kernel for this specialisation "
                                                         f"({_describe(specialisation(args))})"))
@@ -97,12 +98,16 @@ def _jit_launch(plan: LaunchPlan) -> Callable:
     return run
 
 
+_M, _ROT, _BIAS = 9, 4, 5  # positions of M, R and the bias in the kernel's arguments
+
+
 def specialisation(args: tuple) -> tuple:
     """What Triton specialises a compiled kernel on that may differ between two calls of one plan: M equal to 1
     or a multiple of 16, and the 16-byte alignment of the tensors passed in (x, R, bias). The layer's layout
-    and counters are fixed, the output and workspace fresh from the allocator, the other integers the plan's."""
-    m = args[8]
-    return m == 1, m % 16 == 0, args[0].data_ptr() % 16, args[3].data_ptr() % 16, args[4].data_ptr() % 16
+    (scales included) and counters are fixed, the output and workspace fresh from the allocator, the other
+    integers the plan's."""
+    m = args[_M]
+    return m == 1, m % 16 == 0, args[0].data_ptr() % 16, args[_ROT].data_ptr() % 16, args[_BIAS].data_ptr() % 16
 
 
 def bucket_rows(m: int) -> tuple[int, ...]:

@@ -1,5 +1,5 @@
 """How the Triton 2:4 kernel (``kernels/sparse24.py``) is launched for a problem, decided once per (M bucket, N, K,
-dtype, device, rotation block, bias, forced split): the :class:`LaunchPlan` of :func:`launch_plan`.
+dtype, device, rotation block, bias, forced split, quantization): the :class:`LaunchPlan` of :func:`launch_plan`.
 
 A plan holds the schedule's config list (:func:`configs`, chosen when the plan is made), the configs of it that fit
 the device's shared memory and fill its SMs (:func:`candidate_configs`), each one's split-K factor, the autotuner
@@ -63,13 +63,29 @@ def configs(decode: bool, interpreting: bool) -> list:
     raise ValueError(f"{CONFIGS_ENV}={choice!r}: expected unset, 'pinned' or 'shard:i/n' with 0 <= i < n")
 
 
+# -- the weight's bytes ------------------------------------------------------------------------------------
+def value_bytes(esize: int, quant: int) -> float:
+    """Bytes of one kept value as the kernel streams it: ``esize`` (x's dtype), or its code's (int4: half a byte)."""
+    ker = kernels()
+    return esize if quant == ker.Q_NONE.value else 0.5 if quant == ker.Q_INT4.value else 1
+
+
+def scale_columns(config, quant: int, qgroup: int) -> int:
+    """Scales per row of a K tile: none unquantized, one per group it holds (at least one)."""
+    if quant == kernels().Q_NONE.value:
+        return 0
+    return max(1, config.kwargs["BLOCK_K"] // qgroup) if qgroup else 1
+
+
 # -- shared memory -----------------------------------------------------------------------------------------
-def smem_estimate(config, rot: int, esize: int) -> int:
-    """Upper bound on a config's shared memory: ``num_stages`` buffers of the X, values, meta (and R) tiles,
-    plus one tile of layout-conversion scratch. ``benchmarks/kernel_report.py`` checks it against the compiler."""
+def smem_estimate(config, rot: int, esize: int, quant: int = 0, qgroup: int = 0) -> int:
+    """Upper bound on a config's shared memory: ``num_stages`` buffers of the X, values (or codes and scales), meta
+    (and R) tiles, plus one tile of layout-conversion scratch. ``benchmarks/kernel_report.py`` checks it against
+    the compiler."""
     ker = kernels()
     bm, bn, bk = blocks(config)
-    stage = esize * (bm * bk + bn * bk // 2) + 4 * bn * (bk // 32)
+    stage = (esize * bm * bk + int(value_bytes(esize, quant) * bn * bk // 2) + 4 * bn * (bk // 32)
+             + esize * bn * scale_columns(config, quant, qgroup))
     if rot == ker.ROT_TILE.value:
         stage += esize * bk * bk
     elif rot == ker.ROT_ROWS.value:
@@ -82,11 +98,12 @@ def _holds_rotation_tile(config, rot_b: int) -> bool:
     return config.kwargs["BLOCK_K"] % rot_b == 0 and config.kwargs["BLOCK_K"] <= ROT_TILE_MAX_K
 
 
-def within_shared_memory(configs, rot: int, rot_b: int, esize: int, limit: int) -> list:
+def within_shared_memory(configs, rot: int, rot_b: int, esize: int, limit: int, quant: int = 0,
+                         qgroup: int = 0) -> list:
     """The configs a launch may use: whole rotation blocks in a K tile (ROT_TILE) and within ``limit`` bytes."""
     if rot == kernels().ROT_TILE.value:
         configs = [c for c in configs if _holds_rotation_tile(c, rot_b)]
-    return [c for c in configs if smem_estimate(c, rot, esize) <= limit]
+    return [c for c in configs if smem_estimate(c, rot, esize, quant, qgroup) <= limit]
 
 
 def smem_limit(device) -> int:
@@ -115,15 +132,16 @@ def blocks(config) -> tuple[int, int, int]:
     return tuple(config.kwargs[x] for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 
 
-def split_k(config, m: int, n: int, k: int, esize: int, sms: int, l2_bytes: int) -> int:
+def split_k(config, m: int, n: int, k: int, vbytes: float, sms: int, l2_bytes: int) -> int:
     """Split-K factor of ``config`` for ``[m, k] @ [k, n]`` on ``sms`` SMs: the fewest splits (of whole K
     tiles, at least one each) that give ``CTAS_PER_SM`` CTAs per SM. The fp32 partials (``4 S m n`` bytes,
     written once, read once) may fill half the L2, where they stay resident and cost no HBM traffic; beyond
-    that, 10% of the weight's bytes. ``m`` is the M bucket, so the grid is the same for every M of a bucket."""
+    that, 10% of the weight's bytes (``vbytes`` per kept value, :func:`value_bytes`). ``m`` is the M bucket, so
+    the grid is the same for every M of a bucket."""
     bm, bn, bk = blocks(config)
     want = cdiv(CTAS_PER_SM * sms, cdiv(m, bm) * cdiv(n, bn))
     resident = l2_bytes // 2 // (4 * m * n)
-    by_traffic = int(0.1 * n * k * (esize / 2 + 1 / 8) // (8 * m * n))  # 2:4 weight: values + 2-bit meta
+    by_traffic = int(0.1 * n * k * (vbytes / 2 + 1 / 8) // (8 * m * n))  # 2:4 weight: values + 2-bit meta
     return max(1, min(want, max(resident, by_traffic), cdiv(k, bk)))
 
 
@@ -132,10 +150,10 @@ def even_split(config, k: int, splits: int) -> int:
     return max(1, min(splits, cdiv(k, blocks(config)[2])))
 
 
-def filling_the_sms(configs, m: int, n: int, k: int, esize: int, sms: int, l2_bytes: int) -> list:
+def filling_the_sms(configs, m: int, n: int, k: int, vbytes: float, sms: int, l2_bytes: int) -> list:
     """The configs whose grid, split as above, has ``CTAS_PER_SM`` CTAs per SM; if none has, those with the
     most CTAs (small layers)."""
-    ctas = {id(c): cdiv(m, blocks(c)[0]) * cdiv(n, blocks(c)[1]) * split_k(c, m, n, k, esize, sms, l2_bytes)
+    ctas = {id(c): cdiv(m, blocks(c)[0]) * cdiv(n, blocks(c)[1]) * split_k(c, m, n, k, vbytes, sms, l2_bytes)
             for c in configs}
     enough = [c for c in configs if ctas[id(c)] >= CTAS_PER_SM * sms]
     return enough or [c for c in configs if ctas[id(c)] == max(ctas.values(), default=0)]
@@ -152,11 +170,12 @@ def _cuda_sms_and_l2(index) -> tuple[int, int]:
     return props.multi_processor_count, getattr(props, "L2_cache_size", 0) or (40 << 20)
 
 
-def candidate_configs(configs, rot: int, rot_b: int, esize: int, m: int, n: int, k: int, device) -> list:
+def candidate_configs(configs, rot: int, rot_b: int, esize: int, m: int, n: int, k: int, device, quant: int = 0,
+                      qgroup: int = 0) -> list:
     """What the autotuner may try for a launch: configs within the device's shared memory that fill its SMs."""
-    configs = within_shared_memory(configs, rot, rot_b, esize, smem_limit(device))
+    configs = within_shared_memory(configs, rot, rot_b, esize, smem_limit(device), quant, qgroup)
     fill = sms_and_l2(device)
-    return filling_the_sms(configs, m, n, k, esize, *fill) if fill else configs
+    return filling_the_sms(configs, m, n, k, value_bytes(esize, quant), *fill) if fill else configs
 
 
 def autotuner(configs):
@@ -175,7 +194,7 @@ def capturing(device: torch.device) -> bool:
 # -- the plan ------------------------------------------------------------------------------------------------
 class LaunchPlan:
     """Everything a launch needs beyond its tensors, for one (M bucket, N, K, dtype, device, rotation block, bias,
-    forced split). ``configs``: those the autotuner may try; ``splits``: each one's split-K factor, by (BLOCK_M,
+    forced split, quantization: the kernel's ``QUANT`` and ``QGROUP``). ``configs``: those the autotuner may try; ``splits``: each one's split-K factor, by (BLOCK_M,
     BLOCK_N, BLOCK_K); ``max_splits`` and ``lock_tiles`` size the fp32 partials and the split-K counters;
     ``rotate_first``: no config holds R's tile in this device's shared memory, so x is rotated first and the plain
     kernel runs; ``constexprs``: the kernel's constexprs besides the config's. Once a launch has consulted the
@@ -186,24 +205,25 @@ class LaunchPlan:
                  "constexprs", "device", "stream", "config", "grid", "launches", "_counters", "_captured")
 
     def __init__(self, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, rot_b: int | None,
-                 has_bias: bool, forced_split: int | None):
+                 has_bias: bool, forced_split: int | None, quant: int = 0, qgroup: int = 0):
         self.m_bucket, self.n, self.k = m_bucket(m), n, k
         listed = configs(m <= DECODE_MAX_M, interpreting())
         rot = rotation_mode(rot_b, listed)
-        chosen = candidate_configs(listed, rot, rot_b or 1, dtype.itemsize, self.m_bucket, n, k, device)
+        chosen = candidate_configs(listed, rot, rot_b or 1, dtype.itemsize, self.m_bucket, n, k, device, quant, qgroup)
         self.rotate_first = bool(rot) and not chosen
         if self.rotate_first:
             rot, rot_b = rotation_mode(None, listed), None
-            chosen = candidate_configs(listed, rot, 1, dtype.itemsize, self.m_bucket, n, k, device)
+            chosen = candidate_configs(listed, rot, 1, dtype.itemsize, self.m_bucket, n, k, device, quant, qgroup)
         self.configs = chosen or listed  # nothing fits (not a config list of ours): let the compiler say so
         fill = sms_and_l2(device)
         self.splits = {blocks(c): even_split(c, k, forced_split) if forced_split else
-                       split_k(c, self.m_bucket, n, k, dtype.itemsize, *fill) if fill else 1 for c in self.configs}
+                       split_k(c, self.m_bucket, n, k, value_bytes(dtype.itemsize, quant), *fill) if fill else 1
+                       for c in self.configs}
         self.max_splits = max(self.splits.values())
         self.lock_tiles = max((cdiv(self.m_bucket, bm) * cdiv(n, bn)
                                for (bm, bn, _), s in self.splits.items() if s > 1), default=0)
         self.constexprs = dict(HAS_BIAS=has_bias, ROT=rot, ROT_B=rot_b or 1,
-                               DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+                               DOT_PREC="ieee" if dtype == torch.float32 else "tf32", QUANT=quant, QGROUP=qgroup)
         self.tuner = autotuner(self.configs)
         self.device = device.index if device.type == "cuda" else None
         # the raw stream getter Triton's driver uses too; none off a GPU (the interpreter)
@@ -247,15 +267,16 @@ _PLANS: dict = {}
 
 
 def launch_plan(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, rot_b: int | None,
-                has_bias: bool, forced_split: int | None = None) -> LaunchPlan:
-    """The plan of ``[m, k] @ [k, n]`` (R's block ``rot_b``, None: no rotation), made once per key and shared by
-    every caller: the prepared layers, the custom ops and the functional API."""
-    key = (m_bucket(m), n, k, dtype, device, rot_b, has_bias, forced_split)
+                has_bias: bool, forced_split: int | None = None, quant: int = 0, qgroup: int = 0) -> LaunchPlan:
+    """The plan of ``[m, k] @ [k, n]`` (R's block ``rot_b``, None: no rotation; ``quant``, ``qgroup``: the kernel's
+    ``QUANT`` and ``QGROUP``), made once per key and shared by every caller: the prepared layers, the custom ops
+    and the functional API."""
+    key = (m_bucket(m), n, k, dtype, device, rot_b, has_bias, forced_split, quant, qgroup)
     plan = _PLANS.get(key)
     if plan is None:
         if capturing(device):
             raise RuntimeError(uncompiled(m, key[0], "no launch plan"))
-        plan = _PLANS[key] = LaunchPlan(m, n, k, dtype, device, rot_b, has_bias, forced_split)
+        plan = _PLANS[key] = LaunchPlan(m, n, k, dtype, device, rot_b, has_bias, forced_split, quant, qgroup)
     return plan
 
 
