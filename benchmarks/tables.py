@@ -547,7 +547,10 @@ def cpu_kernels() -> str:
              f"read over {max(8 * r['llc_bytes'], 1 << 30) >> 20} MiB in the same run, {r['read_bandwidth_gbps']:.1f} GB/s; best dense = the faster of `F.linear` "
              f"(MKL/oneDNN) and the inductor-compiled frozen linear where timed; byte bound at decode 32/17 = 1.88x; "
              f"{r['device']}, kernel ISA {r['best_isa']}, torch {r['torch']}, {r['date'][:10]} "
-             f"(`python -m benchmarks.cpu_kernels`).", "",
+             f"(`python -m benchmarks.cpu_kernels`)."
+             + (f" Shapes {', '.join(r['rerun']['shapes'])} timed again alone (bandwidth then "
+                f"{r['rerun']['read_bandwidth_gbps']:.1f} GB/s, their share against it): {r['rerun']['why']}."
+                if r.get("rerun") else ""), "",
              "| N x K | M | dense `F.linear` us | compiled us | 2:4 us | 2:4 GB/s (of bandwidth) | 2:4 vs best dense |",
              "|---|---|---|---|---|---|---|"]
     for (shape, m, provider), x in cells.items():
