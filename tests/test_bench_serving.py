@@ -5,6 +5,7 @@ import http.server
 import json
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ class StubEngine:
 
     def __init__(self, model, tok, max_batch, max_seq_len, compile=False):
         self.max_batch = max_batch
+        self.cache = types.SimpleNamespace(nbytes=0)
 
     def generate(self, requests):
         assert len(requests) <= self.max_batch
@@ -49,6 +51,47 @@ def test_engine_measures_the_rates_of_an_engine_of_known_speed(monkeypatch):
     assert res["ttft_s"] == pytest.approx(PREFILL + STEP, rel=0.1)  # one token's request
     assert res["prefill_tokens_per_s"] == pytest.approx(2 * len(ids) / (PREFILL + STEP), rel=0.1)
     assert res["model_bytes"] == 16
+
+
+MIB = 1 << 20
+CACHE, STEP_PEAK, HF_PEAK = 48 * MIB, 96 * MIB, 256 * MIB  # bytes: the stubs' KV cache and transient allocations
+
+
+def touched(nbytes: int) -> torch.Tensor:
+    return torch.ones(nbytes // 4)  # written, so resident
+
+
+class HeavyStubEngine(StubEngine):
+    """Holds a KV cache of CACHE bytes and allocates STEP_PEAK more while it generates."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kv = touched(CACHE)
+        self.cache = types.SimpleNamespace(nbytes=self.kv.nbytes)
+
+    def generate(self, requests):
+        touched(STEP_PEAK)
+        return super().generate(requests)
+
+
+class HeavyStubModel(StubModel):
+    def generate(self, x, max_new_tokens, **kwargs):  # transformers' generate, measured after the peak is read
+        touched(HF_PEAK)
+        super().generate(x, max_new_tokens, **kwargs)
+
+
+def test_engine_reads_the_peak_memory_of_its_own_engine_alone(monkeypatch):
+    """The peak is the engine's (its cache, its decode's transient memory) above the baseline, read before generate,
+    the eager engine and the bandwidth buffer (1 GiB) allocate more."""
+    monkeypatch.setattr(engine, "Engine", HeavyStubEngine)
+    args = argparse.Namespace(tokens=2, repeats=1, batches=[1, 2], prefill_batch=2, compile=True, device="cpu",
+                              decode_prompt_tokens=4)
+    baseline = engine.reset_peak("cpu")
+    m = engine.measure(HeavyStubModel(), None, list(range(8)), args, engine.timer("cpu"), dense=True,
+                       baseline=baseline)["memory"]
+    assert m["baseline_bytes"] == baseline and m["kv_cache_bytes"] == CACHE
+    assert m["above_baseline_bytes"] == pytest.approx(CACHE + STEP_PEAK, abs=8 * MIB)
+    assert m["budget_bytes"] == int(engine.MEMORY_TARGET * 16) + CACHE and not m["met"]
 
 
 TTFT, REST, TOKENS = 0.2, 0.3, 5  # seconds to the first text, then to the end; completion tokens per request
@@ -98,8 +141,10 @@ def test_engine_benchmark_report(stories_dir, tmp_path, monkeypatch):
                         "--prompt-tokens", "32", "--prefill-batch", "2", "--no-compile", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert set(r["variants"]) == {"dense", "2:4"} and out.with_suffix(".png").exists()
-    for v in r["variants"].values():  # each variant's process held its model at its peak
-        assert v["peak_memory_bytes"] >= v["baseline_memory_bytes"] + v["model_bytes"] // 2
+    for v in r["variants"].values():  # each variant's process held its model and its KV cache at its peak
+        m = v["memory"]
+        assert m["peak_bytes"] - m["baseline_bytes"] == m["above_baseline_bytes"] >= v["model_bytes"] // 2
+        assert m["kv_cache_bytes"] > 0 and m["budget_bytes"] == int(1.5 * v["model_bytes"]) + m["kv_cache_bytes"]
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     assert "| dense | " in tables.engine() and "| 2:4 | " in tables.engine()
 

@@ -19,6 +19,7 @@ import torch
 
 from ..data.calibration import context_length
 from ..errors import SparseRuntimeError
+from ..models.architecture import find_decoder_layers
 from .detokenize import Detokenizer
 
 
@@ -123,6 +124,32 @@ class Request:
     _detok: Detokenizer | None = None   # None once a stop string cut the text (nothing held back is wanted)
 
 
+class LayerCache:
+    """One layer's K/V in a :class:`StaticCache`, written where the cache says (its rows and positions).
+
+    The regionally compiled decoder layer gets its own ``LayerCache`` in place of the cache, so nothing the traced
+    layer reads depends on which layer it is (HF passes ``layer_idx``, unused here) and one graph serves every layer."""
+
+    def __init__(self, cache: "StaticCache", k: torch.Tensor, v: torch.Tensor):
+        self.cache, self.k, self.v = cache, k, v
+
+    def update(self, key, value, *args, **kwargs):
+        c, k, v = self.cache, self.k, self.v
+        if c._pos is None:
+            length = key.shape[2]
+            k[c._rows, :, :length] = key
+            v[c._rows, :, :length] = value
+            return k[c._rows, :, :length], v[c._rows, :, :length]
+        n = key.shape[0]  # decode's rows are 0..n-1: a size, not the slice's constant, so one graph serves every n
+        rows = torch.arange(n, device=key.device)
+        k[rows, :, c._pos] = key[:, :, 0]
+        v[rows, :, c._pos] = value[:, :, 0]
+        return k[:n, :, :c._kv_len], v[:n, :, :c._kv_len]
+
+    def get_seq_length(self, *args) -> int:
+        return self.cache.get_seq_length()
+
+
 class StaticCache:
     """Preallocated K/V ``[slots, kv_heads, max_len, head_dim]`` per layer, written where the engine says.
 
@@ -133,10 +160,15 @@ class StaticCache:
         shape = (slots, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.layers = [LayerCache(self, k, v) for k, v in zip(self.k, self.v)]
         self.max_len = max_len
         self._rows: slice = slice(0, 0)
         self._pos: torch.Tensor | None = None  # decode: one position per row; prefill: None (write 0..L-1)
         self._kv_len = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def prefill_at(self, rows: slice) -> None:
         self._rows, self._pos = rows, None
@@ -145,16 +177,7 @@ class StaticCache:
         self._rows, self._pos, self._kv_len = slice(0, n), pos, kv_len
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        k, v = self.k[layer_idx], self.v[layer_idx]
-        if self._pos is None:
-            length = key.shape[2]
-            k[self._rows, :, :length] = key
-            v[self._rows, :, :length] = value
-            return k[self._rows, :, :length], v[self._rows, :, :length]
-        rows = torch.arange(key.shape[0], device=key.device)
-        k[rows, :, self._pos] = key[:, :, 0]
-        v[rows, :, self._pos] = value[:, :, 0]
-        return k[self._rows, :, :self._kv_len], v[self._rows, :, :self._kv_len]
+        return self.layers[layer_idx].update(key, value)
 
     def move(self, src: int, dst: int, length: int) -> None:
         for k, v in zip(self.k, self.v):
@@ -166,14 +189,18 @@ class StaticCache:
 
 
 # Inductor settings of the compiled CPU decode step, per ``Engine(compile=...)`` mode.
-# True: the graph as inductor compiles it, every weight read where the model holds it (one copy: the sparse
-#   kernel's compressed layout for 2:4 layers, the parameter for dense ones), and the compiled step cached across
-#   processes by inductor's FX graph cache, so a warm start skips code generation.
-# "max-autotune": weights frozen into the graph and prepacked for inductor's C++ GEMM template, which streams
-#   dense weights faster at decode's few rows, at the cost of a prepacked copy of every dense weight beside the
-#   model's and no cross-process cache (mkldnn-packed constants cannot be pickled): every new process compiles
-#   and autotunes again, for minutes.
+# True: regional: the decoder layer is compiled once and that graph runs for every layer (dynamo traces one layer,
+#   not all of them, and inductor generates one layer's code), the embedding, final norm and lm_head eager around
+#   it. Every weight is read where the model holds it (one copy: the sparse kernel's compressed layout for 2:4
+#   layers, the parameter for dense ones), and the compiled layer is cached across processes by inductor's FX graph
+#   cache, so a warm start skips code generation.
+# "max-autotune": the whole step as one graph (freezing makes each layer's weights constants of its own graph, so one
+#   layer's graph cannot serve another), weights prepacked for inductor's C++ GEMM template, which streams dense
+#   weights faster at decode's few rows, at the cost of a prepacked copy of every dense weight beside the model's and
+#   no cross-process cache (mkldnn-packed constants cannot be pickled): every new process compiles and autotunes
+#   again, for minutes.
 CPU_COMPILE = {True: {}, "max-autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}}
+CPU_REGIONAL = (True,)
 COMPILE_MODES = (False, True, "max-autotune")
 
 
@@ -218,6 +245,10 @@ class Engine:
         self._decode_logits = self._logits_eager
         if compile and self.device.type == "cuda":
             self._decode_logits = torch.compile(self._logits_eager, mode="reduce-overhead", dynamic=False)
+        elif compile in CPU_REGIONAL:
+            self._layers = find_decoder_layers(model)[0]
+            self._layer_forwards = _compiled_layer_forwards(self._layers, self.cache)
+            self._decode_logits = self._logits_regional
         elif compile:
             compiled = torch.compile(self._logits_eager, dynamic=True)
 
@@ -339,6 +370,19 @@ class Engine:
     def _logits_eager(self, ids, pos, mask):
         # the class's forward, not an instance's relayed one (tensor_parallel.lead relays this call whole)
         return self.lm_head(Engine._forward_eager(self, ids, pos, mask)[:, -1]).float()
+
+    def _logits_regional(self, ids, pos, mask):
+        # The compiled layers run only inside the decode step: prefill, and other engines on this model, stay eager.
+        held = [layer.__dict__.get("forward") for layer in self._layers]
+        for layer, forward in zip(self._layers, self._layer_forwards):
+            layer.forward = forward
+        try:
+            return self._logits_eager(ids, pos, mask)
+        finally:
+            for layer, forward in zip(self._layers, held):
+                del layer.forward
+                if forward is not None:
+                    layer.forward = forward
 
     def _prefill(self, new: list[Request]) -> None:
         s0 = len(self.running)
@@ -468,6 +512,26 @@ class Engine:
                 self.running[i], self.lengths[i] = self.running[last], self.lengths[last]
             self.running.pop()
             self.lengths.pop()
+
+
+def _compiled_layer_forwards(layers, cache: StaticCache) -> list[Callable]:
+    """Each decoder layer's forward, run through one ``torch.compile`` of its class's forward (dynamo's cache is per
+    code object: the first layer compiles, the others hit its graph) with its own :class:`LayerCache` in place of
+    ``cache``. Hooks on the layer still run, eagerly, around it."""
+    compiled: dict[type, Callable] = {}
+    for t in cache.k + cache.v:  # the cache's sizes are the engine's constants: no symbols, no duck-sizing guards
+        torch._dynamo.mark_static(t)
+
+    def forward_of(layer, view):
+        if type(layer) not in compiled:
+            compiled[type(layer)] = torch.compile(type(layer).forward, dynamic=True)
+        fn = compiled[type(layer)]
+
+        def forward(*args, **kwargs):
+            args = tuple(view if a is cache else a for a in args)
+            return fn(layer, *args, **{k: view if v is cache else v for k, v in kwargs.items()})
+        return forward
+    return [forward_of(layer, view) for layer, view in zip(layers, cache.layers)]
 
 
 def _token_logprob(lp: torch.Tensor, tok: int, top_n: int, detok: Detokenizer) -> TokenLogprob:
