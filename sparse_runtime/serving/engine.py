@@ -190,8 +190,8 @@ class StaticCache:
 
 # Inductor settings of the compiled CPU decode step, per ``Engine(compile=...)`` mode.
 # True: regional: the decoder layer is compiled once and that graph runs for every layer (dynamo traces one layer,
-#   not all of them, and inductor generates one layer's code), the embedding, final norm and lm_head eager around
-#   it. Every weight is read where the model holds it (one copy: the sparse kernel's compressed layout for 2:4
+#   not all of them, and inductor generates one layer's code), the lm_head compiled as a region of its own, the
+#   embedding and final norm eager around them. Every weight is read where the model holds it (one copy: the sparse kernel's compressed layout for 2:4
 #   layers, the parameter for dense ones), and the compiled layer is cached across processes by inductor's FX graph
 #   cache, so a warm start skips code generation.
 # "max-autotune": the whole step as one graph (freezing makes each layer's weights constants of its own graph, so one
@@ -246,8 +246,10 @@ class Engine:
         if compile and self.device.type == "cuda":
             self._decode_logits = torch.compile(self._logits_eager, mode="reduce-overhead", dynamic=False)
         elif compile in CPU_REGIONAL:
-            self._layers = find_decoder_layers(model)[0]
-            self._layer_forwards = _compiled_layer_forwards(self._layers, self.cache)
+            # the lm_head is a region too: int8 heads become one fused pass over their codes
+            self._regions = [*find_decoder_layers(model)[0], self.lm_head]
+            self._region_forwards = _compiled_layer_forwards(self._regions[:-1], self.cache) + [
+                _compiled_forward(self.lm_head)]
             self._decode_logits = self._logits_regional
         elif compile:
             compiled = torch.compile(self._logits_eager, dynamic=True)
@@ -373,13 +375,13 @@ class Engine:
 
     def _logits_regional(self, ids, pos, mask):
         # The compiled layers run only inside the decode step: prefill, and other engines on this model, stay eager.
-        held = [layer.__dict__.get("forward") for layer in self._layers]
-        for layer, forward in zip(self._layers, self._layer_forwards):
-            layer.forward = forward
+        held = [region.__dict__.get("forward") for region in self._regions]
+        for region, forward in zip(self._regions, self._region_forwards):
+            region.forward = forward
         try:
             return self._logits_eager(ids, pos, mask)
         finally:
-            for layer, forward in zip(self._layers, held):
+            for layer, forward in zip(self._regions, held):
                 del layer.forward
                 if forward is not None:
                     layer.forward = forward
@@ -512,6 +514,12 @@ class Engine:
                 self.running[i], self.lengths[i] = self.running[last], self.lengths[last]
             self.running.pop()
             self.lengths.pop()
+
+
+def _compiled_forward(module) -> Callable:
+    """``module``'s forward through one ``torch.compile`` of its class's forward."""
+    fn = torch.compile(type(module).forward, dynamic=True)
+    return lambda *args, **kwargs: fn(module, *args, **kwargs)
 
 
 def _compiled_layer_forwards(layers, cache: StaticCache) -> list[Callable]:
