@@ -625,6 +625,7 @@ def headline() -> str:
     dense_ppl, threads = rot["perplexity"]["dense"], best.get("threads", 1)
     where = f"cpu ({best['cpu']}, {threads} thread{'s' * (threads > 1)})" if best.get("cpu") else rot["device"]
     dense, sparse = e["variants"]["dense"], e["variants"]["2:4"]
+    q8s, q8d = e["variants"].get("2:4-int8"), e["variants"].get("dense-int8")
     b1 = lambda v: v["decode_tokens_per_s"]["engine_b1"]  # noqa: E731
     eager = lambda v: v["decode_tokens_per_s"].get("engine_eager_b1", float("nan"))  # noqa: E731
     mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
@@ -646,6 +647,10 @@ def headline() -> str:
            f"noise, not sparsity) | {dense['b1_bound_tokens_per_s']:.1f} tok/s (the CPU's read bandwidth over the "
            f"dense bytes)")
         + f"; on a GPU {DECODE_BOUND:.2f}x dense, not yet measured | {e['device']}, {e['date'][:10]} |",
+        *([f"| speed, quantized: decode tokens/s at batch 1, int8 weights and head | {b1(q8d):.1f} (dense int8) | "
+           f"**{b1(q8s):.1f}** (2:4 + int8: {b1(q8s) / b1(dense):.2f}x dense {e['dtype']}, {b1(q8s) / b1(q8d):.2f}x dense "
+           f"int8) | {q8s['b1_bound_tokens_per_s']:.1f} tok/s (the CPU's read bandwidth over its bytes) | "
+           f"{e['device']}, {e['date'][:10]} |"] if q8s and q8d else []),
         f"| memory: peak resident memory loading {mem['model']} | {mib(read['load_peak_bytes'])} (weights read) | "
         f"{mib(ref['load_peak_bytes'])} (`reference` backend) | {mib(ref['tensor_bytes'])}: the 2:4 checkpoint's "
         f"tensors (target <= {mem['target']['max_ratio']}x them: {'met' if mem['target']['met'] else 'missed'}) | "
