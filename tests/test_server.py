@@ -367,3 +367,25 @@ def test_cli_serve_sigterm_exits_zero(stories_dir):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_cli_serve_listens_before_printing_its_address(stories_dir, monkeypatch):
+    """A client that connects as soon as the address is printed is queued, not refused: the socket listens before
+    the line is printed (uvicorn would only listen once it has started, after it)."""
+    from sparse_runtime.cli import main
+
+    seen = {}
+
+    def run(self, sockets):  # in place of uvicorn's serving: what state is the printed socket in?
+        seen["listening"] = sockets[0].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        sockets[0].close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert main(["serve", "--model", str(stories_dir), "--port", "0", "--device", "cpu", "--max-seq-len",
+                     "128"]) == 0
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert seen == {"listening": 1}

@@ -78,6 +78,7 @@ def run(args) -> int:
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    sock.listen(2048)  # before the address is printed: a client that connects at once waits instead of being refused
     host, port = sock.getsockname()[:2]
     print(f"serving {name} on http://{host}:{port} (max batch {args.max_batch}, queue {args.max_queue})",
           file=sys.stderr, flush=True)
