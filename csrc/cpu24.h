@@ -73,7 +73,7 @@ float sr_sum_avx512(const float* a, int64_t n);
 
 // Rows [row0, row1) of quantized values (p.values, p.scales) as float values [row1 - row0, K/2], the layout the
 // decompression below reads: fp32 (elem_bytes 4) or bf16 (2; code * scale rounded to nearest even, as torch
-// rounds the dequantized weight).
+// rounds the dequantized weight). bf16 values (no scales) widen to fp32 (elem_bytes 4 only).
 void sr_cpu24_dequantize(const Cpu24Problem& p, int64_t row0, int64_t row1, void* out, int elem_bytes);
 
 // `rows` rows of W (values/meta pointing at the first) to dense [rows, K] (elem_bytes 4: fp32, 2: bf16), for the

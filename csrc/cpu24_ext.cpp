@@ -23,7 +23,7 @@ constexpr int64_t kDecodeMaxM = 16;                   // always streamed (decode
 constexpr int64_t kRowAlign = 8;                       // thread chunks start on a multiple of the row tiles
 constexpr int64_t kMinChunkBytes = 64 * 1024;          // of weights per thread chunk: below, a fork costs more
 constexpr int64_t kPanelBytes = 16 * 1024 * 1024;      // dense prefill panel (see prefill)
-constexpr int64_t kGemmRows = 48;                      // weight rows per sparse-GEMM task: outputs [M, 96] in L2
+constexpr int64_t kGemmRows = 48;                      // weight rows per sparse-GEMM task: outputs [M, 48] in L2
 
 using Kernel = void (*)(const Cpu24Problem&, int64_t, int64_t);
 using SumFn = float (*)(const float*, int64_t);
@@ -158,17 +158,26 @@ at::Tensor widened(const std::optional<at::Tensor>& t) {
   return t ? t->to(at::kFloat).contiguous() : at::Tensor();  // no copy when fp32 already
 }
 
-void decode(const Isa& isa, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scales, at::Tensor& y) {
+// The streaming and GEMM kernels take fp32 x, bias, scales and y: widening M*K inputs and narrowing M*N outputs is
+// cheap next to N*K. run(x32, bias32, scales32, y32) on them (an absent bias or scales: undefined), then y gets
+// y32 where the kernel could not write y in place.
+template <class Run>
+void in_fp32(const at::Tensor& x, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scales,
+             at::Tensor& y, const Run& run) {
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  // The kernels take fp32 x, bias, scales and y: widening M*K inputs and narrowing M*N outputs is cheap next to
-  // N*K.
   const at::Tensor x32 = bf16 ? x.to(at::kFloat) : x, b32 = widened(bias), s32 = widened(scales);
   at::Tensor y32 = bf16 || !y.is_contiguous() ? at::empty(y.sizes(), x32.options()) : y;
+  run(x32, b32, s32, y32);
+  if (!y32.is_same(y)) y.copy_(y32);
+}
+
+// x: as given (a bf16 kernel reads it as is), the rest in fp32 (in_fp32).
+void decode(const Isa& isa, const at::Tensor& x, const at::Tensor& x32, const at::Tensor& values,
+            const at::Tensor& meta, const at::Tensor& b32, const at::Tensor& s32, at::Tensor& y32) {
   Cpu24Problem p = weight_problem(values, meta, s32, x.size(1));
   p.x = x32.data_ptr<float>();
   p.x16 = p.kind == Cpu24Values::bf16 ? static_cast<const uint16_t*>(x.data_ptr()) : nullptr;
-  p.bias = bias ? b32.data_ptr<float>() : nullptr;
+  p.bias = b32.defined() ? b32.data_ptr<float>() : nullptr;
   p.y = y32.data_ptr<float>();
   p.m = x.size(0);
   // Groups that are not whole SIMD steps run on the scalar kernel (correct, not fast).
@@ -179,7 +188,6 @@ void decode(const Isa& isa, const at::Tensor& x, const at::Tensor& values, const
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     kernel(p, b0 * kRowAlign, std::min(b1 * kRowAlign, p.n));
   });
-  if (!y32.is_same(y)) y.copy_(y32);
 }
 
 void prefill(const Isa& isa, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
@@ -239,13 +247,11 @@ at::Tensor pack_x(const at::Tensor& x32, int64_t block) {
   return xp;
 }
 
-// Prefill on the kept values (cpu24_gemm.h): chunks of kGemmRows weight rows per task, all of x packed once.
-void sparse_gemm(const Isa& isa, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scales, at::Tensor& y) {
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  const at::Tensor x32 = bf16 ? x.to(at::kFloat) : x, b32 = widened(bias), s32 = widened(scales);
-  at::Tensor y32 = bf16 || !y.is_contiguous() ? at::empty(y.sizes(), x32.options()) : y;
-  const int64_t m = x.size(0), k = x.size(1), n = values.size(0), block = isa.gemm_block();
+// Prefill on the kept values (cpu24_gemm.h): chunks of kGemmRows weight rows per task, all of x packed once; all
+// in fp32 (in_fp32), values other than fp32 widened or dequantized a chunk at a time.
+void sparse_gemm(const Isa& isa, const at::Tensor& x32, const at::Tensor& values, const at::Tensor& meta,
+                 const at::Tensor& b32, const at::Tensor& s32, at::Tensor& y32) {
+  const int64_t m = x32.size(0), k = x32.size(1), n = values.size(0), block = isa.gemm_block();
   const int64_t work_floats = (m + block - 1) / block * block * kGemmRows;
   const at::Tensor xp = pack_x(x32, block);
   const Cpu24Problem w = weight_problem(values, meta, s32, k);
@@ -257,21 +263,15 @@ void sparse_gemm(const Isa& isa, const at::Tensor& x, const at::Tensor& values, 
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kGemmRows, rows = std::min(kGemmRows, n - n0);
       const float* vals = static_cast<const float*>(w.values) + n0 * (k / 2);
-      if (w.kind == Cpu24Values::bf16) {  // bf16 is fp32's top half
-        const uint16_t* h = static_cast<const uint16_t*>(w.values) + n0 * (k / 2);
-        auto* bits = reinterpret_cast<uint32_t*>(wide.data());
-        for (int64_t i = 0; i < rows * (k / 2); ++i) bits[i] = static_cast<uint32_t>(h[i]) << 16;
-        vals = wide.data();
-      } else if (cpu24_quantized(w.kind)) {
+      if (w.kind != Cpu24Values::f32) {
         sr_cpu24_dequantize(w, n0, n0 + rows, wide.data(), 4);
         vals = wide.data();
       }
-      const Cpu24Gemm g{xp.data_ptr<float>(), vals, w.meta + n0 * (k / 8), bias ? b32.data_ptr<float>() + n0 : nullptr,
+      const Cpu24Gemm g{xp.data_ptr<float>(), vals, w.meta + n0 * (k / 8), b32.defined() ? b32.data_ptr<float>() + n0 : nullptr,
                         y32.data_ptr<float>() + n0, work.data(), vpack.data(), mpack.data(), m, k, rows, n};
       isa.gemm(g);
     }
   });
-  if (!y32.is_same(y)) y.copy_(y32);
 }
 
 // Beyond decode, streaming still wins while x is a few blocks of rows (its compute per row of x matches a dense
@@ -308,12 +308,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   }
   if (x.size(0) == 0 || values.size(0) == 0) return y.zero_();
   const std::string how = path.empty() ? default_path(x) : path;
-  if (how == "stream")
-    decode(isa, x, values, meta, bias, scales, y);
-  else if (how == "gemm")
-    sparse_gemm(isa, x, values, meta, bias, scales, y);
-  else
+  if (how == "panels")
     prefill(isa, x, values, meta, bias, scales, y);
+  else
+    in_fp32(x, bias, scales, y, [&](const at::Tensor& x32, const at::Tensor& b32, const at::Tensor& s32, at::Tensor& y32) {
+      if (how == "stream") decode(isa, x, x32, values, meta, b32, s32, y32);
+      else sparse_gemm(isa, x32, values, meta, b32, s32, y32);
+    });
   return y;
 }
 

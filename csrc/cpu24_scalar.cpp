@@ -66,13 +66,15 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite input
   return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
+// bf16 values are widened (they have no scales), codes multiplied by their scales.
 template <Cpu24Values V, typename T>
 void dequantize_rows(const Cpu24Problem& p, int64_t row0, int64_t row1, T* out) {
+  constexpr bool kQuant = cpu24_quantized(V);
   const int64_t nvals = p.k / 2, per_group = p.group / 2, groups = p.k / p.group;
   for (int64_t n = row0; n < row1; ++n) {
     T* o = out + (n - row0) * nvals;
     for (int64_t j = 0; j < nvals; ++j) {
-      const float v = value_at<V>(p.values, n * nvals + j) * p.scales[n * groups + j / per_group];
+      const float v = value_at<V>(p.values, n * nvals + j) * (kQuant ? p.scales[n * groups + j / per_group] : 1.0f);
       if constexpr (sizeof(T) == 4) o[j] = v;
       else o[j] = float_to_bf16(v);
     }
@@ -124,7 +126,8 @@ void sr_cpu24_dequantize(const Cpu24Problem& p, int64_t row0, int64_t row1, void
   const bool int8 = p.kind == Cpu24Values::int8;
   if (elem_bytes == 4) {
     auto* o = static_cast<float*>(out);
-    if (int8) dequantize_rows<Cpu24Values::int8>(p, row0, row1, o);
+    if (p.kind == Cpu24Values::bf16) dequantize_rows<Cpu24Values::bf16>(p, row0, row1, o);
+    else if (int8) dequantize_rows<Cpu24Values::int8>(p, row0, row1, o);
     else dequantize_rows<Cpu24Values::int4>(p, row0, row1, o);
   } else {
     auto* o = static_cast<uint16_t*>(out);
