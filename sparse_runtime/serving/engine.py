@@ -248,8 +248,7 @@ class Engine:
         elif compile in CPU_REGIONAL:
             # the lm_head is a region too: int8 heads become one fused pass over their codes
             self._regions = [*find_decoder_layers(model)[0], self.lm_head]
-            self._region_forwards = _compiled_layer_forwards(self._regions[:-1], self.cache) + [
-                _compiled_forward(self.lm_head)]
+            self._region_forwards = _compiled_forwards(self._regions, self.cache)
             self._decode_logits = self._logits_regional
         elif compile:
             compiled = torch.compile(self._logits_eager, dynamic=True)
@@ -516,16 +515,11 @@ class Engine:
             self.lengths.pop()
 
 
-def _compiled_forward(module) -> Callable:
-    """``module``'s forward through one ``torch.compile`` of its class's forward."""
-    fn = torch.compile(type(module).forward, dynamic=True)
-    return lambda *args, **kwargs: fn(module, *args, **kwargs)
-
-
-def _compiled_layer_forwards(layers, cache: StaticCache) -> list[Callable]:
-    """Each decoder layer's forward, run through one ``torch.compile`` of its class's forward (dynamo's cache is per
-    code object: the first layer compiles, the others hit its graph) with its own :class:`LayerCache` in place of
-    ``cache``. Hooks on the layer still run, eagerly, around it."""
+def _compiled_forwards(modules, cache: StaticCache) -> list[Callable]:
+    """Each module's forward, run through one ``torch.compile`` of its class's forward (dynamo's cache is per code
+    object: the first decoder layer compiles, the others hit its graph); the decoder layers come first, each with its
+    own :class:`LayerCache` in place of ``cache``, then modules that take no cache. Hooks on a module still run,
+    eagerly, around it."""
     compiled: dict[type, Callable] = {}
     for t in cache.k + cache.v:  # the cache's sizes are the engine's constants: no symbols, no duck-sizing guards
         torch._dynamo.mark_static(t)
@@ -539,7 +533,7 @@ def _compiled_layer_forwards(layers, cache: StaticCache) -> list[Callable]:
             args = tuple(view if a is cache else a for a in args)
             return fn(layer, *args, **{k: view if v is cache else v for k, v in kwargs.items()})
         return forward
-    return [forward_of(layer, view) for layer, view in zip(layers, cache.layers)]
+    return [forward_of(module, view) for module, view in itertools.zip_longest(modules, cache.layers)]
 
 
 def _token_logprob(lp: torch.Tensor, tok: int, top_n: int, detok: Detokenizer) -> TokenLogprob:
