@@ -201,6 +201,12 @@ def test_kernels_use_torchs_threads(threads):
     assert cpu24.parallel_for_threads() == threads
 
 
+def test_unknown_path_is_refused():
+    values, meta, _ = sparse_weight(8, 64, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="path must be '', 'stream', 'panels' or 'gemm', got 'dense'"):
+        cpu24.linear(torch.randn(20, 64), values, meta, path="dense")
+
+
 def test_read_bandwidth_probe(threads):
     buf = torch.ones((1 << 20) + 3)
     assert cpu24.read_bandwidth_probe(buf) == buf.numel()
