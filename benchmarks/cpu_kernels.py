@@ -5,8 +5,9 @@ What it counts first: a decode call reads the weight once, so it is bound by mem
 4 bytes per weight; 2:4 reads half the values plus 2 bits per kept value, 17/32 of that, so the bound on the
 speedup is 32/17 = 1.88x. Every timed pass runs a stack of distinct layers whose bytes exceed the last-level
 cache several times (the CPUs these runs see range from 32 MiB to 480 MiB of L3), as a model's decode step does,
-so the numbers are memory numbers, not cache numbers; the machine's read bandwidth is measured in the same run
-with the same threads, and each row reports the bytes it read per second against it.
+so the numbers are memory numbers, not cache numbers; the machine's read bandwidth is read between the timed
+passes with the same threads (:class:`BandwidthProbe`), and each row reports the bytes it read per second against
+the bandwidth of its own passes.
 
 Quantized values (``--quant int8,int4``) add the 2:4 kernel on int8 codes (``cpu24-int8``, per-row scales) and
 int4 codes (``cpu24-int4``, groups of 128 columns, or the largest of 64/32 that divides K), and torch's dense
@@ -87,34 +88,48 @@ def stack_size(layer_bytes: int, llc: int, budget: int) -> int:
     return max(2, min(math.ceil(4 * llc / layer_bytes), budget // layer_bytes, 2048))
 
 
-def read_bandwidth_gbps(llc: int, repeats: int = 7) -> float:
-    """The machine's read bandwidth with torch's threads: the faster of two full reads of a buffer of 8x the
-    last-level cache (at least 1 GiB), torch's sum and the kernels' own vector loads
-    (``cpu24.read_bandwidth_probe``), each the median of ``repeats`` (the faster one is the bound)."""
-    import torch
+class BandwidthProbe:
+    """The machine's read bandwidth with torch's threads: full reads of a buffer of 4x the last-level cache (at
+    least 256 MiB), by the faster of torch's sum and the kernels' own vector loads (``cpu24.read_bandwidth_probe``).
 
-    from sparse_runtime.ops import cpu24
+    A shared VM's bandwidth moves between processes and within one (29 to 47 GB/s here), so a share of a figure
+    measured minutes earlier says more about the neighbours than about the kernel: :func:`time_pass` interleaves
+    reads of this buffer with the kernel's passes, and each row is set against the bandwidth of its own passes."""
 
-    from .engine import timer
+    def __init__(self, llc: int, repeats: int = 7):
+        import torch
 
-    buf, median = torch.ones(max(8 * llc, 1 << 30) // 4), timer("cpu")
-    reads = (buf.sum, lambda: cpu24.read_bandwidth_probe(buf))
-    for read in reads:
-        read()  # warm-up
-    return max(buf.numel() * 4 / median(read, repeats) for read in reads) / 1e9
+        from sparse_runtime.ops import cpu24
+
+        self.buffer = torch.ones(max(4 * llc, 256 << 20) // 4)
+        self.nbytes = self.buffer.numel() * 4
+        reads = (self.buffer.sum, lambda: cpu24.read_bandwidth_probe(self.buffer))
+        for read in reads:
+            read()  # warm-up
+        seconds = [statistics.median(_seconds(read) for _ in range(repeats)) for read in reads]
+        self.read = reads[seconds.index(min(seconds))]
+        self.gbps = self.nbytes / min(seconds) / 1e9
 
 
-def time_pass(calls, min_seconds: float = 0.3, min_passes: int = 5) -> float:
-    """Median seconds of one pass over ``calls`` (one warm-up pass first)."""
-    for c in calls:
-        c()
-    times, start = [], time.perf_counter()
-    while len(times) < min_passes or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_pass(calls, probe: BandwidthProbe, min_seconds: float = 0.3, min_passes: int = 5, probes: int = 7):
+    """Median seconds of one pass over ``calls`` (one warm-up pass first), and the read bandwidth (GB/s) of
+    ``probe`` read between the first ``probes`` passes."""
+    def one_pass():
         for c in calls:
             c()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    one_pass()
+    times, reads, start = [], [], time.perf_counter()
+    while len(times) < min_passes or time.perf_counter() - start < min_seconds:
+        times.append(_seconds(one_pass))
+        if len(reads) < probes:
+            reads.append(_seconds(probe.read))
+    return statistics.median(times), probe.nbytes / statistics.median(reads) / 1e9
 
 
 def compiled_stack(dense):
@@ -134,10 +149,10 @@ def compiled_stack(dense):
     return call
 
 
-def bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, bandwidth, log=print, quant=()):
+def bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, probe, log=print, quant=()):
     """Rows of one weight shape, yielded per M: each provider's median time per layer, the bytes it moved per
-    second and their share of the read bandwidth, and its speedup over the best full-precision dense path at
-    that M. ``quant``: schemes of :data:`QUANT` to time too."""
+    second and their share of the read bandwidth measured between its passes, and its speedup over the best
+    full-precision dense path at that M. ``quant``: schemes of :data:`QUANT` to time too."""
     import torch
     import torch.nn.functional as F
 
@@ -185,7 +200,8 @@ def bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, bandwidth, log=print,
             stack = compiled_stack(dense)
             calls["compiled"] = [lambda: stack(x)]
         with torch.no_grad():
-            times = {p: time_pass(c) / layers for p, c in calls.items()}
+            timed = {p: time_pass(c, probe) for p, c in calls.items()}
+        times = {p: t / layers for p, (t, _) in timed.items()}
         best_dense = min(t for p, t in times.items() if p in ("dense", "compiled"))
         rows = []
         for provider, t in times.items():
@@ -194,10 +210,12 @@ def bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, bandwidth, log=print,
             rows.append({"shape": f"{n}x{k}", "n": n, "k": k, "m": m, "dtype": str(dtype).removeprefix("torch."),
                          "provider": provider, **group, "layers_per_pass": layers, "us": round(t * 1e6, 2),
                          "bytes": nbytes, "gbps": round(nbytes / t / 1e9, 2),
-                         "bandwidth_fraction": round(nbytes / t / 1e9 / bandwidth, 3),
+                         "read_bandwidth_gbps": round(timed[provider][1], 2),
+                         "bandwidth_fraction": round(nbytes / t / 1e9 / timed[provider][1], 3),
                          "speedup_vs_best_dense": round(best_dense / t, 3)})
         log(f"{n}x{k} M={m:<4} " + "  ".join(f"{p} {t * 1e6:9.1f} us" for p, t in times.items())
-            + f"  2:4 {best_dense / times['cpu24']:.2f}x the best dense"
+            + f"  2:4 {best_dense / times['cpu24']:.2f}x the best dense, "
+            f"{next(r['bandwidth_fraction'] for r in rows if r['provider'] == 'cpu24'):.0%} of the bandwidth"
             + (f", int8 2:4 {times['dense-int8'] / times['cpu24-int8']:.2f}x dense int8" if "dense-int8" in times else ""))
         yield rows
 
@@ -267,13 +285,15 @@ def measure(shapes, ms, dtype_name: str = "fp32", compiled_ms=(1, 8), out: Path 
     dtype = getattr(torch, DTYPES[dtype_name])
     out = out or RESULTS / f"cpu_kernels_{dtype_name}.json"
     llc, budget = llc_bytes(), int(budget_gib * (1 << 30))
-    bandwidth = read_bandwidth_gbps(llc)
+    probe = BandwidthProbe(llc)
     report = {**metadata("cpu"), "kind": "cpu_kernels", "dtype": dtype_name, "best_isa": cpu24.isas()[-1],
-              "llc_bytes": llc, "read_bandwidth_gbps": round(bandwidth, 2),
+              "llc_bytes": llc, "read_bandwidth_gbps": round(probe.gbps, 2),
+              "probe_bytes": probe.nbytes,
               "timer": "median of >= 5 passes over a stack of distinct layers >= 4x the LLC, per layer", "rows": []}
-    log(f"{report['device']}, best ISA {report['best_isa']}, LLC {llc >> 20} MiB, read bandwidth {bandwidth:.1f} GB/s")
+    log(f"{report['device']}, best ISA {report['best_isa']}, LLC {llc >> 20} MiB, read bandwidth {probe.gbps:.1f} GB/s "
+        "(at the start; each row against the bandwidth read between its own passes)")
     for n, k in shapes:
-        for rows in bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, bandwidth, log, quant):
+        for rows in bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, probe, log, quant):
             report["rows"] += rows
             write_json(out, report)  # after every M: a run cut short keeps what it measured
     log(f"wrote {out} and {plot(out.with_suffix('.png'), report)}")

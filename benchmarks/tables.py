@@ -553,22 +553,21 @@ def cpu_kernels() -> str:
     cells = {(x["shape"], x["m"], x["provider"]): x for x in r["rows"]}
     lines = [f"{r['dtype']}, per layer, median of >= 5 passes over a stack of distinct layers >= 4x the "
              f"{r['llc_bytes'] >> 20} MiB last-level cache; bandwidth: the faster of torch's sum and the kernels' own "
-             f"read over {max(8 * r['llc_bytes'], 1 << 30) >> 20} MiB in the same run, {r['read_bandwidth_gbps']:.1f} GB/s; best dense = the faster of `F.linear` "
-             f"(MKL/oneDNN) and the inductor-compiled frozen linear where timed; byte bound at decode 32/17 = 1.88x; "
-             f"{r['device']}, kernel ISA {r['best_isa']}, torch {r['torch']}, {r['date'][:10]} "
-             f"(`python -m benchmarks.cpu_kernels`)."
-             + (f" Shapes {', '.join(r['rerun']['shapes'])} timed again alone (bandwidth then "
-                f"{r['rerun']['read_bandwidth_gbps']:.1f} GB/s, their share against it): {r['rerun']['why']}."
-                if r.get("rerun") else ""), "",
-             "| N x K | M | dense `F.linear` us | compiled us | 2:4 us | 2:4 GB/s (of bandwidth) | 2:4 vs best dense |",
-             "|---|---|---|---|---|---|---|"]
+             f"read over {r['probe_bytes'] >> 20} MiB, read between each row's own timed passes (the VM's bandwidth "
+             f"moves within a run; {r['read_bandwidth_gbps']:.1f} GB/s at its start); best dense = the faster of "
+             f"`F.linear` (MKL/oneDNN) and the inductor-compiled frozen linear where timed; byte bound at decode "
+             f"32/17 = 1.88x; {r['device']}, kernel ISA {r['best_isa']}, torch {r['torch']}, {r['date'][:10]} "
+             f"(`python -m benchmarks.cpu_kernels`).", "",
+             "| N x K | M | dense `F.linear` us | compiled us | 2:4 us | 2:4 GB/s (of the bandwidth then) | "
+             "2:4 vs best dense |", "|---|---|---|---|---|---|---|"]
     for (shape, m, provider), x in cells.items():
         if provider != "cpu24":
             continue
         compiled = cells.get((shape, m, "compiled"))
         compiled = "-" if compiled is None else f"{compiled['us']:.1f}"
         lines.append(f"| {shape} | {m} | {cells[shape, m, 'dense']['us']:.1f} | {compiled} | {x['us']:.1f} | "
-                     f"{x['gbps']:.1f} ({x['bandwidth_fraction']:.0%}) | **{x['speedup_vs_best_dense']:.2f}x** |")
+                     f"{x['gbps']:.1f} ({x['bandwidth_fraction']:.0%} of {x['read_bandwidth_gbps']:.1f}) | "
+                     f"**{x['speedup_vs_best_dense']:.2f}x** |")
     llama = {"4096x4096", "1024x4096", "14336x4096", "4096x14336"}
     at = lambda m: [x for x in r["rows"] if x["provider"] == "cpu24" and x["m"] == m and x["shape"] in llama]  # noqa
     lines.append("")

@@ -53,7 +53,23 @@ def test_a_tiny_run_reports_every_provider_and_m(tmp_path):
     assert r["read_bandwidth_gbps"] > 0 and r["cpu"] and r["threads"] >= 1 and out.with_suffix(".png").exists()
     for x in r["rows"]:
         assert x["bytes"] == bench.call_bytes(x["provider"], x["m"], 32, 64, 4)
-        assert x["gbps"] == pytest.approx(x["bytes"] / (x["us"] * 1e-6) / 1e9, rel=0.02)
+        assert x["gbps"] == pytest.approx(x["bytes"] / (x["us"] * 1e-6) / 1e9, rel=0.02, abs=0.005)  # 2 decimals
+        assert x["bandwidth_fraction"] == pytest.approx(x["gbps"] / x["read_bandwidth_gbps"], rel=0.02, abs=1e-3)
+
+
+def test_the_bandwidth_is_read_between_the_timed_passes():
+    """Each row's share is against reads interleaved with its own passes, not a figure from the run's start."""
+    events = []
+
+    class Probe:
+        nbytes = 10**9
+
+        def read(self):
+            events.append("read")
+
+    t, gbps = bench.time_pass([lambda: events.append("pass")], Probe(), min_seconds=0, min_passes=4, probes=3)
+    assert events == ["pass", "pass", "read", "pass", "read", "pass", "read", "pass"]  # warm-up pass first
+    assert t > 0 and gbps > 0
 
 
 def test_a_tiny_quantized_run_reports_the_quantized_providers(tmp_path):
