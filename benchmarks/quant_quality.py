@@ -8,15 +8,19 @@ same numbers a quantized SparseLinear computes with). Writes benchmarks/results/
     python -m benchmarks.quant_quality                           # the protocol: 32 x 512 C4 calibration, 40,960 tokens
     python -m benchmarks.quant_quality --runs 2:4/int4/nm --out /tmp/q.json
     python -m benchmarks.quant_quality --smoke --out /tmp/q.json # stories260K, tiny calibration: seconds, proves it runs
+    python -m benchmarks.quant_quality --runs 2:4/int8/nm --add  # one more row in the report, the others kept
 
 A run is ``PRUNE/QUANT/ROTATION``: PRUNE ``dense`` or ``2:4``, QUANT ``fp32`` or a scheme (int8, int4, fp8; int4 takes
-``--group-size``), ROTATION ``none`` or a rotation objective. ``dense/fp32`` takes no rotation (a rotation is
+``--group-size``), quantized in SparseGPT's sweep, or ``SCHEME-after`` (2:4 only): the full-precision prune, then GPTQ on
+its fixed masks (``PruneConfig.quantize_after``; runs of one invocation share that prune), ROTATION ``none`` or a
+rotation objective. ``dense/fp32`` takes no rotation (a rotation is
 function-preserving: it is the dense model). SmolLM2's hidden size 576 is not a multiple of 128: int4's groups are
 ``--group-size 64`` (the multiple of 8 closest to 128 that divides 576 and 1536).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -25,14 +29,15 @@ import torch
 from sparse_runtime.data.perplexity import perplexity
 from sparse_runtime.format.quant import SCHEMES
 from sparse_runtime.models.sources import load_model
-from sparse_runtime.prune import PruneConfig, prune
+from sparse_runtime.prune import PruneConfig, prune, quantize_pruned
 from sparse_runtime.prune.config import OBJECTIVES
 
 from .common import RESULTS, ROOT, add_protocol_arguments, calibration, cpu_model, metadata, protocol_report, write_json
 
 PRUNES = ("dense", "2:4")
-DEFAULT_RUNS = [f"{p}/{q}/{r}" for r in ("none", "nm") for p in PRUNES for q in ("fp32", "int8", "int4")
-                if not (p == "dense" and q == "fp32" and r != "none")]
+DEFAULT_RUNS = [f"{p}/{q}/{r}" for r in ("none", "nm") for p in PRUNES
+                for q in ("fp32", "int8", "int4", "int8-after", "int4-after")
+                if not (p == "dense" and (q.endswith("-after") or q == "fp32" and r != "none"))]
 # The best rotated SparseGPT run of benchmarks/rotation_quality (docs/results.md): nm, full R1, 100 steps, refit 50
 ROTATION = {"steps": 100, "blocks": 1, "importance": "sparsegpt"}
 REFIT = 50
@@ -42,26 +47,50 @@ SMOKE = {"model": str(ROOT.parent / "shared" / "data" / "models" / "stories260K"
          "ignore": ["lm_head", "down_proj"]}  # down_proj's 172 inputs take no int4 group
 
 
+AFTER = "-after"  # QUANT suffix: prune in full precision, then GPTQ on the fixed masks
+
+
 def parse_run(spec: str) -> dict:
     parts = spec.split("/")
-    if (len(parts) != 3 or parts[0] not in PRUNES or parts[1] not in ("fp32", *SCHEMES)
-            or parts[2] not in ("none", *OBJECTIVES)):
+    if (len(parts) != 3 or parts[0] not in PRUNES or parts[1].removesuffix(AFTER) not in ("fp32", *SCHEMES)
+            or parts[1] == "fp32" + AFTER or parts[2] not in ("none", *OBJECTIVES)):
         raise SystemExit(f"bad run {spec!r}: want PRUNE/QUANT/ROTATION, PRUNE in {', '.join(PRUNES)}, QUANT fp32 or "
                          f"{', '.join(SCHEMES)}, ROTATION none or {', '.join(OBJECTIVES)}")
     if parts[:2] == ["dense", "fp32"] and parts[2] != "none":
         raise SystemExit(f"bad run {spec!r}: a rotation alone is function-preserving; dense/fp32/none is that model")
+    if parts[0] == "dense" and parts[1].endswith(AFTER):
+        raise SystemExit(f"bad run {spec!r}: {AFTER} quantizes a prune's result; dense rows are GPTQ already")
     return {"prune": parts[0], "quant": parts[1], "rotation": parts[2]}
+
+
+SETTINGS = ("model", "pattern", "calibration", "smoke", "group_size", "ignore", "rotation", "refit")
+
+
+def previous_runs(out: Path, report: dict) -> dict:
+    """``--add``: the runs of the report at ``out``, which must have been made with the same settings and evaluation
+    as ``report`` (a clear error otherwise)."""
+    import json
+
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--add: no report to add to at {out} ({e})") from None
+    evaluation = lambda r: {k: v for k, v in r.get("eval", {}).items() if k not in ("tokens", "bos")}  # noqa: E731
+    differ = [k for k in SETTINGS if old.get(k) != report[k]] + (["eval"] if evaluation(old) != evaluation(report) else [])
+    if differ:
+        raise SystemExit(f"--add: {out} was made with other settings ({', '.join(differ)}); write a new --out")
+    return old.get("runs", {})
 
 
 def run_config(run: dict, args) -> PruneConfig | None:
     """The prune a run asks for (None: the dense model as loaded)."""
     if run["prune"] == "dense" and run["quant"] == "fp32":
         return None
-    rotated = run["rotation"] != "none"
+    rotated, scheme = run["rotation"] != "none", run["quant"].removesuffix(AFTER)
     return PruneConfig("gptq" if run["prune"] == "dense" else "sparsegpt", "2:4", device=args.device,
                        ignore=tuple(args.ignore), progress=args.progress,
-                       quantize=None if run["quant"] == "fp32" else run["quant"],
-                       group_size=args.group_size if run["quant"] == "int4" else None,
+                       quantize=None if scheme == "fp32" else scheme, quantize_after=run["quant"].endswith(AFTER),
+                       group_size=args.group_size if scheme == "int4" else None,
                        refit=args.refit if run["prune"] == "2:4" else 0,
                        rotate=run["rotation"] if rotated else None, rotate_steps=args.rotate_steps,
                        rotate_blocks=ROTATION["blocks"], rotate_importance=ROTATION["importance"] if rotated else None)
@@ -82,6 +111,8 @@ def main(argv=None) -> int:
                    help="stories260K, 4 x 64 TinyStories calibration, 2,048 eval tokens, 2 rotation steps, refit 5, "
                         "int4 groups of 32, down_proj left dense: proves the benchmark runs, measures nothing")
     p.add_argument("--out", default=str(RESULTS / "quant_quality.json"))
+    p.add_argument("--add", action="store_true",
+                   help="add the runs to the report at --out (same settings), replacing runs of the same name")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.nsamples, args.seqlen = SMOKE["model"], SMOKE["nsamples"], SMOKE["seqlen"]
@@ -101,19 +132,33 @@ def main(argv=None) -> int:
         "smoke": args.smoke, "group_size": args.group_size, "ignore": args.ignore,
         "rotation": {**ROTATION, "steps": args.rotate_steps}, "refit": args.refit,
         "notes": "Dense rows: GPTQ (SparseGPT's sweep, nothing pruned); 2:4 rows: SparseGPT, quantized in its sweep "
-                 "(with refit: pruned, refit, then quantized by a second sweep on the fixed mask). Rotated rows learn "
+                 "(with refit: pruned, refit, then quantized by a second sweep on the fixed mask); -after rows: the "
+                 "2:4 full-precision prune, then GPTQ on its fixed masks, calibrated through the quantized layers. Rotated rows learn "
                  "DenoiseRotator rotations per layer (on SparseGPT's scores for the 2:4 pattern, also for the dense "
                  "GPTQ rows) and prune true-sequentially. int8/fp8: one scale per output row; int4: one per row and "
                  "group_size input columns; symmetric absmax scales. Perplexity of fake-quantized nn.Linear weights.",
         "perplexity": {}, "runs": {},
     }
+    if args.add:
+        for spec, run in previous_runs(out, report).items():
+            report["runs"][spec], report["perplexity"][spec] = run, run["perplexity"]
     print(f"{len(runs)} runs on {args.model}", flush=True)
+    pruned = {}  # rotation -> (2:4 full-precision model, its result, seconds): what the -after runs start from
     for spec, run, config in zip(args.runs, runs, configs):
         model, _ = load_model(args.model)  # rotation changes the model's structure: start from a fresh copy
-        result, t0 = None, time.perf_counter()
-        if config is not None:
+        result, t0, shared = None, time.perf_counter(), 0.0
+        if config is not None and (config.quantize_after or config.quant is None) and config.method == "sparsegpt":
+            if run["rotation"] not in pruned:
+                fp32 = config.replace(quantize=None, group_size=None, quantize_after=False)
+                result = prune(model, fp32, calib=calib)
+                pruned[run["rotation"]] = (copy.deepcopy(model), copy.deepcopy(result), time.perf_counter() - t0)
+            model, result, shared = (copy.deepcopy(x) for x in pruned[run["rotation"]])
+            t0 = time.perf_counter()
+            if config.quantize_after:  # PruneConfig.quantize_after's second stage, on the shared prune
+                result = quantize_pruned(model, result, config, calib)
+        elif config is not None:
             result = prune(model, config, calib=calib)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 + shared
         res = perplexity(model.to(args.device), tok, text, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens,
                          progress=False, bos=args.bos)
         report["eval"]["tokens"], report["eval"]["bos"] = res.tokens, res.bos
@@ -121,6 +166,7 @@ def main(argv=None) -> int:
         report["perplexity"][spec] = round(res.ppl, 3)
         report["runs"][spec] = {
             **run, "method": None if config is None else config.method, "perplexity": round(res.ppl, 3),
+            "date": metadata(args.device)["date"],
             "quantization": None if config is None or config.quant is None else config.quant.to_dict(),
             "refit": 0 if config is None else config.refit, "threads": args.threads, "cpu": cpu_model(),
             "seconds": round(seconds, 1),

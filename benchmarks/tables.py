@@ -348,8 +348,9 @@ def engine(r: dict) -> str:
         if "engine_b8_vs_b1" in v:
             text += f"; batch 8 vs batch 1 {ok(v['engine_b8_vs_b1'], 4)}"
         m = v["memory"]
+        code = f" (read after importing the code, {_gib(m['library_code_bytes'])})" if "library_code_bytes" in m else ""
         text += (f"; loading, compiling and decoding it peaks {_gib(m['above_baseline_bytes'])} above its "
-                 f"process's baseline, {m['above_baseline_bytes'] / v['model_bytes']:.1f}x the model's "
+                 f"process's baseline{code}, {m['above_baseline_bytes'] / v['model_bytes']:.1f}x the model's "
                  f"{_gib(v['model_bytes'])} (target <= {m['target_ratio']}x it + the KV cache's "
                  f"{_gib(m['kv_cache_bytes'])} = {_gib(m['budget_bytes'])}: {'met' if m['met'] else 'missed'})")
         if "first_decode_call_s" in v:
@@ -688,15 +689,17 @@ def quant_quality(r: dict) -> str:
     cal, ev, runs = r["calibration"], r["eval"], r["runs"]
     lines = [f"WikiText-2 raw test perplexity of {r['model']} (seqlen {ev['seqlen']}, {ev['tokens']:,} tokens), "
              f"calibration {cal['nsamples']} x {cal['seqlen']} tokens (seed {cal['seed']}); int4 groups of "
-             f"{r['group_size']} input columns; 2:4 rows SparseGPT with LS refit {r['refit']}, dense rows GPTQ; "
+             f"{r['group_size']} input columns; 2:4 rows SparseGPT with LS refit {r['refit']} (quantized in its sweep; "
+             f"`-after`: the full-precision prune, then GPTQ on its fixed masks), dense rows GPTQ; "
              f"{r['device']}, torch {r['torch']}, {date_span(r)}.", "",
              "| run | method | perplexity | vs 2:4 fp32 (same rotation) | time | target |", "|---|---|---|---|---|---|"]
     for spec, x in runs.items():
         base = runs.get(f"2:4/fp32/{x['rotation']}")
         rel = x["perplexity"] / base["perplexity"] - 1 if base and x["prune"] == "2:4" else None
-        limit = QUANT_TARGETS.get(x["quant"]) if rel is not None else None
+        limit = QUANT_TARGETS.get(x["quant"].removesuffix("-after")) if rel is not None else None
         target = f"within {limit:.0%}: {'met' if rel <= limit else 'missed'}" if limit is not None else ""
-        lines.append(f"| {spec} | {x['method'] or '-'} | {x['perplexity']:.2f} | "
+        method = f"{x['method']}, then gptq" if x["quant"].endswith("-after") else x["method"] or "-"
+        lines.append(f"| {spec} | {method} | {x['perplexity']:.2f} | "
                      f"{'' if rel is None or x['quant'] == 'fp32' else f'{rel:+.1%}'} | "
                      f"{x['seconds'] / 60:.1f} min ({x['threads']} threads, {x['cpu']}) | {target} |")
     return "\n".join(lines) + "\n"

@@ -3,6 +3,8 @@ reports end to end on stories260K (tiny settings), as the tables read them."""
 import argparse
 import http.server
 import json
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import engine, serve_load, tables
+from benchmarks.common import module_env
 
 STEP, PREFILL, HF_STEP = 0.03, 0.05, 0.05  # seconds: a decode step of the stub engine, its prefill, generate's step
 
@@ -92,6 +95,19 @@ def test_engine_reads_the_peak_memory_of_its_own_engine_alone(monkeypatch):
     assert m["baseline_bytes"] == baseline and m["kv_cache_bytes"] == CACHE
     assert m["above_baseline_bytes"] == pytest.approx(CACHE + STEP_PEAK, abs=8 * MIB)
     assert m["budget_bytes"] == int(engine.MEMORY_TARGET * 16) + CACHE and not m["met"]
+
+
+def test_the_architectures_code_is_imported_before_the_baseline(stories_dir):
+    """Code (the model's transformers module, torch's compiler) is imported before the baseline is read, so a
+    variant's peak counts its model, caches and compiled state, not the libraries (a fresh interpreter: this one
+    has them already)."""
+    code = ("import sys, argparse; from benchmarks.engine import import_library_code as f; "
+            "mods = ('transformers.models.llama.modeling_llama', 'torch._inductor.compile_fx'); "
+            "assert not any(m in sys.modules for m in mods); "
+            f"added = f(argparse.Namespace(config=None, model={str(stories_dir)!r})); "
+            "assert all(m in sys.modules for m in mods) and added > 0, added")
+    subprocess.run([sys.executable, "-c", code], check=True, env=module_env(), timeout=120)
+    assert engine.memory_report(0, 10, 4, 1, library_code=7)["library_code_bytes"] == 7
 
 
 TTFT, REST, TOKENS = 0.2, 0.3, 5  # seconds to the first text, then to the end; completion tokens per request

@@ -83,6 +83,22 @@ def test_forward_rejects_bad_input():
         layer(torch.randn(2, 24))
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_under_autocast_an_input_in_autocasts_dtype_is_taken(backend):
+    """Recovery trains under bf16 autocast: a bf16 input reaches an fp32 layer. A backend that runs F.linear
+    (reference) follows autocast; any other gets x in the layer's dtype. Outside autocast it stays an error."""
+    dense = _linear(n=40, k=48)
+    layer = SparseLinear.from_linear(dense, backend=backend)
+    x = torch.randn(3, 48)
+    ref = x.double() @ layer.dense_weight().double().T + layer.bias.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.bfloat16())
+    expected = torch.bfloat16 if layer.active_backend in ("reference", "decompressed") else torch.float32
+    assert y.dtype == expected and torch.allclose(y.double(), ref, rtol=0.05, atol=0.05)
+    with pytest.raises(TypeError, match="does not match weight dtype"):
+        layer(x.bfloat16())
+
+
 def test_from_linear_rejects_bad_weights():
     lin = _linear(k=22)
     with pytest.raises(ShapeError, match="in_features=22"):

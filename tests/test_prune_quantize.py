@@ -204,6 +204,49 @@ def test_prune_quantizes_every_pruned_linear_and_keeps_the_masks(stories, one_th
         validate_nm(res.masks[name], name=name)
 
 
+def test_quantize_after_keeps_the_full_precision_prunes_masks_exactly(stories, one_thread):
+    """quantize_after: the masks of the same prune without quantize bit for bit (a joint prune's later layers
+    choose theirs on quantized inputs), every pruned linear on the grid with its pruned weights zero."""
+    model, calib = stories
+    plain_model, after_model = copy.deepcopy(model), copy.deepcopy(model)
+    plain = prune(plain_model, "sparsegpt", "2:4", calib=calib, refit=5, progress=False)
+    res = prune(after_model, "sparsegpt", "2:4", calib=calib, refit=5, progress=False, quantize="int8",
+                quantize_after=True)
+    assert set(res.masks) == set(plain.masks) == set(res.scales) and res.quant == QuantScheme("int8")
+    for name, linear in _linears(after_model, res.masks).items():
+        assert torch.equal(res.masks[name], plain.masks[name])
+        assert_on_grid(linear.weight.detach(), res.scales[name], res.quant, res.masks[name])
+    joint_model = copy.deepcopy(model)
+    joint = prune(joint_model, "sparsegpt", "2:4", calib=calib, refit=5, progress=False, quantize="int8")
+    assert any(not torch.equal(joint.masks[n], plain.masks[n]) for n in plain.masks)  # what quantize_after avoids
+
+
+@pytest.mark.parametrize("fields", [{"quantize_after": True}, {"quantize_after": True, "method": "magnitude",
+                                                                "quantize": "int8"},
+                                    {"quantize_after": True, "method": "gptq", "quantize": "int8"},
+                                    {"quantize_after": 1, "quantize": "int8"}])
+def test_quantize_after_needs_a_scheme_and_a_calibrated_prune(fields):
+    with pytest.raises(ValueError, match="quantize_after"):
+        PruneConfig(**{"method": "sparsegpt", **fields})
+
+
+def test_gptq_on_a_pruned_linear_keeps_its_zeros():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    keep = torch.rand(16, 64, generator=g) > 0.5
+    x = torch.randn(256, 64, generator=g)
+    linear = torch.nn.Linear(64, 16, bias=False)
+    linear.weight.data = w * keep
+    from sparse_runtime.prune.gptq import quantize_linear
+    from sparse_runtime.prune.statistics import Hessian
+
+    stats = Hessian(64, torch.device("cpu"))
+    stats.add(x)
+    with torch.no_grad():
+        quantize_linear(linear, stats, "2:4", 0.5, PruneConfig("gptq", quantize="int4", group_size=32))
+    assert not linear.weight[~keep].any() and linear.weight[keep].any()
+
+
 def test_sparsegpt_quantized_with_rotation_and_refit_ends_on_the_grid(stories, one_thread):
     model, calib = stories
     m = copy.deepcopy(model)
@@ -251,7 +294,9 @@ def test_cli_passes_the_config_its_quantize_flags_name():
 
     args = build_parser().parse_args(["prune", "--model", "m", "--out", "o", "--quantize", "int4", "--group-size",
                                       "64"])
-    assert _config(args).quant == QuantScheme("int4", 64)
+    assert _config(args).quant == QuantScheme("int4", 64) and not _config(args).quantize_after
+    args = build_parser().parse_args(["prune", "--model", "m", "--out", "o", "--quantize", "int8", "--quantize-after"])
+    assert _config(args).quantize_after
     assert _config(build_parser().parse_args(["prune", "--model", "m", "--out", "o"])).quant is None
 
 

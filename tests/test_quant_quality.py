@@ -13,9 +13,10 @@ def _args(**kw):
 
 def test_default_runs_cover_dense_and_2_4_in_every_precision_with_and_without_rotation():
     runs = [bench.parse_run(r) for r in bench.DEFAULT_RUNS]
-    assert len(runs) == 11 and {"prune": "dense", "quant": "fp32", "rotation": "none"} in runs
+    assert len(runs) == 15 and {"prune": "dense", "quant": "fp32", "rotation": "none"} in runs
     assert {(r["prune"], r["quant"]) for r in runs if r["rotation"] == "nm"} == {
-        ("dense", "int8"), ("dense", "int4"), ("2:4", "fp32"), ("2:4", "int8"), ("2:4", "int4")}
+        ("dense", "int8"), ("dense", "int4"), ("2:4", "fp32"), ("2:4", "int8"), ("2:4", "int4"), ("2:4", "int8-after"),
+        ("2:4", "int4-after")}
 
 
 def test_runs_map_to_gptq_for_dense_and_sparsegpt_with_the_best_rotation_for_2_4():
@@ -30,10 +31,18 @@ def test_runs_map_to_gptq_for_dense_and_sparsegpt_with_the_best_rotation_for_2_4
 
 @pytest.mark.parametrize("spec,message", [("2:4/int4", "want PRUNE/QUANT/ROTATION"), ("4:8/int4/none", "want PRUNE"),
                                           ("2:4/int3/none", "want PRUNE"), ("2:4/int4/spin", "want PRUNE"),
-                                          ("dense/fp32/nm", "function-preserving")])
+                                          ("dense/fp32/nm", "function-preserving"),
+                                          ("dense/int8-after/none", "dense rows are GPTQ"),
+                                          ("2:4/fp32-after/none", "want PRUNE")])
 def test_bad_run_specs_are_refused(spec, message):
     with pytest.raises(SystemExit, match=message):
         bench.parse_run(spec)
+
+
+def test_an_after_run_quantizes_the_full_precision_prune_by_gptq():
+    config = bench.run_config(bench.parse_run("2:4/int4-after/nm"), _args())
+    assert config.quantize_after and config.quant.group_size == 64 and config.method == "sparsegpt"
+    assert not bench.run_config(bench.parse_run("2:4/int4/nm"), _args()).quantize_after
 
 
 def test_an_int4_group_that_does_not_fit_the_blocks_is_refused_before_any_model_loads():

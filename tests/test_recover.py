@@ -208,3 +208,16 @@ def test_recover_from_the_command_line(checkpoints, stories_dir, tmp_path, capsy
     assert report["evals"][-1]["ppl"] < report["evals"][0]["ppl"] and report["tokens_per_s"] > 0
     model, tok = load_model(out)
     assert sum(isinstance(m, SparseLinear) for m in model.modules()) == 35
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_autocast_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, native):
+    from sparse_runtime.recover.steps import autocast
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    with autocast(cpu, RecoverConfig(tokens=1)):
+        assert torch.is_autocast_enabled("cpu") == native
+    with autocast(cpu, RecoverConfig(tokens=1, autocast=False)):
+        assert not torch.is_autocast_enabled("cpu")

@@ -67,6 +67,7 @@ class Backend:
 
     name: str = ""
     priority: int = 0  # "auto" prefers higher
+    autocasts: bool = False  # its forward follows torch.autocast (F.linear on the weight): else x comes in its dtype
     capabilities: Capabilities = Capabilities()
 
     def unavailable(self, device: torch.device) -> str | None:

@@ -15,6 +15,7 @@ from . import Backend, Capabilities, register
 class DecompressedBackend(Backend):
     name = "decompressed"
     priority = 5  # above reference: the CPU default
+    autocasts = True
     capabilities = Capabilities(auto_devices=("cpu",), quant=SCHEMES)
 
     def prepare(self, layer):

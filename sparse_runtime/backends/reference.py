@@ -12,6 +12,7 @@ from . import Backend, Capabilities, register
 class ReferenceBackend(Backend):
     name = "reference"
     priority = 0
+    autocasts = True
     capabilities = Capabilities(auto_devices=("cpu", "cuda", "mps", "xpu"), quant=SCHEMES)
 
     def forward(self, layer, state, x):

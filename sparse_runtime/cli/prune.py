@@ -97,6 +97,9 @@ def add_arguments(p) -> None:
                    help="also quantize the kept weights: int8 or fp8 (one scale per output row) or int4 (one per "
                         "row and --group-size input columns); magnitude and Wanda round to nearest after masking, "
                         "SparseGPT quantizes in its sweep (default: none, full precision)")
+    p.add_argument("--quantize-after", action="store_true",
+                   help="prune in full precision first, then quantize the pruned layers by GPTQ on the fixed masks (a "
+                        "second calibrated pass): the masks of the full-precision prune exactly")
     p.add_argument("--group-size", type=int, default=None,
                    help="input columns per scale (int4 default 128; it must divide every pruned layer's in_features)")
     p.add_argument("--quantize-head", choices=HEAD_SCHEMES, default=None,
@@ -188,7 +191,8 @@ def _config(args):
                        true_sequential=args.true_sequential, offload=args.offload, record_errors=args.errors,
                        rotate=args.rotate, rotate_steps=args.rotate_steps, rotate_blocks=args.rotate_blocks,
                        rotate_importance=args.rotate_importance, blocksize=args.blocksize, damp=args.damp,
-                       refit=args.refit, per=args.per, quantize=args.quantize, group_size=args.group_size)
+                       refit=args.refit, per=args.per, quantize=args.quantize, group_size=args.group_size,
+                       quantize_after=args.quantize_after)
 
 
 def _sparsify(model, result, backend):

@@ -184,7 +184,10 @@ class SparseLinear(nn.Module):
         # one check against what the runner was built for: decode calls this per token per linear
         backend, state, dtype, device = self._runner or self._resolve()
         if x.shape[-1] != self.in_features or x.dtype != dtype or x.device != device:
-            self._refuse(x)
+            if x.shape[-1] != self.in_features or x.device != device or not torch.is_autocast_enabled(device.type):
+                self._refuse(x)
+            if not backend.autocasts:  # x came in autocast's dtype: this backend computes in the layer's
+                x = x.to(dtype)
         return backend.forward(self, state, x)
 
     def _refuse(self, x: torch.Tensor):

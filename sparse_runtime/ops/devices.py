@@ -1,4 +1,5 @@
-"""Whether a CUDA kernel can run on a device: the one check every CUDA backend makes."""
+"""What a device can run: whether a CUDA kernel can (the one check every CUDA backend makes), and whether a CPU
+multiplies bf16 natively."""
 from __future__ import annotations
 
 import torch
@@ -21,3 +22,10 @@ def cuda_unavailable(device: torch.device, what: str, capability: tuple[int, int
 # the current CUDA stream's raw pointer, for the extensions; torch._C's getter is ~10x cheaper than a torch.cuda.Stream
 raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
     lambda index: torch.cuda.current_stream(index).cuda_stream)
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere torch's CPU bf16 matmul is
+    emulated, far slower than fp32. torch's probes are private: an absent one counts as no."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                          "_is_amx_tile_supported"))

@@ -32,11 +32,28 @@ def prune(model, config: PruneConfig | str = "sparsegpt", pattern: str | None = 
     ``calib`` is a ``[N, L]`` tensor of token ids (see :func:`calibration_windows`) for the calibrated methods;
     ``inputs`` reuses first-block inputs from :func:`~.statistics.capture_inputs` (a search's trials)."""
     config = as_config(config, pattern, sparsity, **fields)
+    if config.quantize_after:
+        result = prune(model, config.replace(quantize=None, group_size=None, quantize_after=False), calib=calib,
+                       inputs=inputs)
+        return quantize_pruned(model, result, config, calib)
     if ALL_METHODS[config.method].statistics is None:
         return prune_from_statistics(model, config)
     if calib is None:
         raise ValueError(f"{config.method} needs calibration token ids (calib=[N, L] tensor)")
     return prune_sequential(model, calib, config, inputs)
+
+
+def quantize_pruned(model, result: PruneResult, config: PruneConfig, calib) -> PruneResult:
+    """Quantize the linears ``result`` pruned in ``model`` with ``config.quant`` by GPTQ on their fixed masks (pruned
+    weights stay zero), calibrated on ``calib`` through the pruned model, layer after quantized layer; ``result``
+    comes back with the scheme and the scales. The second stage of ``PruneConfig.quantize_after``."""
+    gptq = PruneConfig("gptq", config.pattern, targets=tuple(result.masks), ignore=(), device=config.device,
+                       offload=config.offload, progress=config.progress, blocksize=config.blocksize,
+                       damp=config.damp, quantize=config.quantize, group_size=config.group_size)
+    quantized = prune_sequential(model, calib, gptq)
+    result.quant, result.scales = quantized.quant, quantized.scales
+    result.seconds += quantized.seconds
+    return result
 
 
 __all__ = [
@@ -60,6 +77,7 @@ __all__ = [
     "prune",
     "prune_from_statistics",
     "prune_sequential",
+    "quantize_pruned",
     "sparsegpt_prune",
     "wanda_mask",
 ]

@@ -11,9 +11,10 @@ from .statistics import Hessian, Method, Pruned
 
 def quantize_linear(linear, stats: Hessian, pattern: str, sparsity: float, config, prior=None) -> Pruned:
     """Fake-quantize ``linear``'s weight with ``config.quant`` (pattern, sparsity and ``prior`` unused: nothing is
-    pruned, and :class:`~.config.PruneConfig` refuses a prior for gptq)."""
+    pruned, and :class:`~.config.PruneConfig` refuses a prior for gptq). Weights already zero stay zero: a pruned
+    model keeps its masks (``PruneConfig.quantize_after``)."""
     solved = sparsegpt_solve(linear.weight, stats.H, blocksize=config.blocksize, damp=config.damp,
-                             quant=config.quant, keep=torch.ones_like(linear.weight, dtype=torch.bool))
+                             quant=config.quant, keep=linear.weight != 0)
     linear.weight.copy_(solved.weight)
     return Pruned(None, solved.scales)
 

@@ -33,6 +33,7 @@ from ..format.codec import parse_pattern
 from ..models.architecture import READERS, WRITERS, find_decoder_layers
 from ..models.residual_rotation import (check_layer, fold_norms, head_blocks, head_geometry, rotate_inputs,
                                         rotate_model, rotate_outputs)
+from ..ops.devices import cpu_native_bf16
 from . import magnitude, wanda
 from .config import OBJECTIVES, RotateOptions  # noqa: F401  (OBJECTIVES: the rotation benchmark reads it here)
 from .methods import METHODS
@@ -159,11 +160,7 @@ def learning_dtype(device) -> torch.dtype:
     """bf16 where the hardware multiplies it natively (CUDA; CPUs with AVX512-BF16 or AMX), as the reference;
     fp32 elsewhere: on an AVX2-only CPU torch's bf16 matmul is emulated, far slower than fp32. Folding the
     learned rotation is fp32 either way."""
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16
-    native = any(getattr(torch.cpu, probe, lambda: False)()  # private probes: absent ones count as no
-                 for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if torch.device(device).type == "cuda" or cpu_native_bf16() else torch.float32
 
 
 def _orthogonal(a: torch.Tensor) -> torch.Tensor:

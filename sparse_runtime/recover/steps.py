@@ -7,6 +7,7 @@ import contextlib
 
 import torch
 
+from ..ops.devices import cpu_native_bf16
 from .config import RecoverConfig, lr_at
 
 
@@ -15,11 +16,11 @@ def compute_device(config: RecoverConfig) -> torch.device:
 
 
 def autocast(device: torch.device, config: RecoverConfig):
-    """bf16 autocast on a device with native bf16 matmuls (CUDA Ampere and newer), unless ``config.autocast``
-    says otherwise; a null context elsewhere."""
+    """bf16 autocast on a device with native bf16 matmuls (CUDA Ampere and newer; CPUs with AVX512-BF16 or AMX),
+    unless ``config.autocast`` says otherwise; a null context elsewhere."""
     on = config.autocast
     if on is None:
-        on = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        on = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_native_bf16()
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
