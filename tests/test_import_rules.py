@@ -26,9 +26,10 @@ ALLOWED = {
     "models": {"format", "ops", "backends", "nn"},
     "data": set(),
     "serving": {"format", "ops", "backends", "nn", "models", "data"},
-    "prune": {"format", "models", "data", "nn"},
+    # prune and recover reach ops only for ops.devices' capability probes (whether a CPU multiplies bf16 natively)
+    "prune": {"format", "models", "data", "nn", "ops.devices"},
     # recovery trains SparseLinear's kept values (nn), loads, walks and saves models (models), reads the text (data)
-    "recover": {"format", "models", "data", "nn"},
+    "recover": {"format", "models", "data", "nn", "ops.devices"},
     # a gradual schedule alternates pruning and recovery: the one front-end besides the CLI that needs both, kept
     # out of each so that prune and recover stay independent of one another
     "gradual": {"format", "models", "data", "nn", "prune", "recover"},
@@ -80,17 +81,21 @@ def _layer(mod: str) -> str | None:
     parts = mod.split(".")
     if len(parts) < 2 or parts[1] in ("errors", "__main__"):
         return None
-    if parts[1] == "models" and len(parts) > 2 and parts[2] == "architecture":
-        return "models.architecture"
+    if len(parts) > 2 and f"{parts[1]}.{parts[2]}" in SUBLAYERS:
+        return f"{parts[1]}.{parts[2]}"
     return parts[1] if parts[1] in ALLOWED else None
+
+
+SUBLAYERS = {"models.architecture": "models", "ops.devices": "ops"}  # modules a layer's importers may use alone
 
 
 def _allowed(src_layer: str, dst_layer: str) -> bool:
     if dst_layer == src_layer or (src_layer, dst_layer) in {("models.architecture", "format"),
-                                                              ("models", "models.architecture")}:
+                                                              ("models", "models.architecture"),
+                                                              ("ops", "ops.devices")}:
         return True
-    ok = ALLOWED["models" if src_layer == "models.architecture" else src_layer]
-    return dst_layer in ok or (dst_layer == "models.architecture" and "models" in ok)
+    ok = ALLOWED[SUBLAYERS.get(src_layer, src_layer)]
+    return dst_layer in ok or SUBLAYERS.get(dst_layer) in ok
 
 
 def test_the_sources_are_found():
