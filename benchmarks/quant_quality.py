@@ -32,7 +32,8 @@ from sparse_runtime.models.sources import load_model
 from sparse_runtime.prune import PruneConfig, prune, quantize_pruned
 from sparse_runtime.prune.config import OBJECTIVES
 
-from .common import RESULTS, ROOT, add_protocol_arguments, calibration, cpu_model, metadata, protocol_report, write_json
+from .common import (RESULTS, ROOT, add_protocol_arguments, calibration, cpu_model, metadata, now, protocol_report,
+                     write_json)
 
 PRUNES = ("dense", "2:4")
 DEFAULT_RUNS = [f"{p}/{q}/{r}" for r in ("none", "nm") for p in PRUNES
@@ -148,11 +149,12 @@ def main(argv=None) -> int:
         model, _ = load_model(args.model)  # rotation changes the model's structure: start from a fresh copy
         result, t0, shared = None, time.perf_counter(), 0.0
         if config is not None and (config.quantize_after or config.quant is None) and config.method == "sparsegpt":
-            if run["rotation"] not in pruned:
-                fp32 = config.replace(quantize=None, group_size=None, quantize_after=False)
-                result = prune(model, fp32, calib=calib)
-                pruned[run["rotation"]] = (copy.deepcopy(model), copy.deepcopy(result), time.perf_counter() - t0)
-            model, result, shared = (copy.deepcopy(x) for x in pruned[run["rotation"]])
+            if run["rotation"] in pruned:
+                model, result, shared = (copy.deepcopy(x) for x in pruned[run["rotation"]])
+            else:
+                result = prune(model, config.full_precision(), calib=calib)
+                shared = time.perf_counter() - t0
+                pruned[run["rotation"]] = (copy.deepcopy(model), copy.deepcopy(result), shared)
             t0 = time.perf_counter()
             if config.quantize_after:  # PruneConfig.quantize_after's second stage, on the shared prune
                 result = quantize_pruned(model, result, config, calib)
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
         report["perplexity"][spec] = round(res.ppl, 3)
         report["runs"][spec] = {
             **run, "method": None if config is None else config.method, "perplexity": round(res.ppl, 3),
-            "date": metadata(args.device)["date"],
+            "date": now(),
             "quantization": None if config is None or config.quant is None else config.quant.to_dict(),
             "refit": 0 if config is None else config.refit, "threads": args.threads, "cpu": cpu_model(),
             "seconds": round(seconds, 1),

@@ -1,5 +1,6 @@
 """benchmarks.quant_quality's run specs and the prunes they map to; bad specs are clear errors."""
 import argparse
+import json
 
 import pytest
 
@@ -48,3 +49,15 @@ def test_an_after_run_quantizes_the_full_precision_prune_by_gptq():
 def test_an_int4_group_that_does_not_fit_the_blocks_is_refused_before_any_model_loads():
     with pytest.raises(ValueError, match="blocksize 128 must be a multiple of the int4 group size 192"):
         bench.run_config(bench.parse_run("2:4/int4/none"), _args(group_size=192))
+
+
+def test_add_refuses_a_missing_report_and_one_made_with_other_settings(tmp_path):
+    report = {k: 0 for k in bench.SETTINGS} | {"eval": {"file": "w", "seqlen": 512, "tokens": 1, "bos": "none"}}
+    out = tmp_path / "q.json"
+    with pytest.raises(SystemExit, match="no report to add to"):
+        bench.previous_runs(out, report)
+    out.write_text(json.dumps(report | {"runs": {"2:4/fp32/none": {"perplexity": 9.0}}}))
+    assert bench.previous_runs(out, report | {"eval": {"file": "w", "seqlen": 512}}) == {
+        "2:4/fp32/none": {"perplexity": 9.0}}  # the evaluation's measured tokens and BOS are not settings
+    with pytest.raises(SystemExit, match=r"other settings \(refit, eval\)"):
+        bench.previous_runs(out, report | {"refit": 5, "eval": {"file": "w", "seqlen": 256}})

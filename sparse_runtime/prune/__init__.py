@@ -33,8 +33,7 @@ def prune(model, config: PruneConfig | str = "sparsegpt", pattern: str | None = 
     ``inputs`` reuses first-block inputs from :func:`~.statistics.capture_inputs` (a search's trials)."""
     config = as_config(config, pattern, sparsity, **fields)
     if config.quantize_after:
-        result = prune(model, config.replace(quantize=None, group_size=None, quantize_after=False), calib=calib,
-                       inputs=inputs)
+        result = prune(model, config.full_precision(), calib=calib, inputs=inputs)
         return quantize_pruned(model, result, config, calib)
     if ALL_METHODS[config.method].statistics is None:
         return prune_from_statistics(model, config)

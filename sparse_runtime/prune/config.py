@@ -80,8 +80,8 @@ class PruneConfig:
     calibrated pass, the two-stage recipe of the published sparse quantized checkpoints): the masks are then exactly
     the full-precision prune's, where a joint prune's later layers choose theirs on quantized inputs, which moves
     perplexity by a few percent either way (as thread counts do). Method ``gptq`` quantizes without pruning (the
-    dense baseline of the same scheme; ``pattern`` and ``sparsity`` then only steer a rotation's objective, learned on SparseGPT's
-    scores unless ``rotate_importance`` says otherwise)."""
+    dense baseline of the same scheme; ``pattern`` and ``sparsity`` then only steer a rotation's objective, learned
+    on SparseGPT's scores unless ``rotate_importance`` says otherwise)."""
 
     method: str = "sparsegpt"
     pattern: str = "2:4"
@@ -214,6 +214,10 @@ class PruneConfig:
         if self.allocation is None or i is None:
             return self.pattern, self.sparsity
         return self.allocation.block(i)
+
+    def full_precision(self) -> PruneConfig:
+        """The same prune without quantization: ``quantize_after``'s first stage."""
+        return self.replace(quantize=None, group_size=None, quantize_after=False)
 
     def replace(self, **fields) -> PruneConfig:
         """A copy with ``fields`` changed, validated again."""
