@@ -79,6 +79,22 @@ def start_checkpoint(args, name: str, work: Path) -> Path:
     return out
 
 
+def block_budget(args, ckpt: Path, teacher: str, device: str, seconds: float) -> dict:
+    """The block-wise tokens that take ``seconds``. A block run's time is a fixed part (both models' layers run
+    over its windows) plus a part per token (each step trains one layer), so two probes, of one and of nine steps
+    per layer, give both; one probe's rate alone counts the fixed part as if it were per token (the first
+    version of this benchmark did, and its "equal wall time" run took a tenth of the KD run's time)."""
+    n = len(find_decoder_layers(load_model(ckpt)[0])[0])
+    per = n * args.batch * args.train_seqlen  # one step per layer
+    runs = [recover(ckpt, teacher, data=args.calib, loss="block", tokens=k * per, seqlen=args.train_seqlen,
+                    batch=args.batch, lr=args.lr, device=device, progress=False, forbid=[TINYSTORIES])
+            for k in (1, 9)]
+    rate = (runs[1].tokens - runs[0].tokens) / (runs[1].seconds - runs[0].seconds)
+    fixed = max(0.0, runs[0].seconds - runs[0].tokens / rate)
+    return {"seconds": seconds, "fixed_seconds": round(fixed, 1), "tokens_per_s": round(rate),
+            "tokens": max(per, int((seconds - fixed) * rate))}
+
+
 def gradual_row(args, start: str, teacher: str, device: str, evaluate, both) -> dict:
     """``start``'s pattern reached in --gradual-steps prunes, each followed by its share of --tokens of KD from the
     dense model, on the windows a one-shot run would read (:func:`sparse_runtime.gradual.prune_gradually`)."""
@@ -178,14 +194,12 @@ def main(argv=None) -> int:
             continue
         ckpt = start_checkpoint(args, start, work)
         tokens = args.tokens
+        probe = None
         if loss == "block":  # the tokens block-wise training covers in the rotated KD run's wall time
             kd = report["rows"].get(f"{start}/kd")
             if kd:
-                n = len(find_decoder_layers(load_model(ckpt)[0])[0])
-                probe = recover(ckpt, teacher, data=args.calib, loss="block", tokens=n * args.batch * args.train_seqlen,
-                                seqlen=args.train_seqlen, batch=args.batch, lr=args.lr, device=device, progress=False,
-                                forbid=[TINYSTORIES])
-                tokens = max(1, int(probe.tokens_per_s * kd["seconds"]))
+                probe = block_budget(args, ckpt, teacher, device, kd["seconds"])
+                tokens = probe["tokens"]
         before = both(load_model(ckpt, device=device)[0])
         res = recover(ckpt, teacher, data=args.calib, out=work / f"{start}-{loss}", loss=loss, tokens=tokens,
                       seqlen=args.train_seqlen, batch=args.batch, lr=args.lr, eval_every=args.eval_every,
@@ -202,6 +216,8 @@ def main(argv=None) -> int:
             "seconds": round(res.seconds, 1), "tokens_per_s": round(res.tokens_per_s), "lr": args.lr,
             "before": before, "after": after, "curve": curve, "windows": res.windows,
             "target_met": any(c["wikitext2"] <= target["ppl"] and c["seconds"] <= target["seconds"] for c in curve)}
+        if probe:
+            report["rows"][key]["budget"] = probe
         write_json(out, report)
         print(f"{key}: WikiText-2 {before['wikitext2']:.2f} -> {after['wikitext2']:.2f}, TinyStories "
               f"{before['tinystories']:.2f} -> {after['tinystories']:.2f}, {res.tokens:,} tokens in "

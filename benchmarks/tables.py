@@ -672,7 +672,8 @@ def recovery(r: dict) -> str:
              "-> after | target |", "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"].values():
         t = r["targets"][row["start"]]
-        lines.append(f"| {row['start']} | {row['loss']} | {row['tokens']:,} | {row['seconds'] / 60:.1f} min | "
+        summed = " (summed over layers)" if row["loss"] == "block" else ""
+        lines.append(f"| {row['start']} | {row['loss']} | {row['tokens']:,}{summed} | {row['seconds'] / 60:.1f} min | "
                      f"{row['tokens_per_s']:,} | {row['before']['wikitext2']:.2f} -> **{row['after']['wikitext2']:.2f}**"
                      f" | {row['before']['tinystories']:.2f} -> {row['after']['tinystories']:.2f} | <= {t['ppl']:g} "
                      f"within {t['seconds'] / 60:g} min: {'met' if row['target_met'] else 'missed'} |")

@@ -107,6 +107,7 @@ def test_sparsegpt_checkpoint_matches_pruning_in_python(stories_dir, tmp_path, c
 def test_magnitude_unstructured_threshold_scope(stories_dir, tmp_path, capsys, per):
     out = tmp_path / "ckpt"
     assert _prune(stories_dir, out, "--method", "magnitude", "--pattern", "unstructured", "--per", per) == 0
+    assert read_sparse_config(out)["pruning"]["options"] == {"per": per}
     row_sparsity = torch.cat([(m.dense_weight() == 0).float().mean(1) for m in load_pretrained(out).modules()
                               if isinstance(m, SparseLinear)])
     assert row_sparsity.mean().item() == pytest.approx(0.5, abs=0.01)
@@ -119,16 +120,17 @@ def test_magnitude_unstructured_threshold_scope(stories_dir, tmp_path, capsys, p
 def test_rotated_prune_checkpoint_reloads_with_the_same_logits(stories_dir, tmp_path, capsys):
     out = tmp_path / "ckpt"
     assert _prune(stories_dir, out, "--method", "sparsegpt", "--rotate", "nm", "--rotate-steps", "5",
-                  "--rotate-blocks", "2", "--json") == 0
+                  "--rotate-blocks", "2", "--refit", "3", "--json") == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rotation"]["objective"] == "nm" and len(info["rotation"]["layers"]) == 5
     assert all(r["best"] <= r["initial"] for r in info["rotation"]["layers"])
     sc = read_sparse_config(out)
     assert sc["pruning"]["rotation"] == {"objective": "nm", "steps": 5, "blocks": 2}
+    assert sc["pruning"]["options"] == {"blocksize": 128, "damp": 0.01, "refit": 3}
     assert sc["residual_rotation"] == {str(i): [2, 32, 32] for i in range(1, 5)}
     model, tok = load_model(stories_dir)
     prune(model, "sparsegpt", "2:4", calib=calibration_windows(tok, STORIES_TEXT, 4, 64, seed=0), progress=False,
-          rotate="nm", rotate_steps=5, rotate_blocks=2)
+          rotate="nm", rotate_steps=5, rotate_blocks=2, refit=3)
     ids = torch.arange(40).view(1, 40)
     loaded = load_pretrained(out)
     with torch.no_grad():

@@ -298,7 +298,7 @@ def run(args) -> int:
     save_pretrained(model, args.out, tokenizer=tok, extra_config={"pruning": {
         k: info[k] for k in ("method", "pattern", "sparsity", "calibration", "model", "allocation", "plan",
                              "quantization")} | {
-        "rotation": None if config.rotate is None else
+        "options": config.method_options(), "rotation": None if config.rotate is None else
         {"objective": config.rotate.objective, "steps": config.rotate.steps, "blocks": config.rotate.blocks},
         **scheduled}, **recovered})
     info["out"] = str(args.out)

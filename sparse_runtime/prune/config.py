@@ -108,6 +108,12 @@ class PruneConfig:
     group_size: int | None = None
     quantize_after: bool = False
 
+    def method_options(self) -> dict:
+        """The settings of this config's method, as a checkpoint records them beside the method's name."""
+        if self.method in ("sparsegpt", "gptq"):
+            return {"blocksize": self.blocksize, "damp": self.damp, "refit": self.refit}
+        return {"per": self.per} if self.method == "magnitude" else {}
+
     def __post_init__(self):
         if self.method not in ALL_METHODS:
             raise ValueError(f"unknown pruning method {self.method!r}; choose from {', '.join(ALL_METHODS)}")

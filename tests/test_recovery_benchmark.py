@@ -1,0 +1,27 @@
+"""benchmarks.recovery's budget for the block-wise row: the tokens that take the KD run's wall time."""
+import argparse
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks import recovery as bench
+
+
+def test_the_block_budget_separates_the_fixed_time_from_the_time_per_token(monkeypatch):
+    fixed, rate = 60.0, 9000.0  # seconds a block run spends whatever its tokens; tokens per second beyond that
+    calls = []
+
+    def fake_recover(ckpt, teacher, *, tokens, **kw):
+        calls.append(tokens)
+        return SimpleNamespace(tokens=tokens, seconds=fixed + tokens / rate)
+
+    monkeypatch.setattr(bench, "recover", fake_recover)
+    monkeypatch.setattr(bench, "load_model", lambda path: (object(), None))
+    monkeypatch.setattr(bench, "find_decoder_layers", lambda model: ([None] * 30, "model.layers"))
+    args = argparse.Namespace(batch=4, train_seqlen=256, calib="c4.jsonl", lr=1e-4)
+    budget = bench.block_budget(args, "ckpt", "dense", "cpu", seconds=1291.0)
+    assert calls == [30 * 4 * 256, 9 * 30 * 4 * 256]  # one and nine steps per layer
+    assert budget["fixed_seconds"] == pytest.approx(fixed, abs=0.1)
+    assert budget["tokens"] == pytest.approx((1291.0 - fixed) * rate, rel=1e-3)  # not rate_of_one_probe * 1291
+    # a budget shorter than the fixed part still trains every layer one step
+    assert bench.block_budget(args, "ckpt", "dense", "cpu", seconds=10.0)["tokens"] == 30 * 4 * 256
