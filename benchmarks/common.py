@@ -18,6 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# quant_quality's QUANT suffix (its runs and the table that reads them): prune in full precision, then GPTQ on
+# the fixed masks
+AFTER = "-after"
 
 # The quality protocol of every perplexity table: calibration 32 x 512 tokens of the C4 sample (seed 0), then
 # WikiText-2 raw test, the first 40,960 tokens in non-overlapping windows of 512.

@@ -32,13 +32,13 @@ from sparse_runtime.models.sources import load_model
 from sparse_runtime.prune import PruneConfig, prune, quantize_pruned
 from sparse_runtime.prune.config import OBJECTIVES
 
-from .common import (RESULTS, ROOT, add_protocol_arguments, calibration, cpu_model, metadata, now, protocol_report,
-                     write_json)
+from .common import (AFTER, RESULTS, ROOT, add_protocol_arguments, calibration, cpu_model, metadata, now,
+                     protocol_report, write_json)
 
 PRUNES = ("dense", "2:4")
 DEFAULT_RUNS = [f"{p}/{q}/{r}" for r in ("none", "nm") for p in PRUNES
-                for q in ("fp32", "int8", "int4", "int8-after", "int4-after")
-                if not (p == "dense" and (q.endswith("-after") or q == "fp32" and r != "none"))]
+                for q in ("fp32", "int8", "int4", "int8" + AFTER, "int4" + AFTER)
+                if not (p == "dense" and (q.endswith(AFTER) or q == "fp32" and r != "none"))]
 # The best rotated SparseGPT run of benchmarks/rotation_quality (docs/results.md): nm, full R1, 100 steps, refit 50
 ROTATION = {"steps": 100, "blocks": 1, "importance": "sparsegpt"}
 REFIT = 50
@@ -46,9 +46,6 @@ SMOKE = {"model": str(ROOT.parent / "shared" / "data" / "models" / "stories260K"
          "text": str(ROOT.parent / "shared" / "data" / "text" / "tinystories_valid_head.txt"), "eval_seqlen": 128,
          "eval_tokens": 2048, "rotate_steps": 2, "refit": 5, "group_size": 32,
          "ignore": ["lm_head", "down_proj"]}  # down_proj's 172 inputs take no int4 group
-
-
-AFTER = "-after"  # QUANT suffix: prune in full precision, then GPTQ on the fixed masks
 
 
 def parse_run(spec: str) -> dict:

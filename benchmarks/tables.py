@@ -18,7 +18,7 @@ import os
 import re
 import sys
 
-from .common import RESULTS, ROOT, date_span
+from .common import AFTER, RESULTS, ROOT, date_span
 
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 DECODE_BOUND = 16 / 9  # 2:4 fp16 moves 9/16 of the dense weight bytes: the decode speedup bytes allow
@@ -697,9 +697,9 @@ def quant_quality(r: dict) -> str:
     for spec, x in runs.items():
         base = runs.get(f"2:4/fp32/{x['rotation']}")
         rel = x["perplexity"] / base["perplexity"] - 1 if base and x["prune"] == "2:4" else None
-        limit = QUANT_TARGETS.get(x["quant"].removesuffix("-after")) if rel is not None else None
+        limit = QUANT_TARGETS.get(x["quant"].removesuffix(AFTER)) if rel is not None else None
         target = f"within {limit:.0%}: {'met' if rel <= limit else 'missed'}" if limit is not None else ""
-        method = f"{x['method']}, then gptq" if x["quant"].endswith("-after") else x["method"] or "-"
+        method = f"{x['method']}, then gptq" if x["quant"].endswith(AFTER) else x["method"] or "-"
         lines.append(f"| {spec} | {method} | {x['perplexity']:.2f} | "
                      f"{'' if rel is None or x['quant'] == 'fp32' else f'{rel:+.1%}'} | "
                      f"{x['seconds'] / 60:.1f} min ({x['threads']} threads, {x['cpu']}) | {target} |")

@@ -110,7 +110,7 @@ class PruneConfig:
 
     def method_options(self) -> dict:
         """The settings of this config's method, as a checkpoint records them beside the method's name."""
-        if self.method in ("sparsegpt", "gptq"):
+        if self.method in SWEEPS:
             return {"blocksize": self.blocksize, "damp": self.damp, "refit": self.refit}
         return {"per": self.per} if self.method == "magnitude" else {}
 
