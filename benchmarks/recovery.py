@@ -8,7 +8,7 @@ the training time and tokens/s beside each point; TinyStories perplexity before 
 benchmarks/results/recovery.json after every row, and a PNG of perplexity against training tokens.
 
     python -m benchmarks.recovery                  # 6 rows, 200k tokens each, evaluated every 25k (a GPU run)
-    python -m benchmarks.recovery --rows wanda/kd --lr 5e-5
+    python -m benchmarks.recovery --rows rotated/kd --lr 5e-5 --label "lr 5e-5"   # a row beside rotated/kd
     python -m benchmarks.recovery --rows wanda/kd wanda/gradual --gradual-steps 4   # gradual vs one-shot
     python -m benchmarks.recovery --smoke          # stories260K, a few hundred tokens per row, written to /tmp
     python -m benchmarks.recovery --replot
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -52,14 +53,22 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, row in report["rows"].items():
-        curve = row["curve"]
-        ax.plot([p["tokens"] / 1000 for p in curve], [p["wikitext2"] for p in curve], marker="o", ms=3,
-                label=f"{key} ({row['seconds'] / 60:.1f} min)")
+    # left: against tokens (block rows left out: theirs count one layer's steps, tens of times more);
+    # right: against training time, where every row compares
+    fig, (by_tokens, ax) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     dense = report["perplexity"]["dense"]["wikitext2"]
-    ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense {dense:.1f}")
-    ax.set_xlabel("training tokens (thousands; block: summed over layers)")
+    for i, (key, row) in enumerate(report["rows"].items()):
+        curve, style = row["curve"], {"marker": "o", "ms": 3, "color": f"C{i}"}
+        ppl = [p["wikitext2"] for p in curve]
+        if row["loss"] != "block":
+            by_tokens.plot([p["tokens"] / 1000 for p in curve], ppl, **style)
+        ax.plot([p["seconds"] / 60 for p in curve], ppl, label=f"{key} ({row['seconds'] / 60:.1f} min)", **style)
+    for a in (by_tokens, ax):
+        a.axhline(dense, color="k", ls="--", lw=1, label=f"dense {dense:.1f}")
+    by_tokens.set_xlabel("training tokens (thousands; block rows on the right only)")
+    by_tokens.set_yscale("log")
+    by_tokens.set_ylabel(f"WikiText-2 perplexity (seqlen {report['eval']['seqlen']}, log)")
+    ax.set_xlabel("training time, minutes (gradual: its prunes included)")
     finish_plot(fig, ax, report, path, ": recovery of 2:4")
 
 
@@ -93,6 +102,14 @@ def block_budget(args, ckpt: Path, teacher: str, device: str, seconds: float) ->
     fixed = max(0.0, runs[0].seconds - runs[0].tokens / rate)
     return {"seconds": seconds, "fixed_seconds": round(fixed, 1), "tokens_per_s": round(rate),
             "tokens": max(per, int((seconds - fixed) * rate))}
+
+
+def target_met(row: dict) -> bool:
+    """Whether a point of the row's curve meets its start's target: a gradual row only at its last prune (the target
+    pattern; its earlier, less sparse points would meet it trivially)."""
+    target, last = TARGETS[row["start"]], (row.get("schedule") or {}).get("steps")
+    return any(c["wikitext2"] <= target["ppl"] and c["seconds"] <= target["seconds"] for c in row["curve"]
+               if last is None or c["prune_step"] == last)
 
 
 def gradual_row(args, start: str, teacher: str, device: str, evaluate, both) -> dict:
@@ -138,6 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="stories260K, tiny budgets, written to /tmp")
     p.add_argument("--out", default=None, help="JSON (default: results/recovery.json; --smoke: /tmp)")
     p.add_argument("--replot", action="store_true", help="only redraw the PNG from the --out JSON")
+    p.add_argument("--label", default="", help="stored beside the row's name, so a run with other settings (say "
+                                               "'lr 5e-5') adds a row instead of replacing one")
     args = p.parse_args(argv)
     if args.smoke:
         for k, v in SMOKE.items():
@@ -171,23 +190,29 @@ def main(argv=None) -> int:
                    "eval": {"file": Path(args.eval_data).name, "seqlen": args.eval_seqlen, "tokens": args.eval_tokens,
                             "windows": "non-overlapping, trailing partial window dropped"},
                    "training": {"file": Path(args.calib).name, "seqlen": args.train_seqlen, "batch": args.batch,
-                                "lr": args.lr, "documents": "not the calibration's, not the held-out ones"},
+                                "documents": "not the calibration's, not the held-out ones"},  # lr: per row
                    "targets": TARGETS, "perplexity": {"dense": both(dense)}, "smoke": args.smoke})
     del dense
     def evaluate(model):  # each point of a curve
         return {"wikitext2": ppl(model, wikitext)}
 
+    def save(report, name):  # the row with its date and verdict; the report dated by its rows' runs
+        row = report["rows"][name]
+        row["date"] = report["date"]
+        row["target_met"] = target_met(row)
+        report["merged_from"] = [r.get("date", report["date"]) for r in report["rows"].values()]
+        write_json(out, report)
+
     for key in args.rows:
         start, loss = key.split("/")
+        name = f"{key} ({args.label})" if args.label else key
         if loss == "gradual":
-            row = report["rows"][key] = gradual_row(args, start, teacher, device, evaluate, both)
+            row = report["rows"][name] = gradual_row(args, start, teacher, device, evaluate, both)
             oneshot = report["rows"].get(f"{start}/kd")
             if oneshot and oneshot["tokens"] == row["tokens"]:
                 row["oneshot_kd"] = {"after": oneshot["after"], "seconds": oneshot["seconds"]}
-            row["target_met"] = any(c["wikitext2"] <= TARGETS[start]["ppl"]
-                                    and c["seconds"] <= TARGETS[start]["seconds"] for c in row["curve"])
-            write_json(out, report)
-            print(f"{key} ({args.gradual_steps} steps): WikiText-2 {row['after']['wikitext2']:.2f}, TinyStories "
+            save(report, name)
+            print(f"{name} ({args.gradual_steps} steps): WikiText-2 {row['after']['wikitext2']:.2f}, TinyStories "
                   f"{row['after']['tinystories']:.2f}, {row['tokens']:,} tokens in {row['seconds'] / 60:.1f} min"
                   + (f"; one-shot + KD at equal tokens: WikiText-2 {row['oneshot_kd']['after']['wikitext2']:.2f}"
                      if "oneshot_kd" in row else ""), flush=True)
@@ -201,25 +226,23 @@ def main(argv=None) -> int:
                 probe = block_budget(args, ckpt, teacher, device, kd["seconds"])
                 tokens = probe["tokens"]
         before = both(load_model(ckpt, device=device)[0])
-        res = recover(ckpt, teacher, data=args.calib, out=work / f"{start}-{loss}", loss=loss, tokens=tokens,
-                      seqlen=args.train_seqlen, batch=args.batch, lr=args.lr, eval_every=args.eval_every,
-                      device=device, forbid=[TINYSTORIES, args.eval_data],
+        res = recover(ckpt, teacher, data=args.calib, out=work / re.sub(r"[^\w.]+", "-", name).strip("-"),
+                      loss=loss, tokens=tokens, seqlen=args.train_seqlen, batch=args.batch, lr=args.lr,
+                      eval_every=args.eval_every, device=device, forbid=[TINYSTORIES, args.eval_data],
                       evaluate=evaluate)
         after = both(load_model(res.out, device=device)[0])
         curve = [{"tokens": e["tokens"], "seconds": round(e["seconds"], 1), "wikitext2": e["wikitext2"],
                   "c4_held_out": round(e["ppl"], 3),
                   "tokens_per_s": round(e["tokens"] / e["seconds"]) if e["seconds"] else None} for e in res.evals]
-        target = TARGETS[start]
-        report["rows"][key] = {
+        report["rows"][name] = {
             "start": start, "loss": loss, "prune_flags": STARTS[start] + (
                 ["--rotate-steps", args.rotate_steps] if start == "rotated" else []), "tokens": res.tokens, "steps": res.steps,
             "seconds": round(res.seconds, 1), "tokens_per_s": round(res.tokens_per_s), "lr": args.lr,
-            "before": before, "after": after, "curve": curve, "windows": res.windows,
-            "target_met": any(c["wikitext2"] <= target["ppl"] and c["seconds"] <= target["seconds"] for c in curve)}
+            "before": before, "after": after, "curve": curve, "windows": res.windows}
         if probe:
-            report["rows"][key]["budget"] = probe
-        write_json(out, report)
-        print(f"{key}: WikiText-2 {before['wikitext2']:.2f} -> {after['wikitext2']:.2f}, TinyStories "
+            report["rows"][name]["budget"] = probe
+        save(report, name)
+        print(f"{name}: WikiText-2 {before['wikitext2']:.2f} -> {after['wikitext2']:.2f}, TinyStories "
               f"{before['tinystories']:.2f} -> {after['tinystories']:.2f}, {res.tokens:,} tokens in "
               f"{res.seconds / 60:.1f} min ({res.tokens_per_s:,.0f} tok/s)", flush=True)
     plot(report, out.with_suffix(".png"))

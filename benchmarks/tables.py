@@ -664,21 +664,33 @@ def recovery(r: dict) -> str:
     dense = r["perplexity"]["dense"]
     lines = [f"Recovery of {r['model']} at 2:4, masks frozen: WikiText-2 raw test perplexity (seqlen {ev['seqlen']}, "
              f"{ev['tokens']:,} tokens) and TinyStories before and after, each row one run; training windows of "
-             f"{tr['seqlen']} tokens x {tr['batch']} per step from {tr['file']} ({tr['documents']}), AdamW lr "
-             f"{tr['lr']:g} with warm-up and cosine decay; starting points calibrated on {cal['nsamples']} x "
+             f"{tr['seqlen']} tokens x {tr['batch']} per step from {tr['file']} ({tr['documents']}), AdamW at the "
+             f"row's peak lr with warm-up and cosine decay; starting points calibrated on {cal['nsamples']} x "
              f"{cal['seqlen']} tokens (seed {cal['seed']}); {r['device']}, torch {r['torch']}, {date_span(r)}. "
              f"Dense: **{dense['wikitext2']:.2f}** (TinyStories {dense['tinystories']:.2f}).", "",
-             "| start | loss | tokens | training time | tokens/s | WikiText-2 before -> after | TinyStories before "
-             "-> after | target |", "|---|---|---|---|---|---|---|---|"]
-    for row in r["rows"].values():
+             "| row | loss | lr | tokens | training time | tokens/s | WikiText-2 before -> after | TinyStories before "
+             "-> after | target |", "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for key, row in r["rows"].items():
         t = r["targets"][row["start"]]
         summed = " (summed over layers)" if row["loss"] == "block" else ""
-        lines.append(f"| {row['start']} | {row['loss']} | {row['tokens']:,}{summed} | {row['seconds'] / 60:.1f} min | "
-                     f"{row['tokens_per_s']:,} | {row['before']['wikitext2']:.2f} -> **{row['after']['wikitext2']:.2f}**"
-                     f" | {row['before']['tinystories']:.2f} -> {row['after']['tinystories']:.2f} | <= {t['ppl']:g} "
-                     f"within {t['seconds'] / 60:g} min: {'met' if row['target_met'] else 'missed'} |")
+        gradual = row.get("schedule")
+        loss = f"{row['loss']}, gradual ({gradual['steps']} prunes)" if gradual else row["loss"]
+        before = row["before"] or {"wikitext2": dense["wikitext2"], "tinystories": dense["tinystories"]}
+        lines.append(f"| {key} | {loss} | {row['lr']:g} | {row['tokens']:,}{summed} | {row['seconds'] / 60:.1f} min | "
+                     f"{row['tokens_per_s']:,} | {'dense ' if gradual else ''}{before['wikitext2']:.2f} -> "
+                     f"**{row['after']['wikitext2']:.2f}** | {before['tinystories']:.2f} -> "
+                     f"{row['after']['tinystories']:.2f} | <= {t['ppl']:g} within {t['seconds'] / 60:g} min: "
+                     f"{'met' if row['target_met'] else 'missed'} |")
+        if gradual and "oneshot_kd" in row:
+            one = row["oneshot_kd"]
+            notes.append(f"{key} against one-shot {row['start']} + KD at equal tokens ({row['tokens']:,}): WikiText-2 "
+                         f"{row['after']['wikitext2']:.2f} vs {one['after']['wikitext2']:.2f}, TinyStories "
+                         f"{row['after']['tinystories']:.2f} vs {one['after']['tinystories']:.2f}, in "
+                         f"{row['seconds'] / 60:.1f} vs {one['seconds'] / 60:.1f} min (pruning time included).")
     lines += ["", "The curve of each run (its own evaluations, with the training time at each point): "
-              "`benchmarks/results/recovery.png`."]
+              "`benchmarks/results/recovery.png`. A gradual row starts dense and prunes as it trains (its time "
+              "includes the prunes)."] + ([""] + notes if notes else [])
     return "\n".join(lines) + "\n"
 
 

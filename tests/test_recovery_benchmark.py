@@ -25,3 +25,12 @@ def test_the_block_budget_separates_the_fixed_time_from_the_time_per_token(monke
     assert budget["tokens"] == pytest.approx((1291.0 - fixed) * rate, rel=1e-3)  # not rate_of_one_probe * 1291
     # a budget shorter than the fixed part still trains every layer one step
     assert bench.block_budget(args, "ckpt", "dense", "cpu", seconds=10.0)["tokens"] == 30 * 4 * 256
+
+
+def test_a_gradual_row_meets_its_target_only_at_its_last_prune():
+    early = {"prune_step": 1, "tokens": 1000, "seconds": 60.0, "wikitext2": 33.0}  # 29% sparse: trivially low
+    late = {"prune_step": 4, "tokens": 4000, "seconds": 1200.0, "wikitext2": 75.0}  # 2:4, but past 15 min
+    row = {"start": "wanda", "schedule": {"steps": 4}, "curve": [early, late]}
+    assert not bench.target_met(row)
+    assert bench.target_met({**row, "curve": [early, {**late, "seconds": 800.0}]})
+    assert bench.target_met({"start": "wanda", "curve": [{**early, "prune_step": None}]})  # one-shot rows: any point
