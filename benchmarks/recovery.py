@@ -5,7 +5,7 @@ and SquareHead, the rotated one also block-wise at the rotated KD run's wall tim
 see sparse_runtime.gradual), compared with one-shot Wanda + KD at equal tokens (``wanda/kd``). One run per row; its
 curve is the run's own evaluations every --eval-every tokens (WikiText-2 under the protocol and held-out C4), with
 the training time and tokens/s beside each point; TinyStories perplexity before and after. Writes
-benchmarks/results/recovery.json after every row, and a PNG of perplexity against training tokens.
+benchmarks/results/recovery.json after every row, and a PNG of perplexity against training tokens and time.
 
     python -m benchmarks.recovery                  # 6 rows, 200k tokens each, evaluated every 25k (a GPU run)
     python -m benchmarks.recovery --rows rotated/kd --lr 5e-5 --label "lr 5e-5"   # a row beside rotated/kd
