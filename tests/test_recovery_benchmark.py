@@ -1,4 +1,4 @@
-"""benchmarks.recovery's budget for the block-wise row: the tokens that take the KD run's wall time."""
+"""benchmarks.recovery: the block-wise row's budget (the tokens that take the KD run's wall time) and each row's verdict."""
 import argparse
 from types import SimpleNamespace
 
