@@ -104,6 +104,11 @@ def block_budget(args, ckpt: Path, teacher: str, device: str, seconds: float) ->
             "tokens": max(per, int((seconds - fixed) * rate))}
 
 
+def row_settings(args) -> dict:
+    """The training settings a row records as its own (rows run with different ones sit side by side)."""
+    return {"lr": args.lr, "seqlen": args.train_seqlen, "batch": args.batch}
+
+
 def target_met(row: dict) -> bool:
     """Whether a point of the row's curve meets its start's target: a gradual row only at its last prune (the target
     pattern; its earlier, less sparse points would meet it trivially)."""
@@ -129,7 +134,7 @@ def gradual_row(args, start: str, teacher: str, device: str, evaluate, both) -> 
               "wikitext2": e["wikitext2"], "c4_held_out": round(e["ppl"], 3)} for e in res.curve()]
     return {"start": start, "loss": "kd", "schedule": res.schedule(), "tokens": res.tokens,
             "steps": sum(r.steps for r in res.recoveries), "seconds": round(res.seconds, 1),
-            "tokens_per_s": round(res.tokens / res.seconds) if res.seconds else None, "lr": args.lr,
+            "tokens_per_s": round(res.tokens / res.seconds) if res.seconds else None, **row_settings(args),
             "before": None, "after": both(model), "curve": curve, "windows": windows.info}
 
 
@@ -189,8 +194,8 @@ def main(argv=None) -> int:
                                    "seed": args.seed, "sampling": args.calib_sampling},
                    "eval": {"file": Path(args.eval_data).name, "seqlen": args.eval_seqlen, "tokens": args.eval_tokens,
                             "windows": "non-overlapping, trailing partial window dropped"},
-                   "training": {"file": Path(args.calib).name, "seqlen": args.train_seqlen, "batch": args.batch,
-                                "documents": "not the calibration's, not the held-out ones"},  # lr: per row
+                   "training": {"file": Path(args.calib).name,  # lr, window and batch: per row (row_settings)
+                                "documents": "not the calibration's, not the held-out ones"},
                    "targets": TARGETS, "perplexity": {"dense": both(dense)}, "smoke": args.smoke})
     del dense
     def evaluate(model):  # each point of a curve
@@ -237,7 +242,7 @@ def main(argv=None) -> int:
         report["rows"][name] = {
             "start": start, "loss": loss, "prune_flags": STARTS[start] + (
                 ["--rotate-steps", args.rotate_steps] if start == "rotated" else []), "tokens": res.tokens, "steps": res.steps,
-            "seconds": round(res.seconds, 1), "tokens_per_s": round(res.tokens_per_s), "lr": args.lr,
+            "seconds": round(res.seconds, 1), "tokens_per_s": round(res.tokens_per_s), **row_settings(args),
             "before": before, "after": after, "curve": curve, "windows": res.windows}
         if probe:
             report["rows"][name]["budget"] = probe

@@ -590,7 +590,7 @@ def cpu_kernels() -> str:
                   "codes (grouped scales), against dense fp32 (the best dense path) and torch's weight-only int8 kernel "
                   "(`torch._weight_int8pack_mm`; with fp32 activations, as here, it is far slower than its bf16 path).", "",
                   "| N x K | M | best dense fp32 us | dense int8 us | 2:4 fp32 us | 2:4 int8 us | 2:4 int4 us | "
-                  "2:4 int8 vs dense fp32 | 2:4 int8 vs dense int8 |", "|---|---|---|---|---|---|---|---|---|"]
+                  "2:4 int8 vs dense fp32 | 2:4 int8 vs dense int8 |", "|---|---|---|---|---|---|---|---|---|---|"]
         for shape, m in quant:
             x8 = cells[shape, m, "cpu24-int8"]
             best = x8["us"] * x8["speedup_vs_best_dense"]
@@ -663,13 +663,13 @@ def recovery(r: dict) -> str:
     cal, ev, tr = r["calibration"], r["eval"], r["training"]
     dense = r["perplexity"]["dense"]
     lines = [f"Recovery of {r['model']} at 2:4, masks frozen: WikiText-2 raw test perplexity (seqlen {ev['seqlen']}, "
-             f"{ev['tokens']:,} tokens) and TinyStories before and after, each row one run; training windows of "
-             f"{tr['seqlen']} tokens x {tr['batch']} per step from {tr['file']} ({tr['documents']}), AdamW at the "
-             f"row's peak lr with warm-up and cosine decay; starting points calibrated on {cal['nsamples']} x "
+             f"{ev['tokens']:,} tokens) and TinyStories before and after, each row one run; training windows from "
+             f"{tr['file']} ({tr['documents']}), each row's batch of windows per step, AdamW at the row's peak "
+             f"lr with warm-up and cosine decay; starting points calibrated on {cal['nsamples']} x "
              f"{cal['seqlen']} tokens (seed {cal['seed']}); {r['device']}, torch {r['torch']}, {date_span(r)}. "
              f"Dense: **{dense['wikitext2']:.2f}** (TinyStories {dense['tinystories']:.2f}).", "",
-             "| row | loss | lr | tokens | training time | tokens/s | WikiText-2 before -> after | TinyStories before "
-             "-> after | target |", "|---|---|---|---|---|---|---|---|---|"]
+             "| row | loss | lr | windows per step | tokens | training time | tokens/s | WikiText-2 before -> after "
+             "| TinyStories before -> after | target |", "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for key, row in r["rows"].items():
         t = r["targets"][row["start"]]
@@ -677,7 +677,8 @@ def recovery(r: dict) -> str:
         gradual = row.get("schedule")
         loss = f"{row['loss']}, gradual ({gradual['steps']} prunes)" if gradual else row["loss"]
         before = row["before"] or {"wikitext2": dense["wikitext2"], "tinystories": dense["tinystories"]}
-        lines.append(f"| {key} | {loss} | {row['lr']:g} | {row['tokens']:,}{summed} | {row['seconds'] / 60:.1f} min | "
+        lines.append(f"| {key} | {loss} | {row['lr']:g} | {row['batch']} x {row['seqlen']} | "
+                     f"{row['tokens']:,}{summed} | {row['seconds'] / 60:.1f} min | "
                      f"{row['tokens_per_s']:,} | {'dense ' if gradual else ''}{before['wikitext2']:.2f} -> "
                      f"**{row['after']['wikitext2']:.2f}** | {before['tinystories']:.2f} -> "
                      f"{row['after']['tinystories']:.2f} | <= {t['ppl']:g} within {t['seconds'] / 60:g} min: "

@@ -108,7 +108,8 @@ Cpu24Values values_kind(const at::Tensor& values) {
 
 void check_inputs(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scales) {
-  // The Python wrapper gives the friendly errors; these keep a direct call from reading out of bounds.
+  // Every call runs these (they keep any call from reading out of bounds); the Python wrapper runs its friendlier
+  // checks only after one of these refuses.
   for (const at::Tensor* t : {&x, &values, &meta})
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "cpu24: tensors must be contiguous CPU tensors");
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,

@@ -1,6 +1,7 @@
 """Dense int8 weights (``nn.int8_dense``): the int8 embedding and lm_head against a float64 reference of the
 fake-quantized weight, the tied pair as one tensor, every compute path agreeing, and bad input refused."""
 import copy
+import types
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from sparse_runtime import sparsify
 from sparse_runtime.errors import QuantError, ShapeError
 from sparse_runtime.format.quant import dequantize_codes, fake_quantize
+from sparse_runtime.nn import int8_dense
 from sparse_runtime.nn.int8_dense import (SCHEME, Int8Embedding, Int8Linear, int8_matmul, packed_applies,
                                           quantize_dense, quantize_head)
 
@@ -80,6 +82,26 @@ def test_packed_kernel_and_fallback_agree():
     for rows in (1, 3, 40):  # the fused pass and, beyond its rows, the dense GEMM
         xr = torch.randn(rows, 80)
         torch.testing.assert_close(compiled(xr, codes, scales).double(), _reference(xr, lin), rtol=1e-5, atol=1e-5)
+
+
+def test_eager_cpu_blocks_match_the_whole_weight(monkeypatch):
+    """Eager fp32 on the CPU dequantizes a block of rows at a time (here 16 of 100: the last block short), with
+    gradients to x as through one F.linear."""
+    monkeypatch.setattr(int8_dense, "_BLOCK_BYTES", 16 * 72 * 4)
+    blocks = []
+    linear = lambda x, w: blocks.append(len(w)) or torch.nn.functional.linear(x, w)  # noqa: E731
+    monkeypatch.setattr(int8_dense, "F", types.SimpleNamespace(linear=linear))
+    lin = _linear(n=100, k=72, bias=False)
+    layer = Int8Linear.from_linear(lin)
+    for rows in (1, 5):
+        blocks.clear()
+        x = torch.randn(rows, 72, requires_grad=True)
+        y = int8_matmul(x, layer.weight_codes, layer.weight_scales)
+        assert blocks == [16] * 6 + [4]
+        torch.testing.assert_close(y.double(), _reference(x.detach(), lin), rtol=1e-5, atol=1e-5)
+        g = torch.randn(rows, 100)
+        y.backward(g)
+        torch.testing.assert_close(x.grad.double(), g.double() @ layer.dense_weight().double(), rtol=1e-5, atol=1e-5)
 
 
 def test_packed_kernel_is_kept_from_inputs_it_gets_wrong():

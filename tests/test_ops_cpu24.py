@@ -232,6 +232,21 @@ def test_build_keeps_isa_code_apart(tmp_path):
     assert "-lc10 -ltorch -ltorch_cpu -ltorch_python" in text and "-Wl,-rpath," in text
 
 
+def test_valid_calls_skip_the_wrappers_checks(monkeypatch, weight):
+    # The extension checks every call; the friendlier Python checks cost more than a decode-sized kernel, so they
+    # run only once the extension refuses.
+    values, meta = weight
+    x = torch.randn(2, 72)
+    expected = cpu24.linear(x, values, meta)
+    calls = []
+    monkeypatch.setattr(cpu24, "_check", lambda *a: calls.append(a))  # a _check that finds nothing wrong
+    torch.testing.assert_close(cpu24.linear(x, values, meta), expected, rtol=0, atol=0)
+    assert calls == []
+    with pytest.raises(ValueError, match="cpu24: shapes do not match"):  # the extension's own refusal
+        cpu24.linear(torch.randn(2, 64), values, meta)
+    assert len(calls) == 1
+
+
 # -- bad inputs -------------------------------------------------------------------------------------------
 @pytest.fixture
 def weight():

@@ -26,12 +26,14 @@ SMALL = dict(tokens=6 * 2 * 64, seqlen=64, batch=2, lr=2e-3, eval_windows=2, blo
 
 @pytest.fixture(scope="module")
 def checkpoints(stories_dir, tmp_path_factory, one_thread):
-    """Wanda 2:4, and SparseGPT 2:4 after a learned residual rotation, calibrated on 4 C4 windows of 64."""
+    """Wanda 2:4 (also with int8 values), and SparseGPT 2:4 after a learned residual rotation, calibrated on 4 C4
+    windows of 64."""
     root = tmp_path_factory.mktemp("recover")
     common = ["prune", "--model", str(stories_dir), "--device", "cpu", "--nsamples", "4", "--seqlen", "64"]
     assert main([*common, "--method", "wanda", "--out", str(root / "wanda")]) == 0
     assert main([*common, "--method", "sparsegpt", "--rotate", "nm", "--rotate-steps", "3",
                  "--out", str(root / "rotated")]) == 0
+    assert main([*common, "--method", "wanda", "--quantize", "int8", "--out", str(root / "wanda-int8")]) == 0
     return root
 
 
@@ -174,6 +176,7 @@ def test_bad_settings_are_refused_before_any_work():
     (["--data", str(DEFAULT_EVAL)], "is an evaluation text"),
     (["--teacher", "OTHER_VOCAB"], "vocabulary of 128 tokens, the student 512"),
     (["--teacher", None], "needs a teacher"),
+    (["--model", "INT8"], "35 layers (the first: model.layers.0.self_attn.q_proj) hold int8 codes: recovery trains"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(checkpoints, stories_dir, tmp_path, capsys, extra, message):
     from helpers import tiny_model
@@ -189,6 +192,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(checkpoints, stories_dir,
         i = argv.index("--teacher")
         del argv[i:i + 2]
         extra = [] if extra[1] is None else ["--teacher", str(tmp_path / "other")]
+    extra = [str(checkpoints / "wanda-int8") if a == "INT8" else a for a in extra]  # a later --model wins
     extra = [str(tmp_path / "missing.txt") if a == "MISSING" else a for a in extra]
     assert main([*argv, *extra]) == 2
     err = capsys.readouterr().err

@@ -11,7 +11,7 @@ holds (and saves) them.
 ``aten._weight_int8pack_mm`` where it is both right and fast (:func:`packed_applies`). Its fp32 and fp16 inputs run
 a scalar loop in torch 2.13, several times slower than a dense fp32 GEMV; instead, under ``torch.compile`` a few rows
 (decode) run a broadcast-multiply-sum that inductor fuses into one pass over the int8 codes, and everything else
-(eager fp32, more rows, CUDA) dequantizes, then runs ``F.linear``.
+(eager fp32, more rows, CUDA) dequantizes, then runs ``F.linear``: on the CPU eagerly a block of rows at a time.
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ SCHEME = QuantScheme("int8")
 HEAD_SCHEMES = ("int8",)  # what sparsify(head=...) and --quantize-head take
 _PACKED_K = 16  # _weight_int8pack_mm's vectorized bf16 kernel steps K by 16, with no tail
 _FUSED_ROWS = 16  # rows up to which compiled fp32 streams the codes once; beyond, one dense GEMM is faster
+# eager CPU: the weight is dequantized a block of rows at a time (this many bytes, cache-resident), never whole: a
+# whole SmolLM2 head is 113 MB of fp32 written and read again for every call
+_BLOCK_BYTES = 4 << 20
 
 
 def check_head(scheme) -> None:
@@ -59,7 +62,12 @@ def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
         return torch.ops.aten._weight_int8pack_mm(x, codes, scales.view(-1))
     if torch.compiler.is_compiling() and x.shape[0] <= _FUSED_ROWS:
         return (x.unsqueeze(1) * codes).sum(-1) * scales.view(-1)
-    return F.linear(x, dequantize_codes(codes, scales))
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
+        return F.linear(x, dequantize_codes(codes, scales))
+    rows = max(16, _BLOCK_BYTES // (max(1, codes.shape[1]) * scales.element_size()))
+    # one scale per row: (x @ codes^T) * scales, so each block is only widened, not scaled
+    return torch.cat([F.linear(x, codes[n:n + rows].to(scales.dtype)) for n in range(0, codes.shape[0], rows)],
+                     dim=-1) * scales.view(-1)
 
 
 def _check_dtype(dtype, what: str) -> torch.dtype:

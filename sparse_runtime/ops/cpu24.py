@@ -120,8 +120,18 @@ def _check(x, values, meta, bias, scales=None) -> tuple[int, int]:
 
 
 def _run(x, values, meta, bias, isa, out=None, path="", scales=None):
-    n, k = _check(x, values, meta, bias, scales)
     _require()
+    try:
+        return _launch(x, values, meta, bias, isa, out, path, scales)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        _check(x, values, meta, bias, scales)  # the kernel refused: say why in this module's terms
+        raise
+
+
+def _launch(x, values, meta, bias, isa, out, path, scales):
+    # The extension checks every input itself (csrc/cpu24_ext.cpp); _check's friendlier errors run only when it
+    # refuses: at decode sizes they cost more than the kernel.
+    n, k = values.shape[0], x.shape[-1]
     shape = (*x.shape[:-1], n)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype)  # owns its storage, as a custom op's output must

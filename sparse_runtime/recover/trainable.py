@@ -18,8 +18,17 @@ from ..nn.linear import SparseLinear
 VALUES = "weight_values"
 
 
-def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+def trainable_layers(model: nn.Module) -> dict[str, SparseLinear]:
+    """The SparseLinears whose kept values a recovery run trains, or a clear error for a model it cannot train."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no SparseLinear layer: recovery fine-tunes a sparse checkpoint")
+    quantized = [n for n, m in layers.items() if m.quant is not None]
+    if quantized:  # codes have no gradient; training them would need a quantization-aware step
+        scheme = layers[quantized[0]].quant.name
+        raise ValueError(f"{len(quantized)} layers (the first: {quantized[0]}) hold {scheme} codes: recovery trains "
+                         "float values, so recover the checkpoint pruned without --quantize")
+    return layers
 
 
 @contextmanager
@@ -28,9 +37,7 @@ def training_form(model: nn.Module):
     parameter on the ``reference`` backend, and the trainable parameters (:func:`trainable`) requiring grad. On
     exit (also on an error) the values are buffers again, each tensor is back in its stored dtype and each layer
     on its backend."""
-    layers = sparse_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no SparseLinear layer: recovery fine-tunes a sparse checkpoint")
+    layers = trainable_layers(model)
     dtypes = {k: t.dtype for k, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()}
     backends = {n: m.backend for n, m in layers.items()}
     grads = {n: p.requires_grad for n, p in model.named_parameters()}

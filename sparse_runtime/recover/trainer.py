@@ -22,7 +22,7 @@ from .result import RecoverResult, held_out_perplexity
 from .state import load_state, restore, save_state
 from .steps import autocast, compute_device, optimizer, take_step
 from .teacher import check_vocabulary, residual_bases
-from .trainable import trainable, training_form
+from .trainable import trainable, trainable_layers, training_form
 from .windows import Windows, recovery_windows
 
 
@@ -171,6 +171,7 @@ def recover(model, teacher=None, data=DEFAULT_CALIB, out=None, config: RecoverCo
     except CheckpointError:
         record = {}  # another sparse format (compressed-tensors): no calibration record
     student, tok = load_model(model, device=home)
+    trainable_layers(student)  # a model recovery cannot train is refused before the teacher loads
     teacher_model = None
     if teacher is not None:
         teacher_model, teacher_tok = load_model(teacher, device=home)
