@@ -85,7 +85,7 @@ def test_packed_kernel_and_fallback_agree():
 
 
 def test_eager_cpu_blocks_match_the_whole_weight(monkeypatch):
-    """Eager fp32 on the CPU dequantizes a block of rows at a time (here 16 of 100: the last block short), with
+    """Eager fp32 on the CPU widens the codes a block of rows at a time (here 16 of 100: the last block short), with
     gradients to x as through one F.linear."""
     monkeypatch.setattr(int8_dense, "_BLOCK_BYTES", 16 * 72 * 4)
     blocks = []

@@ -54,7 +54,8 @@ def test_recovery_table_renders_gradual_and_labelled_rows():
     # windows.
     point = {"wikitext2": 70.0, "tinystories": 26.0}
     row = {"start": "wanda", "loss": "kd", "lr": 1e-4, "seqlen": 256, "batch": 4, "tokens": 1024, "seconds": 60.0,
-           "tokens_per_s": 17,           "before": {"wikitext2": 200.0, "tinystories": 60.0}, "after": point, "target_met": True}
+           "tokens_per_s": 17, "before": {"wikitext2": 200.0, "tinystories": 60.0}, "after": point,
+           "target_met": True}
     gradual = {**row, "before": None, "schedule": {"steps": 4}, "after": {"wikitext2": 75.0, "tinystories": 27.0},
                "oneshot_kd": {"after": point, "seconds": 60.0}}
     report = {"model": "m", "device": "cpu", "torch": "t", "date": "2026-12-07T00:00:00+00:00",
@@ -62,7 +63,8 @@ def test_recovery_table_renders_gradual_and_labelled_rows():
               "training": {"file": "c4", "documents": "d"},
               "perplexity": {"dense": {"wikitext2": 29.52, "tinystories": 12.18}},
               "targets": {"wanda": {"ppl": 80.0, "seconds": 900}},
-              "rows": {"wanda/kd": row, "wanda/kd (lr 5e-5)": {**row, "lr": 5e-5, "seqlen": 512, "batch": 2}, "wanda/gradual": gradual}}
+              "rows": {"wanda/kd": row, "wanda/kd (lr 5e-5)": {**row, "lr": 5e-5, "seqlen": 512, "batch": 2},
+                       "wanda/gradual": gradual}}
     text = tables.recovery.__wrapped__(report)  # the renderer itself, on this report
     assert "| wanda/kd (lr 5e-5) | kd | 5e-05 | 2 x 512 |" in text
     assert "| wanda/gradual | kd, gradual (4 prunes) | 0.0001 | 4 x 256 | 1,024 | 1.0 min | 17 | dense 29.52 -> **75.00** |" in text

@@ -11,7 +11,8 @@ holds (and saves) them.
 ``aten._weight_int8pack_mm`` where it is both right and fast (:func:`packed_applies`). Its fp32 and fp16 inputs run
 a scalar loop in torch 2.13, several times slower than a dense fp32 GEMV; instead, under ``torch.compile`` a few rows
 (decode) run a broadcast-multiply-sum that inductor fuses into one pass over the int8 codes, and everything else
-(eager fp32, more rows, CUDA) dequantizes, then runs ``F.linear``: on the CPU eagerly a block of rows at a time.
+(compiled beyond those rows, CUDA) dequantizes, then runs ``F.linear``; eager on the CPU, a block of rows at a time is
+widened to the scales' dtype and multiplied, and the output scaled per row (the whole fp32 weight never exists).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ SCHEME = QuantScheme("int8")
 HEAD_SCHEMES = ("int8",)  # what sparsify(head=...) and --quantize-head take
 _PACKED_K = 16  # _weight_int8pack_mm's vectorized bf16 kernel steps K by 16, with no tail
 _FUSED_ROWS = 16  # rows up to which compiled fp32 streams the codes once; beyond, one dense GEMM is faster
-# eager CPU: the weight is dequantized a block of rows at a time (this many bytes, cache-resident), never whole: a
+# eager CPU: the codes are widened a block of rows at a time (this many bytes, cache-resident), never whole: a
 # whole SmolLM2 head is 113 MB of fp32 written and read again for every call
 _BLOCK_BYTES = 4 << 20
 
