@@ -214,7 +214,7 @@ def test_prune_and_recover_from_the_command_line(stories_dir, tmp_path, capsys, 
     (["--recover-tokens", "0"], "tokens must be a positive integer"),
     (["--schedule", "gradual", "--steps", "4", "--recover-tokens", "512"], "need at least one each"),
     (["--recover-tokens", "256", "--rotate", "nm"], "no --rotate"),
-    (["--recover-tokens", "256", "--quantize", "int8"], "off the --quantize grid"),
+    (["--recover-tokens", "256", "--quantize", "int8"], "prune with --quantize, then `sparse-runtime recover`"),
 ])
 def test_bad_schedules_are_refused_before_any_work(stories_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

@@ -62,10 +62,14 @@ def test_recovery_table_renders_gradual_and_labelled_rows():
               "calibration": {"nsamples": 32, "seqlen": 512, "seed": 0}, "eval": {"seqlen": 512, "tokens": 40960},
               "training": {"file": "c4", "documents": "d"},
               "perplexity": {"dense": {"wikitext2": 29.52, "tinystories": 12.18}},
-              "targets": {"wanda": {"ppl": 80.0, "seconds": 900}},
+              "targets": {"wanda": {"ppl": 80.0, "seconds": 900}, "rotated-int4": {"of": "wanda", "within": 0.1}},
               "rows": {"wanda/kd": row, "wanda/kd (lr 5e-5)": {**row, "lr": 5e-5, "seqlen": 512, "batch": 2},
-                       "wanda/gradual": gradual}}
+                       "wanda/gradual": gradual,
+                       "rotated-int4/kd": {**row, "start": "rotated-int4", "embeddings": True, "checkpointing": False,
+                                           "reference": {"row": "wanda/kd", "wikitext2": 70.0}, "target_met": False}}}
     text = tables.recovery.__wrapped__(report)  # the renderer itself, on this report
+    assert "| rotated-int4/kd | kd (+ embeddings), no checkpointing |" in text
+    assert "| within 10% of wanda/kd (70.00): missed |" in text
     assert "| wanda/kd (lr 5e-5) | kd | 5e-05 | 2 x 512 |" in text
     assert "| wanda/gradual | kd, gradual (4 prunes) | 0.0001 | 4 x 256 | 1,024 | 1.0 min | 17 | dense 29.52 -> **75.00** |" in text
     assert "WikiText-2 75.00 vs 70.00" in text

@@ -71,6 +71,82 @@ def test_no_pruned_weight_moves_through_recover_save_and_load(checkpoints, stori
             assert torch.allclose(load_pretrained(out, backend=backend)(ids).logits, ref, atol=1e-5), backend
 
 
+def test_a_quantized_checkpoint_recovers_on_its_grid(checkpoints, stories_dir, tmp_path):
+    """int8 codes train quantization-aware: the result holds int8 codes under the same scales, on the same masks,
+    every layer's codes moved, and the held-out perplexity fell."""
+    out = tmp_path / "int8"
+    result = recover(checkpoints / "wanda-int8", stories_dir, out=out, loss="kd", code_lr=0.5, **SMALL)
+    assert result.evals[-1]["ppl"] < result.evals[0]["ppl"], result.evals
+    _, before = sparse_state(checkpoints / "wanda-int8")
+    _, after = sparse_state(out)
+    assert before.keys() == after.keys() and before
+    for name, layer in before.items():
+        new = after[name]
+        assert new.quant == layer.quant and new.weight_values.dtype == torch.int8, name
+        assert torch.equal(new.weight_meta, layer.weight_meta) and torch.equal(new.weight_scales, layer.weight_scales)
+        assert not torch.equal(new.weight_values, layer.weight_values), f"{name}: its codes did not train"
+
+
+def test_quantization_aware_training_keeps_int4_values_on_the_grid(stories_dir, one_thread):
+    """Inside the training form a grouped-int4 layer trains its codes as floats and computes with them rounded to
+    the grid, times the scales (the gradient passing the rounding, none past the grid's ends); the codes written on
+    exit compute exactly that function."""
+    from sparse_runtime.format.quant import QuantScheme, unpack_int4
+    from sparse_runtime.nn.sparsify import sparsify
+    from sparse_runtime.recover.trainable import training_form
+
+    model, _ = load_model(stories_dir)
+    sparsify(model, quant=QuantScheme("int4", 32), ignore=("lm_head", "down_proj"), progress=False)  # K = 172
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear) and m.quant is not None}
+    assert len(layers) == 30
+    saved = {n: (m.weight_values.clone(), m.weight_scales.clone(), m.weight_meta.clone()) for n, m in layers.items()}
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    with training_form(model):
+        codes = layers["model.layers.0.self_attn.q_proj"].parametrizations.weight_values.original
+        assert torch.equal(codes, unpack_int4(saved["model.layers.0.self_attn.q_proj"][0]).float())
+        with torch.no_grad():
+            for m in layers.values():  # off the grid, and the first row past its end
+                m.parametrizations.weight_values.original.add_(torch.randn(m.weight_values.shape, generator=g))
+            codes[0] = 7 * 3
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        assert codes.grad[0].abs().sum() == 0 and codes.grad[1:].abs().sum() > 0
+        inside = logits.detach()
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(after, inside, rtol=1e-5, atol=1e-5)
+    for n, m in layers.items():
+        codes, scales, meta = saved[n]
+        assert m.quant.name == "int4" and m.weight_values.dtype == torch.uint8 and m.backend == "auto"
+        assert torch.equal(m.weight_scales, scales) and torch.equal(m.weight_meta, meta)
+        assert not torch.equal(m.weight_values, codes), n
+
+
+def test_codes_train_at_their_own_learning_rate():
+    from sparse_runtime.recover.steps import optimizer, take_step
+    from sparse_runtime.recover.trainable import CODES
+
+    params = [(name, torch.nn.Parameter(torch.zeros(3))) for name in ("norm.weight", f"q_proj.{CODES}")]
+    config = RecoverConfig(tokens=1, lr=1e-4, code_lr=0.05, warmup=0.0)
+    opt = optimizer(params, config)
+    for _, p in params:
+        p.grad = torch.ones(3)
+    take_step(opt, params, config, 0, 10)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-4), pytest.approx(0.05)]
+    assert torch.allclose(params[0][1], torch.full((3,), -1e-4))  # Adam's first step: the learning rate
+    assert torch.allclose(params[1][1], torch.full((3,), -0.05))
+
+
+def test_embeddings_train_only_when_asked(checkpoints, stories_dir, tmp_path):
+    recover(checkpoints / "wanda", stories_dir, out=tmp_path / "emb", loss="kd", embeddings=True, **SMALL)
+    before, _ = sparse_state(checkpoints / "wanda")
+    after, layers = sparse_state(tmp_path / "emb")
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        assert not torch.equal(getattr(after, get)().weight, getattr(before, get)().weight), get
+    assert all(not m.dense_weight()[~m.sparse_weight.mask()].any() for m in layers.values())
+
+
 def test_kd_lowers_the_loss_and_the_held_out_perplexity(checkpoints, stories_dir):
     result = recover(checkpoints / "wanda", stories_dir, loss="kd", eval_every=2 * 2 * 64,
                      **{**SMALL, "tokens": 10 * 2 * 64})
@@ -164,7 +240,8 @@ def test_bad_settings_are_refused_before_any_work():
     for fields, message in [({"tokens": 0}, "tokens must be a positive integer"),
                             ({"loss": "mse"}, "loss must be one of"),
                             ({"resume": True}, "need a state folder"),
-                            ({"lr": 0}, "need lr > 0")]:
+                            ({"lr": 0}, "need lr > 0"),
+                            ({"code_lr": -1.0}, "code_lr > 0")]:
         with pytest.raises(ValueError, match=message):
             RecoverConfig(**fields)
 
@@ -176,7 +253,6 @@ def test_bad_settings_are_refused_before_any_work():
     (["--data", str(DEFAULT_EVAL)], "is an evaluation text"),
     (["--teacher", "OTHER_VOCAB"], "vocabulary of 128 tokens, the student 512"),
     (["--teacher", None], "needs a teacher"),
-    (["--model", "INT8"], "35 layers (the first: model.layers.0.self_attn.q_proj) hold int8 codes: recovery trains"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(checkpoints, stories_dir, tmp_path, capsys, extra, message):
     from helpers import tiny_model
@@ -192,7 +268,6 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(checkpoints, stories_dir,
         i = argv.index("--teacher")
         del argv[i:i + 2]
         extra = [] if extra[1] is None else ["--teacher", str(tmp_path / "other")]
-    extra = [str(checkpoints / "wanda-int8") if a == "INT8" else a for a in extra]  # a later --model wins
     extra = [str(tmp_path / "missing.txt") if a == "MISSING" else a for a in extra]
     assert main([*argv, *extra]) == 2
     err = capsys.readouterr().err

@@ -34,3 +34,15 @@ def test_a_gradual_row_meets_its_target_only_at_its_last_prune():
     assert not bench.target_met(row)
     assert bench.target_met({**row, "curve": [early, {**late, "seconds": 800.0}]})
     assert bench.target_met({"start": "wanda", "curve": [{**early, "prune_step": None}]})  # one-shot rows: any point
+
+
+def test_an_int4_row_is_judged_against_the_fp32_row_trained_alike():
+    fp32 = {"start": "rotated", "loss": "kd", "lr": 1e-4, "seqlen": 256, "batch": 4, "tokens": 1000,
+            "after": {"wikitext2": 40.0}}  # recorded before embeddings/checkpointing were: their defaults
+    rows = {"rotated/kd (lr 5e-5)": {**fp32, "lr": 5e-5, "after": {"wikitext2": 30.0}}, "rotated/kd": fp32,
+            "rotated/kd (+ embeddings)": {**fp32, "embeddings": True, "after": {"wikitext2": 35.0}}}
+    int4 = {**fp32, "start": "rotated-int4", "embeddings": False, "checkpointing": True, "after": {"wikitext2": 43.9}}
+    assert bench.reference_row(int4, rows) == "rotated/kd"
+    assert bench.target_met(int4, rows)  # 43.9 <= 1.1 x 40
+    assert not bench.target_met({**int4, "after": {"wikitext2": 44.1}}, rows)
+    assert bench.target_met({**int4, "tokens": 2000}, rows) is None  # no fp32 row at its tokens

@@ -162,8 +162,8 @@ def _recovery(args):
         raise ValueError("--recover-tokens prunes every block alike in fixed coordinates: it takes no --rotate, "
                          "--allocation or --plan (prune, then `sparse-runtime recover` the checkpoint)")
     if args.quantize is not None:
-        raise ValueError("--recover-tokens trains the kept weights in full precision after pruning, off the "
-                         "--quantize grid: quantize without recovery")
+        raise ValueError("--recover-tokens recovers in full precision between prunes, off the --quantize grid: "
+                         "prune with --quantize, then `sparse-runtime recover` the checkpoint (it trains on the grid)")
     fields = {k.removeprefix("recover_"): v for k, v in given.items()
               if k not in ("teacher", "recover_data") and v is not None}
     recovery = RecoverConfig(tokens=args.recover_tokens, device=args.device, **fields)

@@ -46,6 +46,12 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=d.checkpointing,
                    help="activation checkpointing of the decoder layers (default: on)")
+    p.add_argument("--code-lr", type=float, default=d.code_lr,
+                   help="a quantized checkpoint's codes: peak learning rate in grid steps (they train on the grid; "
+                        f"default: {d.code_lr:g})")
+    p.add_argument("--train-embeddings", action="store_true",
+                   help="also train the input embedding and the output head (default: only the decoder layers' "
+                        "kept weights, norms and biases)")
     p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: where the device multiplies bf16 natively)")
     p.add_argument("--state", default=None,
@@ -64,10 +70,11 @@ def run(args) -> int:
     from ..recover import RecoverConfig, recover
 
     config = RecoverConfig(
-        loss=args.loss, tokens=args.tokens, seqlen=args.seqlen, batch=args.batch, lr=args.lr, warmup=args.warmup,
-        min_lr=args.min_lr, weight_decay=args.weight_decay, clip=args.clip, temperature=args.temperature,
-        eval_every=args.eval_every, eval_windows=args.eval_windows, block_windows=args.block_windows,
-        seed=args.seed, device=args.device, checkpointing=args.checkpointing, autocast=args.autocast,
+        loss=args.loss, tokens=args.tokens, seqlen=args.seqlen, batch=args.batch, lr=args.lr, code_lr=args.code_lr,
+        warmup=args.warmup, min_lr=args.min_lr, weight_decay=args.weight_decay, clip=args.clip,
+        temperature=args.temperature, eval_every=args.eval_every, eval_windows=args.eval_windows,
+        block_windows=args.block_windows, seed=args.seed, device=args.device, checkpointing=args.checkpointing,
+        autocast=args.autocast, embeddings=args.train_embeddings,
         state=args.state or f"{str(args.out).rstrip('/')}.state", save_every=args.save_every, resume=args.resume,
         stop_after=args.stop_after)
     result = recover(args.model, args.teacher, args.data or DEFAULT_CALIB, args.out, config)

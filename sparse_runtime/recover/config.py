@@ -16,12 +16,15 @@ class RecoverConfig:
     ``lr * min_lr``; gradients clipped to norm ``clip``. ``eval_every`` tokens (0: only before and after) the
     perplexity of ``eval_windows`` held-out windows is measured. ``state`` is the folder the resumable state is
     written to every ``save_every`` steps (and when the run stops); ``stop_after`` ends this session after that
-    many steps in all, state saved, so a later call with ``resume`` continues it."""
+    many steps in all, state saved, so a later call with ``resume`` continues it. ``embeddings`` trains the input
+    embedding and the output head too (by default they stay as they are). A quantized layer's codes train at
+    ``code_lr`` (grid steps, warmed up and decayed alike), the rest at ``lr``."""
     loss: str = "kd"
     tokens: int = 100_000
     seqlen: int = 256
     batch: int = 4
     lr: float = 1e-4
+    code_lr: float = 0.005
     warmup: float = 0.05
     min_lr: float = 0.1
     weight_decay: float = 0.0
@@ -32,6 +35,7 @@ class RecoverConfig:
     seed: int = 0
     device: str | None = None
     checkpointing: bool = True
+    embeddings: bool = False
     autocast: bool | None = None  # None: bf16 autocast where the device multiplies bf16 natively
     block_windows: int = 128  # block: the calibration windows each layer is reconstructed on
     state: str | None = None
@@ -48,9 +52,9 @@ class RecoverConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.seqlen < 2:
             raise ValueError(f"seqlen must be at least 2 (a token and its successor), got {self.seqlen}")
-        if not self.lr > 0 or not 0 <= self.warmup < 1 or not 0 <= self.min_lr <= 1:
-            raise ValueError(f"need lr > 0, 0 <= warmup < 1 and 0 <= min_lr <= 1; got lr={self.lr}, "
-                             f"warmup={self.warmup}, min_lr={self.min_lr}")
+        if not self.lr > 0 or not self.code_lr > 0 or not 0 <= self.warmup < 1 or not 0 <= self.min_lr <= 1:
+            raise ValueError(f"need lr > 0, code_lr > 0, 0 <= warmup < 1 and 0 <= min_lr <= 1; got lr={self.lr}, "
+                             f"code_lr={self.code_lr}, warmup={self.warmup}, min_lr={self.min_lr}")
         if not self.clip > 0 or self.weight_decay < 0 or not self.temperature > 0:
             raise ValueError(f"need clip > 0, weight_decay >= 0 and temperature > 0; got {self.clip}, "
                              f"{self.weight_decay}, {self.temperature}")
@@ -75,11 +79,12 @@ class RecoverConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in run_only}
 
 
-def lr_at(config: RecoverConfig, step: int, steps: int | None = None) -> float:
-    """The learning rate of optimizer step ``step`` (0-based) of ``steps``: linear warm-up, then cosine decay."""
-    steps = steps or config.steps
+def lr_at(config: RecoverConfig, step: int, steps: int | None = None, peak: float | None = None) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``steps`` for a peak of ``peak`` (default
+    ``config.lr``): linear warm-up, then cosine decay."""
+    steps, peak = steps or config.steps, config.lr if peak is None else peak
     warm = int(config.warmup * steps)
     if step < warm:
-        return config.lr * (step + 1) / warm
+        return peak * (step + 1) / warm
     t = (step - warm) / max(1, steps - warm)
-    return config.lr * (config.min_lr + (1 - config.min_lr) * 0.5 * (1 + math.cos(math.pi * t)))
+    return peak * (config.min_lr + (1 - config.min_lr) * 0.5 * (1 + math.cos(math.pi * t)))

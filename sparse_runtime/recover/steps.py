@@ -9,6 +9,7 @@ import torch
 
 from ..ops.devices import cpu_native_bf16
 from .config import RecoverConfig, lr_at
+from .trainable import CODES
 
 
 def compute_device(config: RecoverConfig) -> torch.device:
@@ -25,15 +26,19 @@ def autocast(device: torch.device, config: RecoverConfig):
 
 
 def optimizer(params, config: RecoverConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay)
+    """AdamW: quantized layers' codes (:data:`~.trainable.CODES`) peak at ``code_lr``, the rest at ``lr``; the
+    first group is the float tensors' (what the history logs), present even when empty."""
+    codes = [p for n, p in params if n.endswith(CODES)]
+    groups = [{"params": [p for n, p in params if not n.endswith(CODES)], "peak": config.lr}]
+    groups += [{"params": codes, "peak": config.code_lr, "weight_decay": 0.0}] if codes else []
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def take_step(opt: torch.optim.Optimizer, params, config: RecoverConfig, step: int, steps: int) -> float:
     """Clip, set the learning rate of ``step`` of ``steps``, step, zero the gradients; returns the gradient norm."""
     norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], config.clip)
-    lr = lr_at(config, step, steps)
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr_at(config, step, steps, group["peak"])
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(norm)

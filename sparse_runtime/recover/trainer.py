@@ -38,7 +38,7 @@ def recover_model(student, teacher, windows: Windows, config: RecoverConfig, log
         raise ValueError(f"loss {config.loss} needs a teacher model")
     device = compute_device(config)
     bases = residual_bases(student, teacher) if config.loss == "squarehead" else None
-    with training_form(student):
+    with training_form(student, config.embeddings):
         return _train(student, teacher, windows, config, device, bases, log, evaluate)
 
 
