@@ -117,7 +117,8 @@ def block_budget(args, ckpt: Path, teacher: str, device: str, seconds: float) ->
             "tokens": max(per, int((seconds - fixed) * rate))}
 
 
-SETTINGS = ("lr", "seqlen", "batch", "embeddings", "checkpointing")  # what a row records of how it trained
+# what a row records of how it trained, each with the value rows from before it was recorded ran with
+SETTINGS = {"lr": None, "seqlen": None, "batch": None, "embeddings": False, "checkpointing": True}
 
 
 def row_settings(args) -> dict:
@@ -125,11 +126,16 @@ def row_settings(args) -> dict:
     return dict(zip(SETTINGS, (args.lr, args.train_seqlen, args.batch, args.train_embeddings, args.checkpointing)))
 
 
+def quantized(start: str) -> bool:
+    """Whether the starting point ``start`` holds quantized values (its codes train at --code-lr)."""
+    return "--quantize" in STARTS[start]
+
+
 def reference_row(row: dict, rows: dict) -> str | None:
     """For a target relative to another start: the name of that start's row with this row's loss, settings and
-    tokens (rows from before a setting was recorded ran with its default)."""
+    tokens (None for an absolute target, or while no such row has run)."""
     of = TARGETS[row["start"]].get("of")
-    same = lambda r: all(r.get(k, d) == row.get(k, d) for k, d in zip(SETTINGS, (None,) * 3 + (False, True)))
+    same = lambda r: all(r.get(k, d) == row.get(k, d) for k, d in SETTINGS.items())
     return next((n for n, r in rows.items() if of and r["start"] == of and r["loss"] == row["loss"]
                  and r["tokens"] == row["tokens"] and same(r)), None)
 
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
         if args.rows == p.get_default("rows"):  # stories260K's 172-wide down_proj takes no int4 group
-            args.rows = [r for r in args.rows if "--quantize" not in STARTS[r.split("/")[0]]]
+            args.rows = [r for r in args.rows if not quantized(r.split("/")[0])]
     out = Path(args.out or (Path(tempfile.gettempdir()) / "recovery_smoke.json" if args.smoke
                             else RESULTS / "recovery.json"))
     if args.replot:
@@ -243,7 +249,7 @@ def main(argv=None) -> int:
         row = report["rows"][name]
         row["date"] = report["date"]
         row["target_met"] = target_met(row, report["rows"])
-        ref = reference_row(row, report["rows"]) if "of" in TARGETS[row["start"]] else None
+        ref = reference_row(row, report["rows"])
         if ref:
             row["reference"] = {"row": ref, "wikitext2": report["rows"][ref]["after"]["wikitext2"]}
         report["merged_from"] = [r.get("date", report["date"]) for r in report["rows"].values()]
@@ -284,7 +290,7 @@ def main(argv=None) -> int:
         report["rows"][name] = {
             "start": start, "loss": loss, "prune_flags": prune_flags(args, start), "tokens": res.tokens,
             "steps": res.steps, "seconds": round(res.seconds, 1), "tokens_per_s": round(res.tokens_per_s),
-            **row_settings(args), **({"code_lr": args.code_lr} if "--quantize" in STARTS[start] else {}),
+            **row_settings(args), **({"code_lr": args.code_lr} if quantized(start) else {}),
             "before": before, "after": after, "curve": curve, "windows": res.windows}
         if probe:
             report["rows"][name]["budget"] = probe
