@@ -18,9 +18,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-# quant_quality's QUANT suffix (its runs and the table that reads them): prune in full precision, then GPTQ on
-# the fixed masks
-AFTER = "-after"
+# quant_quality's QUANT suffixes (its runs and the table that reads them): prune in full precision, then GPTQ on
+# the fixed masks; scales chosen by the clipping search (PruneConfig.scale_search)
+AFTER, SEARCH = "-after", "-search"
+
+
+def quant_parts(quant: str) -> tuple[str, bool, bool]:
+    """``(scheme or "fp32", after, search)`` of a quant_quality run's QUANT, e.g. ``int4-after-search``."""
+    search = quant.endswith(SEARCH)
+    quant = quant.removesuffix(SEARCH)
+    return quant.removesuffix(AFTER), quant.endswith(AFTER), search
 
 # The quality protocol of every perplexity table: calibration 32 x 512 tokens of the C4 sample (seed 0), then
 # WikiText-2 raw test, the first 40,960 tokens in non-overlapping windows of 512.
@@ -34,12 +41,19 @@ def now() -> str:
 
 
 def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (the architecture where there is none)."""
+    """The CPU's model name from /proc/cpuinfo (the architecture where there is none); a VM's bare name with no
+    model number ("AMD EPYC") gets the family and model, which tell its generations apart (AMD family 25: Zen 3/4,
+    26: Zen 5)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n", 1)[0].splitlines() if ":" in line)
+    except OSError:
+        fields = {}
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if not any(c.isdigit() for c in name) and "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return name
 
 
 def cpu_model() -> str:

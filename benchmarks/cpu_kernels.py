@@ -10,9 +10,13 @@ passes with the same threads (:class:`BandwidthProbe`), and each row reports the
 the bandwidth of its own passes.
 
 Quantized values (``--quant int8,int4``) add the 2:4 kernel on int8 codes (``cpu24-int8``, per-row scales) and
-int4 codes (``cpu24-int4``, groups of 128 columns, or the largest of 64/32 that divides K), and torch's dense
-weight-only int8 kernel ``torch._weight_int8pack_mm`` (``dense-int8``: int8 [N, K], per-row scales) as their
-baseline, at decode sizes (M <= 16); their bytes are the codes, the 2:4 indices and the scales.
+int4 codes (``cpu24-int4``, groups of 128 columns, or the largest of 64/32 that divides K), and two dense int8
+baselines (int8 [N, K], per-row scales): torch's weight-only int8 kernel ``torch._weight_int8pack_mm``
+(``dense-int8``) and the engine's compiled dense int8 path (``compiled-int8``: ``nn.int8_dense.int8_matmul`` under
+``torch.compile``, a broadcast-multiply-sum inductor fuses into one pass over the codes), at decode sizes (M <= 16);
+at the ``--compiled`` M the 2:4 int8 layers run compiled too (``compiled-cpu24-int8``: the registered cpu24 op
+inside the graph, as in the engine), each compiled stack one graph, so neither pays Python per layer. Their bytes are
+the codes, the 2:4 indices and the scales.
 
     python -m benchmarks.cpu_kernels                       # SmolLM2-135M and Llama-3-8B shapes, fp32
     python -m benchmarks.cpu_kernels --shapes 4096x4096 --ms 1,8 --compiled none
@@ -65,12 +69,12 @@ def weight_bytes(provider: str, n: int, k: int, elem: int) -> int:
     instead of the values plus their scales (N per row, N*K/group for int4), in the compute dtype."""
     if provider in ("dense", "compiled"):
         return n * k * elem
-    if provider == "dense-int8":
+    if provider in ("dense-int8", "compiled-int8"):
         return n * k + n * elem
     meta = n * (k // 8)
     if provider == "cpu24":
         return n * (k // 2) * elem + meta
-    if provider == "cpu24-int8":
+    if provider in ("cpu24-int8", "compiled-cpu24-int8"):
         return n * (k // 2) + meta + n * elem
     if provider == "cpu24-int4":
         return n * (k // 4) + meta + n * (k // int4_group(k)) * elem
@@ -132,21 +136,37 @@ def time_pass(calls, probe: BandwidthProbe, min_seconds: float = 0.3, min_passes
     return statistics.median(times), probe.nbytes / statistics.median(reads) / 1e9
 
 
+DENSE_INT8, SPARSE_INT8 = ("dense-int8", "compiled-int8"), ("cpu24-int8", "compiled-cpu24-int8")
+
+
+def fastest(times: dict, providers) -> float:
+    """The least of ``times`` (provider -> seconds) among ``providers``."""
+    return min(t for p, t in times.items() if p in providers)
+
+
+def compiled(fn, settings: dict | None = None):
+    """``fn`` (x -> the outputs of a whole stack) as one graph, compiled under the inductor ``settings`` (default:
+    the engine's, ``Engine(compile=True)``: a dense int8 layer becomes one fused pass over its codes, a 2:4 layer a
+    call of the registered cpu24 op)."""
+    import torch
+
+    torch._dynamo.reset()  # each stack is a new graph: dynamo's recompile limit would fall back to eager
+    graph = torch.compile(fn, dynamic=False)
+
+    def call(x):
+        with torch._inductor.config.patch(settings or {}), torch.no_grad():
+            return graph(x)
+    return call
+
+
 def compiled_stack(dense):
     """The engine's compiled CPU path over a whole stack of dense linears, one graph: inductor with frozen
     weights and its C++ GEMM template (``serving.engine.CPU_COMPILE["max-autotune"]``), the fastest dense path."""
-    import torch
     import torch.nn.functional as F
 
     from sparse_runtime.serving.engine import CPU_COMPILE
 
-    torch._dynamo.reset()  # each stack is a new graph: dynamo's recompile limit would fall back to eager
-    fn = torch.compile(lambda x: [F.linear(x, w, b) for w, b in dense], dynamic=False)
-
-    def call(x):
-        with torch._inductor.config.patch(CPU_COMPILE["max-autotune"]), torch.no_grad():
-            return fn(x)
-    return call
+    return compiled(lambda x: [F.linear(x, w, b) for w, b in dense], CPU_COMPILE["max-autotune"])
 
 
 def bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, probe, log=print, quant=()):
@@ -159,6 +179,7 @@ def bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, probe, log=print, qua
     from sparse_runtime.format.codec import SparseWeight
     from sparse_runtime.format.masks import pattern_mask
     from sparse_runtime.format.quant import QuantScheme, absmax_scales, quantize_codes
+    from sparse_runtime.nn.int8_dense import int8_matmul
     from sparse_runtime.nn.linear import SparseLinear
     from sparse_runtime.ops.caches import DECODE_MAX_M
 
@@ -196,6 +217,12 @@ def bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, probe, log=print, qua
         if int8_dense and m <= DECODE_MAX_M:  # torch's fp32 int8 kernel takes seconds per stack at prefill sizes
             calls["dense-int8"] = [lambda c=c, sc=sc, b=b: torch._weight_int8pack_mm(x, c, sc) + b
                                    for c, sc, b in int8_dense]
+            if m in compiled_ms:
+                dense8 = compiled(lambda x: [int8_matmul(x, c, sc.view(-1, 1)) + b for c, sc, b in int8_dense])
+                calls["compiled-int8"] = [lambda: dense8(x)]
+                if "int8" in quantized:
+                    sparse8 = compiled(lambda x: [layer(x) for layer in quantized["int8"]])
+                    calls["compiled-cpu24-int8"] = [lambda: sparse8(x)]
         if m in compiled_ms:
             stack = compiled_stack(dense)
             calls["compiled"] = [lambda: stack(x)]
@@ -216,7 +243,8 @@ def bench_shape(n, k, dtype, ms, compiled_ms, llc, budget, probe, log=print, qua
         log(f"{n}x{k} M={m:<4} " + "  ".join(f"{p} {t * 1e6:9.1f} us" for p, t in times.items())
             + f"  2:4 {best_dense / times['cpu24']:.2f}x the best dense, "
             f"{next(r['bandwidth_fraction'] for r in rows if r['provider'] == 'cpu24'):.0%} of the bandwidth"
-            + (f", int8 2:4 {times['dense-int8'] / times['cpu24-int8']:.2f}x dense int8" if "dense-int8" in times else ""))
+            + (f", int8 2:4 {fastest(times, DENSE_INT8) / fastest(times, SPARSE_INT8):.2f}x the best dense int8"
+               if "dense-int8" in times and "cpu24-int8" in times else ""))
         yield rows
 
 

@@ -12,7 +12,8 @@ same numbers a quantized SparseLinear computes with). Writes benchmarks/results/
 
 A run is ``PRUNE/QUANT/ROTATION``: PRUNE ``dense`` or ``2:4``, QUANT ``fp32`` or a scheme (int8, int4, fp8; int4 takes
 ``--group-size``), quantized in SparseGPT's sweep, or ``SCHEME-after`` (2:4 only): the full-precision prune, then GPTQ on
-its fixed masks (``PruneConfig.quantize_after``; runs of one invocation share that prune), ROTATION ``none`` or a
+its fixed masks (``PruneConfig.quantize_after``; runs of one invocation share that prune), either with ``-search``
+after it: scales by the clipping search (``PruneConfig.scale_search``) instead of absmax; ROTATION ``none`` or a
 rotation objective. ``dense/fp32`` takes no rotation (a rotation is
 function-preserving: it is the dense model). SmolLM2's hidden size 576 is not a multiple of 128: int4's groups are
 ``--group-size 64`` (the multiple of 8 closest to 128 that divides 576 and 1536).
@@ -33,7 +34,7 @@ from sparse_runtime.prune import PruneConfig, prune, quantize_pruned
 from sparse_runtime.prune.config import OBJECTIVES
 
 from .common import (AFTER, RESULTS, ROOT, add_protocol_arguments, calibration, cpu_model, metadata, now,
-                     protocol_report, write_json)
+                     protocol_report, quant_parts, write_json)
 
 PRUNES = ("dense", "2:4")
 DEFAULT_RUNS = [f"{p}/{q}/{r}" for r in ("none", "nm") for p in PRUNES
@@ -50,13 +51,14 @@ SMOKE = {"model": str(ROOT.parent / "shared" / "data" / "models" / "stories260K"
 
 def parse_run(spec: str) -> dict:
     parts = spec.split("/")
-    if (len(parts) != 3 or parts[0] not in PRUNES or parts[1].removesuffix(AFTER) not in ("fp32", *SCHEMES)
-            or parts[1] == "fp32" + AFTER or parts[2] not in ("none", *OBJECTIVES)):
+    scheme, after, search = quant_parts(parts[1]) if len(parts) == 3 else (None, False, False)
+    if (len(parts) != 3 or parts[0] not in PRUNES or scheme not in ("fp32", *SCHEMES)
+            or scheme == "fp32" and (after or search) or parts[2] not in ("none", *OBJECTIVES)):
         raise SystemExit(f"bad run {spec!r}: want PRUNE/QUANT/ROTATION, PRUNE in {', '.join(PRUNES)}, QUANT fp32 or "
-                         f"{', '.join(SCHEMES)}, ROTATION none or {', '.join(OBJECTIVES)}")
+                         f"{', '.join(SCHEMES)} (then -after, -search), ROTATION none or {', '.join(OBJECTIVES)}")
     if parts[:2] == ["dense", "fp32"] and parts[2] != "none":
         raise SystemExit(f"bad run {spec!r}: a rotation alone is function-preserving; dense/fp32/none is that model")
-    if parts[0] == "dense" and parts[1].endswith(AFTER):
+    if parts[0] == "dense" and after:
         raise SystemExit(f"bad run {spec!r}: {AFTER} quantizes a prune's result; dense rows are GPTQ already")
     return {"prune": parts[0], "quant": parts[1], "rotation": parts[2]}
 
@@ -84,10 +86,10 @@ def run_config(run: dict, args) -> PruneConfig | None:
     """The prune a run asks for (None: the dense model as loaded)."""
     if run["prune"] == "dense" and run["quant"] == "fp32":
         return None
-    rotated, scheme = run["rotation"] != "none", run["quant"].removesuffix(AFTER)
+    rotated, (scheme, after, search) = run["rotation"] != "none", quant_parts(run["quant"])
     return PruneConfig("gptq" if run["prune"] == "dense" else "sparsegpt", "2:4", device=args.device,
                        ignore=tuple(args.ignore), progress=args.progress,
-                       quantize=None if scheme == "fp32" else scheme, quantize_after=run["quant"].endswith(AFTER),
+                       quantize=None if scheme == "fp32" else scheme, quantize_after=after, scale_search=search,
                        group_size=args.group_size if scheme == "int4" else None,
                        refit=args.refit if run["prune"] == "2:4" else 0,
                        rotate=run["rotation"] if rotated else None, rotate_steps=args.rotate_steps,
@@ -134,7 +136,8 @@ def main(argv=None) -> int:
                  "2:4 full-precision prune, then GPTQ on its fixed masks, calibrated through the quantized layers. Rotated rows learn "
                  "DenoiseRotator rotations per layer (on SparseGPT's scores for the 2:4 pattern, also for the dense "
                  "GPTQ rows) and prune true-sequentially. int8/fp8: one scale per output row; int4: one per row and "
-                 "group_size input columns; symmetric absmax scales. Perplexity of fake-quantized nn.Linear weights.",
+                 "group_size input columns; symmetric absmax scales (-search rows: each group's clipped scale of "
+                 "least rounding error). Perplexity of fake-quantized nn.Linear weights.",
         "perplexity": {}, "runs": {},
     }
     if args.add:

@@ -18,7 +18,8 @@ import os
 import re
 import sys
 
-from .common import AFTER, RESULTS, ROOT, date_span
+from .common import RESULTS, ROOT, date_span, quant_parts
+from .cpu_kernels import DENSE_INT8, SPARSE_INT8, fastest
 
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 DECODE_BOUND = 16 / 9  # 2:4 fp16 moves 9/16 of the dense weight bytes: the decode speedup bytes allow
@@ -586,25 +587,36 @@ def cpu_kernels() -> str:
     quant = [(shape, m) for (shape, m, provider) in cells if provider == "cpu24-int8"]
     if quant:
         us = lambda shape, m, p: cells[shape, m, p]["us"] if (shape, m, p) in cells else None  # noqa: E731
+        opt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        best = lambda shape, m, ps: fastest({p: us(shape, m, p) for p in ps if (shape, m, p) in cells}, ps)  # noqa
         lines += ["", "Quantized values (`--quant`), decode sizes: the 2:4 kernel on int8 codes (per-row scales) and int4 "
-                  "codes (grouped scales), against dense fp32 (the best dense path) and torch's weight-only int8 kernel "
-                  "(`torch._weight_int8pack_mm`; with fp32 activations, as here, it is far slower than its bf16 path).", "",
-                  "| N x K | M | best dense fp32 us | dense int8 us | 2:4 fp32 us | 2:4 int8 us | 2:4 int4 us | "
-                  "2:4 int8 vs dense fp32 | 2:4 int8 vs dense int8 |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "codes (grouped scales), against dense fp32 (the best dense path) and the faster of two dense int8 "
+                  "paths: torch's weight-only int8 kernel (`torch._weight_int8pack_mm`; with fp32 activations, as here, "
+                  "it is far slower than its bf16 path) and the engine's compiled one (`int8_matmul` under "
+                  "`torch.compile`). At the `--compiled` M the 2:4 int8 layers also run compiled (the cpu24 op inside "
+                  "one graph, as in the engine), so that neither side pays Python per layer; the ratios take each "
+                  "side's faster path.", "",
+                  "| N x K | M | best dense fp32 us | dense int8 us | compiled int8 us | 2:4 fp32 us | 2:4 int8 us | "
+                  "compiled 2:4 int8 us | 2:4 int4 us | 2:4 int8 vs dense fp32 | 2:4 int8 vs best dense int8 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for shape, m in quant:
             x8 = cells[shape, m, "cpu24-int8"]
-            best = x8["us"] * x8["speedup_vs_best_dense"]
-            i4 = us(shape, m, "cpu24-int4")
-            lines.append(f"| {shape} | {m} | {best:.1f} | {us(shape, m, 'dense-int8'):.1f} | {us(shape, m, 'cpu24'):.1f} | "
-                         f"{x8['us']:.1f} | {'-' if i4 is None else f'{i4:.1f}'} | {best / x8['us']:.2f}x | "
-                         f"{us(shape, m, 'dense-int8') / x8['us']:.2f}x |")
-        rows = [cells[shape, 1, "cpu24-int8"] for shape in llama if (shape, 1, "cpu24-int8") in cells]
+            fp32, s8 = x8["us"] * x8["speedup_vs_best_dense"], best(shape, m, SPARSE_INT8)
+            lines.append(f"| {shape} | {m} | {fp32:.1f} | {us(shape, m, 'dense-int8'):.1f} | "
+                         f"{opt(us(shape, m, 'compiled-int8'))} | {us(shape, m, 'cpu24'):.1f} | {x8['us']:.1f} | "
+                         f"{opt(us(shape, m, 'compiled-cpu24-int8'))} | {opt(us(shape, m, 'cpu24-int4'))} | "
+                         f"{fp32 / s8:.2f}x | {best(shape, m, DENSE_INT8) / s8:.2f}x |")
+        rows = [shape for shape in llama if (shape, 1, "cpu24-int8") in cells]
         if rows:
-            fp32 = [x["speedup_vs_best_dense"] for x in rows]
-            int8 = [cells[x["shape"], 1, "dense-int8"]["us"] / x["us"] for x in rows]
+            fp32 = [cells[sh, 1, "cpu24-int8"]["us"] * cells[sh, 1, "cpu24-int8"]["speedup_vs_best_dense"]
+                    / best(sh, 1, SPARSE_INT8) for sh in rows]
+            int8 = [best(sh, 1, DENSE_INT8) / best(sh, 1, SPARSE_INT8) for sh in rows]
+            compiled = all((sh, 1, "compiled-int8") in cells for sh in rows)
             lines += ["", f"- Llama-3-8B shapes at M = 1, 2:4 + int8: {min(fp32):.2f}x to {max(fp32):.2f}x dense fp32 "
                       f"(target 4x: met by {sum(v >= 4 for v in fp32)} of {len(rows)}), {min(int8):.2f}x to "
-                      f"{max(int8):.2f}x dense int8 (target 1.4x: met by {sum(v >= 1.4 for v in int8)} of {len(rows)})."]
+                      f"{max(int8):.2f}x the best dense int8 "
+                      f"({'compiled and torch kernel' if compiled else 'torch kernel only: compiled not run'}; "
+                      f"target 1.4x: met by {sum(v >= 1.4 for v in int8)} of {len(rows)})."]
     return "\n".join(lines) + "\n"
 
 
@@ -714,15 +726,18 @@ def quant_quality(r: dict) -> str:
     lines = [f"WikiText-2 raw test perplexity of {r['model']} (seqlen {ev['seqlen']}, {ev['tokens']:,} tokens), "
              f"calibration {cal['nsamples']} x {cal['seqlen']} tokens (seed {cal['seed']}); int4 groups of "
              f"{r['group_size']} input columns; 2:4 rows SparseGPT with LS refit {r['refit']} (quantized in its sweep; "
-             f"`-after`: the full-precision prune, then GPTQ on its fixed masks), dense rows GPTQ; "
+             f"`-after`: the full-precision prune, then GPTQ on its fixed masks), dense rows GPTQ; absmax scales "
+             f"(`-search`: each group's clipped scale of least rounding error); "
              f"{r['device']}, torch {r['torch']}, {date_span(r)}.", "",
              "| run | method | perplexity | vs 2:4 fp32 (same rotation) | time | target |", "|---|---|---|---|---|---|"]
     for spec, x in runs.items():
         base = runs.get(f"2:4/fp32/{x['rotation']}")
         rel = x["perplexity"] / base["perplexity"] - 1 if base and x["prune"] == "2:4" else None
-        limit = QUANT_TARGETS.get(x["quant"].removesuffix(AFTER)) if rel is not None else None
+        scheme, after, search = quant_parts(x["quant"])
+        limit = QUANT_TARGETS.get(scheme) if rel is not None else None
         target = f"within {limit:.0%}: {'met' if rel <= limit else 'missed'}" if limit is not None else ""
-        method = f"{x['method']}, then gptq" if x["quant"].endswith(AFTER) else x["method"] or "-"
+        method = f"{x['method']}, then gptq" if after else x["method"] or "-"
+        method += ", searched scales" if search else ""
         lines.append(f"| {spec} | {method} | {x['perplexity']:.2f} | "
                      f"{'' if rel is None or x['quant'] == 'fp32' else f'{rel:+.1%}'} | "
                      f"{x['seconds'] / 60:.1f} min ({x['threads']} threads, {x['cpu']}) | {target} |")

@@ -85,6 +85,28 @@ def test_a_tiny_quantized_run_reports_the_quantized_providers(tmp_path):
         bench.parse_quant("int8,fp8")
 
 
+def test_the_compiled_int8_stacks_compute_the_int8_linears():
+    """The engine's compiled dense int8 path and compiled 2:4 int8 layers, each stack one graph, odd shapes, against
+    float64 references."""
+    from sparse_runtime.nn.int8_dense import int8_matmul
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 72, generator=g)
+    stack = [(torch.randint(-127, 128, (n, 72), generator=g, dtype=torch.int8), torch.rand(n, generator=g) + 0.1,
+              torch.randn(n, generator=g)) for n in (40, 24)]
+    for y, (c, sc, b) in zip(bench.compiled(lambda x: [int8_matmul(x, c, sc.view(-1, 1)) + b
+                                                       for c, sc, b in stack])(x), stack):
+        want = x.double() @ (c.double() * sc.double()[:, None]).T + b.double()
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+    layers = [SparseLinear.from_linear(torch.nn.Linear(72, n), backend="cpu", quant=QuantScheme("int8"))
+              for n in (40, 24)]
+    for y, layer in zip(bench.compiled(lambda x: [layer(x) for layer in layers])(x), layers):
+        want = x.double() @ layer.dense_weight().double().T + layer.bias.double()
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+    assert bench.weight_bytes("compiled-int8", 40, 72, 4) == bench.weight_bytes("dense-int8", 40, 72, 4)
+    assert bench.weight_bytes("compiled-cpu24-int8", 40, 72, 4) == bench.weight_bytes("cpu24-int8", 40, 72, 4)
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="multiple of 8"):
         bench.parse_named_shapes("64x36")

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from benchmarks import quant_quality as bench
+from benchmarks import tables
 
 
 def _args(**kw):
@@ -34,7 +35,9 @@ def test_runs_map_to_gptq_for_dense_and_sparsegpt_with_the_best_rotation_for_2_4
                                           ("2:4/int3/none", "want PRUNE"), ("2:4/int4/spin", "want PRUNE"),
                                           ("dense/fp32/nm", "function-preserving"),
                                           ("dense/int8-after/none", "dense rows are GPTQ"),
-                                          ("2:4/fp32-after/none", "want PRUNE")])
+                                          ("2:4/fp32-after/none", "want PRUNE"),
+                                          ("2:4/fp32-search/none", "want PRUNE"),
+                                          ("2:4/int4-search-after/none", "want PRUNE")])
 def test_bad_run_specs_are_refused(spec, message):
     with pytest.raises(SystemExit, match=message):
         bench.parse_run(spec)
@@ -44,6 +47,22 @@ def test_an_after_run_quantizes_the_full_precision_prune_by_gptq():
     config = bench.run_config(bench.parse_run("2:4/int4-after/nm"), _args())
     assert config.quantize_after and config.quant.group_size == 64 and config.method == "sparsegpt"
     assert not bench.run_config(bench.parse_run("2:4/int4/nm"), _args()).quantize_after
+
+
+def test_a_search_run_searches_its_scales_and_the_table_says_so():
+    config = bench.run_config(bench.parse_run("2:4/int4-after-search/nm"), _args())
+    assert config.quantize_after and config.scale_search and config.quant.group_size == 64
+    assert not bench.run_config(bench.parse_run("2:4/int4-after/nm"), _args()).scale_search
+    dense = bench.run_config(bench.parse_run("dense/int4-search/none"), _args())
+    assert dense.method == "gptq" and dense.scale_search and not dense.quantize_after
+    row = {"prune": "2:4", "rotation": "nm", "method": "sparsegpt", "seconds": 60, "threads": 2, "cpu": "c"}
+    report = {"calibration": {"nsamples": 32, "seqlen": 512, "seed": 0}, "eval": {"seqlen": 512, "tokens": 40960},
+              "model": "m", "group_size": 64, "refit": 50, "device": "cpu", "torch": "t", "date": "2026-12-07",
+              "runs": {"2:4/fp32/nm": {**row, "quant": "fp32", "perplexity": 50.0},
+                       "2:4/int4-after-search/nm": {**row, "quant": "int4-after-search", "perplexity": 54.0}}}
+    table = tables.quant_quality.__wrapped__(report)
+    assert "| 2:4/int4-after-search/nm | sparsegpt, then gptq, searched scales | 54.00 | +8.0% |" in table
+    assert "within 10%: met" in table
 
 
 def test_an_int4_group_that_does_not_fit_the_blocks_is_refused_before_any_model_loads():

@@ -100,6 +100,9 @@ def add_arguments(p) -> None:
     p.add_argument("--quantize-after", action="store_true",
                    help="prune in full precision first, then quantize the pruned layers by GPTQ on the fixed masks (a "
                         "second calibrated pass): the masks of the full-precision prune exactly")
+    p.add_argument("--scale-search", action="store_true",
+                   help="choose each quantization group's scale by a clipping search (least rounding error over "
+                        "fractions 1.0-0.5 of the absmax) instead of the absmax (default: absmax)")
     p.add_argument("--group-size", type=int, default=None,
                    help="input columns per scale (int4 default 128; it must divide every pruned layer's in_features)")
     p.add_argument("--quantize-head", choices=HEAD_SCHEMES, default=None,
@@ -192,7 +195,7 @@ def _config(args):
                        rotate=args.rotate, rotate_steps=args.rotate_steps, rotate_blocks=args.rotate_blocks,
                        rotate_importance=args.rotate_importance, blocksize=args.blocksize, damp=args.damp,
                        refit=args.refit, per=args.per, quantize=args.quantize, group_size=args.group_size,
-                       quantize_after=args.quantize_after)
+                       quantize_after=args.quantize_after, scale_search=args.scale_search)
 
 
 def _sparsify(model, result, backend):

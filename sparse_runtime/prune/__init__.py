@@ -48,7 +48,8 @@ def quantize_pruned(model, result: PruneResult, config: PruneConfig, calib) -> P
     comes back with the scheme and the scales. The second stage of ``PruneConfig.quantize_after``."""
     gptq = PruneConfig("gptq", config.pattern, targets=tuple(result.masks), ignore=(), device=config.device,
                        offload=config.offload, progress=config.progress, blocksize=config.blocksize,
-                       damp=config.damp, quantize=config.quantize, group_size=config.group_size)
+                       damp=config.damp, quantize=config.quantize, group_size=config.group_size,
+                       scale_search=config.scale_search)
     quantized = prune_sequential(model, calib, gptq)
     result.quant, result.scales = quantized.quant, quantized.scales
     result.seconds += quantized.seconds

@@ -74,7 +74,8 @@ class PruneConfig:
 
     ``quantize`` (int8, int4 or fp8; see :mod:`sparse_runtime.format.quant`) also puts every pruned weight on that
     scheme's grid, ``group_size`` input columns per scale (int4's default 128; int8 and fp8 one scale per row): the
-    weights hold ``code * scale`` and the result carries the scales. Magnitude and Wanda round to nearest after
+    weights hold ``code * scale`` and the result carries the scales (each group's absmax, or with ``scale_search`` the
+    clipped scale of least rounding error, :func:`~.quantize.choose_scales`). Magnitude and Wanda round to nearest after
     masking, SparseGPT quantizes in its sweep. ``quantize_after`` instead prunes the whole model in full precision
     first, then quantizes the pruned linears by GPTQ on the fixed masks (:func:`~.quantize_pruned`; a second
     calibrated pass, the two-stage recipe of the published sparse quantized checkpoints): the masks are then exactly
@@ -107,12 +108,14 @@ class PruneConfig:
     quantize: str | None = None
     group_size: int | None = None
     quantize_after: bool = False
+    scale_search: bool = False
 
     def method_options(self) -> dict:
         """The settings of this config's method, as a checkpoint records them beside the method's name."""
+        searched = {"scale_search": True} if self.scale_search else {}
         if self.method in SWEEPS:
-            return {"blocksize": self.blocksize, "damp": self.damp, "refit": self.refit}
-        return {"per": self.per} if self.method == "magnitude" else {}
+            return {"blocksize": self.blocksize, "damp": self.damp, "refit": self.refit} | searched
+        return ({"per": self.per} if self.method == "magnitude" else {}) | searched
 
     def __post_init__(self):
         if self.method not in ALL_METHODS:
@@ -125,7 +128,7 @@ class PruneConfig:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as e:
                 raise ValueError(f"device {self.device!r}: {e}") from None
-        for field in ("offload", "record_errors", "progress", "quantize_after"):
+        for field in ("offload", "record_errors", "progress", "quantize_after", "scale_search"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}")
         if self.true_sequential not in (None, True, False):
@@ -184,8 +187,9 @@ class PruneConfig:
 
     def _check_quantize(self) -> None:
         if self.quantize is None:
-            if self.group_size is not None:
-                raise ValueError("group_size belongs to quantize: give quantize='int4' (or int8, fp8) with it")
+            for field in ("group_size", "scale_search"):
+                if getattr(self, field):
+                    raise ValueError(f"{field} belongs to quantize: give quantize='int4' (or int8, fp8) with it")
             if self.method in QUANTIZERS:
                 raise ValueError(f"{self.method} quantizes without pruning: it needs quantize "
                                  f"({', '.join(SCHEMES)})")
@@ -223,7 +227,7 @@ class PruneConfig:
 
     def full_precision(self) -> PruneConfig:
         """The same prune without quantization: ``quantize_after``'s first stage."""
-        return self.replace(quantize=None, group_size=None, quantize_after=False)
+        return self.replace(quantize=None, group_size=None, quantize_after=False, scale_search=False)
 
     def replace(self, **fields) -> PruneConfig:
         """A copy with ``fields`` changed, validated again."""

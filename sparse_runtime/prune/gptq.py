@@ -14,7 +14,7 @@ def quantize_linear(linear, stats: Hessian, pattern: str, sparsity: float, confi
     pruned, and :class:`~.config.PruneConfig` refuses a prior for gptq). Weights already zero stay zero: a pruned
     model keeps its masks (``PruneConfig.quantize_after``)."""
     solved = sparsegpt_solve(linear.weight, stats.H, blocksize=config.blocksize, damp=config.damp,
-                             quant=config.quant, keep=linear.weight != 0)
+                             quant=config.quant, keep=linear.weight != 0, scale_search=config.scale_search)
     linear.weight.copy_(solved.weight)
     return Pruned(None, solved.scales)
 

@@ -23,7 +23,7 @@ def magnitude_mask(weight: torch.Tensor, pattern: str = "2:4", sparsity: float =
 def prune_linear(linear, stats, pattern: str, sparsity: float, config, prior=None) -> Pruned:
     mask = magnitude_mask(linear.weight, pattern, sparsity, config.per, prior, config.toward)
     linear.weight.mul_(mask)
-    return Pruned(mask, round_to_nearest(linear, mask, config.quant))
+    return Pruned(mask, round_to_nearest(linear, mask, config.quant, config.scale_search))
 
 
 MAGNITUDE = Method("magnitude", None, prune_linear)

@@ -9,7 +9,8 @@ import torch
 from ..errors import ShapeError
 from ..format.codec import parse_pattern
 from ..format.masks import check_prior, steer
-from ..format.quant import QuantScheme, absmax_scales, fake_quantize
+from ..format.quant import QuantScheme, fake_quantize
+from .quantize import choose_scales
 from .statistics import Hessian, Method, Pruned
 
 
@@ -93,13 +94,14 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4",
 def sparsegpt_solve(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5,
                     blocksize: int = 128, damp: float = 0.01, refit: int = 0, quant: QuantScheme | None = None,
                     keep: torch.Tensor | None = None, prior: torch.Tensor | None = None,
-                    toward: str | None = None) -> Solved:
+                    toward: str | None = None, scale_search: bool = False) -> Solved:
     """SparseGPT's prune of one matrix, optionally quantized jointly (the paper's 2:4 + 4-bit): each kept column is
     rounded to ``quant``'s grid as the sweep passes it and its rounding error, like the pruned weights' error, is
     spread over the later columns. ``keep`` fixes the mask instead of choosing one (``pattern`` and ``sparsity``
     unused); all True with ``quant`` is GPTQ, the dense quantizer of the same sweep. ``prior``, ``toward``: each
     choice (a block's, a group's, a quantization group's provisional one) is steered as
     :func:`~sparse_runtime.format.masks.steer` says; a mask that would restore a weight ``prior`` pruned is refused.
+    ``scale_search``: each quantization group's scale is searched (:func:`~.quantize.choose_scales`), not its absmax.
 
     With ``refit`` and ``quant``, the sweep prunes only, the kept weights are re-solved in full precision, and a
     second sweep with the mask fixed quantizes them (the refit would undo a joint sweep's rounding)."""
@@ -117,15 +119,15 @@ def sparsegpt_solve(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4",
     joint = None if refit else quant
     if keep is None:
         W, pruned, scales = _sweep(W, Hinv, blocksize, weight.dtype, choose=(parse_pattern(pattern), sparsity),
-                                   quant=joint, prior=prior, toward=toward)
+                                   quant=joint, prior=prior, toward=toward, search=scale_search)
     else:
         W, pruned, scales = _sweep(W, Hinv, blocksize, weight.dtype, pruned=~keep.to(W.device, torch.bool),
-                                   quant=joint)
+                                   quant=joint, search=scale_search)
     check_prior(~pruned, prior)
     if refit:
         W = refit_masked(W0, Hd, ~pruned, W, refit)
         if quant is not None:
-            W, _, scales = _sweep(W, Hinv, blocksize, weight.dtype, pruned=pruned, quant=quant)
+            W, _, scales = _sweep(W, Hinv, blocksize, weight.dtype, pruned=pruned, quant=quant, search=scale_search)
     return Solved(W.to(weight.dtype), ~pruned, scales)
 
 
@@ -136,7 +138,7 @@ def _nm_pruned(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, low, True).reshape(score.shape)
 
 
-def _sweep(W, Hinv, blocksize, dtype, choose=None, pruned=None, quant=None, prior=None, toward=None):
+def _sweep(W, Hinv, blocksize, dtype, choose=None, pruned=None, quant=None, prior=None, toward=None, search=False):
     """SparseGPT's left-to-right pass over the columns of ``W`` (fp32, changed in place) with the upper Cholesky
     factor ``Hinv`` of ``H^-1``: each column is pruned and, with ``quant``, rounded to the grid, and its error is
     spread over the later columns. The mask is ``pruned`` (fixed), or chosen on the way when ``choose`` =
@@ -144,10 +146,11 @@ def _sweep(W, Hinv, blocksize, dtype, choose=None, pruned=None, quant=None, prio
     already-updated weights (N:M), each choice steered by ``prior`` and ``toward`` (:func:`steer`).
     ``(W, pruned, scales [out, groups] in dtype or None)``.
 
-    A quantization group's scale is fixed when the sweep reaches its first column, from the absmax of the current
-    weights of the group's kept entries: where the mask is not chosen yet, as it would be chosen from those
-    weights now (N:M groups), or every entry (unstructured columns past the current block; only a per-row scale
-    spans past a block). Later updates that outgrow the scale are clipped to the grid's end."""
+    A quantization group's scale is fixed when the sweep reaches its first column, from the current weights of the
+    group's kept entries (their absmax, or searched with ``search``: :func:`~.quantize.choose_scales`): where the
+    mask is not chosen yet, as it would be chosen from those weights now (N:M groups), or every entry (unstructured
+    columns past the current block; only a per-row scale spans past a block). Later updates that outgrow the scale
+    are clipped to the grid's end."""
     rows, cols = W.shape
     nm, sparsity = choose or (None, None)
     if choose is not None:
@@ -181,7 +184,7 @@ def _sweep(W, Hinv, blocksize, dtype, choose=None, pruned=None, quant=None, prio
                     drop = mask1[:, i:i + span]
                     if not inside:
                         drop = torch.cat([drop, pruned[:, i2:c + span]], 1)  # fixed, or not chosen yet (False)
-                scales[:, c // span] = absmax_scales(cur.to(dtype), per_row, ~drop)[:, 0]
+                scales[:, c // span] = choose_scales(cur.to(dtype), per_row, ~drop, search)[:, 0]
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0)
             if quant is not None:
@@ -232,7 +235,7 @@ def refit_masked(w0: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, w: torch
 
 def prune_linear(linear, stats: Hessian, pattern: str, sparsity: float, config, prior=None) -> Pruned:
     solved = sparsegpt_solve(linear.weight, stats.H, pattern, sparsity, config.blocksize, config.damp, config.refit,
-                             config.quant, prior=prior, toward=config.toward)
+                             config.quant, prior=prior, toward=config.toward, scale_search=config.scale_search)
     linear.weight.copy_(solved.weight)
     return Pruned(solved.keep, solved.scales)
 

@@ -27,7 +27,7 @@ def wanda_mask(weight: torch.Tensor, sq_norms: torch.Tensor, pattern: str = "2:4
 def prune_linear(linear, stats: InputNorms, pattern: str, sparsity: float, config, prior=None) -> Pruned:
     mask = wanda_mask(linear.weight, stats.sq, pattern, sparsity, prior, config.toward)
     linear.weight.mul_(mask)
-    return Pruned(mask, round_to_nearest(linear, mask, config.quant))
+    return Pruned(mask, round_to_nearest(linear, mask, config.quant, config.scale_search))
 
 
 WANDA = Method("wanda", InputNorms, prune_linear)

@@ -199,7 +199,12 @@ class StaticCache:
 #   weights faster at decode's few rows, at the cost of a prepacked copy of every dense weight beside the model's and
 #   no cross-process cache (mkldnn-packed constants cannot be pickled): every new process compiles and autotunes
 #   again, for minutes.
-CPU_COMPILE = {True: {}, "max-autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}}
+# Both: no size asserts: the generated wrapper would recheck every graph input's and every fallback op's output size and
+#   stride in Python on each call (dynamo's guards already check the inputs), about 1 us each, hundreds per SmolLM2
+#   decode step, most of them around custom ops like the 2:4 kernel's (4 inputs and an output each).
+_NO_ASSERTS = {"size_asserts": False}
+CPU_COMPILE = {True: _NO_ASSERTS, "max-autotune": {**_NO_ASSERTS, "freezing": True, "max_autotune": True,
+                                                   "max_autotune_gemm_backends": "CPP,ATEN"}}
 CPU_REGIONAL = (True,)
 COMPILE_MODES = (False, True, "max-autotune")
 
@@ -526,7 +531,7 @@ def _compiled_forwards(modules, cache: StaticCache) -> list[Callable]:
 
     def forward_of(layer, view):
         if type(layer) not in compiled:
-            compiled[type(layer)] = torch.compile(type(layer).forward, dynamic=True)
+            compiled[type(layer)] = torch.compile(type(layer).forward, dynamic=True, options=CPU_COMPILE[True])
         fn = compiled[type(layer)]
 
         def forward(*args, **kwargs):
