@@ -23,7 +23,9 @@ dense; (issue 29) peak above the baseline <= MEMORY_TARGET x model bytes + KV ca
 benchmarks/results/engine.json. ``dense-int8`` holds every linear, the embedding and the lm_head as int8 codes
 (weight-only, ``nn.int8_dense.quantize_dense``); ``2:4-int8`` is a checkpoint (--sparse-int8, or magnitude 2:4 with
 int8 values and an int8 head, saved first). Target (issue 32): 2:4-int8 batch 1 >= 3x dense and faster than
-dense-int8.
+dense-int8. ``--head-to-head dense-int8 2:4-int8`` also times two variants' batch-1 decode in one process, their
+runs alternating, for a ratio that a shared machine's slow spells (seconds at half speed) cannot skew the way they
+can skew two separate processes; the table reports it beside the per-process numbers.
 """
 from __future__ import annotations
 
@@ -99,6 +101,57 @@ def build(args, path=None):
     text = Path(args.prompt_file).read_text(encoding="utf-8")
     ids = tok(text[: 20 * args.prompt_tokens])["input_ids"][: args.prompt_tokens]
     return model, tok, ids
+
+
+def checkpoint(args, variant: str) -> str | None:
+    """The folder a sparse variant loads (None: the dense model, or --config's random weights)."""
+    spec = VARIANTS[variant]
+    return None if not spec.get("sparse") or args.config else args.sparse_int8 if spec.get("int8") else args.sparse
+
+
+def load_variant(args, variant: str):
+    """(model, tokenizer, prompt ids) as ``variant`` runs them."""
+    spec, path = VARIANTS[variant], checkpoint(args, variant)
+    sparse, int8 = spec.get("sparse", False), spec.get("int8", False)
+    model, tok, ids = build(args, path)
+    if sparse and not path:  # --config: random weights, no checkpoint
+        sparsify(model, backend=args.backend, progress=False, **(INT8 if int8 else {}))
+    if int8 and not sparse:
+        quantize_dense(model)
+    if sparse and args.backend != "auto":
+        for m in model.modules():
+            if isinstance(m, SparseLinear):
+                m.set_backend(args.backend)
+    return model, tok, ids
+
+
+def head_to_head(args, variants: list[str], rounds: int) -> dict:
+    """Batch-1 decode of ``variants`` in one process, each compiled engine's runs alternating with the others' (the
+    order reversed every round): a slow spell of a shared machine then falls on all of them, where a variant alone in
+    its process can catch one alone. Each round times --tokens and 1 token per variant: ms per token is their
+    difference over --tokens - 1, as in :func:`measure`."""
+    runs, n = {}, args.tokens
+    for variant in variants:
+        model, tok, ids = load_variant(args, variant)
+        prompt = ids[: args.decode_prompt_tokens]
+        engine = Engine(model, tok, max_batch=1, max_seq_len=len(prompt) + n + 1,
+                        compile=VARIANTS[variant].get("compile", args.compile))
+        runs[variant] = lambda tokens, engine=engine, prompt=prompt: engine.generate(
+            [Request(list(prompt), SamplingParams(max_tokens=tokens, ignore_eos=True))])
+    ms = {v: [] for v in variants}
+    with torch.inference_mode():
+        for run in runs.values():
+            run(2), run(2)  # compile, warm up
+        for r in range(rounds):
+            for variant in variants if r % 2 == 0 else variants[::-1]:
+                t0 = time.perf_counter()
+                runs[variant](n)
+                t1 = time.perf_counter()
+                runs[variant](1)
+                ms[variant].append(((t1 - t0) - (time.perf_counter() - t1)) / (n - 1) * 1e3)
+    tok_s = {v: 1e3 / statistics.median(x) for v, x in ms.items()}
+    return {"variants": variants, "rounds": rounds, "ms_per_token": ms, "tokens_per_s": tok_s,
+            "ratio": tok_s[variants[1]] / tok_s[variants[0]]}
 
 
 def timer(device: str):
@@ -279,6 +332,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", default="", help="recorded beside the device, e.g. 'shared machine'")
     ap.add_argument("--out", default=str(RESULTS / "engine.json"))
+    ap.add_argument("--head-to-head", nargs=2, metavar=("BASE", "VARIANT"), choices=tuple(VARIANTS),
+                    help="also time these two variants' batch-1 decode in one process, alternating run by run "
+                         "(a ratio a shared machine's slow spells cannot skew), --repeats x 4 rounds")
     ap.add_argument("--part", help=argparse.SUPPRESS)  # internal: run the one variant, write its result here
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
@@ -295,39 +351,32 @@ def main(argv=None) -> int:
     }
     if args.part:  # one variant in this fresh process, so its peak memory is its own
         (variant,) = args.variants
-        sparse, int8 = VARIANTS[variant].get("sparse", False), VARIANTS[variant].get("int8", False)
-        path = (args.sparse_int8 if int8 else args.sparse) if sparse else None
-        library_code = import_library_code(args, path)
+        library_code = import_library_code(args, checkpoint(args, variant))
         baseline = reset_peak(args.device)
-        model, tok, ids = build(args, path)
-        if sparse and not path:  # --config: random weights, no checkpoint
-            sparsify(model, backend=args.backend, progress=False, **(INT8 if int8 else {}))
-        if int8 and not sparse:
-            quantize_dense(model)
-        if sparse and args.backend != "auto":
-            for m in model.modules():
-                if isinstance(m, SparseLinear):
-                    m.set_backend(args.backend)
-        res = measure(model, tok, ids, args, median, dense=not sparse,
+        model, tok, ids = load_variant(args, variant)
+        res = measure(model, tok, ids, args, median, dense=not VARIANTS[variant].get("sparse"),
                       compile=VARIANTS[variant].get("compile"), baseline=baseline, library_code=library_code)
         write_json(args.part, res)
         return 0
     argv = sys.argv[1:] if argv is None else list(argv)
     tmp = tempfile.TemporaryDirectory(prefix="engine-2of4-")
-    if any(VARIANTS[v].get("sparse") and not VARIANTS[v].get("int8") for v in args.variants) and not args.sparse \
+    wanted = args.variants + (args.head_to_head or [])
+    if any(VARIANTS[v].get("sparse") and not VARIANTS[v].get("int8") for v in wanted) and not args.sparse \
             and not args.config:
         model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
         sparsify(model, progress=False)
         save_pretrained(model, tmp.name, tokenizer=tok)
         del model
         argv += ["--sparse", tmp.name]
+        args.sparse = tmp.name
     tmp_int8 = tempfile.TemporaryDirectory(prefix="engine-2of4-int8-")
-    if "2:4-int8" in args.variants and not args.sparse_int8 and not args.config:
+    if "2:4-int8" in wanted and not args.sparse_int8 and not args.config:
         model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
         sparsify(model, progress=False, **INT8)
         save_pretrained(model, tmp_int8.name, tokenizer=tok)
         del model
         argv += ["--sparse-int8", tmp_int8.name]
+        args.sparse_int8 = tmp_int8.name
     for variant in args.variants:
         print(f"{variant}:", flush=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as part:
@@ -347,6 +396,10 @@ def main(argv=None) -> int:
         if "2:4-int8" in v and base in v:
             report[f"sparse_int8_b1_vs_{base.replace('-', '_')}"] = (
                 v["2:4-int8"]["decode_tokens_per_s"]["engine_b1"] / v[base]["decode_tokens_per_s"]["engine_b1"])
+    if args.head_to_head:
+        print(f"head to head: {' vs '.join(args.head_to_head)}", flush=True)
+        report["head_to_head"] = head_to_head(args, list(args.head_to_head), 4 * args.repeats)
+        print(json.dumps(report["head_to_head"]["tokens_per_s"]), flush=True)
     out = write_json(args.out, report)
     plot(report, out.with_suffix(".png"))
     return 0

@@ -21,6 +21,47 @@ enum class Cpu24Values : uint8_t {
 // static: each TU keeps its own copy (see above)
 static constexpr bool cpu24_quantized(Cpu24Values v) { return v == Cpu24Values::int8 || v == Cpu24Values::int4; }
 
+// Bits of one stored kept value.
+static constexpr int cpu24_value_bits(Cpu24Values v) {
+  return v == Cpu24Values::f32 ? 32 : v == Cpu24Values::bf16 ? 16 : v == Cpu24Values::int8 ? 8 : 4;
+}
+
+// The address of kept value i of kind V (its byte, for int4).
+template <Cpu24Values V>
+static inline const char* cpu24_value_address(const void* values, int64_t i) {
+  return static_cast<const char*>(values) + i * cpu24_value_bits(V) / 8;
+}
+
+// How far ahead the streaming kernels prefetch each weight row's values and meta (the next rows follow in memory):
+// at decode a thread runs 2R short streams that the hardware prefetchers learn too late, so a cold weight read is
+// latency-bound.
+constexpr int kCpu24ValueAhead = 512, kCpu24MetaAhead = 128;
+
+// step(s) for s in [s0, s1) of R weight rows (values from kept value vrow[r], meta from meta[r]), each step reading
+// kPerStep kept values and their kPerStep / 4 meta bytes per row; both streams of each row are prefetched once per
+// cache line of its values (more would cost issue slots when the weight is already cached), and once for a run of
+// steps shorter than a line (int4's groups).
+template <Cpu24Values V, int R, int kPerStep, class Step>
+static inline void cpu24_steps(const void* values, const int64_t* vrow, const uint8_t* const* meta, int64_t s0,
+                               int64_t s1, const Step& step) {
+  constexpr int kStepBytes = kPerStep * cpu24_value_bits(V) / 8;
+  constexpr int64_t kEvery = kStepBytes >= 64 ? 1 : 64 / kStepBytes;
+  const auto prefetch = [&](int64_t s) {
+    for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(meta[r] + kPerStep / 4 * s + kCpu24MetaAhead);
+      __builtin_prefetch(cpu24_value_address<V>(values, vrow[r] + kPerStep * s) + kCpu24ValueAhead);
+    }
+  };
+  int64_t s = s0;
+  for (; s + kEvery <= s1; s += kEvery) {
+    prefetch(s);
+#pragma GCC unroll 1  // unrolled, the steps' code outgrows the op cache
+    for (int64_t u = 0; u < kEvery; ++u) step(s + u);
+  }
+  if (s < s1) prefetch(s);
+  for (; s < s1; ++s) step(s);
+}
+
 // Grouped scales (group < K): the SIMD kernels need groups of a multiple of this many dense columns (whole
 // AVX-512 steps); the caller runs other groups on the scalar kernel.
 constexpr int64_t kCpu24SimdGroup = 32;

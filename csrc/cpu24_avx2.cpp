@@ -95,22 +95,23 @@ void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {
     for (int i = 0; i < MT; ++i)
       for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
   };
-  const auto run_steps = [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      __m256 a[MT], b[MT];
-      for (int i = 0; i < MT; ++i) {
-        const __m256 lo = _mm256_loadu_ps(x + i * k + 16 * s), hi = _mm256_loadu_ps(x + i * k + 16 * s + 8);
-        a[i] = _mm256_permute2f128_ps(lo, hi, 0x20);  // columns 0..3 | 8..11
-        b[i] = _mm256_permute2f128_ps(lo, hi, 0x31);  // columns 4..7 | 12..15
-      }
-      for (int r = 0; r < R; ++r) {
-        uint16_t w;
-        std::memcpy(&w, meta[r] + 2 * s, 2);
-        const __m256i sel = step_selectors(w);
-        const __m256 v = load_values<V>(p.values, vrow[r] + 8 * s);
-        for (int i = 0; i < MT; ++i) acc[i][r] = _mm256_fmadd_ps(gather_x(a[i], b[i], sel), v, acc[i][r]);
-      }
+  const auto step = [&](int64_t s) {
+    __m256 a[MT], b[MT];
+    for (int i = 0; i < MT; ++i) {
+      const __m256 lo = _mm256_loadu_ps(x + i * k + 16 * s), hi = _mm256_loadu_ps(x + i * k + 16 * s + 8);
+      a[i] = _mm256_permute2f128_ps(lo, hi, 0x20);  // columns 0..3 | 8..11
+      b[i] = _mm256_permute2f128_ps(lo, hi, 0x31);  // columns 4..7 | 12..15
     }
+    for (int r = 0; r < R; ++r) {
+      uint16_t w;
+      std::memcpy(&w, meta[r] + 2 * s, 2);
+      const __m256i sel = step_selectors(w);
+      const __m256 v = load_values<V>(p.values, vrow[r] + 8 * s);
+      for (int i = 0; i < MT; ++i) acc[i][r] = _mm256_fmadd_ps(gather_x(a[i], b[i], sel), v, acc[i][r]);
+    }
+  };
+  const auto run_steps = [&](int64_t s0, int64_t s1) {
+    cpu24_steps<V, R, 8>(p.values, vrow, meta, s0, s1, step);
   };
   zero_acc();
 

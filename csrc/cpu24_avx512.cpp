@@ -94,22 +94,23 @@ void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {
     for (int i = 0; i < MT; ++i)
       for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
   };
-  const auto run_steps = [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      __m512 lo[MT], hi[MT];
-      for (int i = 0; i < MT; ++i) {
-        lo[i] = _mm512_loadu_ps(x + i * k + 32 * s);
-        hi[i] = _mm512_loadu_ps(x + i * k + 32 * s + 16);
-      }
-      for (int r = 0; r < R; ++r) {
-        uint32_t w;
-        std::memcpy(&w, meta[r] + 4 * s, 4);
-        const __m512i col = step_columns(w);
-        const __m512 v = load_values<V>(p.values, vrow[r] + 16 * s);
-        for (int i = 0; i < MT; ++i)
-          acc[i][r] = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo[i], col, hi[i]), v, acc[i][r]);
-      }
+  const auto step = [&](int64_t s) {
+    __m512 lo[MT], hi[MT];
+    for (int i = 0; i < MT; ++i) {
+      lo[i] = _mm512_loadu_ps(x + i * k + 32 * s);
+      hi[i] = _mm512_loadu_ps(x + i * k + 32 * s + 16);
     }
+    for (int r = 0; r < R; ++r) {
+      uint32_t w;
+      std::memcpy(&w, meta[r] + 4 * s, 4);
+      const __m512i col = step_columns(w);
+      const __m512 v = load_values<V>(p.values, vrow[r] + 16 * s);
+      for (int i = 0; i < MT; ++i)
+        acc[i][r] = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo[i], col, hi[i]), v, acc[i][r]);
+    }
+  };
+  const auto run_steps = [&](int64_t s0, int64_t s1) {
+    cpu24_steps<V, R, 16>(p.values, vrow, meta, s0, s1, step);
   };
   zero_acc();
 

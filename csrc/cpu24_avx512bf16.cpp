@@ -48,16 +48,16 @@ void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {
   const uint16_t* x = p.x16 + m0 * k;
   const auto* values = static_cast<const uint16_t*>(p.values);
   const uint8_t* meta[R];
-  const uint16_t* vrow[R];
+  int64_t vrow[R];
   for (int r = 0; r < R; ++r) {
     meta[r] = p.meta + (n0 + r * stride) * nbytes;
-    vrow[r] = values + (n0 + r * stride) * nvals;
+    vrow[r] = (n0 + r * stride) * nvals;
   }
   __m512 acc[MT][R];
   for (int i = 0; i < MT; ++i)
     for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
 
-  for (int64_t s = 0; s < steps; ++s) {
+  const auto step = [&](int64_t s) {
     __m512i lo[MT], hi[MT];
     for (int i = 0; i < MT; ++i) {
       lo[i] = _mm512_loadu_si512(x + i * k + 64 * s);
@@ -67,10 +67,11 @@ void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {
       uint64_t w;
       std::memcpy(&w, meta[r] + 8 * s, 8);
       const __m512i col = step_columns(w);
-      const __m512i v = _mm512_loadu_si512(vrow[r] + 32 * s);
+      const __m512i v = _mm512_loadu_si512(values + vrow[r] + 32 * s);
       for (int i = 0; i < MT; ++i) acc[i][r] = dot(acc[i][r], _mm512_permutex2var_epi16(lo[i], col, hi[i]), v);
     }
-  }
+  };
+  cpu24_steps<Cpu24Values::bf16, R, 32>(values, vrow, meta, 0, steps, step);
 
   // K % 64 in {8, ..., 56}: the same step on masked loads (zero lanes, no reads past the row, no faults).
   const int rem = static_cast<int>(k - 64 * steps);
@@ -87,7 +88,7 @@ void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {
       uint64_t w = 0;
       std::memcpy(&w, meta[r] + 8 * steps, rem / 8);
       const __m512i col = step_columns(w);
-      const __m512i v = _mm512_maskz_loadu_epi16(vmask, vrow[r] + 32 * steps);
+      const __m512i v = _mm512_maskz_loadu_epi16(vmask, values + vrow[r] + 32 * steps);
       for (int i = 0; i < MT; ++i) acc[i][r] = dot(acc[i][r], _mm512_permutex2var_epi16(lo[i], col, hi[i]), v);
     }
   }

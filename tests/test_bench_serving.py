@@ -56,6 +56,35 @@ def test_engine_measures_the_rates_of_an_engine_of_known_speed(monkeypatch):
     assert res["model_bytes"] == 16
 
 
+class PacedModel(StubModel):
+    def __init__(self, step: float):
+        super().__init__()
+        self.step = step
+
+
+class PacedEngine(StubEngine):
+    """A StubEngine taking its model's step per token."""
+
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        self.step = model.step
+
+    def generate(self, requests):
+        time.sleep(PREFILL + requests[0].params.max_tokens * self.step)
+        return requests
+
+
+def test_head_to_head_times_two_engines_of_known_speed(monkeypatch):
+    steps = {"dense-int8": STEP, "2:4-int8": STEP / 2}
+    monkeypatch.setattr(engine, "load_variant", lambda args, v: (PacedModel(steps[v]), None, list(range(8))))
+    monkeypatch.setattr(engine, "Engine", PacedEngine)
+    args = argparse.Namespace(tokens=4, decode_prompt_tokens=4, compile=False)
+    h = engine.head_to_head(args, ["dense-int8", "2:4-int8"], rounds=3)
+    assert [len(h["ms_per_token"][v]) for v in steps] == [3, 3]
+    assert h["tokens_per_s"]["dense-int8"] == pytest.approx(1 / STEP, rel=0.1)
+    assert h["ratio"] == pytest.approx(2, rel=0.15)  # prefill and the first token cancel
+
+
 MIB = 1 << 20
 CACHE, STEP_PEAK, HF_PEAK = 48 * MIB, 96 * MIB, 256 * MIB  # bytes: the stubs' KV cache and transient allocations
 
@@ -154,15 +183,18 @@ def test_serve_load_measures_the_latencies_and_rates_of_a_server_of_known_speed(
 def test_engine_benchmark_report(stories_dir, tmp_path, monkeypatch):
     out = tmp_path / "engine.json"
     assert engine.main(["--model", str(stories_dir), "--batches", "1", "4", "--tokens", "5", "--repeats", "1",
-                        "--prompt-tokens", "32", "--prefill-batch", "2", "--no-compile", "--out", str(out)]) == 0
+                        "--prompt-tokens", "32", "--prefill-batch", "2", "--no-compile", "--out", str(out),
+                        "--head-to-head", "dense", "2:4"]) == 0
     r = json.loads(out.read_text())
     assert set(r["variants"]) == {"dense", "2:4"} and out.with_suffix(".png").exists()
+    assert r["head_to_head"]["variants"] == ["dense", "2:4"] and len(r["head_to_head"]["ms_per_token"]["2:4"]) == 4
     for v in r["variants"].values():  # each variant's process held its model and its KV cache at its peak
         m = v["memory"]
         assert m["peak_bytes"] - m["baseline_bytes"] == m["above_baseline_bytes"] >= v["model_bytes"] // 2
         assert m["kv_cache_bytes"] > 0 and m["budget_bytes"] == int(1.5 * v["model_bytes"]) + m["kv_cache_bytes"]
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     assert "| dense | " in tables.engine() and "| 2:4 | " in tables.engine()
+    assert "Head to head in one process, runs alternating (4 rounds, median): 2:4 " in tables.engine()
 
 
 def test_serve_load_benchmark_report(stories_dir, tmp_path, monkeypatch):

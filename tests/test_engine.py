@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from helpers import tiny_model
-from sparse_runtime import sparsify
+from sparse_runtime import SparseLinear, sparsify
+from sparse_runtime.format.quant import QuantScheme
+from sparse_runtime.ops import cpu24
 from sparse_runtime.serving.detokenize import Detokenizer, token_texts
 from sparse_runtime.serving.engine import ContextLengthError, Engine, Request, SamplingParams
 from sparse_runtime.serving.generate import stream_generate
@@ -113,6 +115,29 @@ def test_compiled_decode_matches_eager(stories):
     assert all("forward" not in m.__dict__ for m in [*model.model.layers, model.lm_head])
     assert [r.output_ids for r in Engine(model, tok, max_batch=2, max_seq_len=64).generate(reqs())] == \
         [r.output_ids for r in a]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu24.available(), reason="the cpu24 extension is not built")
+def test_compiled_2_4_int8_layer_makes_one_call_per_input(stories_dir):
+    """The engine fuses q/k/v and gate/up (fused_projections): the compiled decoder layer calls the 2:4 kernel once
+    for q/k/v and once for gate/up, and greedy tokens equal the unfused eager model's."""
+    from torch._inductor.utils import run_and_get_code
+
+    model, tok = load_model(stories_dir)
+    sparsify(model, pattern="2:4", quant=QuantScheme("int8"), progress=False)
+    layer = [m for m in model.model.layers[0].modules() if isinstance(m, SparseLinear)]
+    on_cpu = sum(m.active_backend == "cpu" for m in layer)
+    assert on_cpu == 6  # down_proj's K = 172 is not a multiple of 8: it runs on decompressed
+    ids = [tok(p).input_ids for p in PROMPTS[:2]]
+    want = [hf_greedy(model, i, 8) for i in ids]
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        engine = Engine(model, tok, max_batch=2, max_seq_len=64, compile=True)
+        reqs, code = run_and_get_code(lambda: engine.generate([Request(i, greedy(8)) for i in ids]))
+    assert [r.output_ids for r in reqs] == want
+    calls = [c.count("torch.ops.sparse_runtime.cpu24_linear.default(") for c in code]
+    assert max(calls) == on_cpu - 3, calls  # q/k/v: one call, not three; gate/up: one, not two
 
 
 def test_sampling_seeded_and_independent_of_batch(stories):

@@ -63,6 +63,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("rotation", None)
         self.backend = backend
         self._runner = None  # (backend, state, weight dtype, weight device), rebuilt lazily
+        self._fused = None  # (FusedProjections, index): run with siblings that read the same input (fused_projections)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -140,11 +141,11 @@ class SparseLinear(nn.Module):
             check_rotation(rotation, self.in_features)
             rotation = rotation.to(device=self.weight_values.device, dtype=self.dtype)
         self.rotation = rotation
-        self._runner = None
+        self._runner = self._fused = None
 
     def set_backend(self, backend: str) -> None:
         self.backend = backend
-        self._runner = None
+        self._runner = self._fused = None
         self._resolve()
 
     def describe(self) -> str:
@@ -164,8 +165,9 @@ class SparseLinear(nn.Module):
         return self._resolve()[0].name
 
     def _apply(self, fn, *args, **kwargs):
-        # A device or dtype move invalidates every derived layout.
-        self._runner = None
+        # A device or dtype move invalidates every derived layout, and leaves the fused group (its views would
+        # be copies now).
+        self._runner = self._fused = None
         codes = None if self.quant is None else self.quant.code_dtype
         if codes is None or not codes.is_floating_point:
             return super()._apply(fn, *args, **kwargs)
@@ -177,10 +179,13 @@ class SparseLinear(nn.Module):
             self._buffers["weight_values"] = self.weight_values.view(codes)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._runner = None
+        self._runner = self._fused = None  # assign=True would replace the views
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None:
+            group, index = self._fused
+            return group.take(index, x)
         # one check against what the runner was built for: decode calls this per token per linear
         backend, state, dtype, device = self._runner or self._resolve()
         if x.shape[-1] != self.in_features or x.dtype != dtype or x.device != device:

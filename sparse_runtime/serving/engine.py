@@ -20,6 +20,7 @@ import torch
 from ..data.calibration import context_length
 from ..errors import SparseRuntimeError
 from ..models.architecture import find_decoder_layers
+from ..nn.fused_projections import fuse_projections
 from .detokenize import Detokenizer
 
 
@@ -214,7 +215,11 @@ class Engine:
 
     ``add`` queues a request (thread-safe); ``step`` admits queued requests into free slots, prefills
     them, decodes one token for every running request and retires finished ones. ``generate`` runs a
-    list of requests to completion; ``start`` runs ``step`` in a background thread (the server)."""
+    list of requests to completion; ``start`` runs ``step`` in a background thread (the server).
+
+    The engine fuses each decoder layer's q/k/v and gate/up SparseLinears into one call each
+    (:func:`~sparse_runtime.nn.fused_projections.fuse_projections`: the model's outputs and state dict are
+    unchanged)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_seq_len: int | None = None,
                  compile: bool | str = False, static: bool = False):
@@ -222,6 +227,7 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        fuse_projections(model)
         cfg = model.config
         self.max_seq_len = min(context_length(model) or 2048, max_seq_len or 2048)
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
