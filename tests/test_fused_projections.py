@@ -110,3 +110,32 @@ def test_model_fuses_qkv_and_gate_up_and_saves_as_before(tmp_path, quant):
     loaded = load_pretrained(tmp_path / "ckpt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_backend_refusing_the_stacked_weight_leaves_the_members_alone(monkeypatch):
+    """A backend that runs each projection but not their concatenation: fuse() raises before changing any member,
+    fuse_projections() skips the group, and the layers compute as before."""
+    from sparse_runtime import backends
+    from sparse_runtime.errors import BackendUnavailable
+
+    model = tiny_model("llama")
+    sparsify(model, pattern="2:4", progress=False)
+    ids = torch.tensor([[3, 7, 9, 11, 2]])
+    with torch.no_grad():
+        ref = model(ids).logits
+    resolve = backends.resolve
+
+    def refusing(name, layer):
+        if layer.out_features > 128:  # the widest member: intermediate_size 128; stacked q/k/v 128, gate/up 256
+            raise BackendUnavailable(f"{layer.describe()}: too wide")
+        return resolve(name, layer)
+    monkeypatch.setattr(backends, "resolve", refusing)
+    mlp = model.model.layers[0].mlp
+    values = mlp.gate_proj.weight_values
+    with pytest.raises(BackendUnavailable, match="too wide"):
+        fuse([mlp.gate_proj, mlp.up_proj])
+    assert mlp.gate_proj.weight_values is values and mlp.gate_proj._fused is None
+    assert fuse_projections(model) == 2  # q/k/v (64 + 32 + 32 rows) in both layers; gate/up refused
+    assert model.model.layers[1].mlp.up_proj._fused is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import BackendUnavailable
 from ..format.codec import SparseWeight, parse_pattern
 from ..models.architecture import ATTN_READERS, MLP_READERS
 from .linear import SparseLinear
@@ -35,6 +36,7 @@ class FusedProjections:
         self.linear = SparseLinear.from_sparse_weight(sw, bias, backend=first.backend)
         if first.rotation is not None:
             self.linear.set_rotation(first.rotation)
+        self.linear._resolve()  # a backend that refuses the stacked shape refuses here, before any member changes
         self.sizes = tuple(m.out_features for m in members)
         self._call = None  # (input, outputs): read and written whole, so a racing caller never mixes two calls
         self._left = 0  # bit i: member i has not taken its output of _call yet
@@ -93,14 +95,19 @@ def fuse(members: list[SparseLinear]) -> FusedProjections:
 
 def fuse_projections(model: nn.Module) -> int:
     """Fuse each decoder layer's q/k/v and gate/up SparseLinears (:data:`SHARED_INPUTS`) where they are
-    :func:`fusible`; the number of groups fused. Fuse after moving the model: a move unfuses."""
+    :func:`fusible` and their backend runs the stacked weight; the number of groups fused. Fuse after moving the
+    model: a move unfuses."""
     fused = 0
     for layer in list(model.modules()):
         for paths in SHARED_INPUTS:
             members = [_submodule(layer, p) for p in paths]
-            if None not in members and not any(getattr(m, "_fused", None) for m in members) and not fusible(members):
+            if None in members or any(getattr(m, "_fused", None) for m in members) or fusible(members):
+                continue
+            try:
                 fuse(members)
-                fused += 1
+            except BackendUnavailable:  # the members still run alone
+                continue
+            fused += 1
     return fused
 
 
