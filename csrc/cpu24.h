@@ -26,12 +26,6 @@ static constexpr int cpu24_value_bits(Cpu24Values v) {
   return v == Cpu24Values::f32 ? 32 : v == Cpu24Values::bf16 ? 16 : v == Cpu24Values::int8 ? 8 : 4;
 }
 
-// The address of kept value i of kind V (its byte, for int4).
-template <Cpu24Values V>
-static inline const char* cpu24_value_address(const void* values, int64_t i) {
-  return static_cast<const char*>(values) + i * cpu24_value_bits(V) / 8;
-}
-
 // How far ahead the streaming kernels prefetch each weight row's values and meta (the next rows follow in memory):
 // at decode a thread runs 2R short streams that the hardware prefetchers learn too late, so a cold weight read is
 // latency-bound.
@@ -49,7 +43,8 @@ static inline void cpu24_steps(const void* values, const int64_t* vrow, const ui
   const auto prefetch = [&](int64_t s) {
     for (int r = 0; r < R; ++r) {
       __builtin_prefetch(meta[r] + kPerStep / 4 * s + kCpu24MetaAhead);
-      __builtin_prefetch(cpu24_value_address<V>(values, vrow[r] + kPerStep * s) + kCpu24ValueAhead);
+      __builtin_prefetch(static_cast<const char*>(values) + (vrow[r] + kPerStep * s) * cpu24_value_bits(V) / 8 +
+                         kCpu24ValueAhead);
     }
   };
   int64_t s = s0;
