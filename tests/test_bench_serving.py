@@ -85,6 +85,13 @@ def test_head_to_head_times_two_engines_of_known_speed(monkeypatch):
     assert h["ratio"] == pytest.approx(2, rel=0.15)  # prefill and the first token cancel
 
 
+@pytest.mark.parametrize("argv", [["--head-to-head", "dense-int8", "2:4-int9"], ["--head-to-head", "dense-int8"]])
+def test_head_to_head_refuses_unknown_variants_and_a_single_one(argv, capsys):
+    with pytest.raises(SystemExit):
+        engine.main(argv)
+    assert "--head-to-head" in capsys.readouterr().err
+
+
 MIB = 1 << 20
 CACHE, STEP_PEAK, HF_PEAK = 48 * MIB, 96 * MIB, 256 * MIB  # bytes: the stubs' KV cache and transient allocations
 
