@@ -103,7 +103,7 @@ void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {
 struct Kernel {
   static constexpr int kMaxMT = 4;  // rows of x per tile (the tile's weight rows are reread from L1 for each)
   static constexpr int kRows = 4;   // weight rows per tile: 16 accumulators + 8 x registers of the 32 zmm
-  static constexpr int kWideRows = 8, kWideMaxM = 2;
+  static constexpr int kWideRows = 4, kWideMaxM = 2;  // as the AVX-512 kernel's (see there)
   static constexpr int kXElemBytes = 2;
   template <int MT, int R>
   static void tile(const Cpu24Problem& p, int64_t n0, int64_t m0, int64_t stride) {

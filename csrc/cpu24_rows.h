@@ -3,7 +3,7 @@
 //   template <int MT, int R> static void tile(const Cpu24Problem&, int64_t n0, int64_t m0, int64_t stride):
 //     y rows m0 .. m0+MT-1 for the weight rows n0 + r * stride, r < R, over all of K;
 //   kMaxMT (rows of x per tile), kRows (weight rows per tile), kWideRows (weight rows per tile while
-//   M <= kWideMaxM: then W's bytes bound the call, and more rows keep more loads in flight), kXElemBytes.
+//   M <= kWideMaxM: then W's bytes bound the call, and each ISA's is the count it streams fastest), kXElemBytes.
 //
 // Strided tiles: a tile reads its R weight rows side by side. Adjacent rows would be R short streams (a
 // 576-wide fp32 row is 18 cache lines) that end before the hardware prefetchers have learnt them; rows `span`

@@ -1,5 +1,7 @@
 """sparse_runtime.ops.cpu24: the CPU 2:4 linear against float64 references, on every ISA this CPU runs."""
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -230,6 +232,30 @@ def test_build_keeps_isa_code_apart(tmp_path):
             code = (ROOT / "csrc" / src).read_text()
             assert not re.search(r"#include [<\"](torch|ATen|c10|pybind11)", code), src
     assert "-lc10 -ltorch -ltorch_cpu -ltorch_python" in text and "-Wl,-rpath," in text
+
+
+def test_streaming_kernels_prefetch_their_streams():
+    """The built decode kernels issue their software prefetches for every kind of values (csrc/cpu24.h
+    cpu24_steps): GCC deletes calls to a helper that does nothing but prefetch, which once left the build with
+    none, every streaming number then measured without them."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("no objdump to read the extension with")
+    if not {"avx2", "avx512"} & set(cpu24.isas()):
+        pytest.skip("the scalar kernel does not prefetch")
+    text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", cpu24._E.__file__], check=True,
+                          capture_output=True, text=True).stdout
+    kinds, prefetching = set(), set()
+    for body in re.split(r"\n(?=[0-9a-f]+ <)", text):
+        name = re.match(r"[0-9a-f]+ <(.*)>:", body)
+        kind = name and re.search(r"(tile|schedule_rows)<.*\(Cpu24Values\)(\d)", name.group(1))
+        if kind:
+            kinds.add(kind.group(2))
+            if "prefetcht0" in body:
+                prefetching.add(kind.group(2))
+    if not kinds:
+        pytest.skip("the extension's symbols are stripped")
+    assert prefetching == kinds == {"0", "1", "2", "3"}
 
 
 def test_valid_calls_skip_the_wrappers_checks(monkeypatch, weight):
