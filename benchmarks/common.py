@@ -15,19 +15,30 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # quant_quality's QUANT suffixes (its runs and the table that reads them): prune in full precision, then GPTQ on
-# the fixed masks; scales chosen by the clipping search (PruneConfig.scale_search)
-AFTER, SEARCH = "-after", "-search"
+# the fixed masks; scales chosen by the clipping search (PruneConfig.scale_search); the first token of each
+# calibration window weighted by the window's length in the key/value Hessians (PruneConfig.sink_weight)
+AFTER, SEARCH, SINK = "-after", "-search", "-sink"
 
 
-def quant_parts(quant: str) -> tuple[str, bool, bool]:
-    """``(scheme or "fp32", after, search)`` of a quant_quality run's QUANT, e.g. ``int4-after-search``."""
+class QuantRun(NamedTuple):
+    scheme: str  # "fp32" or a scheme
+    after: bool
+    search: bool
+    sink: bool
+
+
+def quant_parts(quant: str) -> QuantRun:
+    """What a quant_quality run's QUANT says, e.g. ``int4-after-search-sink``: the suffixes in that order."""
+    sink = quant.endswith(SINK)
+    quant = quant.removesuffix(SINK)
     search = quant.endswith(SEARCH)
     quant = quant.removesuffix(SEARCH)
-    return quant.removesuffix(AFTER), quant.endswith(AFTER), search
+    return QuantRun(quant.removesuffix(AFTER), quant.endswith(AFTER), search, sink)
 
 # The quality protocol of every perplexity table: calibration 32 x 512 tokens of the C4 sample (seed 0), then
 # WikiText-2 raw test, the first 40,960 tokens in non-overlapping windows of 512.

@@ -13,7 +13,9 @@ same numbers a quantized SparseLinear computes with). Writes benchmarks/results/
 A run is ``PRUNE/QUANT/ROTATION``: PRUNE ``dense`` or ``2:4``, QUANT ``fp32`` or a scheme (int8, int4, fp8; int4 takes
 ``--group-size``), quantized in SparseGPT's sweep, or ``SCHEME-after`` (2:4 only): the full-precision prune, then GPTQ on
 its fixed masks (``PruneConfig.quantize_after``; runs of one invocation share that prune), either with ``-search``
-after it: scales by the clipping search (``PruneConfig.scale_search``) instead of absmax; ROTATION ``none`` or a
+after it: scales by the clipping search (``PruneConfig.scale_search``) instead of absmax, and any QUANT with ``-sink``
+last: the first token of each calibration window weighs the window's length (``--seqlen``) in the key and value
+projections' Hessians (``PruneConfig.sink_weight``), in the prune and in its GPTQ stage; ROTATION ``none`` or a
 rotation objective. ``dense/fp32`` takes no rotation (a rotation is
 function-preserving: it is the dense model). SmolLM2's hidden size 576 is not a multiple of 128: int4's groups are
 ``--group-size 64`` (the multiple of 8 closest to 128 that divides 576 and 1536).
@@ -51,13 +53,15 @@ SMOKE = {"model": str(ROOT.parent / "shared" / "data" / "models" / "stories260K"
 
 def parse_run(spec: str) -> dict:
     parts = spec.split("/")
-    scheme, after, search = quant_parts(parts[1]) if len(parts) == 3 else (None, False, False)
+    scheme, after, search, sink = quant_parts(parts[1]) if len(parts) == 3 else (None, False, False, False)
     if (len(parts) != 3 or parts[0] not in PRUNES or scheme not in ("fp32", *SCHEMES)
             or scheme == "fp32" and (after or search) or parts[2] not in ("none", *OBJECTIVES)):
         raise SystemExit(f"bad run {spec!r}: want PRUNE/QUANT/ROTATION, PRUNE in {', '.join(PRUNES)}, QUANT fp32 or "
-                         f"{', '.join(SCHEMES)} (then -after, -search), ROTATION none or {', '.join(OBJECTIVES)}")
-    if parts[:2] == ["dense", "fp32"] and parts[2] != "none":
-        raise SystemExit(f"bad run {spec!r}: a rotation alone is function-preserving; dense/fp32/none is that model")
+                         f"{', '.join(SCHEMES)} (then -after, -search, -sink), ROTATION none or "
+                         f"{', '.join(OBJECTIVES)}")
+    if parts[0] == "dense" and scheme == "fp32" and (parts[2] != "none" or sink):
+        raise SystemExit(f"bad run {spec!r}: dense/fp32 prunes and quantizes nothing (a rotation alone is "
+                         f"function-preserving); dense/fp32/none is that model")
     if parts[0] == "dense" and after:
         raise SystemExit(f"bad run {spec!r}: {AFTER} quantizes a prune's result; dense rows are GPTQ already")
     return {"prune": parts[0], "quant": parts[1], "rotation": parts[2]}
@@ -86,12 +90,12 @@ def run_config(run: dict, args) -> PruneConfig | None:
     """The prune a run asks for (None: the dense model as loaded)."""
     if run["prune"] == "dense" and run["quant"] == "fp32":
         return None
-    rotated, (scheme, after, search) = run["rotation"] != "none", quant_parts(run["quant"])
+    rotated, (scheme, after, search, sink) = run["rotation"] != "none", quant_parts(run["quant"])
     return PruneConfig("gptq" if run["prune"] == "dense" else "sparsegpt", "2:4", device=args.device,
                        ignore=tuple(args.ignore), progress=args.progress,
                        quantize=None if scheme == "fp32" else scheme, quantize_after=after, scale_search=search,
                        group_size=args.group_size if scheme == "int4" else None,
-                       refit=args.refit if run["prune"] == "2:4" else 0,
+                       refit=args.refit if run["prune"] == "2:4" else 0, sink_weight=args.seqlen if sink else 1.0,
                        rotate=run["rotation"] if rotated else None, rotate_steps=args.rotate_steps,
                        rotate_blocks=ROTATION["blocks"], rotate_importance=ROTATION["importance"] if rotated else None)
 
@@ -144,17 +148,18 @@ def main(argv=None) -> int:
         for spec, run in previous_runs(out, report).items():
             report["runs"][spec], report["perplexity"][spec] = run, run["perplexity"]
     print(f"{len(runs)} runs on {args.model}", flush=True)
-    pruned = {}  # rotation -> (2:4 full-precision model, its result, seconds): what the -after runs start from
+    pruned = {}  # (rotation, sink) -> (2:4 full-precision model, its result, seconds): what -after runs start from
     for spec, run, config in zip(args.runs, runs, configs):
         model, _ = load_model(args.model)  # rotation changes the model's structure: start from a fresh copy
         result, t0, shared = None, time.perf_counter(), 0.0
         if config is not None and (config.quantize_after or config.quant is None) and config.method == "sparsegpt":
-            if run["rotation"] in pruned:
-                model, result, shared = (copy.deepcopy(x) for x in pruned[run["rotation"]])
+            key = (run["rotation"], config.sink_weight)
+            if key in pruned:
+                model, result, shared = (copy.deepcopy(x) for x in pruned[key])
             else:
                 result = prune(model, config.full_precision(), calib=calib)
                 shared = time.perf_counter() - t0
-                pruned[run["rotation"]] = (copy.deepcopy(model), copy.deepcopy(result), shared)
+                pruned[key] = (copy.deepcopy(model), copy.deepcopy(result), shared)
             t0 = time.perf_counter()
             if config.quantize_after:  # PruneConfig.quantize_after's second stage, on the shared prune
                 result = quantize_pruned(model, result, config, calib)

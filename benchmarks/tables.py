@@ -18,7 +18,7 @@ import os
 import re
 import sys
 
-from .common import RESULTS, ROOT, date_span, quant_parts
+from .common import RESULTS, ROOT, SINK, date_span, quant_parts
 from .cpu_kernels import DENSE_INT8, SPARSE_INT8, fastest
 
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
@@ -735,6 +735,24 @@ def _recovery_target(t: dict, row: dict) -> str:
 QUANT_TARGETS = {"int8": 0.01, "int4": 0.10}  # issue 32: 2:4 + scheme within this of 2:4 fp32 (same rotation)
 
 
+@measured_by("sink_weight")
+def sink_weight(r: dict) -> str:
+    cal, ev, ppl = r["calibration"], r["eval"], r["perplexity"]
+    what = {"rtn": "round to nearest", "gptq": "GPTQ, every token alike",
+            "gptq-sink": f"GPTQ, first token x {r['sink_weight']} in k/v", "gptq-sink-all":
+            f"GPTQ, first token x {r['sink_weight']} in every linear"}
+    lines = [f"WikiText-2 raw test perplexity of {r['model']} (seqlen {ev['seqlen']}, {ev['tokens']:,} tokens) with the "
+             f"named linears int4 (groups of {r['group_size']}, absmax scales), each solved on the dense model's "
+             f"inputs, the rest dense; calibration {cal['nsamples']} x {cal['seqlen']} tokens (seed {cal['seed']}); "
+             f"{r['device']}, torch {r['torch']}, {r['date'][:10]}. Dense: **{ppl['dense']:.2f}**.", "",
+             "| linears | quantizer | perplexity | vs dense |", "|---|---|---|---|"]
+    for spec, v in ppl.items():
+        if spec != "dense":
+            quantizer, kind = spec.split(":")
+            lines.append(f"| {kind} | {what[quantizer]} | {v:.2f} | {v / ppl['dense'] - 1:+.1%} |")
+    return "\n".join(lines) + "\n"
+
+
 @measured_by("quant_quality")
 def quant_quality(r: dict) -> str:
     cal, ev, runs = r["calibration"], r["eval"], r["runs"]
@@ -742,19 +760,20 @@ def quant_quality(r: dict) -> str:
              f"calibration {cal['nsamples']} x {cal['seqlen']} tokens (seed {cal['seed']}); int4 groups of "
              f"{r['group_size']} input columns; 2:4 rows SparseGPT with LS refit {r['refit']} (quantized in its sweep; "
              f"`-after`: the full-precision prune, then GPTQ on its fixed masks), dense rows GPTQ; absmax scales "
-             f"(`-search`: each group's clipped scale of least rounding error); "
+             f"(`-search`: each group's clipped scale of least rounding error); `-sink`: the first token of each "
+             f"calibration window weighs the window's length in the key and value projections' Hessians; "
              f"{r['device']}, torch {r['torch']}, {date_span(r)}.", "",
-             "| run | method | perplexity | vs 2:4 fp32 (same rotation) | time | target |", "|---|---|---|---|---|---|"]
+             "| run | method | perplexity | vs 2:4 fp32 (same rotation, sink) | time | target |", "|---|---|---|---|---|---|"]
     for spec, x in runs.items():
-        base = runs.get(f"2:4/fp32/{x['rotation']}")
+        scheme, after, search, sink = quant_parts(x["quant"])
+        base = runs.get(f"2:4/fp32{SINK if sink else ''}/{x['rotation']}")
         rel = x["perplexity"] / base["perplexity"] - 1 if base and x["prune"] == "2:4" else None
-        scheme, after, search = quant_parts(x["quant"])
         limit = QUANT_TARGETS.get(scheme) if rel is not None else None
         target = f"within {limit:.0%}: {'met' if rel <= limit else 'missed'}" if limit is not None else ""
         method = f"{x['method']}, then gptq" if after else x["method"] or "-"
-        method += ", searched scales" if search else ""
+        method += (", searched scales" if search else "") + (", sink-weighted" if sink else "")
         lines.append(f"| {spec} | {method} | {x['perplexity']:.2f} | "
-                     f"{'' if rel is None or x['quant'] == 'fp32' else f'{rel:+.1%}'} | "
+                     f"{'' if rel is None or scheme == 'fp32' else f'{rel:+.1%}'} | "
                      f"{x['seconds'] / 60:.1f} min ({x['threads']} threads, {x['cpu']}) | {target} |")
     return "\n".join(lines) + "\n"
 
@@ -764,7 +783,7 @@ TABLES = {"headline": headline, "cpu_kernels": cpu_kernels, "tp_memory": tp_memo
           "decode": decode, "prefill": prefill, "kernel_resources": kernel_resources, "decode_issue": decode_issue,
           "mmasp_issue": mmasp_issue, "host_overhead": host_overhead,
           "rotation_quality": rotation_quality, "allocation_quality": allocation_quality, "recovery": recovery,
-          "quant_quality": quant_quality}
+          "quant_quality": quant_quality, "sink_weight": sink_weight}
 
 
 def render(text: str) -> str:

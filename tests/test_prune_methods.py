@@ -65,6 +65,28 @@ def test_hessian_is_two_over_n_sum_xxT():
     assert torch.allclose(_stats(InputNorms, x).sq, x.pow(2).sum(0))
 
 
+def test_hessian_weighs_each_windows_first_token_by_first_weight():
+    """Windows [b, t, in]: the first token of each counts first_weight times (float64 reference, two adds of
+    different sizes); with weight 1, or given flat tokens, every token counts once."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(3, 7, 5, generator=g), torch.randn(2, 7, 5, generator=g)]
+    h = Hessian(5, "cpu", first_weight=4.0)
+    c = torch.ones(7, dtype=torch.float64)
+    c[0] = 4
+    ref = sum(torch.einsum("bt,bti,btj->ij", c.expand(x.shape[:2]), x.double(), x.double()) for x in xs)
+    for x in xs:
+        h.add(x)
+    assert h.n == 5 * (6 + 4) and torch.allclose(h.H.double(), 2 * ref / h.n, rtol=1e-5, atol=1e-6)
+    plain, flat = Hessian(5, "cpu"), Hessian(5, "cpu", first_weight=4.0)
+    for x in xs:
+        plain.add(x)
+        flat.add(x.reshape(-1, 5))
+    assert torch.allclose(plain.H, flat.H) and torch.allclose(plain.H, _stats(Hessian, torch.cat(xs).reshape(-1, 5)).H)
+    norms = InputNorms(5, "cpu")
+    norms.add(xs[0])
+    assert torch.allclose(norms.sq, xs[0].pow(2).sum((0, 1)))
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_sparsegpt_with_identity_hessian_is_magnitude(pattern):
     # H = I: no correlations, so no compensating updates; the choice reduces to |w|

@@ -70,6 +70,10 @@ def error(w, w_hat, x):
      "group_size 8 must be a multiple of the pattern's group size 16"),
     (dict(quantize="int4", blocksize=64), "blocksize 64 must be a multiple of the int4 group size 128"),
     (dict(method="gptq"), "gptq quantizes without pruning: it needs quantize"),
+    (dict(sink_weight=0.5), "sink_weight must be a finite number >= 1, got 0.5"),
+    (dict(sink_weight=float("inf")), "sink_weight must be a finite number >= 1"),
+    (dict(sink_weight=True), "sink_weight must be a finite number >= 1, got True"),
+    (dict(method="wanda", sink_weight=64), "wanda does not take it"),
     (dict(method="gptq", quantize="int8", refit=5), "refit re-solves SparseGPT's kept weights: gptq does not take it"),
     (dict(method="gptq", quantize="int8", pattern="unstructured", allocation=Allocation("atp", 0.5, [0.4, 0.6])),
      "gptq prunes nothing"),
@@ -311,6 +315,24 @@ def test_sparsegpt_quantized_with_rotation_and_refit_ends_on_the_grid(stories, o
         assert_on_grid(linear.weight.detach(), res.scales[name], res.quant, res.masks[name])
 
 
+def test_sink_weight_moves_only_the_key_and_value_projections(stories, one_thread):
+    """sink_weight gives k_proj and v_proj their own first-token-weighted Hessian: in the first decoder layer (the
+    same inputs either way) q_proj comes out bit-identical and k/v differ, by GPTQ and by quantize_after's two
+    stages; the checkpoint's method options record it."""
+    model, calib = stories
+    first = "model.layers.0.self_attn."
+    for method, fields in (("gptq", dict(quantize="int8")),
+                           ("sparsegpt", dict(quantize="int8", quantize_after=True, refit=5))):
+        plain, sunk = (copy.deepcopy(model) for _ in range(2))
+        prune(plain, method, calib=calib, progress=False, **fields)
+        prune(sunk, method, calib=calib, progress=False, sink_weight=64.0, **fields)
+        weight = lambda m, n: m.get_submodule(first + n).weight  # noqa: E731
+        assert torch.equal(weight(plain, "q_proj"), weight(sunk, "q_proj"))
+        assert all(not torch.equal(weight(plain, n), weight(sunk, n)) for n in ("k_proj", "v_proj"))
+        assert PruneConfig(method, sink_weight=64.0, **fields).method_options()["sink_weight"] == 64.0
+    assert "sink_weight" not in PruneConfig("gptq", quantize="int8").method_options()
+
+
 def test_gptq_quantizes_every_linear_densely(stories, one_thread):
     model, calib = stories
     m = copy.deepcopy(model)
@@ -354,6 +376,8 @@ def test_cli_passes_the_config_its_quantize_flags_name():
     args = build_parser().parse_args(["prune", "--model", "m", "--out", "o", "--quantize", "int4", "--scale-search"])
     assert _config(args).scale_search and _config(args).method_options()["scale_search"]
     assert _config(build_parser().parse_args(["prune", "--model", "m", "--out", "o"])).quant is None
+    args = build_parser().parse_args(["prune", "--model", "m", "--out", "o", "--sink-weight", "512"])
+    assert _config(args).sink_weight == 512 and _config(args).method_options()["sink_weight"] == 512
 
 
 @pytest.mark.skipif("quant" not in inspect.signature(sparsify).parameters,

@@ -10,7 +10,7 @@ from benchmarks import tables
 
 def _args(**kw):
     return argparse.Namespace(**{"device": "cpu", "ignore": ["lm_head"], "progress": False, "group_size": 64,
-                                 "refit": 50, "rotate_steps": 100, **kw})
+                                 "refit": 50, "rotate_steps": 100, "seqlen": 512, **kw})
 
 
 def test_default_runs_cover_dense_and_2_4_in_every_precision_with_and_without_rotation():
@@ -37,7 +37,9 @@ def test_runs_map_to_gptq_for_dense_and_sparsegpt_with_the_best_rotation_for_2_4
                                           ("dense/int8-after/none", "dense rows are GPTQ"),
                                           ("2:4/fp32-after/none", "want PRUNE"),
                                           ("2:4/fp32-search/none", "want PRUNE"),
-                                          ("2:4/int4-search-after/none", "want PRUNE")])
+                                          ("2:4/int4-search-after/none", "want PRUNE"),
+                                          ("2:4/int4-sink-after/none", "want PRUNE"),
+                                          ("dense/fp32-sink/none", "prunes and quantizes nothing")])
 def test_bad_run_specs_are_refused(spec, message):
     with pytest.raises(SystemExit, match=message):
         bench.parse_run(spec)
@@ -80,3 +82,19 @@ def test_add_refuses_a_missing_report_and_one_made_with_other_settings(tmp_path)
         "2:4/fp32/none": {"perplexity": 9.0}}  # the evaluation's measured tokens and BOS are not settings
     with pytest.raises(SystemExit, match=r"other settings \(refit, eval\)"):
         bench.previous_runs(out, report | {"refit": 5, "eval": {"file": "w", "seqlen": 256}})
+
+
+def test_a_sink_run_weighs_each_windows_first_token_by_the_window_length_against_its_own_fp32_row():
+    config = bench.run_config(bench.parse_run("2:4/int4-after-search-sink/nm"), _args(seqlen=512))
+    assert config.sink_weight == 512 and config.quantize_after and config.scale_search
+    assert bench.run_config(bench.parse_run("2:4/fp32-sink/nm"), _args(seqlen=256)).sink_weight == 256
+    assert bench.run_config(bench.parse_run("2:4/int4-after/nm"), _args(seqlen=512)).sink_weight == 1
+    row = {"prune": "2:4", "rotation": "nm", "method": "sparsegpt", "seconds": 60, "threads": 2, "cpu": "c"}
+    report = {"calibration": {"nsamples": 32, "seqlen": 512, "seed": 0}, "eval": {"seqlen": 512, "tokens": 40960},
+              "model": "m", "group_size": 64, "refit": 50, "device": "cpu", "torch": "t", "date": "2026-12-07",
+              "runs": {"2:4/fp32/nm": {**row, "quant": "fp32", "perplexity": 60.0},
+                       "2:4/fp32-sink/nm": {**row, "quant": "fp32-sink", "perplexity": 50.0},
+                       "2:4/int4-after-sink/nm": {**row, "quant": "int4-after-sink", "perplexity": 54.0}}}
+    table = tables.quant_quality.__wrapped__(report)
+    assert "| 2:4/int4-after-sink/nm | sparsegpt, then gptq, sink-weighted | 54.00 | +8.0% |" in table
+    assert "| 2:4/fp32-sink/nm | sparsegpt, sink-weighted | 50.00 |  |" in table

@@ -103,6 +103,10 @@ def add_arguments(p) -> None:
     p.add_argument("--scale-search", action="store_true",
                    help="choose each quantization group's scale by a clipping search (least rounding error over "
                         "fractions 1.0-0.5 of the absmax) instead of the absmax (default: absmax)")
+    p.add_argument("--sink-weight", type=float, default=1.0,
+                   help="sparsegpt/gptq: the first token of each calibration window counts this many times in the key "
+                        "and value projections' Hessians (the attention sink every later query reads; the window "
+                        "length --seqlen is a good choice); default 1: every token alike")
     p.add_argument("--group-size", type=int, default=None,
                    help="input columns per scale (int4 default 128; it must divide every pruned layer's in_features)")
     p.add_argument("--quantize-head", choices=HEAD_SCHEMES, default=None,
@@ -195,7 +199,8 @@ def _config(args):
                        rotate=args.rotate, rotate_steps=args.rotate_steps, rotate_blocks=args.rotate_blocks,
                        rotate_importance=args.rotate_importance, blocksize=args.blocksize, damp=args.damp,
                        refit=args.refit, per=args.per, quantize=args.quantize, group_size=args.group_size,
-                       quantize_after=args.quantize_after, scale_search=args.scale_search)
+                       quantize_after=args.quantize_after, scale_search=args.scale_search,
+                       sink_weight=args.sink_weight)
 
 
 def _sparsify(model, result, backend):

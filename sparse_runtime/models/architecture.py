@@ -22,6 +22,8 @@ ATTN_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MLP_READERS = ("mlp.gate_proj", "mlp.up_proj")
 READERS = ATTN_READERS + MLP_READERS
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+# the projections whose output for a token every later query of its window reads: keys and values
+KEY_VALUE = ATTN_READERS[1:]
 # the layer's distinct linear inputs, each by the first linear that reads it (q, k, v share one; gate, up another)
 INPUTS = {"attn": ATTN_READERS[0], "o": WRITERS[0], "mlp": MLP_READERS[0], "down": WRITERS[1]}
 

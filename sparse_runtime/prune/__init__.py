@@ -49,7 +49,7 @@ def quantize_pruned(model, result: PruneResult, config: PruneConfig, calib) -> P
     gptq = PruneConfig("gptq", config.pattern, targets=tuple(result.masks), ignore=(), device=config.device,
                        offload=config.offload, progress=config.progress, blocksize=config.blocksize,
                        damp=config.damp, quantize=config.quantize, group_size=config.group_size,
-                       scale_search=config.scale_search)
+                       scale_search=config.scale_search, sink_weight=config.sink_weight)
     quantized = prune_sequential(model, calib, gptq)
     result.quant, result.scales = quantized.quant, quantized.scales
     result.seconds += quantized.seconds

@@ -277,7 +277,7 @@ def owl_lods(model, blocks: list[dict], calib: torch.Tensor, device, m: float = 
         home = next(layer.parameters()).device
         layer.to(device)
         stats = {n: InputNorms(mod.in_features, device) for n, mod in blocks[i].items()}
-        handles = [mod.register_forward_hook(lambda mod, a, out, s=stats[n]: s.add(a[0].reshape(-1, a[0].shape[-1])))
+        handles = [mod.register_forward_hook(lambda mod, a, out, s=stats[n]: s.add(a[0]))
                    for n, mod in blocks[i].items()]
         try:
             outs = run_layer(layer, inps, kwargs[i], device, device)

@@ -3,6 +3,7 @@ methods' and rotations' options), validated once when it is built, before any mo
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -67,6 +68,10 @@ class PruneConfig:
     ``rotate_importance``'s scores (default the method's own). ``allocation`` (an
     :class:`~.allocation.Allocation` of the same pattern) gives each decoder block its own rate.
     ``blocksize``, ``damp`` (also the rotation's), ``refit``: SparseGPT's; ``per``: magnitude's, unstructured.
+    ``sink_weight`` (SparseGPT's and GPTQ's): the first token of each calibration window counts that many times in
+    the Hessians of the key and value projections. That token is the attention sink: every later query of the
+    window reads its key and value, so their error there costs about the window's length in tokens, not one
+    (weighed as one, GPTQ's int4 v_proj alone took SmolLM2-135M from 29.5 to 38.8); 1 weighs every token alike.
     ``prior`` (linear name -> keep mask of an earlier prune of the same weights) and ``toward`` (an N:M pattern,
     with ``pattern="unstructured"`` at a sparsity of at most ``1 - N/M``) are a gradual schedule's: a weight
     ``prior`` pruned stays pruned, and no group of M loses more than M - N, so a later N:M prune completes the
@@ -109,12 +114,14 @@ class PruneConfig:
     group_size: int | None = None
     quantize_after: bool = False
     scale_search: bool = False
+    sink_weight: float = 1.0
 
     def method_options(self) -> dict:
         """The settings of this config's method, as a checkpoint records them beside the method's name."""
         searched = {"scale_search": True} if self.scale_search else {}
         if self.method in SWEEPS:
-            return {"blocksize": self.blocksize, "damp": self.damp, "refit": self.refit} | searched
+            sink = {"sink_weight": self.sink_weight} if self.sink_weight != 1 else {}
+            return {"blocksize": self.blocksize, "damp": self.damp, "refit": self.refit} | sink | searched
         return ({"per": self.per} if self.method == "magnitude" else {}) | searched
 
     def __post_init__(self):
@@ -136,6 +143,12 @@ class PruneConfig:
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not self.damp >= 0:
             raise ValueError(f"damp must be a number >= 0, got {self.damp!r}")
         check_refit(self.refit)
+        if (isinstance(self.sink_weight, bool) or not isinstance(self.sink_weight, (int, float))
+                or not 1 <= self.sink_weight < math.inf):
+            raise ValueError(f"sink_weight must be a finite number >= 1, got {self.sink_weight!r}")
+        if self.sink_weight != 1 and self.method not in SWEEPS:
+            raise ValueError(f"sink_weight weighs tokens in SparseGPT's and GPTQ's Hessians: {self.method} does not "
+                             f"take it")
         if self.refit and self.method != "sparsegpt":
             raise ValueError(f"refit re-solves SparseGPT's kept weights: {self.method} does not take it")
         if self.toward is not None:

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..format.rotation import apply_rotation
-from ..models.architecture import decoder_linears, find_decoder_layers
+from ..models.architecture import KEY_VALUE, decoder_linears, find_decoder_layers, matches
 from ..models.residual_rotation import (UnsupportedArchitecture, check_layer, fold_ends, fold_norms, rotate_layer,
                                         set_boundary, transpose)
 from .allocation import check_blocks
@@ -66,11 +66,12 @@ def prune_sequential(model, calib: torch.Tensor, config: PruneConfig, inputs=Non
                 qs.append(q)
                 result.rotation["layers"].append(record)
             if names:
-                groups = input_groups(layer, names, inps[0], kwargs[i], device)
+                groups = _sink_groups(input_groups(layer, names, inps[0], kwargs[i], device), config.sink_weight)
                 dense = {n: m.weight.detach().clone() for n, m in names.items()} if config.record_errors else {}
                 # true-sequential: each group sees the outputs of the groups pruned before it
                 for sets in ([[g] for g in groups] if config.sequential else [groups]):
-                    stats = {g[0]: method.statistics(names[g[0]].in_features, device) for g in sets}
+                    stats = {g[0]: method.statistics(names[g[0]].in_features, device,
+                                                     **_sink_options(g[0], config.sink_weight)) for g in sets}
                     run_collecting(layer, {names[k]: st for k, st in stats.items()}, inps, kwargs[i], device)
                     for g in sets:
                         for n in g:
@@ -92,6 +93,20 @@ def prune_sequential(model, calib: torch.Tensor, config: PruneConfig, inputs=Non
     result.seconds = time.perf_counter() - t0
     result.peak_device_bytes = peak_bytes(device)
     return result
+
+
+def _sink_groups(groups: list[list[str]], weight: float) -> list[list[str]]:
+    """With a sink weight, the key and value projections take their own statistics, apart from the linears that
+    read the same input (q_proj)."""
+    if weight == 1:
+        return groups
+    split = [[[n for n in g if matches(n, KEY_VALUE) == kv] for kv in (False, True)] for g in groups]
+    return [part for parts in split for part in parts if part]
+
+
+def _sink_options(name: str, weight: float) -> dict:
+    """The statistics' options for the linears of the group ``name`` leads (:class:`~.statistics.Hessian`)."""
+    return {"first_weight": weight} if weight != 1 and matches(name, KEY_VALUE) else {}
 
 
 def _rotate(layer, where, prev, inps, kwargs, device, method, pattern, sparsity, opts, progress):

@@ -28,7 +28,8 @@ class Pruned(NamedTuple):
 @dataclass(frozen=True)
 class Method:
     """A pruning method as the drivers run it: the statistics it accumulates per distinct linear input
-    (``statistics(in_features, device)``, with ``.add(x [tokens, in])``; None: it needs no calibration), and
+    (``statistics(in_features, device)``, Hessian's also ``first_weight=``, with ``.add(x [..., tokens, in])``;
+    None: it needs no calibration), and
     ``prune_linear(linear, stats, pattern, sparsity, config, prior) -> Pruned``, which writes the pruned (and, with
     ``config.quant``, fake-quantized) weight into ``linear`` (pattern and sparsity are the decoder block's: they
     differ under an allocation; ``prior``, the linear's keep mask from ``config.prior`` or None, what stays
@@ -45,21 +46,33 @@ class InputNorms:
         self.sq = torch.zeros(in_features, device=device, dtype=torch.float32)
 
     def add(self, x: torch.Tensor) -> None:
-        self.sq += x.float().pow(2).sum(0)
+        self.sq += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
 
 
 class Hessian:
-    """H = (2/n) sum_t x_t x_t^T over the n calibration tokens seen so far, in fp32."""
+    """H = (2/n) sum_t c_t x_t x_t^T over the calibration tokens seen so far (n = sum_t c_t), in fp32. Every token
+    counts c_t = 1, except that with ``first_weight`` the first token of each window (``x`` given as
+    ``[windows, tokens, in]``) counts that many times: the weighting of a key or value projection, whose output for
+    that token, the attention sink, every later query of the window reads (``PruneConfig.sink_weight``)."""
 
-    def __init__(self, in_features: int, device):
+    def __init__(self, in_features: int, device, first_weight: float = 1.0):
         self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
-        self.n = 0
+        self.n = 0.0
+        self.first_weight = first_weight
 
     def add(self, x: torch.Tensor) -> None:
-        t = x.shape[0]
+        x = x.float()
+        if self.first_weight != 1 and x.dim() == 3:
+            c = torch.ones(x.shape[1], device=x.device)
+            c[0] = self.first_weight
+            x = x * c.sqrt()[:, None]
+            t = x.shape[0] * float(c.sum())
+        else:
+            t = x.numel() // x.shape[-1]
+        x = x.reshape(-1, x.shape[-1])
         self.H *= self.n / (self.n + t)
         self.n += t
-        x = x.float() * (2 / self.n) ** 0.5
+        x = x * (2 / self.n) ** 0.5
         self.H.addmm_(x.T, x)
 
 
@@ -74,7 +87,7 @@ def run_collecting(layer, taps: dict, inps, kwargs, device, store=None) -> list:
     seen = set()
 
     def hook(mod, a, s):
-        s.add(a[0].reshape(-1, a[0].shape[-1]))
+        s.add(a[0])
         seen.add(mod)
         if store is None and len(seen) == len(taps):
             raise _Tapped
