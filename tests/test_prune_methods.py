@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from sparse_runtime.errors import ShapeError
 from sparse_runtime.format.masks import sparsity, validate_nm
 from sparse_runtime.models.sources import load_model
 from sparse_runtime.prune import Hessian, InputNorms, magnitude_mask, sparsegpt_prune, wanda_mask
@@ -67,7 +68,7 @@ def test_hessian_is_two_over_n_sum_xxT():
 
 def test_hessian_weighs_each_windows_first_token_by_first_weight():
     """Windows [b, t, in]: the first token of each counts first_weight times (float64 reference, two adds of
-    different sizes); with weight 1, or given flat tokens, every token counts once."""
+    different sizes); with weight 1 every token counts once; flat tokens have no first token to weigh."""
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(3, 7, 5, generator=g), torch.randn(2, 7, 5, generator=g)]
     h = Hessian(5, "cpu", first_weight=4.0)
@@ -77,11 +78,12 @@ def test_hessian_weighs_each_windows_first_token_by_first_weight():
     for x in xs:
         h.add(x)
     assert h.n == 5 * (6 + 4) and torch.allclose(h.H.double(), 2 * ref / h.n, rtol=1e-5, atol=1e-6)
-    plain, flat = Hessian(5, "cpu"), Hessian(5, "cpu", first_weight=4.0)
+    plain = Hessian(5, "cpu")
     for x in xs:
         plain.add(x)
-        flat.add(x.reshape(-1, 5))
-    assert torch.allclose(plain.H, flat.H) and torch.allclose(plain.H, _stats(Hessian, torch.cat(xs).reshape(-1, 5)).H)
+    assert torch.allclose(plain.H, _stats(Hessian, torch.cat(xs).reshape(-1, 5)).H)
+    with pytest.raises(ShapeError, match=r"needs inputs as windows \[windows, tokens, in\], got \(21, 5\)"):
+        h.add(xs[0].reshape(-1, 5))
     norms = InputNorms(5, "cpu")
     norms.add(xs[0])
     assert torch.allclose(norms.sq, xs[0].pow(2).sum((0, 1)))

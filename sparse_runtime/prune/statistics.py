@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..errors import ShapeError
 from ..models.architecture import INPUTS, UnsupportedModel
 from ..models.layer_walk import capture_inputs, forward_session, peak_bytes, run_layer  # noqa: F401  (re-exported)
 
@@ -62,7 +63,10 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
-        if self.first_weight != 1 and x.dim() == 3:
+        if self.first_weight != 1:
+            if x.dim() != 3:
+                raise ShapeError(f"a first-token weight needs inputs as windows [windows, tokens, in], got "
+                                 f"{tuple(x.shape)}")
             c = torch.ones(x.shape[1], device=x.device)
             c[0] = self.first_weight
             x = x * c.sqrt()[:, None]
