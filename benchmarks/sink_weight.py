@@ -51,6 +51,7 @@ def input_hessians(linears: dict, model, calib, weight: float) -> dict:
     model over the calibration windows."""
     pairs = {n: (Hessian(m.in_features, "cpu"), Hessian(m.in_features, "cpu", first_weight=weight))
              for n, m in linears.items()}
+
     def add(pair, x):
         for h in pair:
             h.add(x)
