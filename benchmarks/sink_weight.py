@@ -120,7 +120,6 @@ def main(argv=None) -> int:
             report["perplexity"][spec] = evaluate()
             write_json(args.out, report)
             print(f"{spec:22s} ppl {report['perplexity'][spec]:.3f}", flush=True)
-    write_json(args.out, report)
     return 0
 
 
