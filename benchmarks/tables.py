@@ -705,6 +705,7 @@ def recovery(r: dict) -> str:
         loss = f"{row['loss']}, gradual ({gradual['steps']} prunes)" if gradual else row["loss"]
         loss += " (+ embeddings)" if row.get("embeddings") else ""
         loss += ", no checkpointing" if row.get("checkpointing") is False else ""
+        loss += f", best evaluation kept ({row['kept']['tokens']:,} tokens)" if row.get("kept") else ""
         before = row["before"] or {"wikitext2": dense["wikitext2"], "tinystories": dense["tinystories"]}
         lines.append(f"| {key} | {loss} | {row['lr']:g} | {row['batch']} x {row['seqlen']} | "
                      f"{row['tokens']:,}{summed} | {row['seconds'] / 60:.1f} min | "

@@ -241,7 +241,10 @@ def test_bad_settings_are_refused_before_any_work():
                             ({"loss": "mse"}, "loss must be one of"),
                             ({"resume": True}, "need a state folder"),
                             ({"lr": 0}, "need lr > 0"),
-                            ({"code_lr": -1.0}, "code_lr > 0")]:
+                            ({"code_lr": -1.0}, "code_lr > 0"),
+                            ({"keep_best": True, "loss": "block"}, "keep_best needs an end-to-end loss"),
+                            ({"keep_best": True, "state": "s", "stop_after": 3}, "keep_best is not resumable"),
+                            ({"keep_best": True, "state": "s", "save_every": 3}, "keep_best is not resumable")]:
         with pytest.raises(ValueError, match=message):
             RecoverConfig(**fields)
 
@@ -253,6 +256,7 @@ def test_bad_settings_are_refused_before_any_work():
     (["--data", str(DEFAULT_EVAL)], "is an evaluation text"),
     (["--teacher", "OTHER_VOCAB"], "vocabulary of 128 tokens, the student 512"),
     (["--teacher", None], "needs a teacher"),
+    (["--keep-best", "--save-every", "2"], "keep_best is not resumable"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(checkpoints, stories_dir, tmp_path, capsys, extra, message):
     from helpers import tiny_model
@@ -300,3 +304,28 @@ def test_autocast_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch,
         assert torch.is_autocast_enabled("cpu") == native
     with autocast(cpu, RecoverConfig(tokens=1, autocast=False)):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_keep_best_ends_with_the_weights_of_the_lowest_held_out_perplexity(checkpoints, stories_dir, tmp_path,
+                                                                            monkeypatch):
+    from sparse_runtime.recover import trainer
+
+    scripted = iter([50.0, 40.0, 30.0, 45.0, 35.0])  # before, after steps 2, 4, 6 and the end (8): best at step 4
+    monkeypatch.setattr(trainer, "held_out_perplexity", lambda *a: next(scripted))
+    seen = {}
+
+    def snapshot(model):  # every layer's values at each evaluation
+        seen[len(seen)] = {n: m.weight_values.detach().clone() for n, m in model.named_modules()
+                           if isinstance(m, SparseLinear)}
+        return {}
+
+    out = tmp_path / "best"
+    result = recover(checkpoints / "wanda", stories_dir, out=out, loss="kd", keep_best=True, evaluate=snapshot,
+                     **{**SMALL, "tokens": 8 * 2 * 64, "eval_every": 2 * 2 * 64})
+    assert result.kept == {"step": 4, "tokens": 4 * 2 * 64, "ppl": 30.0} and len(seen) == 5
+    _, layers = sparse_state(out)
+    assert read_sparse_config(out)["recovery"]["kept_best"]["step"] == 4
+    for name, layer in layers.items():
+        kept = seen[2][name].to(layer.weight_values.dtype)
+        torch.testing.assert_close(layer.weight_values, kept, rtol=0, atol=0)
+    assert any(not torch.equal(seen[2][n], seen[4][n]) for n in layers)  # the last step's differ: a real choice

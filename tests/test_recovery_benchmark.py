@@ -46,3 +46,14 @@ def test_an_int4_row_is_judged_against_the_fp32_row_trained_alike():
     assert bench.target_met(int4, rows)  # 43.9 <= 1.1 x 40
     assert not bench.target_met({**int4, "after": {"wikitext2": 44.1}}, rows)
     assert bench.target_met({**int4, "tokens": 2000}, rows) is None  # no fp32 row at its tokens
+
+
+def test_the_sink_start_weighs_the_first_token_by_the_protocols_window_and_keeps_the_rotated_target():
+    args = argparse.Namespace(seqlen=512, rotate_steps="100")
+    rotated, sink = bench.prune_flags(args, "rotated"), bench.prune_flags(args, "rotated-sink")
+    assert sink[:len(bench.STARTS["rotated"])] == bench.STARTS["rotated"]
+    i = sink.index("--sink-weight")
+    assert sink[i + 1] == "512" and sink[i + 2:] == ["--rotate-steps", "100"] == rotated[-2:]
+    assert bench.prune_flags(argparse.Namespace(seqlen=64, rotate_steps="3"), "rotated-sink")[i + 1] == "64"
+    assert bench.TARGETS["rotated-sink"] == bench.TARGETS["rotated"]
+    assert "--sink-weight" not in rotated

@@ -61,6 +61,9 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the saved state, if there is one")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="end this session after STEPS steps in all, state saved (--resume continues)")
+    p.add_argument("--keep-best", action="store_true",
+                   help="end with the weights of the evaluation (--eval-every) of lowest held-out perplexity, not "
+                        "the last step's (not with --resume, --stop-after or --save-every)")
     p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
     p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
 
@@ -76,7 +79,7 @@ def run(args) -> int:
         block_windows=args.block_windows, seed=args.seed, device=args.device, checkpointing=args.checkpointing,
         autocast=args.autocast, embeddings=args.train_embeddings,
         state=args.state or f"{str(args.out).rstrip('/')}.state", save_every=args.save_every, resume=args.resume,
-        stop_after=args.stop_after)
+        stop_after=args.stop_after, keep_best=args.keep_best)
     result = recover(args.model, args.teacher, args.data or DEFAULT_CALIB, args.out, config)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -85,6 +88,9 @@ def run(args) -> int:
     if evals:
         print(f"held-out perplexity {evals[0]['ppl']:.2f} -> {evals[-1]['ppl']:.2f} "
               f"({len(evals)} evaluations)", file=sys.stderr)
+    if result.kept:
+        print(f"kept the weights of step {result.kept['step']} (held-out perplexity {result.kept['ppl']:.2f})",
+              file=sys.stderr)
     print(f"{result.steps}/{result.total_steps} steps, {result.tokens:,} tokens in {result.seconds:.1f} s "
           f"({result.tokens_per_s:,.0f} tokens/s)", file=sys.stderr)
     print(f"wrote {result.out}" if result.out else f"stopped early; state in {config.state} (--resume continues)")

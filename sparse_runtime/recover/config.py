@@ -18,7 +18,9 @@ class RecoverConfig:
     written to every ``save_every`` steps (and when the run stops); ``stop_after`` ends this session after that
     many steps in all, state saved, so a later call with ``resume`` continues it. ``embeddings`` trains the input
     embedding and the output head too (by default they stay as they are). A quantized layer's codes train at
-    ``code_lr`` (grid steps, warmed up and decayed alike), the rest at ``lr``."""
+    ``code_lr`` (grid steps, warmed up and decayed alike), the rest at ``lr``. ``keep_best`` ends the run with the
+    trained tensors of its evaluation of lowest held-out perplexity (the held-out C4 windows, never the reported
+    text), not its last step's (not resumable: the snapshot is not part of the saved state)."""
     loss: str = "kd"
     tokens: int = 100_000
     seqlen: int = 256
@@ -43,6 +45,7 @@ class RecoverConfig:
     resume: bool = False
     stop_after: int | None = None
     progress: bool = True
+    keep_best: bool = False
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -60,6 +63,11 @@ class RecoverConfig:
                              f"{self.weight_decay}, {self.temperature}")
         if self.eval_every < 0 or self.save_every < 0 or (self.stop_after is not None and self.stop_after < 1):
             raise ValueError("eval_every and save_every must be >= 0 and stop_after >= 1")
+        if self.keep_best and self.loss == "block":
+            raise ValueError("keep_best needs an end-to-end loss: block trains one layer at a time")
+        if self.keep_best and (self.resume or self.stop_after or self.save_every):
+            raise ValueError("keep_best is not resumable (its snapshot is not saved with the state): leave out "
+                             "resume, stop_after and save_every")
         if (self.resume or self.stop_after or self.save_every) and not self.state:
             raise ValueError("resume, stop_after and save_every need a state folder (state=...)")
 

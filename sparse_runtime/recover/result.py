@@ -20,6 +20,7 @@ class RecoverResult:
     losses: list = field(default_factory=list)  # {"step", "tokens", "loss", "lr"} per step ("layer" for block)
     windows: dict = field(default_factory=dict)
     out: str | None = None
+    kept: dict | None = None  # keep_best: the evaluation whose tensors the model ends with {"step", "tokens", "ppl"}
 
     @property
     def tokens_per_s(self) -> float:
@@ -34,6 +35,7 @@ class RecoverResult:
         return {"loss": self.config["loss"], "tokens": self.tokens, "steps": self.steps, "lr": self.config["lr"],
                 "seqlen": self.config["seqlen"], "batch": self.config["batch"], "seconds": round(self.seconds, 1),
                 "held_out_ppl": None if last is None else {"before": first["ppl"], "after": last["ppl"]},
+                **({"kept_best": self.kept} if self.kept else {}),
                 "windows": self.windows}
 
 

@@ -61,8 +61,12 @@ def _train(student, teacher, windows, config, device, bases, log, extra) -> Reco
     s_out = losses.LayerOutputs(student) if features else None
     t_out = losses.LayerOutputs(teacher) if features else None
 
+    best = {}  # keep_best: the held-out perplexity, step and trained tensors of the best evaluation so far
+
     def evaluate(step):
         ppl = held_out_perplexity(student, windows, device)
+        if config.keep_best and ppl < best.get("ppl", float("inf")):
+            best.update(ppl=ppl, step=step, tensors=[p.detach().clone() for _, p in params])
         history["evals"].append({"tokens": step * per_step, "step": step, "seconds": history["seconds"], "ppl": ppl,
                                  **(extra(student) if extra else {})})
         shown["ppl"] = f"{ppl:.2f}"
@@ -114,8 +118,14 @@ def _train(student, teacher, windows, config, device, bases, log, extra) -> Reco
         student.eval()
     if config.state and (end < steps or config.save_every):
         save(end)
+    kept = None
+    if best:
+        with torch.no_grad():
+            for (_, p), t in zip(params, best["tensors"]):
+                p.copy_(t)
+        kept = {"step": best["step"], "tokens": best["step"] * per_step, "ppl": best["ppl"]}
     return RecoverResult(config.to_dict(), end, steps, end * per_step, history["seconds"], end == steps,
-                         history["evals"], history["losses"], windows.info)
+                         history["evals"], history["losses"], windows.info, kept=kept)
 
 
 def _loss(student, teacher, ids, config, device, s_out, t_out, bases) -> torch.Tensor:
