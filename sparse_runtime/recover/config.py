@@ -19,8 +19,8 @@ class RecoverConfig:
     many steps in all, state saved, so a later call with ``resume`` continues it. ``embeddings`` trains the input
     embedding and the output head too (by default they stay as they are). A quantized layer's codes train at
     ``code_lr`` (grid steps, warmed up and decayed alike), the rest at ``lr``. ``keep_best`` ends the run with the
-    trained tensors of its evaluation of lowest held-out perplexity (the held-out C4 windows, never the reported
-    text), not its last step's (not resumable: the snapshot is not part of the saved state)."""
+    trained tensors of its evaluation of lowest held-out perplexity (the held-out windows of the training text,
+    never an evaluation text), not its last step's (not resumable: the snapshot is not part of the saved state)."""
     loss: str = "kd"
     tokens: int = 100_000
     seqlen: int = 256
